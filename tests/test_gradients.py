@@ -1,0 +1,148 @@
+"""Finite-difference gradient checks in float64 for every layer and the loss, on every backend."""
+
+import numpy as np
+import pytest
+from helpers import numerical_gradient, relative_error
+
+from xpcnn import nn
+from xpcnn.backend import to_host
+
+TOLERANCE = 1e-6
+
+
+def check_layer(backend, layer, x, *, reseed=None):
+    """Compare backward() with central differences of sum(forward(x) * r), for the input and every parameter.
+
+    ``reseed(layer)`` runs before each forward pass (to replay a stochastic layer's randomness).
+    """
+    xp = backend.xp
+    layer.to(backend, xp.float64)
+    rng = np.random.default_rng(1)
+
+    def objective(x_host):
+        if reseed:
+            reseed(layer)
+        return float(np.sum(to_host(layer.forward(backend.asarray(x_host))) * r))
+
+    if reseed:
+        reseed(layer)
+    y = layer.forward(backend.asarray(x))
+    r = rng.standard_normal(tuple(y.shape))
+    grad_x = to_host(layer.backward(backend.asarray(r)))
+    assert grad_x.shape == x.shape
+    errors = {"input": relative_error(grad_x, numerical_gradient(objective, x.copy()))}
+
+    for name in list(layer.params):
+        analytic = to_host(layer.grads[name])
+        param = to_host(layer.params[name]).copy()
+
+        def objective_p(p_host, name=name):
+            layer.params[name] = backend.asarray(p_host)
+            return objective(x)
+
+        numeric = numerical_gradient(objective_p, param)
+        layer.params[name] = backend.asarray(param)
+        assert analytic.shape == param.shape
+        errors[name] = relative_error(analytic, numeric)
+    assert max(errors.values()) <= TOLERANCE, errors
+    return errors
+
+
+def random_input(*shape, seed=0):
+    return np.random.default_rng(seed).standard_normal(shape)
+
+
+@pytest.mark.parametrize(
+    "n, c, h, w, o, kernel, stride, padding",
+    [
+        (2, 3, 7, 6, 4, 3, 1, 0),  # odd shapes
+        (1, 2, 8, 7, 3, (3, 2), 2, 1),  # batch of 1, stride > 1, padding, rectangular kernel
+        (2, 1, 9, 9, 2, 4, (2, 3), (2, 1)),  # stride and padding differ per axis
+        (3, 2, 5, 5, 2, 5, 1, 0),  # kernel covers the whole input: 1x1 output
+    ],
+)
+def test_conv2d_gradients(backend, n, c, h, w, o, kernel, stride, padding):
+    layer = nn.Conv2d(c, o, kernel, stride=stride, padding=padding, rng=0)
+    layer.params["bias"] = np.random.default_rng(2).standard_normal(o)
+    check_layer(backend, layer, random_input(n, c, h, w))
+
+
+def test_conv2d_without_bias_gradients(backend):
+    layer = nn.Conv2d(2, 3, 2, bias=False, rng=0)
+    errors = check_layer(backend, layer, random_input(2, 2, 5, 4))
+    assert set(errors) == {"input", "weight"}
+
+
+@pytest.mark.parametrize(
+    "n, c, h, w, kernel, stride",
+    [
+        (2, 3, 8, 8, 2, None),  # non-overlapping
+        (1, 2, 7, 9, 3, 2),  # overlapping windows, odd sizes, batch of 1
+        (2, 1, 9, 7, (2, 3), (1, 2)),  # rectangular
+        (2, 2, 9, 9, 4, 4),  # the seed model's pool, with leftover rows and columns
+    ],
+)
+def test_maxpool_gradients(backend, n, c, h, w, kernel, stride):
+    check_layer(backend, nn.MaxPool2d(kernel, stride), random_input(n, c, h, w))
+
+
+def test_relu_gradients(backend):
+    check_layer(backend, nn.ReLU(), random_input(3, 2, 5, 4))
+
+
+def test_flatten_gradients(backend):
+    check_layer(backend, nn.Flatten(), random_input(2, 3, 4, 5))
+
+
+@pytest.mark.parametrize("n, i, o", [(4, 7, 3), (1, 5, 5)])
+def test_linear_gradients(backend, n, i, o):
+    layer = nn.Linear(i, o, rng=0)
+    layer.params["bias"] = np.random.default_rng(2).standard_normal(o)
+    check_layer(backend, layer, random_input(n, i))
+
+
+def test_dropout_gradients(backend):
+    layer = nn.Dropout(0.3)
+    check_layer(backend, layer, random_input(4, 3, 5), reseed=lambda layer: layer.set_generator(backend.generator(7)))
+
+
+def test_sequential_gradients(backend):
+    model = nn.Sequential(
+        nn.Conv2d(1, 3, 3, padding=1, rng=0),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(3, 2, 2, stride=2, rng=1),
+        nn.Flatten(),
+        nn.Linear(8, 4, rng=2),
+    )
+    x = random_input(2, 1, 8, 8)
+    model.to(backend, backend.xp.float64)
+    y = model.forward(backend.asarray(x))
+    r = np.random.default_rng(1).standard_normal(tuple(y.shape))
+    grad_x = to_host(model.backward(backend.asarray(r)))
+    numeric = numerical_gradient(lambda xh: float(np.sum(to_host(model.forward(backend.asarray(xh))) * r)), x.copy())
+    assert relative_error(grad_x, numeric) <= TOLERANCE
+    for key, grad in model.gradients().items():
+        index, name = key.split(".")
+        layer = model[int(index)]
+        param = to_host(layer.params[name]).copy()
+
+        def objective(p_host, layer=layer, name=name):
+            layer.params[name] = backend.asarray(p_host)
+            return float(np.sum(to_host(model.forward(backend.asarray(x))) * r))
+
+        numeric = numerical_gradient(objective, param)
+        layer.params[name] = backend.asarray(param)
+        assert relative_error(to_host(grad), numeric) <= TOLERANCE, key
+
+
+@pytest.mark.parametrize("n, k", [(5, 4), (1, 10)])
+def test_cross_entropy_gradient(backend, n, k):
+    rng = np.random.default_rng(3)
+    logits = rng.standard_normal((n, k)) * 3
+    labels = backend.asarray(rng.integers(0, k, n).astype(np.int64))
+    loss = nn.CrossEntropyLoss()
+    loss.forward(backend.asarray(logits), labels)
+    analytic = to_host(loss.backward())
+    numeric = numerical_gradient(lambda z: float(loss.forward(backend.asarray(z), labels)), logits.copy())
+    assert relative_error(analytic, numeric) <= TOLERANCE

@@ -1,0 +1,185 @@
+"""Layer behaviour beyond gradients: input checks, modes, ties, parameters, named models."""
+
+import numpy as np
+import pytest
+
+from xpcnn import models, nn
+from xpcnn.backend import get_backend, to_host
+
+
+def as_backend(backend, array):
+    return backend.asarray(np.asarray(array))
+
+
+@pytest.mark.parametrize(
+    "layer, shape, message",
+    [
+        (nn.Conv2d(1, 8, 4), (2, 28, 28), r"Conv2d\(1, 8, kernel_size=\(4, 4\)\): expected input of shape \(N, 1, H, W\).*got \(2, 28, 28\)"),
+        (nn.Conv2d(1, 8, 4), (2, 3, 28, 28), r"expected input of shape \(N, 1, H, W\).*got \(2, 3, 28, 28\)"),
+        (nn.Conv2d(1, 8, 4), (2, 1, 3, 28), r"H >= 4, W >= 4.*got \(2, 1, 3, 28\)"),
+        (nn.MaxPool2d(2), (2, 8), r"MaxPool2d.*expected input of shape \(N, C, H, W\).*got \(2, 8\)"),
+        (nn.Linear(288, 10), (2, 280), r"Linear\(288, 10\): expected input of shape \(N, 288\), got \(2, 280\)"),
+        (nn.Linear(288, 10), (2, 1, 288), r"Linear.*got \(2, 1, 288\)"),
+    ],
+)
+def test_wrong_shapes_raise_value_error_naming_the_layer(backend, layer, shape, message):
+    layer.to(backend)
+    with pytest.raises(ValueError, match=message):
+        layer.forward(as_backend(backend, np.zeros(shape, np.float32)))
+
+
+def test_wrong_dtype_raises_value_error(backend):
+    conv = nn.Conv2d(1, 2, 3).to(backend)
+    with pytest.raises(ValueError, match=r"Conv2d.*floating-point input, got dtype .*uint8"):
+        conv.forward(as_backend(backend, np.zeros((1, 1, 5, 5), np.uint8)))
+    with pytest.raises(ValueError, match=r"Conv2d.*expected .*float32 input .*got .*float64"):
+        conv.forward(as_backend(backend, np.zeros((1, 1, 5, 5), np.float64)))
+    with pytest.raises(ValueError, match=r"ReLU.*floating-point"):
+        nn.ReLU().forward(as_backend(backend, np.zeros(3, np.int64)))
+
+
+def test_loss_checks_labels(backend):
+    loss = nn.CrossEntropyLoss()
+    logits = as_backend(backend, np.zeros((3, 10), np.float32))
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 9\], got values in \[0, 10\]"):
+        loss.forward(logits, as_backend(backend, np.array([0, 10, 3])))
+    with pytest.raises(ValueError, match=r"got values in \[-1, 3\]"):
+        loss.forward(logits, as_backend(backend, np.array([0, -1, 3])))
+    with pytest.raises(ValueError, match="integer labels"):
+        loss.forward(logits, as_backend(backend, np.array([0.0, 1.0, 3.0], np.float32)))
+    with pytest.raises(ValueError, match=r"labels of shape \(3,\), got \(2,\)"):
+        loss.forward(logits, as_backend(backend, np.array([0, 1])))
+    with pytest.raises(ValueError, match=r"logits of shape \(N, K\), got \(3, 10, 1\)"):
+        loss.forward(as_backend(backend, np.zeros((3, 10, 1), np.float32)), as_backend(backend, np.array([0, 1, 2])))
+
+
+def test_mixed_backends_raise_a_clear_error():
+    pytest.importorskip("array_api_strict")
+    conv = nn.Conv2d(1, 2, 3).to(get_backend("array-api-strict"))
+    with pytest.raises(ValueError, match=r"move the model with \.to\(backend\)"):
+        conv.forward(np.zeros((1, 1, 5, 5), np.float32))
+
+
+def test_bad_constructor_arguments():
+    with pytest.raises(ValueError, match="Conv2d: kernel_size and stride must be >= 1"):
+        nn.Conv2d(1, 2, 3, stride=0)
+    with pytest.raises(ValueError, match="kernel_size must be an int or a pair"):
+        nn.MaxPool2d((2, 2, 2))
+    with pytest.raises(ValueError, match=r"Dropout: p must be in \[0, 1\)"):
+        nn.Dropout(1.0)
+
+
+def test_maxpool_gives_tied_gradient_to_the_first_maximum_only(backend):
+    x = np.array([[[[1.0, 3.0, 3.0, 0.0], [3.0, 2.0, 0.0, 3.0]]]], np.float32)  # (1, 1, 2, 4): two 2x2 windows
+    pool = nn.MaxPool2d(2).to(backend)
+    y = pool.forward(as_backend(backend, x))
+    assert to_host(y).tolist() == [[[[3.0, 3.0]]]]
+    grad = to_host(pool.backward(as_backend(backend, np.array([[[[10.0, 20.0]]]], np.float32))))
+    assert grad.tolist() == [[[[0.0, 10.0, 20.0, 0.0], [0.0, 0.0, 0.0, 0.0]]]]
+
+
+def test_backward_before_forward_is_an_error(backend):
+    conv = nn.Conv2d(1, 2, 3).to(backend)
+    with pytest.raises(RuntimeError, match="needs a forward"):
+        conv.backward(as_backend(backend, np.zeros((1, 2, 3, 3), np.float32)))
+    conv.eval().forward(as_backend(backend, np.zeros((1, 1, 5, 5), np.float32)))
+    with pytest.raises(RuntimeError, match="training mode"):
+        conv.backward(as_backend(backend, np.zeros((1, 2, 3, 3), np.float32)))
+
+
+def test_dropout_modes(backend):
+    drop = nn.Dropout(0.25)
+    drop.set_generator(backend.generator(0))
+    x = as_backend(backend, np.ones((200, 100), np.float32))
+    y = to_host(drop.forward(x))
+    kept = y != 0
+    assert abs(kept.mean() - 0.75) < 0.01
+    assert np.allclose(y[kept], 1 / 0.75)
+    grad = to_host(drop.backward(x))
+    assert np.array_equal(grad, y)
+    drop.eval()
+    assert np.array_equal(to_host(drop.forward(x)), np.ones((200, 100)))
+
+
+def test_dropout_is_reproducible_for_a_seed(backend):
+    x = as_backend(backend, np.ones((4, 50), np.float32))
+    masks = []
+    for _ in range(2):
+        drop = nn.Dropout(0.5)
+        drop.set_generator(backend.generator(3, 1))
+        masks.append(to_host(drop.forward(x)))
+    assert np.array_equal(*masks)
+
+
+def test_params_are_assignable(backend):
+    linear = nn.Linear(3, 2)
+    linear.params["weight"] = np.arange(6, dtype=np.float32).reshape(2, 3)
+    linear.params["bias"] = np.array([1.0, -1.0], np.float32)
+    linear.to(backend)
+    y = to_host(linear.forward(as_backend(backend, np.array([[1.0, 0.0, 2.0]], np.float32))))
+    assert y.tolist() == [[5.0, 12.0]]
+
+
+@pytest.mark.parametrize(
+    "name, parameters",
+    [
+        ("seed", 8 * 16 + 8 + 288 * 10 + 10),
+        ("lenet", 6 * 25 + 6 + 16 * 6 * 25 + 16 + 400 * 120 + 120 + 120 * 84 + 84 + 84 * 10 + 10),
+        ("convnet", 32 * 9 + 32 + 64 * 32 * 9 + 64 + 1600 * 10 + 10),
+    ],
+)
+def test_named_models(backend, name, parameters):
+    model = models.build(name, seed=1).to(backend)
+    assert model.num_parameters() == parameters
+    y = model.forward(as_backend(backend, np.random.default_rng(0).random((3, 1, 28, 28), np.float32)))
+    assert tuple(y.shape) == (3, 10)
+    assert str(y.dtype).endswith("float32")
+
+
+def test_same_seed_same_weights_different_seed_different_weights():
+    a, b, c = (models.build("convnet", seed=s).state_dict() for s in (1, 1, 2))
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+    assert not np.array_equal(a["0.weight"], c["0.weight"])
+
+
+def test_unknown_model():
+    with pytest.raises(ValueError, match="unknown model 'resnet': expected one of seed, lenet, convnet"):
+        models.build("resnet")
+
+
+def test_state_dict_round_trip_across_backends(backend):
+    source = models.build("lenet", seed=3)
+    target = models.build("lenet", seed=4).to(backend)
+    target.load_state_dict(source.state_dict())
+    state = target.state_dict()
+    assert all(isinstance(v, np.ndarray) for v in state.values())
+    assert all(np.array_equal(state[k], v) for k, v in source.state_dict().items())
+
+
+def test_load_state_dict_rejects_mismatches():
+    model = models.build("seed")
+    state = model.state_dict()
+    with pytest.raises(ValueError, match=r"missing \['4.bias'\]"):
+        model.load_state_dict({k: v for k, v in state.items() if k != "4.bias"})
+    with pytest.raises(ValueError, match=r"0.weight has shape \(8, 1, 3, 3\), expected \(8, 1, 4, 4\)"):
+        model.load_state_dict({**state, "0.weight": np.zeros((8, 1, 3, 3), np.float32)})
+
+
+def test_numpy_and_strict_agree_on_a_training_step():
+    """The same weights and data give the same loss and gradients on both CPU backends."""
+    pytest.importorskip("array_api_strict")
+    x = np.random.default_rng(0).random((4, 1, 28, 28), np.float32)
+    labels = np.array([1, 2, 3, 4])
+    results = []
+    for name in ("numpy", "array-api-strict"):
+        backend = get_backend(name)
+        model = models.build("convnet", seed=0).to(backend)
+        model.set_generator(backend.generator(9))
+        loss = nn.CrossEntropyLoss()
+        value = loss.forward(model.forward(backend.asarray(x)), backend.asarray(labels))
+        model.backward(loss.backward())
+        results.append((float(value), {k: to_host(g) for k, g in model.gradients().items()}))
+    (loss_a, grads_a), (loss_b, grads_b) = results
+    assert loss_a == pytest.approx(loss_b, rel=1e-6)
+    for key in grads_a:
+        np.testing.assert_allclose(grads_a[key], grads_b[key], rtol=1e-5, atol=1e-7)

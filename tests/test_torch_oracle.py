@@ -1,0 +1,100 @@
+"""Forward and backward of each layer against PyTorch on the CPU (skipped where torch is absent)."""
+
+import numpy as np
+import pytest
+from helpers import relative_error
+
+from xpcnn import nn
+from xpcnn.backend import to_host
+
+torch = pytest.importorskip("torch")
+F = torch.nn.functional
+
+# Relative tolerances from the acceptance criteria.
+TOLERANCES = {"float64": 1e-10, "float32": 1e-4}
+
+
+@pytest.fixture(params=["float64", "float32"])
+def dtype(request):
+    return request.param
+
+
+def run_both(backend, dtype, layer, torch_fn, x, grad_y_seed=5):
+    """Forward and backward through ``layer`` on ``backend`` and through ``torch_fn`` on torch.
+
+    ``torch_fn(x, **params)`` receives torch tensors that require grad.  Returns
+    {what: relative error} for the output, the input gradient and each parameter gradient.
+    """
+    x = x.astype(dtype)
+    layer.to(backend, getattr(backend.xp, dtype))
+    y = layer.forward(backend.asarray(x))
+    grad_y = np.random.default_rng(grad_y_seed).standard_normal(tuple(y.shape)).astype(dtype)
+    grad_x = layer.backward(backend.asarray(grad_y))
+
+    tx = torch.tensor(x, requires_grad=True)
+    tparams = {k: torch.tensor(to_host(v), requires_grad=True) for k, v in layer.params.items()}
+    ty = torch_fn(tx, **tparams)
+    ty.backward(torch.tensor(grad_y))
+    errors = {"output": relative_error(to_host(y), ty.detach().numpy()), "input": relative_error(to_host(grad_x), tx.grad.numpy())}
+    errors.update({k: relative_error(to_host(layer.grads[k]), t.grad.numpy()) for k, t in tparams.items()})
+    assert max(errors.values()) <= TOLERANCES[dtype], errors
+
+
+def sample(*shape, seed=0):
+    return np.random.default_rng(seed).standard_normal(shape)
+
+
+@pytest.mark.parametrize(
+    "c, o, kernel, stride, padding",
+    [(3, 5, 3, 1, 0), (2, 4, (3, 2), 2, 1), (1, 8, 4, 1, 0), (4, 3, 5, (2, 3), (2, 1))],
+)
+def test_conv2d_matches_torch(backend, dtype, c, o, kernel, stride, padding):
+    layer = nn.Conv2d(c, o, kernel, stride=stride, padding=padding, rng=0)
+    layer.params["bias"] = sample(o, seed=3)
+
+    def torch_conv(x, weight, bias):
+        return F.conv2d(x, weight, bias, stride=stride, padding=padding)
+
+    run_both(backend, dtype, layer, torch_conv, sample(3, c, 11, 10))
+
+
+@pytest.mark.parametrize("kernel, stride", [(2, None), (3, 2), (3, 1), (4, 4), ((2, 3), (1, 2))])
+def test_maxpool_matches_torch(backend, dtype, kernel, stride):
+    def torch_pool(x):
+        return F.max_pool2d(x, kernel, stride)
+
+    run_both(backend, dtype, nn.MaxPool2d(kernel, stride), torch_pool, sample(2, 3, 11, 9))
+
+
+def test_maxpool_ties_match_torch(backend, dtype):
+    # Quantised values make ties common; overlapping windows share them.
+    x = np.round(sample(2, 2, 9, 9) * 1.5)
+
+    def torch_pool(x):
+        return F.max_pool2d(x, 3, 2)
+
+    run_both(backend, dtype, nn.MaxPool2d(3, 2), torch_pool, x)
+
+
+def test_linear_matches_torch(backend, dtype):
+    layer = nn.Linear(13, 7, rng=0)
+    layer.params["bias"] = sample(7, seed=3)
+    run_both(backend, dtype, layer, F.linear, sample(6, 13))
+
+
+def test_relu_matches_torch(backend, dtype):
+    run_both(backend, dtype, nn.ReLU(), F.relu, sample(4, 3, 5, 5))
+
+
+def test_cross_entropy_matches_torch(backend, dtype):
+    logits = (sample(9, 10) * 4).astype(dtype)
+    labels = np.random.default_rng(1).integers(0, 10, 9)
+    loss = nn.CrossEntropyLoss()
+    value = loss.forward(backend.asarray(logits), backend.asarray(labels))
+    grad = loss.backward()
+
+    t_logits = torch.tensor(logits, requires_grad=True)
+    t_value = F.cross_entropy(t_logits, torch.tensor(labels))
+    t_value.backward()
+    assert relative_error(to_host(value), t_value.detach().numpy()) <= TOLERANCES[dtype]
+    assert relative_error(to_host(grad), t_logits.grad.numpy()) <= TOLERANCES[dtype]

@@ -1,0 +1,284 @@
+"""Choose and describe an array backend.
+
+This is the one module that knows array-library names (``numpy``, ``cupy``,
+``array_api_strict``).  Everything else receives a :class:`Backend` or gets
+the namespace from its arrays with ``array_api_compat.array_namespace``.
+
+A backend bundles:
+
+* ``xp``: the Array API namespace (through ``array_api_compat``);
+* ``device``: the device that new arrays are created on;
+* ``asarray`` / ``to_host``: the only host <-> device moves;
+* ``generator(*seed)``: a seeded random generator adapter, the standard having
+  no random module;
+* ``synchronize()``: wait for queued device work (a no-op on the CPU).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+from dataclasses import dataclass
+from typing import Any
+
+import array_api_compat
+import numpy as np
+
+BACKEND_NAMES = ("numpy", "array-api-strict", "cupy")
+DEVICE_NAMES = ("auto", "cpu", "cuda", "cuda:N")
+
+
+class BackendError(RuntimeError):
+    """A backend or device that was asked for cannot be had here."""
+
+
+def seed_to_int(seed: tuple[int, ...]) -> int:
+    """Mix a tuple of non-negative ints (run seed, epoch, step...) into one 63-bit seed."""
+    return int(np.random.SeedSequence(list(seed)).generate_state(2, np.uint32).view(np.uint64)[0] >> 1)
+
+
+class HostGenerator:
+    """Random numbers drawn on the host with NumPy's PCG64, then moved to the backend."""
+
+    def __init__(self, backend: Backend, seed: tuple[int, ...]):
+        self._backend = backend
+        self._rng = np.random.default_rng(list(seed))
+
+    def random(self, shape: tuple[int, ...], dtype) -> Any:
+        """Uniform floats in [0, 1)."""
+        return self._backend.asarray(self._rng.random(shape, dtype=_host_dtype(dtype)))
+
+    def normal(self, shape: tuple[int, ...], dtype) -> Any:
+        """Standard normal floats."""
+        return self._backend.asarray(self._rng.standard_normal(shape, dtype=_host_dtype(dtype)))
+
+    def permutation(self, n: int) -> Any:
+        """A random permutation of ``range(n)`` as int64."""
+        return self._backend.asarray(self._rng.permutation(n).astype(np.int64))
+
+
+class CupyGenerator:
+    """Random numbers drawn on the GPU with CuPy's generator: no host round trip."""
+
+    def __init__(self, backend: Backend, seed: tuple[int, ...]):
+        import cupy
+
+        with backend.activate():
+            self._rng = cupy.random.default_rng(seed_to_int(seed))
+        self._backend = backend
+
+    def random(self, shape, dtype):
+        with self._backend.activate():
+            return self._rng.random(shape, dtype=dtype)
+
+    def normal(self, shape, dtype):
+        with self._backend.activate():
+            return self._rng.standard_normal(shape, dtype=dtype)
+
+    def permutation(self, n):
+        with self._backend.activate():
+            return self._rng.permutation(n).astype("int64")
+
+
+def _host_dtype(dtype) -> np.dtype:
+    """The NumPy dtype with the same name as any namespace's dtype (``array_api_strict.float32`` -> float32)."""
+    try:
+        return np.dtype(dtype)
+    except TypeError:
+        return np.dtype(str(dtype).rsplit(".", 1)[-1])
+
+
+@dataclass(frozen=True)
+class Backend:
+    """An array namespace plus the device its arrays live on."""
+
+    name: str
+    xp: Any
+    device: Any
+    device_name: str
+
+    @property
+    def is_gpu(self) -> bool:
+        return self.device_name.startswith("cuda")
+
+    def asarray(self, host_array, dtype=None):
+        """Copy a host (NumPy) array to this backend's device, optionally casting."""
+        host_array = np.asarray(host_array)
+        if dtype is not None:
+            host_array = host_array.astype(_host_dtype(dtype), copy=False)
+        with self.activate():
+            return self.xp.asarray(host_array, device=self.device)
+
+    def to_host(self, array) -> np.ndarray:
+        """Copy an array of this backend to a NumPy array on the host."""
+        return to_host(array)
+
+    def generator(self, *seed: int):
+        """A random generator adapter seeded by ``seed`` (e.g. run seed, epoch, step)."""
+        if self.name == "cupy":
+            return CupyGenerator(self, seed)
+        return HostGenerator(self, seed)
+
+    def activate(self):
+        """Context in which bare creation calls land on this backend's device."""
+        if self.name == "cupy":
+            return self.device
+        return contextlib.nullcontext()
+
+    def synchronize(self) -> None:
+        """Block until queued device work is done (no-op on the CPU)."""
+        if self.name == "cupy":
+            self.device.synchronize()
+
+    def describe(self) -> str:
+        return f"{self.name} on {self.device_name}"
+
+    def __str__(self) -> str:
+        return self.describe()
+
+
+def to_host(array) -> np.ndarray:
+    """Copy any supported backend's array to a NumPy array on the host."""
+    if isinstance(array, np.ndarray | np.generic):
+        return np.asarray(array)
+    if array_api_compat.is_cupy_array(array):
+        return array.get()
+    if _is_strict_array(array):
+        import array_api_strict
+
+        return np.asarray(array.to_device(array_api_strict.Device("CPU_DEVICE")))
+    return np.asarray(array)
+
+
+def _is_strict_array(array) -> bool:
+    return type(array).__module__.startswith("array_api_strict")
+
+
+def _import(module: str, what: str):
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise BackendError(f"{what} needs the Python package '{module}', which is not installed ({exc})") from None
+
+
+def _numpy_backend() -> Backend:
+    return Backend("numpy", array_api_compat.array_namespace(np.empty(0)), "cpu", "cpu")
+
+
+def _strict_backend(device=None) -> Backend:
+    strict = _import("array_api_strict", "the array-api-strict backend")
+    device = strict.Device("CPU_DEVICE") if device is None else device
+    return Backend("array-api-strict", strict, device, "cpu")
+
+
+def cuda_problem() -> str | None:
+    """Why CUDA cannot be used here, or None when CuPy and a GPU both work."""
+    try:
+        cupy = importlib.import_module("cupy")
+    except ImportError:
+        return "CuPy is not installed (pip install 'xpcnn[cuda12]' or 'xpcnn[cuda13]')"
+    except Exception as exc:  # a broken CUDA install raises all sorts at import
+        return f"CuPy failed to import: {exc}"
+    try:
+        count = cupy.cuda.runtime.getDeviceCount()
+    except Exception as exc:
+        return f"CuPy cannot talk to a GPU: {str(exc).strip()}"
+    if count == 0:
+        return "no CUDA GPU is visible"
+    return None
+
+
+def _cupy_backend(index: int) -> Backend:
+    problem = cuda_problem()
+    if problem is not None:
+        raise BackendError(f"cannot use cuda:{index}: {problem}")
+    import cupy
+
+    count = cupy.cuda.runtime.getDeviceCount()
+    if not 0 <= index < count:
+        raise BackendError(f"cannot use cuda:{index}: only {count} GPU(s) visible (cuda:0..cuda:{count - 1})")
+    return Backend("cupy", array_api_compat.array_namespace(cupy.empty(0)), cupy.cuda.Device(index), f"cuda:{index}")
+
+
+def _parse_cuda_index(device: str) -> int:
+    if device == "cuda":
+        return 0
+    index = device.removeprefix("cuda:")
+    if not index.isdigit():
+        raise BackendError(f"unknown device {device!r}: expected one of {', '.join(DEVICE_NAMES)}")
+    return int(index)
+
+
+def get_backend(backend: str | None = None, device: str | None = None) -> Backend:
+    """Return the backend named by ``backend`` and/or ``device``.
+
+    ``backend`` is ``"numpy"``, ``"array-api-strict"``, ``"cupy"``, or a device
+    name (``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:N"``) for convenience;
+    ``device`` is a device name.  ``"auto"`` (the default) picks CUDA through
+    CuPy when CuPy and a GPU work, else NumPy on the CPU.
+    """
+    if backend in DEVICE_NAMES or (backend or "").startswith("cuda"):
+        if device not in (None, "auto", backend):
+            raise BackendError(f"conflicting devices {backend!r} and {device!r}")
+        backend, device = None, backend
+    device = device or "auto"
+    if backend is None:
+        if device == "auto":
+            backend = "cupy" if cuda_problem() is None else "numpy"
+        elif device == "cpu":
+            backend = "numpy"
+        else:
+            backend = "cupy"
+    if backend == "numpy" or backend == "array-api-strict":
+        if device.startswith("cuda"):
+            raise BackendError(f"the {backend} backend runs on the CPU only, not on {device}")
+        return _numpy_backend() if backend == "numpy" else _strict_backend()
+    if backend == "cupy":
+        if device == "cpu":
+            raise BackendError("the cupy backend runs on CUDA GPUs only, not on the CPU")
+        return _cupy_backend(0 if device == "auto" else _parse_cuda_index(device))
+    raise BackendError(f"unknown backend {backend!r}: expected one of {', '.join(BACKEND_NAMES)}")
+
+
+def backend_of(array) -> Backend:
+    """The backend an existing array belongs to (namespace and device)."""
+    if isinstance(array, np.ndarray | np.generic):
+        return _numpy_backend()
+    if _is_strict_array(array):
+        return _strict_backend(array.device)
+    if array_api_compat.is_cupy_array(array):
+        return _cupy_backend(array.device.id)
+    raise BackendError(f"unsupported array type {type(array).__module__}.{type(array).__name__}")
+
+
+def available_backends() -> list[dict[str, str]]:
+    """Each known backend with its version and whether it can run here."""
+    rows = []
+    for name, module in (("numpy", "numpy"), ("array-api-strict", "array_api_strict"), ("cupy", "cupy")):
+        try:
+            version = importlib.import_module(module).__version__
+        except ImportError:
+            rows.append({"backend": name, "version": "-", "status": "not installed"})
+            continue
+        except Exception as exc:
+            rows.append({"backend": name, "version": "-", "status": f"import failed: {exc}"})
+            continue
+        status = "ok"
+        if name == "cupy":
+            status = cuda_problem() or "ok"
+        rows.append({"backend": name, "version": version, "status": status})
+    return rows
+
+
+def gpu_names() -> list[str]:
+    """Names of the CUDA GPUs CuPy can see (empty without CuPy or a GPU)."""
+    if cuda_problem() is not None:
+        return []
+    import cupy
+
+    names = []
+    for index in range(cupy.cuda.runtime.getDeviceCount()):
+        props = cupy.cuda.runtime.getDeviceProperties(index)
+        memory_gib = props["totalGlobalMem"] / 2**30
+        names.append(f"cuda:{index}: {props['name'].decode()} ({memory_gib:.0f} GiB)")
+    return names

@@ -1,0 +1,201 @@
+"""Stateless layer math on the Array API standard: the reference path.
+
+Every function takes arrays and gets ``xp`` from them, so the same code runs on
+NumPy, CuPy, array-api-strict or any other conforming library.  Nothing here
+assigns into an array except through ``array_api_extra.at`` (in place where
+the backend allows, functional where it does not).
+
+Notation:
+    N batch, C input channels, H, W input height and width,
+    O output channels, KH, KW kernel size, SH, SW stride, PH, PW padding,
+    OH, OW output height and width, K number of classes.
+
+Layout.  Arguments and results are NCHW, as in PyTorch.  Convolution builds
+its patches channels-last, (N, OH, OW, KH*KW*C), so that forward and backward
+are each one large 2-D matrix product; its output is an NCHW *view* of NHWC
+data, and the next convolution's ``permute_dims`` back to NHWC is then free.
+"""
+
+from __future__ import annotations
+
+import array_api_extra as xpx
+from array_api_compat import array_namespace, device
+
+
+def output_size(size: int, kernel: int, stride: int, padding: int = 0) -> int:
+    """Length of a convolution or pooling output along one spatial axis."""
+    return (size + 2 * padding - kernel) // stride + 1
+
+
+def _window(start: int, count: int, step: int) -> slice:
+    """The slice that picks ``count`` positions ``start, start+step, ...``."""
+    return slice(start, start + step * (count - 1) + 1, step)
+
+
+def im2col(x, kernel: tuple[int, int], stride: tuple[int, int], padding: tuple[int, int]):
+    """Patches of ``x`` (N, C, H, W) as a matrix (N*OH*OW, KH*KW*C).
+
+    Row ``(n, oh, ow)`` holds the receptive field of output pixel ``(oh, ow)``
+    of sample ``n``, ordered (kh, kw, c).  Built from KH*KW strided slices.
+    """
+    xp = array_namespace(x)
+    (kh, kw), (sh, sw), (ph, pw) = kernel, stride, padding
+    n, c, h, w = x.shape
+    oh, ow = output_size(h, kh, sh, ph), output_size(w, kw, sw, pw)
+    x_nhwc = xp.permute_dims(x, (0, 2, 3, 1))
+    if ph or pw:
+        x_nhwc = xpx.pad(x_nhwc, ((0, 0), (ph, ph), (pw, pw), (0, 0)), xp=xp)
+    patches = [x_nhwc[:, _window(i, oh, sh), _window(j, ow, sw), :] for i in range(kh) for j in range(kw)]
+    cols = xp.stack(patches, axis=3)  # (N, OH, OW, KH*KW, C)
+    return xp.reshape(cols, (n * oh * ow, kh * kw * c))
+
+
+def col2im(cols, x_shape, kernel, stride, padding):
+    """Adjoint of :func:`im2col`: sum patch gradients (N*OH*OW, KH*KW*C) back into (N, C, H, W)."""
+    xp = array_namespace(cols)
+    (kh, kw), (sh, sw), (ph, pw) = kernel, stride, padding
+    n, c, h, w = x_shape
+    oh, ow = output_size(h, kh, sh, ph), output_size(w, kw, sw, pw)
+    cols = xp.reshape(cols, (n, oh, ow, kh * kw, c))
+    grad = xp.zeros((n, h + 2 * ph, w + 2 * pw, c), dtype=cols.dtype, device=device(cols))
+    for k in range(kh * kw):
+        i, j = divmod(k, kw)
+        grad = xpx.at(grad)[:, _window(i, oh, sh), _window(j, ow, sw), :].add(cols[:, :, :, k, :])
+    grad = grad[:, ph : ph + h, pw : pw + w, :]
+    return xp.permute_dims(grad, (0, 3, 1, 2))
+
+
+def _weight_matrix(weight):
+    """Conv weight (O, C, KH, KW) as (O, KH*KW*C), matching :func:`im2col`'s column order."""
+    xp = array_namespace(weight)
+    o, c, kh, kw = weight.shape
+    return xp.reshape(xp.permute_dims(weight, (0, 2, 3, 1)), (o, kh * kw * c))
+
+
+def conv2d_forward(x, weight, bias, stride=(1, 1), padding=(0, 0)):
+    """2-D cross-correlation.
+
+    x (N, C, H, W), weight (O, C, KH, KW), bias (O,) or None.
+    Returns y (N, O, OH, OW) and the patch matrix that the backward pass needs.
+    """
+    xp = array_namespace(x, weight)
+    n = x.shape[0]
+    o, _, kh, kw = weight.shape
+    cols = im2col(x, (kh, kw), stride, padding)
+    y = cols @ xp.matrix_transpose(_weight_matrix(weight))  # (N*OH*OW, O)
+    if bias is not None:
+        y = y + bias
+    oh, ow = output_size(x.shape[2], kh, stride[0], padding[0]), output_size(x.shape[3], kw, stride[1], padding[1])
+    return xp.permute_dims(xp.reshape(y, (n, oh, ow, o)), (0, 3, 1, 2)), cols
+
+
+def conv2d_backward(grad_y, cols, weight, x_shape, stride=(1, 1), padding=(0, 0), input_grad=True):
+    """Gradients of :func:`conv2d_forward`.
+
+    grad_y (N, O, OH, OW); cols from the forward pass.  Returns
+    (grad_x (N, C, H, W) or None when ``input_grad`` is False, grad_weight, grad_bias).
+    """
+    xp = array_namespace(grad_y, weight)
+    o, c, kh, kw = weight.shape
+    g = xp.reshape(xp.permute_dims(grad_y, (0, 2, 3, 1)), (-1, o))  # (N*OH*OW, O)
+    grad_w = xp.matrix_transpose(g) @ cols  # (O, KH*KW*C)
+    grad_w = xp.permute_dims(xp.reshape(grad_w, (o, kh, kw, c)), (0, 3, 1, 2))
+    grad_b = xp.sum(g, axis=0)
+    grad_x = None
+    if input_grad:
+        grad_x = col2im(g @ _weight_matrix(weight), x_shape, (kh, kw), stride, padding)
+    return grad_x, grad_w, grad_b
+
+
+def _pool_windows(x, kernel, stride):
+    """The KH*KW strided views of ``x`` (N, C, H, W), each (N, C, OH, OW), in row-major order."""
+    (kh, kw), (sh, sw) = kernel, stride
+    oh, ow = output_size(x.shape[2], kh, sh), output_size(x.shape[3], kw, sw)
+    return [x[:, :, _window(i, oh, sh), _window(j, ow, sw)] for i in range(kh) for j in range(kw)]
+
+
+def maxpool2d_forward(x, kernel, stride):
+    """Max over KH x KW windows moved by (SH, SW): (N, C, H, W) -> (N, C, OH, OW)."""
+    xp = array_namespace(x)
+    windows = _pool_windows(x, kernel, stride)
+    y = windows[0]
+    for window in windows[1:]:
+        y = xp.maximum(y, window)
+    return y
+
+
+def maxpool2d_backward(grad_y, x, y, kernel, stride):
+    """Route ``grad_y`` (N, C, OH, OW) to the first maximum of each window of ``x``.
+
+    Ties go to the first maximum in row-major window order (PyTorch's and
+    Chainer's convention); overlapping windows add up.  No scatter: a mask per
+    window offset, each excluding the maxima already claimed.
+    """
+    xp = array_namespace(grad_y, x)
+    (kh, kw), (sh, sw) = kernel, stride
+    n, c, h, w = x.shape
+    oh, ow = y.shape[2], y.shape[3]
+    grad_nhwc = xp.zeros((n, h, w, c), dtype=grad_y.dtype, device=device(grad_y))
+    grad = xp.permute_dims(grad_nhwc, (0, 3, 1, 2))
+    claimed = xp.zeros(y.shape, dtype=xp.bool, device=device(y))
+    for k, window in enumerate(_pool_windows(x, kernel, stride)):
+        i, j = divmod(k, kw)
+        is_max = (window == y) & ~claimed
+        claimed = claimed | is_max
+        grad = xpx.at(grad)[:, :, _window(i, oh, sh), _window(j, ow, sw)].add(xp.where(is_max, grad_y, 0.0))
+    return grad
+
+
+def relu_backward(grad_y, y):
+    """Gradient of max(x, 0) given its output ``y``: zero where y <= 0."""
+    xp = array_namespace(grad_y, y)
+    return xp.where(y > 0, grad_y, 0.0)
+
+
+def linear_forward(x, weight, bias):
+    """x (N, I) @ weight (O, I)^T + bias (O,) -> (N, O)."""
+    xp = array_namespace(x, weight)
+    y = x @ xp.matrix_transpose(weight)
+    return y if bias is None else y + bias
+
+
+def linear_backward(grad_y, x, weight, input_grad=True):
+    """Gradients of :func:`linear_forward`: (grad_x or None, grad_weight, grad_bias)."""
+    xp = array_namespace(grad_y, weight)
+    grad_w = xp.matrix_transpose(grad_y) @ x
+    grad_b = xp.sum(grad_y, axis=0)
+    grad_x = grad_y @ weight if input_grad else None
+    return grad_x, grad_w, grad_b
+
+
+def log_softmax(logits, axis: int = -1):
+    """Numerically stable log of the softmax along ``axis``."""
+    xp = array_namespace(logits)
+    shifted = logits - xp.max(logits, axis=axis, keepdims=True)
+    return shifted - xp.log(xp.sum(xp.exp(shifted), axis=axis, keepdims=True))
+
+
+def softmax(logits, axis: int = -1):
+    """Softmax along ``axis``."""
+    xp = array_namespace(logits)
+    return xp.exp(log_softmax(logits, axis=axis))
+
+
+def one_hot(labels, num_classes: int, dtype):
+    """Integer labels (N,) -> (N, num_classes) of ``dtype``, without scatter."""
+    xp = array_namespace(labels)
+    classes = xp.arange(num_classes, dtype=labels.dtype, device=device(labels))
+    return xp.astype(labels[:, None] == classes, dtype)
+
+
+def cross_entropy(logits, labels):
+    """Mean softmax cross-entropy of logits (N, K) against integer labels (N,).
+
+    Returns (loss as a 0-d array, grad_logits (N, K)).
+    """
+    xp = array_namespace(logits, labels)
+    n, k = logits.shape
+    log_p = log_softmax(logits, axis=1)
+    target = one_hot(labels, k, logits.dtype)
+    loss = -xp.sum(log_p * target) / n
+    return loss, (xp.exp(log_p) - target) / n

@@ -1,0 +1,71 @@
+"""Named architectures for 28x28 single-channel digits, 10 classes.
+
+Each builder returns a :class:`~xpcnn.nn.Sequential` with host NumPy float32
+parameters drawn from ``seed``: the same seed gives the same initial weights on
+every backend.  Move it with ``model.to(backend)``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .nn import Conv2d, Dropout, Flatten, Linear, MaxPool2d, ReLU, Sequential
+
+
+def seed_model(seed: int = 0) -> Sequential:
+    """The original notebook's network: conv 8@4x4, ReLU, max-pool 4/4, linear 288 -> 10."""
+    rng = np.random.default_rng(seed)
+    return Sequential(
+        Conv2d(1, 8, 4, rng=rng),  # 28 -> 25
+        ReLU(),
+        MaxPool2d(4),  # 25 -> 6
+        Flatten(),
+        Linear(8 * 6 * 6, 10, rng=rng),
+    )
+
+
+def lenet(seed: int = 0) -> Sequential:
+    """LeNet-5 with ReLU and max-pooling: conv 6@5x5 pad 2, pool 2, conv 16@5x5, pool 2, 120, 84, 10."""
+    rng = np.random.default_rng(seed)
+    return Sequential(
+        Conv2d(1, 6, 5, padding=2, rng=rng),  # 28 -> 28
+        ReLU(),
+        MaxPool2d(2),  # -> 14
+        Conv2d(6, 16, 5, rng=rng),  # -> 10
+        ReLU(),
+        MaxPool2d(2),  # -> 5
+        Flatten(),
+        Linear(16 * 5 * 5, 120, rng=rng),
+        ReLU(),
+        Linear(120, 84, rng=rng),
+        ReLU(),
+        Linear(84, 10, rng=rng),
+    )
+
+
+def convnet(seed: int = 0) -> Sequential:
+    """The default: conv 32@3x3, pool 2, conv 64@3x3, pool 2, dropout 0.5, linear 1600 -> 10."""
+    rng = np.random.default_rng(seed)
+    return Sequential(
+        Conv2d(1, 32, 3, rng=rng),  # 28 -> 26
+        ReLU(),
+        MaxPool2d(2),  # -> 13
+        Conv2d(32, 64, 3, rng=rng),  # -> 11
+        ReLU(),
+        MaxPool2d(2),  # -> 5
+        Flatten(),
+        Dropout(0.5),
+        Linear(64 * 5 * 5, 10, rng=rng),
+    )
+
+
+MODELS = {"seed": seed_model, "lenet": lenet, "convnet": convnet}
+
+
+def build(name: str, seed: int = 0) -> Sequential:
+    """The named model with weights drawn from ``seed``."""
+    try:
+        builder = MODELS[name]
+    except KeyError:
+        raise ValueError(f"unknown model {name!r}: expected one of {', '.join(MODELS)}") from None
+    return builder(seed)

@@ -1,0 +1,453 @@
+"""Layers with hand-written backward passes, PyTorch's layouts.
+
+Each layer has ``forward(x) -> y`` and ``backward(grad_y) -> grad_x``;
+``params`` and ``grads`` are dicts name -> array (``"weight"``, ``"bias"``)
+that a user may assign to; ``train()`` / ``eval()`` switch modes.  Layers
+keep what their backward pass needs only in training mode.
+
+Parameters are created on the host as NumPy float32 arrays;
+``layer.to(backend, dtype)`` moves them (see :mod:`xpcnn.backend`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+
+import numpy as np
+from array_api_compat import array_namespace
+
+from . import functional as F
+from .backend import Backend, backend_of, to_host
+
+
+def _pair(value, name: str) -> tuple[int, int]:
+    pair = (value, value) if isinstance(value, int) else tuple(value)
+    if len(pair) != 2 or not all(isinstance(v, int) for v in pair):
+        raise ValueError(f"{name} must be an int or a pair of ints, got {value!r}")
+    return pair
+
+
+def _host_rng(rng) -> np.random.Generator:
+    return rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
+
+
+def _shape_text(shape) -> str:
+    return str(tuple(int(s) for s in shape))
+
+
+class Layer:
+    """Base class: parameters, gradients, mode, and input checks."""
+
+    def __init__(self):
+        self.params: dict = {}
+        self.grads: dict = {}
+        self.buffers: dict = {}
+        self.training = True
+
+    def forward(self, x):
+        raise NotImplementedError
+
+    def backward(self, grad_y):
+        raise NotImplementedError
+
+    def __call__(self, x):
+        return self.forward(x)
+
+    def train(self, mode: bool = True):
+        """Switch to training mode (or evaluation mode with ``mode=False``)."""
+        self.training = mode
+        return self
+
+    def eval(self):
+        """Switch to evaluation mode: no dropout, nothing kept for backward."""
+        return self.train(False)
+
+    def to(self, backend: Backend, dtype=None):
+        """Move parameters and buffers to ``backend``, casting floats to ``dtype`` if given."""
+        for store in (self.params, self.grads, self.buffers):
+            for name, value in store.items():
+                host = to_host(value)
+                cast = dtype if dtype is not None and host.dtype.kind == "f" else None
+                store[name] = backend.asarray(host, cast)
+        return self
+
+    def set_generator(self, generator) -> None:
+        """Give the layer a random generator adapter (only stochastic layers use it)."""
+
+    def zero_cache(self) -> None:
+        """Drop what forward kept for backward."""
+
+    def _check_input(self, x, expected: str, rank: int, channels: int | None = None, min_hw=(1, 1)):
+        """Raise ValueError naming this layer unless ``x`` is a float array of the expected shape."""
+        shape = tuple(x.shape)
+        ok = len(shape) == rank
+        if ok and channels is not None:
+            ok = shape[1] == channels
+        if ok and rank == 4:
+            ok = shape[2] >= min_hw[0] and shape[3] >= min_hw[1]
+        if not ok:
+            raise ValueError(f"{self!r}: expected input of shape {expected}, got {_shape_text(shape)}")
+        xp = array_namespace(x)
+        if not xp.isdtype(x.dtype, "real floating"):
+            raise ValueError(f"{self!r}: expected a floating-point input, got dtype {x.dtype}")
+        weight = self.params.get("weight")
+        if weight is not None:
+            try:
+                array_namespace(x, weight)
+            except TypeError:
+                raise ValueError(
+                    f"{self!r}: input is a {type(x).__module__} array but the parameters are "
+                    f"{type(weight).__module__} arrays (move the model with .to(backend))"
+                ) from None
+            if x.dtype != weight.dtype:
+                raise ValueError(f"{self!r}: expected {weight.dtype} input (the parameters' dtype), got {x.dtype}")
+
+    def _need_cache(self, cache):
+        if cache is None:
+            raise RuntimeError(f"{self!r}: backward() needs a forward() in training mode first")
+        return cache
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.extra_repr()})"
+
+    def extra_repr(self) -> str:
+        return ""
+
+
+class Conv2d(Layer):
+    """2-D convolution (cross-correlation), input (N, C, H, W), weight (O, C, KH, KW)."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, bias: bool = True, *, rng=None):
+        super().__init__()
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.kernel_size = _pair(kernel_size, "kernel_size")
+        self.stride = _pair(stride, "stride")
+        self.padding = _pair(padding, "padding")
+        if min(self.kernel_size) < 1 or min(self.stride) < 1 or min(self.padding) < 0:
+            raise ValueError(f"Conv2d: kernel_size and stride must be >= 1 and padding >= 0, got {kernel_size}, {stride}, {padding}")
+        fan_in = in_channels * self.kernel_size[0] * self.kernel_size[1]
+        self.params["weight"] = he_normal(_host_rng(rng), (out_channels, in_channels, *self.kernel_size), fan_in)
+        if bias:
+            self.params["bias"] = np.zeros(out_channels, np.float32)
+        self.input_grad = True
+        self._cache = None
+
+    def forward(self, x):
+        kh, kw = self.kernel_size
+        ph, pw = self.padding
+        self._check_input(x, f"(N, {self.in_channels}, H, W) with H >= {kh - 2 * ph}, W >= {kw - 2 * pw}",
+                          4, self.in_channels, (kh - 2 * ph, kw - 2 * pw))
+        y, cols = F.conv2d_forward(x, self.params["weight"], self.params.get("bias"), self.stride, self.padding)
+        self._cache = (cols, tuple(x.shape)) if self.training else None
+        return y
+
+    def backward(self, grad_y):
+        cols, x_shape = self._need_cache(self._cache)
+        grad_x, grad_w, grad_b = F.conv2d_backward(
+            grad_y, cols, self.params["weight"], x_shape, self.stride, self.padding, self.input_grad
+        )
+        self.grads["weight"] = grad_w
+        if "bias" in self.params:
+            self.grads["bias"] = grad_b
+        return grad_x
+
+    def zero_cache(self):
+        self._cache = None
+
+    def extra_repr(self):
+        text = f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}"
+        if self.stride != (1, 1):
+            text += f", stride={self.stride}"
+        if self.padding != (0, 0):
+            text += f", padding={self.padding}"
+        if "bias" not in self.params:
+            text += ", bias=False"
+        return text
+
+
+class MaxPool2d(Layer):
+    """Max pooling over (KH, KW) windows, stride defaults to the kernel size."""
+
+    def __init__(self, kernel_size, stride=None):
+        super().__init__()
+        self.kernel_size = _pair(kernel_size, "kernel_size")
+        self.stride = self.kernel_size if stride is None else _pair(stride, "stride")
+        if min(self.kernel_size) < 1 or min(self.stride) < 1:
+            raise ValueError(f"MaxPool2d: kernel_size and stride must be >= 1, got {kernel_size}, {stride}")
+        self._cache = None
+
+    def forward(self, x):
+        kh, kw = self.kernel_size
+        self._check_input(x, f"(N, C, H, W) with H >= {kh}, W >= {kw}", 4, None, (kh, kw))
+        y = F.maxpool2d_forward(x, self.kernel_size, self.stride)
+        self._cache = (x, y) if self.training else None
+        return y
+
+    def backward(self, grad_y):
+        x, y = self._need_cache(self._cache)
+        return F.maxpool2d_backward(grad_y, x, y, self.kernel_size, self.stride)
+
+    def zero_cache(self):
+        self._cache = None
+
+    def extra_repr(self):
+        return f"kernel_size={self.kernel_size}, stride={self.stride}"
+
+
+class ReLU(Layer):
+    """max(x, 0), elementwise."""
+
+    def __init__(self):
+        super().__init__()
+        self._cache = None
+
+    def forward(self, x):
+        xp = array_namespace(x)
+        if not xp.isdtype(x.dtype, "real floating"):
+            raise ValueError(f"{self!r}: expected a floating-point input, got dtype {x.dtype}")
+        y = xp.maximum(x, 0.0)
+        self._cache = y if self.training else None
+        return y
+
+    def backward(self, grad_y):
+        return F.relu_backward(grad_y, self._need_cache(self._cache))
+
+    def zero_cache(self):
+        self._cache = None
+
+
+class Flatten(Layer):
+    """(N, ...) -> (N, prod(...)) in C order, as PyTorch's nn.Flatten."""
+
+    def __init__(self):
+        super().__init__()
+        self._shape = None
+
+    def forward(self, x):
+        xp = array_namespace(x)
+        if x.ndim < 2:
+            raise ValueError(f"{self!r}: expected input of shape (N, ...) with at least 2 axes, got {_shape_text(x.shape)}")
+        self._shape = tuple(x.shape)
+        return xp.reshape(x, (x.shape[0], -1))
+
+    def backward(self, grad_y):
+        xp = array_namespace(grad_y)
+        return xp.reshape(grad_y, self._need_cache(self._shape))
+
+
+class Linear(Layer):
+    """Affine map, input (N, in_features), weight (out_features, in_features)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *, rng=None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.params["weight"] = he_normal(_host_rng(rng), (out_features, in_features), in_features)
+        if bias:
+            self.params["bias"] = np.zeros(out_features, np.float32)
+        self.input_grad = True
+        self._cache = None
+
+    def forward(self, x):
+        self._check_input(x, f"(N, {self.in_features})", 2, self.in_features)
+        self._cache = x if self.training else None
+        return F.linear_forward(x, self.params["weight"], self.params.get("bias"))
+
+    def backward(self, grad_y):
+        x = self._need_cache(self._cache)
+        grad_x, grad_w, grad_b = F.linear_backward(grad_y, x, self.params["weight"], self.input_grad)
+        self.grads["weight"] = grad_w
+        if "bias" in self.params:
+            self.grads["bias"] = grad_b
+        return grad_x
+
+    def zero_cache(self):
+        self._cache = None
+
+    def extra_repr(self):
+        bias = "" if "bias" in self.params else ", bias=False"
+        return f"{self.in_features}, {self.out_features}{bias}"
+
+
+class Dropout(Layer):
+    """Zero each input with probability ``p`` in training and scale the rest by 1/(1-p)."""
+
+    def __init__(self, p: float = 0.5):
+        super().__init__()
+        if not 0.0 <= p < 1.0:
+            raise ValueError(f"Dropout: p must be in [0, 1), got {p}")
+        self.p = p
+        self.generator = None
+        self._mask = None
+
+    def set_generator(self, generator):
+        self.generator = generator
+
+    def forward(self, x):
+        xp = array_namespace(x)
+        if not xp.isdtype(x.dtype, "real floating"):
+            raise ValueError(f"{self!r}: expected a floating-point input, got dtype {x.dtype}")
+        if not self.training or self.p == 0.0:
+            self._mask = None
+            return x
+        if self.generator is None:
+            self.generator = backend_of(x).generator(int(np.random.SeedSequence().entropy % 2**63))
+        keep = self.generator.random(tuple(x.shape), x.dtype) >= self.p
+        self._mask = xp.astype(keep, x.dtype) / (1.0 - self.p)
+        return x * self._mask
+
+    def backward(self, grad_y):
+        if not self.training or self.p == 0.0:
+            return grad_y
+        return grad_y * self._need_cache(self._mask)
+
+    def zero_cache(self):
+        self._mask = None
+
+    def extra_repr(self):
+        return f"p={self.p}"
+
+
+class Sequential(Layer):
+    """Layers applied in order; parameters named ``"<index>.<name>"`` as in PyTorch."""
+
+    def __init__(self, *layers: Layer):
+        super().__init__()
+        self.layers = list(layers)
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = layer.forward(x)
+        return x
+
+    def backward(self, grad_y):
+        for layer in reversed(self.layers):
+            grad_y = layer.backward(grad_y)
+        return grad_y
+
+    def __iter__(self) -> Iterator[Layer]:
+        return iter(self.layers)
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def __getitem__(self, index: int) -> Layer:
+        return self.layers[index]
+
+    def train(self, mode: bool = True):
+        for layer in self.layers:
+            layer.train(mode)
+        self.training = mode
+        return self
+
+    def to(self, backend: Backend, dtype=None):
+        for layer in self.layers:
+            layer.to(backend, dtype)
+        return self
+
+    def set_generator(self, generator):
+        for layer in self.layers:
+            layer.set_generator(generator)
+
+    def zero_cache(self):
+        for layer in self.layers:
+            layer.zero_cache()
+
+    def parameters(self) -> dict:
+        """Flat dict ``"<index>.<name>"`` -> array of every trainable parameter."""
+        return {f"{i}.{name}": value for i, layer in enumerate(self.layers) for name, value in layer.params.items()}
+
+    def gradients(self) -> dict:
+        """Flat dict of the gradients from the last backward pass, same keys as :meth:`parameters`."""
+        return {f"{i}.{name}": value for i, layer in enumerate(self.layers) for name, value in layer.grads.items()}
+
+    def set_parameters(self, values: dict) -> None:
+        """Assign parameters from a flat dict with the keys of :meth:`parameters`."""
+        for key, value in values.items():
+            index, name = key.split(".", 1)
+            self.layers[int(index)].params[name] = value
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """Host NumPy copies of parameters and buffers, keyed as in PyTorch."""
+        state = {}
+        for i, layer in enumerate(self.layers):
+            for store in (layer.params, layer.buffers):
+                state.update({f"{i}.{name}": to_host(value) for name, value in store.items()})
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        """Load host arrays from :meth:`state_dict`, keeping this model's backend and dtypes.
+
+        Raises ValueError on missing or unexpected keys and on shape mismatches.
+        """
+        expected = {}
+        for i, layer in enumerate(self.layers):
+            for store in (layer.params, layer.buffers):
+                expected.update({f"{i}.{name}": (store, name) for name in store})
+        missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+        if missing or unexpected:
+            raise ValueError(f"state does not fit this model: missing {missing}, unexpected {unexpected}")
+        for key, (store, name) in expected.items():
+            current, new = store[name], np.asarray(state[key])
+            if tuple(current.shape) != new.shape:
+                raise ValueError(f"state does not fit this model: {key} has shape {new.shape}, expected {tuple(current.shape)}")
+        for key, (store, name) in expected.items():
+            current = store[name]
+            store[name] = backend_of(current).asarray(np.asarray(state[key]), current.dtype)
+
+    def num_parameters(self) -> int:
+        return sum(math.prod(v.shape) for v in self.parameters().values())
+
+    def extra_repr(self):
+        return ", ".join(repr(layer) for layer in self.layers)
+
+    def summary(self) -> str:
+        """One line per layer, then the parameter count."""
+        lines = [f"  ({i}) {layer!r}" for i, layer in enumerate(self.layers)]
+        return "\n".join([f"Sequential: {self.num_parameters():,} parameters", *lines])
+
+
+class CrossEntropyLoss:
+    """Softmax + cross-entropy, mean over the batch; logits (N, K), integer labels (N,).
+
+    ``check_labels=False`` skips the label-range check, which reads a value
+    back to the host (a device sync); the trainer validates labels once instead.
+    """
+
+    def __init__(self, check_labels: bool = True):
+        self.check_labels = check_labels
+        self._grad = None
+
+    def forward(self, logits, labels):
+        xp = array_namespace(logits, labels)
+        if logits.ndim != 2:
+            raise ValueError(f"CrossEntropyLoss: expected logits of shape (N, K), got {_shape_text(logits.shape)}")
+        if labels.ndim != 1 or labels.shape[0] != logits.shape[0]:
+            raise ValueError(
+                f"CrossEntropyLoss: expected labels of shape ({logits.shape[0]},), got {_shape_text(labels.shape)}"
+            )
+        if not xp.isdtype(labels.dtype, "integral"):
+            raise ValueError(f"CrossEntropyLoss: expected integer labels, got dtype {labels.dtype}")
+        if not xp.isdtype(logits.dtype, "real floating"):
+            raise ValueError(f"CrossEntropyLoss: expected floating-point logits, got dtype {logits.dtype}")
+        if self.check_labels and labels.shape[0] > 0:
+            low, high = int(xp.min(labels)), int(xp.max(labels))
+            if low < 0 or high >= logits.shape[1]:
+                raise ValueError(
+                    f"CrossEntropyLoss: labels must lie in [0, {logits.shape[1] - 1}], got values in [{low}, {high}]"
+                )
+        loss, self._grad = F.cross_entropy(logits, labels)
+        return loss
+
+    __call__ = forward
+
+    def backward(self):
+        """Gradient of the last loss with respect to the logits, (N, K)."""
+        if self._grad is None:
+            raise RuntimeError("CrossEntropyLoss: backward() needs a forward() first")
+        return self._grad
+
+
+def he_normal(rng: np.random.Generator, shape: tuple[int, ...], fan_in: int) -> np.ndarray:
+    """He (Kaiming) normal initialisation for layers followed by ReLU: std sqrt(2 / fan_in), float32."""
+    return (rng.standard_normal(shape) * math.sqrt(2.0 / fan_in)).astype(np.float32)

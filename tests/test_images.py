@@ -1,0 +1,366 @@
+"""Tests for xpcnn.images: user pictures and arrays -> MNIST-style (28, 28) inputs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw
+
+from xpcnn.images import ImageError, load_image, load_images
+
+# ---------------------------------------------------------------- drawing helpers
+
+
+def draw_zero(size=(200, 300), ink=0, paper=255, mode="L", box=(0.3, 0.25, 0.7, 0.75), width=0.07):
+    """An ellipse "0" drawn into a new Pillow image; box and width are fractions of the size."""
+    w, h = size
+    img = Image.new(mode, size, paper)
+    ImageDraw.Draw(img).ellipse(
+        (box[0] * w, box[1] * h, box[2] * w, box[3] * h), outline=ink, width=max(1, round(width * w))
+    )
+    return img
+
+
+def draw_one(size=(200, 300), ink=0, paper=255, mode="L", x=0.5, top=0.2, bottom=0.8, width=0.08):
+    """A thick vertical "1" stroke."""
+    w, h = size
+    img = Image.new(mode, size, paper)
+    ImageDraw.Draw(img).line(
+        (x * w, top * h, x * w, bottom * h), fill=ink, width=max(1, round(width * w))
+    )
+    return img
+
+
+def save(img, tmp_path, name, **kwargs):
+    path = tmp_path / name
+    img.save(path, **kwargs)
+    return path
+
+
+def centre_of_mass(a):
+    total = a.sum()
+    return a.sum(axis=1) @ np.arange(28) / total, a.sum(axis=0) @ np.arange(28) / total
+
+
+def ink_box(a, level=0.05):
+    """(height, width) of the bounding box of pixels above level."""
+    rows, cols = np.nonzero(a > level)
+    return rows.max() - rows.min() + 1, cols.max() - cols.min() + 1
+
+
+def assert_mnist_like(a):
+    """Shape, dtype, range, dark background, strong ink, centred, 20 px long side."""
+    assert a.shape == (28, 28)
+    assert a.dtype == np.float32
+    assert a.min() >= 0.0 and a.max() == pytest.approx(1.0)
+    assert np.percentile(a, 50) < 0.02  # most pixels are background
+    assert a[:2].max() == 0 and a[-2:].max() == 0 and a[:, :2].max() == 0 and a[:, -2:].max() == 0
+    row, col = centre_of_mass(a)
+    assert abs(row - 14) <= 1 and abs(col - 14) <= 1
+    assert max(ink_box(a)) in (19, 20)
+
+
+def assert_same_digit(a, b, mean_tol=0.01, max_tol=0.1, shift=1):
+    """a and b are nearly equal once aligned; placement may differ by up to shift px
+    (the centre of mass is rounded to whole pixels, so a tie can go either way)."""
+    diffs = [
+        np.abs(np.roll(a, (dy, dx), axis=(0, 1)) - b)
+        for dy in range(-shift, shift + 1)
+        for dx in range(-shift, shift + 1)
+    ]
+    diff = min(diffs, key=np.mean)
+    assert diff.mean() < mean_tol, diff.mean()
+    assert diff.max() < max_tol, diff.max()
+
+
+def assert_one_line_error(path, match=None):
+    with pytest.raises(ImageError, match=match) as info:
+        load_image(path)
+    message = str(info.value)
+    assert "\n" not in message
+    assert str(path) in message
+    return message
+
+
+@pytest.fixture
+def reference(tmp_path):
+    """The black-on-white "0" as processed, which the other forms are compared with."""
+    return load_image(save(draw_zero(), tmp_path, "reference.png"))
+
+
+# ---------------------------------------------------------------- pictures
+
+
+def test_black_on_white_png(reference):
+    assert_mnist_like(reference)
+    height, width = ink_box(reference)
+    assert height == 20 and 10 <= width <= 12  # the tall "0" keeps its aspect ratio (~0.55)
+
+
+def test_white_on_black_matches_black_on_white(tmp_path, reference):
+    a = load_image(save(draw_zero(ink=255, paper=0), tmp_path, "white_on_black.png"))
+    assert_mnist_like(a)
+    assert_same_digit(a, reference, mean_tol=1e-6, max_tol=1e-5, shift=0)
+
+
+def test_noisy_rgb_jpeg(tmp_path, reference):
+    rng = np.random.default_rng(0)
+    clean = np.asarray(draw_zero(ink=(20, 30, 140), paper=(245, 240, 225), mode="RGB"), dtype=float)
+    noisy = np.clip(clean + rng.normal(0, 8, clean.shape), 0, 255).astype(np.uint8)
+    a = load_image(save(Image.fromarray(noisy), tmp_path, "noisy.jpg", quality=75))
+    assert_mnist_like(a)
+    assert_same_digit(a, reference)
+
+
+def test_dark_ink_on_transparent_background(tmp_path, reference):
+    img = Image.new("RGBA", (200, 300), (0, 0, 0, 0))
+    ImageDraw.Draw(img).ellipse((60, 75, 140, 225), outline=(0, 0, 0, 255), width=14)
+    a = load_image(save(img, tmp_path, "dark_on_transparent.png"))
+    assert_mnist_like(a)
+    assert_same_digit(a, reference)
+
+
+def test_light_ink_on_transparent_background(tmp_path, reference):
+    # Compositing onto white would lose white ink; the backdrop must contrast with the ink.
+    img = Image.new("RGBA", (200, 300), (255, 255, 255, 0))
+    ImageDraw.Draw(img).ellipse((60, 75, 140, 225), outline=(255, 255, 255, 255), width=14)
+    a = load_image(save(img, tmp_path, "light_on_transparent.png"))
+    assert_mnist_like(a)
+    assert_same_digit(a, reference)
+
+
+def test_opaque_rgba_is_an_ordinary_picture(tmp_path, reference):
+    a = load_image(save(draw_zero().convert("RGBA"), tmp_path, "opaque.png"))
+    assert_same_digit(a, reference, mean_tol=1e-6, max_tol=1e-5, shift=0)
+
+
+def test_palette_and_la_modes(tmp_path, reference):
+    for img, name in [
+        (draw_zero().convert("P"), "palette.png"),
+        (draw_zero().convert("LA"), "la.png"),
+        (draw_zero().convert("1"), "bilevel.png"),
+    ]:
+        a = load_image(save(img, tmp_path, name))
+        assert_mnist_like(a)
+        assert_same_digit(a, reference)
+
+
+def test_palette_gif_with_transparent_background(tmp_path, reference):
+    img = draw_zero(ink=1, paper=0, mode="P")
+    img.putpalette([255, 255, 255, 0, 0, 0] + [0, 0, 0] * 254)  # index 0 white, 1 black
+    a = load_image(save(img, tmp_path, "transparent.gif", transparency=0))
+    assert_mnist_like(a)
+    assert_same_digit(a, reference)
+
+
+def test_16_bit_grey(tmp_path, reference):
+    lightness = np.asarray(draw_zero(), dtype=np.float64) / 255
+    img = Image.fromarray((20000 + lightness * 40000).astype(np.uint16))
+    path = save(img, tmp_path, "grey16.png")
+    with Image.open(path) as reopened:
+        assert reopened.mode.startswith("I")
+    a = load_image(path)
+    assert_mnist_like(a)
+    assert_same_digit(a, reference, mean_tol=1e-3, max_tol=0.01)
+
+
+def test_off_centre_digit_is_centred(tmp_path, reference):
+    a = load_image(save(draw_zero(size=(400, 300), box=(0.02, 0.05, 0.22, 0.55), width=0.035),
+                        tmp_path, "corner.png"))
+    assert_mnist_like(a)
+    assert_same_digit(a, reference)
+
+
+def test_tiny_image_is_scaled_up(tmp_path):
+    img = Image.new("L", (10, 14), 255)
+    ImageDraw.Draw(img).ellipse((2, 2, 7, 11), outline=0, width=1)
+    a = load_image(save(img, tmp_path, "tiny.png"))
+    assert_mnist_like(a)
+
+
+def test_one_keeps_its_aspect_ratio(tmp_path):
+    a = load_image(save(draw_one(), tmp_path, "one.png"))
+    assert_mnist_like(a)
+    height, width = ink_box(a)
+    assert height == 20 and width <= 5
+
+
+def test_faint_pencil_is_stretched(tmp_path, reference):
+    a = load_image(save(draw_zero(ink=205, paper=235), tmp_path, "pencil.png"))
+    assert_mnist_like(a)
+    assert_same_digit(a, reference)
+
+
+def test_dim_photo_of_paper_is_inverted(tmp_path, reference):
+    # Grey (badly lit) paper: the background is below mid-grey, but the ink is darker still.
+    a = load_image(save(draw_zero(ink=20, paper=100), tmp_path, "dim.png"))
+    assert_same_digit(a, reference)
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    upright = load_image(save(draw_one(size=(300, 200), x=0.3), tmp_path, "upright.png"))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 clockwise to display"
+    stored = draw_one(size=(300, 200), x=0.3).transpose(Image.Transpose.ROTATE_90)
+    a = load_image(save(stored, tmp_path, "rotated.jpg", exif=exif, quality=95))
+    assert_same_digit(a, upright)
+
+
+# ---------------------------------------------------------------- .npy arrays
+
+
+def mnist_like_array():
+    """A 28x28 uint8 digit on black, deliberately off-centre."""
+    a = np.zeros((28, 28), dtype=np.uint8)
+    a[3:15, 2:5] = 255
+    a[3:15, 5] = 128
+    return a
+
+
+@pytest.mark.parametrize(
+    "form",
+    [
+        lambda a: a,
+        lambda a: a[None],
+        lambda a: a[..., None],
+        lambda a: a.astype(np.float32) / 255,
+        lambda a: (a.astype(np.float64) / 255)[None],
+        lambda a: a.astype(np.float32),  # float above 1: read as 0..255
+        lambda a: a.astype(np.int64),
+    ],
+    ids=["uint8", "1HW", "HW1", "float01", "float64-1HW", "float255", "int64"],
+)
+def test_mnist_like_npy_is_used_as_is(tmp_path, form):
+    raw = mnist_like_array()
+    path = tmp_path / "digit.npy"
+    np.save(path, form(raw))
+    a = load_image(path)
+    assert a.dtype == np.float32 and a.shape == (28, 28)
+    np.testing.assert_allclose(a, raw / 255, atol=1e-6)  # not re-centred
+
+
+def test_npy_of_another_size_goes_through_the_pipeline(tmp_path, reference):
+    path = tmp_path / "big.npy"
+    np.save(path, np.asarray(draw_zero()))
+    assert_same_digit(load_image(path), reference, mean_tol=1e-6, max_tol=1e-5, shift=0)
+
+
+def test_light_background_28x28_npy_is_inverted_and_centred(tmp_path):
+    path = tmp_path / "light.npy"
+    np.save(path, 255 - mnist_like_array())
+    a = load_image(path)
+    assert_mnist_like(a)
+
+
+def test_rgb_and_rgba_npy(tmp_path, reference):
+    rgb = np.asarray(draw_zero(ink=(0, 0, 0), paper=(255, 255, 255), mode="RGB"))
+    np.save(tmp_path / "rgb.npy", rgb)
+    np.save(tmp_path / "rgba.npy", np.concatenate([rgb, np.full((300, 200, 1), 255)], axis=2) / 255.0)
+    for name in ("rgb.npy", "rgba.npy"):
+        assert_same_digit(load_image(tmp_path / name), reference, mean_tol=1e-6, max_tol=1e-5, shift=0)
+
+
+@pytest.mark.parametrize(
+    "array, match",
+    [
+        (np.zeros((1, 1, 28, 28), np.uint8), "shape"),
+        (np.zeros((28, 28, 2), np.uint8), "shape"),
+        (np.zeros((3, 28, 28), np.uint8), "shape"),
+        (np.zeros((0, 28), np.uint8), "shape"),
+        (np.zeros(28, np.uint8), "shape"),
+        (np.full((28, 28), "abc"), "dtype"),
+        (np.zeros((28, 28), bool), "dtype"),
+        (np.zeros((28, 28), np.complex64), "dtype"),
+        (np.full((28, 28), np.nan), "NaN"),
+        (np.full((28, 28), -0.5), "values"),
+        (np.full((28, 28), 300.0), "values"),
+        (np.full((28, 28), 1000, np.int32), "values"),
+    ],
+    ids=["4d", "2ch", "chw3", "empty", "1d", "str", "bool", "complex", "nan", "negative", "float300", "int1000"],
+)
+def test_bad_npy_raises_one_line_error(tmp_path, array, match):
+    path = tmp_path / "bad.npy"
+    np.save(path, array)
+    message = assert_one_line_error(path, match=match)
+    assert "expected" in message
+
+
+def test_object_npy_and_npz_and_garbage_raise(tmp_path):
+    np.save(tmp_path / "object.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    np.savez(tmp_path / "archive.npz", x=mnist_like_array())
+    (tmp_path / "archive.npz").rename(tmp_path / "archive.npy")
+    (tmp_path / "garbage.npy").write_text("not an array\n")
+    for name in ("object.npy", "archive.npy", "garbage.npy"):
+        assert_one_line_error(tmp_path / name)
+
+
+# ---------------------------------------------------------------- blank and unreadable files
+
+
+@pytest.mark.parametrize("paper", [0, 255, 128])
+def test_blank_picture_raises(tmp_path, paper):
+    assert_one_line_error(save(Image.new("L", (50, 60), paper), tmp_path, "blank.png"), match="blank")
+
+
+def test_noisy_blank_jpeg_raises(tmp_path):
+    rng = np.random.default_rng(1)
+    noise = np.clip(rng.normal(235, 6, (300, 200)), 0, 255).astype(np.uint8)
+    assert_one_line_error(save(Image.fromarray(noise), tmp_path, "paper.jpg"), match="blank")
+
+
+def test_fully_transparent_picture_raises(tmp_path):
+    img = Image.new("RGBA", (40, 40), (0, 0, 0, 0))
+    assert_one_line_error(save(img, tmp_path, "transparent.png"), match="blank")
+
+
+def test_blank_npy_raises(tmp_path):
+    for name, array in [("zeros.npy", np.zeros((28, 28), np.uint8)), ("ones.npy", np.ones((50, 40)))]:
+        np.save(tmp_path / name, array)
+        assert_one_line_error(tmp_path / name, match="blank")
+
+
+def test_missing_file_raises(tmp_path):
+    assert_one_line_error(tmp_path / "missing.png")
+    assert_one_line_error(tmp_path / "missing.npy")
+
+
+def test_not_an_image_raises(tmp_path):
+    text = tmp_path / "notes.png"
+    text.write_text("this is not a picture\nsecond line\n")
+    assert_one_line_error(text, match="cannot read")
+    assert_one_line_error(tmp_path)  # a directory
+
+
+def test_truncated_png_raises(tmp_path):
+    path = save(draw_zero(), tmp_path, "whole.png")
+    cut = tmp_path / "cut.png"
+    cut.write_bytes(path.read_bytes()[:200])
+    assert_one_line_error(cut)
+
+
+def test_image_error_is_a_value_error():
+    assert issubclass(ImageError, ValueError)
+
+
+# ---------------------------------------------------------------- several files
+
+
+def test_load_images_stacks(tmp_path):
+    paths = [save(draw_zero(), tmp_path, "zero.png"), save(draw_one(), tmp_path, "one.png")]
+    np.save(tmp_path / "mnist.npy", mnist_like_array())
+    paths.append(str(tmp_path / "mnist.npy"))
+    batch = load_images(paths)
+    assert batch.shape == (3, 1, 28, 28) and batch.dtype == np.float32
+    for image, path in zip(batch, paths):
+        np.testing.assert_array_equal(image[0], load_image(path))
+
+
+def test_load_images_empty():
+    batch = load_images([])
+    assert batch.shape == (0, 1, 28, 28) and batch.dtype == np.float32
+
+
+def test_load_images_names_the_bad_file(tmp_path):
+    good = save(draw_zero(), tmp_path, "good.png")
+    with pytest.raises(ImageError, match="missing.png"):
+        load_images([good, tmp_path / "missing.png"])

@@ -19,14 +19,19 @@ def synthetic_digits(n=300, size=12, classes=5, seed=0):
 def test_tiny_fit_loss_falls(backend):
     images, labels = synthetic_digits()
     model = nn.Sequential(
-        nn.Conv2d(1, 4, 3, rng=0), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Dropout(0.1), nn.Linear(4 * 5 * 5, 5, rng=1)
+        nn.Conv2d(1, 4, 3, rng=0),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Dropout(0.1),
+        nn.Linear(4 * 5 * 5, 5, rng=1),
     ).to(backend)
     model.set_generator(backend.generator(0))
     loss_fn = nn.CrossEntropyLoss()
     opt = optim.SGD(model, lr=0.05, momentum=0.9)
     x, y = backend.asarray(images), backend.asarray(labels)
     epoch_losses = []
-    for epoch in range(8):
+    for _epoch in range(8):
         total = 0.0
         for start in range(0, len(labels), 30):
             loss = loss_fn.forward(model.forward(x[start : start + 30, ...]), y[start : start + 30])

@@ -25,9 +25,7 @@ def draw_one(size=(200, 300), ink=0, paper=255, mode="L", x=0.5, top=0.2, bottom
     """A thick vertical "1" stroke."""
     w, h = size
     img = Image.new(mode, size, paper)
-    ImageDraw.Draw(img).line(
-        (x * w, top * h, x * w, bottom * h), fill=ink, width=max(1, round(width * w))
-    )
+    ImageDraw.Draw(img).line((x * w, top * h, x * w, bottom * h), fill=ink, width=max(1, round(width * w)))
     return img
 
 
@@ -165,8 +163,7 @@ def test_16_bit_grey(tmp_path, reference):
 
 
 def test_off_centre_digit_is_centred(tmp_path, reference):
-    a = load_image(save(draw_zero(size=(400, 300), box=(0.02, 0.05, 0.22, 0.55), width=0.035),
-                        tmp_path, "corner.png"))
+    a = load_image(save(draw_zero(size=(400, 300), box=(0.02, 0.05, 0.22, 0.55), width=0.035), tmp_path, "corner.png"))
     assert_mnist_like(a)
     assert_same_digit(a, reference)
 
@@ -351,7 +348,7 @@ def test_load_images_stacks(tmp_path):
     paths.append(str(tmp_path / "mnist.npy"))
     batch = load_images(paths)
     assert batch.shape == (3, 1, 28, 28) and batch.dtype == np.float32
-    for image, path in zip(batch, paths):
+    for image, path in zip(batch, paths, strict=False):
         np.testing.assert_array_equal(image[0], load_image(path))
 
 

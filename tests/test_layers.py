@@ -14,7 +14,11 @@ def as_backend(backend, array):
 @pytest.mark.parametrize(
     "layer, shape, message",
     [
-        (nn.Conv2d(1, 8, 4), (2, 28, 28), r"Conv2d\(1, 8, kernel_size=\(4, 4\)\): expected input of shape \(N, 1, H, W\).*got \(2, 28, 28\)"),
+        (
+            nn.Conv2d(1, 8, 4),
+            (2, 28, 28),
+            r"Conv2d\(1, 8, kernel_size=\(4, 4\)\): expected input of shape \(N, 1, H, W\).*got \(2, 28, 28\)",
+        ),
         (nn.Conv2d(1, 8, 4), (2, 3, 28, 28), r"expected input of shape \(N, 1, H, W\).*got \(2, 3, 28, 28\)"),
         (nn.Conv2d(1, 8, 4), (2, 1, 3, 28), r"H >= 4, W >= 4.*got \(2, 1, 3, 28\)"),
         (nn.MaxPool2d(2), (2, 8), r"MaxPool2d.*expected input of shape \(N, C, H, W\).*got \(2, 8\)"),

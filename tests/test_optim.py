@@ -98,8 +98,14 @@ TORCH_CASES = {
         lambda m: optim.SGD(m, lr=0.05, momentum=0.8, nesterov=True, weight_decay=0.01),
         lambda p: ("SGD", dict(lr=0.05, momentum=0.8, nesterov=True, weight_decay=0.01)),
     ),
-    "adam+l2": (lambda m: optim.Adam(m, lr=0.01, weight_decay=0.1), lambda p: ("Adam", dict(lr=0.01, weight_decay=0.1))),
-    "adamw": (lambda m: optim.AdamW(m, lr=0.01, weight_decay=0.1), lambda p: ("AdamW", dict(lr=0.01, weight_decay=0.1))),
+    "adam+l2": (
+        lambda m: optim.Adam(m, lr=0.01, weight_decay=0.1),
+        lambda p: ("Adam", dict(lr=0.01, weight_decay=0.1)),
+    ),
+    "adamw": (
+        lambda m: optim.AdamW(m, lr=0.01, weight_decay=0.1),
+        lambda p: ("AdamW", dict(lr=0.01, weight_decay=0.1)),
+    ),
 }
 
 

@@ -35,7 +35,10 @@ def run_both(backend, dtype, layer, torch_fn, x, grad_y_seed=5):
     tparams = {k: torch.tensor(to_host(v), requires_grad=True) for k, v in layer.params.items()}
     ty = torch_fn(tx, **tparams)
     ty.backward(torch.tensor(grad_y))
-    errors = {"output": relative_error(to_host(y), ty.detach().numpy()), "input": relative_error(to_host(grad_x), tx.grad.numpy())}
+    errors = {
+        "output": relative_error(to_host(y), ty.detach().numpy()),
+        "input": relative_error(to_host(grad_x), tx.grad.numpy()),
+    }
     errors.update({k: relative_error(to_host(layer.grads[k]), t.grad.numpy()) for k, t in tparams.items()})
     assert max(errors.values()) <= TOLERANCES[dtype], errors
 

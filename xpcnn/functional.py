@@ -132,7 +132,7 @@ def maxpool2d_backward(grad_y, x, y, kernel, stride):
     window offset, each excluding the maxima already claimed.
     """
     xp = array_namespace(grad_y, x)
-    (kh, kw), (sh, sw) = kernel, stride
+    kw, (sh, sw) = kernel[1], stride
     n, c, h, w = x.shape
     oh, ow = y.shape[2], y.shape[3]
     grad_nhwc = xp.zeros((n, h, w, c), dtype=grad_y.dtype, device=device(grad_y))

@@ -1,7 +1,7 @@
 """Named architectures for 28x28 single-channel digits, 10 classes.
 
 Each builder returns a :class:`~xpcnn.nn.Sequential` with host NumPy float32
-parameters drawn from ``seed``: the same seed gives the same initial weights on
+parameters drawn from ``seed`` (He initialisation, LeCun for the output layer): the same seed gives the same initial weights on
 every backend.  Move it with ``model.to(backend)``.
 """
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .nn import Conv2d, Dropout, Flatten, Linear, MaxPool2d, ReLU, Sequential
+from .nn import OUTPUT_GAIN, Conv2d, Dropout, Flatten, Linear, MaxPool2d, ReLU, Sequential
 
 
 def seed_model(seed: int = 0) -> Sequential:
@@ -20,7 +20,7 @@ def seed_model(seed: int = 0) -> Sequential:
         ReLU(),
         MaxPool2d(4),  # 25 -> 6
         Flatten(),
-        Linear(8 * 6 * 6, 10, rng=rng),
+        Linear(8 * 6 * 6, 10, rng=rng, gain=OUTPUT_GAIN),
     )
 
 
@@ -39,7 +39,7 @@ def lenet(seed: int = 0) -> Sequential:
         ReLU(),
         Linear(120, 84, rng=rng),
         ReLU(),
-        Linear(84, 10, rng=rng),
+        Linear(84, 10, rng=rng, gain=OUTPUT_GAIN),
     )
 
 
@@ -55,7 +55,7 @@ def convnet(seed: int = 0) -> Sequential:
         MaxPool2d(2),  # -> 5
         Flatten(),
         Dropout(0.5),
-        Linear(64 * 5 * 5, 10, rng=rng),
+        Linear(64 * 5 * 5, 10, rng=rng, gain=OUTPUT_GAIN),
     )
 
 

@@ -21,6 +21,10 @@ from . import functional as F
 from .backend import Backend, backend_of, to_host
 
 
+RELU_GAIN = math.sqrt(2.0)
+OUTPUT_GAIN = 1.0
+
+
 def _pair(value, name: str) -> tuple[int, int]:
     pair = (value, value) if isinstance(value, int) else tuple(value)
     if len(pair) != 2 or not all(isinstance(v, int) for v in pair):
@@ -118,16 +122,30 @@ class Layer:
 class Conv2d(Layer):
     """2-D convolution (cross-correlation), input (N, C, H, W), weight (O, C, KH, KW)."""
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, bias: bool = True, *, rng=None):
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size,
+        stride=1,
+        padding=0,
+        bias: bool = True,
+        *,
+        rng=None,
+        gain: float = RELU_GAIN,
+    ):
         super().__init__()
         self.in_channels, self.out_channels = in_channels, out_channels
         self.kernel_size = _pair(kernel_size, "kernel_size")
         self.stride = _pair(stride, "stride")
         self.padding = _pair(padding, "padding")
         if min(self.kernel_size) < 1 or min(self.stride) < 1 or min(self.padding) < 0:
-            raise ValueError(f"Conv2d: kernel_size and stride must be >= 1 and padding >= 0, got {kernel_size}, {stride}, {padding}")
+            raise ValueError(
+                f"Conv2d: kernel_size and stride must be >= 1 and padding >= 0, got {kernel_size}, {stride}, {padding}"
+            )
         fan_in = in_channels * self.kernel_size[0] * self.kernel_size[1]
-        self.params["weight"] = he_normal(_host_rng(rng), (out_channels, in_channels, *self.kernel_size), fan_in)
+        shape = (out_channels, in_channels, *self.kernel_size)
+        self.params["weight"] = init_normal(_host_rng(rng), shape, fan_in, gain)
         if bias:
             self.params["bias"] = np.zeros(out_channels, np.float32)
         self.input_grad = True
@@ -136,8 +154,13 @@ class Conv2d(Layer):
     def forward(self, x):
         kh, kw = self.kernel_size
         ph, pw = self.padding
-        self._check_input(x, f"(N, {self.in_channels}, H, W) with H >= {kh - 2 * ph}, W >= {kw - 2 * pw}",
-                          4, self.in_channels, (kh - 2 * ph, kw - 2 * pw))
+        self._check_input(
+            x,
+            f"(N, {self.in_channels}, H, W) with H >= {kh - 2 * ph}, W >= {kw - 2 * pw}",
+            4,
+            self.in_channels,
+            (kh - 2 * ph, kw - 2 * pw),
+        )
         y, cols = F.conv2d_forward(x, self.params["weight"], self.params.get("bias"), self.stride, self.padding)
         self._cache = (cols, tuple(x.shape)) if self.training else None
         return y
@@ -227,7 +250,9 @@ class Flatten(Layer):
     def forward(self, x):
         xp = array_namespace(x)
         if x.ndim < 2:
-            raise ValueError(f"{self!r}: expected input of shape (N, ...) with at least 2 axes, got {_shape_text(x.shape)}")
+            raise ValueError(
+                f"{self!r}: expected input of shape (N, ...) with at least 2 axes, got {_shape_text(x.shape)}"
+            )
         self._shape = tuple(x.shape)
         return xp.reshape(x, (x.shape[0], -1))
 
@@ -239,10 +264,10 @@ class Flatten(Layer):
 class Linear(Layer):
     """Affine map, input (N, in_features), weight (out_features, in_features)."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, *, rng=None):
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *, rng=None, gain: float = RELU_GAIN):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
-        self.params["weight"] = he_normal(_host_rng(rng), (out_features, in_features), in_features)
+        self.params["weight"] = init_normal(_host_rng(rng), (out_features, in_features), in_features, gain)
         if bias:
             self.params["bias"] = np.zeros(out_features, np.float32)
         self.input_grad = True
@@ -390,7 +415,9 @@ class Sequential(Layer):
         for key, (store, name) in expected.items():
             current, new = store[name], np.asarray(state[key])
             if tuple(current.shape) != new.shape:
-                raise ValueError(f"state does not fit this model: {key} has shape {new.shape}, expected {tuple(current.shape)}")
+                raise ValueError(
+                    f"state does not fit this model: {key} has shape {new.shape}, expected {tuple(current.shape)}"
+                )
         for key, (store, name) in expected.items():
             current = store[name]
             store[name] = backend_of(current).asarray(np.asarray(state[key]), current.dtype)
@@ -448,6 +475,10 @@ class CrossEntropyLoss:
         return self._grad
 
 
-def he_normal(rng: np.random.Generator, shape: tuple[int, ...], fan_in: int) -> np.ndarray:
-    """He (Kaiming) normal initialisation for layers followed by ReLU: std sqrt(2 / fan_in), float32."""
-    return (rng.standard_normal(shape) * math.sqrt(2.0 / fan_in)).astype(np.float32)
+def init_normal(rng: np.random.Generator, shape: tuple[int, ...], fan_in: int, gain: float) -> np.ndarray:
+    """Normal float32 weights with std gain / sqrt(fan_in).
+
+    gain sqrt(2) (He) keeps activations' scale through layers followed by ReLU;
+    gain 1 (LeCun) suits an output layer, whose logits no ReLU halves.
+    """
+    return (rng.standard_normal(shape) * (gain / math.sqrt(fan_in))).astype(np.float32)

@@ -1,0 +1,217 @@
+"""The command line through click's test runner: happy paths and every user error as one line."""
+
+import json
+import re
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image, ImageDraw
+
+from xpcnn import __version__
+from xpcnn.cli import main
+from xpcnn.data import read_idx
+
+FAST = ["--model", "seed", "--epochs", "1", "--batch-size", "50", "--lr", "0.005", "--device", "cpu"]
+
+
+def invoke(*args, expect=0):
+    result = CliRunner().invoke(main, [str(a) for a in args])
+    output = result.output
+    assert result.exit_code == expect, output
+    assert "Traceback" not in output
+    return result
+
+
+def assert_one_line_error(result, pattern):
+    error_lines = [line for line in result.output.splitlines() if line.startswith("Error")]
+    assert len(error_lines) == 1, result.output
+    assert re.search(pattern, error_lines[0]), error_lines[0]
+
+
+@pytest.fixture(scope="module")
+def trained_run(synthetic_dir, tmp_path_factory):
+    run = tmp_path_factory.mktemp("runs") / "seed"
+    invoke("train", *FAST, "--data-dir", synthetic_dir, "--out", run)
+    return run
+
+
+def test_help_and_version():
+    assert "train" in invoke("--help").output
+    assert __version__ in invoke("--version").output
+    for command in ("train", "evaluate", "predict", "info"):
+        assert "Usage" in invoke(command, "--help").output
+
+
+def test_train_writes_a_run_and_prints_a_summary(trained_run):
+    result_files = sorted(p.name for p in trained_run.iterdir())
+    assert result_files == ["checkpoint.npz", "config.json", "history.json"]
+    config = json.loads((trained_run / "config.json").read_text())
+    assert config["model"] == "seed" and config["backend"] == "numpy on cpu"
+
+
+def test_evaluate_agrees_with_history(trained_run, synthetic_dir):
+    history = json.loads((trained_run / "history.json").read_text())
+    report = json.loads(invoke("evaluate", trained_run, "--json").output)
+    assert report["accuracy"] == history[-1]["test_accuracy"]
+    assert report["loss"] == pytest.approx(history[-1]["test_loss"], rel=1e-6)
+    confusion = np.array(report["confusion_matrix"])
+    labels = read_idx(synthetic_dir / "t10k-labels-idx1-ubyte.gz")
+    assert confusion.shape == (10, 10) and confusion.sum() == len(labels)
+    assert np.array_equal(confusion.sum(axis=1), np.bincount(labels, minlength=10))
+    assert np.trace(confusion) / confusion.sum() == report["accuracy"]
+    text = invoke("evaluate", trained_run).output
+    assert f"accuracy {report['accuracy']:.2%}" in text and "confusion matrix" in text and "per-class" in text
+
+
+def test_predict_pictures_and_arrays(trained_run, synthetic_dir, tmp_path):
+    images = read_idx(synthetic_dir / "t10k-images-idx3-ubyte.gz")
+    np.save(tmp_path / "digit.npy", images[0])
+    picture = Image.new("L", (120, 160), 255)  # a dark "1" on white paper, not 28x28
+    ImageDraw.Draw(picture).line([(60, 20), (60, 140)], fill=0, width=14)
+    picture.save(tmp_path / "digit.png")
+    rows = json.loads(invoke("predict", trained_run, tmp_path / "digit.npy", tmp_path / "digit.png", "--json").output)
+    assert [r["image"] for r in rows] == [str(tmp_path / "digit.npy"), str(tmp_path / "digit.png")]
+    expected = library_probabilities(trained_run, images[:1])[0]
+    assert rows[0]["class"] == str(np.argmax(expected))
+    assert rows[0]["probability"] == pytest.approx(float(expected.max()), rel=1e-5)
+    assert all(0 < r["probability"] <= 1 for r in rows)
+    text = invoke("predict", trained_run, tmp_path / "digit.npy").output
+    assert text.startswith(f"{tmp_path / 'digit.npy'}: {np.argmax(expected)} (")
+
+
+def library_probabilities(run, images_uint8):
+    """What the library computes for uint8 images (N, 28, 28) with the run's model."""
+    from xpcnn.backend import get_backend
+    from xpcnn.checkpoint import load_checkpoint
+    from xpcnn.train import model_from_checkpoint, normalize_images, predict_probabilities
+
+    numpy = get_backend("numpy")
+    model, norm = model_from_checkpoint(load_checkpoint(run), numpy)
+    return predict_probabilities(model, normalize_images(numpy, images_uint8[:, None] / 255.0, norm))
+
+
+def test_info_lists_backends():
+    output = invoke("info").output
+    assert "numpy" in output and "array-api-strict" in output and "cupy" in output and "GPUs" in output
+
+
+def test_resume_continues_and_refuses_changes(trained_run, synthetic_dir, tmp_path):
+    import shutil
+
+    run = tmp_path / "copy"
+    shutil.copytree(trained_run, run)
+    result = invoke("train", "--resume", run, "--epochs", "1", expect=2)
+    assert "already finished 1 epoch(s)" in result.output
+    result = invoke("train", "--resume", run, "--epochs", "2", "--lr", "0.1", expect=2)
+    assert "--lr cannot change when resuming" in result.output
+    invoke("train", "--resume", run, "--epochs", "2", "--device", "cpu")
+    assert [r["epoch"] for r in json.loads((run / "history.json").read_text())] == [1, 2]
+
+
+def test_refuses_to_overwrite_a_run(trained_run, synthetic_dir):
+    result = invoke("train", *FAST, "--data-dir", synthetic_dir, "--out", trained_run, expect=2)
+    assert f"{trained_run} already holds a run" in result.output
+
+
+def test_ctrl_c_writes_a_checkpoint_and_exits_130(synthetic_dir, tmp_path, monkeypatch):
+    import os
+    import signal
+
+    from xpcnn import train
+
+    real_update = train.Progress.update
+
+    def update_then_ctrl_c(self, step, *args):
+        real_update(self, step, *args)
+        if step == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(train.Progress, "update", update_then_ctrl_c)
+    run = tmp_path / "run"
+    result = invoke("train", *FAST, "--log-every", "1", "--data-dir", synthetic_dir, "--out", run, expect=130)
+    assert f"interrupted: stopped at epoch 1, step 3; checkpoint saved, continue with: xpcnn train --resume {run}" in (
+        result.output
+    )
+    monkeypatch.undo()
+    invoke("train", "--resume", run)
+    assert len(json.loads((run / "history.json").read_text())) == 1
+
+
+def test_nan_loss_exits_with_a_clear_message(synthetic_dir, tmp_path):
+    run = tmp_path / "run"
+    args = ["--optimizer", "sgd", "--momentum", "0", "--lr", "1e30", "--schedule", "constant"]
+    result = invoke(
+        "train", "--model", "seed", "--device", "cpu", *args, "--data-dir", synthetic_dir, "--out", run, expect=1
+    )
+    assert_one_line_error(
+        result, r"loss became (nan|inf) at epoch 1, step \d+; no checkpoint was written; try a lower --lr"
+    )
+
+
+@pytest.mark.parametrize(
+    "breakage, pattern",
+    [
+        ("truncate", r"train-images-idx3-ubyte.gz: .*(truncated|corrupt|gzip)"),
+        ("magic", r"train-labels-idx1-ubyte.gz: .*magic"),
+        ("count", r"train-images-idx3-ubyte.gz has 600 images but .*train-labels-idx1-ubyte.gz has 599 labels"),
+    ],
+)
+def test_bad_data_files_give_one_line_naming_the_file(synthetic_dir, tmp_path, breakage, pattern):
+    import shutil
+
+    from xpcnn.data import write_idx
+
+    data = tmp_path / "data"
+    shutil.copytree(synthetic_dir, data)
+    if breakage == "truncate":
+        path = data / "train-images-idx3-ubyte.gz"
+        path.write_bytes(path.read_bytes()[:-100])
+    elif breakage == "magic":
+        path = data / "train-labels-idx1-ubyte.gz"
+        raw = bytearray(read_idx(path).tobytes())
+        import gzip
+
+        path.write_bytes(gzip.compress(b"\x01\x02\x08\x01" + len(raw).to_bytes(4, "big") + bytes(raw)))
+    else:
+        labels = read_idx(data / "train-labels-idx1-ubyte.gz")
+        write_idx(data / "train-labels-idx1-ubyte.gz", labels[:-1])
+    result = invoke("train", *FAST, "--data-dir", data, "--out", tmp_path / "run", expect=1)
+    assert_one_line_error(result, pattern)
+    assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())
+
+
+@pytest.mark.parametrize(
+    "args, pattern, code",
+    [
+        (["train", "--data-dir", "{missing}", "--device", "cpu"], r"missing|not found|no such", 1),
+        (["train", "--device", "tpu"], r"unknown device 'tpu'", 1),
+        (["train", "--lr", "-1", "--device", "cpu"], r"learning rate must be a positive number", 1),
+        (["train", "--model", "resnet"], r"Invalid value for '--model'", 2),
+        (["evaluate", "{tmp}/nothing.npz"], r"does not exist", 2),
+        (["evaluate", "{corrupt}"], r"not a readable xpcnn checkpoint", 1),
+        (["predict", "{corrupt}", "x.png"], r"not a readable xpcnn checkpoint", 1),
+    ],
+)
+def test_user_errors_are_one_line(tmp_path, args, pattern, code):
+    corrupt = tmp_path / "corrupt.npz"
+    corrupt.write_bytes(b"PK\x03\x04 not really a zip")
+    names = {"missing": tmp_path / "missing", "tmp": tmp_path, "corrupt": corrupt}
+    result = invoke(*[a.format(**names) for a in args], expect=code)
+    lines = [line for line in result.output.splitlines() if line.startswith("Error")]
+    assert len(lines) == 1 and re.search(pattern, lines[0], flags=2), result.output
+
+
+def test_cuda_without_cuda_is_one_line(synthetic_dir):
+    from xpcnn.backend import cuda_problem
+
+    if cuda_problem() is None:
+        pytest.skip("CUDA works here")
+    result = invoke("train", "--device", "cuda", "--data-dir", synthetic_dir, expect=1)
+    assert_one_line_error(result, r"cannot use cuda:0: ")
+
+
+def test_predict_bad_image_is_one_line(trained_run, tmp_path):
+    (tmp_path / "notes.png").write_text("not a picture")
+    result = invoke("predict", trained_run, tmp_path / "notes.png", expect=1)
+    assert_one_line_error(result, r"notes.png: cannot read as an image")

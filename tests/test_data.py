@@ -1,0 +1,505 @@
+"""Tests for xpcnn.data: IDX files, lookup order, downloads from a local server, splits.
+
+Everything runs on files written into tmp_path and on a local HTTP server on
+127.0.0.1; only `test_real_mnist` reads the offline MNIST copy, when present.
+"""
+
+import gzip
+import hashlib
+import http.server
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from xpcnn import data, files
+from xpcnn.data import (
+    FILES,
+    DataError,
+    DatasetSpec,
+    DownloadError,
+    load_dataset,
+    read_idx,
+    split_validation,
+    write_idx,
+)
+
+REAL_MNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
+CLASSES = tuple("0123456789")
+
+
+@pytest.fixture(autouse=True)
+def isolated_env(tmp_path, monkeypatch):
+    """No test sees the user's cache, $XPCNN_DATA_DIR or a proxy."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.delenv("XPCNN_DATA_DIR", raising=False)
+    for var in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("no_proxy", "*")
+
+
+def make_split(n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    return rng.integers(0, 256, (n, 28, 28), dtype=np.uint8), rng.integers(0, 10, n, dtype=np.uint8)
+
+
+def make_dataset_dir(directory: Path, n_train: int = 12, n_test: int = 5, seed: int = 0) -> dict:
+    """Write the four files of a small random dataset; return the arrays by file name."""
+    rng = np.random.default_rng(seed)
+    directory.mkdir(parents=True, exist_ok=True)
+    arrays = dict(zip(FILES, (*make_split(n_train, rng), *make_split(n_test, rng)), strict=False))
+    for file, array in arrays.items():
+        write_idx(directory / file, array)
+    return arrays
+
+
+def spec_for(files: dict[str, bytes], mirrors: tuple[str, ...] = ()) -> DatasetSpec:
+    """A spec whose checksums are those of `files` (file name -> .gz bytes)."""
+    sha256 = {file: hashlib.sha256(content).hexdigest() for file, content in files.items()}
+    return DatasetSpec(name="tiny", classes=CLASSES, mirrors=mirrors, sha256=sha256)
+
+
+def assert_one_line_naming(error: pytest.ExceptionInfo, *names: str) -> str:
+    message = str(error.value)
+    assert "\n" not in message
+    for name in names:
+        assert name in message
+    return message
+
+
+# ---------------------------------------------------------------------------
+# IDX files
+
+
+@pytest.mark.parametrize("suffix", ["", ".gz"])
+@pytest.mark.parametrize("shape", [(7,), (3, 4), (2, 3, 4), (2, 1, 3, 2)])
+@pytest.mark.parametrize("dtype", ["u1", "i1", "i2", "i4", "f4", "f8"])
+def test_idx_round_trip(tmp_path, dtype, shape, suffix):
+    rng = np.random.default_rng(1)
+    array = (rng.standard_normal(shape) * 100).astype(dtype)
+    path = tmp_path / f"a.idx{suffix}"
+    write_idx(path, array)
+    back = read_idx(path)
+    assert back.dtype == np.dtype(dtype) and back.dtype.isnative
+    assert back.shape == shape and back.flags.writeable
+    np.testing.assert_array_equal(back, array)
+    assert path.read_bytes().startswith(b"\x1f\x8b") == (suffix == ".gz")
+    assert list(tmp_path.iterdir()) == [path]
+
+
+def test_idx_header_bytes(tmp_path):
+    write_idx(tmp_path / "a", np.array([[1, 2, 3], [4, 5, 6]], dtype=np.uint8))
+    assert (tmp_path / "a").read_bytes() == bytes([0, 0, 8, 2, 0, 0, 0, 2, 0, 0, 0, 3, 1, 2, 3, 4, 5, 6])
+    write_idx(tmp_path / "b", np.array([1, -2], dtype="<i2"))
+    assert (tmp_path / "b").read_bytes() == bytes([0, 0, 0x0B, 1, 0, 0, 0, 2, 0, 1, 0xFF, 0xFE])
+
+
+def test_idx_big_endian_input(tmp_path):
+    array = np.arange(6, dtype=">f4").reshape(2, 3)
+    write_idx(tmp_path / "a", array)
+    np.testing.assert_array_equal(read_idx(tmp_path / "a"), array)
+
+
+def test_idx_gzip_detected_by_magic_not_suffix(tmp_path):
+    array = np.arange(10, dtype=np.int32)
+    write_idx(tmp_path / "a.gz", array)
+    (tmp_path / "a.gz").rename(tmp_path / "gzipped-without-suffix")
+    np.testing.assert_array_equal(read_idx(tmp_path / "gzipped-without-suffix"), array)
+    write_idx(tmp_path / "raw", array)
+    (tmp_path / "raw").rename(tmp_path / "raw-named.gz")
+    np.testing.assert_array_equal(read_idx(tmp_path / "raw-named.gz"), array)
+
+
+def idx_bytes(code: int, shape: tuple[int, ...], payload: bytes) -> bytes:
+    return bytes([0, 0, code, len(shape)]) + b"".join(n.to_bytes(4, "big") for n in shape) + payload
+
+
+def bad_crc(content: bytes) -> bytes:
+    compressed = bytearray(gzip.compress(content))
+    compressed[-8] ^= 0xFF  # the CRC-32 in the gzip trailer
+    return bytes(compressed)
+
+
+BAD_IDX = {
+    "empty": (b"", "not an IDX file"),
+    "wrong-magic": (b"\x01\x02" + idx_bytes(8, (3,), b"abc")[2:], "bad magic number"),
+    "unknown-dtype": (idx_bytes(0x07, (3,), b"abc"), "unknown IDX data type code 0x07"),
+    "zero-dims": (bytes([0, 0, 8, 0]), "dimension count 0"),
+    "five-dims": (idx_bytes(8, (1, 1, 1, 1, 1), b"a"), "dimension count 5"),
+    "truncated-header": (idx_bytes(8, (2, 3), b"")[:9], "truncated IDX header"),
+    "truncated-payload": (idx_bytes(8, (10,), bytes(9)), "truncated IDX file: expected 10 items, found 9"),
+    "truncated-int32": (idx_bytes(0x0C, (4,), bytes(15)), "expected 4 items, found 3"),
+    "trailing-bytes": (idx_bytes(8, (2, 2), bytes(6)), "2 trailing bytes"),
+}
+BAD_GZIP = {
+    "bad-crc": bad_crc(idx_bytes(8, (3,), b"abc")),
+    "truncated-gzip": gzip.compress(idx_bytes(8, (100,), bytes(range(100))))[:-12],
+    "garbage-after-magic": b"\x1f\x8b" + bytes(30),
+}
+
+
+@pytest.mark.parametrize("compress", [False, True], ids=["raw", "gz"])
+@pytest.mark.parametrize("case", list(BAD_IDX))
+def test_bad_idx(tmp_path, case, compress):
+    content, expected = BAD_IDX[case]
+    path = tmp_path / f"{case}-idx1-ubyte"
+    path.write_bytes(gzip.compress(content) if compress else content)
+    with pytest.raises(DataError) as error:
+        read_idx(path)
+    assert expected in assert_one_line_naming(error, str(path))
+
+
+@pytest.mark.parametrize("case", list(BAD_GZIP))
+def test_corrupt_gzip(tmp_path, case):
+    path = tmp_path / f"{case}.gz"
+    path.write_bytes(BAD_GZIP[case])
+    with pytest.raises(DataError) as error:
+        read_idx(path)
+    assert "corrupt gzip stream" in assert_one_line_naming(error, str(path))
+
+
+def test_missing_idx_file(tmp_path):
+    with pytest.raises(DataError) as error:
+        read_idx(tmp_path / "nope.gz")
+    assert_one_line_naming(error, "nope.gz")
+
+
+@pytest.mark.parametrize("array", [np.zeros(3, np.int64), np.zeros(3, bool), np.zeros((1,) * 5, np.uint8)])
+def test_write_idx_rejects(tmp_path, array):
+    with pytest.raises(DataError):
+        write_idx(tmp_path / "a.gz", array)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("interrupt", [OSError("disk full"), KeyboardInterrupt()])
+def test_write_idx_gz_failing_midway_leaves_nothing(tmp_path, monkeypatch, interrupt):
+    path = tmp_path / "old.gz"
+    path.write_bytes(b"old content")
+    real_write = gzip.GzipFile.write
+    calls = []
+
+    def failing_write(self, chunk):
+        calls.append(len(chunk))
+        if len(calls) >= 2:  # after the header went out, the payload fails
+            raise interrupt
+        return real_write(self, chunk)
+
+    monkeypatch.setattr(gzip.GzipFile, "write", failing_write)
+    with pytest.raises(type(interrupt)):
+        write_idx(path, np.zeros((50, 28, 28), np.uint8))
+    assert calls and path.read_bytes() == b"old content"
+    assert list(tmp_path.iterdir()) == [path]
+    with pytest.raises(type(interrupt)):
+        write_idx(tmp_path / "new.gz", np.zeros(5, np.uint8))
+    assert list(tmp_path.iterdir()) == [path]
+
+
+def test_write_idx_raw_failing_before_rename_leaves_nothing(tmp_path, monkeypatch):
+    def failing_fsync(fd):
+        raise OSError("I/O error")
+
+    monkeypatch.setattr(files.os, "fsync", failing_fsync)
+    with pytest.raises(OSError):
+        write_idx(tmp_path / "raw-idx", np.zeros(5, np.uint8))
+    assert list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------------------
+# Registry
+
+
+def test_registry():
+    assert set(data.DATASETS) == {"mnist", "fashion-mnist"}
+    for name, spec in data.DATASETS.items():
+        assert spec.name == name and len(spec.classes) == 10
+        assert len(spec.mirrors) >= 2
+        assert set(spec.sha256) == set(FILES)
+        assert all(len(digest) == 64 and int(digest, 16) >= 0 for digest in spec.sha256.values())
+    assert data.DATASETS["mnist"].classes == CLASSES
+    assert data.DATASETS["fashion-mnist"].classes[0] == "T-shirt/top"
+    assert data.DATASETS["fashion-mnist"].classes[9] == "Ankle boot"
+    assert Path("/usr/share/datasets/fashion-mnist") in data.DATASETS["fashion-mnist"].system_dirs
+
+
+def test_unknown_dataset():
+    with pytest.raises(DataError) as error:
+        load_dataset("cifar-10")
+    assert_one_line_naming(error, "cifar-10", "mnist", "fashion-mnist")
+
+
+# ---------------------------------------------------------------------------
+# Lookup order and checks
+
+
+def test_cache_dir(tmp_path, monkeypatch):
+    assert data.cache_dir("mnist") == tmp_path / "cache" / "xpcnn" / "mnist"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert data.cache_dir("mnist") == tmp_path / "home" / ".cache" / "xpcnn" / "mnist"
+    monkeypatch.setenv("XDG_CACHE_HOME", "relative/ignored")
+    assert data.cache_dir("mnist") == tmp_path / "home" / ".cache" / "xpcnn" / "mnist"
+
+
+def test_load_dataset(tmp_path):
+    arrays = make_dataset_dir(tmp_path / "d")
+    dataset = load_dataset(spec_for({}), tmp_path / "d", download=False)
+    assert dataset.name == "tiny" and dataset.classes == CLASSES
+    np.testing.assert_array_equal(dataset.train_images, arrays[data.TRAIN_IMAGES])
+    np.testing.assert_array_equal(dataset.train_labels, arrays[data.TRAIN_LABELS])
+    np.testing.assert_array_equal(dataset.test_images, arrays[data.TEST_IMAGES])
+    np.testing.assert_array_equal(dataset.test_labels, arrays[data.TEST_LABELS])
+    assert dataset.train_images.dtype == np.uint8 and dataset.test_labels.shape == (5,)
+
+
+def test_lookup_order(tmp_path, monkeypatch):
+    spec = spec_for({})
+    make_dataset_dir(tmp_path / "explicit", n_train=11)
+    make_dataset_dir(tmp_path / "env", n_train=12)
+    make_dataset_dir(tmp_path / "env-parent" / "tiny", n_train=13)
+    make_dataset_dir(tmp_path / "cache" / "xpcnn" / "tiny", n_train=14)
+    monkeypatch.setenv("XPCNN_DATA_DIR", str(tmp_path / "env"))
+    assert len(load_dataset(spec, tmp_path / "explicit", download=False).train_labels) == 11
+    assert len(load_dataset(spec, download=False).train_labels) == 12
+    monkeypatch.setenv("XPCNN_DATA_DIR", str(tmp_path / "env-parent"))
+    assert len(load_dataset(spec, download=False).train_labels) == 13
+    monkeypatch.setenv("XPCNN_DATA_DIR", str(tmp_path / "empty"))
+    assert len(load_dataset(spec, download=False).train_labels) == 14
+    monkeypatch.delenv("XPCNN_DATA_DIR")
+    assert len(load_dataset(spec, download=False).train_labels) == 14
+
+
+def test_incomplete_dirs_are_skipped(tmp_path, monkeypatch):
+    make_dataset_dir(tmp_path / "env")
+    (tmp_path / "env" / data.TEST_LABELS).unlink()
+    make_dataset_dir(tmp_path / "system", n_train=15)
+    monkeypatch.setenv("XPCNN_DATA_DIR", str(tmp_path / "env"))
+    spec = DatasetSpec("tiny", CLASSES, (), {}, system_dirs=(tmp_path / "system",))
+    assert len(load_dataset(spec, download=False).train_labels) == 15
+
+
+def test_explicit_data_dir_missing_files(tmp_path):
+    make_dataset_dir(tmp_path / "cache" / "xpcnn" / "tiny")  # must not be used as a fallback
+    make_dataset_dir(tmp_path / "d")
+    (tmp_path / "d" / data.TRAIN_LABELS).unlink()
+    (tmp_path / "d" / data.TEST_IMAGES).unlink()
+    with pytest.raises(DataError) as error:
+        load_dataset(spec_for({}), tmp_path / "d")
+    message = assert_one_line_naming(error, str(tmp_path / "d"), data.TRAIN_LABELS, data.TEST_IMAGES)
+    assert data.TRAIN_IMAGES not in message
+
+
+def test_nothing_found_without_download(tmp_path):
+    with pytest.raises(DataError) as error:
+        load_dataset(spec_for({}), download=False)
+    assert_one_line_naming(error, "tiny", "--data-dir", "XPCNN_DATA_DIR", str(tmp_path / "cache"))
+
+
+def test_count_mismatch(tmp_path):
+    make_dataset_dir(tmp_path)
+    write_idx(tmp_path / data.TEST_LABELS, np.zeros(4, np.uint8))
+    with pytest.raises(DataError) as error:
+        load_dataset(spec_for({}), tmp_path)
+    assert_one_line_naming(error, data.TEST_IMAGES, data.TEST_LABELS, "5 images", "4 labels")
+
+
+def test_label_out_of_range(tmp_path):
+    make_dataset_dir(tmp_path)
+    write_idx(tmp_path / data.TRAIN_LABELS, np.array([0, 1, 10] + [0] * 9, np.uint8))
+    with pytest.raises(DataError) as error:
+        load_dataset(spec_for({}), tmp_path)
+    assert_one_line_naming(error, data.TRAIN_LABELS, "label 10")
+
+
+@pytest.mark.parametrize(
+    "file, array, expected",
+    [
+        (data.TRAIN_IMAGES, np.zeros((12, 784), np.uint8), "3-D uint8 images"),
+        (data.TRAIN_IMAGES, np.zeros((12, 28, 28), np.float32), "3-D uint8 images"),
+        (data.TEST_LABELS, np.zeros((5, 1), np.uint8), "1-D uint8 labels"),
+        (data.TEST_IMAGES, np.zeros((5, 32, 32), np.uint8), "(32, 32)"),
+    ],
+)
+def test_bad_shapes(tmp_path, file, array, expected):
+    make_dataset_dir(tmp_path)
+    write_idx(tmp_path / file, array)
+    with pytest.raises(DataError) as error:
+        load_dataset(spec_for({}), tmp_path)
+    assert_one_line_naming(error, file, expected)
+
+
+# ---------------------------------------------------------------------------
+# Downloads from a local HTTP server
+
+
+class Mirrors:
+    """A local HTTP server; GET /<kind>/<file> serves `files` according to kind.
+
+    good: the file; missing: 404; corrupt: the file with one byte flipped;
+    short: the full Content-Length but only half the body.
+    """
+
+    def __init__(self):
+        self.files: dict[str, bytes] = {}
+        self.requests: list[str] = []
+        mirrors = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                mirrors.requests.append(self.path)
+                _, kind, file = self.path.split("/", 2)
+                body = mirrors.files.get(file)
+                if kind == "missing" or body is None:
+                    self.send_error(404)
+                    return
+                if kind == "corrupt":
+                    body = body[:-1] + bytes([body[-1] ^ 1])
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body[: len(body) // 2] if kind == "short" else body)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True)
+        self.thread.start()
+
+    def url(self, kind: str) -> str:
+        host, port = self.server.server_address[:2]
+        return f"http://{host}:{port}/{kind}/"
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join()
+
+
+@pytest.fixture
+def mirrors(tmp_path):
+    server = Mirrors()
+    arrays = make_dataset_dir(tmp_path / "origin", n_train=20, n_test=6, seed=3)
+    server.files = {file: (tmp_path / "origin" / file).read_bytes() for file in FILES}
+    server.arrays = arrays
+    yield server
+    server.close()
+
+
+def cache_files(tmp_path) -> list[Path]:
+    cache = tmp_path / "cache"
+    return sorted(path for path in cache.rglob("*") if path.is_file()) if cache.exists() else []
+
+
+@pytest.mark.parametrize("bad", ["missing", "corrupt", "short"])
+def test_download_falls_back_to_second_mirror(tmp_path, mirrors, bad, capsys):
+    spec = spec_for(mirrors.files, (mirrors.url(bad), mirrors.url("good")))
+    dataset = load_dataset(spec, progress=False)
+    np.testing.assert_array_equal(dataset.train_images, mirrors.arrays[data.TRAIN_IMAGES])
+    np.testing.assert_array_equal(dataset.test_labels, mirrors.arrays[data.TEST_LABELS])
+    cache = tmp_path / "cache" / "xpcnn" / "tiny"
+    assert cache_files(tmp_path) == sorted(cache / file for file in FILES)
+    for file in FILES:
+        assert hashlib.sha256((cache / file).read_bytes()).hexdigest() == spec.sha256[file]
+    assert mirrors.requests[:2] == [f"/{bad}/{FILES[0]}", f"/good/{FILES[0]}"]
+    assert mirrors.requests[2:] == [f"/good/{file}" for file in FILES[1:]]  # the good mirror goes first
+    assert capsys.readouterr().err == ""
+    # Now cached: a second load needs no network.
+    load_dataset(spec, progress=False)
+    assert len(mirrors.requests) == 5
+
+
+def test_download_progress_goes_to_stderr(mirrors, capsys):
+    load_dataset(spec_for(mirrors.files, (mirrors.url("good"),)))
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert "Downloading" in captured.err and FILES[0] in captured.err
+
+
+def test_download_all_mirrors_bad(tmp_path, mirrors):
+    spec = spec_for(mirrors.files, (mirrors.url("missing"), mirrors.url("corrupt"), mirrors.url("short")))
+    with pytest.raises(DownloadError) as error:
+        load_dataset(spec, progress=False)
+    message = assert_one_line_naming(error, FILES[0], "--data-dir", "XPCNN_DATA_DIR", str(tmp_path / "cache"))
+    assert "404" in message and "SHA-256 mismatch" in message
+    assert isinstance(error.value, DataError)
+    assert cache_files(tmp_path) == []
+
+
+def test_download_unreachable_mirror(tmp_path, mirrors):
+    spec = spec_for(mirrors.files, ("http://127.0.0.1:1/", mirrors.url("good")))
+    load_dataset(spec, progress=False)
+    assert len(cache_files(tmp_path)) == 4
+
+
+def test_download_fetches_only_missing_files(tmp_path, mirrors):
+    cache = tmp_path / "cache" / "xpcnn" / "tiny"
+    cache.mkdir(parents=True)
+    for file in FILES[:2]:
+        (cache / file).write_bytes(mirrors.files[file])
+    load_dataset(spec_for(mirrors.files, (mirrors.url("good"),)), progress=False)
+    assert mirrors.requests == [f"/good/{file}" for file in FILES[2:]]
+
+
+def test_files_on_disk_are_not_checksummed(tmp_path, mirrors):
+    # The spec's checksums match nothing on disk, and yet the copy loads.
+    make_dataset_dir(tmp_path / "d", seed=9)
+    load_dataset(spec_for(mirrors.files, (mirrors.url("good"),)), tmp_path / "d")
+    assert mirrors.requests == []
+
+
+# ---------------------------------------------------------------------------
+# Validation split
+
+
+def test_split_validation_count():
+    images = np.arange(50 * 4).reshape(50, 2, 2)
+    labels = np.arange(50)
+    train_x, train_y, val_x, val_y = split_validation(images, labels, 10, seed=0)
+    assert train_x.shape == (40, 2, 2) and val_x.shape == (10, 2, 2)
+    assert sorted(np.concatenate([train_y, val_y])) == list(range(50))
+    np.testing.assert_array_equal(train_x, images[train_y])
+    np.testing.assert_array_equal(val_x, images[val_y])
+    assert list(val_y) == sorted(val_y) and list(train_y) == sorted(train_y)
+    assert list(val_y) != list(range(10))
+
+
+def test_split_validation_fraction_and_seed():
+    images, labels = np.zeros((50, 2, 2)), np.arange(50)
+    assert len(split_validation(images, labels, 0.2, seed=0)[3]) == 10
+    np.testing.assert_array_equal(
+        split_validation(images, labels, 0.2, seed=7)[3], split_validation(images, labels, 10, seed=7)[3]
+    )
+    assert list(split_validation(images, labels, 10, seed=7)[3]) != list(
+        split_validation(images, labels, 10, seed=8)[3]
+    )
+
+
+@pytest.mark.parametrize("size", [0, -1, 50, 51, 0.0, 1.0, 1.5, -0.5, 0.001, True, "10", None])
+def test_split_validation_bad_size(size):
+    with pytest.raises(ValueError):
+        split_validation(np.zeros((50, 2, 2)), np.zeros(50), size, seed=0)
+
+
+def test_split_validation_length_mismatch():
+    with pytest.raises(ValueError):
+        split_validation(np.zeros((50, 2, 2)), np.zeros(49), 5, seed=0)
+
+
+# ---------------------------------------------------------------------------
+# The offline MNIST copy (checksums differ from the canonical ones by design)
+
+MNIST_TRAIN_COUNTS = [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
+MNIST_TEST_COUNTS = [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
+
+
+def test_real_mnist():
+    if not all((REAL_MNIST / file).is_file() for file in FILES):
+        pytest.skip(f"no MNIST copy at {REAL_MNIST}")
+    dataset = load_dataset("mnist", data_dir=REAL_MNIST, download=False)
+    assert dataset.classes == CLASSES
+    assert dataset.train_images.shape == (60000, 28, 28) and dataset.train_images.dtype == np.uint8
+    assert dataset.test_images.shape == (10000, 28, 28) and dataset.test_images.dtype == np.uint8
+    assert dataset.train_labels.shape == (60000,) and dataset.test_labels.shape == (10000,)
+    assert np.bincount(dataset.train_labels, minlength=10).tolist() == MNIST_TRAIN_COUNTS
+    assert np.bincount(dataset.test_labels, minlength=10).tolist() == MNIST_TEST_COUNTS
+    assert dataset.train_images.max() == 255 and dataset.train_images.min() == 0

@@ -1,0 +1,200 @@
+"""The trainer: run directories, resume equality, Ctrl-C, divergence, schedules, real MNIST."""
+
+import json
+import math
+import os
+import signal
+
+import numpy as np
+import pytest
+
+from xpcnn import optim, train
+from xpcnn.backend import get_backend
+from xpcnn.checkpoint import load_checkpoint
+from xpcnn.data import load_dataset
+
+
+@pytest.fixture(scope="module")
+def synthetic(synthetic_dir):
+    return load_dataset("mnist", synthetic_dir)
+
+
+def config(**overrides):
+    values = dict(model="convnet", epochs=2, batch_size=64, lr=2e-3, seed=3, log_every=1)
+    return train.TrainConfig(**{**values, **overrides})
+
+
+class InterruptAt(train.Progress):
+    """Sends this process a SIGINT (as Ctrl-C does) once the given epoch reaches the given step."""
+
+    def __init__(self, epoch, step):
+        super().__init__(None)
+        self.target = (epoch, step)
+
+    def update(self, step, loss, accuracy, images_per_second):
+        if (self.epoch, step) == self.target:
+            os.kill(os.getpid(), signal.SIGINT)
+
+
+def arrays_of(run_dir):
+    ckpt = load_checkpoint(run_dir)
+    arrays = {f"model/{k}": v for k, v in ckpt.model_state.items()}
+    for name, slots in ckpt.optimizer_state["state"].items():
+        arrays.update({f"optim/{name}/{slot}": v for slot, v in slots.items()})
+    return ckpt, arrays
+
+
+def assert_bit_identical(run_a, run_b):
+    (ckpt_a, a), (ckpt_b, b) = arrays_of(run_a), arrays_of(run_b)
+    assert a.keys() == b.keys()
+    for key in a:
+        assert np.array_equal(a[key], b[key]), key
+    assert ckpt_a.optimizer_state["steps"] == ckpt_b.optimizer_state["steps"]
+    history_a = json.loads((run_a / "history.json").read_text())
+    history_b = json.loads((run_b / "history.json").read_text())
+    timings = {"seconds", "eval_seconds", "images_per_second"}
+    for ra, rb in zip(history_a, history_b, strict=True):
+        assert {k: v for k, v in ra.items() if k not in timings} == {k: v for k, v in rb.items() if k not in timings}
+
+
+def test_run_directory_contents(synthetic, tmp_path):
+    state = train.train_run(config(epochs=2), get_backend("numpy"), synthetic, tmp_path / "run")
+    run = tmp_path / "run"
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoint.npz", "config.json", "history.json"]
+    history = json.loads((run / "history.json").read_text())
+    assert [r["epoch"] for r in history] == [1, 2]
+    required = {"epoch", "train_loss", "train_accuracy", "test_loss", "test_accuracy", "seconds", "images_per_second"}
+    assert all(required <= set(r) for r in history)
+    assert history == state.history
+    ckpt = load_checkpoint(run)
+    assert ckpt.meta["state"]["epoch"] == 2 and ckpt.meta["config"]["model"] == "convnet"
+    assert ckpt.meta["classes"] == [str(d) for d in range(10)]
+    assert json.loads((run / "config.json").read_text())["lr"] == 2e-3
+    assert history[-1]["test_accuracy"] > 0.9  # the synthetic problem is easy
+
+
+def test_one_epoch_then_resume_equals_two_epochs_straight(synthetic, tmp_path):
+    numpy = get_backend("numpy")
+    train.train_run(config(epochs=2, schedule="constant"), numpy, synthetic, tmp_path / "straight")
+    train.train_run(config(epochs=1, schedule="constant"), numpy, synthetic, tmp_path / "resumed")
+    ckpt = load_checkpoint(tmp_path / "resumed")
+    train.train_run(config(epochs=2, schedule="constant"), numpy, synthetic, tmp_path / "resumed", resume=ckpt)
+    assert_bit_identical(tmp_path / "straight", tmp_path / "resumed")
+
+
+def test_ctrl_c_at_an_epoch_end_then_resume_is_bit_identical(synthetic, tmp_path):
+    """With a schedule that spans the whole run (one-cycle), stopping after epoch 1 and resuming changes nothing."""
+    numpy = get_backend("numpy")
+    train.train_run(config(), numpy, synthetic, tmp_path / "straight")
+    with pytest.raises(train.TrainingInterrupted, match="stopped after epoch 1; checkpoint saved"):
+        train.train_run(config(), numpy, synthetic, tmp_path / "stopped", progress=InterruptAt(1, 10))
+    ckpt = load_checkpoint(tmp_path / "stopped")
+    assert (ckpt.meta["state"]["epoch"], ckpt.meta["state"]["step"]) == (1, 0)
+    train.train_run(config(), numpy, synthetic, tmp_path / "stopped", resume=ckpt)
+    assert_bit_identical(tmp_path / "straight", tmp_path / "stopped")
+
+
+def test_ctrl_c_mid_epoch_saves_the_position_and_resume_finishes_the_epoch(synthetic, tmp_path):
+    numpy = get_backend("numpy")
+    run = tmp_path / "run"
+    with pytest.raises(train.TrainingInterrupted, match="stopped at epoch 1, step 4"):
+        train.train_run(config(), numpy, synthetic, run, progress=InterruptAt(1, 4))
+    ckpt = load_checkpoint(run)
+    state = ckpt.meta["state"]
+    assert (state["epoch"], state["step"], state["global_step"]) == (0, 4, 4)
+    assert state["partial"]["seen"] == 4 * 64
+    assert json.loads((run / "history.json").read_text()) == []
+    final = train.train_run(config(), numpy, synthetic, run, resume=ckpt)
+    assert [r["epoch"] for r in final.history] == [1, 2]
+    assert final.global_step == 2 * math.ceil(600 / 64)
+    assert load_checkpoint(run).optimizer_state["steps"] == final.global_step
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(synthetic, tmp_path, monkeypatch):
+    steps_per_epoch = math.ceil(600 / 64)
+
+    def poisoned(schedule, base_lr, step, total_steps):
+        return math.nan if step >= steps_per_epoch + 2 else base_lr
+
+    monkeypatch.setattr(train, "scheduled_lr", poisoned)
+    run = tmp_path / "run"
+    with pytest.raises(train.TrainingDiverged, match=r"loss became nan at epoch 2, step 4; the last good checkpoint"):
+        train.train_run(config(), get_backend("numpy"), synthetic, run)
+    ckpt = load_checkpoint(run)
+    assert ckpt.meta["state"]["epoch"] == 1
+    assert all(np.isfinite(v).all() for v in ckpt.model_state.values())
+    assert len(json.loads((run / "history.json").read_text())) == 1
+
+
+def test_divergence_in_the_first_epoch_says_no_checkpoint(synthetic, tmp_path):
+    cfg = config(optimizer="sgd", lr=1e30, momentum=0.0, schedule="constant", epochs=1)
+    with pytest.raises(train.TrainingDiverged, match="no checkpoint was written"):
+        train.train_run(cfg, get_backend("numpy"), synthetic, tmp_path / "run")
+    assert not (tmp_path / "run" / "checkpoint.npz").exists()
+
+
+def test_trainer_runs_on_every_backend(backend, synthetic):
+    """The same fit code on each backend: data on the device, loss falls, accuracy rises."""
+    cfg = config(model="seed", epochs=3, batch_size=50, lr=5e-3, schedule="constant")
+    norm = train.Normalization.of(synthetic.train_images)
+    with backend.activate():
+        split = train.DeviceSplit.from_host(backend, synthetic.train_images, synthetic.train_labels, norm)
+        test = train.DeviceSplit.from_host(backend, synthetic.test_images, synthetic.test_labels, norm)
+        model = train.build("seed", seed=0).to(backend)
+        trainer = train.Trainer(model, train.make_optimizer(cfg, model), backend, cfg)
+        state = trainer.fit(split, {"test": test})
+    losses = [r["train_loss"] for r in state.history]
+    assert losses == sorted(losses, reverse=True) and losses[-1] * 10 < losses[0], losses
+    assert state.history[-1]["test_accuracy"] > 0.9
+
+
+def test_evaluate_on_an_empty_split_and_predict():
+    numpy = get_backend("numpy")
+    model = train.build("seed")
+    empty = train.DeviceSplit(np.zeros((0, 1, 28, 28), np.float32), np.zeros(0, np.int64))
+    assert train.evaluate(model, empty, numpy).accuracy == 0.0
+    probabilities = train.predict_probabilities(model, np.zeros((3, 1, 28, 28), np.float32))
+    assert probabilities.shape == (3, 10)
+    np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "values, message",
+    [
+        (dict(model="vgg"), "unknown model 'vgg'"),
+        (dict(optimizer="rmsprop"), "unknown optimizer 'rmsprop'"),
+        (dict(schedule="linear"), "unknown schedule 'linear'"),
+        (dict(epochs=0), "epochs must be >= 1"),
+        (dict(lr=float("nan")), "learning rate must be a positive number"),
+        (dict(colour="blue"), r"unknown configuration keys \['colour'\]"),
+    ],
+)
+def test_bad_config(values, message):
+    with pytest.raises(ValueError, match=message):
+        train.TrainConfig.from_dict(values)
+
+
+@pytest.mark.parametrize("schedule", optim.SCHEDULES)
+def test_schedules_shape(schedule):
+    lrs = [optim.scheduled_lr(schedule, 0.1, step, 100) for step in range(100)]
+    assert max(lrs) == pytest.approx(0.1, rel=1e-3)
+    if schedule == "constant":
+        assert set(lrs) == {0.1}
+    elif schedule == "step":
+        assert lrs[49] == 0.1 and lrs[50] == pytest.approx(0.01) and lrs[75] == pytest.approx(0.001)
+    elif schedule == "cosine":
+        assert lrs[0] == 0.1 and lrs[50] == pytest.approx(0.05) and lrs[-1] < 1e-3
+    else:
+        assert lrs[0] == pytest.approx(0.004) and lrs[30] == pytest.approx(0.1) and lrs[-1] < 1e-4
+        assert lrs.index(max(lrs)) == 30
+
+
+@pytest.mark.slow
+def test_seed_model_learns_real_mnist_in_one_epoch(mnist_dir, tmp_path):
+    """The original notebook's design: >= 92% after one epoch with plain SGD, lr 0.01, batch 32."""
+    dataset = load_dataset("mnist", mnist_dir)
+    cfg = train.TrainConfig(
+        model="seed", epochs=1, batch_size=32, optimizer="sgd", lr=0.01, momentum=0.0, schedule="constant"
+    )
+    state = train.train_run(cfg, get_backend("numpy"), dataset, tmp_path / "seed")
+    assert state.history[0]["test_accuracy"] >= 0.92

@@ -1,0 +1,280 @@
+"""The ``xpcnn`` command line: parsing and messages only, the work happens in the library."""
+
+from __future__ import annotations
+
+import functools
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import click
+import numpy as np
+
+from . import __version__
+from .backend import BACKEND_NAMES, BackendError, available_backends, get_backend, gpu_names
+from .checkpoint import CheckpointError, checkpoint_path, load_checkpoint
+from .data import DATASETS, DataError, find_data_dir, get_spec, load_dataset
+from .images import ImageError, load_images
+from .models import MODELS
+from .optim import OPTIMIZERS, SCHEDULES
+from .train import (
+    DeviceSplit,
+    Progress,
+    TrainConfig,
+    TrainingDiverged,
+    TrainingInterrupted,
+    model_from_checkpoint,
+    normalize_images,
+    predict_probabilities,
+    run_dir_has_run,
+    summary,
+    train_run,
+)
+from .train import (
+    evaluate as evaluate_model,
+)
+
+EXIT_INTERRUPTED = 130
+USER_ERRORS = (DataError, BackendError, CheckpointError, ImageError, TrainingDiverged, ValueError, OSError)
+
+
+def friendly_errors(command):
+    """Turn the errors a user can cause into a one-line message and exit status 1 (130 for Ctrl-C)."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except TrainingInterrupted as exc:
+            click.echo(f"\ninterrupted: {exc}", err=True)
+            sys.exit(EXIT_INTERRUPTED)
+        except KeyboardInterrupt:
+            click.echo("\ninterrupted", err=True)
+            sys.exit(EXIT_INTERRUPTED)
+        except USER_ERRORS as exc:
+            raise click.ClickException(str(exc).strip().splitlines()[0]) from None
+
+    return wrapper
+
+
+def device_options(command):
+    """--device and --backend, shared by the commands that compute."""
+    command = click.option(
+        "--backend",
+        type=click.Choice(BACKEND_NAMES),
+        default=None,
+        help="Array library (default: from --device: cupy for CUDA, numpy for the CPU).",
+    )(command)
+    return click.option(
+        "--device",
+        default="auto",
+        show_default=True,
+        metavar="auto|cpu|cuda|cuda:N",
+        help="Where to compute; auto uses a CUDA GPU when CuPy and a GPU work, else the CPU.",
+    )(command)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="xpcnn")
+def main():
+    """xpcnn: train convolutional networks on handwritten digits, on NumPy or CuPy.
+
+    \b
+    Quick start:
+      xpcnn train                      # convnet on MNIST, GPU if there is one
+      xpcnn evaluate runs/<run>        # accuracy, per-class accuracy, confusion matrix
+      xpcnn predict runs/<run> digit.png
+    """
+
+
+RESUMABLE = {"epochs", "log_every"}
+
+
+@main.command()
+@click.option("--dataset", type=click.Choice(sorted(DATASETS)), default="mnist", show_default=True)
+@click.option("--data-dir", type=click.Path(file_okay=False), help="Directory holding the four IDX .gz files.")
+@click.option("--model", type=click.Choice(list(MODELS)), default=TrainConfig.model, show_default=True)
+@device_options
+@click.option("--epochs", type=click.IntRange(min=1), default=TrainConfig.epochs, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=TrainConfig.batch_size, show_default=True)
+@click.option("--lr", type=float, default=TrainConfig.lr, show_default=True, help="Peak learning rate.")
+@click.option("--optimizer", type=click.Choice(list(OPTIMIZERS)), default=TrainConfig.optimizer, show_default=True)
+@click.option(
+    "--momentum", type=float, default=TrainConfig.momentum, show_default=True, help="SGD (Nesterov) momentum."
+)
+@click.option("--weight-decay", type=float, default=TrainConfig.weight_decay, show_default=True)
+@click.option("--schedule", type=click.Choice(SCHEDULES), default=TrainConfig.schedule, show_default=True)
+@click.option("--seed", type=click.IntRange(min=0), default=TrainConfig.seed, show_default=True)
+@click.option(
+    "--validation",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    help="Training images held out for validation.",
+)
+@click.option(
+    "--log-every",
+    type=click.IntRange(min=1),
+    default=TrainConfig.log_every,
+    show_default=True,
+    help="Steps between progress updates (the only host syncs inside an epoch).",
+)
+@click.option("--out", type=click.Path(file_okay=False), help="Run directory [default: runs/<model>-<time>].")
+@click.option("--resume", type=click.Path(exists=True, file_okay=False), help="Continue the run in this directory.")
+@click.pass_context
+@friendly_errors
+def train(ctx, data_dir, device, backend, out, resume, **options):
+    """Train a model, saving config, history and checkpoints to a run directory."""
+    if resume is not None:
+        checkpoint = load_checkpoint(resume)
+        changed = {
+            name
+            for name in options
+            if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE and name not in RESUMABLE
+        }
+        if changed:
+            flags = ", ".join(f"--{name.replace('_', '-')}" for name in sorted(changed))
+            raise click.UsageError(
+                f"{flags} cannot change when resuming; only --epochs, --device, --backend, --data-dir"
+            )
+        if out is not None and Path(out).resolve() != Path(resume).resolve():
+            raise click.UsageError("--out and --resume name different directories")
+        stored = dict(checkpoint.meta["config"])
+        stored.update(
+            {k: options[k] for k in RESUMABLE if ctx.get_parameter_source(k) == click.core.ParameterSource.COMMANDLINE}
+        )
+        config = TrainConfig.from_dict(stored)
+        out = Path(resume)
+        data_dir = data_dir or _stored_data_dir(out)
+        if checkpoint.meta["state"]["epoch"] >= config.epochs:
+            raise click.UsageError(
+                f"{resume} already finished {config.epochs} epoch(s); pass --epochs N to train longer"
+            )
+    else:
+        checkpoint = None
+        config = TrainConfig.from_dict(options)
+        out = Path(out) if out else Path("runs") / f"{config.model}-{time.strftime('%Y%m%d-%H%M%S')}"
+        if run_dir_has_run(out):
+            raise click.UsageError(f"{out} already holds a run: continue it with --resume {out}, or pick another --out")
+
+    chosen = get_backend(backend, device)
+    dataset = load_dataset(config.dataset, data_dir)
+    click.echo(
+        f"training {config.model} on {config.dataset} ({len(dataset.train_labels):,} train / "
+        f"{len(dataset.test_labels):,} test images) with {chosen}, {config.epochs} epoch(s)"
+        + (f", resuming after epoch {checkpoint.meta['state']['epoch']}" if checkpoint else ""),
+        err=True,
+    )
+    environment = {"data_dir": str(Path(data_dir).resolve()) if data_dir else None, "backend": chosen.describe()}
+    state = train_run(
+        config, chosen, dataset, out, resume=checkpoint, progress=Progress(sys.stderr), environment=environment
+    )
+    result = summary(state)
+    click.echo(
+        f"best test accuracy {result['best_test_accuracy']:.2%} (epoch {result['best_epoch']}), "
+        f"{result['train_seconds']:.1f} s of training; run saved to {out}"
+    )
+
+
+def _stored_data_dir(run: Path) -> str | None:
+    """The --data-dir a run was started with, from its config.json."""
+    try:
+        return json.loads((run / "config.json").read_text()).get("data_dir")
+    except (OSError, ValueError):
+        return None
+
+
+@main.command()
+@click.argument("run", metavar="RUN_OR_CHECKPOINT", type=click.Path(exists=True))
+@click.option("--data-dir", type=click.Path(file_okay=False), help="Directory holding the four IDX .gz files.")
+@device_options
+@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
+@friendly_errors
+def evaluate(run, data_dir, device, backend, as_json):
+    """Accuracy, per-class accuracy and confusion matrix of a trained model on its test set."""
+    checkpoint = load_checkpoint(run)
+    chosen = get_backend(backend, device)
+    config = checkpoint.meta["config"]
+    run_dir = checkpoint_path(run).parent
+    dataset = load_dataset(config["dataset"], data_dir or _stored_data_dir(run_dir))
+    model, norm = model_from_checkpoint(checkpoint, chosen)
+    with chosen.activate():
+        split = DeviceSplit.from_host(chosen, dataset.test_images, dataset.test_labels, norm)
+        result = evaluate_model(model, split, chosen)
+    labels = dataset.test_labels.astype(np.int64)
+    classes = checkpoint.meta["classes"]
+    k = len(classes)
+    confusion = np.zeros((k, k), np.int64)
+    np.add.at(confusion, (labels, result.predictions), 1)
+    per_class = confusion.diagonal() / np.maximum(confusion.sum(axis=1), 1)
+    report = {
+        "checkpoint": str(checkpoint_path(run)),
+        "dataset": config["dataset"],
+        "epoch": checkpoint.meta["state"]["epoch"],
+        "images": int(len(labels)),
+        "loss": result.loss,
+        "accuracy": result.accuracy,
+        "per_class_accuracy": {name: float(a) for name, a in zip(classes, per_class, strict=False)},
+        "confusion_matrix": confusion.tolist(),
+        "classes": classes,
+    }
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+        return
+    click.echo(
+        f"{report['checkpoint']} (epoch {report['epoch']}) on the {config['dataset']} test set, {len(labels):,} images"
+    )
+    click.echo(f"accuracy {result.accuracy:.2%}  loss {result.loss:.4f}\n")
+    click.echo("per-class accuracy:")
+    for name, accuracy, count in zip(classes, per_class, confusion.sum(axis=1), strict=False):
+        click.echo(f"  {name:>12}  {accuracy:7.2%}  ({count} images)")
+    click.echo("\nconfusion matrix (rows: true class, columns: predicted):")
+    width = max(5, len(str(confusion.max())) + 1)
+    click.echo(" " * 5 + "".join(f"{j:>{width}}" for j in range(k)))
+    for i, row in enumerate(confusion):
+        click.echo(f"{i:>4} " + "".join(f"{v:>{width}}" for v in row))
+
+
+@main.command()
+@click.argument("run", metavar="RUN_OR_CHECKPOINT", type=click.Path(exists=True))
+@click.argument("images", nargs=-1, required=True, type=click.Path())
+@device_options
+@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
+@friendly_errors
+def predict(run, images, device, backend, as_json):
+    """Class and probability for digit pictures (PNG, JPEG...) or .npy arrays."""
+    checkpoint = load_checkpoint(run)
+    pixels = load_images(images)
+    chosen = get_backend(backend, device)
+    model, norm = model_from_checkpoint(checkpoint, chosen)
+    with chosen.activate():
+        probabilities = predict_probabilities(model, normalize_images(chosen, pixels, norm))
+    classes = checkpoint.meta["classes"]
+    rows = []
+    for path, p in zip(images, probabilities, strict=False):
+        best = int(np.argmax(p))
+        rows.append({"image": path, "class": classes[best], "index": best, "probability": float(p[best])})
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    for row in rows:
+        click.echo(f"{row['image']}: {row['class']} ({row['probability']:.1%})")
+
+
+@main.command()
+@friendly_errors
+def info():
+    """Backends available here, their versions, the GPUs visible, and where data is found."""
+    click.echo(f"xpcnn {__version__}, Python {platform.python_version()} on {platform.platform()}")
+    click.echo("\nbackends:")
+    for row in available_backends():
+        click.echo(f"  {row['backend']:<17} {row['version']:<10} {row['status']}")
+    gpus = gpu_names()
+    click.echo("\nGPUs: " + (", ".join(gpus) if gpus else "none visible"))
+    click.echo(f"auto device picks: {get_backend('auto')}")
+    click.echo("\ndatasets:")
+    for name in sorted(DATASETS):
+        found = find_data_dir(get_spec(name))
+        click.echo(f"  {name:<14} {found if found else 'not found locally (downloaded on first use)'}")

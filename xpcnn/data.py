@@ -1,0 +1,430 @@
+"""Datasets on the host: IDX files, the MNIST / Fashion-MNIST registry, lookup, download.
+
+Everything here works on plain NumPy arrays.  A loaded `Dataset` holds
+images as (N, 28, 28) uint8 and labels as (N,) uint8 class indices.
+
+Files are looked for, in order, in an explicit ``data_dir``, in
+``$XPCNN_DATA_DIR``, in the cache directory (``$XDG_CACHE_HOME/xpcnn/<name>``
+or ``~/.cache/xpcnn/<name>``) and in system directories (Debian's
+``/usr/share/datasets/fashion-mnist``).  Files found on disk are read as they
+are; only downloads are checked against the canonical SHA-256 sums, because a
+user's copy may legitimately differ from the canonical release.
+
+Every problem with the data raises `DataError` with a one-line message that
+names the file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import hashlib
+import http.client
+import math
+import os
+import struct
+import sys
+import urllib.request
+import zlib
+from collections.abc import Mapping
+from pathlib import Path
+
+import click
+import numpy as np
+
+from .files import atomic_output
+
+__all__ = [
+    "DATASETS",
+    "FILES",
+    "DataError",
+    "Dataset",
+    "DatasetSpec",
+    "DownloadError",
+    "cache_dir",
+    "download_files",
+    "find_data_dir",
+    "get_spec",
+    "load_dataset",
+    "read_idx",
+    "split_validation",
+    "write_idx",
+]
+
+
+class DataError(ValueError):
+    """A data file is missing, malformed or inconsistent (one-line message naming the file)."""
+
+
+class DownloadError(DataError):
+    """No mirror delivered a file with the expected checksum."""
+
+
+# ---------------------------------------------------------------------------
+# IDX files (http://yann.lecun.com/exdb/mnist/): two zero bytes, a dtype code,
+# a dimension count, then one big-endian uint32 per dimension, then the data.
+
+_IDX_DTYPES = {
+    0x08: np.dtype("u1"),
+    0x09: np.dtype("i1"),
+    0x0B: np.dtype(">i2"),
+    0x0C: np.dtype(">i4"),
+    0x0D: np.dtype(">f4"),
+    0x0E: np.dtype(">f8"),
+}
+_MAX_IDX_DIMS = 4
+_GZIP_MAGIC = b"\x1f\x8b"
+
+
+def _one_line(text: object) -> str:
+    """Collapse whitespace (newlines included) so that messages stay on one line."""
+    return " ".join(str(text).split())
+
+
+def read_idx(path: str | os.PathLike) -> np.ndarray:
+    """Read an IDX file, gzip-compressed (detected by its magic bytes) or raw.
+
+    Returns a new, writable, native-endian array of the file's shape and
+    dtype (uint8, int8, int16, int32, float32 or float64).
+    """
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as error:
+        raise DataError(f"{path}: cannot read: {_one_line(error.strerror or error)}") from error
+    if data.startswith(_GZIP_MAGIC):
+        try:
+            data = gzip.decompress(data)
+        except (OSError, EOFError, zlib.error) as error:
+            raise DataError(f"{path}: corrupt gzip stream: {_one_line(error)}") from error
+
+    if len(data) < 4:
+        raise DataError(f"{path}: not an IDX file: only {len(data)} bytes")
+    if data[:2] != b"\0\0":
+        raise DataError(f"{path}: not an IDX file: bad magic number 0x{data[:4].hex()}")
+    code, ndim = data[2], data[3]
+    if code not in _IDX_DTYPES:
+        raise DataError(f"{path}: unknown IDX data type code 0x{code:02x}")
+    if not 1 <= ndim <= _MAX_IDX_DIMS:
+        raise DataError(f"{path}: unsupported IDX dimension count {ndim} (expected 1 to {_MAX_IDX_DIMS})")
+    header_size = 4 + 4 * ndim
+    if len(data) < header_size:
+        raise DataError(f"{path}: truncated IDX header: {len(data)} of {header_size} bytes")
+
+    shape = struct.unpack(f">{ndim}I", data[4:header_size])
+    dtype = _IDX_DTYPES[code]
+    count = math.prod(shape)
+    payload = len(data) - header_size
+    if payload < count * dtype.itemsize:
+        raise DataError(f"{path}: truncated IDX file: expected {count} items, found {payload // dtype.itemsize}")
+    if payload > count * dtype.itemsize:
+        extra = payload - count * dtype.itemsize
+        raise DataError(f"{path}: {extra} trailing bytes after the {count} items of the IDX file")
+    array = np.frombuffer(data, dtype=dtype, count=count, offset=header_size).reshape(shape)
+    return array.astype(dtype.newbyteorder("="))
+
+
+def write_idx(path: str | os.PathLike, array: np.ndarray) -> None:
+    """Write `array` (1 to 4 dims; uint8, int8, int16, int32, float32 or float64) as IDX.
+
+    Gzip-compressed when `path` ends in ``.gz``, raw otherwise.  The file is
+    written to a temporary file and renamed into place, so `path` either keeps
+    its old content or gets the complete new one.
+    """
+    path = Path(path)
+    array = np.asarray(array)
+    big_endian = array.dtype.newbyteorder(">")
+    codes = [code for code, dtype in _IDX_DTYPES.items() if dtype == big_endian]
+    if not codes:
+        raise DataError(f"{path}: cannot store dtype {array.dtype} in an IDX file")
+    if not 1 <= array.ndim <= _MAX_IDX_DIMS:
+        raise DataError(f"{path}: cannot store a {array.ndim}-D array in an IDX file (1 to {_MAX_IDX_DIMS})")
+    if max(array.shape) >= 2**32:
+        raise DataError(f"{path}: dimension too large for an IDX file: {array.shape}")
+
+    header = bytes([0, 0, codes[0], array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
+    payload = np.ascontiguousarray(array, dtype=big_endian).tobytes()
+    with atomic_output(path) as out:
+        if path.suffix == ".gz":
+            with gzip.GzipFile(filename=path.stem, mode="wb", fileobj=out, mtime=0) as compressed:
+                compressed.write(header)
+                compressed.write(payload)
+        else:
+            out.write(header)
+            out.write(payload)
+
+
+# ---------------------------------------------------------------------------
+# Registry.
+
+TRAIN_IMAGES = "train-images-idx3-ubyte.gz"
+TRAIN_LABELS = "train-labels-idx1-ubyte.gz"
+TEST_IMAGES = "t10k-images-idx3-ubyte.gz"
+TEST_LABELS = "t10k-labels-idx1-ubyte.gz"
+FILES = (TRAIN_IMAGES, TRAIN_LABELS, TEST_IMAGES, TEST_LABELS)
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetSpec:
+    """Where a dataset comes from: its four `FILES`, class names, mirrors, checksums.
+
+    `mirrors` are base URLs tried in turn (file name appended); `sha256` maps
+    each file name to the hex SHA-256 that a download must have;
+    `system_dirs` are extra directories searched after the cache.
+    """
+
+    name: str
+    classes: tuple[str, ...]
+    mirrors: tuple[str, ...]
+    sha256: Mapping[str, str]
+    system_dirs: tuple[Path, ...] = ()
+
+
+# SHA-256 sums of the .gz files, from tensorflow/datasets
+# tensorflow_datasets/url_checksums/mnist.txt and fashion_mnist.txt.  They
+# agree with keras (keras/src/datasets/fashion_mnist.py, FILE_HASHES) and
+# torchvision's prototype datasets (_CHECKSUMS for MNIST and FashionMNIST).
+# Mirrors: torchvision.datasets.MNIST / FashionMNIST (ossci-datasets, the
+# fashion-mnist S3 website), TFDS (cvdf-datasets) and keras (tf-keras-datasets).
+DATASETS: dict[str, DatasetSpec] = {
+    "mnist": DatasetSpec(
+        name="mnist",
+        classes=tuple(str(digit) for digit in range(10)),
+        mirrors=(
+            "https://ossci-datasets.s3.amazonaws.com/mnist/",
+            "https://storage.googleapis.com/cvdf-datasets/mnist/",
+        ),
+        sha256={
+            TRAIN_IMAGES: "440fcabf73cc546fa21475e81ea370265605f56be210a4024d2ca8f203523609",
+            TRAIN_LABELS: "3552534a0a558bbed6aed32b30c495cca23d567ec52cac8be1a0730e8010255c",
+            TEST_IMAGES: "8d422c7b0a1c1c79245a5bcf07fe86e33eeafee792b84584aec276f5a2dbc4e6",
+            TEST_LABELS: "f7ae60f92e00ec6debd23a6088c31dbd2371eca3ffa0defaefb259924204aec6",
+        },
+    ),
+    "fashion-mnist": DatasetSpec(
+        name="fashion-mnist",
+        classes=(
+            "T-shirt/top",
+            "Trouser",
+            "Pullover",
+            "Dress",
+            "Coat",
+            "Sandal",
+            "Shirt",
+            "Sneaker",
+            "Bag",
+            "Ankle boot",
+        ),
+        mirrors=(
+            "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",
+            "https://storage.googleapis.com/tensorflow/tf-keras-datasets/",
+        ),
+        sha256={
+            TRAIN_IMAGES: "3aede38d61863908ad78613f6a32ed271626dd12800ba2636569512369268a84",
+            TRAIN_LABELS: "a04f17134ac03560a47e3764e11b92fc97de4d1bfaf8ba1a3aa29af54cc90845",
+            TEST_IMAGES: "346e55b948d973a97e58d2351dde16a484bd415d4595297633bb08f03db6a073",
+            TEST_LABELS: "67da17c76eaffca5446c3361aaab5c3cd6d1c2608764d35dfb1850b086bf8dd5",
+        },
+        system_dirs=(Path("/usr/share/datasets/fashion-mnist"),),
+    ),
+}
+
+
+def get_spec(name: str) -> DatasetSpec:
+    """Return the registered `DatasetSpec` called `name`."""
+    try:
+        return DATASETS[name]
+    except KeyError:
+        raise DataError(f"unknown dataset {name!r}; known datasets: {', '.join(DATASETS)}") from None
+
+
+# ---------------------------------------------------------------------------
+# Lookup and download.
+
+DOWNLOAD_TIMEOUT = 30.0  # seconds, per connection attempt and per read
+_CHUNK = 1 << 16
+
+
+def cache_dir(name: str) -> Path:
+    """Where dataset `name` is downloaded: ``$XDG_CACHE_HOME/xpcnn/<name>`` or ``~/.cache/xpcnn/<name>``."""
+    xdg = os.environ.get("XDG_CACHE_HOME", "")
+    base = Path(xdg) if os.path.isabs(xdg) else Path.home() / ".cache"
+    return base / "xpcnn" / name
+
+
+def _missing(directory: Path) -> list[str]:
+    return [file for file in FILES if not (directory / file).is_file()]
+
+
+def find_data_dir(spec: DatasetSpec, data_dir: str | os.PathLike | None = None) -> Path | None:
+    """The first directory that holds all four files, or None.
+
+    With an explicit `data_dir`, only that directory counts, and missing files
+    raise `DataError`.  Otherwise: ``$XPCNN_DATA_DIR/<name>``, then
+    ``$XPCNN_DATA_DIR`` itself, then `cache_dir`, then ``spec.system_dirs``.
+    """
+    if data_dir is not None:
+        directory = Path(data_dir)
+        missing = _missing(directory)
+        if missing:
+            raise DataError(f"{directory}: missing {spec.name} files: {', '.join(missing)}")
+        return directory
+    candidates = []
+    env_dir = os.environ.get("XPCNN_DATA_DIR")
+    if env_dir:
+        candidates += [Path(env_dir) / spec.name, Path(env_dir)]
+    candidates += [cache_dir(spec.name), *spec.system_dirs]
+    return next((directory for directory in candidates if not _missing(directory)), None)
+
+
+def _fetch(url: str, dest: Path, sha256: str, *, progress: bool, timeout: float) -> None:
+    """Download `url` into `dest` atomically; raise DataError when the SHA-256 differs."""
+    digest = hashlib.sha256()
+    with urllib.request.urlopen(url, timeout=timeout) as response, atomic_output(dest) as out:
+        length = response.headers.get("Content-Length")
+        bar = click.progressbar(
+            length=int(length) if length else 1,
+            label=f"Downloading {url}",
+            hidden=not (progress and length),
+            file=sys.stderr,
+        )
+        with bar:
+            while chunk := response.read(_CHUNK):
+                digest.update(chunk)
+                out.write(chunk)
+                bar.update(len(chunk))
+        if digest.hexdigest() != sha256:
+            raise DataError(f"SHA-256 mismatch (got {digest.hexdigest()[:16]}..., expected {sha256[:16]}...)")
+
+
+def download_files(
+    spec: DatasetSpec,
+    directory: str | os.PathLike,
+    *,
+    progress: bool = True,
+    timeout: float = DOWNLOAD_TIMEOUT,
+) -> Path:
+    """Download the files missing from `directory`, trying ``spec.mirrors`` in turn.
+
+    Each file is checked against ``spec.sha256`` and renamed into place only
+    when it matches.  Raises `DownloadError` when every mirror fails for a
+    file.  Returns `directory` as a Path.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    mirrors = list(spec.mirrors)
+    for file in _missing(directory):
+        failures = []
+        for mirror in mirrors:
+            url = mirror.rstrip("/") + "/" + file
+            try:
+                _fetch(url, directory / file, spec.sha256[file], progress=progress, timeout=timeout)
+            except (OSError, http.client.HTTPException, ValueError) as error:
+                failures.append(f"{url}: {_one_line(error) or type(error).__name__}")
+                continue
+            mirrors.remove(mirror)
+            mirrors.insert(0, mirror)  # a mirror that worked is tried first for the next file
+            break
+        else:
+            raise DownloadError(
+                f"{file}: could not download {spec.name} ({'; '.join(failures) or 'no mirrors'}); "
+                f"put the four files {', '.join(FILES)} in a directory and pass --data-dir DIR, "
+                f"or set $XPCNN_DATA_DIR, or put them in {directory}"
+            )
+    return directory
+
+
+# ---------------------------------------------------------------------------
+# Loading.
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Dataset:
+    """A loaded dataset: images (N, 28, 28) uint8, labels (N,) uint8 in range(len(classes))."""
+
+    name: str
+    classes: tuple[str, ...]
+    train_images: np.ndarray
+    train_labels: np.ndarray
+    test_images: np.ndarray
+    test_labels: np.ndarray
+
+
+def _read_split(images_path: Path, labels_path: Path, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """Read and check one split: images (N, H, W) uint8 and labels (N,) uint8 < num_classes."""
+    images = read_idx(images_path)
+    labels = read_idx(labels_path)
+    if images.ndim != 3 or images.dtype != np.uint8:
+        raise DataError(f"{images_path}: expected 3-D uint8 images, found {images.ndim}-D {images.dtype}")
+    if labels.ndim != 1 or labels.dtype != np.uint8:
+        raise DataError(f"{labels_path}: expected 1-D uint8 labels, found {labels.ndim}-D {labels.dtype}")
+    if len(images) != len(labels):
+        raise DataError(f"{images_path} has {len(images)} images but {labels_path} has {len(labels)} labels")
+    if labels.size and labels.max() >= num_classes:
+        raise DataError(
+            f"{labels_path}: label {labels.max()} out of range for {num_classes} classes (images in {images_path})"
+        )
+    return images, labels
+
+
+def load_dataset(
+    name: str | DatasetSpec,
+    data_dir: str | os.PathLike | None = None,
+    *,
+    download: bool = True,
+    progress: bool = True,
+) -> Dataset:
+    """Find (or download into the cache) and load a dataset.
+
+    `name` is a registered name (see `DATASETS`) or a `DatasetSpec`.  See
+    `find_data_dir` for where files are looked for; when none is found and
+    `download` is true, the files are downloaded into `cache_dir`.
+    """
+    spec = get_spec(name) if isinstance(name, str) else name
+    directory = find_data_dir(spec, data_dir)
+    if directory is None:
+        cache = cache_dir(spec.name)
+        if not download:
+            raise DataError(
+                f"{spec.name} not found (downloads disabled); put {', '.join(FILES)} in a directory "
+                f"and pass --data-dir DIR, or set $XPCNN_DATA_DIR, or put them in {cache}"
+            )
+        directory = download_files(spec, cache, progress=progress)
+
+    train_images, train_labels = _read_split(directory / TRAIN_IMAGES, directory / TRAIN_LABELS, len(spec.classes))
+    test_images, test_labels = _read_split(directory / TEST_IMAGES, directory / TEST_LABELS, len(spec.classes))
+    if train_images.shape[1:] != test_images.shape[1:]:
+        raise DataError(
+            f"{directory / TRAIN_IMAGES} has {train_images.shape[1:]} images but "
+            f"{directory / TEST_IMAGES} has {test_images.shape[1:]}"
+        )
+    return Dataset(spec.name, spec.classes, train_images, train_labels, test_images, test_labels)
+
+
+def split_validation(
+    images: np.ndarray, labels: np.ndarray, size: int | float, seed: int | None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Hold out `size` examples, chosen by ``np.random.default_rng(seed)``.
+
+    `size` is a count in 1..N-1 or a fraction in (0, 1) of N = len(images).
+    Returns new arrays ``(train_images, train_labels, val_images, val_labels)``,
+    each part in its original order.
+    """
+    n = len(images)
+    if len(labels) != n:
+        raise ValueError(f"{n} images but {len(labels)} labels")
+    if isinstance(size, (bool, np.bool_)):
+        raise ValueError(f"validation size must be a count or a fraction, not {size!r}")
+    if isinstance(size, (int, np.integer)):
+        count = int(size)
+    elif isinstance(size, (float, np.floating)) and 0 < size < 1:
+        count = round(float(size) * n)
+    else:
+        raise ValueError(f"validation size must be a count or a fraction in (0, 1), not {size!r}")
+    if not 0 < count < n:
+        raise ValueError(f"validation size {size!r} holds out {count} of {n} examples; need 1 to {n - 1}")
+
+    order = np.random.default_rng(seed).permutation(n)
+    val = np.sort(order[:count])
+    train = np.sort(order[count:])
+    return images[train], labels[train], images[val], labels[val]

@@ -146,3 +146,11 @@ def test_cross_entropy_gradient(backend, n, k):
     analytic = to_host(loss.backward())
     numeric = numerical_gradient(lambda z: float(loss.forward(backend.asarray(z), labels)), logits.copy())
     assert relative_error(analytic, numeric) <= TOLERANCE
+
+
+@pytest.mark.parametrize("layer, shape", [(nn.BatchNorm2d(3), (4, 3, 5, 3)), (nn.BatchNorm1d(5), (6, 5))])
+def test_batchnorm_gradients(backend, layer, shape):
+    rng = np.random.default_rng(4)
+    layer.params["weight"] = rng.standard_normal(shape[1])
+    layer.params["bias"] = rng.standard_normal(shape[1])
+    check_layer(backend, layer, random_input(*shape) * 2 + 0.5)

@@ -101,3 +101,31 @@ def test_cross_entropy_matches_torch(backend, dtype):
     t_value.backward()
     assert relative_error(to_host(value), t_value.detach().numpy()) <= TOLERANCES[dtype]
     assert relative_error(to_host(grad), t_logits.grad.numpy()) <= TOLERANCES[dtype]
+
+
+@pytest.mark.parametrize("dims", [1, 2])
+def test_batchnorm_matches_torch_in_both_modes(backend, dtype, dims):
+    shape = (8, 4, 5, 3) if dims == 2 else (8, 4)
+    layer = (nn.BatchNorm2d if dims == 2 else nn.BatchNorm1d)(4, momentum=0.2)
+    rng = np.random.default_rng(2)
+    layer.params["weight"], layer.params["bias"] = rng.standard_normal(4), rng.standard_normal(4)
+    torch_layer = (torch.nn.BatchNorm2d if dims == 2 else torch.nn.BatchNorm1d)(4, momentum=0.2).to(
+        getattr(torch, dtype)
+    )
+    with torch.no_grad():
+        torch_layer.weight.copy_(torch.tensor(layer.params["weight"]))
+        torch_layer.bias.copy_(torch.tensor(layer.params["bias"]))
+
+    def torch_bn(x, weight, bias):
+        return F.batch_norm(x, torch_layer.running_mean, torch_layer.running_var, weight, bias, True, 0.2, 1e-5)
+
+    for step in range(3):  # running statistics accumulate over several batches
+        run_both(backend, dtype, layer, torch_bn, sample(*shape, seed=step) * 3 + 1)
+    tol = TOLERANCES[dtype]
+    assert relative_error(to_host(layer.buffers["running_mean"]), torch_layer.running_mean.numpy()) <= tol
+    assert relative_error(to_host(layer.buffers["running_var"]), torch_layer.running_var.numpy()) <= tol
+    layer.eval()
+    torch_layer.eval()
+    x = sample(*shape, seed=9).astype(dtype)
+    expected = torch_layer(torch.tensor(x)).detach().numpy()
+    assert relative_error(to_host(layer.forward(backend.asarray(x))), expected) <= tol

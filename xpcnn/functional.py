@@ -18,6 +18,8 @@ data, and the next convolution's ``permute_dims`` back to NHWC is then free.
 
 from __future__ import annotations
 
+import math
+
 import array_api_extra as xpx
 from array_api_compat import array_namespace, device
 
@@ -199,3 +201,48 @@ def cross_entropy(logits, labels):
     target = one_hot(labels, k, logits.dtype)
     loss = -xp.sum(log_p * target) / n
     return loss, (xp.exp(log_p) - target) / n
+
+
+def batchnorm_forward(x, weight, bias, eps: float):
+    """Batch normalisation over every axis but 1 (channels), with batch statistics.
+
+    x (N, C) or (N, C, H, W); weight, bias (C,).  Returns
+    (y, x_hat, inv_std, mean (C,), biased variance (C,)).
+    """
+    xp = array_namespace(x, weight)
+    axes = (0,) + tuple(range(2, x.ndim))
+    shape = (1, -1) + (1,) * (x.ndim - 2)
+    mean = xp.mean(x, axis=axes)
+    centred = x - xp.reshape(mean, shape)
+    var = xp.mean(centred * centred, axis=axes)
+    inv_std = 1.0 / xp.sqrt(var + eps)
+    x_hat = centred * xp.reshape(inv_std, shape)
+    return x_hat * xp.reshape(weight, shape) + xp.reshape(bias, shape), x_hat, inv_std, mean, var
+
+
+def batchnorm_backward(grad_y, x_hat, inv_std, weight):
+    """Gradients of :func:`batchnorm_forward`: (grad_x, grad_weight, grad_bias).
+
+    With M values per channel and g = grad_y * weight:
+    grad_x = inv_std * (g - mean(g) - x_hat * mean(g * x_hat)).
+    """
+    xp = array_namespace(grad_y, x_hat)
+    axes = (0,) + tuple(range(2, x_hat.ndim))
+    shape = (1, -1) + (1,) * (x_hat.ndim - 2)
+    grad_bias = xp.sum(grad_y, axis=axes)
+    grad_weight = xp.sum(grad_y * x_hat, axis=axes)
+    count = math.prod(x_hat.shape) // x_hat.shape[1]
+    mean_g = xp.reshape(grad_bias * weight / count, shape)
+    mean_g_xhat = xp.reshape(grad_weight * weight / count, shape)
+    g = grad_y * xp.reshape(weight, shape)
+    grad_x = (g - mean_g - x_hat * mean_g_xhat) * xp.reshape(inv_std, shape)
+    return grad_x, grad_weight, grad_bias
+
+
+def batchnorm_inference(x, weight, bias, running_mean, running_var, eps: float):
+    """Batch normalisation with stored statistics (evaluation mode)."""
+    xp = array_namespace(x, weight)
+    shape = (1, -1) + (1,) * (x.ndim - 2)
+    scale = weight / xp.sqrt(running_var + eps)
+    shift = bias - running_mean * scale
+    return x * xp.reshape(scale, shape) + xp.reshape(shift, shape)

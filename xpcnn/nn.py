@@ -20,7 +20,6 @@ from array_api_compat import array_namespace
 from . import functional as F
 from .backend import Backend, backend_of, to_host
 
-
 RELU_GAIN = math.sqrt(2.0)
 OUTPUT_GAIN = 1.0
 
@@ -292,6 +291,75 @@ class Linear(Layer):
     def extra_repr(self):
         bias = "" if "bias" in self.params else ", bias=False"
         return f"{self.in_features}, {self.out_features}{bias}"
+
+
+class _BatchNorm(Layer):
+    """Batch normalisation over all axes but the channel axis 1, PyTorch's conventions.
+
+    Training normalises with the batch's mean and biased variance and updates
+    running estimates (unbiased variance) with ``momentum``; evaluation uses
+    the running estimates.  weight (gamma) starts at 1, bias (beta) at 0.
+    """
+
+    rank = 0
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float = 0.1):
+        super().__init__()
+        if not 0.0 <= momentum <= 1.0 or eps <= 0:
+            raise ValueError(f"{type(self).__name__}: momentum must be in [0, 1] and eps > 0")
+        self.num_features, self.eps, self.momentum = num_features, eps, momentum
+        self.params["weight"] = np.ones(num_features, np.float32)
+        self.params["bias"] = np.zeros(num_features, np.float32)
+        self.buffers["running_mean"] = np.zeros(num_features, np.float32)
+        self.buffers["running_var"] = np.ones(num_features, np.float32)
+        self._cache = None
+
+    def _expected(self) -> str:
+        return "(N, C)" if self.rank == 2 else "(N, C, H, W)"
+
+    def forward(self, x):
+        self._check_input(x, self._expected().replace("C", str(self.num_features)), self.rank, self.num_features)
+        weight, bias = self.params["weight"], self.params["bias"]
+        if not self.training:
+            self._cache = None
+            mean, var = self.buffers["running_mean"], self.buffers["running_var"]
+            return F.batchnorm_inference(x, weight, bias, mean, var, self.eps)
+        count = math.prod(x.shape) // x.shape[1]
+        if count < 2:
+            raise ValueError(
+                f"{self!r}: training needs more than one value per channel, got input {_shape_text(x.shape)}"
+            )
+        y, x_hat, inv_std, mean, var = F.batchnorm_forward(x, weight, bias, self.eps)
+        m = self.momentum
+        self.buffers["running_mean"] = (1.0 - m) * self.buffers["running_mean"] + m * mean
+        self.buffers["running_var"] = (1.0 - m) * self.buffers["running_var"] + (m * count / (count - 1)) * var
+        self._cache = (x_hat, inv_std)
+        return y
+
+    def backward(self, grad_y):
+        x_hat, inv_std = self._need_cache(self._cache)
+        grad_x, self.grads["weight"], self.grads["bias"] = F.batchnorm_backward(
+            grad_y, x_hat, inv_std, self.params["weight"]
+        )
+        return grad_x
+
+    def zero_cache(self):
+        self._cache = None
+
+    def extra_repr(self):
+        return f"{self.num_features}, eps={self.eps}, momentum={self.momentum}"
+
+
+class BatchNorm1d(_BatchNorm):
+    """Batch normalisation of (N, C) features."""
+
+    rank = 2
+
+
+class BatchNorm2d(_BatchNorm):
+    """Batch normalisation of (N, C, H, W) feature maps, per channel."""
+
+    rank = 4
 
 
 class Dropout(Layer):

@@ -12,7 +12,20 @@ from xpcnn import __version__
 from xpcnn.cli import main
 from xpcnn.data import read_idx
 
-FAST = ["--model", "seed", "--epochs", "1", "--batch-size", "50", "--lr", "0.005", "--device", "cpu"]
+FAST = [
+    "--model",
+    "seed",
+    "--epochs",
+    "1",
+    "--batch-size",
+    "50",
+    "--optimizer",
+    "adam",
+    "--lr",
+    "0.005",
+    "--device",
+    "cpu",
+]
 
 
 def invoke(*args, expect=0):

@@ -20,7 +20,7 @@ def synthetic(synthetic_dir):
 
 
 def config(**overrides):
-    values = dict(model="convnet", epochs=2, batch_size=64, lr=2e-3, seed=3, log_every=1)
+    values = dict(model="convnet", epochs=2, batch_size=64, optimizer="adam", lr=2e-3, seed=3, log_every=1)
     return train.TrainConfig(**{**values, **overrides})
 
 

@@ -1,8 +1,9 @@
 """Named architectures for 28x28 single-channel digits, 10 classes.
 
 Each builder returns a :class:`~xpcnn.nn.Sequential` with host NumPy float32
-parameters drawn from ``seed`` (He initialisation, LeCun for the output layer): the same seed gives the same initial weights on
-every backend.  Move it with ``model.to(backend)``.
+parameters drawn from ``seed`` (He initialisation, LeCun for the output
+layer): the same seed gives the same initial weights on every backend.  Move
+it with ``model.to(backend)``.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ def lenet(seed: int = 0) -> Sequential:
 
 
 def convnet(seed: int = 0) -> Sequential:
-    """The default: conv 32@3x3, pool 2, conv 64@3x3, pool 2, dropout 0.5, linear 1600 -> 10."""
+    """The default: conv 32@3x3, pool 2, conv 64@3x3, pool 2, dropout 0.25, linear 1600 -> 10."""
     rng = np.random.default_rng(seed)
     return Sequential(
         Conv2d(1, 32, 3, rng=rng),  # 28 -> 26
@@ -54,7 +55,7 @@ def convnet(seed: int = 0) -> Sequential:
         ReLU(),
         MaxPool2d(2),  # -> 5
         Flatten(),
-        Dropout(0.5),
+        Dropout(0.25),
         Linear(64 * 5 * 5, 10, rng=rng, gain=OUTPUT_GAIN),
     )
 

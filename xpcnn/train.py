@@ -44,8 +44,8 @@ class TrainConfig:
     model: str = "convnet"
     epochs: int = 1
     batch_size: int = 64
-    optimizer: str = "adam"
-    lr: float = 2e-3
+    optimizer: str = "sgd"
+    lr: float = 0.05
     momentum: float = 0.9
     weight_decay: float = 0.0
     schedule: str = "onecycle"

@@ -1,0 +1,260 @@
+"""Random affine augmentation: exact special cases, an independent oracle, seeding and statistics."""
+
+import numpy as np
+import pytest
+
+from xpcnn.augment import Augmentation, affine_matrices, affine_sample
+from xpcnn.backend import get_backend, to_host
+
+FLOATS = ["float32", "float64"]
+
+
+def to_backend(backend, array, dtype="float64"):
+    return backend.asarray(np.asarray(array), getattr(backend.xp, dtype))
+
+
+def matrices_for(backend, dtype="float64", rotation=0.0, scale=1.0, shear=0.0, shift_x=0.0, shift_y=0.0, n=1):
+    """Sampling matrices (n, 2, 3) of one forward transform repeated n times, built on ``backend``."""
+    args = [
+        to_backend(backend, np.full(n, value, np.float64), dtype)
+        for value in (rotation, scale, shear, shift_x, shift_y)
+    ]
+    return affine_matrices(*args)
+
+
+def random_images(shape, seed=0):
+    return np.random.default_rng(seed).normal(size=shape)
+
+
+def dtype_name(array) -> str:
+    return str(array.dtype).rsplit(".", 1)[-1]
+
+
+# --- identity, shapes, dtypes, devices ---
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+def test_zero_ranges_return_the_input_unchanged(backend, dtype):
+    images = to_backend(backend, random_images((3, 1, 6, 5)), dtype)
+    out = Augmentation(max_shift=0, max_rotation=0, max_scale=0, max_shear=0)(images, backend.generator(0), fill=-0.4)
+    assert out is images
+    assert Augmentation(0, 0, 0, 0).is_identity and not Augmentation().is_identity
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+def test_identity_matrix_samples_every_pixel_exactly(backend, dtype):
+    host = random_images((2, 3, 5, 7))
+    out = affine_sample(to_backend(backend, host, dtype), matrices_for(backend, dtype, n=2), fill=-0.42)
+    np.testing.assert_array_equal(to_host(out), host.astype(dtype))
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+def test_shape_dtype_and_device_are_preserved(backend, dtype):
+    images = to_backend(backend, random_images((4, 2, 9, 8)), dtype)
+    out = Augmentation(max_shift=2, max_rotation=20, max_scale=0.2, max_shear=10)(images, backend.generator(1), -0.42)
+    assert out.shape == images.shape
+    assert out.dtype == images.dtype
+    assert out.device == images.device
+    assert np.all(np.isfinite(to_host(out)))
+
+
+def test_float64_matrices_are_cast_to_float32_images(backend):
+    images = to_backend(backend, random_images((2, 1, 5, 5)), "float32")
+    out = affine_sample(images, matrices_for(backend, "float64", rotation=30, n=2), fill=0.5)
+    assert out.dtype == backend.xp.float32
+
+
+def test_bad_shapes_and_ranges_raise_value_error():
+    with pytest.raises(ValueError, match=r"images of shape \(B, C, H, W\)"):
+        affine_sample(np.zeros((2, 5, 5)), np.zeros((2, 2, 3)))
+    with pytest.raises(ValueError, match=r"matrices of shape \(2, 2, 3\)"):
+        affine_sample(np.zeros((2, 1, 5, 5)), np.zeros((3, 2, 3)))
+    for kwargs in ({"max_shift": -1}, {"max_rotation": float("nan")}, {"max_scale": 1.0}, {"max_shear": 90}):
+        with pytest.raises(ValueError, match="Augmentation"):
+            Augmentation(**kwargs)
+
+
+# --- seeding ---
+
+
+def test_same_seed_same_output_other_seed_other_output(backend):
+    images = to_backend(backend, random_images((4, 1, 10, 10)), "float32")
+    augment = Augmentation(max_shift=2, max_rotation=10, max_scale=0.1, max_shear=5)
+    first = to_host(augment(images, backend.generator(7, 0, 3), fill=-0.42))
+    again = to_host(augment(images, backend.generator(7, 0, 3), fill=-0.42))
+    other = to_host(augment(images, backend.generator(7, 0, 4), fill=-0.42))
+    np.testing.assert_array_equal(first, again)
+    assert not np.allclose(first, other)
+    # Each image gets its own transform: identical inputs give different outputs.
+    same = to_backend(backend, np.repeat(random_images((1, 1, 10, 10)), 4, axis=0), "float32")
+    out = to_host(augment(same, backend.generator(0), fill=0.0))
+    assert not np.allclose(out[0], out[1])
+
+
+# --- exact special cases ---
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("shift_x, shift_y", [(2, -1), (-3, 0), (0, 4), (1, 1)])
+def test_integer_shift_moves_content_exactly_with_fill_entering_from_the_edge(backend, dtype, shift_x, shift_y):
+    host = random_images((2, 2, 6, 7))
+    fill = -0.42
+    m = matrices_for(backend, dtype, shift_x=shift_x, shift_y=shift_y, n=2)
+    out = to_host(affine_sample(to_backend(backend, host, dtype), m, fill=fill))
+    # Positive x moves content right, positive y moves it down: out[r, c] = in[r - shift_y, c - shift_x].
+    expected = np.full(host.shape, fill, dtype=dtype)
+    h, w = host.shape[2:]
+    src_rows = slice(max(0, -shift_y), h - max(0, shift_y))
+    src_cols = slice(max(0, -shift_x), w - max(0, shift_x))
+    dst_rows = slice(max(0, shift_y), h - max(0, -shift_y))
+    dst_cols = slice(max(0, shift_x), w - max(0, -shift_x))
+    expected[:, :, dst_rows, dst_cols] = host.astype(dtype)[:, :, src_rows, src_cols]
+    np.testing.assert_array_equal(out, expected)
+
+
+@pytest.mark.parametrize("size", [4, 5])
+def test_rotation_by_90_degrees_is_np_rot90(backend, size):
+    """Positive angles turn the image counter-clockwise as displayed (row 0 on top), like np.rot90."""
+    host = random_images((2, 1, size, size))
+    images = to_backend(backend, host)
+    for angle, k in ((90, 1), (-90, -1), (180, 2)):
+        out = to_host(affine_sample(images, matrices_for(backend, rotation=angle, n=2), fill=3.0))
+        np.testing.assert_allclose(out, np.rot90(host, k=k, axes=(2, 3)), rtol=0, atol=1e-9)
+
+
+def test_half_pixel_shift_averages_the_two_neighbours(backend):
+    host = random_images((2, 1, 4, 5))
+    fill = -0.42
+    images = to_backend(backend, host)
+    # Sampling matrix with tx = +0.5: out[..., c] reads in[..., c + 0.5].
+    m = to_backend(backend, np.tile(np.array([[1.0, 0.0, 0.5], [0.0, 1.0, 0.0]]), (2, 1, 1)))
+    out = to_host(affine_sample(images, m, fill=fill))
+    right = np.concatenate([host[..., 1:], np.full(host.shape[:-1] + (1,), fill)], axis=-1)
+    np.testing.assert_allclose(out, (host + right) / 2, rtol=0, atol=1e-12)
+    # Same along y (ty = -0.5: out[r] reads in[r - 0.5], the fill enters at the top).
+    m = to_backend(backend, np.tile(np.array([[1.0, 0.0, 0.0], [0.0, 1.0, -0.5]]), (2, 1, 1)))
+    out = to_host(affine_sample(images, m, fill=fill))
+    up = np.concatenate([np.full(host.shape[:2] + (1, host.shape[3]), fill), host[:, :, :-1]], axis=2)
+    np.testing.assert_allclose(out, (host + up) / 2, rtol=0, atol=1e-12)
+
+
+def test_shear_and_scale_directions(backend):
+    """A positive shear moves lower rows right; a scale of 2 doubles distances from the centre."""
+    host = np.zeros((1, 1, 5, 5))
+    host[0, 0, 3, 2] = 1.0  # one row below the centre (2, 2)
+    images = to_backend(backend, host)
+    out = to_host(affine_sample(images, matrices_for(backend, shear=45.0), fill=0.0))
+    assert out[0, 0, 3, 3] == pytest.approx(1.0) and out.sum() == pytest.approx(1.0)
+    out = to_host(affine_sample(images, matrices_for(backend, scale=2.0), fill=0.0))
+    assert out[0, 0, 4, 2] == pytest.approx(1.0)  # moved from 1 to 2 rows below the centre
+
+
+# --- oracle: torch's affine_grid + grid_sample ---
+
+
+def torch_affine_sample(host_images, host_matrices, fill):
+    """The same warp with torch: centred pixel coordinates -> [-1, 1] with align_corners=True.
+
+    Neighbours outside the image read ``fill``: grid_sample's zero padding on ``images - fill``, plus ``fill``.
+    """
+    torch = pytest.importorskip("torch")
+    f = torch.nn.functional
+    b, c, h, w = host_images.shape
+    half = np.array([(w - 1) / 2, (h - 1) / 2])
+    linear = host_matrices[:, :, :2] * half[None, None, :] / half[None, :, None]  # D^-1 L D
+    theta = np.concatenate([linear, host_matrices[:, :, 2:] / half[None, :, None]], axis=2)
+    grid = f.affine_grid(torch.from_numpy(theta), [b, c, h, w], align_corners=True)
+    shifted = torch.from_numpy(host_images - fill)
+    out = f.grid_sample(shifted, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
+    return out.numpy() + fill
+
+
+@pytest.mark.parametrize("fill", [0.0, -0.42])
+def test_matches_torch_grid_sample_in_float64(fill):
+    host = random_images((6, 2, 9, 11), seed=3)
+    augment = Augmentation(max_shift=4, max_rotation=60, max_scale=0.4, max_shear=30)
+    numpy_backend = get_backend("numpy")
+    m = to_host(augment.matrices(6, numpy_backend.generator(5), np.float64))
+    out = affine_sample(host, m, fill=fill)
+    expected = torch_affine_sample(host, m, fill)
+    assert np.any(out == fill) or fill == 0.0  # some samples fell fully outside
+    np.testing.assert_allclose(out, expected, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(out, expected, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+def test_every_backend_matches_torch(backend, dtype):
+    host = random_images((3, 1, 8, 7), seed=4)
+    augment = Augmentation(max_shift=3, max_rotation=45, max_scale=0.3, max_shear=20)
+    m = augment.matrices(3, backend.generator(2), backend.xp.float64)
+    out = to_host(affine_sample(to_backend(backend, host, dtype), m, fill=-0.42))
+    assert dtype_name(out) == dtype
+    expected = torch_affine_sample(host, to_host(m), -0.42)
+    np.testing.assert_allclose(out, expected, rtol=0, atol=1e-5 if dtype == "float32" else 1e-10)
+
+
+# --- statistics ---
+
+
+def test_drawn_transforms_stay_within_the_ranges(backend):
+    """The centre of mass of a centred blob moves by at most max_shift per axis; the ranges are used."""
+    n, size, max_shift = 256, 21, 2.0
+    coords = np.arange(size) - (size - 1) / 2
+    blob = np.exp(-(coords[:, None] ** 2 + coords[None, :] ** 2) / (2 * 1.5**2))
+    images = to_backend(backend, np.broadcast_to(blob, (n, 1, size, size)), "float32")
+    augment = Augmentation(max_shift=max_shift, max_rotation=15, max_scale=0.1, max_shear=5)
+    out = to_host(augment(images, backend.generator(11), fill=0.0)).astype(np.float64)[:, 0]
+    mass = out.sum(axis=(1, 2))
+    com_x = (out * coords[None, None, :]).sum(axis=(1, 2)) / mass
+    com_y = (out * coords[None, :, None]).sum(axis=(1, 2)) / mass
+    for com in (com_x, com_y):
+        assert np.max(np.abs(com)) <= max_shift + 0.05
+        assert com.max() > 0.8 * max_shift and com.min() < -0.8 * max_shift
+        assert abs(com.mean()) < 0.25
+    # Scale in [0.9, 1.1] changes the blob's mass (area) by a factor in [0.81, 1.21].
+    ratio = mass / blob.sum()
+    assert ratio.min() > 0.8 - 0.02 and ratio.max() < 1.21 + 0.02
+    assert ratio.min() < 0.86 and ratio.max() > 1.15
+
+
+def test_drawn_parameters_are_uniform_in_the_ranges():
+    """Recover rotation and scale from drawn matrices (shear 0): uniform over the whole range."""
+    numpy_backend = get_backend("numpy")
+    augment = Augmentation(max_shift=1.5, max_rotation=10, max_scale=0.2, max_shear=0)
+    m = augment.matrices(2000, numpy_backend.generator(0), np.float64)
+    linear = m[:, :, :2]
+    scale = 1 / np.sqrt(np.linalg.det(linear))
+    angle = np.degrees(np.arctan2(linear[:, 1, 0], linear[:, 0, 0]))
+    shift = -np.einsum("bij,bj->bi", np.linalg.inv(linear), m[:, :, 2])
+    for values, low, high in ((angle, -10, 10), (scale, 0.8, 1.2), (shift[:, 0], -1.5, 1.5), (shift[:, 1], -1.5, 1.5)):
+        assert values.min() >= low - 1e-9 and values.max() <= high + 1e-9
+        span = high - low
+        assert values.min() < low + 0.02 * span and values.max() > high - 0.02 * span
+        assert abs(values.mean() - (low + high) / 2) < 0.05 * span
+
+
+# --- edge cases and other namespaces ---
+
+
+@pytest.mark.parametrize("shape", [(2, 1, 1, 5), (2, 1, 5, 1), (2, 1, 1, 1)])
+def test_one_pixel_axes(backend, shape):
+    host = np.arange(np.prod(shape), dtype=np.float64).reshape(shape) + 1
+    images = to_backend(backend, host)
+    np.testing.assert_array_equal(to_host(affine_sample(images, matrices_for(backend, n=2), fill=-1.0)), host)
+    # Half a pixel right and down: the mean of the 2x2 block below-right, fill beyond the edges.
+    m = to_backend(backend, np.tile(np.array([[1.0, 0.0, 0.5], [0.0, 1.0, 0.5]]), (2, 1, 1)))
+    out = to_host(affine_sample(images, m, fill=-1.0))
+    padded = np.pad(host, ((0, 0), (0, 0), (0, 1), (0, 1)), constant_values=-1.0)
+    expected = (padded[:, :, :-1, :-1] + padded[:, :, :-1, 1:] + padded[:, :, 1:, :-1] + padded[:, :, 1:, 1:]) / 4
+    np.testing.assert_allclose(out, expected, rtol=0, atol=1e-12)
+
+
+def test_runs_on_torch_tensors():
+    torch = pytest.importorskip("torch")
+    host = random_images((3, 2, 6, 7))
+    m = Augmentation(2, 30, 0.2, 10).matrices(3, get_backend("numpy").generator(0), np.float64)
+    expected = affine_sample(host, m, fill=-0.42)
+    for dtype, atol in ((torch.float64, 1e-12), (torch.float32, 1e-5)):
+        out = affine_sample(torch.from_numpy(host).to(dtype), torch.from_numpy(m), fill=-0.42)
+        assert out.dtype == dtype and tuple(out.shape) == host.shape
+        np.testing.assert_allclose(out.numpy(), expected, rtol=0, atol=atol)

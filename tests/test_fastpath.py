@@ -40,8 +40,10 @@ CONV_CASES = [
     (2, 8, 9, 9, 4, (3, 3), (1, 1), (0, 0)),
     (2, 16, 10, 7, 3, (3, 2), (1, 1), (1, 2)),
     (1, 8, 11, 11, 2, (5, 5), (2, 1), (2, 2)),
-    (2, 3, 8, 8, 4, (3, 3), (1, 1), (1, 1)),  # few channels: im2col falls back to the reference
-    (2, 8, 9, 9, 4, (3, 3), (2, 2), (0, 0)),  # column stride 2: im2col falls back
+    (2, 3, 8, 8, 4, (3, 3), (1, 1), (1, 1)),  # few channels: the transposed build
+    (2, 8, 9, 9, 4, (3, 3), (2, 2), (0, 0)),  # column stride 2: the transposed build
+    (3, 1, 12, 10, 4, (4, 4), (1, 1), (0, 0)),  # one channel
+    (2, 1, 12, 12, 4, (5, 5), (2, 1), (2, 2)),
 ]
 
 

@@ -198,3 +198,13 @@ def test_seed_model_learns_real_mnist_in_one_epoch(mnist_dir, tmp_path):
     )
     state = train.train_run(cfg, get_backend("numpy"), dataset, tmp_path / "seed")
     assert state.history[0]["test_accuracy"] >= 0.92
+
+
+def test_normalization_from_the_histogram_is_exact():
+    images = np.random.default_rng(0).integers(0, 256, (50, 28, 28), dtype=np.uint8)
+    norm = train.Normalization.of(images)
+    scaled = images / 255.0
+    assert norm.mean == pytest.approx(scaled.mean(), rel=1e-12)
+    assert norm.std == pytest.approx(scaled.std(), rel=1e-12)
+    split = train.DeviceSplit.from_host(get_backend("numpy"), images, np.zeros(50, np.uint8), norm)
+    np.testing.assert_allclose(split.images[:, 0], (scaled - norm.mean) / norm.std, rtol=1e-5, atol=1e-6)

@@ -312,6 +312,35 @@ def torch_available() -> bool:
     return True
 
 
+def full_run(data_dir: str, model: str, device: str, threads: int) -> dict:
+    """Train ``model`` for one epoch on the MNIST files in ``data_dir`` in a child process.
+
+    Returns the child's peak resident memory, wall time and final history record.
+    """
+    import tempfile
+
+    env = dict(os.environ, **{name: str(threads) for name in THREAD_VARIABLES})
+    with tempfile.TemporaryDirectory() as out:
+        command = [sys.executable, "-m", "xpcnn", "train", "--model", model, "--epochs", "1", "--device", device]
+        command += ["--data-dir", data_dir, "--out", f"{out}/run"]
+        before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+        start = time.perf_counter()
+        done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
+        seconds = time.perf_counter() - start
+        peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+        if done.returncode != 0:
+            return {"model": model, "error": (done.stderr.strip().splitlines() or ["no output"])[-1]}
+        record = json.loads(open(f"{out}/run/history.json").read())[-1]
+    # ru_maxrss of children is the largest of any child so far: valid when this child is the largest.
+    return {
+        "model": model,
+        "device": device,
+        "peak_rss_mib": max(peak, before) / 1024,
+        "wall_seconds": seconds,
+        **record,
+    }
+
+
 def main_case(argv: list[str]) -> None:
     """Entry point of the per-case subprocess: ``python -m xpcnn.bench CASE SETTINGS_JSON``."""
     case, settings = Case.parse(argv[0]), Settings(**json.loads(argv[1]))

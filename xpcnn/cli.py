@@ -282,8 +282,14 @@ def predict(run, images, device, backend, as_json):
 @click.option("--infer-batch", type=click.IntRange(min=1), default=1000, show_default=True)
 @click.option("--no-torch", is_flag=True, help="Skip the PyTorch comparison.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Also write the results here as JSON.")
+@click.option(
+    "--full-run",
+    "full_run_dir",
+    type=click.Path(exists=True, file_okay=False),
+    help="Also train convnet for one epoch on the MNIST files here and report its peak memory and time.",
+)
 @friendly_errors
-def bench(models, backends, threads, steps, repeats, train_batch, infer_batch, no_torch, json_path):
+def bench(models, backends, threads, steps, repeats, train_batch, infer_batch, no_torch, json_path, full_run_dir):
     """Training and inference images/s and peak memory, beside PyTorch in the same run."""
     from . import bench as benchmark
     from .backend import cuda_problem
@@ -304,8 +310,22 @@ def bench(models, backends, threads, steps, repeats, train_batch, infer_batch, n
         results.append(benchmark.run_case_in_subprocess(case, settings))
     benchmark.add_ratios(results)
     click.echo(benchmark.format_table(results))
+    report = {"machine": machine, "settings": dataclasses.asdict(settings), "results": results}
+    if full_run_dir:
+        device = "cuda" if "cupy" in backends else "cpu"
+        click.echo(f"  running one epoch of convnet on {device} ...", err=True)
+        run = benchmark.full_run(full_run_dir, "convnet", device, threads)
+        report["full_run"] = run
+        if "error" in run:
+            click.echo(f"full MNIST epoch failed: {run['error']}")
+        else:
+            click.echo(
+                f"full MNIST epoch of convnet on {device}: {run['seconds']:.1f} s training "
+                f"({run['images_per_second']:,.0f} img/s), {run['wall_seconds']:.1f} s wall, "
+                f"test accuracy {run['test_accuracy']:.2%}, peak RSS {run['peak_rss_mib']:,.0f} MiB"
+            )
     if json_path:
-        write_json(json_path, {"machine": machine, "settings": dataclasses.asdict(settings), "results": results})
+        write_json(json_path, report)
 
 
 @main.command()

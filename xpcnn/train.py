@@ -105,9 +105,16 @@ class Normalization:
 
     @classmethod
     def of(cls, images: np.ndarray) -> Normalization:
-        """Mean and standard deviation of uint8 images, in [0, 1] units."""
-        scaled = images.astype(np.float64) / 255.0
-        return cls(float(scaled.mean()), float(scaled.std()))
+        """Mean and standard deviation of uint8 images, in [0, 1] units.
+
+        Computed exactly from the histogram of the 256 pixel values, without a
+        float copy of the images (which would be 376 MB for MNIST in float64).
+        """
+        counts = np.bincount(images.reshape(-1), minlength=256).astype(np.float64)
+        values = np.arange(256) / 255.0
+        mean = counts @ values / counts.sum()
+        variance = counts @ (values - mean) ** 2 / counts.sum()
+        return cls(float(mean), float(np.sqrt(variance)))
 
 
 @dataclass
@@ -125,8 +132,10 @@ class DeviceSplit:
         """Copy uint8 images (N, 28, 28) and labels (N,) to the device once, then scale there."""
         xp = backend.xp
         dtype = xp.float32 if dtype is None else dtype
-        pixels = backend.asarray(images[:, None, :, :])
-        scaled = (xp.astype(pixels, dtype) * (1.0 / 255.0) - norm.mean) * (1.0 / norm.std)
+        scaled = xp.astype(backend.asarray(images[:, None, :, :]), dtype)  # a new array: safe to update in place
+        scaled *= 1.0 / 255.0  # in place, so the float dataset exists once (188 MB for MNIST in float32)
+        scaled -= norm.mean
+        scaled *= 1.0 / norm.std
         return cls(scaled, xp.astype(backend.asarray(labels), xp.int64))
 
 

@@ -228,3 +228,40 @@ def test_predict_bad_image_is_one_line(trained_run, tmp_path):
     (tmp_path / "notes.png").write_text("not a picture")
     result = invoke("predict", trained_run, tmp_path / "notes.png", expect=1)
     assert_one_line_error(result, r"notes.png: cannot read as an image")
+
+
+def test_recipe_sets_values_and_flags_override_it(synthetic_dir, tmp_path):
+    from xpcnn.recipes import RECIPES
+
+    run = tmp_path / "run"
+    invoke("train", "--recipe", "fast", "--epochs", "1", "--device", "cpu", "--data-dir", synthetic_dir, "--out", run)
+    config = json.loads((run / "config.json").read_text())
+    assert config["recipe"] == "fast" and config["epochs"] == 1
+    assert {k: config[k] for k in RECIPES["fast"] if k != "epochs"} == {
+        k: v for k, v in RECIPES["fast"].items() if k != "epochs"
+    }
+    result = invoke("train", "--resume", run, "--recipe", "best", expect=2)
+    assert "--recipe cannot change when resuming" in result.output
+
+
+def test_plots_from_train_and_evaluate(trained_run, synthetic_dir, tmp_path):
+    pytest.importorskip("matplotlib")
+    run = tmp_path / "run"
+    invoke("train", *FAST, "--augment", "--plot", "--data-dir", synthetic_dir, "--out", run)
+    assert json.loads((run / "config.json").read_text())["augment"] is True
+    assert (run / "history.png").read_bytes().startswith(b"\x89PNG")
+    report = json.loads(invoke("evaluate", run, "--plot", "--json").output)
+    assert report["plots"] == [str(run / "confusion.png"), str(run / "worst.png")]
+    assert all(open(p, "rb").read(4) == b"\x89PNG" for p in report["plots"])
+
+
+def test_plot_without_matplotlib_fails_before_training(synthetic_dir, tmp_path, monkeypatch):
+    from xpcnn import plots
+
+    def missing():
+        raise plots.PlotError(plots.PLOT_HINT)
+
+    monkeypatch.setattr(plots, "require_matplotlib", missing)
+    result = invoke("train", *FAST, "--plot", "--data-dir", synthetic_dir, "--out", tmp_path / "run", expect=1)
+    assert_one_line_error(result, r'plotting needs matplotlib: pip install "xpcnn\[plot\]"')
+    assert not (tmp_path / "run").exists()

@@ -208,3 +208,14 @@ def test_normalization_from_the_histogram_is_exact():
     assert norm.std == pytest.approx(scaled.std(), rel=1e-12)
     split = train.DeviceSplit.from_host(get_backend("numpy"), images, np.zeros(50, np.uint8), norm)
     np.testing.assert_allclose(split.images[:, 0], (scaled - norm.mean) / norm.std, rtol=1e-5, atol=1e-6)
+
+
+def test_augmentation_is_reproducible_and_changes_training(synthetic, tmp_path):
+    numpy = get_backend("numpy")
+    cfg = config(epochs=1, augment=True)
+    for name in ("a", "b"):
+        train.train_run(cfg, numpy, synthetic, tmp_path / name)
+    train.train_run(config(epochs=1), numpy, synthetic, tmp_path / "plain")
+    (_, a), (_, b), (_, plain) = (arrays_of(tmp_path / n) for n in ("a", "b", "plain"))
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+    assert not np.array_equal(a["model/0.weight"], plain["model/0.weight"])

@@ -13,13 +13,15 @@ from pathlib import Path
 import click
 import numpy as np
 
-from . import __version__
+from . import __version__, plots
 from .backend import BACKEND_NAMES, BackendError, available_backends, get_backend, gpu_names
 from .checkpoint import CheckpointError, checkpoint_path, load_checkpoint
 from .data import DATASETS, DataError, find_data_dir, get_spec, load_dataset
 from .images import ImageError, load_images
 from .models import MODELS
 from .optim import OPTIMIZERS, SCHEDULES
+from .plots import PlotError
+from .recipes import RECIPES, recipe
 from .train import (
     DeviceSplit,
     Progress,
@@ -38,7 +40,7 @@ from .train import (
 )
 
 EXIT_INTERRUPTED = 130
-USER_ERRORS = (DataError, BackendError, CheckpointError, ImageError, TrainingDiverged, ValueError, OSError)
+USER_ERRORS = (DataError, BackendError, CheckpointError, ImageError, PlotError, TrainingDiverged, ValueError, OSError)
 
 
 def friendly_errors(command):
@@ -94,6 +96,12 @@ RESUMABLE = {"epochs", "log_every"}
 
 
 @main.command()
+@click.option(
+    "--recipe",
+    "recipe_name",
+    type=click.Choice(list(RECIPES)),
+    help="Start from a named recipe (fast: >= 99.0% quickly; best: >= 99.6%); other flags override it.",
+)
 @click.option("--dataset", type=click.Choice(sorted(DATASETS)), default="mnist", show_default=True)
 @click.option("--data-dir", type=click.Path(file_okay=False), help="Directory holding the four IDX .gz files.")
 @click.option("--model", type=click.Choice(list(MODELS)), default=TrainConfig.model, show_default=True)
@@ -116,6 +124,12 @@ RESUMABLE = {"epochs", "log_every"}
     help="Training images held out for validation.",
 )
 @click.option(
+    "--augment/--no-augment",
+    default=TrainConfig.augment,
+    show_default=True,
+    help="Random shifts, rotations and scaling of the training images, on the device.",
+)
+@click.option(
     "--log-every",
     type=click.IntRange(min=1),
     default=TrainConfig.log_every,
@@ -124,11 +138,16 @@ RESUMABLE = {"epochs", "log_every"}
 )
 @click.option("--out", type=click.Path(file_okay=False), help="Run directory [default: runs/<model>-<time>].")
 @click.option("--resume", type=click.Path(exists=True, file_okay=False), help="Continue the run in this directory.")
+@click.option("--plot", is_flag=True, help="Also write the training curves to history.png in the run directory.")
 @click.pass_context
 @friendly_errors
-def train(ctx, data_dir, device, backend, out, resume, **options):
+def train(ctx, recipe_name, data_dir, device, backend, out, resume, plot, **options):
     """Train a model, saving config, history and checkpoints to a run directory."""
+    if plot:
+        plots.require_matplotlib()
     if resume is not None:
+        if recipe_name:
+            raise click.UsageError("--recipe cannot change when resuming")
         checkpoint = load_checkpoint(resume)
         changed = {
             name
@@ -155,6 +174,9 @@ def train(ctx, data_dir, device, backend, out, resume, **options):
             )
     else:
         checkpoint = None
+        if recipe_name:
+            given = {k for k in options if ctx.get_parameter_source(k) == click.core.ParameterSource.COMMANDLINE}
+            options.update({k: v for k, v in recipe(recipe_name).items() if k not in given})
         config = TrainConfig.from_dict(options)
         out = Path(out) if out else Path("runs") / f"{config.model}-{time.strftime('%Y%m%d-%H%M%S')}"
         if run_dir_has_run(out):
@@ -168,10 +190,16 @@ def train(ctx, data_dir, device, backend, out, resume, **options):
         + (f", resuming after epoch {checkpoint.meta['state']['epoch']}" if checkpoint else ""),
         err=True,
     )
-    environment = {"data_dir": str(Path(data_dir).resolve()) if data_dir else None, "backend": chosen.describe()}
+    environment = {
+        "data_dir": str(Path(data_dir).resolve()) if data_dir else None,
+        "backend": chosen.describe(),
+        "recipe": recipe_name,
+    }
     state = train_run(
         config, chosen, dataset, out, resume=checkpoint, progress=Progress(sys.stderr), environment=environment
     )
+    if plot:
+        click.echo(f"training curves: {plots.plot_history(state.history, out / 'history.png')}", err=True)
     result = summary(state)
     click.echo(
         f"best test accuracy {result['best_test_accuracy']:.2%} (epoch {result['best_epoch']}), "
@@ -192,9 +220,16 @@ def _stored_data_dir(run: Path) -> str | None:
 @click.option("--data-dir", type=click.Path(file_okay=False), help="Directory holding the four IDX .gz files.")
 @device_options
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
+@click.option(
+    "--plot",
+    is_flag=True,
+    help="Also write confusion.png and worst.png (the most confident mistakes) beside the checkpoint.",
+)
 @friendly_errors
-def evaluate(run, data_dir, device, backend, as_json):
+def evaluate(run, data_dir, device, backend, as_json, plot):
     """Accuracy, per-class accuracy and confusion matrix of a trained model on its test set."""
+    if plot:
+        plots.require_matplotlib()
     checkpoint = load_checkpoint(run)
     chosen = get_backend(backend, device)
     config = checkpoint.meta["config"]
@@ -204,11 +239,11 @@ def evaluate(run, data_dir, device, backend, as_json):
     with chosen.activate():
         split = DeviceSplit.from_host(chosen, dataset.test_images, dataset.test_labels, norm)
         result = evaluate_model(model, split, chosen)
+        probabilities = predict_probabilities(model, split.images) if plot else None
     labels = dataset.test_labels.astype(np.int64)
     classes = checkpoint.meta["classes"]
     k = len(classes)
-    confusion = np.zeros((k, k), np.int64)
-    np.add.at(confusion, (labels, result.predictions), 1)
+    confusion = np.bincount(labels * k + result.predictions, minlength=k * k).reshape(k, k)
     per_class = confusion.diagonal() / np.maximum(confusion.sum(axis=1), 1)
     report = {
         "checkpoint": str(checkpoint_path(run)),
@@ -221,9 +256,21 @@ def evaluate(run, data_dir, device, backend, as_json):
         "confusion_matrix": confusion.tolist(),
         "classes": classes,
     }
+    if plot:
+        title = f"{config['model']} on the {config['dataset']} test set"
+        report["plots"] = [
+            str(plots.plot_confusion(confusion, classes, run_dir / "confusion.png", title=title)),
+            str(
+                plots.plot_worst(
+                    dataset.test_images, labels, result.predictions, probabilities, classes, run_dir / "worst.png"
+                )
+            ),
+        ]
     if as_json:
         click.echo(json.dumps(report, indent=2))
         return
+    if plot:
+        click.echo("plots: " + ", ".join(report["plots"]))
     click.echo(
         f"{report['checkpoint']} (epoch {report['epoch']}) on the {config['dataset']} test set, {len(labels):,} images"
     )

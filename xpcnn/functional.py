@@ -19,8 +19,6 @@ data, and the next convolution's ``permute_dims`` back to NHWC is then free.
 
 from __future__ import annotations
 
-import math
-
 import array_api_extra as xpx
 from array_api_compat import array_namespace, device, is_writeable_array
 
@@ -37,6 +35,16 @@ def _add_into(x, index, values):
         x[index] += values
         return x
     return xpx.at(x)[index].add(values)
+
+
+def _column_sum(matrix):
+    """Sum of each column of a (rows, C) matrix, as a matrix-vector product.
+
+    On NumPy this runs in BLAS on every core, several times faster than
+    ``xp.sum(matrix, axis=0)``.
+    """
+    xp = array_namespace(matrix)
+    return xp.ones(matrix.shape[0], dtype=matrix.dtype, device=device(matrix)) @ matrix
 
 
 def output_size(size: int, kernel: int, stride: int, padding: int = 0) -> int:
@@ -127,9 +135,7 @@ def conv2d_backward(
     g = xp.reshape(xp.permute_dims(grad_y, (0, 2, 3, 1)), (-1, o))  # (N*OH*OW, O)
     grad_w = xp.matrix_transpose(cols) @ g  # (KH*KW*C, O): faster than g.T @ cols for the usual shapes
     grad_w = xp.permute_dims(xp.reshape(grad_w, (kh, kw, c, o)), (3, 2, 0, 1))
-    # A matrix-vector product with ones sums the rows several times faster than
-    # xp.sum(g, axis=0) on NumPy (BLAS runs it on every core).
-    grad_b = xp.ones(g.shape[0], dtype=g.dtype, device=device(g)) @ g
+    grad_b = _column_sum(g)
     grad_x = input_gradient(g, weight, x_shape, stride, padding) if input_grad else None
     return grad_x, grad_w, grad_b
 
@@ -256,40 +262,53 @@ def cross_entropy(logits, labels):
     return loss, (xp.exp(log_p) - target) / n
 
 
+def _channel_matrix(x):
+    """(N, C) or (N, C, H, W) as a (rows, C) matrix, channels-last; free for the NCHW views convolutions make."""
+    xp = array_namespace(x)
+    if x.ndim == 2:
+        return x
+    return xp.reshape(xp.permute_dims(x, (0, 2, 3, 1)), (-1, x.shape[1]))
+
+
+def _from_channel_matrix(matrix, shape):
+    """Inverse of :func:`_channel_matrix` for an array of ``shape``."""
+    xp = array_namespace(matrix)
+    if len(shape) == 2:
+        return matrix
+    n, c, h, w = shape
+    return xp.permute_dims(xp.reshape(matrix, (n, h, w, c)), (0, 3, 1, 2))
+
+
 def batchnorm_forward(x, weight, bias, eps: float):
     """Batch normalisation over every axis but 1 (channels), with batch statistics.
 
-    x (N, C) or (N, C, H, W); weight, bias (C,).  Returns
-    (y, x_hat, inv_std, mean (C,), biased variance (C,)).
+    x (N, C) or (N, C, H, W); weight, bias (C,).  Works on the channels-last
+    (rows, C) matrix of ``x``, with column sums as matrix-vector products.
+    Returns (y shaped like x, x - mean as a (rows, C) matrix, inv_std (C,),
+    mean (C,), biased variance (C,)).
     """
-    xp = array_namespace(x, weight)
-    axes = (0,) + tuple(range(2, x.ndim))
-    shape = (1, -1) + (1,) * (x.ndim - 2)
-    mean = xp.mean(x, axis=axes)
-    centred = x - xp.reshape(mean, shape)
-    var = xp.mean(centred * centred, axis=axes)
-    inv_std = 1.0 / xp.sqrt(var + eps)
-    x_hat = centred * xp.reshape(inv_std, shape)
-    return x_hat * xp.reshape(weight, shape) + xp.reshape(bias, shape), x_hat, inv_std, mean, var
+    matrix = _channel_matrix(x)
+    rows = matrix.shape[0]
+    mean = _column_sum(matrix) / rows
+    centred = matrix - mean
+    var = _column_sum(centred * centred) / rows
+    inv_std = 1.0 / array_namespace(x).sqrt(var + eps)
+    y = centred * (weight * inv_std) + bias
+    return _from_channel_matrix(y, tuple(x.shape)), centred, inv_std, mean, var
 
 
-def batchnorm_backward(grad_y, x_hat, inv_std, weight):
-    """Gradients of :func:`batchnorm_forward`: (grad_x, grad_weight, grad_bias).
+def batchnorm_backward(grad_y, centred, inv_std, weight):
+    """Gradients of :func:`batchnorm_forward`: (grad_x shaped like grad_y, grad_weight, grad_bias).
 
-    With M values per channel and g = grad_y * weight:
-    grad_x = inv_std * (g - mean(g) - x_hat * mean(g * x_hat)).
+    With x_hat = centred * inv_std and per-channel means over the rows:
+    grad_x = weight * inv_std * (g - mean(g) - x_hat * mean(g * x_hat)).
     """
-    xp = array_namespace(grad_y, x_hat)
-    axes = (0,) + tuple(range(2, x_hat.ndim))
-    shape = (1, -1) + (1,) * (x_hat.ndim - 2)
-    grad_bias = xp.sum(grad_y, axis=axes)
-    grad_weight = xp.sum(grad_y * x_hat, axis=axes)
-    count = math.prod(x_hat.shape) // x_hat.shape[1]
-    mean_g = xp.reshape(grad_bias * weight / count, shape)
-    mean_g_xhat = xp.reshape(grad_weight * weight / count, shape)
-    g = grad_y * xp.reshape(weight, shape)
-    grad_x = (g - mean_g - x_hat * mean_g_xhat) * xp.reshape(inv_std, shape)
-    return grad_x, grad_weight, grad_bias
+    g = _channel_matrix(grad_y)
+    rows = g.shape[0]
+    grad_bias = _column_sum(g)
+    grad_weight = _column_sum(g * centred) * inv_std
+    grad_x = (g - grad_bias / rows - centred * (grad_weight * inv_std / rows)) * (weight * inv_std)
+    return _from_channel_matrix(grad_x, tuple(grad_y.shape)), grad_weight, grad_bias
 
 
 def batchnorm_inference(x, weight, bias, running_mean, running_var, eps: float):

@@ -332,18 +332,18 @@ class _BatchNorm(Layer):
             raise ValueError(
                 f"{self!r}: training needs more than one value per channel, got input {_shape_text(x.shape)}"
             )
-        y, x_hat, inv_std, mean, var = F.batchnorm_forward(x, weight, bias, self.eps)
+        y, centred, inv_std, mean, var = F.batchnorm_forward(x, weight, bias, self.eps)
         m = self.momentum
         self.buffers["running_mean"] = (1.0 - m) * self.buffers["running_mean"] + m * mean
         self.buffers["running_var"] = (1.0 - m) * self.buffers["running_var"] + (m * count / (count - 1)) * var
-        self._cache = (x_hat, inv_std)
+        self._cache = (centred, inv_std)
         return y
 
     def backward(self, grad_y, input_grad: bool = True):
         """Store weight and bias gradients; return grad_x, or None when ``input_grad`` is False."""
-        x_hat, inv_std = self._need_cache(self._cache)
+        centred, inv_std = self._need_cache(self._cache)
         grad_x, self.grads["weight"], self.grads["bias"] = F.batchnorm_backward(
-            grad_y, x_hat, inv_std, self.params["weight"]
+            grad_y, centred, inv_std, self.params["weight"]
         )
         return grad_x if input_grad else None
 

@@ -31,6 +31,14 @@ class PlotError(RuntimeError):
     """Plotting is unavailable because matplotlib is not installed."""
 
 
+def require_matplotlib() -> None:
+    """Raise PlotError now (before a long run) if plots cannot be drawn here."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise PlotError(PLOT_HINT) from None
+
+
 def _figure(width: float, height: float) -> Figure:
     """A constrained-layout figure of ``width`` x ``height`` inches on an Agg canvas."""
     try:

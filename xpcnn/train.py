@@ -27,6 +27,7 @@ from typing import Any, TextIO
 import numpy as np
 
 from . import __version__
+from .augment import Augmentation
 from .backend import Backend, to_host
 from .checkpoint import CHECKPOINT_NAME, Checkpoint, CheckpointError, save_checkpoint
 from .files import write_json
@@ -51,6 +52,7 @@ class TrainConfig:
     schedule: str = "onecycle"
     seed: int = 0
     validation: int = 0
+    augment: bool = False
     log_every: int = 50
 
     def __post_init__(self):
@@ -242,10 +244,14 @@ class Trainer:
         backend: Backend,
         config: TrainConfig,
         progress: Progress | None = None,
+        background: float = 0.0,
     ):
+        """``background`` is the value of a blank pixel after normalisation: what augmentation fills in."""
         self.model, self.optimizer, self.backend, self.config = model, optimizer, backend, config
         self.loss_fn = CrossEntropyLoss(check_labels=False)  # labels are validated once, at load
         self.progress = progress or Progress(None)
+        self.augmentation = Augmentation() if config.augment else None
+        self.background = background
 
     def fit(
         self, train: DeviceSplit, evals: dict[str, DeviceSplit], state: RunState | None = None, on_epoch_end=None
@@ -283,7 +289,8 @@ class Trainer:
         epoch = state.epoch  # 0-based index of the running epoch
         order = self.backend.asarray(np.random.default_rng([cfg.seed, epoch]).permutation(len(train)))
         self.model.train()
-        self.model.set_generator(self.backend.generator(cfg.seed, epoch, state.step))
+        noise = self.backend.generator(cfg.seed, epoch, state.step)
+        self.model.set_generator(noise)
         self.progress.start_epoch(epoch + 1, cfg.epochs, steps)
 
         partial = state.partial
@@ -309,6 +316,8 @@ class Trainer:
             batch = order[step * cfg.batch_size : min((step + 1) * cfg.batch_size, len(train))]
             x = xp.take(train.images, batch, axis=0)
             y = xp.take(train.labels, batch, axis=0)
+            if self.augmentation is not None:
+                x = self.augmentation(x, noise, fill=self.background)
             self.optimizer.lr = scheduled_lr(cfg.schedule, cfg.lr, state.global_step, total_steps)
             logits = self.model.forward(x)
             loss = self.loss_fn.forward(logits, y)
@@ -481,7 +490,7 @@ def train_run(
     with backend.activate():
         train = DeviceSplit.from_host(backend, images, labels, norm)
         evals = {name: DeviceSplit.from_host(backend, *split, norm) for name, split in evals_host.items()}
-        trainer = Trainer(model, optimizer, backend, config, progress)
+        trainer = Trainer(model, optimizer, backend, config, progress, background=-norm.mean / norm.std)
 
         def save(state: RunState):
             write_json(out / "history.json", state.history)

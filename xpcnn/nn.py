@@ -48,6 +48,7 @@ class Layer:
         self.grads: dict = {}
         self.buffers: dict = {}
         self.training = True
+        self._cache = None  # what forward keeps for backward, in training mode only
 
     def forward(self, x):
         raise NotImplementedError
@@ -81,6 +82,7 @@ class Layer:
 
     def zero_cache(self) -> None:
         """Drop what forward kept for backward."""
+        self._cache = None
 
     def _check_input(self, x, expected: str, rank: int, channels: int | None = None, min_hw=(1, 1)):
         """Raise ValueError naming this layer unless ``x`` is a float array of the expected shape."""
@@ -106,6 +108,12 @@ class Layer:
                 ) from None
             if x.dtype != weight.dtype:
                 raise ValueError(f"{self!r}: expected {weight.dtype} input (the parameters' dtype), got {x.dtype}")
+
+    def _set_grads(self, grad_weight, grad_bias) -> None:
+        """Store the weight gradient, and the bias gradient if the layer has a bias."""
+        self.grads["weight"] = grad_weight
+        if "bias" in self.params:
+            self.grads["bias"] = grad_bias
 
     def _need_cache(self, cache):
         if cache is None:
@@ -148,7 +156,6 @@ class Conv2d(Layer):
         self.params["weight"] = init_normal(_host_rng(rng), shape, fan_in, gain)
         if bias:
             self.params["bias"] = np.zeros(out_channels, np.float32)
-        self._cache = None
 
     def forward(self, x):
         kh, kw = self.kernel_size
@@ -172,13 +179,9 @@ class Conv2d(Layer):
         grad_x, grad_w, grad_b = kernels(grad_y).conv2d_backward(
             grad_y, cols, self.params["weight"], x_shape, self.stride, self.padding, input_grad
         )
-        self.grads["weight"] = grad_w
-        if "bias" in self.params:
-            self.grads["bias"] = grad_b
+        self._set_grads(grad_w, grad_b)
         return grad_x
 
-    def zero_cache(self):
-        self._cache = None
 
     def extra_repr(self):
         text = f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}"
@@ -200,7 +203,6 @@ class MaxPool2d(Layer):
         self.stride = self.kernel_size if stride is None else _pair(stride, "stride")
         if min(self.kernel_size) < 1 or min(self.stride) < 1:
             raise ValueError(f"MaxPool2d: kernel_size and stride must be >= 1, got {kernel_size}, {stride}")
-        self._cache = None
 
     def forward(self, x):
         kh, kw = self.kernel_size
@@ -213,8 +215,6 @@ class MaxPool2d(Layer):
         record, x_shape = self._need_cache(self._cache)
         return kernels(grad_y).maxpool2d_backward(grad_y, record, x_shape, self.kernel_size, self.stride)
 
-    def zero_cache(self):
-        self._cache = None
 
     def extra_repr(self):
         return f"kernel_size={self.kernel_size}, stride={self.stride}"
@@ -222,10 +222,6 @@ class MaxPool2d(Layer):
 
 class ReLU(Layer):
     """max(x, 0), elementwise."""
-
-    def __init__(self):
-        super().__init__()
-        self._cache = None
 
     def forward(self, x):
         xp = array_namespace(x)
@@ -238,16 +234,10 @@ class ReLU(Layer):
     def backward(self, grad_y):
         return F.relu_backward(grad_y, self._need_cache(self._cache))
 
-    def zero_cache(self):
-        self._cache = None
 
 
 class Flatten(Layer):
     """(N, ...) -> (N, prod(...)) in C order, as PyTorch's nn.Flatten."""
-
-    def __init__(self):
-        super().__init__()
-        self._shape = None
 
     def forward(self, x):
         xp = array_namespace(x)
@@ -255,12 +245,12 @@ class Flatten(Layer):
             raise ValueError(
                 f"{self!r}: expected input of shape (N, ...) with at least 2 axes, got {_shape_text(x.shape)}"
             )
-        self._shape = tuple(x.shape)
+        self._cache = tuple(x.shape)
         return xp.reshape(x, (x.shape[0], -1))
 
     def backward(self, grad_y):
         xp = array_namespace(grad_y)
-        return xp.reshape(grad_y, self._need_cache(self._shape))
+        return xp.reshape(grad_y, self._need_cache(self._cache))
 
 
 class Linear(Layer):
@@ -272,7 +262,6 @@ class Linear(Layer):
         self.params["weight"] = init_normal(_host_rng(rng), (out_features, in_features), in_features, gain)
         if bias:
             self.params["bias"] = np.zeros(out_features, np.float32)
-        self._cache = None
 
     def forward(self, x):
         self._check_input(x, f"(N, {self.in_features})", 2, self.in_features)
@@ -283,13 +272,9 @@ class Linear(Layer):
         """Store weight and bias gradients; return grad_x, or None when ``input_grad`` is False."""
         x = self._need_cache(self._cache)
         grad_x, grad_w, grad_b = F.linear_backward(grad_y, x, self.params["weight"], input_grad)
-        self.grads["weight"] = grad_w
-        if "bias" in self.params:
-            self.grads["bias"] = grad_b
+        self._set_grads(grad_w, grad_b)
         return grad_x
 
-    def zero_cache(self):
-        self._cache = None
 
     def extra_repr(self):
         bias = "" if "bias" in self.params else ", bias=False"
@@ -315,7 +300,6 @@ class _BatchNorm(Layer):
         self.params["bias"] = np.zeros(num_features, np.float32)
         self.buffers["running_mean"] = np.zeros(num_features, np.float32)
         self.buffers["running_var"] = np.ones(num_features, np.float32)
-        self._cache = None
 
     def _expected(self) -> str:
         return "(N, C)" if self.rank == 2 else "(N, C, H, W)"
@@ -347,8 +331,6 @@ class _BatchNorm(Layer):
         )
         return grad_x if input_grad else None
 
-    def zero_cache(self):
-        self._cache = None
 
     def extra_repr(self):
         return f"{self.num_features}, eps={self.eps}, momentum={self.momentum}"
@@ -375,7 +357,6 @@ class Dropout(Layer):
             raise ValueError(f"Dropout: p must be in [0, 1), got {p}")
         self.p = p
         self.generator = None
-        self._mask = None
 
     def set_generator(self, generator):
         self.generator = generator
@@ -385,21 +366,18 @@ class Dropout(Layer):
         if not xp.isdtype(x.dtype, "real floating"):
             raise ValueError(f"{self!r}: expected a floating-point input, got dtype {x.dtype}")
         if not self.training or self.p == 0.0:
-            self._mask = None
+            self._cache = None
             return x
         if self.generator is None:
             self.generator = backend_of(x).generator(int(np.random.SeedSequence().entropy % 2**63))
         keep = self.generator.random(tuple(x.shape), x.dtype) >= self.p
-        self._mask = xp.astype(keep, x.dtype) / (1.0 - self.p)
-        return x * self._mask
+        self._cache = xp.astype(keep, x.dtype) / (1.0 - self.p)  # the scaled mask
+        return x * self._cache
 
     def backward(self, grad_y):
         if not self.training or self.p == 0.0:
             return grad_y
-        return grad_y * self._need_cache(self._mask)
-
-    def zero_cache(self):
-        self._mask = None
+        return grad_y * self._need_cache(self._cache)
 
     def extra_repr(self):
         return f"p={self.p}"

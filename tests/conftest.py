@@ -4,9 +4,10 @@ from pathlib import Path
 
 import pytest
 
-from xpcnn.backend import Backend, cuda_problem, get_backend
+from xpcnn.backend import Backend, BackendError, cuda_problem, get_backend
 
-BACKEND_PARAMS = ["numpy", "array-api-strict", "cupy"]
+# The CPU backends run everywhere their package is installed; the GPU ones where a GPU is visible.
+BACKEND_PARAMS = ["numpy", "array-api-strict", "torch", "jax", "cupy", "torch-cuda", "jax-cuda"]
 
 MNIST_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
 
@@ -22,6 +23,14 @@ def make_backend(name: str) -> Backend:
         problem = cuda_problem()
         if problem is not None:
             pytest.skip(problem)
+    if name in ("torch", "jax"):
+        pytest.importorskip(name)
+        return get_backend(name, "cpu")
+    if name in ("torch-cuda", "jax-cuda"):
+        try:
+            return get_backend(name.removesuffix("-cuda"), "cuda")
+        except BackendError as exc:
+            pytest.skip(str(exc))
     return get_backend(name)
 
 

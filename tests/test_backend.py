@@ -1,9 +1,12 @@
 """Backend selection, host <-> device moves and the random generator adapters."""
 
+import importlib
+
 import numpy as np
 import pytest
 
 from xpcnn import backend as B
+from xpcnn import models, nn, optim
 
 
 def test_cpu_names_select_numpy():
@@ -24,6 +27,42 @@ def test_strict_backend():
     x = chosen.asarray(np.arange(3.0), chosen.xp.float32)
     assert type(x).__module__.startswith("array_api_strict")
     assert B.to_host(x).dtype == np.float32
+
+
+@pytest.mark.parametrize("name", ["torch", "jax"])
+def test_torch_and_jax_on_the_cpu(name):
+    pytest.importorskip(name)
+    chosen = B.get_backend(name, "cpu")
+    assert (chosen.name, chosen.device_name, chosen.is_gpu) == (name, "cpu", False)
+    x = chosen.asarray(np.arange(3.0))
+    assert B.to_host(x).dtype == np.float64  # JAX keeps float64 (x64 mode), no silent float32
+    assert B.backend_of(x).describe() == f"{name} on cpu"
+
+
+@pytest.mark.parametrize("name", ["torch", "jax"])
+def test_auto_device_is_the_cpu_without_a_gpu(name):
+    pytest.importorskip(name)
+    chosen = B.get_backend(name, "auto")
+    if chosen.is_gpu:
+        pytest.skip(f"{name} uses {chosen.device_name} here")
+    assert chosen.device_name == "cpu"
+    with pytest.raises(B.BackendError, match=f"cannot use cuda:0 with {name}: "):
+        B.get_backend(name, "cuda")
+
+
+@pytest.mark.parametrize("name, hint", [("torch", r"pip install torch==2\.13\.0"), ("jax", "pip install jax")])
+def test_missing_package_says_how_to_install_it(monkeypatch, name, hint):
+    real_import = importlib.import_module
+
+    def without(module, *args):
+        if module == name:
+            raise ImportError(f"No module named '{name}'")
+        return real_import(module, *args)
+
+    monkeypatch.setattr(B.importlib, "import_module", without)
+    with pytest.raises(B.BackendError, match=f"the {name} backend needs the Python package '{name}'.*{hint}") as err:
+        B.get_backend(name, "cpu")
+    assert "\n" not in str(err.value)
 
 
 @pytest.mark.parametrize("spec", ["cuda", "cuda:0", "cupy"])
@@ -77,6 +116,14 @@ def test_round_trip_keeps_values(backend):
     assert backend.to_host(backend.asarray(host, backend.xp.float64)).dtype == np.float64
 
 
+def test_host_arrays_of_any_layout_move(backend):
+    """Read-only and negatively strided host arrays (torch refuses to wrap those) move as values."""
+    host = np.arange(12.0).reshape(3, 4)
+    host.flags.writeable = False
+    for view in (host, host[::-1, ::-2], host.T):
+        assert np.array_equal(backend.to_host(backend.asarray(view)), view)
+
+
 def test_generator_is_reproducible_and_seed_sensitive(backend):
     def draw(*seed):
         gen = backend.generator(*seed)
@@ -105,4 +152,30 @@ def test_backend_of_finds_the_array_backend(backend):
 def test_available_backends_lists_each_with_a_status():
     rows = {row["backend"]: row for row in B.available_backends()}
     assert rows["numpy"]["status"] == "ok" and rows["numpy"]["version"] == np.__version__
-    assert set(rows) >= {"numpy", "array-api-strict", "cupy"}
+    assert list(rows) == list(B.BACKEND_NAMES)
+    for name in ("torch", "jax"):
+        try:
+            module = importlib.import_module(name)
+        except ImportError:
+            assert rows[name]["status"] == "not installed"
+            continue
+        assert rows[name]["version"] == module.__version__
+        assert rows[name]["status"].startswith("ok: cpu")
+
+
+def test_float32_training_step_stays_float32(backend):
+    """No float64 creeps into float32 training on any backend (JAX runs in x64 mode)."""
+    model = models.build("convnet", seed=0).to(backend)
+    model.set_generator(backend.generator(0))
+    loss_fn = nn.CrossEntropyLoss()
+    optimizer = optim.SGD(model, lr=0.1, momentum=0.9)
+    x = backend.asarray(np.random.default_rng(0).random((4, 1, 28, 28), np.float32))
+    y = backend.asarray(np.array([0, 1, 2, 3]))
+    for _ in range(2):
+        logits = model.forward(x)
+        loss = loss_fn.forward(logits, y)
+        model.backward(loss_fn.backward(), input_grad=False)
+        optimizer.step()
+    arrays = {"logits": logits, "loss": loss, **model.parameters(), **model.gradients()}
+    arrays.update({f"{name}/{slot}": v for name, slots in optimizer.state.items() for slot, v in slots.items()})
+    assert {name: B.to_host(a).dtype for name, a in arrays.items() if B.to_host(a).dtype != np.float32} == {}

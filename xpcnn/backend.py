@@ -1,8 +1,9 @@
 """Choose and describe an array backend.
 
 This is the one module that knows array-library names (``numpy``, ``cupy``,
-``array_api_strict``).  Everything else receives a :class:`Backend` or gets
-the namespace from its arrays with ``array_api_compat.array_namespace``.
+``array_api_strict``, ``torch``, ``jax``).  Everything else receives a
+:class:`Backend` or gets the namespace from its arrays with
+``array_api_compat.array_namespace``.
 
 A backend bundles:
 
@@ -11,7 +12,13 @@ A backend bundles:
 * ``asarray`` / ``to_host``: the only host <-> device moves;
 * ``generator(*seed)``: a seeded random generator adapter, the standard having
   no random module;
-* ``synchronize()``: wait for queued device work (a no-op on the CPU).
+* ``synchronize()``: wait for queued device work (a no-op where nothing is
+  queued: NumPy, array-api-strict, torch on the CPU).
+
+Creating the JAX backend turns on JAX's 64-bit mode (``jax_enable_x64``),
+process-wide: without it JAX silently computes float64 requests in float32.
+xpcnn passes every dtype explicitly, so float32 code computes the same either
+way.
 """
 
 from __future__ import annotations
@@ -24,7 +31,7 @@ from typing import Any
 import array_api_compat
 import numpy as np
 
-BACKEND_NAMES = ("numpy", "array-api-strict", "cupy")
+BACKEND_NAMES = ("numpy", "array-api-strict", "cupy", "torch", "jax")
 DEVICE_NAMES = ("auto", "cpu", "cuda", "cuda:N")
 
 
@@ -80,6 +87,48 @@ class CupyGenerator:
             return self._rng.permutation(n).astype("int64")
 
 
+class TorchGenerator:
+    """Random numbers drawn on the tensors' device with a seeded ``torch.Generator``."""
+
+    def __init__(self, backend: Backend, seed: tuple[int, ...]):
+        import torch
+
+        self._torch, self._device = torch, backend.device
+        self._rng = torch.Generator(device=backend.device).manual_seed(seed_to_int(seed))
+
+    def random(self, shape, dtype):
+        return self._torch.rand(shape, generator=self._rng, dtype=dtype, device=self._device)
+
+    def normal(self, shape, dtype):
+        return self._torch.randn(shape, generator=self._rng, dtype=dtype, device=self._device)
+
+    def permutation(self, n):
+        return self._torch.randperm(n, generator=self._rng, dtype=self._torch.int64, device=self._device)
+
+
+class JaxGenerator:
+    """Random numbers from ``jax.random``: the adapter holds a key and splits off a fresh one per draw."""
+
+    def __init__(self, backend: Backend, seed: tuple[int, ...]):
+        import jax
+
+        self._random = jax.random
+        self._key = jax.device_put(jax.random.key(seed_to_int(seed)), backend.device)
+
+    def _next_key(self):
+        self._key, key = self._random.split(self._key)
+        return key
+
+    def random(self, shape, dtype):
+        return self._random.uniform(self._next_key(), shape, dtype)
+
+    def normal(self, shape, dtype):
+        return self._random.normal(self._next_key(), shape, dtype)
+
+    def permutation(self, n):
+        return self._random.permutation(self._next_key(), n).astype("int64")
+
+
 def _host_dtype(dtype) -> np.dtype:
     """The NumPy dtype with the same name as any namespace's dtype (``array_api_strict.float32`` -> float32)."""
     try:
@@ -106,6 +155,10 @@ class Backend:
         host_array = np.asarray(host_array)
         if dtype is not None:
             host_array = host_array.astype(_host_dtype(dtype), copy=False)
+        if self.name == "torch":
+            # torch would share the NumPy memory on the CPU, and it refuses negative strides:
+            # hand it a private C-ordered copy.
+            host_array = np.array(host_array, order="C")
         with self.activate():
             return self.xp.asarray(host_array, device=self.device)
 
@@ -117,18 +170,40 @@ class Backend:
         """A random generator adapter seeded by ``seed`` (e.g. run seed, epoch, step)."""
         if self.name == "cupy":
             return CupyGenerator(self, seed)
+        if self.name == "torch":
+            return TorchGenerator(self, seed)
+        if self.name == "jax":
+            return JaxGenerator(self, seed)
         return HostGenerator(self, seed)
 
     def activate(self):
         """Context in which bare creation calls land on this backend's device."""
         if self.name == "cupy":
             return self.device
+        if self.name == "torch" and self.is_gpu:
+            import torch
+
+            return torch.cuda.device(self.device)
+        if self.name == "jax":
+            import jax
+
+            return jax.default_device(self.device)
         return contextlib.nullcontext()
 
     def synchronize(self) -> None:
-        """Block until queued device work is done (no-op on the CPU)."""
+        """Block until queued device work is done (no-op where nothing is queued)."""
         if self.name == "cupy":
             self.device.synchronize()
+        elif self.name == "torch" and self.is_gpu:
+            import torch
+
+            torch.cuda.synchronize(self.device)
+        elif self.name == "jax":
+            import jax
+
+            # JAX queues work on the CPU too and has no device-wide barrier: wait for every
+            # array that still exists, which covers all work whose result can still be read.
+            jax.block_until_ready(jax.live_arrays())
 
     def describe(self) -> str:
         return f"{self.name} on {self.device_name}"
@@ -143,6 +218,8 @@ def to_host(array) -> np.ndarray:
         return np.asarray(array)
     if array_api_compat.is_cupy_array(array):
         return array.get()
+    if array_api_compat.is_torch_array(array):
+        return array.detach().cpu().numpy()
     if _is_strict_array(array):
         import array_api_strict
 
@@ -154,11 +231,18 @@ def _is_strict_array(array) -> bool:
     return type(array).__module__.startswith("array_api_strict")
 
 
-def _import(module: str, what: str):
+def _import(module: str, what: str, install: str = ""):
     try:
         return importlib.import_module(module)
     except ImportError as exc:
-        raise BackendError(f"{what} needs the Python package '{module}', which is not installed ({exc})") from None
+        hint = f"; install it with: {install}" if install else ""
+        raise BackendError(
+            f"{what} needs the Python package '{module}', which is not installed ({exc}){hint}"
+        ) from None
+
+
+TORCH_INSTALL = "pip install torch==2.13.0 (the CPU build; CUDA builds: https://pytorch.org/get-started)"
+JAX_INSTALL = "pip install jax (the CPU build), or pip install 'jax[cuda12]' for NVIDIA GPUs"
 
 
 def _numpy_backend() -> Backend:
@@ -200,6 +284,71 @@ def _cupy_backend(index: int) -> Backend:
     return Backend("cupy", array_api_compat.array_namespace(cupy.empty(0)), cupy.cuda.Device(index), f"cuda:{index}")
 
 
+def _torch_backend(device) -> Backend:
+    """The torch backend on a ``torch.device``."""
+    torch = _import("torch", "the torch backend", TORCH_INSTALL)
+    name = "cpu" if device.type == "cpu" else f"cuda:{device.index or 0}"
+    return Backend("torch", array_api_compat.array_namespace(torch.empty(0)), device, name)
+
+
+def _torch_cuda_problem(torch) -> str | None:
+    """Why torch cannot use CUDA here, or None."""
+    if torch.version.cuda is None:
+        return f"torch {torch.__version__} is a CPU-only build"
+    if not torch.cuda.is_available():
+        return "torch sees no CUDA GPU"
+    return None
+
+
+def _get_torch_backend(device: str) -> Backend:
+    torch = _import("torch", "the torch backend", TORCH_INSTALL)
+    if device == "auto":
+        device = "cpu" if _torch_cuda_problem(torch) else "cuda"
+    if device == "cpu":
+        return _torch_backend(torch.device("cpu"))
+    index = _parse_cuda_index(device)
+    problem = _torch_cuda_problem(torch)
+    if problem is not None:
+        raise BackendError(f"cannot use cuda:{index} with torch: {problem}")
+    count = torch.cuda.device_count()
+    if not 0 <= index < count:
+        raise BackendError(f"cannot use cuda:{index}: torch sees only {count} GPU(s) (cuda:0..cuda:{count - 1})")
+    return _torch_backend(torch.device("cuda", index))
+
+
+def _jax_gpus(jax) -> list:
+    """JAX's GPU devices (empty when its installed jaxlib has no GPU platform)."""
+    try:
+        return jax.devices("gpu")
+    except RuntimeError:
+        return []
+
+
+def _jax_backend(device) -> Backend:
+    """The JAX backend on a ``jax.Device``."""
+    jax = _import("jax", "the jax backend", JAX_INSTALL)
+    jax.config.update("jax_enable_x64", True)  # float64 for gradient checks; see the module docstring
+    name = "cpu" if device.platform == "cpu" else f"cuda:{_jax_gpus(jax).index(device)}"
+    return Backend("jax", array_api_compat.array_namespace(jax.numpy.empty(0, device=device)), device, name)
+
+
+def _get_jax_backend(device: str) -> Backend:
+    jax = _import("jax", "the jax backend", JAX_INSTALL)
+    gpus = _jax_gpus(jax)
+    if device == "auto":
+        device = "cuda" if gpus else "cpu"
+    if device == "cpu":
+        return _jax_backend(jax.devices("cpu")[0])
+    index = _parse_cuda_index(device)
+    if not gpus:
+        raise BackendError(
+            f"cannot use cuda:{index} with jax: this jaxlib has no GPU platform (pip install 'jax[cuda12]')"
+        )
+    if not 0 <= index < len(gpus):
+        raise BackendError(f"cannot use cuda:{index}: jax sees only {len(gpus)} GPU(s) (cuda:0..cuda:{len(gpus) - 1})")
+    return _jax_backend(gpus[index])
+
+
 def _parse_cuda_index(device: str) -> int:
     if device == "cuda":
         return 0
@@ -212,10 +361,11 @@ def _parse_cuda_index(device: str) -> int:
 def get_backend(backend: str | None = None, device: str | None = None) -> Backend:
     """Return the backend named by ``backend`` and/or ``device``.
 
-    ``backend`` is ``"numpy"``, ``"array-api-strict"``, ``"cupy"``, or a device
-    name (``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:N"``) for convenience;
-    ``device`` is a device name.  ``"auto"`` (the default) picks CUDA through
-    CuPy when CuPy and a GPU work, else NumPy on the CPU.
+    ``backend`` is one of :data:`BACKEND_NAMES`, or a device name (``"auto"``,
+    ``"cpu"``, ``"cuda"``, ``"cuda:N"``) for convenience; ``device`` is a
+    device name.  Without a backend, ``"auto"`` (the default) picks CUDA through
+    CuPy when CuPy and a GPU work, else NumPy on the CPU; torch and jax with
+    ``"auto"`` take their first GPU when they can use one, else the CPU.
     """
     if backend in DEVICE_NAMES or (backend or "").startswith("cuda"):
         if device not in (None, "auto", backend):
@@ -237,6 +387,10 @@ def get_backend(backend: str | None = None, device: str | None = None) -> Backen
         if device == "cpu":
             raise BackendError("the cupy backend runs on CUDA GPUs only, not on the CPU")
         return _cupy_backend(0 if device == "auto" else _parse_cuda_index(device))
+    if backend == "torch":
+        return _get_torch_backend(device)
+    if backend == "jax":
+        return _get_jax_backend(device)
     raise BackendError(f"unknown backend {backend!r}: expected one of {', '.join(BACKEND_NAMES)}")
 
 
@@ -248,13 +402,19 @@ def backend_of(array) -> Backend:
         return _strict_backend(array.device)
     if array_api_compat.is_cupy_array(array):
         return _cupy_backend(array.device.id)
+    if array_api_compat.is_torch_array(array):
+        return _torch_backend(array.device)
+    if array_api_compat.is_jax_array(array):
+        (device,) = array.devices()
+        return _jax_backend(device)
     raise BackendError(f"unsupported array type {type(array).__module__}.{type(array).__name__}")
 
 
 def available_backends() -> list[dict[str, str]]:
     """Each known backend with its version and whether it can run here."""
     rows = []
-    for name, module in (("numpy", "numpy"), ("array-api-strict", "array_api_strict"), ("cupy", "cupy")):
+    modules = {"numpy": "numpy", "array-api-strict": "array_api_strict", "cupy": "cupy", "torch": "torch", "jax": "jax"}
+    for name, module in modules.items():
         try:
             version = importlib.import_module(module).__version__
         except ImportError:
@@ -266,8 +426,20 @@ def available_backends() -> list[dict[str, str]]:
         status = "ok"
         if name == "cupy":
             status = cuda_problem() or "ok"
+        elif name in ("torch", "jax"):
+            status = f"ok: {', '.join(_devices(name))}"
         rows.append({"backend": name, "version": version, "status": status})
     return rows
+
+
+def _devices(name: str) -> list[str]:
+    """The device names the torch or jax backend can use here."""
+    if name == "torch":
+        torch = importlib.import_module("torch")
+        count = 0 if _torch_cuda_problem(torch) else torch.cuda.device_count()
+    else:
+        count = len(_jax_gpus(importlib.import_module("jax")))
+    return ["cpu"] + [f"cuda:{index}" for index in range(count)]
 
 
 def gpu_names() -> list[str]:

@@ -12,12 +12,15 @@ caches or allocator.  A case measures:
 Warm-up steps are excluded; each figure is the median of ``repeats`` timed
 runs of ``steps`` steps.  The device is synchronised only at the end of each
 timed run.  Where torch is installed the same architecture, batch, optimiser
-and thread count run under torch in the same benchmark, and the table shows
-the ratio xpcnn / torch.
+and thread count run under torch (eager) in the same benchmark, and the table
+shows the ratio xpcnn / torch on the device the xpcnn case ran on (xpcnn on
+torch or jax picks CUDA where that library can use a GPU, as ``get_backend``
+does with ``device="auto"``).
 """
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
 import platform
@@ -38,7 +41,7 @@ THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"
 @dataclass(frozen=True)
 class Case:
     framework: str  # "xpcnn" or "torch"
-    backend: str  # xpcnn backend name, or torch device ("cpu", "cuda")
+    backend: str  # xpcnn backend name (its default device), or torch device ("cpu", "cuda")
     model: str
 
     @property
@@ -117,16 +120,31 @@ def run_xpcnn_case(case: Case, settings: Settings) -> dict:
         model.zero_cache()
         model.eval()
         infer_rates = _timed_runs(infer_step, backend.synchronize, settings, settings.infer_batch)
-    return {"train_runs": train_rates, "infer_runs": infer_rates, "device_peak_mib": _cupy_pool_mib(backend)}
+    return {
+        "device": backend.device_name,
+        "train_runs": train_rates,
+        "infer_runs": infer_rates,
+        "device_peak_mib": _device_peak_mib(backend),
+    }
 
 
-def _cupy_pool_mib(backend) -> float | None:
-    """Bytes CuPy's memory pool holds after the run (it keeps its high-water mark), in MiB."""
-    if backend.name != "cupy":
+def _device_peak_mib(backend) -> float | None:
+    """Peak GPU memory of the run in MiB (None on the CPU).
+
+    CuPy: what its memory pool holds (it keeps its high-water mark); torch: its
+    allocator's peak; JAX: the device's ``peak_bytes_in_use``.
+    """
+    if not backend.is_gpu:
         return None
-    import cupy
+    if backend.name == "cupy":
+        import cupy
 
-    return cupy.get_default_memory_pool().total_bytes() / 2**20
+        return cupy.get_default_memory_pool().total_bytes() / 2**20
+    if backend.name == "torch":
+        import torch
+
+        return torch.cuda.max_memory_allocated(backend.device) / 2**20
+    return backend.device.memory_stats()["peak_bytes_in_use"] / 2**20
 
 
 def torch_twin(model):
@@ -207,7 +225,7 @@ def run_torch_case(case: Case, settings: Settings) -> dict:
     model.eval()
     infer_rates = _timed_runs(infer_step, sync, settings, settings.infer_batch)
     peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None
-    return {"train_runs": train_rates, "infer_runs": infer_rates, "device_peak_mib": peak}
+    return {"device": str(device), "train_runs": train_rates, "infer_runs": infer_rates, "device_peak_mib": peak}
 
 
 def run_case(case: Case, settings: Settings) -> dict:
@@ -234,25 +252,48 @@ def run_case_in_subprocess(case: Case, settings: Settings) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def twin_devices(backend: str) -> list[str]:
+    """The torch devices that xpcnn's ``backend`` may run on in a case, for its ratio."""
+    if backend == "cupy":
+        return ["cuda"]
+    if backend in ("torch", "jax") and _cuda_visible():
+        # Which of the two they pick is known only in the case's own process: asking JAX
+        # here would initialise it on the GPU and take most of the GPU's memory.
+        return ["cpu", "cuda"]
+    return ["cpu"]
+
+
+def _cuda_visible() -> bool:
+    from .backend import cuda_problem
+
+    if cuda_problem() is None:
+        return True
+    if not torch_available():
+        return False
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def default_cases(backends: list[str], models: list[str], with_torch: bool) -> list[Case]:
-    """xpcnn on each backend and, where torch is wanted, torch on the matching device."""
+    """xpcnn on each backend and, where torch is wanted, torch eager on the matching device."""
     cases = []
     for model in models:
         for backend in backends:
             cases.append(Case("xpcnn", backend, model))
-            device = "cuda" if backend == "cupy" else "cpu"
-            if with_torch and Case("torch", device, model) not in cases:
-                cases.append(Case("torch", device, model))
+            for device in twin_devices(backend) if with_torch else []:
+                if Case("torch", device, model) not in cases:
+                    cases.append(Case("torch", device, model))
     return cases
 
 
 def add_ratios(results: list[dict]) -> None:
-    """Set ``train_ratio`` / ``infer_ratio`` (xpcnn / torch on the same device and model) where both ran."""
+    """Set ``train_ratio`` / ``infer_ratio`` (xpcnn / torch on the same kind of device, same model) where both ran."""
     torch_rows = {(r["backend"], r["model"]): r for r in results if r["framework"] == "torch" and "error" not in r}
     for row in results:
         if row["framework"] != "xpcnn" or "error" in row:
             continue
-        twin = torch_rows.get(("cuda" if row["backend"] == "cupy" else "cpu", row["model"]))
+        twin = torch_rows.get((row["device"].split(":")[0], row["model"]))
         if twin:
             row["train_ratio"] = row["train_images_per_second"] / twin["train_images_per_second"]
             row["infer_ratio"] = row["infer_images_per_second"] / twin["infer_images_per_second"]
@@ -260,18 +301,19 @@ def add_ratios(results: list[dict]) -> None:
 
 def format_table(results: list[dict]) -> str:
     """A plain-text table of the results (medians; ratios are xpcnn / torch)."""
-    header = f"{'model':<8} {'framework':<9} {'backend':<17} {'train img/s':>12} {'ratio':>6} "
+    header = f"{'model':<10} {'framework':<9} {'backend':<17} {'device':<7} {'train img/s':>12} {'ratio':>6} "
     header += f"{'infer img/s':>12} {'ratio':>6} {'peak RSS MiB':>13} {'device MiB':>11}"
     lines = [header, "-" * len(header)]
     for r in results:
         if "error" in r:
-            lines.append(f"{r['model']:<8} {r['framework']:<9} {r['backend']:<17} failed: {r['error']}")
+            lines.append(f"{r['model']:<10} {r['framework']:<9} {r['backend']:<17} failed: {r['error']}")
             continue
         device = f"{r['device_peak_mib']:.0f}" if r.get("device_peak_mib") is not None else "-"
         train_ratio = f"{r['train_ratio']:.2f}" if "train_ratio" in r else ""
         infer_ratio = f"{r['infer_ratio']:.2f}" if "infer_ratio" in r else ""
         lines.append(
-            f"{r['model']:<8} {r['framework']:<9} {r['backend']:<17} {r['train_images_per_second']:>12,.0f} "
+            f"{r['model']:<10} {r['framework']:<9} {r['backend']:<17} {r['device']:<7} "
+            f"{r['train_images_per_second']:>12,.0f} "
             f"{train_ratio:>6} {r['infer_images_per_second']:>12,.0f} {infer_ratio:>6} "
             f"{r['peak_rss_mib']:>13,.0f} {device:>11}"
         )
@@ -295,12 +337,11 @@ def machine_description(threads: int) -> dict:
         "threads": threads,
         "gpus": gpu_names(),
     }
-    try:
-        import torch
-
-        info["torch"] = torch.__version__
-    except ImportError:
-        info["torch"] = None
+    for package in ("torch", "jax"):
+        try:
+            info[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            info[package] = None
     return info
 
 

@@ -75,14 +75,14 @@ def device_options(command):
         default="auto",
         show_default=True,
         metavar="auto|cpu|cuda|cuda:N",
-        help="Where to compute; auto uses a CUDA GPU when CuPy and a GPU work, else the CPU.",
+        help="Where to compute; auto uses a CUDA GPU when the backend (CuPy by default) can, else the CPU.",
     )(command)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="xpcnn")
 def main():
-    """xpcnn: train convolutional networks on handwritten digits, on NumPy or CuPy.
+    """xpcnn: train convolutional networks on handwritten digits, on NumPy, CuPy, PyTorch or JAX.
 
     \b
     Quick start:
@@ -93,6 +93,7 @@ def main():
 
 
 RESUMABLE = {"epochs", "log_every"}
+BENCH_MODELS = ("seed", "lenet", "convnet")
 
 
 @main.command()
@@ -312,7 +313,13 @@ def predict(run, images, device, backend, as_json):
 
 
 @main.command()
-@click.option("--model", "models", multiple=True, type=click.Choice(list(MODELS)), help="Repeatable [default: all].")
+@click.option(
+    "--model",
+    "models",
+    multiple=True,
+    type=click.Choice(list(MODELS)),
+    help=f"Repeatable [default: {', '.join(BENCH_MODELS)}].",
+)
 @click.option(
     "--backend",
     "backends",
@@ -342,7 +349,7 @@ def bench(models, backends, threads, steps, repeats, train_batch, infer_batch, n
     from .backend import cuda_problem
     from .files import write_json
 
-    models = list(models) or list(MODELS)
+    models = list(models) or list(BENCH_MODELS)
     backends = list(backends) or (["numpy", "cupy"] if cuda_problem() is None else ["numpy"])
     with_torch = not no_torch and benchmark.torch_available()
     settings = benchmark.Settings(train_batch, infer_batch, steps, repeats, 3, threads)

@@ -182,7 +182,6 @@ class Conv2d(Layer):
         self._set_grads(grad_w, grad_b)
         return grad_x
 
-
     def extra_repr(self):
         text = f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}"
         if self.stride != (1, 1):
@@ -215,7 +214,6 @@ class MaxPool2d(Layer):
         record, x_shape = self._need_cache(self._cache)
         return kernels(grad_y).maxpool2d_backward(grad_y, record, x_shape, self.kernel_size, self.stride)
 
-
     def extra_repr(self):
         return f"kernel_size={self.kernel_size}, stride={self.stride}"
 
@@ -233,7 +231,6 @@ class ReLU(Layer):
 
     def backward(self, grad_y):
         return F.relu_backward(grad_y, self._need_cache(self._cache))
-
 
 
 class Flatten(Layer):
@@ -274,7 +271,6 @@ class Linear(Layer):
         grad_x, grad_w, grad_b = F.linear_backward(grad_y, x, self.params["weight"], input_grad)
         self._set_grads(grad_w, grad_b)
         return grad_x
-
 
     def extra_repr(self):
         bias = "" if "bias" in self.params else ", bias=False"
@@ -330,7 +326,6 @@ class _BatchNorm(Layer):
             grad_y, centred, inv_std, self.params["weight"]
         )
         return grad_x if input_grad else None
-
 
     def extra_repr(self):
         return f"{self.num_features}, eps={self.eps}, momentum={self.momentum}"

@@ -1,0 +1,51 @@
+"""The benchmark's case list and ratios: xpcnn on each backend against torch eager on the same device."""
+
+import pytest
+
+from xpcnn import bench
+
+
+def test_each_backend_gets_a_torch_twin_on_its_devices(monkeypatch):
+    monkeypatch.setattr(bench, "_cuda_visible", lambda: False)
+    labels = [case.label for case in bench.default_cases(["numpy", "torch", "jax"], ["seed"], with_torch=True)]
+    assert labels == ["xpcnn:numpy:seed", "torch:cpu:seed", "xpcnn:torch:seed", "xpcnn:jax:seed"]
+    monkeypatch.setattr(bench, "_cuda_visible", lambda: True)
+    labels = [case.label for case in bench.default_cases(["jax", "cupy"], ["seed"], with_torch=True)]
+    assert labels == ["xpcnn:jax:seed", "torch:cpu:seed", "torch:cuda:seed", "xpcnn:cupy:seed"]
+    assert [case.label for case in bench.default_cases(["torch"], ["seed"], with_torch=False)] == ["xpcnn:torch:seed"]
+
+
+def test_ratios_are_taken_against_torch_on_the_device_the_case_ran_on():
+    def row(framework, backend, device, train, infer):
+        return {
+            "framework": framework,
+            "backend": backend,
+            "device": device,
+            "model": "seed",
+            "train_images_per_second": train,
+            "infer_images_per_second": infer,
+            "peak_rss_mib": 1.0,
+        }
+
+    results = [
+        row("torch", "cpu", "cpu", 100.0, 1000.0),
+        row("torch", "cuda", "cuda", 1000.0, 10000.0),
+        row("xpcnn", "jax", "cuda:0", 500.0, 20000.0),
+        row("xpcnn", "torch", "cpu", 50.0, 2000.0),
+    ]
+    bench.add_ratios(results)
+    assert (results[2]["train_ratio"], results[2]["infer_ratio"]) == (0.5, 2.0)
+    assert (results[3]["train_ratio"], results[3]["infer_ratio"]) == (0.5, 2.0)
+    assert "train_ratio" not in results[0]
+    lines = bench.format_table(results).splitlines()
+    assert lines[4].split()[:4] == ["seed", "xpcnn", "jax", "cuda:0"]
+
+
+@pytest.mark.parametrize("name", ["torch", "jax"])
+def test_a_case_runs_on_torch_and_jax(name):
+    pytest.importorskip(name)
+    settings = bench.Settings(train_batch=8, infer_batch=16, steps=1, repeats=2, warmup=1)
+    result = bench.run_case(bench.Case("xpcnn", name, "seed"), settings)
+    assert result["device"] in ("cpu", "cuda:0")
+    assert len(result["train_runs"]) == 2 and result["train_images_per_second"] > 0
+    assert result["infer_images_per_second"] > 0

@@ -154,3 +154,14 @@ def test_batchnorm_gradients(backend, layer, shape):
     layer.params["weight"] = rng.standard_normal(shape[1])
     layer.params["bias"] = rng.standard_normal(shape[1])
     check_layer(backend, layer, random_input(*shape) * 2 + 0.5)
+
+
+def test_label_smoothed_cross_entropy_gradient(backend):
+    rng = np.random.default_rng(5)
+    logits = rng.standard_normal((4, 6)) * 2
+    labels = backend.asarray(rng.integers(0, 6, 4).astype(np.int64))
+    loss = nn.CrossEntropyLoss(label_smoothing=0.2)
+    loss.forward(backend.asarray(logits), labels)
+    analytic = to_host(loss.backward())
+    numeric = numerical_gradient(lambda z: float(loss.forward(backend.asarray(z), labels)), logits.copy())
+    assert relative_error(analytic, numeric) <= TOLERANCE

@@ -125,6 +125,13 @@ BENCH_MODELS = ("seed", "lenet", "convnet")
     help="Training images held out for validation.",
 )
 @click.option(
+    "--label-smoothing",
+    type=click.FloatRange(0.0, 1.0, max_open=True),
+    default=TrainConfig.label_smoothing,
+    show_default=True,
+    help="Train against (1 - e) * one-hot + e / classes.",
+)
+@click.option(
     "--augment/--no-augment",
     default=TrainConfig.augment,
     show_default=True,

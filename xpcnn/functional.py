@@ -250,15 +250,18 @@ def one_hot(labels, num_classes: int, dtype):
     return xp.astype(labels[:, None] == classes, dtype)
 
 
-def cross_entropy(logits, labels):
+def cross_entropy(logits, labels, label_smoothing: float = 0.0):
     """Mean softmax cross-entropy of logits (N, K) against integer labels (N,).
 
-    Returns (loss as a 0-d array, grad_logits (N, K)).
+    With ``label_smoothing`` e the target is (1 - e) * one_hot + e / K, as in
+    PyTorch.  Returns (loss as a 0-d array, grad_logits (N, K)).
     """
     xp = array_namespace(logits, labels)
     n, k = logits.shape
     log_p = log_softmax(logits, axis=1)
     target = one_hot(labels, k, logits.dtype)
+    if label_smoothing:
+        target = target * (1.0 - label_smoothing) + label_smoothing / k
     loss = -xp.sum(log_p * target) / n
     return loss, (xp.exp(log_p) - target) / n
 

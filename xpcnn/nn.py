@@ -493,12 +493,17 @@ class Sequential(Layer):
 class CrossEntropyLoss:
     """Softmax + cross-entropy, mean over the batch; logits (N, K), integer labels (N,).
 
-    ``check_labels=False`` skips the label-range check, which reads a value
-    back to the host (a device sync); the trainer validates labels once instead.
+    ``label_smoothing`` e trains against (1 - e) * one_hot + e / K (PyTorch's
+    definition).  ``check_labels=False`` skips the label-range check, which
+    reads a value back to the host (a device sync); the trainer validates
+    labels once instead.
     """
 
-    def __init__(self, check_labels: bool = True):
+    def __init__(self, check_labels: bool = True, label_smoothing: float = 0.0):
+        if not 0.0 <= label_smoothing < 1.0:
+            raise ValueError(f"CrossEntropyLoss: label_smoothing must be in [0, 1), got {label_smoothing}")
         self.check_labels = check_labels
+        self.label_smoothing = label_smoothing
         self._grad = None
 
     def forward(self, logits, labels):
@@ -519,7 +524,7 @@ class CrossEntropyLoss:
                 raise ValueError(
                     f"CrossEntropyLoss: labels must lie in [0, {logits.shape[1] - 1}], got values in [{low}, {high}]"
                 )
-        loss, self._grad = F.cross_entropy(logits, labels)
+        loss, self._grad = F.cross_entropy(logits, labels, self.label_smoothing)
         return loss
 
     __call__ = forward

@@ -48,11 +48,12 @@ class TrainConfig:
     optimizer: str = "sgd"
     lr: float = 0.05
     momentum: float = 0.9
-    weight_decay: float = 0.0
+    weight_decay: float = 5e-4
     schedule: str = "onecycle"
     seed: int = 0
     validation: int = 0
     augment: bool = False
+    label_smoothing: float = 0.0
     log_every: int = 50
 
     def __post_init__(self):
@@ -71,6 +72,7 @@ class TrainConfig:
             (self.seed >= 0, f"seed must be >= 0, got {self.seed}"),
             (self.validation >= 0, f"validation size must be >= 0, got {self.validation}"),
             (self.log_every >= 1, f"log interval must be >= 1, got {self.log_every}"),
+            (0 <= self.label_smoothing < 1, f"label smoothing must be in [0, 1), got {self.label_smoothing}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -248,7 +250,8 @@ class Trainer:
     ):
         """``background`` is the value of a blank pixel after normalisation: what augmentation fills in."""
         self.model, self.optimizer, self.backend, self.config = model, optimizer, backend, config
-        self.loss_fn = CrossEntropyLoss(check_labels=False)  # labels are validated once, at load
+        # Labels are validated once, at load; the evaluation loss stays the plain cross-entropy.
+        self.loss_fn = CrossEntropyLoss(check_labels=False, label_smoothing=config.label_smoothing)
         self.progress = progress or Progress(None)
         self.augmentation = Augmentation() if config.augment else None
         self.background = background

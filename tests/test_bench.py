@@ -5,14 +5,25 @@ import pytest
 from xpcnn import bench
 
 
-def test_each_backend_gets_a_torch_twin_on_its_devices(monkeypatch):
-    monkeypatch.setattr(bench, "_cuda_visible", lambda: False)
-    labels = [case.label for case in bench.default_cases(["numpy", "torch", "jax"], ["seed"], with_torch=True)]
-    assert labels == ["xpcnn:numpy:seed", "torch:cpu:seed", "xpcnn:torch:seed", "xpcnn:jax:seed"]
-    monkeypatch.setattr(bench, "_cuda_visible", lambda: True)
-    labels = [case.label for case in bench.default_cases(["jax", "cupy"], ["seed"], with_torch=True)]
-    assert labels == ["xpcnn:jax:seed", "torch:cpu:seed", "torch:cuda:seed", "xpcnn:cupy:seed"]
-    assert [case.label for case in bench.default_cases(["torch"], ["seed"], with_torch=False)] == ["xpcnn:torch:seed"]
+def test_each_xpcnn_case_gets_a_torch_twin_on_the_device_it_ran_on():
+    assert [case.label for case in bench.xpcnn_cases(["numpy", "jax"], ["seed", "lenet"])] == [
+        "xpcnn:numpy:seed",
+        "xpcnn:jax:seed",
+        "xpcnn:numpy:lenet",
+        "xpcnn:jax:lenet",
+    ]
+    results = [
+        {"framework": "xpcnn", "backend": "numpy", "model": "seed", "device": "cpu"},
+        {"framework": "xpcnn", "backend": "torch", "model": "seed", "device": "cpu"},
+        {"framework": "xpcnn", "backend": "jax", "model": "seed", "device": "cuda:0"},
+        {"framework": "xpcnn", "backend": "cupy", "model": "lenet", "device": "cuda:1"},
+        {"framework": "xpcnn", "backend": "cupy", "model": "convnet", "error": "out of memory"},
+    ]
+    assert [case.label for case in bench.twin_cases(results)] == [
+        "torch:cpu:seed",
+        "torch:cuda:seed",
+        "torch:cuda:lenet",
+    ]
 
 
 def test_ratios_are_taken_against_torch_on_the_device_the_case_ran_on():

@@ -252,38 +252,24 @@ def run_case_in_subprocess(case: Case, settings: Settings) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def twin_devices(backend: str) -> list[str]:
-    """The torch devices that xpcnn's ``backend`` may run on in a case, for its ratio."""
-    if backend == "cupy":
-        return ["cuda"]
-    if backend in ("torch", "jax") and _cuda_visible():
-        # Which of the two they pick is known only in the case's own process: asking JAX
-        # here would initialise it on the GPU and take most of the GPU's memory.
-        return ["cpu", "cuda"]
-    return ["cpu"]
+def xpcnn_cases(backends: list[str], models: list[str]) -> list[Case]:
+    """xpcnn on each backend (on the device ``get_backend`` picks for it), for each model."""
+    return [Case("xpcnn", backend, model) for model in models for backend in backends]
 
 
-def _cuda_visible() -> bool:
-    from .backend import cuda_problem
+def twin_cases(results: list[dict]) -> list[Case]:
+    """torch eager on the kind of device (cpu or cuda) each successful xpcnn case ran on, same model.
 
-    if cuda_problem() is None:
-        return True
-    if not torch_available():
-        return False
-    import torch
-
-    return torch.cuda.is_available()
-
-
-def default_cases(backends: list[str], models: list[str], with_torch: bool) -> list[Case]:
-    """xpcnn on each backend and, where torch is wanted, torch eager on the matching device."""
+    The twins are chosen after the xpcnn cases have run: which device torch or
+    JAX picks is known only in the case's own process (asking JAX here would
+    initialise it on the GPU and hold memory that the cases need).
+    """
     cases = []
-    for model in models:
-        for backend in backends:
-            cases.append(Case("xpcnn", backend, model))
-            for device in twin_devices(backend) if with_torch else []:
-                if Case("torch", device, model) not in cases:
-                    cases.append(Case("torch", device, model))
+    for row in results:
+        if row["framework"] == "xpcnn" and "error" not in row:
+            twin = Case("torch", row["device"].split(":")[0], row["model"])
+            if twin not in cases:
+                cases.append(twin)
     return cases
 
 
@@ -297,6 +283,16 @@ def add_ratios(results: list[dict]) -> None:
         if twin:
             row["train_ratio"] = row["train_images_per_second"] / twin["train_images_per_second"]
             row["infer_ratio"] = row["infer_images_per_second"] / twin["infer_images_per_second"]
+
+
+def format_progress(result: dict) -> str:
+    """One line for a finished case, printed as the benchmark goes (a run cut short keeps them)."""
+    if "error" in result:
+        return f"{Case(result['framework'], result['backend'], result['model']).label}: failed: {result['error']}"
+    return (
+        f"{result['framework']}:{result['backend']}:{result['model']} on {result['device']}: "
+        f"train {result['train_images_per_second']:,.0f} img/s, infer {result['infer_images_per_second']:,.0f} img/s"
+    )
 
 
 def format_table(results: list[dict]) -> str:

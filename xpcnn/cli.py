@@ -366,9 +366,15 @@ def bench(models, backends, threads, steps, repeats, train_batch, infer_batch, n
         err=True,
     )
     results = []
-    for case in benchmark.default_cases(backends, models, with_torch):
-        click.echo(f"  running {case.label} ...", err=True)
-        results.append(benchmark.run_case_in_subprocess(case, settings))
+
+    def run(cases):
+        for case in cases:
+            results.append(benchmark.run_case_in_subprocess(case, settings))
+            click.echo(f"  {benchmark.format_progress(results[-1])}", err=True)
+
+    run(benchmark.xpcnn_cases(backends, models))
+    if with_torch:
+        run(benchmark.twin_cases(results))
     benchmark.add_ratios(results)
     click.echo(benchmark.format_table(results))
     report = {"machine": machine, "settings": dataclasses.asdict(settings), "results": results}

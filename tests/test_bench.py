@@ -60,3 +60,20 @@ def test_a_case_runs_on_torch_and_jax(name):
     assert result["device"] in ("cpu", "cuda:0")
     assert len(result["train_runs"]) == 2 and result["train_images_per_second"] > 0
     assert result["infer_images_per_second"] > 0
+
+
+def test_full_run_reports_its_own_peak_memory_not_an_earlier_childs(synthetic_dir):
+    import subprocess
+    import sys
+
+    big = 800  # MiB held by an earlier child: RUSAGE_CHILDREN would report it for every later child
+    subprocess.run([sys.executable, "-c", f"b = bytearray({big} * 2**20); b[::4096] = b'x' * len(b[::4096])"], check=True)
+    run = bench.full_run(str(synthetic_dir), "seed", "cpu", threads=1)
+    assert "error" not in run, run
+    assert 0 < run["peak_rss_mib"] < big, run
+    assert run["epoch"] == 1 and 0 <= run["test_accuracy"] <= 1 and run["wall_seconds"] > 0
+
+
+def test_full_run_failure_is_one_line(tmp_path):
+    run = bench.full_run(str(tmp_path), "seed", "cpu", threads=1)
+    assert "error" in run and "\n" not in run["error"]

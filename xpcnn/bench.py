@@ -357,22 +357,24 @@ def full_run(data_dir: str, model: str, device: str, threads: int) -> dict:
     import tempfile
 
     env = dict(os.environ, **{name: str(threads) for name in THREAD_VARIABLES})
-    with tempfile.TemporaryDirectory() as out:
+    with tempfile.TemporaryDirectory() as out, open(f"{out}/log", "w+") as log:
         command = [sys.executable, "-m", "xpcnn", "train", "--model", model, "--epochs", "1", "--device", device]
         command += ["--data-dir", data_dir, "--out", f"{out}/run"]
-        before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
         start = time.perf_counter()
-        done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
+        child = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+        # wait4 gives this child's own peak RSS; RUSAGE_CHILDREN would give the largest of
+        # every child so far, such as an earlier benchmark case's.
+        _, status, usage = os.wait4(child.pid, 0)
+        child.returncode = os.waitstatus_to_exitcode(status)
         seconds = time.perf_counter() - start
-        peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-        if done.returncode != 0:
-            return {"model": model, "error": (done.stderr.strip().splitlines() or ["no output"])[-1]}
+        if child.returncode != 0:
+            log.seek(0)
+            return {"model": model, "error": (log.read().strip().splitlines() or ["no output"])[-1]}
         record = json.loads(open(f"{out}/run/history.json").read())[-1]
-    # ru_maxrss of children is the largest of any child so far: valid when this child is the largest.
     return {
         "model": model,
         "device": device,
-        "peak_rss_mib": max(peak, before) / 1024,
+        "peak_rss_mib": usage.ru_maxrss / 1024,
         "wall_seconds": seconds,
         **record,
     }

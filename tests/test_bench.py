@@ -67,7 +67,8 @@ def test_full_run_reports_its_own_peak_memory_not_an_earlier_childs(synthetic_di
     import sys
 
     big = 800  # MiB held by an earlier child: RUSAGE_CHILDREN would report it for every later child
-    subprocess.run([sys.executable, "-c", f"b = bytearray({big} * 2**20); b[::4096] = b'x' * len(b[::4096])"], check=True)
+    touch_pages = f"b = bytearray({big} * 2**20); b[::4096] = b'x' * len(b[::4096])"
+    subprocess.run([sys.executable, "-c", touch_pages], check=True)
     run = bench.full_run(str(synthetic_dir), "seed", "cpu", threads=1)
     assert "error" not in run, run
     assert 0 < run["peak_rss_mib"] < big, run

@@ -62,13 +62,16 @@ def test_a_case_runs_on_torch_and_jax(name):
     assert result["infer_images_per_second"] > 0
 
 
-def test_full_run_reports_its_own_peak_memory_not_an_earlier_childs(synthetic_dir):
+def test_full_run_reports_its_own_peak_memory_not_its_parents_or_an_earlier_childs(synthetic_dir):
     import subprocess
     import sys
 
-    big = 800  # MiB held by an earlier child: RUSAGE_CHILDREN would report it for every later child
+    big = 800  # MiB: RUSAGE_CHILDREN would report an earlier child this big for every later child
     touch_pages = f"b = bytearray({big} * 2**20); b[::4096] = b'x' * len(b[::4096])"
     subprocess.run([sys.executable, "-c", touch_pages], check=True)
+    # ... and ru_maxrss counts the parent's memory at spawn time: make this (the parent) big too.
+    ballast = bytearray(big * 2**20)
+    ballast[::4096] = b"x" * len(ballast[::4096])
     run = bench.full_run(str(synthetic_dir), "seed", "cpu", threads=1)
     assert "error" not in run, run
     assert 0 < run["peak_rss_mib"] < big, run

@@ -9,7 +9,7 @@
 # Usage: scripts/gpu_check.sh [OUT_DIR] [MNIST_DIR] [FASHION_DIR]
 #   GPU_CHECK_INSTALL=0   use the xpcnn importable as it is (default: pip install ".[test,cuda12]")
 #   GPU_CHECK_RECIPES=1   also train the fast and best recipes (3 seeds) and Fashion-MNIST runs,
-#                         concurrently on the one GPU (each is launch-bound, not compute-bound)
+#                         concurrently on the one GPU, beside the tests (their seconds are then upper bounds)
 #   GPU_CHECK_TEST_SECONDS, GPU_CHECK_BENCH_SECONDS, GPU_CHECK_RECIPE_SECONDS: time limits per step
 set -uo pipefail
 cd "$(dirname "$0")/.."

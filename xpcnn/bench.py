@@ -287,11 +287,12 @@ def add_ratios(results: list[dict]) -> None:
 
 def format_progress(result: dict) -> str:
     """One line for a finished case, printed as the benchmark goes (a run cut short keeps them)."""
+    label = Case(result["framework"], result["backend"], result["model"]).label
     if "error" in result:
-        return f"{Case(result['framework'], result['backend'], result['model']).label}: failed: {result['error']}"
+        return f"{label}: failed: {result['error']}"
     return (
-        f"{result['framework']}:{result['backend']}:{result['model']} on {result['device']}: "
-        f"train {result['train_images_per_second']:,.0f} img/s, infer {result['infer_images_per_second']:,.0f} img/s"
+        f"{label} on {result['device']}: train {result['train_images_per_second']:,.0f} img/s, "
+        f"infer {result['infer_images_per_second']:,.0f} img/s"
     )
 
 

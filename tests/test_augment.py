@@ -1,9 +1,9 @@
-"""Random affine augmentation: exact special cases, an independent oracle, seeding and statistics."""
+"""Random affine and elastic augmentation: exact special cases, independent oracles, seeding and statistics."""
 
 import numpy as np
 import pytest
 
-from xpcnn.augment import Augmentation, affine_matrices, affine_sample
+from xpcnn.augment import Augmentation, affine_matrices, affine_sample, elastic_displacement
 from xpcnn.backend import get_backend, to_host
 
 FLOATS = ["float32", "float64"]
@@ -69,7 +69,22 @@ def test_bad_shapes_and_ranges_raise_value_error():
         affine_sample(np.zeros((2, 5, 5)), np.zeros((2, 2, 3)))
     with pytest.raises(ValueError, match=r"matrices of shape \(2, 2, 3\)"):
         affine_sample(np.zeros((2, 1, 5, 5)), np.zeros((3, 2, 3)))
-    for kwargs in ({"max_shift": -1}, {"max_rotation": float("nan")}, {"max_scale": 1.0}, {"max_shear": 90}):
+    with pytest.raises(ValueError, match=r"displacement of shape \(2, 2, 5, 5\)"):
+        affine_sample(np.zeros((2, 1, 5, 5)), np.zeros((2, 2, 3)), displacement=np.zeros((2, 1, 5, 5)))
+    with pytest.raises(ValueError, match=r"noise of shape \(B, 2, H, W\)"):
+        elastic_displacement(np.zeros((2, 3, 5, 5)), 1.0, 1.0)
+    with pytest.raises(ValueError, match="sigma must be > 0"):
+        elastic_displacement(np.zeros((2, 2, 5, 5)), 1.0, 0.0)
+    bad = (
+        {"max_shift": -1},
+        {"max_rotation": float("nan")},
+        {"max_scale": 1.0},
+        {"max_shear": 90},
+        {"elastic_alpha": -1.0},
+        {"elastic_alpha": float("inf")},
+        {"elastic_sigma": 0.0},
+    )
+    for kwargs in bad:
         with pytest.raises(ValueError, match="Augmentation"):
             Augmentation(**kwargs)
 
@@ -258,3 +273,105 @@ def test_runs_on_torch_tensors():
         out = affine_sample(torch.from_numpy(host).to(dtype), torch.from_numpy(m), fill=-0.42)
         assert out.dtype == dtype and tuple(out.shape) == host.shape
         np.testing.assert_allclose(out.numpy(), expected, rtol=0, atol=atol)
+
+
+# --- elastic distortion ---
+
+
+def numpy_gaussian_smoothing(noise, sigma):
+    """Oracle: np.convolve with the sampled, untruncated Gaussian along each image axis, zeros outside."""
+
+    def along(axis, array):
+        n = array.shape[axis]
+        t = np.arange(-(n - 1), n)
+        kernel = np.exp(-(t**2) / (2 * sigma**2)) / (np.sqrt(2 * np.pi) * sigma)
+        return np.apply_along_axis(lambda v: np.convolve(v, kernel)[n - 1 : 2 * n - 1], axis, array)
+
+    return along(-1, along(-2, noise))
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+def test_elastic_displacement_is_a_scaled_gaussian_convolution(backend, dtype):
+    noise = np.random.default_rng(5).uniform(-1, 1, size=(3, 2, 9, 7))
+    out = to_host(elastic_displacement(to_backend(backend, noise, dtype), 34.0, 2.5))
+    assert dtype_name(out) == dtype and out.shape == noise.shape
+    expected = 34.0 * numpy_gaussian_smoothing(noise, 2.5)
+    np.testing.assert_allclose(out, expected, rtol=0, atol=1e-4 if dtype == "float32" else 1e-12)
+
+
+def test_elastic_displacement_is_in_pixels():
+    """The kernel integrates to one: a constant field of ones becomes alpha away from the border."""
+    out = elastic_displacement(np.ones((1, 2, 40, 40)), 3.0, 2.0)
+    np.testing.assert_allclose(out[:, :, 18:22, 18:22], 3.0, rtol=1e-9)
+    assert out[0, 0, 0, 0] < 3.0 * 0.6  # zeros outside the image: half the kernel's mass is missing per axis
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+def test_constant_displacement_is_a_shift(backend, dtype):
+    """Displacing every sampling point by (+2, -1) pixels reads in[r - 1, c + 2]: a shift by (-2, +1)."""
+    host = random_images((2, 2, 6, 7))
+    images = to_backend(backend, host, dtype)
+    displacement = np.zeros((2, 2, 6, 7))
+    displacement[:, 0], displacement[:, 1] = 2.0, -1.0
+    out = affine_sample(images, matrices_for(backend, dtype, n=2), -0.42, to_backend(backend, displacement, dtype))
+    shifted = affine_sample(images, matrices_for(backend, dtype, shift_x=-2, shift_y=1, n=2), fill=-0.42)
+    np.testing.assert_array_equal(to_host(out), to_host(shifted))
+
+
+def torch_warp(host_images, host_matrices, host_displacement, fill):
+    """Oracle for an affine warp plus displacement: affine_grid, plus the displacement in [-1, 1] units."""
+    torch = pytest.importorskip("torch")
+    f = torch.nn.functional
+    b, c, h, w = host_images.shape
+    half = np.array([(w - 1) / 2, (h - 1) / 2])
+    linear = host_matrices[:, :, :2] * half[None, None, :] / half[None, :, None]
+    theta = np.concatenate([linear, host_matrices[:, :, 2:] / half[None, :, None]], axis=2)
+    grid = f.affine_grid(torch.from_numpy(theta), [b, c, h, w], align_corners=True)
+    grid = grid + torch.from_numpy(np.moveaxis(host_displacement, 1, -1) / half)
+    out = f.grid_sample(torch.from_numpy(host_images - fill), grid, align_corners=True)
+    return out.numpy() + fill
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+def test_affine_plus_elastic_matches_torch_grid_sample(backend, dtype):
+    host = random_images((4, 2, 12, 10), seed=6)
+    augment = Augmentation(max_shift=2, max_rotation=20, max_scale=0.2, max_shear=10, elastic_alpha=20, elastic_sigma=3)
+    m = to_host(augment.matrices(4, get_backend("numpy").generator(1), np.float64))
+    noise = np.random.default_rng(2).uniform(-1, 1, size=(4, 2, 12, 10))
+    displacement = to_host(elastic_displacement(noise, 20.0, 3.0))
+    assert np.abs(displacement).max() > 1.0  # strong enough to move whole pixels
+    args = (to_backend(backend, m, dtype), -0.42, to_backend(backend, displacement, dtype))
+    out = to_host(affine_sample(to_backend(backend, host, dtype), *args))
+    expected = torch_warp(host, m, displacement, -0.42)
+    np.testing.assert_allclose(out, expected, rtol=0, atol=1e-5 if dtype == "float32" else 1e-10)
+
+
+def test_elastic_draws_after_the_matrices_and_is_seeded(backend):
+    images = to_backend(backend, random_images((3, 1, 10, 10)), "float32")
+    elastic = Augmentation(elastic_alpha=30, elastic_sigma=3)
+    assert not elastic.is_identity and not Augmentation(0, 0, 0, 0, elastic_alpha=1).is_identity
+    first = to_host(elastic(images, backend.generator(4, 1), fill=-0.42))
+    np.testing.assert_array_equal(first, to_host(elastic(images, backend.generator(4, 1), fill=-0.42)))
+    assert not np.allclose(first, to_host(elastic(images, backend.generator(4, 2), fill=-0.42)))
+    # The affine part is unchanged by the elastic option: same matrices from the same generator state.
+    generator = backend.generator(4, 1)
+    m = elastic.matrices(3, generator, backend.xp.float32)
+    noise = 2.0 * generator.random((3, 2, 10, 10), backend.xp.float32) - 1.0
+    expected = affine_sample(images, m, -0.42, elastic_displacement(noise, 30, 3))
+    np.testing.assert_array_equal(first, to_host(expected))
+    plain = to_host(Augmentation()(images, backend.generator(4, 1), fill=-0.42))
+    np.testing.assert_array_equal(plain, to_host(affine_sample(images, m, fill=-0.42)))
+    assert not np.allclose(first, plain)
+
+
+def test_elastic_displacement_has_the_expected_spread():
+    """Away from the border, smoothing uniform noise (variance 1/3) with a unit-mass Gaussian of
+    standard deviation sigma leaves variance (1/3) / (4 pi sigma^2): alpha 34, sigma 4 move a pixel
+    by 1.38 pixels (standard deviation) per axis, with zero mean."""
+    alpha, sigma = 34.0, 4.0
+    noise = np.random.default_rng(0).uniform(-1, 1, size=(4000, 2, 40, 40))
+    centre = elastic_displacement(noise, alpha, sigma)[:, :, 20, 20]
+    expected = alpha / np.sqrt(12 * np.pi) / sigma
+    assert expected == pytest.approx(1.384, abs=1e-3)
+    np.testing.assert_allclose(centre.std(axis=0), expected, rtol=0.05)
+    assert np.abs(centre.mean(axis=0)).max() < 0.1

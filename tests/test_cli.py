@@ -201,6 +201,9 @@ def test_bad_data_files_give_one_line_naming_the_file(synthetic_dir, tmp_path, b
         (["train", "--device", "tpu"], r"unknown device 'tpu'", 1),
         (["train", "--lr", "-1", "--device", "cpu"], r"learning rate must be a positive number", 1),
         (["train", "--model", "resnet"], r"Invalid value for '--model'", 2),
+        (["train", "--elastic", "-1"], r"Invalid value for '--elastic'", 2),
+        (["train", "--elastic", "nan", "--device", "cpu"], r"elastic distortion scale must be a number >= 0", 1),
+        (["train", "--elastic-sigma", "0"], r"Invalid value for '--elastic-sigma'", 2),
         (["evaluate", "{tmp}/nothing.npz"], r"does not exist", 2),
         (["evaluate", "{corrupt}"], r"not a readable xpcnn checkpoint", 1),
         (["predict", "{corrupt}", "x.png"], r"not a readable xpcnn checkpoint", 1),
@@ -247,8 +250,9 @@ def test_recipe_sets_values_and_flags_override_it(synthetic_dir, tmp_path):
 def test_plots_from_train_and_evaluate(trained_run, synthetic_dir, tmp_path):
     pytest.importorskip("matplotlib")
     run = tmp_path / "run"
-    invoke("train", *FAST, "--augment", "--plot", "--data-dir", synthetic_dir, "--out", run)
-    assert json.loads((run / "config.json").read_text())["augment"] is True
+    invoke("train", *FAST, "--augment", "--elastic", "30", "--plot", "--data-dir", synthetic_dir, "--out", run)
+    config = json.loads((run / "config.json").read_text())
+    assert (config["augment"], config["elastic"], config["elastic_sigma"]) == (True, 30.0, 4.0)
     assert (run / "history.png").read_bytes().startswith(b"\x89PNG")
     report = json.loads(invoke("evaluate", run, "--plot", "--json").output)
     assert report["plots"] == [str(run / "confusion.png"), str(run / "worst.png")]

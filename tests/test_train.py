@@ -210,12 +210,25 @@ def test_normalization_from_the_histogram_is_exact():
     np.testing.assert_allclose(split.images[:, 0], (scaled - norm.mean) / norm.std, rtol=1e-5, atol=1e-6)
 
 
-def test_augmentation_is_reproducible_and_changes_training(synthetic, tmp_path):
+@pytest.mark.parametrize("options", [{"augment": True}, {"elastic": 20.0, "elastic_sigma": 3.0}])
+def test_augmentation_is_reproducible_and_changes_training(synthetic, tmp_path, options):
     numpy = get_backend("numpy")
-    cfg = config(epochs=1, augment=True)
+    cfg = config(epochs=1, **options)
     for name in ("a", "b"):
         train.train_run(cfg, numpy, synthetic, tmp_path / name)
     train.train_run(config(epochs=1), numpy, synthetic, tmp_path / "plain")
     (_, a), (_, b), (_, plain) = (arrays_of(tmp_path / n) for n in ("a", "b", "plain"))
     assert all(np.array_equal(a[k], b[k]) for k in a)
     assert not np.array_equal(a["model/0.weight"], plain["model/0.weight"])
+
+
+def test_augmentation_options_build_the_transform():
+    assert train.make_augmentation(config()) is None
+    assert train.make_augmentation(config(augment=True)) == train.Augmentation()
+    elastic = train.make_augmentation(config(elastic=34.0))
+    assert (elastic.max_shift, elastic.max_rotation, elastic.elastic_alpha, elastic.elastic_sigma) == (0, 0, 34.0, 4.0)
+    both = train.make_augmentation(config(augment=True, elastic=10.0, elastic_sigma=5.0))
+    assert both == train.Augmentation(elastic_alpha=10.0, elastic_sigma=5.0)
+    for bad in ({"elastic": -1.0}, {"elastic": float("nan")}, {"elastic_sigma": 0.0}):
+        with pytest.raises(ValueError, match="elastic"):
+            config(**bad)

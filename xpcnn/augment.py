@@ -1,11 +1,13 @@
-"""Random affine data augmentation on the device, written on the Array API standard only.
+"""Random affine and elastic data augmentation on the device, written on the Array API standard only.
 
 Three layers, lowest first:
 
 * :func:`affine_sample` warps a batch ``(B, C, H, W)`` with given sampling
-  matrices ``(B, 2, 3)`` by bilinear interpolation;
+  matrices ``(B, 2, 3)``, plus an optional per-pixel displacement, by
+  bilinear interpolation;
 * :func:`affine_matrices` builds those matrices from per-image rotation,
-  scale, shear and shift;
+  scale, shear and shift; :func:`elastic_displacement` builds smooth random
+  displacement fields (Simard et al., 2003) from uniform noise;
 * :class:`Augmentation` draws the per-image parameters from a
   :meth:`xpcnn.backend.Backend.generator` and applies them.
 
@@ -44,15 +46,17 @@ from dataclasses import dataclass
 from array_api_compat import array_namespace, device
 
 
-def affine_sample(images, matrices, fill: float = 0.0):
+def affine_sample(images, matrices, fill: float = 0.0, displacement=None):
     """Warp each image of ``images`` (B, C, H, W) by its sampling matrix ``matrices[b]`` (2, 3).
 
     ``out[b, :, y, x]`` is ``images[b]`` bilinearly interpolated at
     ``matrices[b] @ (x, y, 1)`` (centred pixel coordinates, see the module
-    docstring); neighbours outside the image read ``fill``.  ``matrices`` is
-    cast to the images' dtype.  Returns a new array of the same shape, dtype
-    and device.  Fully vectorised: one integer index array and four ``take``
-    gathers on the flattened batch.
+    docstring), plus ``displacement[b, :, y, x]`` (x then y, in pixels) when a
+    displacement (B, 2, H, W) is given; neighbours outside the image read
+    ``fill``.  ``matrices`` and ``displacement`` are cast to the images'
+    dtype.  Returns a new array of the same shape, dtype and device.  Fully
+    vectorised: one integer index array and four ``take`` gathers on the
+    flattened batch.
     """
     xp = array_namespace(images, matrices)
     if images.ndim != 4:
@@ -73,6 +77,15 @@ def affine_sample(images, matrices, fill: float = 0.0):
     m = xp.reshape(matrices, (-1, 6, 1, 1))  # rows (a, b, tx, c, d, ty), each (B, 1, 1)
     src_x = m[:, 0, ...] * xs + m[:, 1, ...] * ys + (m[:, 2, ...] + cx)
     src_y = m[:, 3, ...] * xs + m[:, 4, ...] * ys + (m[:, 5, ...] + cy)
+    if displacement is not None:
+        if tuple(displacement.shape) != (b, 2, h, w):
+            raise ValueError(
+                f"affine_sample: expected a displacement of shape ({b}, 2, {h}, {w}), got {tuple(displacement.shape)}"
+            )
+        if displacement.dtype != dtype:
+            displacement = xp.astype(displacement, dtype)
+        src_x = src_x + displacement[:, 0, ...]
+        src_y = src_y + displacement[:, 1, ...]
 
     def neighbours(src, size):
         """Lower neighbour (B, H, W, integral floats) and the tent weights of it and the next pixel along one axis.
@@ -131,14 +144,42 @@ def affine_matrices(rotation, scale, shear, shift_x, shift_y):
     return xp.stack([xp.stack([a, b, tx], axis=-1), xp.stack([c, d, ty], axis=-1)], axis=-2)
 
 
+def elastic_displacement(noise, alpha: float, sigma: float):
+    """Smooth random displacement fields (B, 2, H, W), in pixels, from ``noise`` (B, 2, H, W).
+
+    Each field ``noise[b, k]`` (uniform in [-1, 1) for the elastic distortions
+    of Simard et al., 2003) is convolved with a Gaussian of standard deviation
+    ``sigma`` pixels along both axes, with zeros outside the image, and scaled
+    by ``alpha``.  The convolution is two matrix products with the (symmetric)
+    Gaussian matrices ``G[i, j] = exp(-(i - j)^2 / (2 sigma^2)) / (sqrt(2 pi) sigma)``:
+    ``alpha * G_H @ noise @ G_W``.
+    """
+    xp = array_namespace(noise)
+    if noise.ndim != 4 or noise.shape[1] != 2:
+        raise ValueError(f"elastic_displacement: expected noise of shape (B, 2, H, W), got {tuple(noise.shape)}")
+    if not sigma > 0:
+        raise ValueError(f"elastic_displacement: sigma must be > 0, got {sigma!r}")
+    h, w = noise.shape[2:]
+
+    def gaussian_matrix(size):
+        index = xp.arange(size, dtype=noise.dtype, device=device(noise))
+        distance = index[:, None] - index[None, :]
+        return xp.exp(distance * distance * (-0.5 / sigma**2)) * (1.0 / (math.sqrt(2 * math.pi) * sigma))
+
+    return float(alpha) * xp.matmul(xp.matmul(gaussian_matrix(h), noise), gaussian_matrix(w))
+
+
 @dataclass(frozen=True)
 class Augmentation:
     """Random per-image affine transform, drawn uniformly in the given ranges.
 
     ``max_shift`` pixels (each of x and y uniform in [-max_shift, max_shift]),
     ``max_rotation`` degrees, ``max_scale`` relative (scale uniform in
-    [1 - max_scale, 1 + max_scale]), ``max_shear`` degrees.  Call it on a
-    batch with a generator from :meth:`xpcnn.backend.Backend.generator`::
+    [1 - max_scale, 1 + max_scale]), ``max_shear`` degrees; with
+    ``elastic_alpha`` > 0, each image is also distorted by an
+    :func:`elastic_displacement` of scale ``elastic_alpha`` pixels and
+    smoothness ``elastic_sigma`` pixels.  Call it on a batch with a generator
+    from :meth:`xpcnn.backend.Backend.generator`::
 
         augment = Augmentation(max_shift=2, max_rotation=10, max_scale=0.1)
         images = augment(images, backend.generator(seed, epoch, step), fill=background)
@@ -151,12 +192,16 @@ class Augmentation:
     max_rotation: float = 10.0
     max_scale: float = 0.1
     max_shear: float = 0.0
+    elastic_alpha: float = 0.0
+    elastic_sigma: float = 4.0
 
     def __post_init__(self):
-        for name in ("max_shift", "max_rotation", "max_scale", "max_shear"):
+        for name in ("max_shift", "max_rotation", "max_scale", "max_shear", "elastic_alpha", "elastic_sigma"):
             value = getattr(self, name)
             if not (isinstance(value, int | float) and math.isfinite(value) and value >= 0):
                 raise ValueError(f"Augmentation: {name} must be a finite number >= 0, got {value!r}")
+        if self.elastic_sigma == 0:
+            raise ValueError("Augmentation: elastic_sigma must be > 0")
         if self.max_scale >= 1:
             raise ValueError(f"Augmentation: max_scale must be < 1, got {self.max_scale!r}")
         if self.max_shear >= 90:
@@ -164,7 +209,7 @@ class Augmentation:
 
     @property
     def is_identity(self) -> bool:
-        return not (self.max_shift or self.max_rotation or self.max_scale or self.max_shear)
+        return not (self.max_shift or self.max_rotation or self.max_scale or self.max_shear or self.elastic_alpha)
 
     def matrices(self, n: int, generator, dtype):
         """Draw ``n`` sampling matrices (n, 2, 3): one ``generator.random((n, 5), dtype)`` call."""
@@ -178,7 +223,16 @@ class Augmentation:
         )
 
     def __call__(self, images, generator, fill: float = 0.0):
-        """Augment ``images`` (B, C, H, W), each image with its own random transform."""
+        """Augment ``images`` (B, C, H, W), each image with its own random transform.
+
+        Draws the matrices first, then (only when ``elastic_alpha`` > 0) the
+        elastic noise with one ``generator.random((B, 2, H, W), dtype)`` call.
+        """
         if self.is_identity:
             return images
-        return affine_sample(images, self.matrices(images.shape[0], generator, images.dtype), fill)
+        matrices = self.matrices(images.shape[0], generator, images.dtype)
+        displacement = None
+        if self.elastic_alpha:
+            noise = 2.0 * generator.random((images.shape[0], 2, *images.shape[-2:]), images.dtype) - 1.0
+            displacement = elastic_displacement(noise, self.elastic_alpha, self.elastic_sigma)
+        return affine_sample(images, matrices, fill, displacement)

@@ -138,6 +138,21 @@ BENCH_MODELS = ("seed", "lenet", "convnet")
     help="Random shifts, rotations and scaling of the training images, on the device.",
 )
 @click.option(
+    "--elastic",
+    type=click.FloatRange(min=0.0),
+    default=TrainConfig.elastic,
+    show_default=True,
+    metavar="ALPHA",
+    help="Elastic distortion of the training images (Simard et al. 2003), ALPHA pixels strong; 0 is off.",
+)
+@click.option(
+    "--elastic-sigma",
+    type=click.FloatRange(min=0.0, min_open=True),
+    default=TrainConfig.elastic_sigma,
+    show_default=True,
+    help="Smoothness of the elastic distortion: the Gaussian's standard deviation in pixels.",
+)
+@click.option(
     "--log-every",
     type=click.IntRange(min=1),
     default=TrainConfig.log_every,

@@ -53,6 +53,8 @@ class TrainConfig:
     seed: int = 0
     validation: int = 0
     augment: bool = False
+    elastic: float = 0.0
+    elastic_sigma: float = 4.0
     label_smoothing: float = 0.0
     log_every: int = 50
 
@@ -73,6 +75,8 @@ class TrainConfig:
             (self.validation >= 0, f"validation size must be >= 0, got {self.validation}"),
             (self.log_every >= 1, f"log interval must be >= 1, got {self.log_every}"),
             (0 <= self.label_smoothing < 1, f"label smoothing must be in [0, 1), got {self.label_smoothing}"),
+            (0 <= self.elastic < math.inf, f"elastic distortion scale must be a number >= 0, got {self.elastic}"),
+            (0 < self.elastic_sigma < math.inf, f"elastic sigma must be a positive number, got {self.elastic_sigma}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -98,6 +102,14 @@ def make_optimizer(config: TrainConfig, model: Sequential) -> Optimizer:
         )
     kind: type[Adam] = OPTIMIZERS[config.optimizer]
     return kind(model, config.lr, weight_decay=config.weight_decay)
+
+
+def make_augmentation(config: TrainConfig) -> Augmentation | None:
+    """The training-time augmentation the config asks for: affine (``augment``), elastic, both or none."""
+    if not config.augment and not config.elastic:
+        return None
+    affine = {} if config.augment else {"max_shift": 0, "max_rotation": 0, "max_scale": 0, "max_shear": 0}
+    return Augmentation(**affine, elastic_alpha=config.elastic, elastic_sigma=config.elastic_sigma)
 
 
 @dataclass(frozen=True)
@@ -253,7 +265,7 @@ class Trainer:
         # Labels are validated once, at load; the evaluation loss stays the plain cross-entropy.
         self.loss_fn = CrossEntropyLoss(check_labels=False, label_smoothing=config.label_smoothing)
         self.progress = progress or Progress(None)
-        self.augmentation = Augmentation() if config.augment else None
+        self.augmentation = make_augmentation(config)
         self.background = background
 
     def fit(

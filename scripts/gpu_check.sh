@@ -2,7 +2,8 @@
 # On a CUDA machine, in one go: the whole test suite (CuPy, and torch and JAX
 # on CUDA, join the backend fixture when a GPU is visible), the benchmark
 # (xpcnn on cupy, torch and jax beside torch eager on the same GPU, plus one
-# full MNIST epoch), and optionally the accuracy recipes.  Every step writes
+# full MNIST epoch; then once more with TF32 matmuls on both sides), and
+# optionally the accuracy recipes.  Every step writes
 # its own log into OUT_DIR, so a step that fails or runs out of time leaves the
 # others' results.
 #
@@ -10,6 +11,7 @@
 #   GPU_CHECK_INSTALL=0   use the xpcnn importable as it is (default: pip install ".[test,cuda12]")
 #   GPU_CHECK_RECIPES=1   also train the fast and best recipes (3 seeds) and Fashion-MNIST runs,
 #                         concurrently on the one GPU, beside the tests (their seconds are then upper bounds)
+#   GPU_CHECK_TF32=0      skip the second benchmark, with --tf32
 #   GPU_CHECK_TEST_SECONDS, GPU_CHECK_BENCH_SECONDS, GPU_CHECK_RECIPE_SECONDS: time limits per step
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -49,6 +51,12 @@ full_run=()
 timeout "${GPU_CHECK_BENCH_SECONDS:-900}" "$python" -m xpcnn bench --backend cupy --backend torch --backend jax \
     --steps 50 --threads 2 --json "$out/bench.json" "${full_run[@]}" > "$out/bench.txt" 2>&1
 log "benchmark: exit $?"
+if [ "${GPU_CHECK_TF32:-1}" = 1 ]; then
+    log "benchmark, TF32"
+    timeout "${GPU_CHECK_BENCH_SECONDS:-900}" "$python" -m xpcnn bench --backend cupy --model convnet --tf32 \
+        --steps 50 --threads 2 --json "$out/bench-tf32.json" "${full_run[@]}" > "$out/bench-tf32.txt" 2>&1
+    log "benchmark, TF32: exit $?"
+fi
 
 if [ "${GPU_CHECK_RECIPES:-0}" = 1 ] && [ -d "$mnist" ]; then
     log "recipes (in the background)"

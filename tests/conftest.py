@@ -1,9 +1,11 @@
 """Shared fixtures: one backend fixture that every backend-agnostic test runs on."""
 
+import sys
 from pathlib import Path
 
 import pytest
 
+from xpcnn import backend as backend_module
 from xpcnn.backend import Backend, BackendError, cuda_problem, get_backend
 
 # The CPU backends run everywhere their package is installed; the GPU ones where a GPU is visible.
@@ -71,3 +73,18 @@ def write_synthetic_mnist(directory: Path, n_train: int = 600, n_test: int = 200
 def synthetic_dir(tmp_path_factory) -> Path:
     """A directory holding a small synthetic MNIST look-alike (600 train, 200 test images)."""
     return write_synthetic_mnist(tmp_path_factory.mktemp("synthetic-mnist"))
+
+
+@pytest.fixture
+def restore_tf32():
+    """Put the process-wide TF32 math mode (xpcnn's switch, torch's and JAX's flags) back after the test."""
+    torch, jax = sys.modules.get("torch"), sys.modules.get("jax")
+    saved_torch = torch and (torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision)
+    saved_jax = jax and jax.config.jax_default_matmul_precision
+    saved = backend_module._tf32
+    yield
+    backend_module._tf32 = saved
+    if saved_torch:
+        torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision = saved_torch
+    if saved_jax:
+        jax.config.update("jax_default_matmul_precision", saved_jax)

@@ -179,3 +179,58 @@ def test_float32_training_step_stays_float32(backend):
     arrays = {"logits": logits, "loss": loss, **model.parameters(), **model.gradients()}
     arrays.update({f"{name}/{slot}": v for name, slots in optimizer.state.items() for slot, v in slots.items()})
     assert {name: B.to_host(a).dtype for name, a in arrays.items() if B.to_host(a).dtype != np.float32} == {}
+
+
+# --- TF32 math mode ---
+
+
+def test_tf32_switches_torch_and_jax_together(restore_tf32):
+    torch, jax = pytest.importorskip("torch"), pytest.importorskip("jax")
+    B.get_backend("jax", "cpu")
+    assert jax.config.jax_default_matmul_precision == "highest"  # never TF32 unless asked for
+    B.set_tf32(True)
+    assert B.tf32_enabled()
+    assert (torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision) == ("tf32", "tf32")
+    assert jax.config.jax_default_matmul_precision == "tensorfloat32"
+    B.get_backend("jax", "cpu")  # creating a backend keeps the mode
+    assert jax.config.jax_default_matmul_precision == "tensorfloat32"
+    B.set_tf32(False)
+    assert not B.tf32_enabled()
+    assert (torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision) == ("ieee", "ieee")
+    assert jax.config.jax_default_matmul_precision == "highest"
+
+
+@pytest.mark.parametrize("name", ["numpy", "torch", "jax"])
+def test_tf32_changes_nothing_on_the_cpu(restore_tf32, name):
+    if name != "numpy":
+        pytest.importorskip(name)
+    cpu = B.get_backend(name, "cpu")
+    model = models.build("convnet", seed=1).to(cpu).eval()
+    x = cpu.asarray(np.random.default_rng(0).normal(size=(8, 1, 28, 28)), cpu.xp.float32)
+    B.set_tf32(False)
+    exact = B.to_host(model.forward(x))
+    B.set_tf32(True)
+    np.testing.assert_array_equal(B.to_host(model.forward(x)), exact)
+
+
+def test_tf32_rounds_float32_matmuls_on_a_gpu(restore_tf32):
+    """On an NVIDIA GPU (Ampere or newer) TF32 keeps 10 mantissa bits: ~1e-3 relative error instead of ~1e-6."""
+    problem = B.cuda_problem()
+    if problem is not None:
+        pytest.skip(problem)
+    import cupy
+
+    if int(cupy.cuda.Device().compute_capability) < 80:
+        pytest.skip("TF32 needs compute capability 8.0 or newer")
+    gpu = B.get_backend("cupy")
+    host = np.random.default_rng(0).uniform(1, 2, size=(256, 256))
+    exact = host @ host
+    a = gpu.asarray(host, cupy.float32)
+
+    def error():
+        return np.max(np.abs(B.to_host(a @ a) - exact) / exact)
+
+    B.set_tf32(False)
+    assert error() < 1e-5
+    B.set_tf32(True)
+    assert error() > 1e-4

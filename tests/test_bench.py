@@ -2,7 +2,7 @@
 
 import pytest
 
-from xpcnn import bench
+from xpcnn import backend, bench
 
 
 def test_each_xpcnn_case_gets_a_torch_twin_on_the_device_it_ran_on():
@@ -53,10 +53,11 @@ def test_ratios_are_taken_against_torch_on_the_device_the_case_ran_on():
 
 
 @pytest.mark.parametrize("name", ["torch", "jax"])
-def test_a_case_runs_on_torch_and_jax(name):
+def test_a_case_runs_on_torch_and_jax(name, restore_tf32):
     pytest.importorskip(name)
-    settings = bench.Settings(train_batch=8, infer_batch=16, steps=1, repeats=2, warmup=1)
+    settings = bench.Settings(train_batch=8, infer_batch=16, steps=1, repeats=2, warmup=1, tf32=True)
     result = bench.run_case(bench.Case("xpcnn", name, "seed"), settings)
+    assert backend.tf32_enabled()  # the math mode is set for every case, xpcnn's and torch's
     assert result["device"] in ("cpu", "cuda:0")
     assert len(result["train_runs"]) == 2 and result["train_images_per_second"] > 0
     assert result["infer_images_per_second"] > 0

@@ -21,12 +21,18 @@ xpcnn passes every dtype explicitly, so float32 code computes the same either
 way.  It also sets ``jax_default_matmul_precision`` to ``"highest"``: on NVIDIA
 GPUs JAX otherwise multiplies float32 matrices in TF32 (about 1e-3 relative
 error), where every other backend computes in full float32.
+
+:func:`set_tf32` is the one switch for that math mode: it lets float32 matrix
+products on NVIDIA GPUs (Ampere and newer) run on TF32 tensor cores, inputs
+rounded to 10 mantissa bits, in CuPy, torch and JAX alike.  It is off unless
+asked for (``--tf32``), and does nothing on CPUs.
 """
 
 from __future__ import annotations
 
 import contextlib
 import importlib
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,6 +41,46 @@ import numpy as np
 
 BACKEND_NAMES = ("numpy", "array-api-strict", "cupy", "torch", "jax")
 DEVICE_NAMES = ("auto", "cpu", "cuda", "cuda:N")
+
+
+# None: never set, each library keeps its own default (JAX: "highest", set below).
+_tf32: bool | None = None
+
+
+def set_tf32(enabled: bool) -> None:
+    """Allow (or forbid) TF32 for float32 matrix products on NVIDIA GPUs, process-wide, in every backend.
+
+    Applies at once to CuPy, torch and JAX if they are imported, and to backends created later.
+    """
+    global _tf32
+    _tf32 = bool(enabled)
+    for name in ("cupy", "torch", "jax"):
+        if name in sys.modules:
+            _apply_tf32(name)
+
+
+def tf32_enabled() -> bool:
+    return bool(_tf32)
+
+
+def _apply_tf32(name: str) -> None:
+    """Put library ``name`` (already imported) in the math mode :func:`set_tf32` chose."""
+    if name == "jax":
+        # Always set, TF32 or not: JAX's own default on GPUs is TF32.
+        precision = "tensorfloat32" if _tf32 else "highest"
+        sys.modules["jax"].config.update("jax_default_matmul_precision", precision)
+    elif _tf32 is None:
+        return
+    elif name == "torch":
+        # torch's own defaults differ: TF32 for cuDNN convolutions, full float32 for matmuls.
+        backends = sys.modules["torch"].backends
+        backends.cuda.matmul.fp32_precision = backends.cudnn.conv.fp32_precision = "tf32" if _tf32 else "ieee"
+    elif name == "cupy":
+        # CUPY_TF32 is read once, at the first float32 matmul; this sets the same switch at any time.
+        from cupy._core import _routines_linalg as linalg
+
+        mode = linalg.COMPUTE_TYPE_TF32 if _tf32 else linalg.COMPUTE_TYPE_DEFAULT
+        linalg.set_compute_type(sys.modules["cupy"].float32, mode)
 
 
 class BackendError(RuntimeError):
@@ -287,6 +333,7 @@ def _cupy_backend(index: int) -> Backend:
     count = cupy.cuda.runtime.getDeviceCount()
     if not 0 <= index < count:
         raise BackendError(f"cannot use cuda:{index}: only {count} GPU(s) visible (cuda:0..cuda:{count - 1})")
+    _apply_tf32("cupy")
     return Backend("cupy", array_api_compat.array_namespace(cupy.empty(0)), cupy.cuda.Device(index), f"cuda:{index}")
 
 
@@ -294,6 +341,7 @@ def _torch_backend(device) -> Backend:
     """The torch backend on a ``torch.device``."""
     torch = _import("torch", "the torch backend", TORCH_INSTALL)
     name = "cpu" if device.type == "cpu" else f"cuda:{device.index or 0}"
+    _apply_tf32("torch")
     return Backend("torch", array_api_compat.array_namespace(torch.empty(0)), device, name)
 
 
@@ -334,7 +382,7 @@ def _jax_backend(device) -> Backend:
     """The JAX backend on a ``jax.Device``."""
     jax = _import("jax", "the jax backend", JAX_INSTALL)
     jax.config.update("jax_enable_x64", True)  # float64 for gradient checks; see the module docstring
-    jax.config.update("jax_default_matmul_precision", "highest")  # no silent TF32 on GPUs; see the docstring
+    _apply_tf32("jax")  # no silent TF32 on GPUs unless asked for; see the docstring
     name = "cpu" if device.platform == "cpu" else f"cuda:{_jax_gpus(jax).index(device)}"
     return Backend("jax", array_api_compat.array_namespace(jax.numpy.empty(0, device=device)), device, name)
 

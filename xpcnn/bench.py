@@ -62,6 +62,7 @@ class Settings:
     repeats: int = 5
     warmup: int = 3
     threads: int = 2
+    tf32: bool = False  # TF32 float32 matmuls (and torch's cuDNN convolutions) on NVIDIA GPUs, for both sides
 
 
 def _timed_runs(step, sync, settings: Settings, images_per_step: int) -> list[float]:
@@ -230,6 +231,10 @@ def run_torch_case(case: Case, settings: Settings) -> dict:
 
 def run_case(case: Case, settings: Settings) -> dict:
     """Run one case in this process and return its figures."""
+    from .backend import set_tf32
+
+    # Set either way, so that xpcnn and torch (whose cuDNN convolutions default to TF32) compute alike.
+    set_tf32(settings.tf32)
     runner = run_torch_case if case.framework == "torch" else run_xpcnn_case
     result = runner(case, settings)
     return {
@@ -381,7 +386,7 @@ finally:
 """
 
 
-def full_run(data_dir: str, model: str, device: str, threads: int) -> dict:
+def full_run(data_dir: str, model: str, device: str, threads: int, tf32: bool = False) -> dict:
     """Train ``model`` for one epoch on the MNIST files in ``data_dir`` in a child process.
 
     Returns the child's own peak resident memory, wall time and final history record.
@@ -392,7 +397,7 @@ def full_run(data_dir: str, model: str, device: str, threads: int) -> dict:
     with tempfile.TemporaryDirectory() as out:
         command = [sys.executable, "-c", _TRAIN_AND_REPORT_PEAK, f"{out}/peak"]
         command += ["train", "--model", model, "--epochs", "1", "--device", device]
-        command += ["--data-dir", data_dir, "--out", f"{out}/run"]
+        command += ["--data-dir", data_dir, "--out", f"{out}/run"] + (["--tf32"] if tf32 else [])
         start = time.perf_counter()
         done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
         seconds = time.perf_counter() - start

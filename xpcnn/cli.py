@@ -14,7 +14,7 @@ import click
 import numpy as np
 
 from . import __version__, plots
-from .backend import BACKEND_NAMES, BackendError, available_backends, get_backend, gpu_names
+from .backend import BACKEND_NAMES, BackendError, available_backends, get_backend, gpu_names, set_tf32
 from .checkpoint import CheckpointError, checkpoint_path, load_checkpoint
 from .data import DATASETS, DataError, find_data_dir, get_spec, load_dataset
 from .images import ImageError, load_images
@@ -94,6 +94,7 @@ def main():
 
 RESUMABLE = {"epochs", "log_every"}
 BENCH_MODELS = ("seed", "lenet", "convnet")
+TF32_HELP = "Let float32 matrix products on NVIDIA GPUs use TF32 tensor cores (10-bit mantissas): faster, less exact."
 
 
 @main.command()
@@ -161,10 +162,11 @@ BENCH_MODELS = ("seed", "lenet", "convnet")
 )
 @click.option("--out", type=click.Path(file_okay=False), help="Run directory [default: runs/<model>-<time>].")
 @click.option("--resume", type=click.Path(exists=True, file_okay=False), help="Continue the run in this directory.")
+@click.option("--tf32", is_flag=True, help=TF32_HELP)
 @click.option("--plot", is_flag=True, help="Also write the training curves to history.png in the run directory.")
 @click.pass_context
 @friendly_errors
-def train(ctx, recipe_name, data_dir, device, backend, out, resume, plot, **options):
+def train(ctx, recipe_name, data_dir, device, backend, out, resume, tf32, plot, **options):
     """Train a model, saving config, history and checkpoints to a run directory."""
     if plot:
         plots.require_matplotlib()
@@ -205,6 +207,7 @@ def train(ctx, recipe_name, data_dir, device, backend, out, resume, plot, **opti
         if run_dir_has_run(out):
             raise click.UsageError(f"{out} already holds a run: continue it with --resume {out}, or pick another --out")
 
+    set_tf32(tf32)
     chosen = get_backend(backend, device)
     dataset = load_dataset(config.dataset, data_dir)
     click.echo(
@@ -216,6 +219,7 @@ def train(ctx, recipe_name, data_dir, device, backend, out, resume, plot, **opti
     environment = {
         "data_dir": str(Path(data_dir).resolve()) if data_dir else None,
         "backend": chosen.describe(),
+        "tf32": tf32,
         "recipe": recipe_name,
     }
     state = train_run(
@@ -358,6 +362,7 @@ def predict(run, images, device, backend, as_json):
 @click.option("--infer-batch", type=click.IntRange(min=1), default=1000, show_default=True)
 @click.option("--no-torch", is_flag=True, help="Skip the PyTorch comparison.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Also write the results here as JSON.")
+@click.option("--tf32", is_flag=True, help=TF32_HELP)
 @click.option(
     "--full-run",
     "full_run_dir",
@@ -365,7 +370,7 @@ def predict(run, images, device, backend, as_json):
     help="Also train convnet for one epoch on the MNIST files here and report its peak memory and time.",
 )
 @friendly_errors
-def bench(models, backends, threads, steps, repeats, train_batch, infer_batch, no_torch, json_path, full_run_dir):
+def bench(models, backends, threads, steps, repeats, train_batch, infer_batch, no_torch, json_path, tf32, full_run_dir):
     """Training and inference images/s and peak memory, beside PyTorch in the same run."""
     from . import bench as benchmark
     from .backend import cuda_problem
@@ -374,7 +379,7 @@ def bench(models, backends, threads, steps, repeats, train_batch, infer_batch, n
     models = list(models) or list(BENCH_MODELS)
     backends = list(backends) or (["numpy", "cupy"] if cuda_problem() is None else ["numpy"])
     with_torch = not no_torch and benchmark.torch_available()
-    settings = benchmark.Settings(train_batch, infer_batch, steps, repeats, 3, threads)
+    settings = benchmark.Settings(train_batch, infer_batch, steps, repeats, 3, threads, tf32)
     machine = benchmark.machine_description(threads)
     click.echo(
         f"{machine['processor']}, {machine['cpu_count']} CPUs ({threads} threads), GPUs: {machine['gpus'] or 'none'}",
@@ -396,7 +401,7 @@ def bench(models, backends, threads, steps, repeats, train_batch, infer_batch, n
     if full_run_dir:
         device = "cuda" if "cupy" in backends else "cpu"
         click.echo(f"  running one epoch of convnet on {device} ...", err=True)
-        run = benchmark.full_run(full_run_dir, "convnet", device, threads)
+        run = benchmark.full_run(full_run_dir, "convnet", device, threads, tf32)
         report["full_run"] = run
         if "error" in run:
             click.echo(f"full MNIST epoch failed: {run['error']}")

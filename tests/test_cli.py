@@ -250,10 +250,11 @@ def test_recipe_sets_values_and_flags_override_it(synthetic_dir, tmp_path):
 def test_plots_from_train_and_evaluate(trained_run, synthetic_dir, tmp_path, restore_tf32):
     pytest.importorskip("matplotlib")
     run = tmp_path / "run"
-    options = ["--augment", "--elastic", "30", "--tf32", "--plot"]
+    options = ["--augment", "--elastic", "30", "--tf32", "--recalibrate-bn", "--plot"]
     invoke("train", *FAST, *options, "--data-dir", synthetic_dir, "--out", run)
     config = json.loads((run / "config.json").read_text())
-    assert (config["augment"], config["elastic"], config["elastic_sigma"], config["tf32"]) == (True, 30.0, 4.0, True)
+    chosen = [config[k] for k in ("augment", "elastic", "elastic_sigma", "tf32", "recalibrate_bn")]
+    assert chosen == [True, 30.0, 4.0, True, True]
     assert (run / "history.png").read_bytes().startswith(b"\x89PNG")
     report = json.loads(invoke("evaluate", run, "--plot", "--json").output)
     assert report["plots"] == [str(run / "confusion.png"), str(run / "worst.png")]

@@ -200,3 +200,41 @@ def test_pool_then_relu_equals_relu_then_pool(backend):
         results.append((to_host(y), to_host(model.backward(as_backend(backend, grad)))))
     (y_a, g_a), (y_b, g_b) = results
     assert np.array_equal(y_a, y_b) and np.array_equal(g_a, g_b)
+
+
+def test_recalibrate_batchnorm_averages_the_statistics_over_all_batches(backend):
+    """Running statistics become size-weighted averages over the batches; dropout stays off."""
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(10, 3, 4, 4)) * np.array([1.0, 2.0, 0.5])[None, :, None, None] + 1.5
+    model = nn.Sequential(nn.Dropout(0.5), nn.BatchNorm2d(3), nn.ReLU(), nn.Flatten(), nn.BatchNorm1d(48))
+    model.to(backend, backend.xp.float64)
+    for layer in (model[1], model[4]):
+        layer.buffers["running_mean"] = backend.asarray(np.full(layer.num_features, 7.0))
+    batches = [x[:4], x[4:8], x[8:]]  # unequal sizes: 4, 4, 2
+    nn.recalibrate_batchnorm(model, (backend.asarray(b) for b in batches))
+
+    channels = np.moveaxis(x, 1, -1).reshape(-1, 3)
+    np.testing.assert_allclose(to_host(model[1].buffers["running_mean"]), channels.mean(axis=0), rtol=1e-12)
+    per_batch = [np.moveaxis(b, 1, -1).reshape(-1, 3).var(axis=0, ddof=1) * len(b) for b in batches]
+    np.testing.assert_allclose(to_host(model[1].buffers["running_var"]), sum(per_batch) / 10, rtol=1e-12)
+    # The second layer sees the first one's output normalised with each batch's own statistics, as in training.
+    hidden = []
+    for b in batches:
+        mean, var = b.mean(axis=(0, 2, 3), keepdims=True), b.var(axis=(0, 2, 3), keepdims=True)
+        hidden.append(np.maximum((b - mean) / np.sqrt(var + 1e-5), 0).reshape(len(b), -1))
+    expected = sum(h.sum(axis=0) for h in hidden) / 10
+    np.testing.assert_allclose(to_host(model[4].buffers["running_mean"]), expected, rtol=1e-9)
+    assert not model.training and not any(layer.training for layer in model)
+    assert model[1].momentum == model[4].momentum == 0.1
+
+
+def test_recalibrate_without_batchnorm_reads_nothing():
+    model = models.build("convnet", seed=0)
+    before = model.state_dict()
+
+    def batches():
+        raise AssertionError("no batch-norm layer: nothing to read")
+        yield
+
+    nn.recalibrate_batchnorm(model, batches())
+    assert all(np.array_equal(before[k], v) for k, v in model.state_dict().items())

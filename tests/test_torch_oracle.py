@@ -141,3 +141,19 @@ def test_label_smoothed_cross_entropy_matches_torch(backend, dtype):
     t_value.backward()
     assert relative_error(to_host(value), t_value.detach().numpy()) <= TOLERANCES[dtype]
     assert relative_error(to_host(loss.backward()), t_logits.grad.numpy()) <= TOLERANCES[dtype]
+
+
+def test_batchnorm_recalibration_matches_torch_cumulative_average(backend, dtype):
+    """For equal batches, recalibration is torch's momentum=None (cumulative average) after reset_running_stats()."""
+    layer = nn.BatchNorm2d(4)
+    layer.to(backend, getattr(backend.xp, dtype))
+    torch_layer = torch.nn.BatchNorm2d(4, momentum=None).to(getattr(torch, dtype))
+    torch_layer.reset_running_stats()
+    batches = [(sample(6, 4, 5, 3, seed=step) * 2 + 1).astype(dtype) for step in range(3)]
+    nn.recalibrate_batchnorm(nn.Sequential(layer), (backend.asarray(b) for b in batches))
+    with torch.no_grad():
+        for b in batches:
+            torch_layer(torch.tensor(b))
+    tol = TOLERANCES[dtype]
+    assert relative_error(to_host(layer.buffers["running_mean"]), torch_layer.running_mean.numpy()) <= tol
+    assert relative_error(to_host(layer.buffers["running_var"]), torch_layer.running_var.numpy()) <= tol

@@ -8,7 +8,7 @@ import signal
 import numpy as np
 import pytest
 
-from xpcnn import optim, train
+from xpcnn import nn, optim, train
 from xpcnn.backend import get_backend
 from xpcnn.checkpoint import load_checkpoint
 from xpcnn.data import load_dataset
@@ -44,6 +44,10 @@ def arrays_of(run_dir):
     return ckpt, arrays
 
 
+def without_timings(record: dict) -> dict:
+    return {k: v for k, v in record.items() if k not in {"seconds", "eval_seconds", "images_per_second"}}
+
+
 def assert_bit_identical(run_a, run_b):
     (ckpt_a, a), (ckpt_b, b) = arrays_of(run_a), arrays_of(run_b)
     assert a.keys() == b.keys()
@@ -52,9 +56,8 @@ def assert_bit_identical(run_a, run_b):
     assert ckpt_a.optimizer_state["steps"] == ckpt_b.optimizer_state["steps"]
     history_a = json.loads((run_a / "history.json").read_text())
     history_b = json.loads((run_b / "history.json").read_text())
-    timings = {"seconds", "eval_seconds", "images_per_second"}
     for ra, rb in zip(history_a, history_b, strict=True):
-        assert {k: v for k, v in ra.items() if k not in timings} == {k: v for k, v in rb.items() if k not in timings}
+        assert without_timings(ra) == without_timings(rb)
 
 
 def test_run_directory_contents(synthetic, tmp_path):
@@ -80,6 +83,36 @@ def test_one_epoch_then_resume_equals_two_epochs_straight(synthetic, tmp_path):
     ckpt = load_checkpoint(tmp_path / "resumed")
     train.train_run(config(epochs=2, schedule="constant"), numpy, synthetic, tmp_path / "resumed", resume=ckpt)
     assert_bit_identical(tmp_path / "straight", tmp_path / "resumed")
+
+
+def test_batchnorm_recalibration_after_the_last_epoch(synthetic, tmp_path):
+    """The last epoch's record and checkpoint hold the recalibrated model; resuming to more epochs ends the same."""
+    numpy = get_backend("numpy")
+    cfg = {"model": "convnet-bn", "augment": True, "recalibrate_bn": True, "schedule": "constant"}
+    plain = train.train_run(config(**{**cfg, "recalibrate_bn": False}), numpy, synthetic, tmp_path / "plain")
+    state = train.train_run(config(**cfg), numpy, synthetic, tmp_path / "straight")
+    assert ["bn_recalibrated" in r for r in state.history] == [False, True]
+    assert without_timings(state.history[0]) == without_timings(plain.history[0])
+
+    # The same weights as without recalibration, other running statistics: those of the plain training images.
+    (ckpt, recalibrated), (_, trained) = arrays_of(tmp_path / "straight"), arrays_of(tmp_path / "plain")
+    for key in recalibrated:
+        assert np.array_equal(recalibrated[key], trained[key]) == ("running" not in key), key
+    model, norm = train.model_from_checkpoint(load_checkpoint(tmp_path / "plain"), numpy)
+    split = train.DeviceSplit.from_host(numpy, synthetic.train_images, synthetic.train_labels, norm)
+    nn.recalibrate_batchnorm(model, split.batches(1000))
+    for key, value in model.state_dict().items():
+        np.testing.assert_allclose(value, ckpt.model_state[key], rtol=1e-6, atol=1e-7)
+    test = train.DeviceSplit.from_host(numpy, synthetic.test_images, synthetic.test_labels, norm)
+    assert train.evaluate(model, test, numpy).accuracy == state.history[-1]["test_accuracy"]
+
+    # A 1-epoch run recalibrates after its epoch; continued to 2 epochs, it recalibrates again and ends the same.
+    train.train_run(config(**cfg, epochs=1), numpy, synthetic, tmp_path / "resumed")
+    ckpt = load_checkpoint(tmp_path / "resumed")
+    resumed = train.train_run(config(**cfg), numpy, synthetic, tmp_path / "resumed", resume=ckpt)
+    (_, a), (_, b) = arrays_of(tmp_path / "straight"), arrays_of(tmp_path / "resumed")
+    assert a.keys() == b.keys() and all(np.array_equal(a[key], b[key]) for key in a)
+    assert without_timings(resumed.history[-1]) == without_timings(state.history[-1])
 
 
 def test_ctrl_c_at_an_epoch_end_then_resume_is_bit_identical(synthetic, tmp_path):

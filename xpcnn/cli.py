@@ -154,6 +154,12 @@ TF32_HELP = "Let float32 matrix products on NVIDIA GPUs use TF32 tensor cores (1
     help="Smoothness of the elastic distortion: the Gaussian's standard deviation in pixels.",
 )
 @click.option(
+    "--recalibrate-bn/--no-recalibrate-bn",
+    default=TrainConfig.recalibrate_bn,
+    show_default=True,
+    help="After the last epoch, re-estimate batch-norm statistics on the training images without augmentation.",
+)
+@click.option(
     "--log-every",
     type=click.IntRange(min=1),
     default=TrainConfig.log_every,

@@ -12,7 +12,7 @@ Parameters are created on the host as NumPy float32 arrays;
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 import numpy as np
 from array_api_compat import array_namespace
@@ -488,6 +488,36 @@ class Sequential(Layer):
         """One line per layer, then the parameter count."""
         lines = [f"  ({i}) {layer!r}" for i, layer in enumerate(self.layers)]
         return "\n".join([f"Sequential: {self.num_parameters():,} parameters", *lines])
+
+
+def recalibrate_batchnorm(model: Sequential, batches: Iterable) -> None:
+    """Set every batch-norm layer's running statistics to their averages over ``batches``, weighted by batch size.
+
+    ``batches`` yields model inputs, e.g. the training images without augmentation: after training on
+    augmented images the running statistics describe those, while evaluation sees plain ones.  Runs
+    forward passes only, with the batch-norm layers in training mode and every other layer (dropout)
+    in evaluation mode; leaves the model in evaluation mode.
+    """
+    norms = [layer for layer in model if isinstance(layer, _BatchNorm)]
+    if not norms:
+        return
+    momenta = [layer.momentum for layer in norms]
+    model.eval()
+    for layer in norms:
+        layer.train()
+    seen = 0
+    try:
+        for x in batches:
+            count = int(x.shape[0])
+            for layer in norms:
+                layer.momentum = count / (seen + count)  # a running average: the first batch replaces all
+            model.forward(x)
+            seen += count
+    finally:
+        for layer, momentum in zip(norms, momenta, strict=True):
+            layer.momentum = momentum
+        model.eval()
+        model.zero_cache()
 
 
 class CrossEntropyLoss:

@@ -29,6 +29,7 @@ RECIPES: dict[str, dict] = {
         "weight_decay": 5e-4,
         "schedule": "onecycle",
         "augment": True,
+        "recalibrate_bn": True,
     },
 }
 

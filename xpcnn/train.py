@@ -33,7 +33,7 @@ from .checkpoint import CHECKPOINT_NAME, Checkpoint, CheckpointError, save_check
 from .files import write_json
 from .functional import softmax
 from .models import MODELS, build
-from .nn import CrossEntropyLoss, Sequential
+from .nn import CrossEntropyLoss, Sequential, recalibrate_batchnorm
 from .optim import OPTIMIZERS, SCHEDULES, SGD, Adam, Optimizer, scheduled_lr
 
 
@@ -56,6 +56,7 @@ class TrainConfig:
     elastic: float = 0.0
     elastic_sigma: float = 4.0
     label_smoothing: float = 0.0
+    recalibrate_bn: bool = False
     log_every: int = 50
 
     def __post_init__(self):
@@ -139,6 +140,11 @@ class DeviceSplit:
 
     images: Any
     labels: Any
+
+    def batches(self, batch_size: int):
+        """The images in order, ``batch_size`` at a time (the last batch may be smaller)."""
+        for start in range(0, len(self), batch_size):
+            yield self.images[start : min(start + batch_size, len(self)), ...]
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
@@ -287,7 +293,7 @@ class Trainer:
                 finished = self._train_epoch(train, state, flag)
                 if not finished:
                     raise TrainingInterrupted(f"stopped at epoch {state.epoch + 1}, step {state.step}")
-                record = self._end_epoch(evals, state)
+                record = self._end_epoch(train, evals, state)
                 self.progress.end_epoch(record)
                 if on_epoch_end is not None:
                     on_epoch_end(state)
@@ -357,7 +363,8 @@ class Trainer:
         self.model.zero_cache()
         return True
 
-    def _end_epoch(self, evals: dict[str, DeviceSplit], state: RunState) -> dict:
+    def _end_epoch(self, train: DeviceSplit, evals: dict[str, DeviceSplit], state: RunState) -> dict:
+        """Evaluate and record the finished epoch; after the last one, first recalibrate batch norm if asked."""
         partial = state.partial
         record = {
             "epoch": state.epoch + 1,
@@ -366,6 +373,9 @@ class Trainer:
             "lr": self.optimizer.lr,
         }
         started = time.perf_counter()
+        if self.config.recalibrate_bn and state.epoch + 1 == self.config.epochs:
+            recalibrate_batchnorm(self.model, train.batches(1000))
+            record["bn_recalibrated"] = True
         for name, split in evals.items():
             result = self.evaluate(split)
             record[f"{name}_loss"], record[f"{name}_accuracy"] = result.loss, result.accuracy

@@ -4,10 +4,11 @@
 On a GPU a small network's training step is bound by how many kernels Python
 launches, not by arithmetic.  This runs xpcnn's reference path on the torch
 backend (CPU) under torch's profiler and counts the operations that would each
-launch at least one kernel on a GPU (leaf ATen operations that are not views),
-layer by layer, beside PyTorch eager's count for the same step.  An operation
-is counted once, at its outermost ATen call: a multiplication by a Python
-scalar is one operation, though torch's CPU code copies the scalar first.
+launch at least one kernel on a GPU, layer by layer, beside PyTorch eager's
+count for the same step.  An operation is counted once, at its outermost ATen
+call (a multiplication by a Python scalar is one operation, though torch's CPU
+code copies the scalar first); a view-making call (a reshape, a permute) counts
+only the copies it makes inside.
 
     python scripts/count_ops.py [--model convnet] [--batch 128]
 """
@@ -39,12 +40,19 @@ def launches(fn) -> tuple[object, collections.Counter]:
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         result = fn()
     ops = collections.Counter()
+
+    def count(event):
+        name = event.name.removeprefix("aten::")
+        if name not in NO_KERNEL:
+            ops[name] += 1
+        else:  # a view, unless it had to copy: look inside
+            for child in event.cpu_children:
+                count(child)
+
     for event in prof.events():
         parent = event.cpu_parent
-        outermost = parent is None or not parent.name.startswith("aten::")
-        name = event.name.removeprefix("aten::")
-        if event.name.startswith("aten::") and outermost and name not in NO_KERNEL:
-            ops[name] += 1
+        if event.name.startswith("aten::") and (parent is None or not parent.name.startswith("aten::")):
+            count(event)
     return result, ops
 
 

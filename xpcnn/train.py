@@ -142,9 +142,10 @@ class DeviceSplit:
     labels: Any
 
     def batches(self, batch_size: int):
-        """The images in order, ``batch_size`` at a time (the last batch may be smaller)."""
+        """(images, labels) in order, ``batch_size`` at a time (the last batch may be smaller)."""
         for start in range(0, len(self), batch_size):
-            yield self.images[start : min(start + batch_size, len(self)), ...]
+            stop = min(start + batch_size, len(self))  # the standard leaves out-of-range stops undefined
+            yield self.images[start:stop, ...], self.labels[start:stop]
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
@@ -374,7 +375,7 @@ class Trainer:
         }
         started = time.perf_counter()
         if self.config.recalibrate_bn and state.epoch + 1 == self.config.epochs:
-            recalibrate_batchnorm(self.model, train.batches(1000))
+            recalibrate_batchnorm(self.model, (images for images, _ in train.batches(1000)))
             record["bn_recalibrated"] = True
         for name, split in evals.items():
             result = self.evaluate(split)
@@ -400,10 +401,7 @@ def evaluate(model: Sequential, split: DeviceSplit, backend: Backend, batch_size
     loss_sum = xp.asarray(0.0, dtype=xp.float64, device=backend.device)
     predictions = []
     with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
-        for start in range(0, len(split), batch_size):
-            stop = min(start + batch_size, len(split))  # the standard leaves out-of-range stops undefined
-            x = split.images[start:stop, ...]
-            y = split.labels[start:stop]
+        for x, y in split.batches(batch_size):
             logits = model.forward(x)
             loss_sum = loss_sum + xp.astype(loss_fn.forward(logits, y), xp.float64) * int(y.shape[0])
             predictions.append(xp.argmax(logits, axis=1))

@@ -167,10 +167,11 @@ def test_shear_and_scale_directions(backend):
 # --- oracle: torch's affine_grid + grid_sample ---
 
 
-def torch_affine_sample(host_images, host_matrices, fill):
+def torch_affine_sample(host_images, host_matrices, fill, host_displacement=None):
     """The same warp with torch: centred pixel coordinates -> [-1, 1] with align_corners=True.
 
     Neighbours outside the image read ``fill``: grid_sample's zero padding on ``images - fill``, plus ``fill``.
+    A displacement (B, 2, H, W) in pixels is added to affine_grid's grid in [-1, 1] units.
     """
     torch = pytest.importorskip("torch")
     f = torch.nn.functional
@@ -179,6 +180,8 @@ def torch_affine_sample(host_images, host_matrices, fill):
     linear = host_matrices[:, :, :2] * half[None, None, :] / half[None, :, None]  # D^-1 L D
     theta = np.concatenate([linear, host_matrices[:, :, 2:] / half[None, :, None]], axis=2)
     grid = f.affine_grid(torch.from_numpy(theta), [b, c, h, w], align_corners=True)
+    if host_displacement is not None:
+        grid = grid + torch.from_numpy(np.moveaxis(host_displacement, 1, -1) / half)
     shifted = torch.from_numpy(host_images - fill)
     out = f.grid_sample(shifted, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
     return out.numpy() + fill
@@ -318,20 +321,6 @@ def test_constant_displacement_is_a_shift(backend, dtype):
     np.testing.assert_array_equal(to_host(out), to_host(shifted))
 
 
-def torch_warp(host_images, host_matrices, host_displacement, fill):
-    """Oracle for an affine warp plus displacement: affine_grid, plus the displacement in [-1, 1] units."""
-    torch = pytest.importorskip("torch")
-    f = torch.nn.functional
-    b, c, h, w = host_images.shape
-    half = np.array([(w - 1) / 2, (h - 1) / 2])
-    linear = host_matrices[:, :, :2] * half[None, None, :] / half[None, :, None]
-    theta = np.concatenate([linear, host_matrices[:, :, 2:] / half[None, :, None]], axis=2)
-    grid = f.affine_grid(torch.from_numpy(theta), [b, c, h, w], align_corners=True)
-    grid = grid + torch.from_numpy(np.moveaxis(host_displacement, 1, -1) / half)
-    out = f.grid_sample(torch.from_numpy(host_images - fill), grid, align_corners=True)
-    return out.numpy() + fill
-
-
 @pytest.mark.parametrize("dtype", FLOATS)
 def test_affine_plus_elastic_matches_torch_grid_sample(backend, dtype):
     host = random_images((4, 2, 12, 10), seed=6)
@@ -342,7 +331,7 @@ def test_affine_plus_elastic_matches_torch_grid_sample(backend, dtype):
     assert np.abs(displacement).max() > 1.0  # strong enough to move whole pixels
     args = (to_backend(backend, m, dtype), -0.42, to_backend(backend, displacement, dtype))
     out = to_host(affine_sample(to_backend(backend, host, dtype), *args))
-    expected = torch_warp(host, m, displacement, -0.42)
+    expected = torch_affine_sample(host, m, -0.42, displacement)
     np.testing.assert_allclose(out, expected, rtol=0, atol=1e-5 if dtype == "float32" else 1e-10)
 
 

@@ -47,12 +47,37 @@ CONV_CASES = [
 ]
 
 
+def reference_column_order(cols, c, kernel):
+    """The fast path's (kh, kw, c) patch columns in the reference's (c, kh, kw) order."""
+    rows, (kh, kw) = cols.shape[0], kernel
+    return cols.reshape(rows, kh, kw, c).transpose(0, 3, 1, 2).reshape(rows, -1)
+
+
 @pytest.mark.parametrize("n, c, h, w, o, kernel, stride, padding", CONV_CASES)
 def test_im2col_fast_path_is_bit_identical(n, c, h, w, o, kernel, stride, padding):
     x = channels_last((n, c, h, w))
-    assert np.array_equal(fastpath.im2col(x, kernel, stride, padding), F.im2col(x, kernel, stride, padding))
+    expected = F.im2col(x, kernel, stride, padding)
+    assert np.array_equal(reference_column_order(fastpath.im2col(x, kernel, stride, padding), c, kernel), expected)
     nchw = np.ascontiguousarray(x)  # a plain NCHW array works too
-    assert np.array_equal(fastpath.im2col(nchw, kernel, stride, padding), F.im2col(nchw, kernel, stride, padding))
+    fast = fastpath.im2col(nchw, kernel, stride, padding)
+    assert np.array_equal(reference_column_order(fast, c, kernel), F.im2col(nchw, kernel, stride, padding))
+
+
+@pytest.mark.parametrize("n, c, h, w, o, kernel, stride, padding", CONV_CASES)
+def test_convolution_fast_path_matches(n, c, h, w, o, kernel, stride, padding):
+    """Forward, weight and bias gradients (the fast path's own patch order and weight matrix) against the reference."""
+    rng = np.random.default_rng(3)
+    x, weight, bias = channels_last((n, c, h, w)), rng.standard_normal((o, c, *kernel)), rng.standard_normal(o)
+    fast = fastpath.kernels(x)
+    y, cols = fast.conv2d_forward(x, weight, bias, stride, padding)
+    y_ref, cols_ref = F.conv2d_forward(x, weight, bias, stride, padding)
+    np.testing.assert_allclose(y, y_ref, rtol=1e-12, atol=1e-12)
+    grad_y = rng.standard_normal(y.shape)
+    _, grad_w, grad_b = fast.conv2d_backward(grad_y, cols, weight, x.shape, stride, padding, input_grad=False)
+    _, grad_w_ref, grad_b_ref = F.conv2d_backward(grad_y, cols_ref, weight, x.shape, stride, padding, input_grad=False)
+    assert grad_w.flags.c_contiguous and grad_w.shape == weight.shape
+    np.testing.assert_allclose(grad_w, grad_w_ref, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(grad_b, grad_b_ref, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("n, c, h, w, o, kernel, stride, padding", CONV_CASES)
@@ -70,6 +95,13 @@ def test_input_gradient_fast_path_matches(n, c, h, w, o, kernel, stride, padding
 
 def test_kernels_choose_numpy_fast_paths_only_for_numpy_arrays():
     assert fastpath.kernels(np.zeros(1)).maxpool2d_forward is fastpath.maxpool2d_forward
-    assert fastpath.kernels(np.zeros(1)).relu_backward is F.relu_backward
+    assert fastpath.kernels(np.zeros(1)).cross_entropy is F.cross_entropy
     strict = pytest.importorskip("array_api_strict")
     assert fastpath.kernels(strict.zeros(1)) is F
+
+
+def test_relu_backward_fast_path_is_bit_identical():
+    y = np.maximum(channels_last((2, 3, 5, 4), quantise=True), 0.0)  # exact zeros where the input was <= 0
+    grad_y = channels_last((2, 3, 5, 4), seed=1)
+    fast = fastpath.relu_backward(grad_y, y)
+    assert fast.dtype == grad_y.dtype and np.array_equal(fast, F.relu_backward(grad_y, y))

@@ -265,18 +265,23 @@ class Backend:
 
 
 def to_host(array) -> np.ndarray:
-    """Copy any supported backend's array to a NumPy array on the host."""
+    """Copy any supported backend's array to a NumPy array on the host.
+
+    Always a copy, never a view of the array's memory (which NumPy and torch on
+    the CPU would give): layers and optimisers update parameters and buffers in
+    place, and a state dict taken earlier must not change with them.
+    """
     if isinstance(array, np.ndarray | np.generic):
-        return np.asarray(array)
+        return np.array(array)
     if array_api_compat.is_cupy_array(array):
         return array.get()
     if array_api_compat.is_torch_array(array):
-        return array.detach().cpu().numpy()
+        return np.array(array.detach().cpu().numpy())
     if _is_strict_array(array):
         import array_api_strict
 
-        return np.asarray(array.to_device(array_api_strict.Device("CPU_DEVICE")))
-    return np.asarray(array)
+        return np.array(array.to_device(array_api_strict.Device("CPU_DEVICE")))
+    return np.array(array)
 
 
 def _is_strict_array(array) -> bool:

@@ -38,14 +38,42 @@ def _add_into(x, index, values):
     return xpx.at(x)[index].add(values)
 
 
+_CONSTANTS: dict = {}
+
+
+def _constant(like, name: tuple, make):
+    """A constant for arrays like ``like`` (namespace, dtype, device), made once by ``make(xp, dtype, device)``.
+
+    On a GPU each array creation is a kernel launch, so constants that every
+    step needs (a ones vector, an ``arange``) are made once per shape and
+    reused.  Only for writeable arrays: an immutable array (JAX) may be a
+    tracer inside a compiled function, which must not outlive it.  Callers
+    must never modify the result.
+    """
+    xp = array_namespace(like)
+    if not is_writeable_array(like):
+        return make(xp, like.dtype, device(like))
+    key = (xp.__name__, str(device(like)), str(like.dtype), *name)
+    value = _CONSTANTS.get(key)
+    if value is None:
+        value = _CONSTANTS[key] = make(xp, like.dtype, device(like))
+    return value
+
+
+def scalar(like, value: float):
+    """A cached 0-d array holding ``value``, with ``like``'s namespace, dtype and device (see :func:`_constant`)."""
+    return _constant(like, ("scalar", value), lambda xp, dtype, dev: xp.asarray(value, dtype=dtype, device=dev))
+
+
 def _column_sum(matrix):
-    """Sum of each column of a (rows, C) matrix, as a matrix-vector product.
+    """Sum of each column of a (rows, C) matrix, as a product with a cached ones vector: one operation.
 
     On NumPy this runs in BLAS on every core, several times faster than
     ``xp.sum(matrix, axis=0)``.
     """
-    xp = array_namespace(matrix)
-    return xp.ones(matrix.shape[0], dtype=matrix.dtype, device=device(matrix)) @ matrix
+    rows = matrix.shape[0]
+    ones = _constant(matrix, ("ones", rows), lambda xp, dtype, dev: xp.ones(rows, dtype=dtype, device=dev))
+    return ones @ matrix
 
 
 def output_size(size: int, kernel: int, stride: int, padding: int = 0) -> int:
@@ -58,58 +86,85 @@ def _window(start: int, count: int, step: int) -> slice:
     return slice(start, start + step * (count - 1) + 1, step)
 
 
+def _patches(x_nhwc, kernel, stride, out_hw, offsets):
+    """Patch matrix (N*OH*OW, C*KH*KW) of a channels-last array, columns ordered (c, kh, kw).
+
+    Column (c, kh, kw) holds ``x_nhwc[n, offsets(kh) + oh*SH, offsets(kw) + ow*SW, c]``:
+    the KH*KW strided slices are stacked on a new last axis, one operation.
+    """
+    xp = array_namespace(x_nhwc)
+    (kh, kw), (sh, sw), (oh, ow) = kernel, stride, out_hw
+    n, c = x_nhwc.shape[0], x_nhwc.shape[3]
+    slices = [
+        x_nhwc[:, _window(offsets[0](i), oh, sh), _window(offsets[1](j), ow, sw), :]
+        for i in range(kh)
+        for j in range(kw)
+    ]
+    return xp.reshape(xp.stack(slices, axis=-1), (n * oh * ow, c * kh * kw))
+
+
+def _same(index: int) -> int:
+    return index
+
+
 def im2col(x, kernel: tuple[int, int], stride: tuple[int, int], padding: tuple[int, int]):
-    """Patches of ``x`` (N, C, H, W) as a matrix (N*OH*OW, KH*KW*C).
+    """Patches of ``x`` (N, C, H, W) as a matrix (N*OH*OW, C*KH*KW).
 
     Row ``(n, oh, ow)`` holds the receptive field of output pixel ``(oh, ow)``
-    of sample ``n``, ordered (kh, kw, c).  Built from KH*KW strided slices.
+    of sample ``n``, ordered (c, kh, kw) like a flattened PyTorch weight
+    (O, C, KH, KW): the weight is then a free reshape, and its gradient comes
+    out contiguous in PyTorch's layout.
     """
     xp = array_namespace(x)
     (kh, kw), (sh, sw), (ph, pw) = kernel, stride, padding
-    n, c, h, w = x.shape
-    oh, ow = output_size(h, kh, sh, ph), output_size(w, kw, sw, pw)
+    h, w = x.shape[2], x.shape[3]
+    out_hw = output_size(h, kh, sh, ph), output_size(w, kw, sw, pw)
     x_nhwc = xp.permute_dims(x, (0, 2, 3, 1))
     if ph or pw:
         x_nhwc = xpx.pad(x_nhwc, ((0, 0), (ph, ph), (pw, pw), (0, 0)), xp=xp)
-    patches = [x_nhwc[:, _window(i, oh, sh), _window(j, ow, sw), :] for i in range(kh) for j in range(kw)]
-    cols = xp.stack(patches, axis=3)  # (N, OH, OW, KH*KW, C)
-    return xp.reshape(cols, (n * oh * ow, kh * kw * c))
+    return _patches(x_nhwc, kernel, stride, out_hw, (_same, _same))
 
 
 def col2im(cols, x_shape, kernel, stride, padding):
-    """Adjoint of :func:`im2col`: sum patch gradients (N*OH*OW, KH*KW*C) back into (N, C, H, W)."""
+    """Adjoint of :func:`im2col`: sum patch gradients (N*OH*OW, C*KH*KW) back into (N, C, H, W)."""
     xp = array_namespace(cols)
     (kh, kw), (sh, sw), (ph, pw) = kernel, stride, padding
     n, c, h, w = x_shape
     oh, ow = output_size(h, kh, sh, ph), output_size(w, kw, sw, pw)
-    cols = xp.reshape(cols, (n, oh, ow, kh * kw, c))
+    cols = xp.reshape(cols, (n, oh, ow, c, kh * kw))
     grad = xp.zeros((n, h + 2 * ph, w + 2 * pw, c), dtype=cols.dtype, device=device(cols))
     for k in range(kh * kw):
         i, j = divmod(k, kw)
-        grad = _add_into(grad, (slice(None), _window(i, oh, sh), _window(j, ow, sw), slice(None)), cols[:, :, :, k, :])
+        grad = _add_into(grad, (slice(None), _window(i, oh, sh), _window(j, ow, sw), slice(None)), cols[..., k])
     grad = grad[:, ph : ph + h, pw : pw + w, :]
     return xp.permute_dims(grad, (0, 3, 1, 2))
 
 
 def _weight_matrix(weight):
-    """Conv weight (O, C, KH, KW) as (O, KH*KW*C), matching :func:`im2col`'s column order."""
+    """Conv weight (O, C, KH, KW) as (O, C*KH*KW), matching :func:`im2col`'s column order: a free reshape."""
     xp = array_namespace(weight)
-    o, c, kh, kw = weight.shape
-    return xp.reshape(xp.permute_dims(weight, (0, 2, 3, 1)), (o, kh * kw * c))
+    return xp.reshape(weight, (weight.shape[0], -1))
 
 
-def conv2d_forward(x, weight, bias, stride=(1, 1), padding=(0, 0), *, im2col=im2col):
+def _weight_gradient(grad, cols, weight_shape):
+    """Weight gradient (O, C, KH, KW), contiguous, from grad (N*OH*OW, O) and :func:`im2col`'s patches."""
+    xp = array_namespace(grad, cols)
+    return xp.reshape(xp.matrix_transpose(grad) @ cols, weight_shape)
+
+
+def conv2d_forward(x, weight, bias, stride=(1, 1), padding=(0, 0), *, im2col=im2col, weight_matrix=_weight_matrix):
     """2-D cross-correlation.
 
     x (N, C, H, W), weight (O, C, KH, KW), bias (O,) or None.  Returns
     y (N, O, OH, OW) and the patch matrix that the backward pass needs.
-    ``im2col`` lets a fast path supply its own patch builder.
+    ``im2col`` and ``weight_matrix`` let a fast path supply its own patch
+    builder with the matching weight layout.
     """
     xp = array_namespace(x, weight)
     n = x.shape[0]
     o, _, kh, kw = weight.shape
     cols = im2col(x, (kh, kw), stride, padding)
-    y = cols @ xp.matrix_transpose(_weight_matrix(weight))  # (N*OH*OW, O), a new array
+    y = cols @ xp.matrix_transpose(weight_matrix(weight))  # (N*OH*OW, O), a new array
     if bias is not None:
         y += bias  # in place on the fresh product: no second (N*OH*OW, O) array
     oh, ow = output_size(x.shape[2], kh, stride[0], padding[0]), output_size(x.shape[3], kw, stride[1], padding[1])
@@ -117,28 +172,66 @@ def conv2d_forward(x, weight, bias, stride=(1, 1), padding=(0, 0), *, im2col=im2
 
 
 def input_gradient(grad, weight, x_shape, stride, padding):
-    """Gradient with respect to the convolution's input, from grad (N*OH*OW, O): col2im(grad @ W)."""
-    kernel = tuple(weight.shape[2:])
-    return col2im(grad @ _weight_matrix(weight), x_shape, kernel, stride, padding)
+    """Gradient (N, C, H, W) with respect to the convolution's input, from grad (N*OH*OW, O).
+
+    With stride 1 (and padding < kernel) this is a correlation of the
+    zero-padded output gradient with the flipped kernel: one pad, one patch
+    matrix, one product.  Otherwise ``col2im(grad @ W)``.
+    """
+    xp = array_namespace(grad, weight)
+    n, c, h, w = x_shape
+    o, _, kh, kw = weight.shape
+    (ph, pw) = padding
+    if tuple(stride) != (1, 1) or ph >= kh or pw >= kw:
+        return col2im(grad @ _weight_matrix(weight), x_shape, (kh, kw), stride, padding)
+    oh, ow = output_size(h, kh, 1, ph), output_size(w, kw, 1, pw)
+    g = xp.reshape(grad, (n, oh, ow, o))
+    margin_h, margin_w = kh - 1 - ph, kw - 1 - pw  # so that the padded gradient is (N, H+KH-1, W+KW-1, O)
+    if margin_h or margin_w:
+        g = xpx.pad(g, ((0, 0), (margin_h, margin_h), (margin_w, margin_w), (0, 0)), xp=xp)
+    flipped = (lambda i: kh - 1 - i, lambda j: kw - 1 - j)
+    patches = _patches(g, (kh, kw), (1, 1), (h, w), flipped)  # (N*H*W, O*KH*KW), columns (o, kh, kw)
+    # W[o, c, kh, kw] at row (o, kh, kw), column c: the one copy of the step's weight
+    kernel_rows = xp.reshape(xp.permute_dims(weight, (0, 2, 3, 1)), (o * kh * kw, c))
+    return xp.permute_dims(xp.reshape(patches @ kernel_rows, (n, h, w, c)), (0, 3, 1, 2))
 
 
 def conv2d_backward(
-    grad_y, cols, weight, x_shape, stride=(1, 1), padding=(0, 0), input_grad=True, *, input_gradient=input_gradient
+    grad_y,
+    cols,
+    weight,
+    x_shape,
+    stride=(1, 1),
+    padding=(0, 0),
+    input_grad=True,
+    *,
+    input_gradient=input_gradient,
+    weight_gradient=_weight_gradient,
 ):
     """Gradients of :func:`conv2d_forward`.
 
     grad_y (N, O, OH, OW); cols from the forward pass.  Returns
     (grad_x (N, C, H, W) or None when ``input_grad`` is False, grad_weight, grad_bias).
-    ``input_gradient`` lets a fast path supply its own grad_x computation.
+    ``input_gradient`` and ``weight_gradient`` let a fast path supply its own.
     """
     xp = array_namespace(grad_y, weight)
-    o, c, kh, kw = weight.shape
-    g = xp.reshape(xp.permute_dims(grad_y, (0, 2, 3, 1)), (-1, o))  # (N*OH*OW, O)
-    grad_w = xp.matrix_transpose(cols) @ g  # (KH*KW*C, O): faster than g.T @ cols for the usual shapes
-    grad_w = xp.permute_dims(xp.reshape(grad_w, (kh, kw, c, o)), (3, 2, 0, 1))
+    g = xp.reshape(xp.permute_dims(grad_y, (0, 2, 3, 1)), (-1, weight.shape[0]))  # (N*OH*OW, O)
+    grad_w = weight_gradient(g, cols, tuple(weight.shape))
     grad_b = _column_sum(g)
     grad_x = input_gradient(g, weight, x_shape, stride, padding) if input_grad else None
     return grad_x, grad_w, grad_b
+
+
+def _tiles(x, kernel):
+    """x (N, C, H, W) as channels-last tiles (N, OH, KH, OW, KW, C), dropping rows and columns no window covers.
+
+    A view wherever the backend has views (splitting an axis needs no copy).
+    """
+    xp = array_namespace(x)
+    (kh, kw), (n, c, h, w) = kernel, x.shape
+    oh, ow = h // kh, w // kw
+    x_nhwc = xp.permute_dims(x, (0, 2, 3, 1))[:, : oh * kh, : ow * kw, :]
+    return xp.reshape(x_nhwc, (n, oh, kh, ow, kw, c))
 
 
 def _pool_windows(x, kernel, stride):
@@ -151,21 +244,40 @@ def _pool_windows(x, kernel, stride):
 def maxpool2d_forward(x, kernel, stride, record: bool = True):
     """Max over KH x KW windows moved by (SH, SW): (N, C, H, W) -> (N, C, OH, OW).
 
-    Returns y and the record of which window won each comparison, which
+    Returns y and the record of where each maximum was, which
     :func:`maxpool2d_backward` needs (None with ``record=False``, for
-    inference).  The maximum is found by a knockout tournament over the KH*KW
-    window offsets in row-major order: at each match the later group must be
-    strictly greater to win, so a tie goes to the first maximum (PyTorch's and
-    Chainer's convention).
+    inference).  A tie goes to the first maximum in row-major window order
+    (PyTorch's convention).
+
+    Tiling windows (stride == kernel, the common case): one copy puts each
+    window on its own last axis, then ``max`` and ``argmax`` (which returns
+    the first occurrence) are one operation each; the record is the window
+    offset of each maximum, (N, OH, OW, C).  Overlapping or gapped windows: a
+    knockout tournament over the KH*KW window offsets, where the later group
+    must be strictly greater to win a match; the record is the tree of matches.
     """
     xp = array_namespace(x)
+    (kh, kw) = kernel
+    if tuple(stride) == tuple(kernel):
+        tiles = _tiles(x, kernel)
+        if not record:
+            return xp.permute_dims(xp.max(tiles, axis=(2, 4)), (0, 3, 1, 2)), None
+        n, oh, _, ow, _, c = tiles.shape
+        windows = xp.reshape(xp.permute_dims(tiles, (0, 1, 3, 5, 2, 4)), (n, oh, ow, c, kh * kw))
+        y = xp.max(windows, axis=-1)
+        return xp.permute_dims(y, (0, 3, 1, 2)), xp.argmax(windows, axis=-1)
     windows = _pool_windows(x, kernel, stride)
     if not record:
-        y = windows[0]
-        for window in windows[1:]:
-            y = xp.maximum(y, window)
-        return y, None
+        return _window_max(xp, windows), None
     return _tournament(xp, windows)
+
+
+def _window_max(xp, windows):
+    """Elementwise maximum of a list of same-shaped arrays."""
+    y = windows[0]
+    for window in windows[1:]:
+        y = xp.maximum(y, window)
+    return y
 
 
 def _tournament(xp, windows):
@@ -185,13 +297,39 @@ def _replay(grad, record, count):
     xp = array_namespace(grad)
     later_won, left_record, right_record = record
     middle = count // 2
-    grad_right = grad * xp.astype(later_won, grad.dtype)
+    grad_right = xp.where(later_won, grad, 0.0)
     grad_left = grad - grad_right
     return _replay(grad_left, left_record, middle) + _replay(grad_right, right_record, count - middle)
 
 
+def _tiling_backward(grad_y, winners, x_shape, kernel):
+    """:func:`maxpool2d_backward` for tiling windows: ``winners`` (N, OH, OW, C) holds each maximum's window offset.
+
+    Compares the offsets with a cached (KH, KW) ``arange`` and picks the
+    gradient where they match, both broadcast over the tiles (N, OH, KH, OW,
+    KW, C), whose memory is already that of the channels-last input: two
+    operations, and one more to pad rows and columns that no window covers.
+    """
+    xp = array_namespace(grad_y)
+    (kh, kw), (n, c, h, w) = kernel, x_shape
+    oh, ow = grad_y.shape[2], grad_y.shape[3]
+    offsets = _constant(
+        winners,
+        ("window offsets", kh, kw),
+        lambda xp, dtype, dev: xp.reshape(xp.arange(kh * kw, dtype=dtype, device=dev), (1, 1, kh, 1, kw, 1)),
+    )
+    won = xp.reshape(winners, (n, oh, 1, ow, 1, c)) == offsets
+    g = xp.reshape(xp.permute_dims(grad_y, (0, 2, 3, 1)), (n, oh, 1, ow, 1, c))
+    grad = xp.reshape(xp.where(won, g, 0.0), (n, oh * kh, ow * kw, c))
+    if oh * kh < h or ow * kw < w:
+        grad = xpx.pad(grad, ((0, 0), (0, h - oh * kh), (0, w - ow * kw), (0, 0)), xp=xp)
+    return xp.permute_dims(grad, (0, 3, 1, 2))
+
+
 def maxpool2d_backward(grad_y, record, x_shape, kernel, stride):
     """Route ``grad_y`` (N, C, OH, OW) to the first maximum of each window; overlapping windows add up."""
+    if tuple(stride) == tuple(kernel):
+        return _tiling_backward(grad_y, record, x_shape, kernel)
     xp = array_namespace(grad_y)
     (kh, kw), (sh, sw) = kernel, stride
     n, c, h, w = x_shape
@@ -204,14 +342,9 @@ def maxpool2d_backward(grad_y, record, x_shape, kernel, stride):
 
 
 def relu_backward(grad_y, y):
-    """Gradient of max(x, 0) given its output ``y``: zero where y <= 0.
-
-    A product with the mask rather than ``where``: NumPy runs ufuncs in memory
-    order, so this stays fast on the NCHW views of channels-last data that
-    convolutions produce, where ``where`` walks them against the grain.
-    """
+    """Gradient of max(x, 0) given its output ``y``: ``grad_y`` where y > 0, else zero."""
     xp = array_namespace(grad_y, y)
-    return grad_y * xp.astype(y > 0, grad_y.dtype)
+    return xp.where(y > 0, grad_y, 0.0)
 
 
 def linear_forward(x, weight, bias):
@@ -225,7 +358,7 @@ def linear_backward(grad_y, x, weight, input_grad=True):
     """Gradients of :func:`linear_forward`: (grad_x or None, grad_weight, grad_bias)."""
     xp = array_namespace(grad_y, weight)
     grad_w = xp.matrix_transpose(grad_y) @ x
-    grad_b = xp.sum(grad_y, axis=0)
+    grad_b = _column_sum(grad_y)
     grad_x = grad_y @ weight if input_grad else None
     return grad_x, grad_w, grad_b
 
@@ -246,8 +379,16 @@ def softmax(logits, axis: int = -1):
 def one_hot(labels, num_classes: int, dtype):
     """Integer labels (N,) -> (N, num_classes) of ``dtype``, without scatter."""
     xp = array_namespace(labels)
-    classes = xp.arange(num_classes, dtype=labels.dtype, device=device(labels))
-    return xp.astype(labels[:, None] == classes, dtype)
+    return xp.astype(labels[:, None] == _classes(labels, num_classes), dtype)
+
+
+def _classes(labels, num_classes: int):
+    """A cached ``arange(num_classes)`` of the labels' dtype, as a row (1, num_classes)."""
+    return _constant(
+        labels,
+        ("classes", num_classes),
+        lambda xp, dtype, dev: xp.reshape(xp.arange(num_classes, dtype=dtype, device=dev), (1, num_classes)),
+    )
 
 
 def cross_entropy(logits, labels, label_smoothing: float = 0.0):
@@ -255,15 +396,22 @@ def cross_entropy(logits, labels, label_smoothing: float = 0.0):
 
     With ``label_smoothing`` e the target is (1 - e) * one_hot + e / K, as in
     PyTorch.  Returns (loss as a 0-d array, grad_logits (N, K)).
+
+    The target is built already divided by N, so that the mean is one dot
+    product of the target with -log_softmax, and the gradient is
+    softmax / N - target.
     """
     xp = array_namespace(logits, labels)
     n, k = logits.shape
-    log_p = log_softmax(logits, axis=1)
-    target = one_hot(labels, k, logits.dtype)
-    if label_smoothing:
-        target = target * (1.0 - label_smoothing) + label_smoothing / k
-    loss = -xp.sum(log_p * target) / n
-    return loss, (xp.exp(log_p) - target) / n
+    off = label_smoothing / k / n
+    on = scalar(logits, (1.0 - label_smoothing) / n + off)
+    target = xp.where(labels[:, None] == _classes(labels, k), on, off)  # (N, K), rows sum to 1 / N
+    shifted = logits - xp.max(logits, axis=1, keepdims=True)
+    exp = xp.exp(shifted)
+    total = xp.sum(exp, axis=1, keepdims=True)
+    neg_log_p = xp.log(total) - shifted
+    loss = xp.reshape(target, (-1,)) @ xp.reshape(neg_log_p, (-1,))
+    return loss, exp / (total * n) - target
 
 
 def _channel_matrix(x):
@@ -287,31 +435,30 @@ def batchnorm_forward(x, weight, bias, eps: float):
     """Batch normalisation over every axis but 1 (channels), with batch statistics.
 
     x (N, C) or (N, C, H, W); weight, bias (C,).  Works on the channels-last
-    (rows, C) matrix of ``x``, with column sums as matrix-vector products.
-    Returns (y shaped like x, x - mean as a (rows, C) matrix, inv_std (C,),
-    mean (C,), biased variance (C,)).
+    (rows, C) matrix of ``x``.  Returns (y shaped like x, the normalised
+    x_hat as a (rows, C) matrix, inv_std (C,), mean (C,), biased variance (C,)).
     """
+    xp = array_namespace(x)
     matrix = _channel_matrix(x)
-    rows = matrix.shape[0]
-    mean = _column_sum(matrix) / rows
-    centred = matrix - mean
-    var = _column_sum(centred * centred) / rows
-    inv_std = 1.0 / array_namespace(x).sqrt(var + eps)
-    y = centred * (weight * inv_std) + bias
-    return _from_channel_matrix(y, tuple(x.shape)), centred, inv_std, mean, var
+    mean = xp.mean(matrix, axis=0)
+    var = xp.var(matrix, axis=0)
+    inv_std = (var + eps) ** -0.5
+    x_hat = (matrix - mean) * inv_std
+    y = x_hat * weight + bias
+    return _from_channel_matrix(y, tuple(x.shape)), x_hat, inv_std, mean, var
 
 
-def batchnorm_backward(grad_y, centred, inv_std, weight):
+def batchnorm_backward(grad_y, x_hat, inv_std, weight):
     """Gradients of :func:`batchnorm_forward`: (grad_x shaped like grad_y, grad_weight, grad_bias).
 
-    With x_hat = centred * inv_std and per-channel means over the rows:
+    With per-channel means over the rows:
     grad_x = weight * inv_std * (g - mean(g) - x_hat * mean(g * x_hat)).
     """
     g = _channel_matrix(grad_y)
     rows = g.shape[0]
     grad_bias = _column_sum(g)
-    grad_weight = _column_sum(g * centred) * inv_std
-    grad_x = (g - grad_bias / rows - centred * (grad_weight * inv_std / rows)) * (weight * inv_std)
+    grad_weight = _column_sum(g * x_hat)
+    grad_x = (g - (x_hat * grad_weight + grad_bias) / rows) * (weight * inv_std)
     return _from_channel_matrix(grad_x, tuple(grad_y.shape)), grad_weight, grad_bias
 
 

@@ -15,7 +15,7 @@ import math
 from collections.abc import Iterable, Iterator
 
 import numpy as np
-from array_api_compat import array_namespace
+from array_api_compat import array_namespace, is_writeable_array
 
 from . import functional as F
 from .backend import Backend, backend_of, to_host
@@ -230,7 +230,7 @@ class ReLU(Layer):
         return y
 
     def backward(self, grad_y):
-        return F.relu_backward(grad_y, self._need_cache(self._cache))
+        return kernels(grad_y).relu_backward(grad_y, self._need_cache(self._cache))
 
 
 class Flatten(Layer):
@@ -277,6 +277,15 @@ class Linear(Layer):
         return f"{self.in_features}, {self.out_features}{bias}"
 
 
+def _moving_average(average, value, momentum: float, scale: float = 1.0):
+    """(1 - momentum) * average + momentum * scale * value, in place where ``average`` is writeable."""
+    if is_writeable_array(average):
+        average *= 1.0 - momentum
+        average += value * (momentum * scale)
+        return average
+    return (1.0 - momentum) * average + value * (momentum * scale)
+
+
 class _BatchNorm(Layer):
     """Batch normalisation over all axes but the channel axis 1, PyTorch's conventions.
 
@@ -312,18 +321,18 @@ class _BatchNorm(Layer):
             raise ValueError(
                 f"{self!r}: training needs more than one value per channel, got input {_shape_text(x.shape)}"
             )
-        y, centred, inv_std, mean, var = F.batchnorm_forward(x, weight, bias, self.eps)
+        y, x_hat, inv_std, mean, var = F.batchnorm_forward(x, weight, bias, self.eps)
         m = self.momentum
-        self.buffers["running_mean"] = (1.0 - m) * self.buffers["running_mean"] + m * mean
-        self.buffers["running_var"] = (1.0 - m) * self.buffers["running_var"] + (m * count / (count - 1)) * var
-        self._cache = (centred, inv_std)
+        self.buffers["running_mean"] = _moving_average(self.buffers["running_mean"], mean, m)
+        self.buffers["running_var"] = _moving_average(self.buffers["running_var"], var, m, count / (count - 1))
+        self._cache = (x_hat, inv_std)
         return y
 
     def backward(self, grad_y, input_grad: bool = True):
         """Store weight and bias gradients; return grad_x, or None when ``input_grad`` is False."""
-        centred, inv_std = self._need_cache(self._cache)
+        x_hat, inv_std = self._need_cache(self._cache)
         grad_x, self.grads["weight"], self.grads["bias"] = F.batchnorm_backward(
-            grad_y, centred, inv_std, self.params["weight"]
+            grad_y, x_hat, inv_std, self.params["weight"]
         )
         return grad_x if input_grad else None
 
@@ -366,7 +375,7 @@ class Dropout(Layer):
         if self.generator is None:
             self.generator = backend_of(x).generator(int(np.random.SeedSequence().entropy % 2**63))
         keep = self.generator.random(tuple(x.shape), x.dtype) >= self.p
-        self._cache = xp.astype(keep, x.dtype) / (1.0 - self.p)  # the scaled mask
+        self._cache = xp.where(keep, F.scalar(x, 1.0 / (1.0 - self.p)), 0.0)  # the scaled mask
         return x * self._cache
 
     def backward(self, grad_y):

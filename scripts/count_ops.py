@@ -10,7 +10,7 @@ call (a multiplication by a Python scalar is one operation, though torch's CPU
 code copies the scalar first); a view-making call (a reshape, a permute) counts
 only the copies it makes inside.
 
-    python scripts/count_ops.py [--model convnet] [--batch 128]
+    python scripts/count_ops.py [--model convnet [--model seed ...] | --model all] [--batch 128]
 """
 
 import argparse
@@ -56,18 +56,14 @@ def launches(fn) -> tuple[object, collections.Counter]:
     return result, ops
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="convnet", choices=list(MODELS))
-    parser.add_argument("--batch", type=int, default=128)
-    args = parser.parse_args()
-    torch.set_num_threads(1)
+def count_model(name: str, batch: int) -> tuple[list[tuple[str, collections.Counter]], int]:
+    """Per-layer counts of one xpcnn training step of model ``name``, and PyTorch eager's total for the same step."""
     backend = get_backend("torch", "cpu")
     rng = np.random.default_rng(0)
-    x = backend.asarray(rng.normal(size=(args.batch, 1, 28, 28)), backend.xp.float32)
-    y = backend.asarray(rng.integers(0, 10, args.batch))
+    x = backend.asarray(rng.normal(size=(batch, 1, 28, 28)), backend.xp.float32)
+    y = backend.asarray(rng.integers(0, 10, batch))
 
-    model = build(args.model, seed=0).to(backend)
+    model = build(name, seed=0).to(backend)
     model.set_generator(backend.generator(0))
     loss_fn = CrossEntropyLoss(check_labels=False)
     optimizer = SGD(model, 0.01, momentum=0.9, nesterov=True, weight_decay=5e-4)  # the training default
@@ -91,7 +87,7 @@ def main() -> None:
         rows.append((f"backward {layer!r}", ops))
     rows.append(("optimizer step (SGD, Nesterov, weight decay)", launches(optimizer.step)[1]))
 
-    twin = bench.torch_twin(build(args.model, seed=0))
+    twin = bench.torch_twin(build(name, seed=0))
     twin_optimizer = torch.optim.SGD(twin.parameters(), lr=0.01, momentum=0.9, nesterov=True, weight_decay=5e-4)
     twin_loss = torch.nn.CrossEntropyLoss()
 
@@ -102,14 +98,37 @@ def main() -> None:
 
     twin_step()
     _, twin_ops = launches(twin_step)
+    return rows, sum(twin_ops.values())
 
-    total = sum((ops for _, ops in rows), collections.Counter())
-    width = max(len(name) for name, _ in rows)
-    for name, ops in rows:
-        detail = ", ".join(f"{op} {count}" for op, count in ops.most_common())
-        print(f"{name:<{width}}  {sum(ops.values()):4d}  {detail}")
-    print(f"{'xpcnn, one training step':<{width}}  {sum(total.values()):4d}")
-    print(f"{'PyTorch eager, the same step':<{width}}  {sum(twin_ops.values()):4d}")
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--model",
+        action="append",
+        choices=[*MODELS, "all"],
+        help="repeatable; 'all' (the default) counts every model",
+    )
+    parser.add_argument("--batch", type=int, default=128)
+    args = parser.parse_args()
+    names = list(MODELS) if not args.model or "all" in args.model else list(dict.fromkeys(args.model))
+    torch.set_num_threads(1)
+    totals = []
+    for name in names:
+        rows, twin_total = count_model(name, args.batch)
+        total = sum(sum(ops.values()) for _, ops in rows)
+        totals.append((name, total, twin_total))
+        width = max(len(row) for row, _ in rows)
+        print(f"== {name}, one training step, batch {args.batch}")
+        for row, ops in rows:
+            detail = ", ".join(f"{op} {count}" for op, count in ops.most_common())
+            print(f"{row:<{width}}  {sum(ops.values()):4d}  {detail}")
+        print(f"{name.upper()}: xpcnn {total}, PyTorch eager {twin_total}\n")
+    width = max(len("model"), *(len(name) for name in names))
+    print(f"== all models, operations in one training step, batch {args.batch}")
+    print(f"{'model':<{width}}  {'xpcnn':>6}  {'torch eager':>11}  {'ratio':>6}")
+    for name, total, twin_total in totals:
+        print(f"{name:<{width}}  {total:>6}  {twin_total:>11}  {total / twin_total:>6.2f}")
 
 
 if __name__ == "__main__":

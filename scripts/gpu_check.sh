@@ -7,14 +7,32 @@
 # its own log into OUT_DIR, so a step that fails or runs out of time leaves the
 # others' results.
 #
-# Usage: scripts/gpu_check.sh [OUT_DIR] [MNIST_DIR] [FASHION_DIR]
+# Usage: scripts/gpu_check.sh [--quick [--dry-run-cpu]] [OUT_DIR] [MNIST_DIR] [FASHION_DIR]
 #   GPU_CHECK_INSTALL=0   use the xpcnn importable as it is (default: pip install ".[test,cuda12]")
 #   GPU_CHECK_RECIPES=1   also train the fast and best recipes (3 seeds) and Fashion-MNIST runs,
 #                         concurrently on the one GPU, beside the tests (their seconds are then upper bounds)
 #   GPU_CHECK_TF32=0      skip the second benchmark, with --tf32
 #   GPU_CHECK_TEST_SECONDS, GPU_CHECK_BENCH_SECONDS, GPU_CHECK_RECIPE_SECONDS: time limits per step
+#
+# --quick: what matters most first, all within GPU_CHECK_QUICK_SECONDS (default 285) on a fresh machine with
+# no network: convnet and seed on CuPy interleaved with torch eager on the same GPU (batch 128 and 512, float32
+# then TF32), one default MNIST epoch and the fast recipe on cuda, then the CuPy tests.  Installs nothing but
+# the wheels in .whl/ (array-api-compat, -extra, -strict) into /tmp/site, and imports xpcnn from this checkout;
+# MNIST_DIR defaults to .data/mnist where it exists.  --dry-run-cpu runs the same flow on the CPU with tiny
+# settings (numpy and torch on cpu, a synthetic data set unless MNIST_DIR is given, a few tests).
 set -uo pipefail
 cd "$(dirname "$0")/.."
+quick=0
+dry=0
+args=()
+for arg in "$@"; do
+    case $arg in
+        --quick) quick=1 ;;
+        --dry-run-cpu) quick=1 dry=1 ;;
+        *) args+=("$arg") ;;
+    esac
+done
+set -- "${args[@]}"
 out=${1:-gpu_check}
 mnist=${2:-../shared/data/mnist}
 fashion=${3:-/usr/share/datasets/fashion-mnist}
@@ -24,6 +42,95 @@ mkdir -p "$out"
 export XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONUNBUFFERED=1
 
 log() { echo "# $(date -u +%H:%M:%S) $*" | tee -a "$out/steps.txt"; }
+
+if [ "$quick" = 1 ]; then
+    budget=${GPU_CHECK_QUICK_SECONDS:-285}
+    # step NAME CAP_SECONDS COMMAND...: run under timeout (CAP, or what is left of the budget), output to NAME.log.
+    step() {
+        local name=$1 cap=$2 left=$((budget - SECONDS))
+        shift 2
+        [ "$left" -lt "$cap" ] && cap=$left
+        if [ "$cap" -lt 10 ]; then
+            log "$name: skipped, out of time"
+            return 1
+        fi
+        local start=$SECONDS
+        timeout "$cap" "$@" > "$out/$name.log" 2>&1
+        local status=$?
+        log "$name: exit $status ($((SECONDS - start)) s, limit $cap s)$([ $status = 124 ] && echo ', timed out')"
+        return $status
+    }
+    device=cuda backend=cupy batches=(128 512) bench_size=(--steps 50 --repeats 7) tests=(-k cupy)
+    if [ "$dry" = 1 ]; then
+        device=cpu backend=numpy batches=(16 32) bench_size=(--steps 2 --repeats 2) tests=(tests/test_layers.py -k numpy)
+        [ -n "${2:-}" ] || mnist=$out/synthetic-mnist
+    elif [ -z "${2:-}" ] && [ -d .data/mnist ]; then
+        mnist=.data/mnist
+    fi
+    site=/tmp/site
+    [ "$dry" = 1 ] && site=$out/site  # not the shared /tmp of a CPU machine
+    log "xpcnn GPU check, quick$([ "$dry" = 1 ] && echo ', dry run on the CPU'): budget $budget s, data $mnist"
+    export PYTHONPATH=$site:$PWD
+    {
+        if compgen -G ".whl/*.whl" > /dev/null; then
+            "$python" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" .whl/*.whl
+            echo "installed into $site: $(cd .whl && echo *.whl)"
+        fi
+        [ "$dry" = 1 ] || nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+        timeout 60 "$python" -m xpcnn info
+    } > "$out/info.log" 2>&1
+    log "info: exit $? ($SECONDS s)"
+    if [ "$dry" = 1 ] && [ ! -d "$mnist" ]; then
+        "$python" -c "import sys; from tests.conftest import write_synthetic_mnist as w; w(__import__('pathlib').Path(sys.argv[1]))" "$mnist"
+    fi
+
+    # 1. xpcnn beside torch eager, interleaved, on the same device: float32 first, then TF32.
+    for tf32 in "" --tf32; do
+        for batch in "${batches[@]}"; do
+            name=bench-b$batch${tf32:+-tf32}
+            step "$name" 55 "$python" -m xpcnn bench --backend "$backend" --model convnet --model seed \
+                --train-batch "$batch" "${bench_size[@]}" --threads 2 $tf32 --json "$out/$name.json"
+            [ -f "$out/$name.json" ] && "$python" - "$out/$name.json" <<'EOF' | tee -a "$out/steps.txt"
+import json, sys
+
+for row in json.load(open(sys.argv[1]))["results"]:
+    if row["framework"] != "xpcnn":
+        continue
+    if "error" in row:
+        print(f"  {row['model']} on {row['backend']}: failed: {row['error']}")
+        continue
+    ratio = {p: f"{row[f'{p}_ratio']:.2f} ({row[f'{p}_ratio_min']:.2f}-{row[f'{p}_ratio_max']:.2f})"
+             if f"{p}_ratio" in row else "-" for p in ("train", "infer")}
+    print(f"  {row['model']} on {row['backend']} ({row['device']}): train {row['train_images_per_second']:,.0f} img/s,"
+          f" x torch {ratio['train']}; infer {row['infer_images_per_second']:,.0f} img/s, x torch {ratio['infer']}")
+EOF
+        done
+    done
+
+    # 2. One default MNIST epoch, and the fast recipe, on the device: training seconds and test accuracy.
+    summarize_run() {
+        "$python" - "$1" <<'EOF' | tee -a "$out/steps.txt"
+import json, sys
+
+history = json.load(open(f"{sys.argv[1]}/history.json"))
+seconds = sum(record["seconds"] for record in history)
+print(f"  {len(history)} epoch(s): {seconds:.1f} s of training, test accuracy {history[-1]['test_accuracy']:.2%}")
+EOF
+    }
+    step train-default 60 "$python" -m xpcnn train --device "$device" --epochs 1 --data-dir "$mnist" \
+        --out "$out/runs/default" && summarize_run "$out/runs/default"
+    step train-fast 75 "$python" -m xpcnn train --recipe fast --device "$device" --data-dir "$mnist" \
+        --out "$out/runs/fast" && summarize_run "$out/runs/fast"
+
+    # 3. The CuPy cases of the test suite.
+    workers=()
+    "$python" -c "import xdist" 2>/dev/null && workers=(-n 8)
+    export OMP_NUM_THREADS=1
+    step tests 300 "$python" -m pytest -q -rfEs -p no:cacheprovider "${workers[@]}" "${tests[@]}"
+    log "tests: $(tail -n 1 "$out/tests.log")"
+    log "done ($SECONDS s)"
+    exit 0
+fi
 
 log "xpcnn GPU check"
 {

@@ -1,8 +1,12 @@
-"""The benchmark's case list and ratios: xpcnn on each backend against torch eager on the same device."""
+"""The benchmark's pairs and ratios: xpcnn on each backend against torch eager on the same device, interleaved."""
+
+import json
 
 import pytest
+from click.testing import CliRunner
 
 from xpcnn import backend, bench
+from xpcnn.cli import main
 
 
 def test_each_xpcnn_case_gets_a_torch_twin_on_the_device_it_ran_on():
@@ -12,55 +16,91 @@ def test_each_xpcnn_case_gets_a_torch_twin_on_the_device_it_ran_on():
         "xpcnn:numpy:lenet",
         "xpcnn:jax:lenet",
     ]
-    results = [
-        {"framework": "xpcnn", "backend": "numpy", "model": "seed", "device": "cpu"},
-        {"framework": "xpcnn", "backend": "torch", "model": "seed", "device": "cpu"},
-        {"framework": "xpcnn", "backend": "jax", "model": "seed", "device": "cuda:0"},
-        {"framework": "xpcnn", "backend": "cupy", "model": "lenet", "device": "cuda:1"},
-        {"framework": "xpcnn", "backend": "cupy", "model": "convnet", "error": "out of memory"},
-    ]
-    assert [case.label for case in bench.twin_cases(results)] == [
-        "torch:cpu:seed",
-        "torch:cuda:seed",
-        "torch:cuda:lenet",
-    ]
+    assert bench.twin_case(bench.Case("xpcnn", "numpy", "seed"), "cpu").label == "torch:cpu:seed"
+    assert bench.twin_case(bench.Case("xpcnn", "jax", "seed"), "cuda:0").label == "torch:cuda:seed"
+    assert bench.twin_case(bench.Case("xpcnn", "cupy", "lenet"), "cuda:1").label == "torch:cuda:lenet"
 
 
-def test_ratios_are_taken_against_torch_on_the_device_the_case_ran_on():
-    def row(framework, backend, device, train, infer):
+def test_ratios_are_per_pair_of_interleaved_runs_with_their_median_and_spread():
+    # A slow spell in the second pair slows both sides: the per-pair ratio does not move.
+    assert bench.pair_ratios([100.0, 50.0, 90.0], [100.0, 50.0, 60.0]) == [1.0, 1.0, 1.5]
+    with pytest.raises(ValueError):
+        bench.pair_ratios([1.0, 2.0], [1.0])
+    row = {"train_runs": [100.0, 50.0, 90.0], "infer_runs": [10.0, 40.0, 10.0]}
+    twin = {"train_runs": [100.0, 50.0, 60.0], "infer_runs": [20.0, 10.0, 10.0]}
+    bench.add_ratios(row, twin)
+    assert row["train_ratios"] == [1.0, 1.0, 1.5] and row["train_ratio"] == 1.0
+    assert (row["train_ratio_min"], row["train_ratio_max"]) == (1.0, 1.5)
+    assert row["infer_ratios"] == [0.5, 4.0, 1.0] and row["infer_ratio"] == 1.0
+    assert (row["infer_ratio_min"], row["infer_ratio_max"]) == (0.5, 4.0)
+
+
+def test_table_and_progress_show_the_median_ratio_and_its_spread():
+    def row(framework, backend, device, **extra):
         return {
             "framework": framework,
             "backend": backend,
             "device": device,
             "model": "seed",
-            "train_images_per_second": train,
-            "infer_images_per_second": infer,
+            "train_images_per_second": 500.0,
+            "infer_images_per_second": 20000.0,
             "peak_rss_mib": 1.0,
+            **extra,
         }
 
+    ratios = {"train_ratio": 0.5, "train_ratio_min": 0.25, "train_ratio_max": 0.75}
+    ratios |= {"infer_ratio": 2.0, "infer_ratio_min": 1.5, "infer_ratio_max": 2.5}
     results = [
-        row("torch", "cpu", "cpu", 100.0, 1000.0),
-        row("torch", "cuda", "cuda", 1000.0, 10000.0),
-        row("xpcnn", "jax", "cuda:0", 500.0, 20000.0),
-        row("xpcnn", "torch", "cpu", 50.0, 2000.0),
+        row("xpcnn", "jax", "cuda:0", **ratios),
+        row("torch", "cuda", "cuda", paired_with="xpcnn:jax:seed"),
+        {"framework": "xpcnn", "backend": "cupy", "model": "seed", "error": "out of memory"},
     ]
-    bench.add_ratios(results)
-    assert (results[2]["train_ratio"], results[2]["infer_ratio"]) == (0.5, 2.0)
-    assert (results[3]["train_ratio"], results[3]["infer_ratio"]) == (0.5, 2.0)
-    assert "train_ratio" not in results[0]
     lines = bench.format_table(results).splitlines()
-    assert lines[4].split()[:4] == ["seed", "xpcnn", "jax", "cuda:0"]
+    assert lines[2].split()[:7] == ["seed", "xpcnn", "jax", "cuda:0", "500", "0.50", "(0.25-0.75)"]
+    assert lines[2].split()[8:10] == ["2.00", "(1.50-2.50)"]
+    assert lines[3].split()[:6] == ["seed", "torch", "cuda", "cuda", "500", "20,000"]
+    assert lines[4].endswith("failed: out of memory")
+    assert bench.format_progress(results[0]).endswith("vs torch: train 0.50 (0.25-0.75), infer 2.00 (1.50-2.50)")
+    assert bench.format_progress(results[1]).startswith("torch:cuda:seed (beside xpcnn:jax:seed) on cuda:")
+    assert bench.format_progress(results[2]) == "xpcnn:cupy:seed: failed: out of memory"
 
 
 @pytest.mark.parametrize("name", ["torch", "jax"])
-def test_a_case_runs_on_torch_and_jax(name, restore_tf32):
+def test_a_case_serves_timed_runs_on_torch_and_jax(name, restore_tf32):
     pytest.importorskip(name)
     settings = bench.Settings(train_batch=8, infer_batch=16, steps=1, repeats=2, warmup=1, tf32=True)
-    result = bench.run_case(bench.Case("xpcnn", name, "seed"), settings)
+    replies = []
+    bench.serve(
+        bench.Case("xpcnn", name, "seed"), settings, ["train\n", "train\n", "infer\n", "finish\n"], replies.append
+    )
     assert backend.tf32_enabled()  # the math mode is set for every case, xpcnn's and torch's
-    assert result["device"] in ("cpu", "cuda:0")
-    assert len(result["train_runs"]) == 2 and result["train_images_per_second"] > 0
-    assert result["infer_images_per_second"] > 0
+    assert replies[0]["device"] in ("cpu", "cuda:0")
+    assert all(reply["rate"] > 0 for reply in replies[1:4])
+    assert replies[4]["peak_rss_mib"] > 0 and len(replies) == 5
+
+
+def test_bench_pairs_numpy_with_torch_end_to_end(tmp_path):
+    pytest.importorskip("torch")
+    args = ["bench", "--backend", "numpy", "--model", "seed", "--steps", "1", "--repeats", "2", "--threads", "1"]
+    args += ["--train-batch", "8", "--infer-batch", "16", "--json", str(tmp_path / "bench.json")]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert "torch:cpu:seed (beside xpcnn:numpy:seed) on cpu" in result.output
+    report = json.loads((tmp_path / "bench.json").read_text())
+    assert report["ratio_spread"] == bench.RATIO_SPREAD and report["settings"]["repeats"] == 2
+    mine, twin = report["results"]
+    assert (twin["framework"], twin["backend"], twin["paired_with"]) == ("torch", "cpu", "xpcnn:numpy:seed")
+    for row in (mine, twin):
+        assert row["device"] == "cpu" and len(row["train_runs"]) == len(row["infer_runs"]) == 2
+        assert row["peak_rss_mib"] > 0 and row["train_images_per_second"] > 0
+    assert len(mine["train_ratios"]) == len(mine["infer_ratios"]) == 2
+    assert mine["train_ratio_min"] <= mine["train_ratio"] <= mine["train_ratio_max"]
+
+
+def test_a_failing_case_is_one_line_and_runs_no_twin():
+    settings = bench.Settings(train_batch=8, infer_batch=16, steps=1, repeats=1, warmup=1, threads=1)
+    (row,) = bench.run_pair(bench.Case("xpcnn", "numpy", "no-such-model"), settings, with_torch=True)
+    assert "unknown model" in row["error"] and "\n" not in row["error"]
 
 
 def test_full_run_reports_its_own_peak_memory_not_its_parents_or_an_earlier_childs(synthetic_dir):

@@ -1,25 +1,30 @@
 """Throughput and memory benchmark: xpcnn on each backend beside PyTorch, in one run.
 
-Each case (framework, backend, model) runs in a fresh Python process with the
-same thread count, so that peak memory is per case and no case warms another's
-caches or allocator.  A case measures:
+Each case (framework, backend, model) runs in its own Python process with the
+same thread count, fixed before any library loads, so that peak memory is per
+case and no case warms another's caches or allocator.  A case measures:
 
 * training images/s: forward + loss + backward + optimiser step (SGD, momentum
   0.9, lr 0.01) on float32 batches of ``train_batch`` images;
 * inference images/s: evaluation-mode forward on batches of ``infer_batch``;
 * peak resident memory of the process (and peak device memory on a GPU).
 
-Warm-up steps are excluded; each figure is the median of ``repeats`` timed
-runs of ``steps`` steps.  The device is synchronised only at the end of each
-timed run.  Where torch is installed the same architecture, batch, optimiser
-and thread count run under torch (eager) in the same benchmark, and the table
-shows the ratio xpcnn / torch on the device the xpcnn case ran on (xpcnn on
-torch or jax picks CUDA where that library can use a GPU, as ``get_backend``
-does with ``device="auto"``).
+Where torch is installed, each xpcnn case runs beside a twin: the same
+architecture, weights, batch, optimiser and thread count under torch (eager),
+on the kind of device the xpcnn case ran on (xpcnn on torch or jax picks CUDA
+where that library can use a GPU, as ``get_backend`` does with
+``device="auto"``).  Both processes stay up, warmed up, and the parent asks
+them in turn for one timed run of ``steps`` steps each: xpcnn, torch, xpcnn,
+torch, ... ``repeats`` times for training, then for inference.  A slow spell
+of a shared machine then hits both sides of a pair, and the ratio xpcnn /
+torch is taken per pair: the table shows the median of the ``repeats``
+per-pair ratios and their spread (the lowest and highest).  Warm-up steps are
+excluded; the device is synchronised only at the end of each timed run.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import json
 import os
@@ -28,7 +33,9 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -36,6 +43,8 @@ import numpy as np
 from .models import build
 
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+PHASES = ("train", "infer")
+RATIO_SPREAD = "min and max of the per-pair ratios"
 
 
 @dataclass(frozen=True)
@@ -65,19 +74,39 @@ class Settings:
     tf32: bool = False  # TF32 float32 matmuls (and torch's cuDNN convolutions) on NVIDIA GPUs, for both sides
 
 
-def _timed_runs(step, sync, settings: Settings, images_per_step: int) -> list[float]:
-    """Images/s of ``repeats`` runs of ``steps`` calls to ``step``, after ``warmup`` calls."""
-    for _ in range(settings.warmup):
-        step()
-    sync()
-    rates = []
-    for _ in range(settings.repeats):
-        start = time.perf_counter()
-        for _ in range(settings.steps):
-            step()
-        sync()
-        rates.append(images_per_step * settings.steps / (time.perf_counter() - start))
-    return rates
+class Session:
+    """One case set up in this process: times one run of ``steps`` steps of a phase on request."""
+
+    def __init__(self, device: str, steps: dict, modes: dict, sync, device_peak_mib, settings: Settings, activate=None):
+        self.device = device
+        self._steps, self._modes, self._sync = steps, modes, sync  # per phase: a step, a switch into that mode
+        self.device_peak_mib = device_peak_mib
+        self._settings = settings
+        self._activate = activate or contextlib.nullcontext
+        self._phase = None
+
+    def enter(self, phase: str) -> None:
+        """Switch the model into ``phase``'s mode and warm up, unless it is in that phase already."""
+        if phase == self._phase:
+            return
+        with self._activate():
+            self._modes[phase]()
+            for _ in range(self._settings.warmup):
+                self._steps[phase]()
+            self._sync()
+        self._phase = phase
+
+    def repeat(self, phase: str) -> float:
+        """Images/s of one timed run of ``steps`` steps of ``phase`` ("train" or "infer")."""
+        self.enter(phase)
+        batch = self._settings.train_batch if phase == "train" else self._settings.infer_batch
+        step = self._steps[phase]
+        with self._activate():
+            start = time.perf_counter()
+            for _ in range(self._settings.steps):
+                step()
+            self._sync()
+            return batch * self._settings.steps / (time.perf_counter() - start)
 
 
 def _batches(rng: np.random.Generator, batch: int, count: int = 4):
@@ -88,8 +117,8 @@ def _batches(rng: np.random.Generator, batch: int, count: int = 4):
     ]
 
 
-def run_xpcnn_case(case: Case, settings: Settings) -> dict:
-    """Measure xpcnn's ``case.model`` on backend ``case.backend``."""
+def _xpcnn_session(case: Case, settings: Settings) -> Session:
+    """xpcnn's ``case.model`` on backend ``case.backend``."""
     from .backend import get_backend
     from .nn import CrossEntropyLoss
     from .optim import SGD
@@ -103,30 +132,32 @@ def run_xpcnn_case(case: Case, settings: Settings) -> dict:
         optimizer = SGD(model, lr=0.01, momentum=0.9)
         train_data = [(backend.asarray(x), backend.asarray(y)) for x, y in _batches(rng, settings.train_batch)]
         infer_data = [backend.asarray(x) for x, _ in _batches(rng, settings.infer_batch, 2)]
-        position = {"train": 0, "infer": 0}
+    position = {"train": 0, "infer": 0}
 
-        def train_step():
-            x, y = train_data[position["train"] % len(train_data)]
-            position["train"] += 1
-            loss_fn.forward(model.forward(x), y)
-            model.backward(loss_fn.backward(), input_grad=False)
-            optimizer.step()
+    def train_step():
+        x, y = train_data[position["train"] % len(train_data)]
+        position["train"] += 1
+        loss_fn.forward(model.forward(x), y)
+        model.backward(loss_fn.backward(), input_grad=False)
+        optimizer.step()
 
-        def infer_step():
-            model.forward(infer_data[position["infer"] % len(infer_data)])
-            position["infer"] += 1
+    def infer_step():
+        model.forward(infer_data[position["infer"] % len(infer_data)])
+        position["infer"] += 1
 
-        model.train()
-        train_rates = _timed_runs(train_step, backend.synchronize, settings, settings.train_batch)
+    def to_eval():
         model.zero_cache()
         model.eval()
-        infer_rates = _timed_runs(infer_step, backend.synchronize, settings, settings.infer_batch)
-    return {
-        "device": backend.device_name,
-        "train_runs": train_rates,
-        "infer_runs": infer_rates,
-        "device_peak_mib": _device_peak_mib(backend),
-    }
+
+    return Session(
+        backend.device_name,
+        {"train": train_step, "infer": infer_step},
+        {"train": model.train, "infer": to_eval},
+        backend.synchronize,
+        lambda: _device_peak_mib(backend),
+        settings,
+        backend.activate,
+    )
 
 
 def _device_peak_mib(backend) -> float | None:
@@ -189,8 +220,8 @@ def torch_twin(model):
     return twin
 
 
-def run_torch_case(case: Case, settings: Settings) -> dict:
-    """Measure the same architecture under PyTorch (eager) on ``case.backend`` ("cpu" or "cuda")."""
+def _torch_session(case: Case, settings: Settings) -> Session:
+    """The same architecture under PyTorch (eager) on ``case.backend`` ("cpu" or "cuda")."""
     import torch
 
     torch.set_num_threads(settings.threads)
@@ -204,9 +235,10 @@ def run_torch_case(case: Case, settings: Settings) -> dict:
     ]
     infer_data = [torch.from_numpy(x).to(device) for x, _ in _batches(rng, settings.infer_batch, 2)]
     position = {"train": 0, "infer": 0}
+    on_gpu = device.type == "cuda"
 
     def sync():
-        if device.type == "cuda":
+        if on_gpu:
             torch.cuda.synchronize()
 
     def train_step():
@@ -221,40 +253,87 @@ def run_torch_case(case: Case, settings: Settings) -> dict:
             model(infer_data[position["infer"] % len(infer_data)])
         position["infer"] += 1
 
-    model.train()
-    train_rates = _timed_runs(train_step, sync, settings, settings.train_batch)
-    model.eval()
-    infer_rates = _timed_runs(infer_step, sync, settings, settings.infer_batch)
-    peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None
-    return {"device": str(device), "train_runs": train_rates, "infer_runs": infer_rates, "device_peak_mib": peak}
+    return Session(
+        str(device),
+        {"train": train_step, "infer": infer_step},
+        {"train": model.train, "infer": model.eval},
+        sync,
+        lambda: torch.cuda.max_memory_allocated() / 2**20 if on_gpu else None,
+        settings,
+    )
 
 
-def run_case(case: Case, settings: Settings) -> dict:
-    """Run one case in this process and return its figures."""
+def open_session(case: Case, settings: Settings) -> Session:
+    """Set ``case`` up in this process, in the TF32 mode of ``settings``."""
     from .backend import set_tf32
 
     # Set either way, so that xpcnn and torch (whose cuDNN convolutions default to TF32) compute alike.
     set_tf32(settings.tf32)
-    runner = run_torch_case if case.framework == "torch" else run_xpcnn_case
-    result = runner(case, settings)
-    return {
-        **asdict(case),
-        "train_images_per_second": statistics.median(result["train_runs"]),
-        "infer_images_per_second": statistics.median(result["infer_runs"]),
-        "peak_rss_mib": own_peak_rss_mib(),
-        **result,
-    }
+    return (_torch_session if case.framework == "torch" else _xpcnn_session)(case, settings)
 
 
-def run_case_in_subprocess(case: Case, settings: Settings) -> dict:
-    """Run one case in a fresh interpreter with the thread count fixed before any library loads."""
-    env = dict(os.environ, **{name: str(settings.threads) for name in THREAD_VARIABLES})
-    command = [sys.executable, "-m", "xpcnn.bench", case.label, json.dumps(asdict(settings))]
-    done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
-        return {**asdict(case), "error": last}
-    return json.loads(done.stdout.strip().splitlines()[-1])
+def serve(case: Case, settings: Settings, commands: Iterable[str], reply: Callable[[dict], None]) -> None:
+    """A case's process: set up and warm up, reply its device, then one reply per command until "finish".
+
+    A command is a phase ("train" or "infer"), answered with ``{"rate": images/s}`` of one timed run;
+    "finish" is answered with the process's peak memory.
+    """
+    session = open_session(case, settings)
+    session.enter("train")
+    reply({"device": session.device})
+    for command in commands:
+        if command.strip() == "finish":
+            break
+        reply({"rate": session.repeat(command.strip())})
+    reply({"peak_rss_mib": own_peak_rss_mib(), "device_peak_mib": session.device_peak_mib()})
+
+
+class CaseFailed(Exception):
+    """A case's process ended early; the message is the last line it wrote to stderr."""
+
+
+class Worker:
+    """A case in its own interpreter, with the thread count fixed before any library loads, serving requests."""
+
+    def __init__(self, case: Case, settings: Settings):
+        self.case = case
+        env = dict(os.environ, **{name: str(settings.threads) for name in THREAD_VARIABLES})
+        self._stderr = tempfile.TemporaryFile("w+")  # a file, not a pipe: a chatty library cannot block the child
+        command = [sys.executable, "-m", "xpcnn.bench", case.label, json.dumps(asdict(settings))]
+        self._process = subprocess.Popen(
+            command, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stderr, text=True
+        )
+        try:
+            self.device = self._answer()["device"]
+        except CaseFailed:
+            self.close()
+            raise
+
+    def ask(self, command: str) -> dict:
+        """Send one command and wait for its answer."""
+        try:
+            self._process.stdin.write(command + "\n")
+            self._process.stdin.flush()
+        except BrokenPipeError:
+            pass  # it has ended: reading says why
+        return self._answer()
+
+    def _answer(self) -> dict:
+        line = self._process.stdout.readline()
+        if not line:
+            self._process.wait()
+            self._stderr.seek(0)
+            raise CaseFailed((self._stderr.read().strip().splitlines() or ["no output"])[-1])
+        return json.loads(line)
+
+    def close(self) -> None:
+        with contextlib.suppress(BrokenPipeError):
+            self._process.stdin.close()
+        if self._process.poll() is None:
+            self._process.kill()
+        self._process.wait()
+        self._process.stdout.close()
+        self._stderr.close()
 
 
 def xpcnn_cases(backends: list[str], models: list[str]) -> list[Case]:
@@ -262,61 +341,111 @@ def xpcnn_cases(backends: list[str], models: list[str]) -> list[Case]:
     return [Case("xpcnn", backend, model) for model in models for backend in backends]
 
 
-def twin_cases(results: list[dict]) -> list[Case]:
-    """torch eager on the kind of device (cpu or cuda) each successful xpcnn case ran on, same model.
+def twin_case(case: Case, device: str) -> Case:
+    """torch eager on the kind of device (cpu or cuda) the xpcnn ``case`` ran on, same model.
 
-    The twins are chosen after the xpcnn cases have run: which device torch or
-    JAX picks is known only in the case's own process (asking JAX here would
-    initialise it on the GPU and hold memory that the cases need).
+    Chosen from the device the case's own process reports: which device torch or
+    JAX picks is known only there (asking JAX in the parent would initialise it
+    on the GPU and hold memory that the cases need).
     """
-    cases = []
-    for row in results:
-        if row["framework"] == "xpcnn" and "error" not in row:
-            twin = Case("torch", row["device"].split(":")[0], row["model"])
-            if twin not in cases:
-                cases.append(twin)
-    return cases
+    return Case("torch", device.split(":")[0], case.model)
 
 
-def add_ratios(results: list[dict]) -> None:
-    """Set ``train_ratio`` / ``infer_ratio`` (xpcnn / torch on the same kind of device, same model) where both ran."""
-    torch_rows = {(r["backend"], r["model"]): r for r in results if r["framework"] == "torch" and "error" not in r}
-    for row in results:
-        if row["framework"] != "xpcnn" or "error" in row:
-            continue
-        twin = torch_rows.get((row["device"].split(":")[0], row["model"]))
-        if twin:
-            row["train_ratio"] = row["train_images_per_second"] / twin["train_images_per_second"]
-            row["infer_ratio"] = row["infer_images_per_second"] / twin["infer_images_per_second"]
+def pair_ratios(xpcnn_runs: list[float], torch_runs: list[float]) -> list[float]:
+    """xpcnn / torch for each pair of interleaved timed runs."""
+    return [mine / theirs for mine, theirs in zip(xpcnn_runs, torch_runs, strict=True)]
+
+
+def add_ratios(row: dict, twin: dict) -> None:
+    """Set the xpcnn ``row``'s per-pair ratios against its ``twin``, their median and spread (min, max)."""
+    for phase in PHASES:
+        ratios = pair_ratios(row[f"{phase}_runs"], twin[f"{phase}_runs"])
+        row[f"{phase}_ratios"] = ratios
+        row[f"{phase}_ratio"] = statistics.median(ratios)
+        row[f"{phase}_ratio_min"], row[f"{phase}_ratio_max"] = min(ratios), max(ratios)
+
+
+def run_pair(case: Case, settings: Settings, with_torch: bool) -> list[dict]:
+    """Run the xpcnn ``case`` and, ``with_torch``, its twin, timed runs interleaved; a row for each.
+
+    A case that fails gets a row with a one-line ``error``; its partner goes on alone.
+    """
+    rows, workers = {}, {}
+    try:
+        for label in ("xpcnn", "torch") if with_torch else ("xpcnn",):
+            this = case if label == "xpcnn" else twin_case(case, workers["xpcnn"].device)
+            rows[label] = asdict(this) | ({"paired_with": case.label} if label == "torch" else {})
+            try:
+                workers[label] = Worker(this, settings)
+            except CaseFailed as exc:
+                rows[label]["error"] = str(exc)
+                if label == "xpcnn":
+                    return [rows[label]]
+        for phase in PHASES:
+            for _ in range(settings.repeats):
+                for label, worker in list(workers.items()):  # xpcnn, torch, xpcnn, torch, ...
+                    try:
+                        rows[label].setdefault(f"{phase}_runs", []).append(worker.ask(phase)["rate"])
+                    except CaseFailed as exc:
+                        rows[label]["error"] = str(exc)
+                        workers.pop(label).close()
+        for label, worker in workers.items():
+            try:
+                final = worker.ask("finish")
+            except CaseFailed as exc:
+                rows[label]["error"] = str(exc)
+                continue
+            rows[label].update(
+                device=worker.device,
+                train_images_per_second=statistics.median(rows[label]["train_runs"]),
+                infer_images_per_second=statistics.median(rows[label]["infer_runs"]),
+                **final,
+            )
+    finally:
+        for worker in workers.values():
+            worker.close()
+    if with_torch and not any("error" in row for row in rows.values()):
+        add_ratios(rows["xpcnn"], rows["torch"])
+    return list(rows.values())
+
+
+def _ratio(row: dict, phase: str) -> str:
+    """``median (min-max)`` of a row's per-pair ratios for ``phase``, or "" where it has none."""
+    if f"{phase}_ratio" not in row:
+        return ""
+    return f"{row[f'{phase}_ratio']:.2f} ({row[f'{phase}_ratio_min']:.2f}-{row[f'{phase}_ratio_max']:.2f})"
 
 
 def format_progress(result: dict) -> str:
     """One line for a finished case, printed as the benchmark goes (a run cut short keeps them)."""
     label = Case(result["framework"], result["backend"], result["model"]).label
+    if "paired_with" in result:
+        label += f" (beside {result['paired_with']})"
     if "error" in result:
         return f"{label}: failed: {result['error']}"
-    return (
+    line = (
         f"{label} on {result['device']}: train {result['train_images_per_second']:,.0f} img/s, "
         f"infer {result['infer_images_per_second']:,.0f} img/s"
     )
+    if "train_ratio" in result:
+        line += f"; vs torch: train {_ratio(result, 'train')}, infer {_ratio(result, 'infer')}"
+    return line
 
 
 def format_table(results: list[dict]) -> str:
-    """A plain-text table of the results (medians; ratios are xpcnn / torch)."""
-    header = f"{'model':<10} {'framework':<9} {'backend':<17} {'device':<7} {'train img/s':>12} {'ratio':>6} "
-    header += f"{'infer img/s':>12} {'ratio':>6} {'peak RSS MiB':>13} {'device MiB':>11}"
+    """A plain-text table of the results: medians, and xpcnn / torch as the median (min-max) of per-pair ratios."""
+    header = f"{'model':<10} {'framework':<9} {'backend':<17} {'device':<7} {'train img/s':>12} {'vs torch':>16} "
+    header += f"{'infer img/s':>12} {'vs torch':>16} {'peak RSS MiB':>13} {'device MiB':>11}"
     lines = [header, "-" * len(header)]
     for r in results:
         if "error" in r:
             lines.append(f"{r['model']:<10} {r['framework']:<9} {r['backend']:<17} failed: {r['error']}")
             continue
         device = f"{r['device_peak_mib']:.0f}" if r.get("device_peak_mib") is not None else "-"
-        train_ratio = f"{r['train_ratio']:.2f}" if "train_ratio" in r else ""
-        infer_ratio = f"{r['infer_ratio']:.2f}" if "infer_ratio" in r else ""
         lines.append(
             f"{r['model']:<10} {r['framework']:<9} {r['backend']:<17} {r['device']:<7} "
-            f"{r['train_images_per_second']:>12,.0f} "
-            f"{train_ratio:>6} {r['infer_images_per_second']:>12,.0f} {infer_ratio:>6} "
+            f"{r['train_images_per_second']:>12,.0f} {_ratio(r, 'train'):>16} "
+            f"{r['infer_images_per_second']:>12,.0f} {_ratio(r, 'infer'):>16} "
             f"{r['peak_rss_mib']:>13,.0f} {device:>11}"
         )
     return "\n".join(lines)
@@ -408,11 +537,20 @@ def full_run(data_dir: str, model: str, device: str, threads: int, tf32: bool = 
     return {"model": model, "device": device, "peak_rss_mib": peak, "wall_seconds": seconds, **record}
 
 
-def main_case(argv: list[str]) -> None:
-    """Entry point of the per-case subprocess: ``python -m xpcnn.bench CASE SETTINGS_JSON``."""
-    case, settings = Case.parse(argv[0]), Settings(**json.loads(argv[1]))
-    print(json.dumps(run_case(case, settings)))
+def main_worker(argv: list[str]) -> None:
+    """Entry point of a case's process: ``python -m xpcnn.bench CASE SETTINGS_JSON``, commands on stdin.
+
+    Answers go to the original stdout, one JSON line each; anything a library prints goes to stderr.
+    """
+    answers = os.fdopen(os.dup(sys.stdout.fileno()), "w")
+    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
+
+    def reply(message: dict) -> None:
+        answers.write(json.dumps(message) + "\n")
+        answers.flush()
+
+    serve(Case.parse(argv[0]), Settings(**json.loads(argv[1])), sys.stdin, reply)
 
 
 if __name__ == "__main__":
-    main_case(sys.argv[1:])
+    main_worker(sys.argv[1:])

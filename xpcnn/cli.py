@@ -362,7 +362,11 @@ def predict(run, images, device, backend, as_json):
 @click.option("--threads", type=click.IntRange(min=1), default=2, show_default=True, help="CPU threads for every case.")
 @click.option("--steps", type=click.IntRange(min=1), default=20, show_default=True, help="Steps per timed run.")
 @click.option(
-    "--repeats", type=click.IntRange(min=1), default=5, show_default=True, help="Timed runs (median reported)."
+    "--repeats",
+    type=click.IntRange(min=1),
+    default=5,
+    show_default=True,
+    help="Timed runs per case (median reported), interleaved with its PyTorch twin's.",
 )
 @click.option("--train-batch", type=click.IntRange(min=1), default=128, show_default=True)
 @click.option("--infer-batch", type=click.IntRange(min=1), default=1000, show_default=True)
@@ -377,7 +381,7 @@ def predict(run, images, device, backend, as_json):
 )
 @friendly_errors
 def bench(models, backends, threads, steps, repeats, train_batch, infer_batch, no_torch, json_path, tf32, full_run_dir):
-    """Training and inference images/s and peak memory, beside PyTorch in the same run."""
+    """Training and inference images/s and peak memory, beside PyTorch eager with timed runs interleaved."""
     from . import bench as benchmark
     from .backend import cuda_problem
     from .files import write_json
@@ -392,18 +396,15 @@ def bench(models, backends, threads, steps, repeats, train_batch, infer_batch, n
         err=True,
     )
     results = []
-
-    def run(cases):
-        for case in cases:
-            results.append(benchmark.run_case_in_subprocess(case, settings))
-            click.echo(f"  {benchmark.format_progress(results[-1])}", err=True)
-
-    run(benchmark.xpcnn_cases(backends, models))
-    if with_torch:
-        run(benchmark.twin_cases(results))
-    benchmark.add_ratios(results)
+    for case in benchmark.xpcnn_cases(backends, models):
+        for row in benchmark.run_pair(case, settings, with_torch):
+            results.append(row)
+            click.echo(f"  {benchmark.format_progress(row)}", err=True)
     click.echo(benchmark.format_table(results))
     report = {"machine": machine, "settings": dataclasses.asdict(settings), "results": results}
+    if with_torch:
+        click.echo(f"vs torch: xpcnn / PyTorch eager, median ({benchmark.RATIO_SPREAD}) of {repeats} interleaved runs")
+        report["ratio_spread"] = benchmark.RATIO_SPREAD
     if full_run_dir:
         device = "cuda" if "cupy" in backends else "cpu"
         click.echo(f"  running one epoch of convnet on {device} ...", err=True)

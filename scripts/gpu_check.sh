@@ -18,8 +18,10 @@
 # no network: convnet and seed on CuPy interleaved with torch eager on the same GPU (batch 128 and 512, float32
 # then TF32), one default MNIST epoch and the fast recipe on cuda, then the CuPy tests.  Installs nothing but
 # the wheels in .whl/ (array-api-compat, -extra, -strict) into /tmp/site, and imports xpcnn from this checkout;
-# MNIST_DIR defaults to .data/mnist where it exists.  --dry-run-cpu runs the same flow on the CPU with tiny
-# settings (numpy and torch on cpu, a synthetic data set unless MNIST_DIR is given, a few tests).
+# MNIST_DIR defaults to .data/mnist where it exists.  Before the benchmark it runs the tests of CuPy's fused
+# kernels (tests/test_fastpath_cupy.py); it benchmarks batch 128 once more with every fast path off
+# (XPCNN_FASTPATH=0), and profiles a step (scripts/profile_step.py).  --dry-run-cpu runs the same flow on the CPU
+# with tiny settings (numpy and torch on cpu, a synthetic data set unless MNIST_DIR is given, a few tests).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 quick=0
@@ -84,10 +86,19 @@ if [ "$quick" = 1 ]; then
         "$python" -c "import sys; from tests.conftest import write_synthetic_mnist as w; w(__import__('pathlib').Path(sys.argv[1]))" "$mnist"
     fi
 
-    # 1. xpcnn beside torch eager, interleaved, on the same device: float32 first, then TF32.
-    for tf32 in "" --tf32; do
+    # 0. CuPy's fused kernels against the reference: they compile here, and the benchmark relies on them.
+    export OMP_NUM_THREADS=1
+    step fused-tests 60 "$python" -m pytest -q -rfEs -p no:cacheprovider tests/test_fastpath_cupy.py
+    log "fused-tests: $(tail -n 1 "$out/fused-tests.log")"
+
+    # 1. xpcnn beside torch eager, interleaved, on the same device: float32 first (also with every fast path
+    # off, XPCNN_FASTPATH=0, to measure what the fused kernels gain), then TF32.
+    for run in "" "-reference" "--tf32"; do
         for batch in "${batches[@]}"; do
-            name=bench-b$batch${tf32:+-tf32}
+            [ "$run" = -reference ] && [ "$batch" != "${batches[0]}" ] && continue
+            tf32=$([ "$run" = --tf32 ] && echo --tf32)
+            name=bench-b$batch${tf32:+-tf32}$([ "$run" = -reference ] && echo -reference)
+            XPCNN_FASTPATH=$([ "$run" = -reference ] && echo 0 || echo 1) \
             step "$name" 55 "$python" -m xpcnn bench --backend "$backend" --model convnet --model seed \
                 --train-batch "$batch" "${bench_size[@]}" --threads 2 $tf32 --json "$out/$name.json"
             [ -f "$out/$name.json" ] && "$python" - "$out/$name.json" <<'EOF' | tee -a "$out/steps.txt"
@@ -107,6 +118,10 @@ EOF
         done
     done
 
+    # Where a CuPy step's time goes: host and GPU time per step and per layer, fused kernels on and off.
+    [ "$dry" = 1 ] || step profile 30 "$python" scripts/profile_step.py --model convnet --model seed
+    [ -f "$out/profile.log" ] && grep "batch" "$out/profile.log" | sed 's/^/  /' | tee -a "$out/steps.txt"
+
     # 2. One default MNIST epoch, and the fast recipe, on the device: training seconds and test accuracy.
     summarize_run() {
         "$python" - "$1" <<'EOF' | tee -a "$out/steps.txt"
@@ -125,7 +140,6 @@ EOF
     # 3. The CuPy cases of the test suite.
     workers=()
     "$python" -c "import xdist" 2>/dev/null && workers=(-n 8)
-    export OMP_NUM_THREADS=1
     step tests 300 "$python" -m pytest -q -rfEs -p no:cacheprovider "${workers[@]}" "${tests[@]}"
     log "tests: $(tail -n 1 "$out/tests.log")"
     log "done ($SECONDS s)"

@@ -2,9 +2,11 @@
 
 Layers get their math from :func:`kernels`: the Array API reference
 (:mod:`xpcnn.functional`) for every backend, with a few functions replaced by
-NumPy-specific versions for NumPy arrays.  Each replacement must give the same
-result as the reference (tests compare them on random inputs, ties
-included), and exists because a measurement showed it pays.
+NumPy-specific versions for NumPy arrays and by fused kernels for CuPy arrays
+(:mod:`xpcnn.fastpath_cupy`, imported at the first CuPy array).  Each
+replacement must give the same result as the reference (tests compare them on
+random inputs, ties included), and exists because a measurement showed it
+pays.  ``XPCNN_FASTPATH=0`` in the environment turns them all off.
 
 NumPy replacements (each re-measured against the reference it replaces,
 which was restructured for the fewest operations, the count that matters on
@@ -32,10 +34,12 @@ a GPU; on NumPy's one thread per ufunc these still pay):
 
 from __future__ import annotations
 
-from functools import partial
+import os
+from functools import cache, partial
 from types import SimpleNamespace
 
 import numpy as np
+from array_api_compat import is_cupy_array
 from numpy.lib.stride_tricks import as_strided
 
 from . import functional as F
@@ -163,9 +167,13 @@ def input_gradient(grad, weight, x_shape, stride, padding):
     return grad_x[:, ph : ph + h, pw : pw + w, :].transpose(0, 3, 1, 2)
 
 
+def _public(module) -> dict:
+    return {name: getattr(module, name) for name in dir(module) if not name.startswith("_")}
+
+
 _NUMPY = SimpleNamespace(
     **{
-        **{name: getattr(F, name) for name in dir(F) if not name.startswith("_")},
+        **_public(F),
         "conv2d_forward": partial(F.conv2d_forward, im2col=im2col, weight_matrix=_weight_matrix),
         "conv2d_backward": partial(F.conv2d_backward, input_gradient=input_gradient, weight_gradient=_weight_gradient),
         "maxpool2d_forward": maxpool2d_forward,
@@ -175,6 +183,25 @@ _NUMPY = SimpleNamespace(
 )
 
 
+@cache
+def _cupy_kernels() -> SimpleNamespace:
+    """The reference with CuPy's fused kernels in place (imported at the first CuPy array)."""
+    from . import fastpath_cupy as fused
+
+    replaced = ("maxpool2d_forward", "maxpool2d_backward", "relu_backward", "dropout_forward", "cross_entropy")
+    return SimpleNamespace(**{**_public(F), **{name: getattr(fused, name) for name in replaced}})
+
+
+# XPCNN_FASTPATH=0 turns every fast path off: the reference runs on every backend (for measuring what they gain).
+ENABLED = os.environ.get("XPCNN_FASTPATH", "1") != "0"
+
+
 def kernels(x):
-    """The namespace of layer math for arrays like ``x``: NumPy's fast paths, or the reference."""
-    return _NUMPY if isinstance(x, np.ndarray) else F
+    """The namespace of layer math for arrays like ``x``: NumPy's or CuPy's fast paths, or the reference."""
+    if not ENABLED:
+        return F
+    if isinstance(x, np.ndarray):
+        return _NUMPY
+    if is_cupy_array(x):
+        return _cupy_kernels()
+    return F

@@ -347,6 +347,17 @@ def relu_backward(grad_y, y):
     return xp.where(y > 0, grad_y, 0.0)
 
 
+def dropout_forward(x, uniform, p: float):
+    """Inverted dropout: x * mask with mask = 1 / (1 - p) where ``uniform`` >= p, else 0.
+
+    ``uniform`` holds draws in [0, 1) shaped like x.  Returns (y, mask); the
+    backward pass is grad * mask.
+    """
+    xp = array_namespace(x, uniform)
+    mask = xp.where(uniform >= p, scalar(x, 1.0 / (1.0 - p)), 0.0)
+    return x * mask, mask
+
+
 def linear_forward(x, weight, bias):
     """x (N, I) @ weight (O, I)^T + bias (O,) -> (N, O)."""
     xp = array_namespace(x, weight)

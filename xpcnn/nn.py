@@ -374,9 +374,9 @@ class Dropout(Layer):
             return x
         if self.generator is None:
             self.generator = backend_of(x).generator(int(np.random.SeedSequence().entropy % 2**63))
-        keep = self.generator.random(tuple(x.shape), x.dtype) >= self.p
-        self._cache = xp.where(keep, F.scalar(x, 1.0 / (1.0 - self.p)), 0.0)  # the scaled mask
-        return x * self._cache
+        uniform = self.generator.random(tuple(x.shape), x.dtype)
+        y, self._cache = kernels(x).dropout_forward(x, uniform, self.p)  # the cache is the scaled mask
+        return y
 
     def backward(self, grad_y):
         if not self.training or self.p == 0.0:
@@ -563,7 +563,7 @@ class CrossEntropyLoss:
                 raise ValueError(
                     f"CrossEntropyLoss: labels must lie in [0, {logits.shape[1] - 1}], got values in [{low}, {high}]"
                 )
-        loss, self._grad = F.cross_entropy(logits, labels, self.label_smoothing)
+        loss, self._grad = kernels(logits).cross_entropy(logits, labels, self.label_smoothing)
         return loss
 
     __call__ = forward

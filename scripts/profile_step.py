@@ -1,0 +1,76 @@
+#!/usr/bin/env python3
+"""Profile a CuPy training step: host time and GPU time per step, CuPy's fused kernels on and off.
+
+``cupyx.profiler.benchmark`` times each call on the host (Python and kernel
+launches) and on the GPU (CUDA events around it).  When the GPU time is about
+the host time, the GPU waits for Python: the step is bound by launches, and
+fewer launches are what makes it faster.  Also prints each layer's host time
+for one step, measured the same way.
+
+    python scripts/profile_step.py [--model convnet] [--batch 128] [--repeat 200]
+"""
+
+import argparse
+import statistics
+
+import numpy as np
+from cupyx.profiler import benchmark
+
+from xpcnn import fastpath
+from xpcnn.backend import get_backend
+from xpcnn.models import MODELS, build
+from xpcnn.nn import CrossEntropyLoss
+from xpcnn.optim import SGD
+
+
+def microseconds(times) -> float:
+    return statistics.median(np.ravel(times)) * 1e6
+
+
+def profile(model_name: str, batch: int, repeat: int, enabled: bool) -> None:
+    fastpath.ENABLED = enabled
+    backend = get_backend("cupy")
+    rng = np.random.default_rng(0)
+    x = backend.asarray(rng.standard_normal((batch, 1, 28, 28)), backend.xp.float32)
+    y = backend.asarray(rng.integers(0, 10, batch))
+    model = build(model_name, seed=0).to(backend)
+    model.set_generator(backend.generator(0))
+    loss_fn = CrossEntropyLoss(check_labels=False)
+    optimizer = SGD(model, 0.01, momentum=0.9, nesterov=True, weight_decay=5e-4)
+
+    def step():
+        loss_fn.forward(model.forward(x), y)
+        model.backward(loss_fn.backward(), input_grad=False)
+        optimizer.step()
+
+    result = benchmark(step, n_repeat=repeat, n_warmup=20)
+    label = "fused kernels" if enabled else "reference path"
+    host, gpu = microseconds(result.cpu_times), microseconds(result.gpu_times)
+    print(
+        f"{model_name} batch {batch}, {label}: host {host:,.0f} us, GPU {gpu:,.0f} us per step "
+        f"({batch / gpu * 1e6:,.0f} img/s)"
+    )
+    h = x
+    for layer in model:
+        timing = benchmark(layer.forward, (h,), n_repeat=repeat // 4, n_warmup=5)
+        h = layer.forward(h)
+        print(f"    forward {layer!r}: host {microseconds(timing.cpu_times):,.0f} us")
+    timing = benchmark(lambda: (loss_fn.forward(h, y), loss_fn.backward()), n_repeat=repeat // 4, n_warmup=5)
+    print(f"    loss: host {microseconds(timing.cpu_times):,.0f} us")
+    timing = benchmark(optimizer.step, n_repeat=repeat // 4, n_warmup=5)
+    print(f"    optimizer step: host {microseconds(timing.cpu_times):,.0f} us")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", action="append", choices=list(MODELS))
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--repeat", type=int, default=200)
+    args = parser.parse_args()
+    for model_name in args.model or ["convnet"]:
+        for enabled in (True, False):
+            profile(model_name, args.batch, args.repeat, enabled)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,238 @@
+"""CuPy replacements behind the fast-path seam: one fused kernel where the Array API spells several.
+
+On a GPU a small network's training step is bound by kernel launches (each
+costs ~10 us of Python and driver time), not by arithmetic.  Each function
+here gives the same result as the :mod:`xpcnn.functional` function it
+replaces (tests compare them on the GPU, ties included), in one launch:
+
+* tiling max-pool forward (copy, max, argmax: 3 launches) and backward
+  (compare, where, pad: 2-3 launches), reading the input through its strides;
+* the ReLU gradient (compare, where: 2 launches);
+* dropout's mask and product (compare, where, multiply: 3 launches);
+* softmax cross-entropy with its gradient (12 launches), one block of threads
+  that also sums the loss;
+* the SGD and Adam updates over the optimiser's flat buffers (about 8 and 13
+  launches).
+
+Imported only when a CuPy array is seen; kernels compile on first use and are
+cached on disk by CuPy.
+"""
+
+from __future__ import annotations
+
+import math
+
+import cupy
+import numpy as np
+
+from . import functional as F
+
+_FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
+
+_pool_forward = cupy.ElementwiseKernel(
+    "raw T x, int32 kh, int32 kw, int32 oh_size, int32 ow_size, int32 c_size",
+    "T y, int32 winner",
+    """
+    const int c = i % c_size;
+    ptrdiff_t rest = i / c_size;
+    const int ow = rest % ow_size;
+    rest /= ow_size;
+    const int oh = rest % oh_size;
+    const ptrdiff_t n = rest / oh_size;
+    ptrdiff_t at[4] = {n, c, (ptrdiff_t)oh * kh, (ptrdiff_t)ow * kw};
+    T best = x[at];
+    int best_offset = 0;
+    for (int a = 0; a < kh; ++a) {
+        for (int b = 0; b < kw; ++b) {
+            at[2] = (ptrdiff_t)oh * kh + a;
+            at[3] = (ptrdiff_t)ow * kw + b;
+            const T value = x[at];
+            // strictly greater: a tie goes to the first maximum; a NaN wins and stays
+            if (!isnan(best) && (value > best || isnan(value))) {
+                best = value;
+                best_offset = a * kw + b;
+            }
+        }
+    }
+    y = best;
+    winner = best_offset;
+    """,
+    "xpcnn_maxpool_forward",
+)
+
+_pool_backward = cupy.ElementwiseKernel(
+    "raw T grad_y, raw int32 winner, int32 kh, int32 kw, int32 oh_size, int32 ow_size, int32 h_size, int32 w_size, "
+    "int32 c_size",
+    "T grad",
+    """
+    const int c = i % c_size;
+    ptrdiff_t rest = i / c_size;
+    const int w = rest % w_size;
+    rest /= w_size;
+    const int h = rest % h_size;
+    const ptrdiff_t n = rest / h_size;
+    const int oh = h / kh, ow = w / kw;
+    T value = 0;
+    if (oh < oh_size && ow < ow_size) {
+        const ptrdiff_t tile = ((n * oh_size + oh) * ow_size + ow) * c_size + c;
+        if (winner[tile] == (h - oh * kh) * kw + (w - ow * kw)) {
+            const ptrdiff_t at[4] = {n, c, oh, ow};
+            value = grad_y[at];
+        }
+    }
+    grad = value;
+    """,
+    "xpcnn_maxpool_backward",
+)
+
+_relu_backward = cupy.ElementwiseKernel(
+    "T grad_y, T y", "T grad", "grad = y > 0 ? grad_y : (T)0", "xpcnn_relu_backward"
+)
+
+_dropout = cupy.ElementwiseKernel(
+    "T x, T uniform, T p, T scale",
+    "T y, T mask",
+    "mask = uniform >= p ? scale : (T)0; y = x * mask",
+    "xpcnn_dropout",
+)
+
+_CROSS_ENTROPY_SOURCE = r"""
+template <typename T>
+__global__ void cross_entropy(const T* logits, const long long* labels, const int n, const int k,
+                              const T on, const T off, T* grad, T* loss) {
+    // One block: each thread takes rows threadIdx.x, threadIdx.x + blockDim.x, ...; logits and grad are
+    // C-contiguous (n, k).  The loss is the block's sum of sum_j target_j * (log(sum exp) - shifted_j),
+    // the target already divided by n.
+    __shared__ double partial[256];
+    double own = 0.0;
+    for (int row = threadIdx.x; row < n; row += blockDim.x) {
+        const T* z = logits + (ptrdiff_t)row * k;
+        T* d = grad + (ptrdiff_t)row * k;
+        T top = z[0];
+        for (int j = 1; j < k; ++j) {
+            if (z[j] > top || isnan(z[j])) top = z[j];
+        }
+        T total = 0;
+        for (int j = 0; j < k; ++j) total += exp(z[j] - top);
+        const T log_total = log(total);
+        const T scale = (T)1 / (total * (T)n);
+        const long long label = labels[row];
+        for (int j = 0; j < k; ++j) {
+            const T shifted = z[j] - top;
+            const T target = j == label ? on : off;
+            own += (double)(target * (log_total - shifted));
+            d[j] = exp(shifted) * scale - target;
+        }
+    }
+    partial[threadIdx.x] = own;
+    __syncthreads();
+    for (int stride = blockDim.x / 2; stride > 0; stride /= 2) {
+        if (threadIdx.x < stride) partial[threadIdx.x] += partial[threadIdx.x + stride];
+        __syncthreads();
+    }
+    if (threadIdx.x == 0) loss[0] = (T)partial[0];
+}
+"""
+_CROSS_ENTROPY_THREADS = 256
+_cross_entropy_module = cupy.RawModule(
+    code=_CROSS_ENTROPY_SOURCE, name_expressions=["cross_entropy<float>", "cross_entropy<double>"]
+)
+_CROSS_ENTROPY_NAMES = {np.dtype(np.float32): "cross_entropy<float>", np.dtype(np.float64): "cross_entropy<double>"}
+
+_sgd_momentum = cupy.ElementwiseKernel(
+    "T grad, T lr, T momentum, T weight_decay, bool nesterov, bool first",
+    "T param, T velocity",
+    """
+    const T g = grad + weight_decay * param;
+    const T v = first ? g : momentum * velocity + g;
+    velocity = v;
+    param -= lr * (nesterov ? g + momentum * v : v);
+    """,
+    "xpcnn_sgd_momentum",
+)
+
+_sgd_plain = cupy.ElementwiseKernel(
+    "T grad, T lr, T weight_decay", "T param", "param -= lr * (grad + weight_decay * param)", "xpcnn_sgd"
+)
+
+_adam = cupy.ElementwiseKernel(
+    "T grad, T lr, T beta1, T beta2, T eps, T step_size, T denom_scale, T weight_decay, bool decoupled",
+    "T param, T exp_avg, T exp_avg_sq",
+    """
+    T p = param;
+    T g = grad;
+    if (decoupled) p *= (T)1 - lr * weight_decay;
+    else g += weight_decay * p;
+    const T m = beta1 * exp_avg + ((T)1 - beta1) * g;
+    const T v = beta2 * exp_avg_sq + ((T)1 - beta2) * g * g;
+    exp_avg = m;
+    exp_avg_sq = v;
+    param = p - step_size * m / (sqrt(v) * denom_scale + eps);
+    """,
+    "xpcnn_adam",
+)
+
+
+def maxpool2d_forward(x, kernel, stride, record: bool = True):
+    """:func:`xpcnn.functional.maxpool2d_forward`; tiling windows in one kernel, the record (N, OH, OW, C) int32."""
+    if tuple(stride) != tuple(kernel) or x.dtype not in _FLOATS:
+        return F.maxpool2d_forward(x, kernel, stride, record)
+    (kh, kw), (n, c, h, w) = kernel, x.shape
+    oh, ow = h // kh, w // kw
+    y = cupy.empty((n, oh, ow, c), x.dtype)  # channels-last memory, as the reference's
+    winner = cupy.empty((n, oh, ow, c), np.int32)
+    _pool_forward(x, kh, kw, oh, ow, c, y, winner)
+    return y.transpose(0, 3, 1, 2), (winner if record else None)
+
+
+def maxpool2d_backward(grad_y, record, x_shape, kernel, stride):
+    """:func:`xpcnn.functional.maxpool2d_backward`; tiling windows in one kernel, from this module's record."""
+    if tuple(stride) != tuple(kernel) or grad_y.dtype not in _FLOATS:
+        return F.maxpool2d_backward(grad_y, record, x_shape, kernel, stride)
+    (kh, kw), (n, c, h, w) = kernel, x_shape
+    grad = cupy.empty((n, h, w, c), grad_y.dtype)
+    _pool_backward(grad_y, record, kh, kw, grad_y.shape[2], grad_y.shape[3], h, w, c, grad)
+    return grad.transpose(0, 3, 1, 2)
+
+
+def relu_backward(grad_y, y):
+    """:func:`xpcnn.functional.relu_backward` in one kernel, keeping ``y``'s memory layout."""
+    return _relu_backward(grad_y, y, cupy.empty_like(y))
+
+
+def dropout_forward(x, uniform, p: float):
+    """:func:`xpcnn.functional.dropout_forward` in one kernel (after the uniform draw)."""
+    scale = 1.0 / (1.0 - p)
+    return _dropout(x, uniform, p, scale, cupy.empty_like(x), cupy.empty_like(x))
+
+
+def cross_entropy(logits, labels, label_smoothing: float = 0.0):
+    """:func:`xpcnn.functional.cross_entropy` in one kernel for int64 labels and float32/64 logits (N, K)."""
+    n, k = logits.shape
+    if logits.dtype not in _FLOATS or labels.dtype != np.int64 or n == 0 or k == 0:
+        return F.cross_entropy(logits, labels, label_smoothing)
+    logits, labels = cupy.ascontiguousarray(logits), cupy.ascontiguousarray(labels)
+    off = label_smoothing / k / n
+    on = (1.0 - label_smoothing) / n + off
+    grad = cupy.empty((n, k), logits.dtype)
+    loss = cupy.empty((), logits.dtype)
+    kernel = _cross_entropy_module.get_function(_CROSS_ENTROPY_NAMES[logits.dtype])
+    real = logits.dtype.type
+    kernel((1,), (_CROSS_ENTROPY_THREADS,), (logits, labels, np.int32(n), np.int32(k), real(on), real(off), grad, loss))
+    return loss, grad
+
+
+def sgd_update_in_place(param, grad, velocity, lr, momentum, nesterov, weight_decay, first: bool) -> None:
+    """One SGD step over flat buffers in one kernel: ``param`` and ``velocity`` (None without momentum) in place."""
+    if velocity is None:
+        _sgd_plain(grad, lr, weight_decay, param)
+    else:
+        _sgd_momentum(grad, lr, momentum, weight_decay, nesterov, first, param, velocity)
+
+
+def adam_update_in_place(param, grad, exp_avg, exp_avg_sq, lr, betas, eps, weight_decay, decoupled, step) -> None:
+    """One Adam (or AdamW) step over flat buffers in one kernel; the moments start at zero."""
+    beta1, beta2 = betas
+    step_size = lr / (1.0 - beta1**step)
+    denom_scale = 1.0 / math.sqrt(1.0 - beta2**step)
+    _adam(grad, lr, beta1, beta2, eps, step_size, denom_scale, weight_decay, decoupled, param, exp_avg, exp_avg_sq)

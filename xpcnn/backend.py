@@ -265,13 +265,18 @@ class Backend:
 
 
 def to_host(array) -> np.ndarray:
-    """Copy any supported backend's array to a NumPy array on the host."""
+    """Copy any supported backend's array to a NumPy array on the host.
+
+    NumPy, CuPy and torch arrays are always copied, never viewed: optimisers update parameters
+    in place there, and a host snapshot (a ``state_dict``) must not follow them.
+    """
     if isinstance(array, np.ndarray | np.generic):
-        return np.asarray(array)
+        return np.array(array)
     if array_api_compat.is_cupy_array(array):
         return array.get()
     if array_api_compat.is_torch_array(array):
-        return array.detach().cpu().numpy()
+        array = array.detach()
+        return array.numpy().copy() if array.device.type == "cpu" else array.cpu().numpy()
     if _is_strict_array(array):
         import array_api_strict
 

@@ -149,33 +149,27 @@ class Optimizer:
 
     # --- per-parameter state and (de)serialisation ---
 
-    @property
-    def state(self) -> dict[str, dict]:
-        """Per-parameter state ``{name: {slot: array in the parameter's shape}}`` (views where the backend has them).
+    def _per_parameter(self, buffers: dict, reshape) -> dict[str, dict]:
+        """``{name: {slot: reshape(buffer[start:stop], shape)}}`` for (P,) ``buffers``, the per-parameter format.
 
         Empty before the first step; after it every parameter has an entry, empty for an optimiser without slots.
         """
-        if self.steps == 0 and not self._state:
+        if self.steps == 0 and not buffers:
             return {}
         return {
-            name: {
-                slot: array_namespace(buffer).reshape(buffer[start:stop], shape) for slot, buffer in self._state.items()
-            }
+            name: {slot: reshape(buffer[start:stop], shape) for slot, buffer in buffers.items()}
             for name, shape, (start, stop) in zip(self._names, self._shapes, self._bounds, strict=True)
         }
+
+    @property
+    def state(self) -> dict[str, dict]:
+        """Per-parameter state ``{name: {slot: array in the parameter's shape}}``: views where the backend has them."""
+        return self._per_parameter(self._state, lambda a, shape: array_namespace(a).reshape(a, shape))
 
     def state_dict(self) -> dict:
         """Step count, learning rate and per-parameter state as host NumPy arrays in the parameters' shapes."""
         hosts = {slot: to_host(buffer) for slot, buffer in self._state.items()}  # one transfer per slot
-        state = (
-            {}
-            if self.steps == 0 and not hosts
-            else {
-                name: {slot: host[start:stop].reshape(shape) for slot, host in hosts.items()}
-                for name, shape, (start, stop) in zip(self._names, self._shapes, self._bounds, strict=True)
-            }
-        )
-        return {"steps": self.steps, "lr": self.lr, "state": state}
+        return {"steps": self.steps, "lr": self.lr, "state": self._per_parameter(hosts, np.reshape)}
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Restore :meth:`state_dict`, moving arrays to the backend and dtype of the model's parameters.

@@ -234,3 +234,13 @@ def test_tf32_rounds_float32_matmuls_on_a_gpu(restore_tf32):
     assert error() < 1e-5
     B.set_tf32(True)
     assert error() > 1e-4
+
+
+def test_to_host_copies_where_arrays_are_updated_in_place(backend):
+    """A host snapshot (a state_dict) must not follow an optimiser's in-place update."""
+    array = backend.asarray(np.zeros(3, np.float32))
+    if not optim.updates_in_place(array):
+        pytest.skip(f"{backend.name} arrays are not updated in place")
+    host = B.to_host(array)
+    array += 2.0
+    assert np.array_equal(host, np.zeros(3, np.float32))

@@ -269,14 +269,15 @@ def to_host(array) -> np.ndarray:
 
     Always a copy, never a view of the array's memory (which NumPy and torch on
     the CPU would give): layers and optimisers update parameters and buffers in
-    place, and a state dict taken earlier must not change with them.
+    place, and a host snapshot (a ``state_dict``) must not follow them.
     """
     if isinstance(array, np.ndarray | np.generic):
         return np.array(array)
     if array_api_compat.is_cupy_array(array):
         return array.get()
     if array_api_compat.is_torch_array(array):
-        return np.array(array.detach().cpu().numpy())
+        array = array.detach()
+        return array.numpy().copy() if array.device.type == "cpu" else array.cpu().numpy()
     if _is_strict_array(array):
         import array_api_strict
 

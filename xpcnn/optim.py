@@ -1,9 +1,19 @@
 """Optimisers over a model's parameters, with PyTorch's update rules.
 
-An optimiser reads ``model.parameters()`` and ``model.gradients()`` and writes
-the new values back with ``model.set_parameters``; updates are functional
-(new arrays), so they run on immutable-array backends too.  ``lr`` is a plain
-attribute that learning-rate schedules set before each step.
+An optimiser keeps all of a model's parameters in one flat 1-D buffer (in
+``model.parameters()`` order) and its state in flat buffers of the same length,
+so that one step costs a handful of array operations (GPU kernel launches)
+whatever the number of parameters.  Each step gathers ``model.gradients()``
+with one concatenation.
+
+Where slices and reshapes are writeable views (NumPy, CuPy, torch) the model's
+parameters are installed as views of the flat buffer (``model.set_parameters``)
+and the update runs in place.  Elsewhere (JAX, array-api-strict) it is
+functional: new flat buffers, then fresh per-parameter slices are installed.
+A parameter replaced behind the optimiser's back (``load_state_dict``,
+``Layer.to``, ``set_parameters``) is noticed at the next step, by identity, and
+the flat buffer is gathered again.  ``lr`` is a plain attribute that
+learning-rate schedules set before each step.
 """
 
 from __future__ import annotations
@@ -11,13 +21,29 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from array_api_compat import array_namespace
+from array_api_compat import array_namespace, device, is_cupy_array, is_numpy_array, is_torch_array
 
 from .backend import backend_of, to_host
 
 
+def updates_in_place(array) -> bool:
+    """Whether ``array``'s library makes basic slices and reshapes writeable views of the same memory.
+
+    Then the model's parameters can be views of the optimiser's flat buffer that in-place updates move.
+    JAX arrays are immutable; array-api-strict promises no views.
+    """
+    return is_numpy_array(array) or is_cupy_array(array) or is_torch_array(array)
+
+
 class Optimizer:
-    """Base class: the step loop, per-parameter state and (de)serialisation."""
+    """Base class: the flat buffers, the step, the per-parameter state view and (de)serialisation.
+
+    Subclasses give ``slots`` (the names of their state buffers) and two versions of one update
+    rule over flat (P,) arrays, P the total number of parameter elements: :meth:`update`
+    (functional) and :meth:`update_in_place`.
+    """
+
+    slots: tuple[str, ...] = ()
 
     def __init__(self, model, lr: float):
         if not lr > 0:
@@ -25,7 +51,16 @@ class Optimizer:
         self.model = model
         self.lr = float(lr)
         self.steps = 0
-        self.state: dict[str, dict] = {}
+        # The layout of the flat buffers, set by _gather: parameter names, shapes and [start, stop) offsets.
+        self._names: tuple[str, ...] = ()
+        self._shapes: tuple[tuple[int, ...], ...] = ()
+        self._bounds: tuple[tuple[int, int], ...] = ()
+        self._flat = None  # (P,) all parameters, None until the first step or load_state_dict
+        self._installed: tuple = ()  # the arrays last given to the model, in _names order
+        self._in_place = False
+        self._state: dict = {}  # slot name -> (P,) buffer, created at the first step
+
+    # --- the step ---
 
     def step(self) -> None:
         """Apply one update from the gradients of the last backward pass."""
@@ -33,35 +68,152 @@ class Optimizer:
         missing = sorted(set(params) - set(grads))
         if missing:
             raise RuntimeError(f"{type(self).__name__}.step(): no gradients for {missing}; call backward() first")
+        self._sync(params)
+        if not self._names:
+            self.steps += 1
+            return
+        for name, shape in zip(self._names, self._shapes, strict=True):
+            if tuple(grads[name].shape) != shape:
+                raise ValueError(
+                    f"{type(self).__name__}.step(): gradient for {name} has shape {tuple(grads[name].shape)}, "
+                    f"expected {shape}"
+                )
+        xp = array_namespace(self._flat)
+        grad = xp.concat([xp.reshape(grads[name], (-1,)) for name in self._names])
         self.steps += 1
-        self.model.set_parameters(
-            {name: self.update(p, grads[name], self.state.setdefault(name, {})) for name, p in params.items()}
-        )
+        if self._in_place:
+            self.update_in_place(self._flat, grad, self._state)
+        else:
+            self._flat = self.update(self._flat, grad, self._state)
+            self._install()
 
     def update(self, param, grad, state: dict):
-        """New value of one parameter; may store arrays in ``state``."""
+        """New (P,) parameters from (P,) ``param`` and ``grad``; stores new (P,) buffers in ``state``."""
         raise NotImplementedError
 
-    def state_dict(self) -> dict:
-        """Step count, learning rate and per-parameter state as host NumPy arrays."""
+    def update_in_place(self, param, grad, state: dict) -> None:
+        """The same update as :meth:`update`, writing into ``param`` and the buffers of ``state``.
+
+        ``grad`` is the optimiser's own concatenation and may be overwritten too.
+        """
+        raise NotImplementedError
+
+    # --- the flat buffers ---
+
+    def _sync(self, params: dict) -> None:
+        """Gather the flat buffer again unless the model still holds exactly the arrays last installed."""
+        if tuple(params) != self._names or any(
+            p is not installed for p, installed in zip(params.values(), self._installed, strict=True)
+        ):
+            self._gather(params)
+
+    def _gather(self, params: dict) -> None:
+        """Concatenate the model's current parameters into a new flat buffer and install views (or slices) of it.
+
+        The state buffers are kept (moved to the parameters' backend and dtype if those changed), which
+        needs the same parameter names and shapes as before.
+        """
+        names = tuple(params)
+        shapes = tuple(tuple(int(s) for s in p.shape) for p in params.values())
+        if self._state and (names, shapes) != (self._names, self._shapes):
+            was, now = dict(zip(self._names, self._shapes, strict=True)), dict(zip(names, shapes, strict=True))
+            raise ValueError(
+                f"{type(self).__name__}: the model's parameters changed since the optimiser state was made "
+                f"(was {was}, now {now}); build a new optimiser"
+            )
+        values = list(params.values())
+        if any(p.dtype != values[0].dtype for p in values):
+            dtypes = {name: str(p.dtype) for name, p in params.items()}
+            raise ValueError(f"{type(self).__name__}: parameters must share one dtype, got {dtypes}")
+        stops = np.cumsum([math.prod(shape) for shape in shapes], dtype=np.int64).tolist()
+        self._names, self._shapes = names, shapes
+        self._bounds = tuple(zip([0, *stops[:-1]], stops, strict=True))
+        if not names:
+            self._flat, self._installed = None, ()
+            return
+        xp = array_namespace(*values)
+        self._flat = xp.concat([xp.reshape(p, (-1,)) for p in values])
+        self._in_place = updates_in_place(self._flat)
+        self._state = {slot: _follow(buffer, self._flat) for slot, buffer in self._state.items()}
+        self._install()
+
+    def _install(self) -> None:
+        """Give the model its parameters as views (in-place backends) or slices of the flat buffer."""
+        xp = array_namespace(self._flat)
+        views = {
+            name: xp.reshape(self._flat[start:stop], shape)
+            for name, shape, (start, stop) in zip(self._names, self._shapes, self._bounds, strict=True)
+        }
+        self.model.set_parameters(views)
+        self._installed = tuple(views.values())
+
+    # --- per-parameter state and (de)serialisation ---
+
+    def _per_parameter(self, buffers: dict, reshape) -> dict[str, dict]:
+        """``{name: {slot: reshape(buffer[start:stop], shape)}}`` for (P,) ``buffers``, the per-parameter format.
+
+        Empty before the first step; after it every parameter has an entry, empty for an optimiser without slots.
+        """
+        if self.steps == 0 and not buffers:
+            return {}
         return {
-            "steps": self.steps,
-            "lr": self.lr,
-            "state": {name: {k: to_host(v) for k, v in slots.items()} for name, slots in self.state.items()},
+            name: {slot: reshape(buffer[start:stop], shape) for slot, buffer in buffers.items()}
+            for name, shape, (start, stop) in zip(self._names, self._shapes, self._bounds, strict=True)
         }
 
+    @property
+    def state(self) -> dict[str, dict]:
+        """Per-parameter state ``{name: {slot: array in the parameter's shape}}``: views where the backend has them."""
+        return self._per_parameter(self._state, lambda a, shape: array_namespace(a).reshape(a, shape))
+
+    def state_dict(self) -> dict:
+        """Step count, learning rate and per-parameter state as host NumPy arrays in the parameters' shapes."""
+        hosts = {slot: to_host(buffer) for slot, buffer in self._state.items()}  # one transfer per slot
+        return {"steps": self.steps, "lr": self.lr, "state": self._per_parameter(hosts, np.reshape)}
+
     def load_state_dict(self, state_dict: dict) -> None:
-        """Restore :meth:`state_dict`, moving arrays to the backend and dtype of the model's parameters."""
+        """Restore :meth:`state_dict`, moving arrays to the backend and dtype of the model's parameters.
+
+        Every slot must be given for every parameter, in its shape.
+        """
         params = self.model.parameters()
-        unknown = sorted(set(state_dict["state"]) - set(params))
+        state = state_dict["state"]
+        unknown = sorted(set(state) - set(params))
         if unknown:
             raise ValueError(f"optimiser state does not fit this model: unexpected {unknown}")
+        slots = list(dict.fromkeys(slot for entry in state.values() for slot in entry))
+        foreign = [slot for slot in slots if slot not in self.slots]
+        if foreign:
+            raise ValueError(f"optimiser state does not fit {type(self).__name__}: unexpected slots {foreign}")
+        host: dict[str, list[np.ndarray]] = {}
+        for slot in slots:
+            lacking = [name for name in params if slot not in state.get(name, {})]
+            if lacking:
+                raise ValueError(f"optimiser state does not fit this model: no {slot!r} for {lacking}")
+            host[slot] = [np.asarray(state[name][slot]) for name in params]
+            for name, value in zip(params, host[slot], strict=True):
+                if value.shape != tuple(params[name].shape):
+                    raise ValueError(
+                        f"optimiser state does not fit this model: {slot!r} of {name} has shape {value.shape}, "
+                        f"expected {tuple(params[name].shape)}"
+                    )
+        self._state = {}
+        self._sync(params)
+        if self._names:
+            backend = backend_of(self._flat)
+            self._state = {
+                slot: backend.asarray(np.concatenate([v.reshape(-1) for v in values]), self._flat.dtype)
+                for slot, values in host.items()
+            }
         self.steps = int(state_dict["steps"])
         self.lr = float(state_dict["lr"])
-        self.state = {
-            name: {k: backend_of(params[name]).asarray(np.asarray(v), params[name].dtype) for k, v in slots.items()}
-            for name, slots in state_dict["state"].items()
-        }
+
+
+def _follow(buffer, like):
+    """``buffer`` on the backend, device and dtype of ``like`` (a copy through the host only where they differ)."""
+    if type(buffer) is type(like) and buffer.dtype == like.dtype and device(buffer) == device(like):
+        return buffer
+    return backend_of(like).asarray(to_host(buffer), like.dtype)
 
 
 class SGD(Optimizer):
@@ -70,6 +222,8 @@ class SGD(Optimizer):
     g = grad + weight_decay * p;  v = momentum * v + g;
     p -= lr * (g + momentum * v if nesterov else v)     (v = g at the first step)
     """
+
+    slots = ("momentum",)
 
     def __init__(
         self, model, lr: float = 0.01, momentum: float = 0.0, nesterov: bool = False, weight_decay: float = 0.0
@@ -93,11 +247,26 @@ class SGD(Optimizer):
             grad = grad + self.momentum * velocity if self.nesterov else velocity
         return param - self.lr * grad
 
+    def update_in_place(self, param, grad, state):
+        if self.weight_decay:
+            grad += self.weight_decay * param
+        if not self.momentum:
+            param -= self.lr * grad
+            return
+        velocity = state.get("momentum")
+        if velocity is None:
+            state["momentum"] = velocity = grad  # grad is a fresh concatenation, never written below
+        else:
+            velocity *= self.momentum
+            velocity += grad
+        param -= self.lr * (grad + self.momentum * velocity if self.nesterov else velocity)
+
 
 class Adam(Optimizer):
     """Adam (Kingma & Ba) with bias correction; ``weight_decay`` adds an L2 term to the gradient."""
 
     decoupled = False
+    slots = ("exp_avg", "exp_avg_sq")
 
     def __init__(self, model, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0):
         super().__init__(model, lr)
@@ -124,6 +293,28 @@ class Adam(Optimizer):
         denom_scale = 1.0 / math.sqrt(1.0 - beta2**self.steps)
         xp = array_namespace(v)
         return param - step_size * m / (xp.sqrt(v) * denom_scale + self.eps)
+
+    def update_in_place(self, param, grad, state):
+        beta1, beta2 = self.betas
+        if self.weight_decay:
+            if self.decoupled:
+                param *= 1.0 - self.lr * self.weight_decay
+            else:
+                grad += self.weight_decay * param
+        m = state.get("exp_avg")
+        v = state.get("exp_avg_sq")
+        if m is None:
+            state["exp_avg"] = m = (1.0 - beta1) * grad
+            state["exp_avg_sq"] = v = (1.0 - beta2) * grad * grad
+        else:
+            m *= beta1
+            m += (1.0 - beta1) * grad
+            v *= beta2
+            v += (1.0 - beta2) * grad * grad
+        step_size = self.lr / (1.0 - beta1**self.steps)
+        denom_scale = 1.0 / math.sqrt(1.0 - beta2**self.steps)
+        xp = array_namespace(v)
+        param -= step_size * m / (xp.sqrt(v) * denom_scale + self.eps)
 
 
 class AdamW(Adam):

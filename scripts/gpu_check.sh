@@ -16,7 +16,7 @@
 #
 # --quick: what matters most first, all within GPU_CHECK_QUICK_SECONDS (default 285) on a fresh machine with
 # no network: convnet and seed on CuPy interleaved with torch eager on the same GPU (batch 128 and 512, float32
-# then TF32), one default MNIST epoch and the fast recipe on cuda, then the CuPy tests.  Installs nothing but
+# then TF32), one default MNIST epoch and the fast recipe on cuda, then the GPU cases of the test suite (-k "cupy or cuda").  Installs nothing but
 # the wheels in .whl/ (array-api-compat, -extra, -strict) into /tmp/site, and imports xpcnn from this checkout;
 # MNIST_DIR defaults to .data/mnist where it exists.  Before the benchmark it runs the tests of CuPy's fused
 # kernels (tests/test_fastpath_cupy.py); it benchmarks batch 128 once more with every fast path off
@@ -62,7 +62,7 @@ if [ "$quick" = 1 ]; then
         log "$name: exit $status ($((SECONDS - start)) s, limit $cap s)$([ $status = 124 ] && echo ', timed out')"
         return $status
     }
-    device=cuda backend=cupy batches=(128 512) bench_size=(--steps 50 --repeats 7) tests=(-k cupy)
+    device=cuda backend=cupy batches=(128 512) bench_size=(--steps 50 --repeats 7) tests=(-k "cupy or cuda")
     if [ "$dry" = 1 ]; then
         device=cpu backend=numpy batches=(16 32) bench_size=(--steps 2 --repeats 2) tests=(tests/test_layers.py -k numpy)
         [ -n "${2:-}" ] || mnist=$out/synthetic-mnist

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from xpcnn import fastpath, models, nn
+from xpcnn import fastpath, models, nn, optim
 from xpcnn import functional as F
 from xpcnn.backend import cuda_problem, get_backend, to_host
 
@@ -108,3 +108,36 @@ def test_a_training_step_with_and_without_the_fused_kernels(monkeypatch, model_n
     assert loss_a == pytest.approx(loss_b, rel=1e-12)
     for key in grads_a:
         np.testing.assert_allclose(grads_a[key], grads_b[key], rtol=1e-9, atol=1e-12)
+
+
+OPTIMIZERS = {
+    "sgd": lambda m: optim.SGD(m, lr=0.1),
+    "sgd+wd": lambda m: optim.SGD(m, lr=0.1, weight_decay=0.01),
+    "momentum": lambda m: optim.SGD(m, lr=0.1, momentum=0.9),
+    "nesterov+wd": lambda m: optim.SGD(m, lr=0.05, momentum=0.8, nesterov=True, weight_decay=0.01),
+    "adam+l2": lambda m: optim.Adam(m, lr=0.01, betas=(0.8, 0.99), weight_decay=0.1),
+    "adamw": lambda m: optim.AdamW(m, lr=0.01, weight_decay=0.1),
+}
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_fused_optimiser_updates_equal_the_reference(monkeypatch, name):
+    """Three steps over the flat buffers, fused kernel on and off: the same parameters and state."""
+    backend = get_backend("cupy")
+    rng = np.random.default_rng(0)
+    grads = [{"0.weight": rng.standard_normal((3, 4)), "0.bias": rng.standard_normal(3)} for _ in range(3)]
+    results = []
+    for enabled in (True, False):
+        monkeypatch.setattr(fastpath, "ENABLED", enabled)
+        model = nn.Sequential(nn.Linear(4, 3, rng=1)).to(backend, backend.xp.float64)
+        optimizer = OPTIMIZERS[name](model)
+        for step in grads:
+            for key, value in step.items():
+                model[0].grads[key.split(".")[1]] = backend.asarray(value)
+            optimizer.step()
+        results.append(({k: to_host(v) for k, v in model.parameters().items()}, optimizer.state_dict()["state"]))
+    (params_a, state_a), (params_b, state_b) = results
+    for key in params_a:
+        np.testing.assert_allclose(params_a[key], params_b[key], rtol=1e-12, atol=1e-14)
+        for slot in state_b[key]:
+            np.testing.assert_allclose(state_a[key][slot], state_b[key][slot], rtol=1e-12, atol=1e-14)

@@ -196,6 +196,18 @@ def _cupy_kernels() -> SimpleNamespace:
 ENABLED = os.environ.get("XPCNN_FASTPATH", "1") != "0"
 
 
+def optimizer_kernels(param):
+    """CuPy's fused optimiser updates (``sgd_update_in_place``, ``adam_update_in_place``) for a CuPy flat buffer.
+
+    None elsewhere, or with fast paths off: the optimiser then runs its own Array API update.
+    """
+    if not ENABLED or not is_cupy_array(param):
+        return None
+    from . import fastpath_cupy
+
+    return fastpath_cupy
+
+
 def kernels(x):
     """The namespace of layer math for arrays like ``x``: NumPy's or CuPy's fast paths, or the reference."""
     if not ENABLED:

@@ -24,6 +24,7 @@ import numpy as np
 from array_api_compat import array_namespace, device, is_cupy_array, is_numpy_array, is_torch_array
 
 from .backend import backend_of, to_host
+from .fastpath import optimizer_kernels
 
 
 def updates_in_place(array) -> bool:
@@ -248,6 +249,16 @@ class SGD(Optimizer):
         return param - self.lr * grad
 
     def update_in_place(self, param, grad, state):
+        fused = optimizer_kernels(param)
+        if fused is not None:
+            velocity = state.get("momentum") if self.momentum else None
+            first = bool(self.momentum) and velocity is None
+            if first:
+                state["momentum"] = velocity = array_namespace(param).empty_like(param)
+            fused.sgd_update_in_place(
+                param, grad, velocity, self.lr, self.momentum, self.nesterov, self.weight_decay, first
+            )
+            return
         if self.weight_decay:
             grad += self.weight_decay * param
         if not self.momentum:
@@ -295,6 +306,25 @@ class Adam(Optimizer):
         return param - step_size * m / (xp.sqrt(v) * denom_scale + self.eps)
 
     def update_in_place(self, param, grad, state):
+        fused = optimizer_kernels(param)
+        if fused is not None:
+            xp = array_namespace(param)
+            for slot in self.slots:
+                if slot not in state:
+                    state[slot] = xp.zeros_like(param)
+            fused.adam_update_in_place(
+                param,
+                grad,
+                state["exp_avg"],
+                state["exp_avg_sq"],
+                self.lr,
+                self.betas,
+                self.eps,
+                self.weight_decay,
+                self.decoupled,
+                self.steps,
+            )
+            return
         beta1, beta2 = self.betas
         if self.weight_decay:
             if self.decoupled:

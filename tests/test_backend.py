@@ -244,3 +244,21 @@ def test_to_host_copies_where_arrays_are_updated_in_place(backend):
     host = B.to_host(array)
     array += 2.0
     assert np.array_equal(host, np.zeros(3, np.float32))
+
+
+def test_namespace_lookup_by_type_agrees_with_array_api_compat(backend):
+    import array_api_compat
+
+    from xpcnn.backend import namespace
+
+    a, b = backend.asarray(np.zeros(3)), backend.asarray(np.ones(2))
+    assert namespace(a) is array_api_compat.array_namespace(a)
+    assert namespace(a, b) is namespace(b) is array_api_compat.array_namespace(a, b)
+
+
+def test_namespace_of_mixed_libraries_is_an_error():
+    torch = pytest.importorskip("torch")
+    from xpcnn.backend import namespace
+
+    with pytest.raises(TypeError):
+        namespace(np.zeros(2), torch.zeros(2))

@@ -49,6 +49,35 @@ def test_maxpool_overlapping_windows_fall_back_to_the_reference():
     assert cupy.array_equal(y, F.maxpool2d_forward(x, (3, 3), (2, 2))[0]) and isinstance(record, tuple)
 
 
+CONV_CASES = [
+    # (N, C, H, W, O, kernel, stride, padding)
+    (2, 8, 9, 9, 4, (3, 3), (1, 1), (0, 0)),
+    (2, 16, 10, 7, 3, (3, 2), (1, 1), (1, 2)),
+    (1, 8, 11, 11, 2, (5, 5), (2, 1), (2, 2)),
+    (3, 1, 12, 10, 4, (4, 4), (1, 1), (0, 0)),
+    (2, 3, 6, 6, 2, (2, 2), (1, 1), (3, 2)),  # padding >= kernel: the reference takes col2im
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n, c, h, w, o, kernel, stride, padding", CONV_CASES)
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_im2col_and_input_gradient_kernels_equal_the_reference(
+    dtype, n, c, h, w, o, kernel, stride, padding, channels_last
+):
+    x = sample((n, c, h, w), dtype, channels_last=channels_last)
+    assert cupy.array_equal(fused.im2col(x, kernel, stride, padding), F.im2col(x, kernel, stride, padding))
+    rng = np.random.default_rng(2)
+    weight = cupy.asarray(rng.standard_normal((o, c, *kernel)).astype(dtype))
+    oh, ow = F.output_size(h, kernel[0], stride[0], padding[0]), F.output_size(w, kernel[1], stride[1], padding[1])
+    grad = cupy.asarray(rng.standard_normal((n * oh * ow, o)).astype(dtype))
+    expected = F.input_gradient(grad, weight, (n, c, h, w), stride, padding)
+    got = fused.input_gradient(grad, weight, (n, c, h, w), stride, padding)
+    assert got.shape == expected.shape and got.dtype == expected.dtype
+    rtol = 1e-5 if dtype == "float32" else 1e-12
+    np.testing.assert_allclose(to_host(got), to_host(expected), rtol=rtol, atol=rtol * float(abs(expected).max()))
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_relu_backward_kernel_equals_the_reference_and_keeps_the_layout(dtype):
     y = cupy.maximum(sample((2, 3, 5, 4), dtype, quantise=True), 0)

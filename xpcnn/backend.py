@@ -264,6 +264,26 @@ class Backend:
         return self.describe()
 
 
+_NAMESPACE_OF_TYPE: dict[type, Any] = {}
+
+
+def namespace(*arrays):
+    """``array_api_compat.array_namespace(*arrays)``, looked up by type when all arrays share one.
+
+    The layers ask for the namespace of their arrays dozens of times a step, and
+    on a GPU the step's host time is what bounds it; array_namespace inspects
+    every array each time.  Mixed types (an error, or a deliberate mix) take
+    array_namespace's own path.
+    """
+    kind = type(arrays[0])
+    if all(type(a) is kind for a in arrays[1:]):
+        xp = _NAMESPACE_OF_TYPE.get(kind)
+        if xp is None:
+            xp = _NAMESPACE_OF_TYPE[kind] = array_api_compat.array_namespace(*arrays)
+        return xp
+    return array_api_compat.array_namespace(*arrays)
+
+
 def to_host(array) -> np.ndarray:
     """Copy any supported backend's array to a NumPy array on the host.
 

@@ -189,7 +189,14 @@ def _cupy_kernels() -> SimpleNamespace:
     from . import fastpath_cupy as fused
 
     replaced = ("maxpool2d_forward", "maxpool2d_backward", "relu_backward", "dropout_forward", "cross_entropy")
-    return SimpleNamespace(**{**_public(F), **{name: getattr(fused, name) for name in replaced}})
+    return SimpleNamespace(
+        **{
+            **_public(F),
+            **{name: getattr(fused, name) for name in replaced},
+            "conv2d_forward": partial(F.conv2d_forward, im2col=fused.im2col),
+            "conv2d_backward": partial(F.conv2d_backward, input_gradient=fused.input_gradient),
+        }
+    )
 
 
 # XPCNN_FASTPATH=0 turns every fast path off: the reference runs on every backend (for measuring what they gain).

@@ -5,6 +5,9 @@ costs ~10 us of Python and driver time), not by arithmetic.  Each function
 here gives the same result as the :mod:`xpcnn.functional` function it
 replaces (tests compare them on the GPU, ties included), in one launch:
 
+* the convolution's patch matrix (a pad and a stack of KH*KW slices: up to
+  11 launches, CuPy copying each stacked slice on its own), forward and for
+  the input gradient with stride 1;
 * tiling max-pool forward (copy, max, argmax: 3 launches) and backward
   (compare, where, pad: 2-3 launches), reading the input through its strides;
 * the ReLU gradient (compare, where: 2 launches);
@@ -83,6 +86,35 @@ _pool_backward = cupy.ElementwiseKernel(
     grad = value;
     """,
     "xpcnn_maxpool_backward",
+)
+
+_im2col = cupy.ElementwiseKernel(
+    "raw T x, int32 c_size, int32 h_size, int32 w_size, int32 kh, int32 kw, int32 sh, int32 sw, int32 ph, int32 pw, "
+    "int32 oh_size, int32 ow_size, bool flip",
+    "T col",
+    """
+    // col is (N*OH*OW, C*KH*KW), columns (c, kh, kw); x is (N, C, H, W) with any strides, zero outside.
+    const int window = kh * kw;
+    const int column = i % (c_size * window);
+    const ptrdiff_t row = i / (c_size * window);
+    const int c = column / window;
+    int a = (column % window) / kw, b = column % kw;
+    if (flip) {
+        a = kh - 1 - a;
+        b = kw - 1 - b;
+    }
+    const int ow = row % ow_size;
+    const int oh = (row / ow_size) % oh_size;
+    const ptrdiff_t n = row / ((ptrdiff_t)ow_size * oh_size);
+    const int h = oh * sh + a - ph, w = ow * sw + b - pw;
+    T value = 0;
+    if (h >= 0 && h < h_size && w >= 0 && w < w_size) {
+        const ptrdiff_t at[4] = {n, c, h, w};
+        value = x[at];
+    }
+    col = value;
+    """,
+    "xpcnn_im2col",
 )
 
 _relu_backward = cupy.ElementwiseKernel(
@@ -193,6 +225,32 @@ def maxpool2d_backward(grad_y, record, x_shape, kernel, stride):
     grad = cupy.empty((n, h, w, c), grad_y.dtype)
     _pool_backward(grad_y, record, kh, kw, grad_y.shape[2], grad_y.shape[3], h, w, c, grad)
     return grad.transpose(0, 3, 1, 2)
+
+
+def im2col(x, kernel, stride, padding):
+    """:func:`xpcnn.functional.im2col` in one kernel (the reference pads, then stacks KH*KW slices)."""
+    (kh, kw), (sh, sw), (ph, pw) = kernel, stride, padding
+    n, c, h, w = x.shape
+    oh, ow = F.output_size(h, kh, sh, ph), F.output_size(w, kw, sw, pw)
+    cols = cupy.empty((n * oh * ow, c * kh * kw), x.dtype)
+    _im2col(x, c, h, w, kh, kw, sh, sw, ph, pw, oh, ow, False, cols)
+    return cols
+
+
+def input_gradient(grad, weight, x_shape, stride, padding):
+    """:func:`xpcnn.functional.input_gradient`: for stride 1 the flipped-kernel patches of grad in one kernel.
+
+    The zero padding the reference adds to the output gradient is the kernel's bounds check.
+    """
+    if tuple(stride) != (1, 1):
+        return F.input_gradient(grad, weight, x_shape, stride, padding)
+    (n, c, h, w), (o, _, kh, kw), (ph, pw) = x_shape, weight.shape, padding
+    oh, ow = F.output_size(h, kh, 1, ph), F.output_size(w, kw, 1, pw)
+    g = grad.reshape(n, oh, ow, o).transpose(0, 3, 1, 2)  # (N, O, OH, OW), a view
+    patches = cupy.empty((n * h * w, o * kh * kw), grad.dtype)
+    _im2col(g, o, oh, ow, kh, kw, 1, 1, kh - 1 - ph, kw - 1 - pw, h, w, True, patches)
+    kernel_rows = weight.transpose(0, 2, 3, 1).reshape(o * kh * kw, c)
+    return (patches @ kernel_rows).reshape(n, h, w, c).transpose(0, 3, 1, 2)
 
 
 def relu_backward(grad_y, y):

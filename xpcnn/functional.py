@@ -21,7 +21,9 @@ data, and the next convolution's ``permute_dims`` back to NHWC is then free.
 from __future__ import annotations
 
 import array_api_extra as xpx
-from array_api_compat import array_namespace, device, is_writeable_array
+from array_api_compat import device, is_writeable_array
+
+from .backend import namespace
 
 
 def _add_into(x, index, values):
@@ -50,7 +52,7 @@ def _constant(like, name: tuple, make):
     tracer inside a compiled function, which must not outlive it.  Callers
     must never modify the result.
     """
-    xp = array_namespace(like)
+    xp = namespace(like)
     if not is_writeable_array(like):
         return make(xp, like.dtype, device(like))
     key = (xp.__name__, str(device(like)), str(like.dtype), *name)
@@ -92,7 +94,7 @@ def _patches(x_nhwc, kernel, stride, out_hw, offsets):
     Column (c, kh, kw) holds ``x_nhwc[n, offsets(kh) + oh*SH, offsets(kw) + ow*SW, c]``:
     the KH*KW strided slices are stacked on a new last axis, one operation.
     """
-    xp = array_namespace(x_nhwc)
+    xp = namespace(x_nhwc)
     (kh, kw), (sh, sw), (oh, ow) = kernel, stride, out_hw
     n, c = x_nhwc.shape[0], x_nhwc.shape[3]
     slices = [
@@ -115,7 +117,7 @@ def im2col(x, kernel: tuple[int, int], stride: tuple[int, int], padding: tuple[i
     (O, C, KH, KW): the weight is then a free reshape, and its gradient comes
     out contiguous in PyTorch's layout.
     """
-    xp = array_namespace(x)
+    xp = namespace(x)
     (kh, kw), (sh, sw), (ph, pw) = kernel, stride, padding
     h, w = x.shape[2], x.shape[3]
     out_hw = output_size(h, kh, sh, ph), output_size(w, kw, sw, pw)
@@ -127,7 +129,7 @@ def im2col(x, kernel: tuple[int, int], stride: tuple[int, int], padding: tuple[i
 
 def col2im(cols, x_shape, kernel, stride, padding):
     """Adjoint of :func:`im2col`: sum patch gradients (N*OH*OW, C*KH*KW) back into (N, C, H, W)."""
-    xp = array_namespace(cols)
+    xp = namespace(cols)
     (kh, kw), (sh, sw), (ph, pw) = kernel, stride, padding
     n, c, h, w = x_shape
     oh, ow = output_size(h, kh, sh, ph), output_size(w, kw, sw, pw)
@@ -142,13 +144,13 @@ def col2im(cols, x_shape, kernel, stride, padding):
 
 def _weight_matrix(weight):
     """Conv weight (O, C, KH, KW) as (O, C*KH*KW), matching :func:`im2col`'s column order: a free reshape."""
-    xp = array_namespace(weight)
+    xp = namespace(weight)
     return xp.reshape(weight, (weight.shape[0], -1))
 
 
 def _weight_gradient(grad, cols, weight_shape):
     """Weight gradient (O, C, KH, KW), contiguous, from grad (N*OH*OW, O) and :func:`im2col`'s patches."""
-    xp = array_namespace(grad, cols)
+    xp = namespace(grad, cols)
     return xp.reshape(xp.matrix_transpose(grad) @ cols, weight_shape)
 
 
@@ -160,7 +162,7 @@ def conv2d_forward(x, weight, bias, stride=(1, 1), padding=(0, 0), *, im2col=im2
     ``im2col`` and ``weight_matrix`` let a fast path supply its own patch
     builder with the matching weight layout.
     """
-    xp = array_namespace(x, weight)
+    xp = namespace(x, weight)
     n = x.shape[0]
     o, _, kh, kw = weight.shape
     cols = im2col(x, (kh, kw), stride, padding)
@@ -178,7 +180,7 @@ def input_gradient(grad, weight, x_shape, stride, padding):
     zero-padded output gradient with the flipped kernel: one pad, one patch
     matrix, one product.  Otherwise ``col2im(grad @ W)``.
     """
-    xp = array_namespace(grad, weight)
+    xp = namespace(grad, weight)
     n, c, h, w = x_shape
     o, _, kh, kw = weight.shape
     (ph, pw) = padding
@@ -214,7 +216,7 @@ def conv2d_backward(
     (grad_x (N, C, H, W) or None when ``input_grad`` is False, grad_weight, grad_bias).
     ``input_gradient`` and ``weight_gradient`` let a fast path supply its own.
     """
-    xp = array_namespace(grad_y, weight)
+    xp = namespace(grad_y, weight)
     g = xp.reshape(xp.permute_dims(grad_y, (0, 2, 3, 1)), (-1, weight.shape[0]))  # (N*OH*OW, O)
     grad_w = weight_gradient(g, cols, tuple(weight.shape))
     grad_b = _column_sum(g)
@@ -227,7 +229,7 @@ def _tiles(x, kernel):
 
     A view wherever the backend has views (splitting an axis needs no copy).
     """
-    xp = array_namespace(x)
+    xp = namespace(x)
     (kh, kw), (n, c, h, w) = kernel, x.shape
     oh, ow = h // kh, w // kw
     x_nhwc = xp.permute_dims(x, (0, 2, 3, 1))[:, : oh * kh, : ow * kw, :]
@@ -256,7 +258,7 @@ def maxpool2d_forward(x, kernel, stride, record: bool = True):
     knockout tournament over the KH*KW window offsets, where the later group
     must be strictly greater to win a match; the record is the tree of matches.
     """
-    xp = array_namespace(x)
+    xp = namespace(x)
     (kh, kw) = kernel
     if tuple(stride) == tuple(kernel):
         tiles = _tiles(x, kernel)
@@ -294,7 +296,7 @@ def _replay(grad, record, count):
     """Split ``grad`` among ``count`` windows along a tournament record: the winner of each match takes it all."""
     if record is None:
         return [grad]
-    xp = array_namespace(grad)
+    xp = namespace(grad)
     later_won, left_record, right_record = record
     middle = count // 2
     grad_right = xp.where(later_won, grad, 0.0)
@@ -310,7 +312,7 @@ def _tiling_backward(grad_y, winners, x_shape, kernel):
     KW, C), whose memory is already that of the channels-last input: two
     operations, and one more to pad rows and columns that no window covers.
     """
-    xp = array_namespace(grad_y)
+    xp = namespace(grad_y)
     (kh, kw), (n, c, h, w) = kernel, x_shape
     oh, ow = grad_y.shape[2], grad_y.shape[3]
     offsets = _constant(
@@ -330,7 +332,7 @@ def maxpool2d_backward(grad_y, record, x_shape, kernel, stride):
     """Route ``grad_y`` (N, C, OH, OW) to the first maximum of each window; overlapping windows add up."""
     if tuple(stride) == tuple(kernel):
         return _tiling_backward(grad_y, record, x_shape, kernel)
-    xp = array_namespace(grad_y)
+    xp = namespace(grad_y)
     (kh, kw), (sh, sw) = kernel, stride
     n, c, h, w = x_shape
     oh, ow = grad_y.shape[2], grad_y.shape[3]
@@ -343,7 +345,7 @@ def maxpool2d_backward(grad_y, record, x_shape, kernel, stride):
 
 def relu_backward(grad_y, y):
     """Gradient of max(x, 0) given its output ``y``: ``grad_y`` where y > 0, else zero."""
-    xp = array_namespace(grad_y, y)
+    xp = namespace(grad_y, y)
     return xp.where(y > 0, grad_y, 0.0)
 
 
@@ -353,21 +355,21 @@ def dropout_forward(x, uniform, p: float):
     ``uniform`` holds draws in [0, 1) shaped like x.  Returns (y, mask); the
     backward pass is grad * mask.
     """
-    xp = array_namespace(x, uniform)
+    xp = namespace(x, uniform)
     mask = xp.where(uniform >= p, scalar(x, 1.0 / (1.0 - p)), 0.0)
     return x * mask, mask
 
 
 def linear_forward(x, weight, bias):
     """x (N, I) @ weight (O, I)^T + bias (O,) -> (N, O)."""
-    xp = array_namespace(x, weight)
+    xp = namespace(x, weight)
     y = x @ xp.matrix_transpose(weight)
     return y if bias is None else y + bias
 
 
 def linear_backward(grad_y, x, weight, input_grad=True):
     """Gradients of :func:`linear_forward`: (grad_x or None, grad_weight, grad_bias)."""
-    xp = array_namespace(grad_y, weight)
+    xp = namespace(grad_y, weight)
     grad_w = xp.matrix_transpose(grad_y) @ x
     grad_b = _column_sum(grad_y)
     grad_x = grad_y @ weight if input_grad else None
@@ -376,20 +378,20 @@ def linear_backward(grad_y, x, weight, input_grad=True):
 
 def log_softmax(logits, axis: int = -1):
     """Numerically stable log of the softmax along ``axis``."""
-    xp = array_namespace(logits)
+    xp = namespace(logits)
     shifted = logits - xp.max(logits, axis=axis, keepdims=True)
     return shifted - xp.log(xp.sum(xp.exp(shifted), axis=axis, keepdims=True))
 
 
 def softmax(logits, axis: int = -1):
     """Softmax along ``axis``."""
-    xp = array_namespace(logits)
+    xp = namespace(logits)
     return xp.exp(log_softmax(logits, axis=axis))
 
 
 def one_hot(labels, num_classes: int, dtype):
     """Integer labels (N,) -> (N, num_classes) of ``dtype``, without scatter."""
-    xp = array_namespace(labels)
+    xp = namespace(labels)
     return xp.astype(labels[:, None] == _classes(labels, num_classes), dtype)
 
 
@@ -412,7 +414,7 @@ def cross_entropy(logits, labels, label_smoothing: float = 0.0):
     product of the target with -log_softmax, and the gradient is
     softmax / N - target.
     """
-    xp = array_namespace(logits, labels)
+    xp = namespace(logits, labels)
     n, k = logits.shape
     off = label_smoothing / k / n
     on = scalar(logits, (1.0 - label_smoothing) / n + off)
@@ -427,7 +429,7 @@ def cross_entropy(logits, labels, label_smoothing: float = 0.0):
 
 def _channel_matrix(x):
     """(N, C) or (N, C, H, W) as a (rows, C) matrix, channels-last; free for the NCHW views convolutions make."""
-    xp = array_namespace(x)
+    xp = namespace(x)
     if x.ndim == 2:
         return x
     return xp.reshape(xp.permute_dims(x, (0, 2, 3, 1)), (-1, x.shape[1]))
@@ -435,7 +437,7 @@ def _channel_matrix(x):
 
 def _from_channel_matrix(matrix, shape):
     """Inverse of :func:`_channel_matrix` for an array of ``shape``."""
-    xp = array_namespace(matrix)
+    xp = namespace(matrix)
     if len(shape) == 2:
         return matrix
     n, c, h, w = shape
@@ -449,7 +451,7 @@ def batchnorm_forward(x, weight, bias, eps: float):
     (rows, C) matrix of ``x``.  Returns (y shaped like x, the normalised
     x_hat as a (rows, C) matrix, inv_std (C,), mean (C,), biased variance (C,)).
     """
-    xp = array_namespace(x)
+    xp = namespace(x)
     matrix = _channel_matrix(x)
     mean = xp.mean(matrix, axis=0)
     var = xp.var(matrix, axis=0)
@@ -475,7 +477,7 @@ def batchnorm_backward(grad_y, x_hat, inv_std, weight):
 
 def batchnorm_inference(x, weight, bias, running_mean, running_var, eps: float):
     """Batch normalisation with stored statistics (evaluation mode)."""
-    xp = array_namespace(x, weight)
+    xp = namespace(x, weight)
     shape = (1, -1) + (1,) * (x.ndim - 2)
     scale = weight / xp.sqrt(running_var + eps)
     shift = bias - running_mean * scale

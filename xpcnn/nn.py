@@ -15,10 +15,10 @@ import math
 from collections.abc import Iterable, Iterator
 
 import numpy as np
-from array_api_compat import array_namespace, is_writeable_array
+from array_api_compat import is_writeable_array
 
 from . import functional as F
-from .backend import Backend, backend_of, to_host
+from .backend import Backend, backend_of, namespace, to_host
 from .fastpath import kernels
 
 RELU_GAIN = math.sqrt(2.0)
@@ -94,13 +94,13 @@ class Layer:
             ok = shape[2] >= min_hw[0] and shape[3] >= min_hw[1]
         if not ok:
             raise ValueError(f"{self!r}: expected input of shape {expected}, got {_shape_text(shape)}")
-        xp = array_namespace(x)
+        xp = namespace(x)
         if not xp.isdtype(x.dtype, "real floating"):
             raise ValueError(f"{self!r}: expected a floating-point input, got dtype {x.dtype}")
         weight = self.params.get("weight")
         if weight is not None:
             try:
-                array_namespace(x, weight)
+                namespace(x, weight)
             except TypeError:
                 raise ValueError(
                     f"{self!r}: input is a {type(x).__module__} array but the parameters are "
@@ -222,7 +222,7 @@ class ReLU(Layer):
     """max(x, 0), elementwise."""
 
     def forward(self, x):
-        xp = array_namespace(x)
+        xp = namespace(x)
         if not xp.isdtype(x.dtype, "real floating"):
             raise ValueError(f"{self!r}: expected a floating-point input, got dtype {x.dtype}")
         y = xp.maximum(x, 0.0)
@@ -237,7 +237,7 @@ class Flatten(Layer):
     """(N, ...) -> (N, prod(...)) in C order, as PyTorch's nn.Flatten."""
 
     def forward(self, x):
-        xp = array_namespace(x)
+        xp = namespace(x)
         if x.ndim < 2:
             raise ValueError(
                 f"{self!r}: expected input of shape (N, ...) with at least 2 axes, got {_shape_text(x.shape)}"
@@ -246,7 +246,7 @@ class Flatten(Layer):
         return xp.reshape(x, (x.shape[0], -1))
 
     def backward(self, grad_y):
-        xp = array_namespace(grad_y)
+        xp = namespace(grad_y)
         return xp.reshape(grad_y, self._need_cache(self._cache))
 
 
@@ -366,7 +366,7 @@ class Dropout(Layer):
         self.generator = generator
 
     def forward(self, x):
-        xp = array_namespace(x)
+        xp = namespace(x)
         if not xp.isdtype(x.dtype, "real floating"):
             raise ValueError(f"{self!r}: expected a floating-point input, got dtype {x.dtype}")
         if not self.training or self.p == 0.0:
@@ -546,7 +546,7 @@ class CrossEntropyLoss:
         self._grad = None
 
     def forward(self, logits, labels):
-        xp = array_namespace(logits, labels)
+        xp = namespace(logits, labels)
         if logits.ndim != 2:
             raise ValueError(f"CrossEntropyLoss: expected logits of shape (N, K), got {_shape_text(logits.shape)}")
         if labels.ndim != 1 or labels.shape[0] != logits.shape[0]:

@@ -13,6 +13,8 @@
 #                         concurrently on the one GPU, beside the tests (their seconds are then upper bounds)
 #   GPU_CHECK_TF32=0      skip the second benchmark, with --tf32
 #   GPU_CHECK_TEST_SECONDS, GPU_CHECK_BENCH_SECONDS, GPU_CHECK_RECIPE_SECONDS: time limits per step
+#   with --quick: GPU_CHECK_BENCH_RUNS (default "float32 reference tf32"), GPU_CHECK_BATCHES (default "128 512"),
+#   GPU_CHECK_BENCH_MODELS (default "--model convnet --model seed"), GPU_CHECK_DEFAULT_EPOCHS (default 1)
 #
 # --quick: what matters most first, all within GPU_CHECK_QUICK_SECONDS (default 285) on a fresh machine with
 # no network: convnet and seed on CuPy interleaved with torch eager on the same GPU (batch 128 and 512, float32
@@ -93,14 +95,14 @@ if [ "$quick" = 1 ]; then
 
     # 1. xpcnn beside torch eager, interleaved, on the same device: float32 first (also with every fast path
     # off, XPCNN_FASTPATH=0, to measure what the fused kernels gain), then TF32.
-    for run in "" "-reference" "--tf32"; do
-        for batch in "${batches[@]}"; do
-            [ "$run" = -reference ] && [ "$batch" != "${batches[0]}" ] && continue
-            tf32=$([ "$run" = --tf32 ] && echo --tf32)
-            name=bench-b$batch${tf32:+-tf32}$([ "$run" = -reference ] && echo -reference)
-            XPCNN_FASTPATH=$([ "$run" = -reference ] && echo 0 || echo 1) \
-            step "$name" 55 "$python" -m xpcnn bench --backend "$backend" --model convnet --model seed \
-                --train-batch "$batch" "${bench_size[@]}" --threads 2 $tf32 --json "$out/$name.json"
+    for run in ${GPU_CHECK_BENCH_RUNS:-float32 reference tf32}; do
+        for batch in ${GPU_CHECK_BATCHES:-${batches[*]}}; do
+            [ "$run" = reference ] && [ "$batch" != "${batches[0]}" ] && continue  # the reference at one batch
+            name=bench-b$batch$([ "$run" = float32 ] || echo "-$run")
+            XPCNN_FASTPATH=$([ "$run" = reference ] && echo 0 || echo 1) \
+            step "$name" 55 "$python" -m xpcnn bench --backend "$backend" ${GPU_CHECK_BENCH_MODELS:---model convnet --model seed} \
+                --train-batch "$batch" "${bench_size[@]}" --threads 2 $([ "$run" = tf32 ] && echo --tf32) \
+                --json "$out/$name.json"
             [ -f "$out/$name.json" ] && "$python" - "$out/$name.json" <<'EOF' | tee -a "$out/steps.txt"
 import json, sys
 
@@ -128,11 +130,14 @@ EOF
 import json, sys
 
 history = json.load(open(f"{sys.argv[1]}/history.json"))
-seconds = sum(record["seconds"] for record in history)
-print(f"  {len(history)} epoch(s): {seconds:.1f} s of training, test accuracy {history[-1]['test_accuracy']:.2%}")
+seconds = [record["seconds"] for record in history]
+each = ", ".join(f"{s:.2f}" for s in seconds)
+accuracy = history[-1]["test_accuracy"]
+print(f"  {len(history)} epoch(s): {sum(seconds):.1f} s of training ({each}), test accuracy {accuracy:.2%}")
 EOF
     }
-    step train-default 60 "$python" -m xpcnn train --device "$device" --epochs 1 --data-dir "$mnist" \
+    step train-default 60 "$python" -m xpcnn train --device "$device" --epochs "${GPU_CHECK_DEFAULT_EPOCHS:-1}" \
+        --data-dir "$mnist" \
         --out "$out/runs/default" && summarize_run "$out/runs/default"
     step train-fast 75 "$python" -m xpcnn train --recipe fast --device "$device" --data-dir "$mnist" \
         --out "$out/runs/fast" && summarize_run "$out/runs/fast"

@@ -170,3 +170,39 @@ def test_fused_optimiser_updates_equal_the_reference(monkeypatch, name):
         np.testing.assert_allclose(params_a[key], params_b[key], rtol=1e-12, atol=1e-14)
         for slot in state_b[key]:
             np.testing.assert_allclose(state_a[key][slot], state_b[key][slot], rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("dtype, rtol", [("float32", 1e-5), ("float64", 1e-12)])
+@pytest.mark.parametrize("shape", [(16, 32, 13, 13), (4, 3, 5, 7), (64, 10), (2, 5, 1, 1)])
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_batchnorm_kernels_equal_the_reference(dtype, rtol, shape, channels_last):
+    rng = np.random.default_rng(4)
+    if len(shape) == 2:
+        x = cupy.asarray((rng.standard_normal(shape) * 3 + 1).astype(dtype))
+    else:
+        x = sample(shape, dtype, channels_last=channels_last) * 3 + 1
+    weight = cupy.asarray(rng.standard_normal(shape[1]).astype(dtype))
+    bias = cupy.asarray(rng.standard_normal(shape[1]).astype(dtype))
+    got = fused.batchnorm_forward(x, weight, bias, 1e-5)
+    expected = F.batchnorm_forward(x, weight, bias, 1e-5)
+    for a, b in zip(got, expected, strict=True):
+        assert a.shape == b.shape and a.dtype == b.dtype
+        np.testing.assert_allclose(to_host(a), to_host(b), rtol=rtol, atol=rtol)
+    grad_y = cupy.empty_like(got[0])  # the layout of the forward's output, as ReLU's backward keeps it
+    grad_y[...] = cupy.asarray(rng.standard_normal(shape).astype(dtype))
+    got_back = fused.batchnorm_backward(grad_y, got[1], got[2], weight)
+    expected_back = F.batchnorm_backward(grad_y, expected[1], expected[2], weight)
+    for a, b in zip(got_back, expected_back, strict=True):
+        assert a.shape == b.shape
+        np.testing.assert_allclose(to_host(a), to_host(b), rtol=rtol * 10, atol=rtol * 10)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_moving_average_kernel_equals_the_reference(dtype):
+    rng = np.random.default_rng(5)
+    average = cupy.asarray(rng.standard_normal(7).astype(dtype))
+    value = cupy.asarray(rng.standard_normal(7).astype(dtype))
+    expected = F.moving_average(average.copy(), value, 0.1, 1.5)
+    got = fused.moving_average(average, value, 0.1, 1.5)
+    assert got is average
+    np.testing.assert_allclose(to_host(got), to_host(expected), rtol=1e-6 if dtype == "float32" else 1e-14)

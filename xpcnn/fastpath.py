@@ -188,7 +188,16 @@ def _cupy_kernels() -> SimpleNamespace:
     """The reference with CuPy's fused kernels in place (imported at the first CuPy array)."""
     from . import fastpath_cupy as fused
 
-    replaced = ("maxpool2d_forward", "maxpool2d_backward", "relu_backward", "dropout_forward", "cross_entropy")
+    replaced = (
+        "maxpool2d_forward",
+        "maxpool2d_backward",
+        "relu_backward",
+        "dropout_forward",
+        "cross_entropy",
+        "batchnorm_forward",
+        "batchnorm_backward",
+        "moving_average",
+    )
     return SimpleNamespace(
         **{
             **_public(F),

@@ -14,6 +14,8 @@ replaces (tests compare them on the GPU, ties included), in one launch:
 * dropout's mask and product (compare, where, multiply: 3 launches);
 * softmax cross-entropy with its gradient (12 launches), one block of threads
   that also sums the loss;
+* batch normalisation forward (8 launches) and backward (9), one block of
+  threads per channel, and the running averages (3 launches each);
 * the SGD and Adam updates over the optimiser's flat buffers (about 8 and 13
   launches).
 
@@ -171,6 +173,88 @@ _cross_entropy_module = cupy.RawModule(
 )
 _CROSS_ENTROPY_NAMES = {np.dtype(np.float32): "cross_entropy<float>", np.dtype(np.float64): "cross_entropy<double>"}
 
+_BATCHNORM_SOURCE = r"""
+__device__ double block_sum(double value, double* shared) {
+    // The sum over the block (blockDim.x a power of two); every thread gets it.
+    shared[threadIdx.x] = value;
+    __syncthreads();
+    for (int stride = blockDim.x / 2; stride > 0; stride /= 2) {
+        if (threadIdx.x < stride) shared[threadIdx.x] += shared[threadIdx.x + stride];
+        __syncthreads();
+    }
+    const double total = shared[0];
+    __syncthreads();  // before shared is written again
+    return total;
+}
+
+// Block c normalises channel c of the C-contiguous (rows, channels) matrix x: two passes for the mean and
+// the biased variance (accumulated in double), a third writes x_hat and y = x_hat * weight + bias.
+template <typename T>
+__global__ void batchnorm_forward(const T* x, const T* weight, const T* bias, const long long rows,
+                                  const int channels, const double eps, T* y, T* x_hat, T* inv_std_out,
+                                  T* mean_out, T* var_out) {
+    __shared__ double shared[256];
+    const int c = blockIdx.x;
+    double sum = 0.0;
+    for (long long r = threadIdx.x; r < rows; r += blockDim.x) sum += (double)x[r * channels + c];
+    const double mean = block_sum(sum, shared) / (double)rows;
+    double squares = 0.0;
+    for (long long r = threadIdx.x; r < rows; r += blockDim.x) {
+        const double d = (double)x[r * channels + c] - mean;
+        squares += d * d;
+    }
+    const double var = block_sum(squares, shared) / (double)rows;
+    const T inv_std = (T)(1.0 / sqrt(var + eps));
+    for (long long r = threadIdx.x; r < rows; r += blockDim.x) {
+        const long long at = r * channels + c;
+        const T normalised = (x[at] - (T)mean) * inv_std;
+        x_hat[at] = normalised;
+        y[at] = normalised * weight[c] + bias[c];
+    }
+    if (threadIdx.x == 0) {
+        inv_std_out[c] = inv_std;
+        mean_out[c] = (T)mean;
+        var_out[c] = (T)var;
+    }
+}
+
+// Block c: the sums of g and g * x_hat over the rows of channel c, then grad_x.
+template <typename T>
+__global__ void batchnorm_backward(const T* g, const T* x_hat, const T* weight, const T* inv_std,
+                                   const long long rows, const int channels, T* grad_x, T* grad_weight,
+                                   T* grad_bias) {
+    __shared__ double shared[256];
+    const int c = blockIdx.x;
+    double sum_g = 0.0, sum_gx = 0.0;
+    for (long long r = threadIdx.x; r < rows; r += blockDim.x) {
+        const long long at = r * channels + c;
+        sum_g += (double)g[at];
+        sum_gx += (double)g[at] * (double)x_hat[at];
+    }
+    const double gb = block_sum(sum_g, shared);
+    const double gw = block_sum(sum_gx, shared);
+    const T scale = weight[c] * inv_std[c];
+    for (long long r = threadIdx.x; r < rows; r += blockDim.x) {
+        const long long at = r * channels + c;
+        grad_x[at] = (g[at] - (x_hat[at] * (T)gw + (T)gb) / (T)rows) * scale;
+    }
+    if (threadIdx.x == 0) {
+        grad_weight[c] = (T)gw;
+        grad_bias[c] = (T)gb;
+    }
+}
+"""
+_BATCHNORM_THREADS = 256
+_batchnorm_module = cupy.RawModule(
+    code=_BATCHNORM_SOURCE,
+    name_expressions=[f"batchnorm_{p}<{t}>" for p in ("forward", "backward") for t in ("float", "double")],
+)
+_CTYPES = {np.dtype(np.float32): "float", np.dtype(np.float64): "double"}
+
+_moving_average = cupy.ElementwiseKernel(
+    "T value, T keep, T take", "T average", "average = average * keep + value * take", "xpcnn_moving_average"
+)
+
 _sgd_momentum = cupy.ElementwiseKernel(
     "T grad, T lr, T momentum, T weight_decay, bool nesterov, bool first",
     "T param, T velocity",
@@ -278,6 +362,58 @@ def cross_entropy(logits, labels, label_smoothing: float = 0.0):
     real = logits.dtype.type
     kernel((1,), (_CROSS_ENTROPY_THREADS,), (logits, labels, np.int32(n), np.int32(k), real(on), real(off), grad, loss))
     return loss, grad
+
+
+def batchnorm_forward(x, weight, bias, eps: float):
+    """:func:`xpcnn.functional.batchnorm_forward` in one kernel, one block per channel.
+
+    For channels-last memory (what convolutions and pooling make, and (N, C)
+    matrices); the reference otherwise.
+    """
+    matrix = F._channel_matrix(x)
+    if x.dtype not in _FLOATS or not matrix.flags.c_contiguous or matrix.shape[0] == 0:
+        return F.batchnorm_forward(x, weight, bias, eps)
+    rows, channels = matrix.shape
+    y, x_hat = cupy.empty_like(matrix), cupy.empty_like(matrix)
+    inv_std, mean, var = (cupy.empty(channels, x.dtype) for _ in range(3))
+    kernel = _batchnorm_module.get_function(f"batchnorm_forward<{_CTYPES[x.dtype]}>")
+    weight, bias = cupy.ascontiguousarray(weight), cupy.ascontiguousarray(bias)
+    arguments = (
+        matrix,
+        weight,
+        bias,
+        np.int64(rows),
+        np.int32(channels),
+        np.float64(eps),
+        y,
+        x_hat,
+        inv_std,
+        mean,
+        var,
+    )
+    kernel((channels,), (_BATCHNORM_THREADS,), arguments)
+    return F._from_channel_matrix(y, tuple(x.shape)), x_hat, inv_std, mean, var
+
+
+def batchnorm_backward(grad_y, x_hat, inv_std, weight):
+    """:func:`xpcnn.functional.batchnorm_backward` in one kernel, one block per channel."""
+    g = F._channel_matrix(grad_y)
+    if grad_y.dtype not in _FLOATS or not g.flags.c_contiguous or not x_hat.flags.c_contiguous:
+        return F.batchnorm_backward(grad_y, x_hat, inv_std, weight)
+    rows, channels = g.shape
+    grad_x = cupy.empty_like(g)
+    grad_weight, grad_bias = cupy.empty(channels, g.dtype), cupy.empty(channels, g.dtype)
+    kernel = _batchnorm_module.get_function(f"batchnorm_backward<{_CTYPES[g.dtype]}>")
+    weight, inv_std = cupy.ascontiguousarray(weight), cupy.ascontiguousarray(inv_std)
+    arguments = (g, x_hat, weight, inv_std, np.int64(rows), np.int32(channels), grad_x, grad_weight, grad_bias)
+    kernel((channels,), (_BATCHNORM_THREADS,), arguments)
+    return F._from_channel_matrix(grad_x, tuple(grad_y.shape)), grad_weight, grad_bias
+
+
+def moving_average(average, value, momentum: float, scale: float = 1.0):
+    """:func:`xpcnn.functional.moving_average` in one kernel, in place."""
+    _moving_average(value, 1.0 - momentum, momentum * scale, average)
+    return average
 
 
 def sgd_update_in_place(param, grad, velocity, lr, momentum, nesterov, weight_decay, first: bool) -> None:

@@ -475,6 +475,15 @@ def batchnorm_backward(grad_y, x_hat, inv_std, weight):
     return _from_channel_matrix(grad_x, tuple(grad_y.shape)), grad_weight, grad_bias
 
 
+def moving_average(average, value, momentum: float, scale: float = 1.0):
+    """(1 - momentum) * average + momentum * scale * value: in place where ``average`` is writeable."""
+    if is_writeable_array(average):
+        average *= 1.0 - momentum
+        average += value * (momentum * scale)
+        return average
+    return (1.0 - momentum) * average + value * (momentum * scale)
+
+
 def batchnorm_inference(x, weight, bias, running_mean, running_var, eps: float):
     """Batch normalisation with stored statistics (evaluation mode)."""
     xp = namespace(x, weight)

@@ -15,7 +15,6 @@ import math
 from collections.abc import Iterable, Iterator
 
 import numpy as np
-from array_api_compat import is_writeable_array
 
 from . import functional as F
 from .backend import Backend, backend_of, namespace, to_host
@@ -277,15 +276,6 @@ class Linear(Layer):
         return f"{self.in_features}, {self.out_features}{bias}"
 
 
-def _moving_average(average, value, momentum: float, scale: float = 1.0):
-    """(1 - momentum) * average + momentum * scale * value, in place where ``average`` is writeable."""
-    if is_writeable_array(average):
-        average *= 1.0 - momentum
-        average += value * (momentum * scale)
-        return average
-    return (1.0 - momentum) * average + value * (momentum * scale)
-
-
 class _BatchNorm(Layer):
     """Batch normalisation over all axes but the channel axis 1, PyTorch's conventions.
 
@@ -321,17 +311,18 @@ class _BatchNorm(Layer):
             raise ValueError(
                 f"{self!r}: training needs more than one value per channel, got input {_shape_text(x.shape)}"
             )
-        y, x_hat, inv_std, mean, var = F.batchnorm_forward(x, weight, bias, self.eps)
+        ops = kernels(x)
+        y, x_hat, inv_std, mean, var = ops.batchnorm_forward(x, weight, bias, self.eps)
         m = self.momentum
-        self.buffers["running_mean"] = _moving_average(self.buffers["running_mean"], mean, m)
-        self.buffers["running_var"] = _moving_average(self.buffers["running_var"], var, m, count / (count - 1))
+        self.buffers["running_mean"] = ops.moving_average(self.buffers["running_mean"], mean, m)
+        self.buffers["running_var"] = ops.moving_average(self.buffers["running_var"], var, m, count / (count - 1))
         self._cache = (x_hat, inv_std)
         return y
 
     def backward(self, grad_y, input_grad: bool = True):
         """Store weight and bias gradients; return grad_x, or None when ``input_grad`` is False."""
         x_hat, inv_std = self._need_cache(self._cache)
-        grad_x, self.grads["weight"], self.grads["bias"] = F.batchnorm_backward(
+        grad_x, self.grads["weight"], self.grads["bias"] = kernels(grad_y).batchnorm_backward(
             grad_y, x_hat, inv_std, self.params["weight"]
         )
         return grad_x if input_grad else None

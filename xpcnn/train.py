@@ -348,8 +348,9 @@ class Trainer:
             state.global_step += 1
             count = int(y.shape[0])
             seen += count
-            loss_sum = loss_sum + xp.astype(loss, xp.float64) * count
-            correct = correct + xp.sum(xp.astype(xp.argmax(logits, axis=1) == y, xp.int64))
+            # Two and four launches: float64 + float32 promotes to float64, and count_nonzero counts the booleans.
+            loss_sum = loss_sum + loss * count
+            correct = correct + xp.count_nonzero(xp.argmax(logits, axis=1) == y)
             last = step + 1 == steps
             if (step + 1) % cfg.log_every == 0 or last or flag["stop"]:
                 partial = checkpoint_partial(step + 1)

@@ -105,3 +105,16 @@ def test_relu_backward_fast_path_is_bit_identical():
     grad_y = channels_last((2, 3, 5, 4), seed=1)
     fast = fastpath.relu_backward(grad_y, y)
     assert fast.dtype == grad_y.dtype and np.array_equal(fast, F.relu_backward(grad_y, y))
+
+
+@pytest.mark.parametrize("shape", [(4, 8, 5, 6), (16, 3)])
+@pytest.mark.parametrize("dtype, rtol", [(np.float64, 1e-12), (np.float32, 1e-5)])
+def test_batchnorm_forward_fast_path_matches(shape, dtype, rtol):
+    rng = np.random.default_rng(6)
+    x = (channels_last(shape) if len(shape) == 4 else rng.standard_normal(shape)).astype(dtype) * 3 + 1
+    weight, bias = rng.standard_normal(shape[1]).astype(dtype), rng.standard_normal(shape[1]).astype(dtype)
+    for got, expected in zip(
+        fastpath.batchnorm_forward(x, weight, bias, 1e-5), F.batchnorm_forward(x, weight, bias, 1e-5), strict=True
+    ):
+        assert got.shape == expected.shape and got.dtype == expected.dtype
+        np.testing.assert_allclose(got, expected, rtol=rtol, atol=rtol)

@@ -59,6 +59,7 @@ def random_input(*shape, seed=0):
         (1, 2, 8, 7, 3, (3, 2), 2, 1),  # batch of 1, stride > 1, padding, rectangular kernel
         (2, 1, 9, 9, 2, 4, (2, 3), (2, 1)),  # stride and padding differ per axis
         (3, 2, 5, 5, 2, 5, 1, 0),  # kernel covers the whole input: 1x1 output
+        (2, 2, 4, 3, 3, 2, 1, (3, 2)),  # stride 1, padding >= kernel: the input gradient takes col2im
     ],
 )
 def test_conv2d_gradients(backend, n, c, h, w, o, kernel, stride, padding):

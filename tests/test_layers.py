@@ -55,6 +55,8 @@ def test_loss_checks_labels(backend):
         loss.forward(logits, as_backend(backend, np.array([0, 1])))
     with pytest.raises(ValueError, match=r"logits of shape \(N, K\), got \(3, 10, 1\)"):
         loss.forward(as_backend(backend, np.zeros((3, 10, 1), np.float32)), as_backend(backend, np.array([0, 1, 2])))
+    with pytest.raises(ValueError, match="empty batch"):
+        loss.forward(as_backend(backend, np.zeros((0, 10), np.float32)), as_backend(backend, np.zeros(0, np.int64)))
 
 
 def test_mixed_backends_raise_a_clear_error():

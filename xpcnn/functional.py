@@ -405,7 +405,7 @@ def _classes(labels, num_classes: int):
 
 
 def cross_entropy(logits, labels, label_smoothing: float = 0.0):
-    """Mean softmax cross-entropy of logits (N, K) against integer labels (N,).
+    """Mean softmax cross-entropy of logits (N, K), N >= 1, against integer labels (N,).
 
     With ``label_smoothing`` e the target is (1 - e) * one_hot + e / K, as in
     PyTorch.  Returns (loss as a 0-d array, grad_logits (N, K)).

@@ -544,6 +544,8 @@ class CrossEntropyLoss:
             raise ValueError(
                 f"CrossEntropyLoss: expected labels of shape ({logits.shape[0]},), got {_shape_text(labels.shape)}"
             )
+        if logits.shape[0] == 0:
+            raise ValueError("CrossEntropyLoss: expected at least one sample, got an empty batch")
         if not xp.isdtype(labels.dtype, "integral"):
             raise ValueError(f"CrossEntropyLoss: expected integer labels, got dtype {labels.dtype}")
         if not xp.isdtype(logits.dtype, "real floating"):

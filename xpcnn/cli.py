@@ -179,6 +179,11 @@ def train(ctx, recipe_name, data_dir, device, backend, out, resume, tf32, plot, 
     if resume is not None:
         if recipe_name:
             raise click.UsageError("--recipe cannot change when resuming")
+        if not run_dir_has_run(Path(resume)):
+            raise click.UsageError(
+                f"{resume} holds no checkpoint to continue (its run stopped before its first epoch ended): "
+                f"start it afresh with --out {resume}"
+            )
         checkpoint = load_checkpoint(resume)
         changed = {
             name

@@ -33,6 +33,19 @@ def atomic_output(path: str | os.PathLike) -> Iterator[BinaryIO]:
         raise
 
 
+def remove_temporaries(directory: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files that :func:`atomic_output` left in ``directory`` when its process was killed.
+
+    Returns the paths removed.  Only for a directory no other process is writing to.
+    """
+    removed = []
+    for temp in Path(directory).glob(".*.part"):
+        with contextlib.suppress(FileNotFoundError):
+            temp.unlink()
+            removed.append(temp)
+    return removed
+
+
 def write_json(path: str | os.PathLike, value: Any) -> None:
     """Write ``value`` as indented JSON, atomically."""
     text = json.dumps(value, indent=2) + "\n"

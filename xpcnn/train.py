@@ -30,7 +30,7 @@ from . import __version__
 from .augment import Augmentation
 from .backend import Backend, to_host
 from .checkpoint import CHECKPOINT_NAME, Checkpoint, CheckpointError, save_checkpoint
-from .files import write_json
+from .files import remove_temporaries, write_json
 from .functional import softmax
 from .models import MODELS, build
 from .nn import CrossEntropyLoss, Sequential, recalibrate_batchnorm
@@ -467,7 +467,12 @@ def summary(state: RunState) -> dict:
 
 
 def run_dir_has_run(out: Path) -> bool:
-    return (out / CHECKPOINT_NAME).exists() or (out / "history.json").exists()
+    """Whether ``out`` holds a run to continue: a checkpoint, the commit point of every epoch.
+
+    A directory without one (a run that stopped before its first epoch ended, even with a
+    ``config.json`` or a ``history.json``) can be trained into afresh.
+    """
+    return (out / CHECKPOINT_NAME).exists()
 
 
 def train_run(
@@ -482,8 +487,12 @@ def train_run(
 ) -> RunState:
     """Train ``config`` on ``dataset`` (an :class:`xpcnn.data.Dataset`), writing the run to ``out``.
 
-    Writes ``config.json`` once, then ``history.json`` and ``checkpoint.npz`` after every
-    epoch, all atomically.  On Ctrl-C the current position is checkpointed before
+    Writes ``config.json`` once training is about to start, then after every epoch
+    ``checkpoint.npz`` and ``history.json``, all atomically.  The checkpoint is the commit
+    point of an epoch: it holds the history too, and ``history.json`` follows it (and is
+    written again from it on resume), so a crash or a full disk between or during any of
+    the writes leaves a directory that can be resumed (or, before the first checkpoint,
+    started afresh).  On Ctrl-C the current position is checkpointed before
     TrainingInterrupted propagates; on divergence the last good checkpoint is kept.
     """
     from .data import split_validation
@@ -509,17 +518,21 @@ def train_run(
         optimizer.load_state_dict(resume.optimizer_state)
 
     out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "config.json", {**config.to_dict(), **(environment or {}), "xpcnn_version": __version__})
+    remove_temporaries(out)
 
     with backend.activate():
         train = DeviceSplit.from_host(backend, images, labels, norm)
         evals = {name: DeviceSplit.from_host(backend, *split, norm) for name, split in evals_host.items()}
         trainer = Trainer(model, optimizer, backend, config, progress, background=-norm.mean / norm.std)
+        # Only now, with everything that can refuse the run behind us: a failed resume leaves config.json as it was.
+        write_json(out / "config.json", {**config.to_dict(), **(environment or {}), "xpcnn_version": __version__})
+        if resume is not None:
+            write_json(out / "history.json", state.history)  # the checkpoint's, in case the last run died before it
 
         def save(state: RunState):
-            write_json(out / "history.json", state.history)
             meta = checkpoint_meta(config, state, norm, dataset.classes, backend)
             save_checkpoint(out / CHECKPOINT_NAME, meta, model.state_dict(), optimizer.state_dict())
+            write_json(out / "history.json", state.history)
 
         try:
             trainer.fit(train, evals, state, on_epoch_end=save)

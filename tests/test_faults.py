@@ -1,0 +1,123 @@
+"""Run directories survive a failed write at any point: a crash or a full disk leaves a run to resume or restart."""
+
+import errno
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from xpcnn import files, train
+from xpcnn.backend import get_backend
+from xpcnn.checkpoint import load_checkpoint
+from xpcnn.cli import main
+from xpcnn.data import load_dataset
+
+
+@pytest.fixture(scope="module")
+def synthetic(synthetic_dir):
+    return load_dataset("mnist", synthetic_dir)
+
+
+def config():
+    return train.TrainConfig(model="seed", epochs=2, batch_size=100, optimizer="sgd", lr=0.05, seed=1, log_every=1)
+
+
+def run(dataset, out, resume=None):
+    return train.train_run(config(), get_backend("numpy"), dataset, out, resume=resume, progress=train.Progress(None))
+
+
+class DiskFull:
+    """Make the ``count``-th commit (os.replace) of a file named ``name`` fail as a full disk would."""
+
+    def __init__(self, monkeypatch, name, count):
+        self.name, self.left = name, count
+        monkeypatch.setattr(files.os, "replace", self.replace)
+
+    def replace(self, source, target):
+        if str(target).endswith(self.name):
+            self.left -= 1
+            if self.left == 0:
+                raise OSError(errno.ENOSPC, "No space left on device")
+        return _replace(source, target)
+
+
+_replace = files.os.replace
+
+
+@pytest.mark.parametrize(
+    "name, count",
+    [
+        ("config.json", 1),
+        ("checkpoint.npz", 1),  # the first epoch's commit point
+        ("history.json", 1),  # after the first checkpoint: as if killed between the two writes
+        ("checkpoint.npz", 2),
+        ("history.json", 2),
+    ],
+)
+def test_a_failed_write_leaves_a_run_to_resume_or_restart(synthetic, tmp_path, monkeypatch, name, count):
+    straight = tmp_path / "straight"
+    run(synthetic, straight)
+    out = tmp_path / "run"
+    failure = DiskFull(monkeypatch, name, count)
+    with pytest.raises(OSError, match="No space left"):
+        run(synthetic, out)
+    monkeypatch.setattr(files.os, "replace", _replace)
+    assert failure.left == 0 and not list(out.glob(".*.part"))
+    if train.run_dir_has_run(out):
+        state = run(synthetic, out, resume=load_checkpoint(out))
+    else:
+        state = run(synthetic, out)  # nothing to continue: trained afresh in the same directory
+    assert state.epoch == 2
+    history = json.loads((out / "history.json").read_text())
+    assert [r["test_accuracy"] for r in history] == [
+        r["test_accuracy"] for r in json.loads((straight / "history.json").read_text())
+    ]
+    a, b = load_checkpoint(out).model_state, load_checkpoint(straight).model_state
+    assert all(np.array_equal(a[key], b[key]) for key in a)
+
+
+def test_stale_temporary_files_are_removed(synthetic, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / ".checkpoint.npz.abc123.part").write_bytes(b"half a checkpoint")
+    run(synthetic, out)
+    assert not list(out.glob(".*.part"))
+
+
+def test_a_failed_resume_leaves_config_json_as_it_was(synthetic, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    train.train_run(
+        train.TrainConfig(**{**config().to_dict(), "epochs": 1}),
+        get_backend("numpy"),
+        synthetic,
+        out,
+        progress=train.Progress(None),
+    )
+    before = (out / "config.json").read_bytes()
+
+    def no_memory(*args, **kwargs):
+        raise MemoryError("out of device memory")
+
+    monkeypatch.setattr(train.DeviceSplit, "from_host", no_memory)
+    with pytest.raises(MemoryError):
+        run(synthetic, out, resume=load_checkpoint(out))
+    assert (out / "config.json").read_bytes() == before
+
+
+def test_the_command_line_restarts_a_directory_without_a_checkpoint(synthetic_dir, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.json").write_text("{}")
+    (out / "history.json").write_text("[]")
+    runner = CliRunner()
+    resumed = runner.invoke(main, ["train", "--resume", str(out), "--data-dir", str(synthetic_dir)])
+    assert resumed.exit_code == 2 and resumed.exception is not None
+    assert f"start it afresh with --out {out}" in resumed.output
+    started = runner.invoke(
+        main,
+        ["train", "--model", "seed", "--epochs", "1", "--device", "cpu", "--data-dir", str(synthetic_dir)]
+        + ["--out", str(out)],
+    )
+    assert started.exit_code == 0, (started.output, started.exception)
+    assert train.run_dir_has_run(out)

@@ -404,11 +404,16 @@ def test_step_without_gradients_is_an_error():
 @pytest.mark.parametrize(
     "make, message",
     [
-        (lambda m: optim.SGD(m, lr=0), "lr must be > 0"),
+        (lambda m: optim.SGD(m, lr=0), "lr must be a number > 0"),
+        (lambda m: optim.SGD(m, lr=float("inf")), "lr must be a number > 0"),
+        (lambda m: optim.SGD(m, lr=float("nan")), "lr must be a number > 0"),
         (lambda m: optim.SGD(m, lr=0.1, momentum=1.0), "momentum must be in"),
         (lambda m: optim.SGD(m, lr=0.1, nesterov=True), "nesterov needs momentum"),
+        (lambda m: optim.SGD(m, lr=0.1, weight_decay=float("inf")), "weight_decay must be a number >= 0"),
         (lambda m: optim.Adam(m, betas=(0.9, 1.0)), "betas must be in"),
-        (lambda m: optim.AdamW(m, weight_decay=-1), "weight_decay must be >= 0"),
+        (lambda m: optim.Adam(m, eps=0.0), "eps must be a number > 0"),
+        (lambda m: optim.AdamW(m, weight_decay=-1), "weight_decay must be a number >= 0"),
+        (lambda m: optim.AdamW(m, weight_decay=float("inf")), "weight_decay must be a number >= 0"),
     ],
 )
 def test_bad_hyperparameters(make, message):

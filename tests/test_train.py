@@ -1,5 +1,6 @@
 """The trainer: run directories, resume equality, Ctrl-C, divergence, schedules, real MNIST."""
 
+import dataclasses
 import json
 import math
 import os
@@ -159,6 +160,46 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(synthetic, tmp_path, 
     assert len(json.loads((run / "history.json").read_text())) == 1
 
 
+def test_a_non_finite_evaluation_loss_is_divergence(synthetic, tmp_path, monkeypatch):
+    """A loss that is finite in training but not on the test split still stops the run, checkpoint kept."""
+    original = train.evaluate
+
+    def poisoned(model, split, backend, batch_size=1000):
+        result = original(model, split, backend, batch_size)
+        if train_epochs_done(tmp_path / "run") >= 1:
+            return dataclasses.replace(result, loss=math.inf)
+        return result
+
+    monkeypatch.setattr(train, "evaluate", poisoned)
+    with pytest.raises(
+        train.TrainingDiverged, match=r"the test loss became inf after epoch 2; the last good checkpoint"
+    ):
+        train.train_run(config(), get_backend("numpy"), synthetic, tmp_path / "run")
+    assert load_checkpoint(tmp_path / "run").meta["state"]["epoch"] == 1
+    assert len(json.loads((tmp_path / "run" / "history.json").read_text())) == 1
+
+
+def train_epochs_done(run) -> int:
+    return len(json.loads((run / "history.json").read_text())) if (run / "history.json").exists() else 0
+
+
+def test_non_finite_weights_are_divergence(synthetic, tmp_path, monkeypatch):
+    """A weight that becomes infinite at the last step of an epoch is caught before that epoch is saved."""
+    original = optim.Adam.update_in_place
+    last_step = 2 * math.ceil(600 / 64)
+
+    def poisoned(self, param, grad, state):
+        original(self, param, grad, state)
+        if self.steps == last_step:
+            param[0] = np.inf
+
+    monkeypatch.setattr(optim.Adam, "update_in_place", poisoned)
+    with pytest.raises(train.TrainingDiverged, match=r"weights became non-finite \(0.weight\) in epoch 2"):
+        train.train_run(config(), get_backend("numpy"), synthetic, tmp_path / "run")
+    ckpt = load_checkpoint(tmp_path / "run")
+    assert ckpt.meta["state"]["epoch"] == 1 and all(np.isfinite(v).all() for v in ckpt.model_state.values())
+
+
 def test_divergence_in_the_first_epoch_says_no_checkpoint(synthetic, tmp_path):
     cfg = config(optimizer="sgd", lr=1e30, momentum=0.0, schedule="constant", epochs=1)
     with pytest.raises(train.TrainingDiverged, match="no checkpoint was written"):
@@ -199,6 +240,8 @@ def test_evaluate_on_an_empty_split_and_predict():
         (dict(schedule="linear"), "unknown schedule 'linear'"),
         (dict(epochs=0), "epochs must be >= 1"),
         (dict(lr=float("nan")), "learning rate must be a positive number"),
+        (dict(weight_decay=float("inf")), "weight decay must be a number >= 0"),
+        (dict(weight_decay=float("nan")), "weight decay must be a number >= 0"),
         (dict(colour="blue"), r"unknown configuration keys \['colour'\]"),
     ],
 )

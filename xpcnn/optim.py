@@ -47,8 +47,8 @@ class Optimizer:
     slots: tuple[str, ...] = ()
 
     def __init__(self, model, lr: float):
-        if not lr > 0:
-            raise ValueError(f"{type(self).__name__}: lr must be > 0, got {lr}")
+        if not 0 < lr < math.inf:
+            raise ValueError(f"{type(self).__name__}: lr must be a number > 0, got {lr}")
         self.model = model
         self.lr = float(lr)
         self.steps = 0
@@ -234,8 +234,8 @@ class SGD(Optimizer):
             raise ValueError(f"SGD: momentum must be in [0, 1), got {momentum}")
         if nesterov and momentum == 0.0:
             raise ValueError("SGD: nesterov needs momentum > 0")
-        if weight_decay < 0:
-            raise ValueError(f"SGD: weight_decay must be >= 0, got {weight_decay}")
+        if not 0 <= weight_decay < math.inf:
+            raise ValueError(f"SGD: weight_decay must be a number >= 0, got {weight_decay}")
         self.momentum, self.nesterov, self.weight_decay = float(momentum), nesterov, float(weight_decay)
 
     def update(self, param, grad, state):
@@ -283,8 +283,10 @@ class Adam(Optimizer):
         super().__init__(model, lr)
         if not all(0.0 <= b < 1.0 for b in betas):
             raise ValueError(f"{type(self).__name__}: betas must be in [0, 1), got {betas}")
-        if weight_decay < 0:
-            raise ValueError(f"{type(self).__name__}: weight_decay must be >= 0, got {weight_decay}")
+        if not 0 <= weight_decay < math.inf:
+            raise ValueError(f"{type(self).__name__}: weight_decay must be a number >= 0, got {weight_decay}")
+        if not 0 < eps < math.inf:
+            raise ValueError(f"{type(self).__name__}: eps must be a number > 0, got {eps}")
         self.betas = (float(betas[0]), float(betas[1]))
         self.eps, self.weight_decay = float(eps), float(weight_decay)
 

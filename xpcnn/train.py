@@ -71,7 +71,7 @@ class TrainConfig:
             (self.batch_size >= 1, f"batch size must be >= 1, got {self.batch_size}"),
             (self.lr > 0 and math.isfinite(self.lr), f"learning rate must be a positive number, got {self.lr}"),
             (0 <= self.momentum < 1, f"momentum must be in [0, 1), got {self.momentum}"),
-            (self.weight_decay >= 0, f"weight decay must be >= 0, got {self.weight_decay}"),
+            (0 <= self.weight_decay < math.inf, f"weight decay must be a number >= 0, got {self.weight_decay}"),
             (self.seed >= 0, f"seed must be >= 0, got {self.seed}"),
             (self.validation >= 0, f"validation size must be >= 0, got {self.validation}"),
             (self.log_every >= 1, f"log interval must be >= 1, got {self.log_every}"),
@@ -191,7 +191,7 @@ class RunState:
 
 
 class TrainingDiverged(RuntimeError):
-    """The loss became NaN or infinite."""
+    """A training or evaluation loss, or a weight, became NaN or infinite."""
 
 
 class TrainingInterrupted(RuntimeError):
@@ -375,11 +375,21 @@ class Trainer:
             "lr": self.optimizer.lr,
         }
         started = time.perf_counter()
-        if self.config.recalibrate_bn and state.epoch + 1 == self.config.epochs:
+        epoch = state.epoch + 1
+        bad = [
+            name
+            for name, value in self.model.parameters().items()
+            if not bool(self.backend.xp.all(self.backend.xp.isfinite(value)))
+        ]
+        if bad:
+            raise TrainingDiverged(f"weights became non-finite ({', '.join(bad)}) in epoch {epoch}")
+        if self.config.recalibrate_bn and epoch == self.config.epochs:
             recalibrate_batchnorm(self.model, (images for images, _ in train.batches(1000)))
             record["bn_recalibrated"] = True
         for name, split in evals.items():
             result = self.evaluate(split)
+            if not math.isfinite(result.loss):
+                raise TrainingDiverged(f"the {name} loss became {result.loss} after epoch {epoch}")
             record[f"{name}_loss"], record[f"{name}_accuracy"] = result.loss, result.accuracy
         record["seconds"] = partial["seconds"]
         record["images_per_second"] = partial["seen"] / max(partial["seconds"], 1e-9)

@@ -86,7 +86,7 @@ def test_predict_pictures_and_arrays(trained_run, synthetic_dir, tmp_path):
     rows = json.loads(invoke("predict", trained_run, tmp_path / "digit.npy", tmp_path / "digit.png", "--json").output)
     assert [r["image"] for r in rows] == [str(tmp_path / "digit.npy"), str(tmp_path / "digit.png")]
     expected = library_probabilities(trained_run, images[:1])[0]
-    assert rows[0]["class"] == str(np.argmax(expected))
+    assert rows[0]["class"] == int(np.argmax(expected)) and rows[0]["label"] == str(np.argmax(expected))
     assert rows[0]["probability"] == pytest.approx(float(expected.max()), rel=1e-5)
     assert all(0 < r["probability"] <= 1 for r in rows)
     text = invoke("predict", trained_run, tmp_path / "digit.npy").output
@@ -225,6 +225,24 @@ def test_cuda_without_cuda_is_one_line(synthetic_dir):
         pytest.skip("CUDA works here")
     result = invoke("train", "--device", "cuda", "--data-dir", synthetic_dir, expect=1)
     assert_one_line_error(result, r"cannot use cuda:0: ")
+
+
+def test_predict_goes_on_past_unreadable_files_and_fails_at_the_end(trained_run, synthetic_dir, tmp_path):
+    np.save(tmp_path / "digit.npy", read_idx(synthetic_dir / "t10k-images-idx3-ubyte.gz")[0])
+    (tmp_path / "notes.png").write_text("not a picture")
+    args = ("predict", trained_run, tmp_path / "notes.png", tmp_path / "digit.npy", tmp_path / "missing.png")
+    result = invoke(*args, expect=1)
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+    lines = result.output.splitlines()
+    assert [line.split(":")[0] for line in lines if not line.startswith("Error")] == [str(tmp_path / "digit.npy")]
+    errors = [line for line in lines if line.startswith("Error")]
+    assert len(errors) == 2 and "notes.png: cannot read" in errors[0] and "missing.png" in errors[1]
+    rows = json.loads(invoke(*args, "--json", "--top-k", "3", expect=1).stdout)
+    assert [("error" in row) for row in rows] == [True, False, True]
+    good = rows[1]
+    assert isinstance(good["class"], int) and len(good["top"]) == 3 and good["top"][0]["class"] == good["class"]
+    probabilities = [t["probability"] for t in good["top"]]
+    assert probabilities == sorted(probabilities, reverse=True)
 
 
 def test_predict_bad_image_is_one_line(trained_run, tmp_path):

@@ -17,7 +17,7 @@ from . import __version__, plots
 from .backend import BACKEND_NAMES, BackendError, available_backends, get_backend, gpu_names, set_tf32
 from .checkpoint import CheckpointError, checkpoint_path, load_checkpoint
 from .data import DATASETS, DataError, find_data_dir, get_spec, load_dataset
-from .images import ImageError, load_images
+from .images import ImageError, load_image
 from .models import MODELS
 from .optim import OPTIMIZERS, SCHEDULES
 from .plots import PlotError
@@ -327,26 +327,46 @@ def evaluate(run, data_dir, device, backend, as_json, plot):
 @click.argument("run", metavar="RUN_OR_CHECKPOINT", type=click.Path(exists=True))
 @click.argument("images", nargs=-1, required=True, type=click.Path())
 @device_options
+@click.option("--top-k", type=click.IntRange(min=1), default=1, show_default=True, help="How many classes to show.")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
 @friendly_errors
-def predict(run, images, device, backend, as_json):
-    """Class and probability for digit pictures (PNG, JPEG...) or .npy arrays."""
+def predict(run, images, device, backend, top_k, as_json):
+    """Class and probability for digit pictures (PNG, JPEG...) or .npy arrays.
+
+    A file that cannot be read is reported on its own line and the others are
+    still predicted; the exit status is 1 if any failed.
+    """
     checkpoint = load_checkpoint(run)
-    pixels = load_images(images)
-    chosen = get_backend(backend, device)
-    model, norm = model_from_checkpoint(checkpoint, chosen)
-    with chosen.activate():
-        probabilities = predict_probabilities(model, normalize_images(chosen, pixels, norm))
-    classes = checkpoint.meta["classes"]
-    rows = []
-    for path, p in zip(images, probabilities, strict=False):
-        best = int(np.argmax(p))
-        rows.append({"image": path, "class": classes[best], "index": best, "probability": float(p[best])})
+    rows, loaded = [], []  # loaded: (row index, image (28, 28)) of every file that could be read
+    for path in images:
+        try:
+            loaded.append((len(rows), load_image(path)))
+            rows.append({"image": path})
+        except ImageError as exc:
+            rows.append({"image": path, "error": str(exc)})
+    probabilities = []
+    if loaded:
+        chosen = get_backend(backend, device)
+        model, norm = model_from_checkpoint(checkpoint, chosen)
+        with chosen.activate():
+            batch = normalize_images(chosen, np.stack([image for _, image in loaded])[:, None], norm)
+            probabilities = predict_probabilities(model, batch)
+    labels = checkpoint.meta["classes"]
+    for (index, _), p in zip(loaded, probabilities, strict=True):
+        ranked = [int(i) for i in np.argsort(-p, kind="stable")[:top_k]]
+        top = [{"class": i, "label": labels[i], "probability": float(p[i])} for i in ranked]
+        rows[index].update(top[0], top=top)
     if as_json:
         click.echo(json.dumps(rows, indent=2))
-        return
-    for row in rows:
-        click.echo(f"{row['image']}: {row['class']} ({row['probability']:.1%})")
+    else:
+        for row in rows:
+            if "error" in row:
+                click.echo(f"Error: {row['error']}", err=True)
+            else:
+                shown = ", ".join(f"{t['label']} ({t['probability']:.1%})" for t in row["top"])
+                click.echo(f"{row['image']}: {shown}")
+    if len(loaded) < len(rows):
+        sys.exit(1)
 
 
 @main.command()

@@ -205,8 +205,8 @@ def test_bad_data_files_give_one_line_naming_the_file(synthetic_dir, tmp_path, b
         (["train", "--elastic", "nan", "--device", "cpu"], r"elastic distortion scale must be a number >= 0", 1),
         (["train", "--elastic-sigma", "0"], r"Invalid value for '--elastic-sigma'", 2),
         (["evaluate", "{tmp}/nothing.npz"], r"does not exist", 2),
-        (["evaluate", "{corrupt}"], r"not a readable xpcnn checkpoint", 1),
-        (["predict", "{corrupt}", "x.png"], r"not a readable xpcnn checkpoint", 1),
+        (["evaluate", "{corrupt}"], r"not an xpcnn checkpoint \(not an .npz archive\)", 1),
+        (["predict", "{corrupt}", "x.png"], r"not an xpcnn checkpoint \(not an .npz archive\)", 1),
     ],
 )
 def test_user_errors_are_one_line(tmp_path, args, pattern, code):

@@ -310,18 +310,38 @@ def test_label_out_of_range(tmp_path):
     assert_one_line_naming(error, data.TRAIN_LABELS, "label 10")
 
 
+def test_a_gzip_bomb_stops_at_the_size_its_header_declares(tmp_path):
+    """A small header followed by a huge run of zeros: decompression stops just past the declared size."""
+    path = tmp_path / "bomb-idx1-ubyte.gz"
+    with gzip.open(path, "wb") as out:
+        out.write(idx_bytes(8, (10,), bytes(10)))
+        for _ in range(64):
+            out.write(bytes(2**20))  # 64 MiB that the header does not declare
+    with pytest.raises(DataError, match="at least 1048576 trailing bytes"):
+        read_idx(path)
+    declared_too_much = tmp_path / "huge-idx3-ubyte"
+    declared_too_much.write_bytes(idx_bytes(8, (60000, 60000, 1000), b""))
+    with pytest.raises(DataError, match="more than xpcnn reads"):
+        read_idx(declared_too_much)
+
+
 @pytest.mark.parametrize(
     "file, array, expected",
     [
         (data.TRAIN_IMAGES, np.zeros((12, 784), np.uint8), "3-D uint8 images"),
         (data.TRAIN_IMAGES, np.zeros((12, 28, 28), np.float32), "3-D uint8 images"),
         (data.TEST_LABELS, np.zeros((5, 1), np.uint8), "1-D uint8 labels"),
-        (data.TEST_IMAGES, np.zeros((5, 32, 32), np.uint8), "(32, 32)"),
+        (data.TEST_IMAGES, np.zeros((5, 32, 32), np.uint8), "expected 28x28 images, found 32x32"),
+        (data.TRAIN_IMAGES, np.zeros((12, 32, 32), np.uint8), "expected 28x28 images, found 32x32"),
+        (data.TEST_IMAGES, np.zeros((0, 28, 28), np.uint8), "holds no images"),
+        (data.TRAIN_IMAGES, np.full((12, 28, 28), 7, np.uint8), "every pixel is 7: nothing to learn from"),
     ],
 )
 def test_bad_shapes(tmp_path, file, array, expected):
     make_dataset_dir(tmp_path)
     write_idx(tmp_path / file, array)
+    if file == data.TEST_IMAGES:  # as many labels as images, so that the shape is what is wrong
+        write_idx(tmp_path / data.TEST_LABELS, np.zeros(len(array), np.uint8))
     with pytest.raises(DataError) as error:
         load_dataset(spec_for({}), tmp_path)
     assert_one_line_naming(error, file, expected)

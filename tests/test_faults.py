@@ -121,3 +121,16 @@ def test_the_command_line_restarts_a_directory_without_a_checkpoint(synthetic_di
     )
     assert started.exit_code == 0, (started.output, started.exception)
     assert train.run_dir_has_run(out)
+
+
+@pytest.mark.parametrize("content", ["[1, 2]", '{"data_dir": 7}', "not json", '"text"'])
+def test_a_damaged_config_json_only_loses_the_data_dir_hint(synthetic_dir, tmp_path, content):
+    out = tmp_path / "run"
+    runner = CliRunner()
+    args = ["train", "--model", "seed", "--epochs", "1", "--device", "cpu", "--data-dir", str(synthetic_dir)]
+    assert runner.invoke(main, [*args, "--out", str(out)]).exit_code == 0
+    (out / "config.json").write_text(content)
+    # No --data-dir: the run's stored one is looked up, and the data found through $XPCNN_DATA_DIR.
+    result = runner.invoke(main, ["evaluate", str(out), "--json"], env={"XPCNN_DATA_DIR": str(synthetic_dir)})
+    assert result.exit_code == 0 and result.exception is None, result.output
+    assert json.loads(result.stdout)["images"] == 200

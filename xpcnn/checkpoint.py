@@ -10,6 +10,7 @@ loads on any CPU and loading never runs code.  Writes are atomic.
 from __future__ import annotations
 
 import json
+import math
 import os
 import zipfile
 from dataclasses import dataclass
@@ -32,6 +33,7 @@ class Checkpoint:
     meta: dict
     model_state: dict[str, np.ndarray]
     optimizer_state: dict | None
+    path: Path | None = None  # the file it was read from
 
 
 def checkpoint_path(run_or_file: str | os.PathLike) -> Path:
@@ -61,14 +63,18 @@ def load_checkpoint(run_or_file: str | os.PathLike) -> Checkpoint:
     if not path.exists():
         where = f"{run_or_file} holds no {CHECKPOINT_NAME}" if Path(run_or_file).is_dir() else f"{path} does not exist"
         raise CheckpointError(f"no checkpoint: {where}")
+    if not zipfile.is_zipfile(path):  # before NumPy, whose errors for other files suggest unsafe loading
+        raise CheckpointError(f"{path}: not an xpcnn checkpoint (not an .npz archive)")
     try:
         with np.load(path, allow_pickle=False) as archive:
             arrays = {name: archive[name] for name in archive.files}
         meta = json.loads(arrays.pop("meta.json").tobytes().decode())
-    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, UnicodeDecodeError) as exc:
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, UnicodeDecodeError, RuntimeError) as exc:
         raise CheckpointError(f"{path}: not a readable xpcnn checkpoint ({_first_line(exc)})") from None
-    if meta.get("format") != FORMAT:
-        raise CheckpointError(f"{path}: unknown checkpoint format {meta.get('format')!r} (expected {FORMAT})")
+    _check_meta(meta, path)
+    bad = sorted(key for key, value in arrays.items() if value.dtype.kind not in "fiub")
+    if bad:
+        raise CheckpointError(f"{path}: arrays {bad} are not numeric")
     model_state = {k.removeprefix("model/"): v for k, v in arrays.items() if k.startswith("model/")}
     optimizer_state = None
     if "optimizer_state" in meta:
@@ -78,7 +84,65 @@ def load_checkpoint(run_or_file: str | os.PathLike) -> Checkpoint:
                 name, slot = key.removeprefix("optim/").rsplit("/", 1)
                 slots.setdefault(name, {})[slot] = value
         optimizer_state = dict(meta["optimizer_state"], state=slots)
-    return Checkpoint(meta, model_state, optimizer_state)
+    return Checkpoint(meta, model_state, optimizer_state, path)
+
+
+_STATE_KEYS = {"epoch", "step", "global_step", "partial", "history"}
+_PARTIAL_KEYS = {"loss_sum", "correct", "seen", "seconds"}
+
+
+def _count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _finite(value) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_meta(meta, path: Path) -> None:
+    """Raise CheckpointError naming ``path`` unless the metadata has every key a run needs, of the right type.
+
+    The configuration's values are checked where it is used (``TrainConfig``); here, its shape.
+    """
+
+    def require(ok: bool, what: str) -> None:
+        if not ok:
+            raise CheckpointError(f"{path}: bad checkpoint metadata: {what}")
+
+    require(isinstance(meta, dict), "not a JSON object")
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: unknown checkpoint format {meta.get('format')!r} (expected {FORMAT})")
+    config = meta.get("config")
+    require(isinstance(config, dict) and isinstance(config.get("model"), str), "'config' must name a model")
+    state = meta.get("state")
+    require(isinstance(state, dict) and set(state) == _STATE_KEYS, f"'state' must have the keys {sorted(_STATE_KEYS)}")
+    for key in ("epoch", "step", "global_step"):
+        require(_count(state[key]), f"'state.{key}' must be an integer >= 0")
+    partial = state["partial"]
+    require(isinstance(partial, dict) and set(partial) == _PARTIAL_KEYS, "'state.partial' is malformed")
+    require(_count(partial["correct"]) and _count(partial["seen"]), "'state.partial' counts must be integers >= 0")
+    require(_finite(partial["loss_sum"]) and _finite(partial["seconds"]), "'state.partial' sums must be numbers")
+    require(
+        isinstance(state["history"], list) and all(isinstance(r, dict) for r in state["history"]),
+        "'state.history' must be a list of records",
+    )
+    norm = meta.get("normalization")
+    require(
+        isinstance(norm, dict) and set(norm) == {"mean", "std"} and _finite(norm["mean"]) and _finite(norm["std"]),
+        "'normalization' must hold a finite mean and std",
+    )
+    require(norm["std"] > 0, "'normalization.std' must be > 0")
+    classes = meta.get("classes")
+    require(
+        isinstance(classes, list) and classes and all(isinstance(c, str) for c in classes),
+        "'classes' must be a non-empty list of names",
+    )
+    if "optimizer_state" in meta:
+        optimizer = meta["optimizer_state"]
+        require(
+            isinstance(optimizer, dict) and _count(optimizer.get("steps")) and _finite(optimizer.get("lr")),
+            "'optimizer_state' must hold a step count and a learning rate",
+        )
 
 
 def _first_line(exc: Exception) -> str:

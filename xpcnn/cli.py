@@ -28,6 +28,7 @@ from .train import (
     TrainConfig,
     TrainingDiverged,
     TrainingInterrupted,
+    checkpoint_config,
     model_from_checkpoint,
     normalize_images,
     predict_probabilities,
@@ -197,7 +198,7 @@ def train(ctx, recipe_name, data_dir, device, backend, out, resume, tf32, plot, 
             )
         if out is not None and Path(out).resolve() != Path(resume).resolve():
             raise click.UsageError("--out and --resume name different directories")
-        stored = dict(checkpoint.meta["config"])
+        stored = checkpoint_config(checkpoint).to_dict()
         stored.update(
             {k: options[k] for k in RESUMABLE if ctx.get_parameter_source(k) == click.core.ParameterSource.COMMANDLINE}
         )
@@ -246,11 +247,17 @@ def train(ctx, recipe_name, data_dir, device, backend, out, resume, tf32, plot, 
 
 
 def _stored_data_dir(run: Path) -> str | None:
-    """The --data-dir a run was started with, from its config.json."""
+    """The --data-dir a run was started with, from its config.json (None where it has no usable one).
+
+    The checkpoint holds everything else a run needs: a config.json that is missing, damaged or not
+    xpcnn's only loses this hint, and the data is then looked for as for a new run.
+    """
     try:
-        return json.loads((run / "config.json").read_text()).get("data_dir")
+        stored = json.loads((run / "config.json").read_text())
     except (OSError, ValueError):
         return None
+    data_dir = stored.get("data_dir") if isinstance(stored, dict) else None
+    return data_dir if isinstance(data_dir, str) else None
 
 
 @main.command()
@@ -270,9 +277,9 @@ def evaluate(run, data_dir, device, backend, as_json, plot):
         plots.require_matplotlib()
     checkpoint = load_checkpoint(run)
     chosen = get_backend(backend, device)
-    config = checkpoint.meta["config"]
+    config = checkpoint_config(checkpoint)
     run_dir = checkpoint_path(run).parent
-    dataset = load_dataset(config["dataset"], data_dir or _stored_data_dir(run_dir))
+    dataset = load_dataset(config.dataset, data_dir or _stored_data_dir(run_dir))
     model, norm = model_from_checkpoint(checkpoint, chosen)
     with chosen.activate():
         split = DeviceSplit.from_host(chosen, dataset.test_images, dataset.test_labels, norm)
@@ -285,7 +292,7 @@ def evaluate(run, data_dir, device, backend, as_json, plot):
     per_class = confusion.diagonal() / np.maximum(confusion.sum(axis=1), 1)
     report = {
         "checkpoint": str(checkpoint_path(run)),
-        "dataset": config["dataset"],
+        "dataset": config.dataset,
         "epoch": checkpoint.meta["state"]["epoch"],
         "images": int(len(labels)),
         "loss": result.loss,
@@ -295,7 +302,7 @@ def evaluate(run, data_dir, device, backend, as_json, plot):
         "classes": classes,
     }
     if plot:
-        title = f"{config['model']} on the {config['dataset']} test set"
+        title = f"{config.model} on the {config.dataset} test set"
         report["plots"] = [
             str(plots.plot_confusion(confusion, classes, run_dir / "confusion.png", title=title)),
             str(
@@ -310,7 +317,7 @@ def evaluate(run, data_dir, device, backend, as_json, plot):
     if plot:
         click.echo("plots: " + ", ".join(report["plots"]))
     click.echo(
-        f"{report['checkpoint']} (epoch {report['epoch']}) on the {config['dataset']} test set, {len(labels):,} images"
+        f"{report['checkpoint']} (epoch {report['epoch']}) on the {config.dataset} test set, {len(labels):,} images"
     )
     click.echo(f"accuracy {result.accuracy:.2%}  loss {result.loss:.4f}\n")
     click.echo("per-class accuracy:")

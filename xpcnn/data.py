@@ -81,46 +81,65 @@ def _one_line(text: object) -> str:
     return " ".join(str(text).split())
 
 
+# An IDX file declares its size in its header: files declaring more than this are refused before any
+# decompression, and a gzip stream is never decompressed past what the header declares (plus a little, to
+# count trailing bytes), so a gzip bomb stops early.
+MAX_IDX_BYTES = 2**31
+_TRAILING_COUNTED = 2**20
+
+
 def read_idx(path: str | os.PathLike) -> np.ndarray:
     """Read an IDX file, gzip-compressed (detected by its magic bytes) or raw.
 
     Returns a new, writable, native-endian array of the file's shape and
-    dtype (uint8, int8, int16, int32, float32 or float64).
+    dtype (uint8, int8, int16, int32, float32 or float64).  Reads (and
+    decompresses) no more than the header declares, which may be at most
+    ``MAX_IDX_BYTES``.
     """
     path = Path(path)
     try:
-        data = path.read_bytes()
+        with open(path, "rb") as raw:
+            if raw.read(2) == _GZIP_MAGIC:
+                raw.seek(0)
+                with gzip.GzipFile(fileobj=raw) as stream:
+                    return _read_idx_stream(stream, path)
+            raw.seek(0)
+            return _read_idx_stream(raw, path)
+    except (EOFError, zlib.error, gzip.BadGzipFile) as error:
+        raise DataError(f"{path}: corrupt gzip stream: {_one_line(error)}") from error
     except OSError as error:
         raise DataError(f"{path}: cannot read: {_one_line(error.strerror or error)}") from error
-    if data.startswith(_GZIP_MAGIC):
-        try:
-            data = gzip.decompress(data)
-        except (OSError, EOFError, zlib.error) as error:
-            raise DataError(f"{path}: corrupt gzip stream: {_one_line(error)}") from error
 
-    if len(data) < 4:
-        raise DataError(f"{path}: not an IDX file: only {len(data)} bytes")
-    if data[:2] != b"\0\0":
-        raise DataError(f"{path}: not an IDX file: bad magic number 0x{data[:4].hex()}")
-    code, ndim = data[2], data[3]
+
+def _read_idx_stream(stream, path: Path) -> np.ndarray:
+    """The IDX array in ``stream`` (a file or a gzip stream), reading no further than its header declares."""
+    start = stream.read(4)
+    if len(start) < 4:
+        raise DataError(f"{path}: not an IDX file: only {len(start)} bytes")
+    if start[:2] != b"\0\0":
+        raise DataError(f"{path}: not an IDX file: bad magic number 0x{start.hex()}")
+    code, ndim = start[2], start[3]
     if code not in _IDX_DTYPES:
         raise DataError(f"{path}: unknown IDX data type code 0x{code:02x}")
     if not 1 <= ndim <= _MAX_IDX_DIMS:
         raise DataError(f"{path}: unsupported IDX dimension count {ndim} (expected 1 to {_MAX_IDX_DIMS})")
-    header_size = 4 + 4 * ndim
-    if len(data) < header_size:
-        raise DataError(f"{path}: truncated IDX header: {len(data)} of {header_size} bytes")
-
-    shape = struct.unpack(f">{ndim}I", data[4:header_size])
+    dims = stream.read(4 * ndim)
+    if len(dims) < 4 * ndim:
+        raise DataError(f"{path}: truncated IDX header: {4 + len(dims)} of {4 + 4 * ndim} bytes")
+    shape = struct.unpack(f">{ndim}I", dims)
     dtype = _IDX_DTYPES[code]
     count = math.prod(shape)
-    payload = len(data) - header_size
-    if payload < count * dtype.itemsize:
-        raise DataError(f"{path}: truncated IDX file: expected {count} items, found {payload // dtype.itemsize}")
-    if payload > count * dtype.itemsize:
-        extra = payload - count * dtype.itemsize
-        raise DataError(f"{path}: {extra} trailing bytes after the {count} items of the IDX file")
-    array = np.frombuffer(data, dtype=dtype, count=count, offset=header_size).reshape(shape)
+    size = count * dtype.itemsize
+    if size > MAX_IDX_BYTES:
+        raise DataError(f"{path}: the IDX header declares {shape} items, {size:,} bytes: more than xpcnn reads")
+    data = stream.read(size + _TRAILING_COUNTED)
+    if len(data) < size:
+        raise DataError(f"{path}: truncated IDX file: expected {count} items, found {len(data) // dtype.itemsize}")
+    if len(data) > size:
+        extra = len(data) - size
+        more = "at least " if extra == _TRAILING_COUNTED else ""
+        raise DataError(f"{path}: {more}{extra} trailing bytes after the {count} items of the IDX file")
+    array = np.frombuffer(data, dtype=dtype, count=count).reshape(shape)
     return array.astype(dtype.newbyteorder("="))
 
 
@@ -350,12 +369,19 @@ class Dataset:
     test_labels: np.ndarray
 
 
+IMAGE_SIZE = (28, 28)  # what every model takes
+
+
 def _read_split(images_path: Path, labels_path: Path, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
-    """Read and check one split: images (N, H, W) uint8 and labels (N,) uint8 < num_classes."""
+    """Read and check one split: at least one image, images (N, 28, 28) uint8 and labels (N,) uint8 < num_classes."""
     images = read_idx(images_path)
     labels = read_idx(labels_path)
     if images.ndim != 3 or images.dtype != np.uint8:
         raise DataError(f"{images_path}: expected 3-D uint8 images, found {images.ndim}-D {images.dtype}")
+    if images.shape[1:] != IMAGE_SIZE:
+        raise DataError(f"{images_path}: expected 28x28 images, found {images.shape[1]}x{images.shape[2]}")
+    if len(images) == 0:
+        raise DataError(f"{images_path}: holds no images")
     if labels.ndim != 1 or labels.dtype != np.uint8:
         raise DataError(f"{labels_path}: expected 1-D uint8 labels, found {labels.ndim}-D {labels.dtype}")
     if len(images) != len(labels):
@@ -393,11 +419,8 @@ def load_dataset(
 
     train_images, train_labels = _read_split(directory / TRAIN_IMAGES, directory / TRAIN_LABELS, len(spec.classes))
     test_images, test_labels = _read_split(directory / TEST_IMAGES, directory / TEST_LABELS, len(spec.classes))
-    if train_images.shape[1:] != test_images.shape[1:]:
-        raise DataError(
-            f"{directory / TRAIN_IMAGES} has {train_images.shape[1:]} images but "
-            f"{directory / TEST_IMAGES} has {test_images.shape[1:]}"
-        )
+    if train_images.min() == train_images.max():
+        raise DataError(f"{directory / TRAIN_IMAGES}: every pixel is {train_images.min()}: nothing to learn from")
     return Dataset(spec.name, spec.classes, train_images, train_labels, test_images, test_labels)
 
 

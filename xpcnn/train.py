@@ -433,13 +433,25 @@ def predict_probabilities(model: Sequential, images, batch_size: int = 1000) -> 
     return np.concatenate(chunks)
 
 
+def checkpoint_config(checkpoint: Checkpoint) -> TrainConfig:
+    """The training configuration a checkpoint records; CheckpointError naming its file if it is not a valid one."""
+    try:
+        return TrainConfig.from_dict(checkpoint.meta["config"])
+    except (ValueError, TypeError) as exc:
+        raise CheckpointError(f"{checkpoint.path}: bad configuration in the checkpoint: {exc}") from None
+
+
 def model_from_checkpoint(checkpoint: Checkpoint, backend: Backend) -> tuple[Sequential, Normalization]:
     """The trained model of a checkpoint on ``backend``, and the input normalisation it expects."""
-    model = build(checkpoint.meta["config"]["model"]).to(backend)
+    name = checkpoint_config(checkpoint).model
+    model = build(name).to(backend)
     try:
         model.load_state_dict(checkpoint.model_state)
     except ValueError as exc:
-        raise CheckpointError(f"checkpoint does not fit model {checkpoint.meta['config']['model']!r}: {exc}") from None
+        raise CheckpointError(f"{checkpoint.path}: checkpoint does not fit model {name!r}: {exc}") from None
+    outputs, classes = model[-1].out_features, len(checkpoint.meta["classes"])
+    if classes != outputs:
+        raise CheckpointError(f"{checkpoint.path}: {classes} class names for a model with {outputs} outputs")
     return model, Normalization(**checkpoint.meta["normalization"])
 
 

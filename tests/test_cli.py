@@ -28,10 +28,13 @@ FAST = [
 ]
 
 
-def invoke(*args, expect=0):
-    result = CliRunner().invoke(main, [str(a) for a in args])
+def invoke(*args, expect=0, env=None):
+    result = CliRunner().invoke(main, [str(a) for a in args], env=env)
     output = result.output
     assert result.exit_code == expect, output
+    # click's runner turns an unexpected exception into exit status 1 with no traceback in the output:
+    # only the exception it kept tells a handled exit from a crash.
+    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
     assert "Traceback" not in output
     return result
 
@@ -289,3 +292,30 @@ def test_plot_without_matplotlib_fails_before_training(synthetic_dir, tmp_path, 
     result = invoke("train", *FAST, "--plot", "--data-dir", synthetic_dir, "--out", tmp_path / "run", expect=1)
     assert_one_line_error(result, r'plotting needs matplotlib: pip install "xpcnn\[plot\]"')
     assert not (tmp_path / "run").exists()
+
+
+def test_a_setting_out_of_range_names_its_flag(synthetic_dir):
+    result = invoke("train", "--lr", "nan", "--device", "cpu", "--data-dir", synthetic_dir, expect=1)
+    assert_one_line_error(result, r"^Error: --lr: learning rate must be a positive number, got nan$")
+    result = invoke("train", "--validation", "600", "--device", "cpu", "--data-dir", synthetic_dir, expect=1)
+    assert_one_line_error(result, r"^Error: --validation: validation size 600 holds out 600 of 600 examples")
+
+
+def test_a_bug_shows_its_traceback_and_asks_for_a_report(monkeypatch):
+    from xpcnn import cli
+
+    def broken():
+        raise ZeroDivisionError("a bug")
+
+    monkeypatch.setattr(cli, "available_backends", broken)
+    result = CliRunner().invoke(main, ["info"])
+    assert result.exit_code == cli.EXIT_BUG and isinstance(result.exception, SystemExit)
+    assert "Traceback" in result.output and "ZeroDivisionError: a bug" in result.output
+    assert result.output.strip().endswith(cli.BUG_REPORT)
+
+
+def test_xpcnn_debug_shows_the_traceback_of_a_user_error(tmp_path):
+    quiet = invoke("evaluate", tmp_path, expect=1)
+    assert "Traceback" not in quiet.output
+    loud = CliRunner().invoke(main, ["evaluate", str(tmp_path)], env={"XPCNN_DEBUG": "1"})
+    assert loud.exit_code == 1 and "Traceback" in loud.output and "CheckpointError" in loud.output

@@ -39,6 +39,8 @@ from typing import Any
 import array_api_compat
 import numpy as np
 
+from .errors import XpcnnError
+
 BACKEND_NAMES = ("numpy", "array-api-strict", "cupy", "torch", "jax")
 DEVICE_NAMES = ("auto", "cpu", "cuda", "cuda:N")
 
@@ -83,7 +85,7 @@ def _apply_tf32(name: str) -> None:
         linalg.set_compute_type(sys.modules["cupy"].float32, mode)
 
 
-class BackendError(RuntimeError):
+class BackendError(XpcnnError, RuntimeError):
     """A backend or device that was asked for cannot be had here."""
 
 

@@ -18,13 +18,14 @@ from pathlib import Path
 
 import numpy as np
 
+from .errors import XpcnnError
 from .files import atomic_output
 
 CHECKPOINT_NAME = "checkpoint.npz"
 FORMAT = "xpcnn-checkpoint-1"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(XpcnnError, ValueError):
     """A checkpoint that is missing, unreadable or does not fit."""
 
 

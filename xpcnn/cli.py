@@ -5,28 +5,29 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import os
 import platform
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import click
 import numpy as np
 
 from . import __version__, plots
-from .backend import BACKEND_NAMES, BackendError, available_backends, get_backend, gpu_names, set_tf32
-from .checkpoint import CheckpointError, checkpoint_path, load_checkpoint
-from .data import DATASETS, DataError, find_data_dir, get_spec, load_dataset
+from .backend import BACKEND_NAMES, available_backends, get_backend, gpu_names, set_tf32
+from .checkpoint import checkpoint_path, load_checkpoint
+from .data import DATASETS, find_data_dir, get_spec, load_dataset
+from .errors import ConfigError, XpcnnError
 from .images import ImageError, load_image
 from .models import MODELS
 from .optim import OPTIMIZERS, SCHEDULES
-from .plots import PlotError
 from .recipes import RECIPES, recipe
 from .train import (
     DeviceSplit,
     Progress,
     TrainConfig,
-    TrainingDiverged,
     TrainingInterrupted,
     checkpoint_config,
     model_from_checkpoint,
@@ -41,26 +42,57 @@ from .train import (
 )
 
 EXIT_INTERRUPTED = 130
-USER_ERRORS = (DataError, BackendError, CheckpointError, ImageError, PlotError, TrainingDiverged, ValueError, OSError)
+EXIT_BUG = 70  # sysexits' EX_SOFTWARE: an internal error
+BUG_REPORT = "This is a bug in xpcnn: please report it, with the traceback above and the command that gave it."
 
 
 def friendly_errors(command):
-    """Turn the errors a user can cause into a one-line message and exit status 1 (130 for Ctrl-C)."""
+    """Show the errors a user can fix as one line with exit status 1 (130 for Ctrl-C), and bugs as bugs.
+
+    User errors are xpcnn's own (:class:`XpcnnError`; a setting's error names its flag) and the
+    operating system's (a full disk, a missing permission).  Any other exception is a bug: its
+    traceback, a request to report it, exit status 70.  ``XPCNN_DEBUG=1`` shows the traceback of
+    user errors too.
+    """
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
+        debug = os.environ.get("XPCNN_DEBUG", "") not in ("", "0")
         try:
             return command(*args, **kwargs)
+        except (click.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+            raise
         except TrainingInterrupted as exc:
             click.echo(f"\ninterrupted: {exc}", err=True)
             sys.exit(EXIT_INTERRUPTED)
         except KeyboardInterrupt:
             click.echo("\ninterrupted", err=True)
             sys.exit(EXIT_INTERRUPTED)
-        except USER_ERRORS as exc:
-            raise click.ClickException(str(exc).strip().splitlines()[0]) from None
+        except (XpcnnError, OSError) as exc:
+            if debug:
+                traceback.print_exc()
+            raise click.ClickException(_user_message(exc)) from None
+        except Exception:
+            traceback.print_exc()
+            click.echo(BUG_REPORT, err=True)
+            sys.exit(EXIT_BUG)
 
     return wrapper
+
+
+def _user_message(exc: Exception) -> str:
+    """One line for a user error: a setting's flag first, an OS error's file and reason."""
+    if isinstance(exc, ConfigError) and exc.setting:
+        return f"--{exc.setting.replace('_', '-')}: {_first_line(exc)}"
+    if isinstance(exc, OSError) and exc.strerror:
+        target = f"{exc.filename}: " if exc.filename else ""
+        return f"{target}{exc.strerror}"
+    return _first_line(exc)
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def device_options(command):

@@ -32,6 +32,7 @@ from pathlib import Path
 import click
 import numpy as np
 
+from .errors import ConfigError, XpcnnError
 from .files import atomic_output
 
 __all__ = [
@@ -52,7 +53,7 @@ __all__ = [
 ]
 
 
-class DataError(ValueError):
+class DataError(XpcnnError, ValueError):
     """A data file is missing, malformed or inconsistent (one-line message naming the file)."""
 
 
@@ -437,15 +438,17 @@ def split_validation(
     if len(labels) != n:
         raise ValueError(f"{n} images but {len(labels)} labels")
     if isinstance(size, (bool, np.bool_)):
-        raise ValueError(f"validation size must be a count or a fraction, not {size!r}")
+        raise ConfigError(f"validation size must be a count or a fraction, not {size!r}", "validation")
     if isinstance(size, (int, np.integer)):
         count = int(size)
     elif isinstance(size, (float, np.floating)) and 0 < size < 1:
         count = round(float(size) * n)
     else:
-        raise ValueError(f"validation size must be a count or a fraction in (0, 1), not {size!r}")
+        raise ConfigError(f"validation size must be a count or a fraction in (0, 1), not {size!r}", "validation")
     if not 0 < count < n:
-        raise ValueError(f"validation size {size!r} holds out {count} of {n} examples; need 1 to {n - 1}")
+        raise ConfigError(
+            f"validation size {size!r} holds out {count} of {n} examples; need 1 to {n - 1}", "validation"
+        )
 
     order = np.random.default_rng(seed).permutation(n)
     val = np.sort(order[:count])

@@ -28,6 +28,8 @@ from collections.abc import Iterable
 import numpy as np
 from PIL import Image, ImageOps
 
+from .errors import XpcnnError
+
 SIZE = 28  # side of the output canvas
 DIGIT_SIZE = 20  # longer side of the digit's bounding box inside the canvas
 CENTRE = 14.0  # where the centre of mass goes (row and column index)
@@ -39,7 +41,7 @@ INK_FRACTION = 0.25  # pixels above this fraction of the strongest ink count for
 LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)  # ITU-R 601, as Pillow's "L"
 
 
-class ImageError(ValueError):
+class ImageError(XpcnnError, ValueError):
     """An input file that cannot be turned into a digit image."""
 
 

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from .errors import XpcnnError
 from .files import atomic_output
 
 if TYPE_CHECKING:
@@ -27,7 +28,7 @@ SPLIT_COLOURS = {"train": "tab:blue", "val": "tab:orange", "test": "tab:green"}
 MARKER_MAX_EPOCHS = 40  # draw a marker at every epoch up to this many epochs
 
 
-class PlotError(RuntimeError):
+class PlotError(XpcnnError, RuntimeError):
     """Plotting is unavailable because matplotlib is not installed."""
 
 

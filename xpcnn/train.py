@@ -30,6 +30,7 @@ from . import __version__
 from .augment import Augmentation
 from .backend import Backend, to_host
 from .checkpoint import CHECKPOINT_NAME, Checkpoint, CheckpointError, save_checkpoint
+from .errors import ConfigError, XpcnnError
 from .files import remove_temporaries, write_json
 from .functional import softmax
 from .models import MODELS, build
@@ -60,35 +61,60 @@ class TrainConfig:
     log_every: int = 50
 
     def __post_init__(self):
-        checks = [
-            (self.model in MODELS, f"unknown model {self.model!r}: expected one of {', '.join(MODELS)}"),
+        checks = [  # (holds, the setting, what it must be)
+            (self.model in MODELS, "model", f"unknown model {self.model!r}: expected one of {', '.join(MODELS)}"),
             (
                 self.optimizer in OPTIMIZERS,
+                "optimizer",
                 f"unknown optimizer {self.optimizer!r}: expected one of {', '.join(OPTIMIZERS)}",
             ),
-            (self.schedule in SCHEDULES, f"unknown schedule {self.schedule!r}: expected one of {', '.join(SCHEDULES)}"),
-            (self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}"),
-            (self.batch_size >= 1, f"batch size must be >= 1, got {self.batch_size}"),
-            (self.lr > 0 and math.isfinite(self.lr), f"learning rate must be a positive number, got {self.lr}"),
-            (0 <= self.momentum < 1, f"momentum must be in [0, 1), got {self.momentum}"),
-            (0 <= self.weight_decay < math.inf, f"weight decay must be a number >= 0, got {self.weight_decay}"),
-            (self.seed >= 0, f"seed must be >= 0, got {self.seed}"),
-            (self.validation >= 0, f"validation size must be >= 0, got {self.validation}"),
-            (self.log_every >= 1, f"log interval must be >= 1, got {self.log_every}"),
-            (0 <= self.label_smoothing < 1, f"label smoothing must be in [0, 1), got {self.label_smoothing}"),
-            (0 <= self.elastic < math.inf, f"elastic distortion scale must be a number >= 0, got {self.elastic}"),
-            (0 < self.elastic_sigma < math.inf, f"elastic sigma must be a positive number, got {self.elastic_sigma}"),
+            (
+                self.schedule in SCHEDULES,
+                "schedule",
+                f"unknown schedule {self.schedule!r}: expected one of {', '.join(SCHEDULES)}",
+            ),
+            (self.epochs >= 1, "epochs", f"epochs must be >= 1, got {self.epochs}"),
+            (self.batch_size >= 1, "batch_size", f"batch size must be >= 1, got {self.batch_size}"),
+            (
+                self.lr > 0 and math.isfinite(self.lr),
+                "lr",
+                f"learning rate must be a positive number, got {self.lr}",
+            ),
+            (0 <= self.momentum < 1, "momentum", f"momentum must be in [0, 1), got {self.momentum}"),
+            (
+                0 <= self.weight_decay < math.inf,
+                "weight_decay",
+                f"weight decay must be a number >= 0, got {self.weight_decay}",
+            ),
+            (self.seed >= 0, "seed", f"seed must be >= 0, got {self.seed}"),
+            (self.validation >= 0, "validation", f"validation size must be >= 0, got {self.validation}"),
+            (self.log_every >= 1, "log_every", f"log interval must be >= 1, got {self.log_every}"),
+            (
+                0 <= self.label_smoothing < 1,
+                "label_smoothing",
+                f"label smoothing must be in [0, 1), got {self.label_smoothing}",
+            ),
+            (
+                0 <= self.elastic < math.inf,
+                "elastic",
+                f"elastic distortion scale must be a number >= 0, got {self.elastic}",
+            ),
+            (
+                0 < self.elastic_sigma < math.inf,
+                "elastic_sigma",
+                f"elastic sigma must be a positive number, got {self.elastic_sigma}",
+            ),
         ]
-        for ok, message in checks:
+        for ok, setting, message in checks:
             if not ok:
-                raise ValueError(message)
+                raise ConfigError(message, setting)
 
     @classmethod
     def from_dict(cls, values: dict) -> TrainConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
-            raise ValueError(f"unknown configuration keys {unknown}")
+            raise ConfigError(f"unknown configuration keys {unknown}")
         return cls(**values)
 
     def to_dict(self) -> dict:
@@ -190,7 +216,7 @@ class RunState:
         return dataclasses.asdict(self)
 
 
-class TrainingDiverged(RuntimeError):
+class TrainingDiverged(XpcnnError, RuntimeError):
     """A training or evaluation loss, or a weight, became NaN or infinite."""
 
 

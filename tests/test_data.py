@@ -259,7 +259,8 @@ def test_lookup_order(tmp_path, monkeypatch):
     make_dataset_dir(tmp_path / "cache" / "xpcnn" / "tiny", n_train=14)
     monkeypatch.setenv("XPCNN_DATA_DIR", str(tmp_path / "env"))
     assert len(load_dataset(spec, tmp_path / "explicit", download=False).train_labels) == 11
-    assert len(load_dataset(spec, download=False).train_labels) == 12
+    # $XPCNN_DATA_DIR is a root with one folder per dataset: files directly in it are not any dataset's
+    assert len(load_dataset(spec, download=False).train_labels) == 14
     monkeypatch.setenv("XPCNN_DATA_DIR", str(tmp_path / "env-parent"))
     assert len(load_dataset(spec, download=False).train_labels) == 13
     monkeypatch.setenv("XPCNN_DATA_DIR", str(tmp_path / "empty"))
@@ -268,9 +269,23 @@ def test_lookup_order(tmp_path, monkeypatch):
     assert len(load_dataset(spec, download=False).train_labels) == 14
 
 
+def test_one_datasets_files_are_not_served_as_another(tmp_path, monkeypatch):
+    make_dataset_dir(tmp_path / "root" / "tiny")
+    monkeypatch.setenv("XPCNN_DATA_DIR", str(tmp_path / "root"))
+    other = DatasetSpec("other", CLASSES, (), {})
+    with pytest.raises(DataError, match="other not found"):
+        load_dataset(other, download=False)
+    loaded = load_dataset(spec_for({}), download=False)
+    assert loaded.directory == tmp_path / "root" / "tiny"
+    assert (
+        loaded.record()["sha256"][data.TRAIN_IMAGES]
+        == hashlib.sha256((tmp_path / "root" / "tiny" / data.TRAIN_IMAGES).read_bytes()).hexdigest()
+    )
+
+
 def test_incomplete_dirs_are_skipped(tmp_path, monkeypatch):
-    make_dataset_dir(tmp_path / "env")
-    (tmp_path / "env" / data.TEST_LABELS).unlink()
+    make_dataset_dir(tmp_path / "env" / "tiny")
+    (tmp_path / "env" / "tiny" / data.TEST_LABELS).unlink()
     make_dataset_dir(tmp_path / "system", n_train=15)
     monkeypatch.setenv("XPCNN_DATA_DIR", str(tmp_path / "env"))
     spec = DatasetSpec("tiny", CLASSES, (), {}, system_dirs=(tmp_path / "system",))

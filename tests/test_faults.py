@@ -134,3 +134,44 @@ def test_a_damaged_config_json_only_loses_the_data_dir_hint(synthetic_dir, tmp_p
     result = runner.invoke(main, ["evaluate", str(out), "--json"], env={"XPCNN_DATA_DIR": str(synthetic_dir)})
     assert result.exit_code == 0 and result.exception is None, result.output
     assert json.loads(result.stdout)["images"] == 200
+
+
+def test_a_run_records_its_data_and_other_files_need_a_flag(synthetic_dir, tmp_path):
+    from conftest import write_synthetic_mnist
+
+    other_dir = write_synthetic_mnist(tmp_path / "other", seed=5)
+    out = tmp_path / "run"
+    runner = CliRunner()
+    common = ["--model", "seed", "--device", "cpu"]
+    first = runner.invoke(
+        main, ["train", *common, "--epochs", "1", "--data-dir", str(synthetic_dir), "--out", str(out)]
+    )
+    assert first.exit_code == 0, first.output
+    record = load_checkpoint(out).meta["data"]
+    assert record["dataset"] == "mnist" and record["directory"] == str(synthetic_dir.resolve())
+    assert set(record["sha256"]) == {"train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"} | {
+        "t10k-images-idx3-ubyte.gz",
+        "t10k-labels-idx1-ubyte.gz",
+    }
+    evaluated = runner.invoke(main, ["evaluate", str(out), "--data-dir", str(other_dir)])
+    assert evaluated.exit_code == 2 and "differ from the test files the run recorded" in evaluated.output
+    assert "--allow-other-data" in evaluated.output
+    allowed = runner.invoke(main, ["evaluate", str(out), "--data-dir", str(other_dir), "--allow-other-data"])
+    assert allowed.exit_code == 0, allowed.output
+    resumed = runner.invoke(main, ["train", "--resume", str(out), "--epochs", "2", "--data-dir", str(other_dir)])
+    assert resumed.exit_code == 1 and "--allow-other-data:" in resumed.output
+    assert resumed.exception is None or isinstance(resumed.exception, SystemExit)
+    assert load_checkpoint(out).meta["state"]["epoch"] == 1
+
+
+def test_a_run_found_through_xpcnn_data_dir_resumes_without_it(synthetic_dir, tmp_path):
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / "mnist").symlink_to(synthetic_dir, target_is_directory=True)
+    out = tmp_path / "run"
+    runner = CliRunner()
+    args = ["train", "--model", "seed", "--device", "cpu", "--epochs", "1", "--out", str(out)]
+    assert runner.invoke(main, args, env={"XPCNN_DATA_DIR": str(root)}).exit_code == 0
+    resumed = runner.invoke(main, ["train", "--resume", str(out), "--epochs", "2"], env={"XPCNN_DATA_DIR": None})
+    assert resumed.exit_code == 0, resumed.output
+    assert load_checkpoint(out).meta["state"]["epoch"] == 2

@@ -18,7 +18,7 @@ import numpy as np
 from . import __version__, plots
 from .backend import BACKEND_NAMES, available_backends, get_backend, gpu_names, set_tf32
 from .checkpoint import checkpoint_path, load_checkpoint
-from .data import DATASETS, find_data_dir, get_spec, load_dataset
+from .data import DATASETS, TEST_FILES, find_data_dir, get_spec, holds_dataset, load_dataset, other_files
 from .errors import ConfigError, XpcnnError
 from .images import ImageError, load_image
 from .models import MODELS
@@ -203,9 +203,14 @@ TF32_HELP = "Let float32 matrix products on NVIDIA GPUs use TF32 tensor cores (1
 @click.option("--resume", type=click.Path(exists=True, file_okay=False), help="Continue the run in this directory.")
 @click.option("--tf32", is_flag=True, help=TF32_HELP)
 @click.option("--plot", is_flag=True, help="Also write the training curves to history.png in the run directory.")
+@click.option(
+    "--allow-other-data",
+    is_flag=True,
+    help="Go on although the data files differ from those the run was trained on (their SHA-256).",
+)
 @click.pass_context
 @friendly_errors
-def train(ctx, recipe_name, data_dir, device, backend, out, resume, tf32, plot, **options):
+def train(ctx, recipe_name, data_dir, device, backend, out, resume, tf32, plot, allow_other_data, **options):
     """Train a model, saving config, history and checkpoints to a run directory."""
     if plot:
         plots.require_matplotlib()
@@ -236,7 +241,7 @@ def train(ctx, recipe_name, data_dir, device, backend, out, resume, tf32, plot, 
         )
         config = TrainConfig.from_dict(stored)
         out = Path(resume)
-        data_dir = data_dir or _stored_data_dir(out)
+        data_dir = data_dir or _recorded_data_dir(checkpoint, out)
         if checkpoint.meta["state"]["epoch"] >= config.epochs:
             raise click.UsageError(
                 f"{resume} already finished {config.epochs} epoch(s); pass --epochs N to train longer"
@@ -261,13 +266,20 @@ def train(ctx, recipe_name, data_dir, device, backend, out, resume, tf32, plot, 
         err=True,
     )
     environment = {
-        "data_dir": str(Path(data_dir).resolve()) if data_dir else None,
+        "data_dir": dataset.record()["directory"],
         "backend": chosen.describe(),
         "tf32": tf32,
         "recipe": recipe_name,
     }
     state = train_run(
-        config, chosen, dataset, out, resume=checkpoint, progress=Progress(sys.stderr), environment=environment
+        config,
+        chosen,
+        dataset,
+        out,
+        resume=checkpoint,
+        progress=Progress(sys.stderr),
+        environment=environment,
+        allow_other_data=allow_other_data,
     )
     if plot:
         click.echo(f"training curves: {plots.plot_history(state.history, out / 'history.png')}", err=True)
@@ -276,6 +288,15 @@ def train(ctx, recipe_name, data_dir, device, backend, out, resume, tf32, plot, 
         f"best test accuracy {result['best_test_accuracy']:.2%} (epoch {result['best_epoch']}), "
         f"{result['train_seconds']:.1f} s of training; run saved to {out}"
     )
+
+
+def _recorded_data_dir(checkpoint, run: Path) -> str | None:
+    """Where a run's data was: the directory its checkpoint records, while it still holds the files, else
+    the one its config.json names, else None (the data is then looked for as for a new run)."""
+    recorded = (checkpoint.meta.get("data") or {}).get("directory")
+    if recorded and holds_dataset(recorded):
+        return recorded
+    return _stored_data_dir(run)
 
 
 def _stored_data_dir(run: Path) -> str | None:
@@ -302,8 +323,13 @@ def _stored_data_dir(run: Path) -> str | None:
     is_flag=True,
     help="Also write confusion.png and worst.png (the most confident mistakes) beside the checkpoint.",
 )
+@click.option(
+    "--allow-other-data",
+    is_flag=True,
+    help="Go on although the data files differ from those the run was trained on (their SHA-256).",
+)
 @friendly_errors
-def evaluate(run, data_dir, device, backend, as_json, plot):
+def evaluate(run, data_dir, device, backend, as_json, plot, allow_other_data):
     """Accuracy, per-class accuracy and confusion matrix of a trained model on its test set."""
     if plot:
         plots.require_matplotlib()
@@ -311,7 +337,13 @@ def evaluate(run, data_dir, device, backend, as_json, plot):
     chosen = get_backend(backend, device)
     config = checkpoint_config(checkpoint)
     run_dir = checkpoint_path(run).parent
-    dataset = load_dataset(config.dataset, data_dir or _stored_data_dir(run_dir))
+    dataset = load_dataset(config.dataset, data_dir or _recorded_data_dir(checkpoint, run_dir))
+    changed = other_files(checkpoint.meta.get("data"), dataset, TEST_FILES)
+    if changed and not allow_other_data:
+        raise click.UsageError(
+            f"{dataset.directory}: {', '.join(changed)} differ from the test files the run recorded "
+            f"(in {checkpoint.meta['data']['directory']}); pass --allow-other-data to evaluate on them anyway"
+        )
     model, norm = model_from_checkpoint(checkpoint, chosen)
     with chosen.activate():
         split = DeviceSplit.from_host(chosen, dataset.test_images, dataset.test_labels, norm)

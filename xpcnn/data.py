@@ -4,7 +4,7 @@ Everything here works on plain NumPy arrays.  A loaded `Dataset` holds
 images as (N, 28, 28) uint8 and labels as (N,) uint8 class indices.
 
 Files are looked for, in order, in an explicit ``data_dir``, in
-``$XPCNN_DATA_DIR``, in the cache directory (``$XDG_CACHE_HOME/xpcnn/<name>``
+``$XPCNN_DATA_DIR/<name>``, in the cache directory (``$XDG_CACHE_HOME/xpcnn/<name>``
 or ``~/.cache/xpcnn/<name>``) and in system directories (Debian's
 ``/usr/share/datasets/fashion-mnist``).  Files found on disk are read as they
 are; only downloads are checked against the canonical SHA-256 sums, because a
@@ -276,12 +276,18 @@ def _missing(directory: Path) -> list[str]:
     return [file for file in FILES if not (directory / file).is_file()]
 
 
+def holds_dataset(directory: str | os.PathLike) -> bool:
+    """Whether ``directory`` holds the four files of a dataset."""
+    return not _missing(Path(directory))
+
+
 def find_data_dir(spec: DatasetSpec, data_dir: str | os.PathLike | None = None) -> Path | None:
     """The first directory that holds all four files, or None.
 
     With an explicit `data_dir`, only that directory counts, and missing files
-    raise `DataError`.  Otherwise: ``$XPCNN_DATA_DIR/<name>``, then
-    ``$XPCNN_DATA_DIR`` itself, then `cache_dir`, then ``spec.system_dirs``.
+    raise `DataError`.  Otherwise: ``$XPCNN_DATA_DIR/<name>`` (a root with one
+    folder per dataset, as torchvision's ``root``), then `cache_dir`, then
+    ``spec.system_dirs``.
     """
     if data_dir is not None:
         directory = Path(data_dir)
@@ -292,7 +298,7 @@ def find_data_dir(spec: DatasetSpec, data_dir: str | os.PathLike | None = None) 
     candidates = []
     env_dir = os.environ.get("XPCNN_DATA_DIR")
     if env_dir:
-        candidates += [Path(env_dir) / spec.name, Path(env_dir)]
+        candidates.append(Path(env_dir) / spec.name)
     candidates += [cache_dir(spec.name), *spec.system_dirs]
     return next((directory for directory in candidates if not _missing(directory)), None)
 
@@ -349,7 +355,7 @@ def download_files(
             raise DownloadError(
                 f"{file}: could not download {spec.name} ({'; '.join(failures) or 'no mirrors'}); "
                 f"put the four files {', '.join(FILES)} in a directory and pass --data-dir DIR, "
-                f"or set $XPCNN_DATA_DIR, or put them in {directory}"
+                f"or put them in $XPCNN_DATA_DIR/{spec.name}, or in {directory}"
             )
     return directory
 
@@ -360,7 +366,11 @@ def download_files(
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Dataset:
-    """A loaded dataset: images (N, 28, 28) uint8, labels (N,) uint8 in range(len(classes))."""
+    """A loaded dataset: images (N, 28, 28) uint8, labels (N,) uint8 in range(len(classes)).
+
+    ``directory`` is where its files were read, ``sha256`` each file's digest (file name -> hex),
+    so that a run can record which data it used.
+    """
 
     name: str
     classes: tuple[str, ...]
@@ -368,6 +378,31 @@ class Dataset:
     train_labels: np.ndarray
     test_images: np.ndarray
     test_labels: np.ndarray
+    directory: Path | None = None
+    sha256: dict = dataclasses.field(default_factory=dict)
+
+    def record(self) -> dict:
+        """What a run stores of its data: the dataset, the directory (absolute) and the files' SHA-256."""
+        directory = str(self.directory.resolve()) if self.directory else None
+        return {"dataset": self.name, "directory": directory, "sha256": dict(self.sha256)}
+
+
+TEST_FILES = (TEST_IMAGES, TEST_LABELS)
+
+
+def other_files(recorded: dict | None, dataset: Dataset, files=FILES) -> list[str]:
+    """The ``files`` whose SHA-256 differs from a run's ``recorded`` data (``Dataset.record``); [] if none was."""
+    if not recorded or not recorded.get("sha256"):
+        return []
+    return [name for name in files if recorded["sha256"].get(name) != dataset.sha256.get(name)]
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        while chunk := file.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 IMAGE_SIZE = (28, 28)  # what every model takes
@@ -414,7 +449,7 @@ def load_dataset(
         if not download:
             raise DataError(
                 f"{spec.name} not found (downloads disabled); put {', '.join(FILES)} in a directory "
-                f"and pass --data-dir DIR, or set $XPCNN_DATA_DIR, or put them in {cache}"
+                f"and pass --data-dir DIR, or put them in $XPCNN_DATA_DIR/{spec.name}, or in {cache}"
             )
         directory = download_files(spec, cache, progress=progress)
 
@@ -422,7 +457,8 @@ def load_dataset(
     test_images, test_labels = _read_split(directory / TEST_IMAGES, directory / TEST_LABELS, len(spec.classes))
     if train_images.min() == train_images.max():
         raise DataError(f"{directory / TRAIN_IMAGES}: every pixel is {train_images.min()}: nothing to learn from")
-    return Dataset(spec.name, spec.classes, train_images, train_labels, test_images, test_labels)
+    sha256 = {name: file_sha256(directory / name) for name in FILES}
+    return Dataset(spec.name, spec.classes, train_images, train_labels, test_images, test_labels, directory, sha256)
 
 
 def split_validation(

@@ -30,6 +30,7 @@ from . import __version__
 from .augment import Augmentation
 from .backend import Backend, to_host
 from .checkpoint import CHECKPOINT_NAME, Checkpoint, CheckpointError, save_checkpoint
+from .data import Dataset, other_files
 from .errors import ConfigError, XpcnnError
 from .files import remove_temporaries, write_json
 from .functional import softmax
@@ -484,14 +485,17 @@ def model_from_checkpoint(checkpoint: Checkpoint, backend: Backend) -> tuple[Seq
 # ---------------------------------------------------------------- run directories
 
 
-def checkpoint_meta(config: TrainConfig, state: RunState, norm: Normalization, classes, backend: Backend) -> dict:
-    """The JSON half of a checkpoint: what was trained, how far, and how to use it."""
+def checkpoint_meta(
+    config: TrainConfig, state: RunState, norm: Normalization, dataset: Dataset, backend: Backend
+) -> dict:
+    """The JSON half of a checkpoint: what was trained, on which files, how far, and how to use it."""
     return {
         "xpcnn_version": __version__,
         "config": config.to_dict(),
         "state": state.to_dict(),
         "normalization": dataclasses.asdict(norm),
-        "classes": list(classes),
+        "classes": list(dataset.classes),
+        "data": dataset.record(),
         "trained_on": backend.describe(),
         "rng": {
             "seed": config.seed,
@@ -532,8 +536,12 @@ def train_run(
     resume: Checkpoint | None = None,
     progress: Progress | None = None,
     environment: dict | None = None,
+    allow_other_data: bool = False,
 ) -> RunState:
     """Train ``config`` on ``dataset`` (an :class:`xpcnn.data.Dataset`), writing the run to ``out``.
+
+    Resuming on training or test files other than those the run recorded (their SHA-256) is an
+    error unless ``allow_other_data``.
 
     Writes ``config.json`` once training is about to start, then after every epoch
     ``checkpoint.npz`` and ``history.json``, all atomically.  The checkpoint is the commit
@@ -553,6 +561,13 @@ def train_run(
     evals_host["test"] = (dataset.test_images, dataset.test_labels)
 
     if resume is not None:
+        changed = other_files(resume.meta.get("data"), dataset)
+        if changed and not allow_other_data:
+            raise ConfigError(
+                f"{dataset.directory}: {', '.join(changed)} differ from the files the run was trained on "
+                f"(in {resume.meta['data']['directory']}); allow_other_data continues on them anyway",
+                "allow_other_data",
+            )
         norm = Normalization(**resume.meta["normalization"])
         state = RunState(**resume.meta["state"])
     else:
@@ -578,7 +593,7 @@ def train_run(
             write_json(out / "history.json", state.history)  # the checkpoint's, in case the last run died before it
 
         def save(state: RunState):
-            meta = checkpoint_meta(config, state, norm, dataset.classes, backend)
+            meta = checkpoint_meta(config, state, norm, dataset, backend)
             save_checkpoint(out / CHECKPOINT_NAME, meta, model.state_dict(), optimizer.state_dict())
             write_json(out / "history.json", state.history)
 

@@ -122,3 +122,29 @@ def test_full_run_reports_its_own_peak_memory_not_its_parents_or_an_earlier_chil
 def test_full_run_failure_is_one_line(tmp_path):
     run = bench.full_run(str(tmp_path), "seed", "cpu", threads=1)
     assert "error" in run and "\n" not in run["error"]
+
+
+def test_the_command_exits_1_when_a_case_failed_and_keeps_the_others(monkeypatch, tmp_path):
+    from xpcnn.cli import main
+
+    def run_pair(case, settings, with_torch):
+        if case.model == "seed":
+            return [{"framework": "xpcnn", "backend": case.backend, "model": case.model, "error": "out of memory"}]
+        return [
+            {
+                "framework": "xpcnn",
+                "backend": case.backend,
+                "model": case.model,
+                "device": "cpu",
+                "train_images_per_second": 1.0,
+                "infer_images_per_second": 2.0,
+                "peak_rss_mib": 3.0,
+            }
+        ]
+
+    monkeypatch.setattr(bench, "run_pair", run_pair)
+    args = ["bench", "--backend", "numpy", "--model", "seed", "--model", "lenet", "--no-torch"]
+    result = CliRunner().invoke(main, [*args, "--json", str(tmp_path / "bench.json")])
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
+    rows = json.loads((tmp_path / "bench.json").read_text())["results"]
+    assert [("error" in row) for row in rows] == [True, False]

@@ -9,7 +9,7 @@ from click.testing import CliRunner
 
 from xpcnn import files, train
 from xpcnn.backend import get_backend
-from xpcnn.checkpoint import load_checkpoint
+from xpcnn.checkpoint import CheckpointError, load_checkpoint
 from xpcnn.cli import main
 from xpcnn.data import load_dataset
 
@@ -175,3 +175,26 @@ def test_a_run_found_through_xpcnn_data_dir_resumes_without_it(synthetic_dir, tm
     resumed = runner.invoke(main, ["train", "--resume", str(out), "--epochs", "2"], env={"XPCNN_DATA_DIR": None})
     assert resumed.exit_code == 0, resumed.output
     assert load_checkpoint(out).meta["state"]["epoch"] == 2
+
+
+def test_a_damaged_checkpoint_says_how_to_start_afresh(synthetic_dir, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "checkpoint.npz").write_bytes(b"PK\x03\x04 not really a zip")
+    result = CliRunner().invoke(main, ["train", "--out", str(out), "--data-dir", str(synthetic_dir)])
+    assert result.exit_code == 2 and isinstance(result.exception, SystemExit)
+    assert f"remove {out / 'checkpoint.npz'} to train afresh there" in result.output
+
+
+def test_archives_and_arrays_that_are_not_ours_are_named_as_such(tmp_path):
+    import zipfile
+
+    from xpcnn.images import ImageError, load_image
+
+    with zipfile.ZipFile(tmp_path / "other.npz", "w") as archive:
+        archive.writestr("hello.txt", "hi")
+    with pytest.raises(CheckpointError, match="without meta.json"):
+        load_checkpoint(tmp_path / "other.npz")
+    np.save(tmp_path / "objects.npy", np.array([{"x": 1}], dtype=object), allow_pickle=True)
+    with pytest.raises(ImageError, match="holds pickled Python objects, not an array of numbers"):
+        load_image(tmp_path / "objects.npy")

@@ -69,6 +69,8 @@ def load_checkpoint(run_or_file: str | os.PathLike) -> Checkpoint:
     try:
         with np.load(path, allow_pickle=False) as archive:
             arrays = {name: archive[name] for name in archive.files}
+        if "meta.json" not in arrays:
+            raise KeyError("an .npz archive without meta.json")
         meta = json.loads(arrays.pop("meta.json").tobytes().decode())
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, UnicodeDecodeError, RuntimeError) as exc:
         raise CheckpointError(f"{path}: not a readable xpcnn checkpoint ({_first_line(exc)})") from None

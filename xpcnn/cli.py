@@ -17,7 +17,7 @@ import numpy as np
 
 from . import __version__, plots
 from .backend import BACKEND_NAMES, available_backends, get_backend, gpu_names, set_tf32
-from .checkpoint import checkpoint_path, load_checkpoint
+from .checkpoint import CheckpointError, checkpoint_path, load_checkpoint
 from .data import DATASETS, TEST_FILES, find_data_dir, get_spec, holds_dataset, load_dataset, other_files
 from .errors import ConfigError, XpcnnError
 from .images import ImageError, load_image
@@ -254,6 +254,13 @@ def train(ctx, recipe_name, data_dir, device, backend, out, resume, tf32, plot, 
         config = TrainConfig.from_dict(options)
         out = Path(out) if out else Path("runs") / f"{config.model}-{time.strftime('%Y%m%d-%H%M%S')}"
         if run_dir_has_run(out):
+            try:
+                load_checkpoint(out)
+            except CheckpointError as exc:
+                raise click.UsageError(
+                    f"{out} holds a checkpoint that cannot be continued ({exc}): remove "
+                    f"{checkpoint_path(out)} to train afresh there, or pick another --out"
+                ) from None
             raise click.UsageError(f"{out} already holds a run: continue it with --resume {out}, or pick another --out")
 
     set_tf32(tf32)
@@ -516,6 +523,9 @@ def bench(models, backends, threads, steps, repeats, train_batch, infer_batch, n
             )
     if json_path:
         write_json(json_path, report)
+    failed = [row for row in results if "error" in row] + ([run] if full_run_dir and "error" in run else [])
+    if failed:
+        sys.exit(1)  # each failure was reported on its line; the figures that could be measured are kept
 
 
 @main.command()

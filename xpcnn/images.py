@@ -103,7 +103,11 @@ def _read_npy(name: str) -> np.ndarray:
     )
     try:
         array = np.load(name, allow_pickle=False)
-    except Exception as error:  # OSError, ValueError, EOFError... from a bad file
+    except ValueError as error:
+        if "allow_pickle" in str(error):  # NumPy's message would suggest unpickling it
+            raise ImageError(f"{name}: holds pickled Python objects, not an array of numbers") from None
+        raise ImageError(f"{name}: cannot read as a .npy array ({_one_line(error)})") from None
+    except Exception as error:  # OSError, EOFError... from a bad file
         raise ImageError(f"{name}: cannot read as a .npy array ({_one_line(error)})") from None
     if not isinstance(array, np.ndarray):  # an .npz archive renamed .npy
         raise ImageError(f"{name}: not a single array; {expected}")

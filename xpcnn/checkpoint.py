@@ -150,16 +150,6 @@ def _check_meta(meta, path: Path) -> None:
             and all(isinstance(k, str) and isinstance(v, str) for k, v in data["sha256"].items()),
             "'data' must name the dataset, its directory and its files' SHA-256",
         )
-    if "data" in meta:  # absent from checkpoints written before runs recorded their data
-        data = meta["data"]
-        require(
-            isinstance(data, dict)
-            and isinstance(data.get("dataset"), str)
-            and isinstance(data.get("directory"), str | None)
-            and isinstance(data.get("sha256"), dict)
-            and all(isinstance(k, str) and isinstance(v, str) for k, v in data["sha256"].items()),
-            "'data' must name the dataset, its directory and its files' SHA-256",
-        )
     if "optimizer_state" in meta:
         optimizer = meta["optimizer_state"]
         require(

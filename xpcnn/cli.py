@@ -95,6 +95,13 @@ def _first_line(exc: Exception) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
+allow_other_data_option = click.option(
+    "--allow-other-data",
+    is_flag=True,
+    help="Go on although the data files differ from those the run was trained on (their SHA-256).",
+)
+
+
 def device_options(command):
     """--device and --backend, shared by the commands that compute."""
     command = click.option(
@@ -203,11 +210,7 @@ TF32_HELP = "Let float32 matrix products on NVIDIA GPUs use TF32 tensor cores (1
 @click.option("--resume", type=click.Path(exists=True, file_okay=False), help="Continue the run in this directory.")
 @click.option("--tf32", is_flag=True, help=TF32_HELP)
 @click.option("--plot", is_flag=True, help="Also write the training curves to history.png in the run directory.")
-@click.option(
-    "--allow-other-data",
-    is_flag=True,
-    help="Go on although the data files differ from those the run was trained on (their SHA-256).",
-)
+@allow_other_data_option
 @click.pass_context
 @friendly_errors
 def train(ctx, recipe_name, data_dir, device, backend, out, resume, tf32, plot, allow_other_data, **options):
@@ -330,11 +333,7 @@ def _stored_data_dir(run: Path) -> str | None:
     is_flag=True,
     help="Also write confusion.png and worst.png (the most confident mistakes) beside the checkpoint.",
 )
-@click.option(
-    "--allow-other-data",
-    is_flag=True,
-    help="Go on although the data files differ from those the run was trained on (their SHA-256).",
-)
+@allow_other_data_option
 @friendly_errors
 def evaluate(run, data_dir, device, backend, as_json, plot, allow_other_data):
     """Accuracy, per-class accuracy and confusion matrix of a trained model on its test set."""

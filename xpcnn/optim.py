@@ -21,9 +21,9 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from array_api_compat import array_namespace, device, is_cupy_array, is_numpy_array, is_torch_array
+from array_api_compat import device, is_cupy_array, is_numpy_array, is_torch_array
 
-from .backend import backend_of, to_host
+from .backend import backend_of, namespace, to_host
 from .fastpath import optimizer_kernels
 
 
@@ -79,7 +79,7 @@ class Optimizer:
                     f"{type(self).__name__}.step(): gradient for {name} has shape {tuple(grads[name].shape)}, "
                     f"expected {shape}"
                 )
-        xp = array_namespace(self._flat)
+        xp = namespace(self._flat)
         grad = xp.concat([xp.reshape(grads[name], (-1,)) for name in self._names])
         self.steps += 1
         if self._in_place:
@@ -132,7 +132,7 @@ class Optimizer:
         if not names:
             self._flat, self._installed = None, ()
             return
-        xp = array_namespace(*values)
+        xp = namespace(*values)
         self._flat = xp.concat([xp.reshape(p, (-1,)) for p in values])
         self._in_place = updates_in_place(self._flat)
         self._state = {slot: _follow(buffer, self._flat) for slot, buffer in self._state.items()}
@@ -140,7 +140,7 @@ class Optimizer:
 
     def _install(self) -> None:
         """Give the model its parameters as views (in-place backends) or slices of the flat buffer."""
-        xp = array_namespace(self._flat)
+        xp = namespace(self._flat)
         views = {
             name: xp.reshape(self._flat[start:stop], shape)
             for name, shape, (start, stop) in zip(self._names, self._shapes, self._bounds, strict=True)
@@ -165,7 +165,7 @@ class Optimizer:
     @property
     def state(self) -> dict[str, dict]:
         """Per-parameter state ``{name: {slot: array in the parameter's shape}}``: views where the backend has them."""
-        return self._per_parameter(self._state, lambda a, shape: array_namespace(a).reshape(a, shape))
+        return self._per_parameter(self._state, lambda a, shape: namespace(a).reshape(a, shape))
 
     def state_dict(self) -> dict:
         """Step count, learning rate and per-parameter state as host NumPy arrays in the parameters' shapes."""
@@ -254,7 +254,7 @@ class SGD(Optimizer):
             velocity = state.get("momentum") if self.momentum else None
             first = bool(self.momentum) and velocity is None
             if first:
-                state["momentum"] = velocity = array_namespace(param).empty_like(param)
+                state["momentum"] = velocity = namespace(param).empty_like(param)
             fused.sgd_update_in_place(
                 param, grad, velocity, self.lr, self.momentum, self.nesterov, self.weight_decay, first
             )
@@ -304,13 +304,13 @@ class Adam(Optimizer):
         state["exp_avg"], state["exp_avg_sq"] = m, v
         step_size = self.lr / (1.0 - beta1**self.steps)
         denom_scale = 1.0 / math.sqrt(1.0 - beta2**self.steps)
-        xp = array_namespace(v)
+        xp = namespace(v)
         return param - step_size * m / (xp.sqrt(v) * denom_scale + self.eps)
 
     def update_in_place(self, param, grad, state):
         fused = optimizer_kernels(param)
         if fused is not None:
-            xp = array_namespace(param)
+            xp = namespace(param)
             for slot in self.slots:
                 if slot not in state:
                     state[slot] = xp.zeros_like(param)
@@ -345,7 +345,7 @@ class Adam(Optimizer):
             v += (1.0 - beta2) * grad * grad
         step_size = self.lr / (1.0 - beta1**self.steps)
         denom_scale = 1.0 / math.sqrt(1.0 - beta2**self.steps)
-        xp = array_namespace(v)
+        xp = namespace(v)
         param -= step_size * m / (xp.sqrt(v) * denom_scale + self.eps)
 
 

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from conftest import write_synthetic_mnist  # noqa: E402
+from helpers import write_synthetic_mnist  # noqa: E402
 
 from xpcnn.data import write_idx  # noqa: E402
 

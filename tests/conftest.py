@@ -4,14 +4,13 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import MNIST_DIR, write_synthetic_mnist
 
 from xpcnn import backend as backend_module
 from xpcnn.backend import Backend, BackendError, cuda_problem, get_backend
 
 # The CPU backends run everywhere their package is installed; the GPU ones where a GPU is visible.
 BACKEND_PARAMS = ["numpy", "array-api-strict", "torch", "jax", "cupy", "torch-cuda", "jax-cuda"]
-
-MNIST_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
 
 
 def make_backend(name: str) -> Backend:
@@ -49,30 +48,18 @@ def mnist_dir() -> Path:
     return MNIST_DIR
 
 
-def write_synthetic_mnist(directory: Path, n_train: int = 600, n_test: int = 200, seed: int = 0) -> Path:
-    """Write the four MNIST IDX files of an easy synthetic 10-class problem into ``directory``.
-
-    Each class is a random blob pattern; images are noisy uint8 copies of it.
-    """
-    import numpy as np
-
-    from xpcnn.data import write_idx
-
-    rng = np.random.default_rng(seed)
-    prototypes = (rng.random((10, 28, 28)) > 0.7) * 200.0
-    directory.mkdir(parents=True, exist_ok=True)
-    for prefix, n in (("train", n_train), ("t10k", n_test)):
-        labels = rng.integers(0, 10, n).astype(np.uint8)
-        images = np.clip(prototypes[labels] + rng.normal(0, 40, (n, 28, 28)), 0, 255).astype(np.uint8)
-        write_idx(directory / f"{prefix}-images-idx3-ubyte.gz", images)
-        write_idx(directory / f"{prefix}-labels-idx1-ubyte.gz", labels)
-    return directory
-
-
 @pytest.fixture(scope="session")
 def synthetic_dir(tmp_path_factory) -> Path:
     """A directory holding a small synthetic MNIST look-alike (600 train, 200 test images)."""
     return write_synthetic_mnist(tmp_path_factory.mktemp("synthetic-mnist"))
+
+
+@pytest.fixture(scope="session")
+def synthetic(synthetic_dir):
+    """The synthetic MNIST look-alike of ``synthetic_dir``, loaded as a ``Dataset``."""
+    from xpcnn.data import load_dataset
+
+    return load_dataset("mnist", synthetic_dir)
 
 
 @pytest.fixture

@@ -1,6 +1,13 @@
-"""Numerical helpers for the tests: finite differences and error measures."""
+"""Helpers for the tests: finite differences, error measures, and the data they train on."""
+
+from pathlib import Path
 
 import numpy as np
+
+from xpcnn.data import write_idx
+
+# The offline MNIST copy beside the repository (tests that need it skip without it).
+MNIST_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
 
 
 def numerical_gradient(f, x: np.ndarray, eps: float = 1e-6) -> np.ndarray:
@@ -23,3 +30,19 @@ def relative_error(actual: np.ndarray, expected: np.ndarray) -> float:
     assert actual.shape == expected.shape, (actual.shape, expected.shape)
     scale = np.max(np.abs(expected)) if expected.size else 0.0
     return float(np.max(np.abs(actual - expected)) / scale) if scale > 0 else float(np.max(np.abs(actual), initial=0.0))
+
+
+def write_synthetic_mnist(directory: Path, n_train: int = 600, n_test: int = 200, seed: int = 0) -> Path:
+    """Write the four MNIST IDX files of an easy synthetic 10-class problem into ``directory``.
+
+    Each class is a random blob pattern; images are noisy uint8 copies of it.
+    """
+    rng = np.random.default_rng(seed)
+    prototypes = (rng.random((10, 28, 28)) > 0.7) * 200.0
+    directory.mkdir(parents=True, exist_ok=True)
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        labels = rng.integers(0, 10, n).astype(np.uint8)
+        images = np.clip(prototypes[labels] + rng.normal(0, 40, (n, 28, 28)), 0, 255).astype(np.uint8)
+        write_idx(directory / f"{prefix}-images-idx3-ubyte.gz", images)
+        write_idx(directory / f"{prefix}-labels-idx1-ubyte.gz", labels)
+    return directory

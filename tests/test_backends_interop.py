@@ -2,7 +2,8 @@
 
 import numpy as np
 import pytest
-from conftest import make_backend, write_synthetic_mnist
+from conftest import make_backend
+from helpers import write_synthetic_mnist
 
 from xpcnn import train
 from xpcnn.backend import to_host

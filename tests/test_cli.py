@@ -59,11 +59,16 @@ def test_help_and_version():
         assert "Usage" in invoke(command, "--help").output
 
 
-def test_train_writes_a_run_and_prints_a_summary(trained_run):
-    result_files = sorted(p.name for p in trained_run.iterdir())
-    assert result_files == ["checkpoint.npz", "config.json", "history.json"]
-    config = json.loads((trained_run / "config.json").read_text())
+def test_train_writes_a_run_and_prints_a_summary(synthetic_dir, tmp_path):
+    run = tmp_path / "run"
+    output = invoke("train", *FAST, "--data-dir", synthetic_dir, "--out", run).output
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoint.npz", "config.json", "history.json"]
+    config = json.loads((run / "config.json").read_text())
     assert config["model"] == "seed" and config["backend"] == "numpy on cpu"
+    (record,) = json.loads((run / "history.json").read_text())
+    summary = output.strip().splitlines()[-1]
+    expected = f"best test accuracy {100 * record['test_accuracy']:.2f}% (epoch 1)"
+    assert summary.startswith(expected) and summary.endswith(f"run saved to {run}"), summary
 
 
 def test_evaluate_agrees_with_history(trained_run, synthetic_dir):

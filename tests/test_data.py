@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import write_synthetic_mnist
 
 from xpcnn import data, files
 from xpcnn.data import (
@@ -25,7 +26,6 @@ from xpcnn.data import (
     write_idx,
 )
 
-REAL_MNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
 CLASSES = tuple("0123456789")
 
 
@@ -39,18 +39,10 @@ def isolated_env(tmp_path, monkeypatch):
     monkeypatch.setenv("no_proxy", "*")
 
 
-def make_split(n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    return rng.integers(0, 256, (n, 28, 28), dtype=np.uint8), rng.integers(0, 10, n, dtype=np.uint8)
-
-
 def make_dataset_dir(directory: Path, n_train: int = 12, n_test: int = 5, seed: int = 0) -> dict:
-    """Write the four files of a small random dataset; return the arrays by file name."""
-    rng = np.random.default_rng(seed)
-    directory.mkdir(parents=True, exist_ok=True)
-    arrays = dict(zip(FILES, (*make_split(n_train, rng), *make_split(n_test, rng)), strict=False))
-    for file, array in arrays.items():
-        write_idx(directory / file, array)
-    return arrays
+    """Write the four files of a small synthetic dataset; return the arrays by file name."""
+    write_synthetic_mnist(directory, n_train, n_test, seed)
+    return {file: read_idx(directory / file) for file in FILES}
 
 
 def spec_for(files: dict[str, bytes], mirrors: tuple[str, ...] = ()) -> DatasetSpec:
@@ -527,10 +519,8 @@ MNIST_TRAIN_COUNTS = [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949
 MNIST_TEST_COUNTS = [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
 
 
-def test_real_mnist():
-    if not all((REAL_MNIST / file).is_file() for file in FILES):
-        pytest.skip(f"no MNIST copy at {REAL_MNIST}")
-    dataset = load_dataset("mnist", data_dir=REAL_MNIST, download=False)
+def test_real_mnist(mnist_dir):
+    dataset = load_dataset("mnist", data_dir=mnist_dir, download=False)
     assert dataset.classes == CLASSES
     assert dataset.train_images.shape == (60000, 28, 28) and dataset.train_images.dtype == np.uint8
     assert dataset.test_images.shape == (10000, 28, 28) and dataset.test_images.dtype == np.uint8

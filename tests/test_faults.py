@@ -6,17 +6,12 @@ import json
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from helpers import write_synthetic_mnist
 
 from xpcnn import files, train
 from xpcnn.backend import get_backend
 from xpcnn.checkpoint import CheckpointError, load_checkpoint
 from xpcnn.cli import main
-from xpcnn.data import load_dataset
-
-
-@pytest.fixture(scope="module")
-def synthetic(synthetic_dir):
-    return load_dataset("mnist", synthetic_dir)
 
 
 def config():
@@ -137,8 +132,6 @@ def test_a_damaged_config_json_only_loses_the_data_dir_hint(synthetic_dir, tmp_p
 
 
 def test_a_run_records_its_data_and_other_files_need_a_flag(synthetic_dir, tmp_path):
-    from conftest import write_synthetic_mnist
-
     other_dir = write_synthetic_mnist(tmp_path / "other", seed=5)
     out = tmp_path / "run"
     runner = CliRunner()

@@ -15,11 +15,6 @@ from xpcnn.checkpoint import load_checkpoint
 from xpcnn.data import load_dataset
 
 
-@pytest.fixture(scope="module")
-def synthetic(synthetic_dir):
-    return load_dataset("mnist", synthetic_dir)
-
-
 def config(**overrides):
     values = dict(model="convnet", epochs=2, batch_size=64, optimizer="adam", lr=2e-3, seed=3, log_every=1)
     return train.TrainConfig(**{**values, **overrides})

@@ -10,7 +10,16 @@ from xpcnn import backend as backend_module
 from xpcnn.backend import Backend, BackendError, cuda_problem, get_backend
 
 # The CPU backends run everywhere their package is installed; the GPU ones where a GPU is visible.
-BACKEND_PARAMS = ["numpy", "array-api-strict", "torch", "jax", "cupy", "torch-cuda", "jax-cuda"]
+# JAX dispatches each operation eagerly at a few milliseconds apiece: its cases are slow (`pytest -m "not slow"`).
+BACKEND_PARAMS = [
+    "numpy",
+    "array-api-strict",
+    "torch",
+    pytest.param("jax", marks=pytest.mark.slow),
+    "cupy",
+    "torch-cuda",
+    pytest.param("jax-cuda", marks=pytest.mark.slow),
+]
 
 
 def make_backend(name: str) -> Backend:

@@ -11,7 +11,12 @@ from xpcnn.checkpoint import load_checkpoint
 from xpcnn.data import load_dataset
 
 CPU_BACKENDS = ["numpy", "array-api-strict", "torch", "jax"]
-PAIRS = [(writer, reader) for writer in CPU_BACKENDS for reader in CPU_BACKENDS if writer != reader]
+PAIRS = [
+    pytest.param(writer, reader, marks=[pytest.mark.slow] if "jax" in (writer, reader) else [])
+    for writer in CPU_BACKENDS
+    for reader in CPU_BACKENDS
+    if writer != reader
+]
 
 
 def config(epochs=1):

@@ -65,7 +65,7 @@ def test_table_and_progress_show_the_median_ratio_and_its_spread():
     assert bench.format_progress(results[2]) == "xpcnn:cupy:seed: failed: out of memory"
 
 
-@pytest.mark.parametrize("name", ["torch", "jax"])
+@pytest.mark.parametrize("name", ["torch", pytest.param("jax", marks=pytest.mark.slow)])
 def test_a_case_serves_timed_runs_on_torch_and_jax(name, restore_tf32):
     pytest.importorskip(name)
     settings = bench.Settings(train_batch=8, infer_batch=16, steps=1, repeats=2, warmup=1, tf32=True)
@@ -79,6 +79,7 @@ def test_a_case_serves_timed_runs_on_torch_and_jax(name, restore_tf32):
     assert replies[4]["peak_rss_mib"] > 0 and len(replies) == 5
 
 
+@pytest.mark.slow
 def test_bench_pairs_numpy_with_torch_end_to_end(tmp_path):
     pytest.importorskip("torch")
     args = ["bench", "--backend", "numpy", "--model", "seed", "--steps", "1", "--repeats", "2", "--threads", "1"]
@@ -103,6 +104,7 @@ def test_a_failing_case_is_one_line_and_runs_no_twin():
     assert "unknown model" in row["error"] and "\n" not in row["error"]
 
 
+@pytest.mark.slow
 def test_full_run_reports_its_own_peak_memory_not_its_parents_or_an_earlier_childs(synthetic_dir):
     import subprocess
     import sys

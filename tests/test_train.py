@@ -56,6 +56,7 @@ def assert_bit_identical(run_a, run_b):
         assert without_timings(ra) == without_timings(rb)
 
 
+@pytest.mark.slow
 def test_run_directory_contents(synthetic, tmp_path):
     state = train.train_run(config(epochs=2), get_backend("numpy"), synthetic, tmp_path / "run")
     run = tmp_path / "run"
@@ -72,6 +73,7 @@ def test_run_directory_contents(synthetic, tmp_path):
     assert history[-1]["test_accuracy"] > 0.9  # the synthetic problem is easy
 
 
+@pytest.mark.slow
 def test_one_epoch_then_resume_equals_two_epochs_straight(synthetic, tmp_path):
     numpy = get_backend("numpy")
     train.train_run(config(epochs=2, schedule="constant"), numpy, synthetic, tmp_path / "straight")
@@ -81,6 +83,7 @@ def test_one_epoch_then_resume_equals_two_epochs_straight(synthetic, tmp_path):
     assert_bit_identical(tmp_path / "straight", tmp_path / "resumed")
 
 
+@pytest.mark.slow
 def test_batchnorm_recalibration_after_the_last_epoch(synthetic, tmp_path):
     """The last epoch's record and checkpoint hold the recalibrated model; resuming to more epochs ends the same."""
     numpy = get_backend("numpy")
@@ -111,6 +114,7 @@ def test_batchnorm_recalibration_after_the_last_epoch(synthetic, tmp_path):
     assert without_timings(resumed.history[-1]) == without_timings(state.history[-1])
 
 
+@pytest.mark.slow
 def test_ctrl_c_at_an_epoch_end_then_resume_is_bit_identical(synthetic, tmp_path):
     """With a schedule that spans the whole run (one-cycle), stopping after epoch 1 and resuming changes nothing."""
     numpy = get_backend("numpy")
@@ -123,6 +127,7 @@ def test_ctrl_c_at_an_epoch_end_then_resume_is_bit_identical(synthetic, tmp_path
     assert_bit_identical(tmp_path / "straight", tmp_path / "stopped")
 
 
+@pytest.mark.slow
 def test_ctrl_c_mid_epoch_saves_the_position_and_resume_finishes_the_epoch(synthetic, tmp_path):
     numpy = get_backend("numpy")
     run = tmp_path / "run"
@@ -139,6 +144,7 @@ def test_ctrl_c_mid_epoch_saves_the_position_and_resume_finishes_the_epoch(synth
     assert load_checkpoint(run).optimizer_state["steps"] == final.global_step
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(synthetic, tmp_path, monkeypatch):
     steps_per_epoch = math.ceil(600 / 64)
 
@@ -155,6 +161,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(synthetic, tmp_path, 
     assert len(json.loads((run / "history.json").read_text())) == 1
 
 
+@pytest.mark.slow
 def test_a_non_finite_evaluation_loss_is_divergence(synthetic, tmp_path, monkeypatch):
     """A loss that is finite in training but not on the test split still stops the run, checkpoint kept."""
     original = train.evaluate
@@ -178,6 +185,7 @@ def train_epochs_done(run) -> int:
     return len(json.loads((run / "history.json").read_text())) if (run / "history.json").exists() else 0
 
 
+@pytest.mark.slow
 def test_non_finite_weights_are_divergence(synthetic, tmp_path, monkeypatch):
     """A weight that becomes infinite at the last step of an epoch is caught before that epoch is saved."""
     original = optim.Adam.update_in_place
@@ -281,6 +289,7 @@ def test_normalization_from_the_histogram_is_exact():
     np.testing.assert_allclose(split.images[:, 0], (scaled - norm.mean) / norm.std, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("options", [{"augment": True}, {"elastic": 20.0, "elastic_sigma": 3.0}])
 def test_augmentation_is_reproducible_and_changes_training(synthetic, tmp_path, options):
     numpy = get_backend("numpy")

@@ -1,7 +1,12 @@
 """ONNX and safetensors export: ONNX Runtime and the PyTorch twin agree with xpcnn's evaluation-mode output."""
 
+import json
+import re
+import sys
+
 import numpy as np
 import pytest
+from click.testing import CliRunner
 
 from xpcnn import nn
 from xpcnn.backend import get_backend
@@ -130,3 +135,102 @@ def test_softmax_is_refused_for_safetensors(tmp_path):
     with pytest.raises(ExportError, match="softmax applies to ONNX"):
         export(build("seed"), NORM, "safetensors", tmp_path / "m.safetensors", softmax=True)
     assert not list(tmp_path.iterdir())
+
+
+# ---------------------------------------------------------------- the command line
+
+
+def invoke(*args, expect=0):
+    from xpcnn.cli import main
+
+    result = CliRunner().invoke(main, [str(a) for a in args])
+    assert result.exit_code == expect, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
+    assert "Traceback" not in result.output
+    return result
+
+
+def assert_one_line_error(result, pattern):
+    lines = [line for line in result.output.splitlines() if line.startswith("Error")]
+    assert len(lines) == 1 and re.search(pattern, lines[0]), result.output
+
+
+@pytest.fixture(scope="module")
+def trained_run(synthetic_dir, tmp_path_factory):
+    run = tmp_path_factory.mktemp("runs") / "seed"
+    invoke("train", "--model", "seed", "--epochs", "1", "--device", "cpu", "--data-dir", synthetic_dir, "--out", run)
+    return run
+
+
+def test_export_onnx_from_a_run_predicts_what_xpcnn_predicts(trained_run, tmp_path):
+    from xpcnn.checkpoint import load_checkpoint
+    from xpcnn.train import model_from_checkpoint, predict_probabilities
+
+    output = tmp_path / "model.onnx"
+    text = invoke("export", trained_run, "--format", "onnx", "--output", output, "--softmax").output
+    assert text.strip() == f"wrote {output} (onnx: images (N, 1, 28, 28) in [0, 1] -> probabilities (N, 10))"
+    x = images(20)
+    (actual,) = onnx_session(output).run(None, {"images": x})
+    numpy = get_backend("numpy", "cpu")
+    model, norm = model_from_checkpoint(load_checkpoint(trained_run), numpy)
+    expected = predict_probabilities(model, normalize_images(numpy, x, norm))
+    np.testing.assert_allclose(actual, expected, rtol=TOLERANCE, atol=TOLERANCE)
+
+
+def test_export_safetensors_records_the_model_classes_and_normalisation(trained_run, tmp_path):
+    pytest.importorskip("safetensors")
+    from safetensors import safe_open
+
+    from xpcnn.checkpoint import load_checkpoint
+
+    output = tmp_path / "model.safetensors"
+    text = invoke("export", trained_run / "checkpoint.npz", "--format", "safetensors", "--output", output).output
+    assert text.startswith(f"wrote {output} (safetensors: PyTorch key names; normalise inputs with mean 0.")
+    checkpoint = load_checkpoint(trained_run)
+    with safe_open(output, "np") as stored:
+        meta = stored.metadata()
+        weights = {key: stored.get_tensor(key) for key in stored.keys()}
+    assert meta["model"] == "seed" and meta["classes"] == json.dumps(checkpoint.meta["classes"])
+    assert float(meta["input_mean"]) == checkpoint.meta["normalization"]["mean"]
+    assert weights.keys() == checkpoint.model_state.keys()
+    for key, value in weights.items():
+        np.testing.assert_array_equal(value, checkpoint.model_state[key])
+
+
+def test_an_existing_output_is_kept_unless_forced(trained_run, tmp_path):
+    pytest.importorskip("onnx")
+    output = tmp_path / "model.onnx"
+    output.write_bytes(b"an earlier export")
+    result = invoke("export", trained_run, "--format", "onnx", "--output", output, expect=2)
+    assert_one_line_error(result, r"model.onnx exists: pass --force to replace it")
+    assert output.read_bytes() == b"an earlier export"
+    invoke("export", trained_run, "--format", "onnx", "--output", output, "--force")
+    assert output.read_bytes().startswith(b"\x08")  # a ModelProto: field 1 (ir_version), a varint
+
+
+@pytest.mark.parametrize("format, module", [("onnx", "onnx"), ("safetensors", "safetensors.numpy")])
+def test_a_missing_extra_is_one_line_naming_it(trained_run, tmp_path, monkeypatch, format, module):
+    monkeypatch.setitem(sys.modules, module, None)  # makes `import module` raise ImportError
+    output = tmp_path / f"model.{format}"
+    result = invoke("export", trained_run, "--format", format, "--output", output, expect=1)
+    assert_one_line_error(result, rf'export to {format} needs the export extra: pip install "xpcnn\[export\]"')
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize(
+    "args, pattern, code",
+    [
+        (["{run}", "--format", "tflite", "--output", "{tmp}/m"], r"Invalid value for '--format'", 2),
+        (["{tmp}/nothing.npz", "--format", "onnx", "--output", "{tmp}/m.onnx"], r"does not exist", 2),
+        (["{corrupt}", "--format", "onnx", "--output", "{tmp}/m.onnx"], r"not an xpcnn checkpoint", 1),
+        (["{run}", "--format", "safetensors", "--output", "{tmp}/m", "--softmax"], r"--softmax applies to", 2),
+        (["{run}", "--format", "onnx", "--output", "{tmp}/no/m.onnx"], r"no is not a directory", 2),
+    ],
+)
+def test_user_errors_are_one_line(trained_run, tmp_path, args, pattern, code):
+    corrupt = tmp_path / "corrupt.npz"
+    corrupt.write_bytes(b"PK\x03\x04 not really a zip")
+    names = {"run": trained_run, "tmp": tmp_path, "corrupt": corrupt}
+    result = invoke("export", *[a.format(**names) for a in args], expect=code)
+    assert_one_line_error(result, pattern)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["corrupt.npz"]

@@ -123,11 +123,13 @@ class Square(nn.Layer):
         return x * x
 
 
-def test_an_unknown_layer_is_a_clear_error():
+def test_an_unknown_layer_or_last_layer_is_a_clear_error():
     pytest.importorskip("onnx")
     model = nn.Sequential(nn.Flatten(), Square(), nn.Linear(784, 10, rng=0))
     with pytest.raises(ExportError, match=r"cannot export layer 1 \(Square\(\)\): ONNX export knows Conv2d"):
         onnx_model(model, NORM)
+    with pytest.raises(ExportError, match=r"does not end with a Linear layer \(it ends with ReLU\(\)\)"):
+        onnx_model(nn.Sequential(nn.Flatten(), nn.Linear(784, 10, rng=0), nn.ReLU()), NORM)
 
 
 def test_softmax_is_refused_for_safetensors(tmp_path):

@@ -67,6 +67,8 @@ def onnx_model(model: nn.Sequential, norm, softmax: bool = False, metadata: dict
     onnx = _import("onnx")
     from onnx import TensorProto, helper, numpy_helper
 
+    if not isinstance(model[-1], nn.Linear):
+        raise ExportError(f"cannot export a model that does not end with a Linear layer (it ends with {model[-1]!r})")
     state = model.state_dict()
     initializers = [
         numpy_helper.from_array(np.asarray(norm.mean, np.float32), "input_mean"),
@@ -76,8 +78,6 @@ def onnx_model(model: nn.Sequential, norm, softmax: bool = False, metadata: dict
         helper.make_node("Sub", [INPUT_NAME, "input_mean"], ["centred"], name="normalise_mean"),
         helper.make_node("Mul", ["centred", "input_scale"], ["normalised"], name="normalise_scale"),
     ]
-    if not isinstance(model[-1], nn.Linear):
-        raise ExportError(f"cannot export a model that does not end with a Linear layer (it ends with {model[-1]!r})")
     output_name = "probabilities" if softmax else "logits"
     layers = [(index, layer) for index, layer in enumerate(model) if not isinstance(layer, nn.Dropout)]
     value = "normalised"

@@ -456,7 +456,7 @@ def predict(run, images, device, backend, top_k, as_json):
 @click.option("--force", is_flag=True, help="Replace --output if it exists.")
 @friendly_errors
 def export(run, format_, output, softmax, force):
-    """The trained model as ONNX (normalisation included: raw 0..1 images in) or safetensors (PyTorch weights).
+    """Export a trained model: ONNX with the input normalisation built in, or safetensors weights for PyTorch.
 
     \b
     onnx:        input "images" (N, 1, 28, 28) float32 in [0, 1], output "logits" (N, classes)

@@ -16,6 +16,7 @@ import click
 import numpy as np
 
 from . import __version__, plots
+from . import export as exporting
 from .backend import BACKEND_NAMES, available_backends, get_backend, gpu_names, set_tf32
 from .checkpoint import CheckpointError, checkpoint_path, load_checkpoint
 from .data import DATASETS, TEST_FILES, find_data_dir, get_spec, holds_dataset, load_dataset, other_files
@@ -129,6 +130,7 @@ def main():
       xpcnn train                      # convnet on MNIST, GPU if there is one
       xpcnn evaluate runs/<run>        # accuracy, per-class accuracy, confusion matrix
       xpcnn predict runs/<run> digit.png
+      xpcnn export runs/<run> --format onnx --output model.onnx
     """
 
 
@@ -444,6 +446,41 @@ def predict(run, images, device, backend, top_k, as_json):
                 click.echo(f"{row['image']}: {shown}")
     if len(loaded) < len(rows):
         sys.exit(1)
+
+
+@main.command()
+@click.argument("run", metavar="RUN_OR_CHECKPOINT", type=click.Path(exists=True))
+@click.option("--format", "format_", type=click.Choice(exporting.FORMATS), required=True, help="What to write.")
+@click.option("--output", type=click.Path(dir_okay=False), required=True, help="The file to write.")
+@click.option("--softmax", is_flag=True, help="ONNX only: output class probabilities instead of logits.")
+@click.option("--force", is_flag=True, help="Replace --output if it exists.")
+@friendly_errors
+def export(run, format_, output, softmax, force):
+    """Export a trained model: ONNX with the input normalisation built in, or safetensors weights for PyTorch.
+
+    \b
+    onnx:        input "images" (N, 1, 28, 28) float32 in [0, 1], output "logits" (N, classes)
+                 ("probabilities" with --softmax)
+    safetensors: the weights under PyTorch's key names, the input mean and std in its metadata
+    """
+    if softmax and format_ != "onnx":
+        raise click.UsageError("--softmax applies to --format onnx only (safetensors holds weights)")
+    output = Path(output)
+    if output.exists() and not force:
+        raise click.UsageError(f"{output} exists: pass --force to replace it")
+    if not output.parent.is_dir():
+        raise click.UsageError(f"{output.parent} is not a directory: create it first")
+    exporting.require(format_)
+    checkpoint = load_checkpoint(run)
+    model, norm = model_from_checkpoint(checkpoint, get_backend("numpy", "cpu"))
+    metadata = {"model": checkpoint_config(checkpoint).model, "classes": json.dumps(checkpoint.meta["classes"])}
+    exporting.export(model, norm, format_, output, softmax=softmax, metadata=metadata)
+    if format_ == "onnx":
+        result = "probabilities" if softmax else "logits"
+        shape = f"images (N, 1, 28, 28) in [0, 1] -> {result} (N, {len(checkpoint.meta['classes'])})"
+    else:
+        shape = f"PyTorch key names; normalise inputs with mean {norm.mean:.6g}, std {norm.std:.6g}"
+    click.echo(f"wrote {output} ({format_}: {shape})")
 
 
 @main.command()

@@ -129,6 +129,7 @@ def main():
       xpcnn train                      # convnet on MNIST, GPU if there is one
       xpcnn evaluate runs/<run>        # accuracy, per-class accuracy, confusion matrix
       xpcnn predict runs/<run> digit.png
+      xpcnn serve runs/<run>           # draw digits in the browser
     """
 
 
@@ -444,6 +445,34 @@ def predict(run, images, device, backend, top_k, as_json):
                 click.echo(f"{row['image']}: {shown}")
     if len(loaded) < len(rows):
         sys.exit(1)
+
+
+@main.command()
+@click.argument("run", metavar="RUN_OR_CHECKPOINT", type=click.Path(exists=True))
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (0.0.0.0: every network).")
+@click.option(
+    "--port", type=click.IntRange(0, 65535), default=8000, show_default=True, help="Port to listen on (0: a free one)."
+)
+@device_options
+@click.option("--quiet", is_flag=True, help="No access log (one line per request on stderr).")
+@friendly_errors
+def serve(run, host, port, device, backend, quiet):
+    """A local web page to draw digits on and see the model's probabilities, with POST /predict (a PNG in, JSON out).
+
+    Stop it with Ctrl-C.
+    """
+    from .serve import make_server
+
+    checkpoint = load_checkpoint(run)
+    server = make_server(checkpoint, get_backend(backend, device), host, port, quiet)
+    click.echo(f"serving {checkpoint_path(run)} at {server.url} (Ctrl-C stops)")
+    sys.stdout.flush()  # the address is needed now, also where stdout is a pipe
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        click.echo("stopped", err=True)
+    finally:
+        server.server_close()
 
 
 @main.command()

@@ -19,6 +19,7 @@ import traceback
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
+from urllib.parse import urlsplit
 
 import numpy as np
 
@@ -32,6 +33,7 @@ MAX_BODY_BYTES = 1024 * 1024  # a 280x280 canvas is a few kB; anything over 1 Mi
 MAX_PIXELS = 2048 * 2048  # bigger pictures are refused from their header, before decoding
 BODY_TIMEOUT_S = 10.0  # default limit for a whole body to arrive, and for a connection to idle
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+ROUTES = {"/": "GET", "/index.html": "GET", "/predict": "POST"}  # path -> its one method (and HEAD for GET)
 
 
 class RequestError(Exception):
@@ -79,19 +81,11 @@ class Handler(BaseHTTPRequestHandler):
         super().setup()
 
     def do_GET(self):
-        if self.path in ("/", "/index.html"):
+        if self._route_allows("GET"):
             self._send(HTTPStatus.OK, self.server.page, "text/html; charset=utf-8")
-        elif self.path == "/predict":
-            self._method_not_allowed("POST")
-        else:
-            self._send_json_error(HTTPStatus.NOT_FOUND, f"no such page: {self.path}")
 
     def do_POST(self):
-        if self.path in ("/", "/index.html"):
-            self._method_not_allowed("GET")
-            return
-        if self.path != "/predict":
-            self._send_json_error(HTTPStatus.NOT_FOUND, f"no such page: {self.path}")
+        if not self._route_allows("POST"):
             return
         try:
             answer = self.server.reader.read(self._read_body())
@@ -104,11 +98,23 @@ class Handler(BaseHTTPRequestHandler):
             return
         self._send(HTTPStatus.OK, json.dumps(answer).encode(), "application/json")
 
-    def do_PUT(self):
-        self._method_not_allowed("POST" if self.path == "/predict" else "GET")
+    def do_OTHER(self):
+        self._route_allows(None)
 
-    do_DELETE = do_PATCH = do_PUT
     do_HEAD = do_GET
+    do_PUT = do_DELETE = do_PATCH = do_OPTIONS = do_OTHER
+
+    def _route_allows(self, method: str | None) -> bool:
+        """True if the path takes this method; else answer 404 (no such path) or 405 (another method) and False."""
+        path = urlsplit(self.path).path
+        allowed = ROUTES.get(path)
+        if allowed is None:
+            self._send_json_error(HTTPStatus.NOT_FOUND, f"no such page: {path}")
+        elif method != allowed:
+            self._send_json_error(
+                HTTPStatus.METHOD_NOT_ALLOWED, f"{self.command} is not allowed on {path}", {"Allow": allowed}
+            )
+        return allowed is not None and method == allowed
 
     def _read_body(self) -> bytes:
         """The request body, checked before it is read: a Content-Length within MAX_BODY_BYTES, an image type.
@@ -144,7 +150,6 @@ class Handler(BaseHTTPRequestHandler):
                 chunks.append(chunk)
                 received += len(chunk)
         except TimeoutError:
-            self.close_connection = True
             raise RequestError(
                 HTTPStatus.REQUEST_TIMEOUT, f"only {received:,} of {length:,} bytes arrived in {self.timeout:g} s"
             ) from None
@@ -153,9 +158,6 @@ class Handler(BaseHTTPRequestHandler):
         if received < length:
             raise RequestError(HTTPStatus.BAD_REQUEST, f"the body ended after {received:,} of {length:,} bytes")
         return b"".join(chunks)
-
-    def _method_not_allowed(self, allowed: str):
-        self._send_json_error(HTTPStatus.METHOD_NOT_ALLOWED, f"{self.command} is not allowed here", {"Allow": allowed})
 
     def send_error(self, code, message=None, explain=None):
         """http.server's own errors (a bad request line, an unknown method...) as JSON too."""

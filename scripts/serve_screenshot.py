@@ -12,6 +12,7 @@ import argparse
 import sys
 import tempfile
 import threading
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
@@ -40,6 +41,7 @@ def main():
             driver.get(server.url)
             draw(driver, SEVEN)
             shown = wait_for_prediction(driver)
+            time.sleep(0.5)  # the bars grow in 0.15 s
             driver.save_screenshot(args.out)
         finally:
             driver.quit()

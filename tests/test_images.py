@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from xpcnn.images import ImageError, load_image, load_images
+from xpcnn.images import ImageError, decode_picture, load_image, load_images
 
 # ---------------------------------------------------------------- drawing helpers
 
@@ -333,6 +333,22 @@ def test_truncated_png_raises(tmp_path):
     cut = tmp_path / "cut.png"
     cut.write_bytes(path.read_bytes()[:200])
     assert_one_line_error(cut)
+
+
+def test_picture_bytes_are_prepared_as_the_file_is(tmp_path):
+    path = save(draw_zero(ink=255, paper=0).convert("RGBA"), tmp_path, "zero.png")  # like the canvas
+    np.testing.assert_array_equal(decode_picture(path.read_bytes(), "zero"), load_image(path))
+
+
+def test_picture_bytes_limited_to_formats_and_pixels(tmp_path):
+    jpeg = save(draw_zero(), tmp_path, "zero.jpg").read_bytes()
+    decode_picture(jpeg, "zero")
+    with pytest.raises(ImageError, match="^a JPEG: cannot read as an image"):
+        decode_picture(jpeg, "a JPEG", formats=("PNG",))
+    png = save(draw_zero(size=(200, 300)), tmp_path, "zero.png").read_bytes()
+    decode_picture(png, "zero", max_pixels=200 * 300)
+    with pytest.raises(ImageError, match=r"^big: 200x300 pixels is over the limit of 59,999$"):
+        decode_picture(png, "big", max_pixels=200 * 300 - 1)
 
 
 def test_image_error_is_a_value_error():

@@ -131,6 +131,7 @@ def main():
       xpcnn evaluate runs/<run>        # accuracy, per-class accuracy, confusion matrix
       xpcnn predict runs/<run> digit.png
       xpcnn export runs/<run> --format onnx --output model.onnx
+      xpcnn serve runs/<run>           # draw digits in the browser
     """
 
 
@@ -481,6 +482,34 @@ def export(run, format_, output, softmax, force):
     else:
         shape = f"PyTorch key names; normalise inputs with mean {norm.mean:.6g}, std {norm.std:.6g}"
     click.echo(f"wrote {output} ({format_}: {shape})")
+
+
+@main.command()
+@click.argument("run", metavar="RUN_OR_CHECKPOINT", type=click.Path(exists=True))
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (0.0.0.0: every network).")
+@click.option(
+    "--port", type=click.IntRange(0, 65535), default=8000, show_default=True, help="Port to listen on (0: a free one)."
+)
+@device_options
+@click.option("--quiet", is_flag=True, help="No access log (one line per request on stderr).")
+@friendly_errors
+def serve(run, host, port, device, backend, quiet):
+    """A local web page to draw digits on and see the model's probabilities, with POST /predict (a PNG in, JSON out).
+
+    Stop it with Ctrl-C.
+    """
+    from .serve import make_server
+
+    checkpoint = load_checkpoint(run)
+    server = make_server(checkpoint, get_backend(backend, device), host, port, quiet)
+    click.echo(f"serving {checkpoint_path(run)} at {server.url} (Ctrl-C stops)")
+    sys.stdout.flush()  # the address is needed now, also where stdout is a pipe
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        click.echo("stopped", err=True)
+    finally:
+        server.server_close()
 
 
 @main.command()

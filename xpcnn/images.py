@@ -17,10 +17,12 @@ digits:
 6. stretch the intensities so the strongest ink is 1.
 
 A 28x28 ``.npy`` array that already has a dark background is taken as is.
+:func:`decode_picture` does the same for a picture's bytes (``xpcnn serve``).
 """
 
 from __future__ import annotations
 
+import io
 import math
 import os
 from collections.abc import Iterable
@@ -60,8 +62,20 @@ def load_image(path: str | os.PathLike) -> np.ndarray:
                 raise ImageError(f"{name}: the image is blank (no ink found)")
             return lightness
     else:
-        lightness = _read_picture(name)
+        lightness = _read_picture(name, name)
     return _to_mnist(lightness, name)
+
+
+def decode_picture(
+    data: bytes, name: str, formats: tuple[str, ...] | None = None, max_pixels: int | None = None
+) -> np.ndarray:
+    """A picture file's content as an MNIST-style digit, prepared exactly as :func:`load_image` prepares a file.
+
+    ``formats`` limits the Pillow formats tried (e.g. ``("PNG",)``); ``max_pixels``
+    refuses larger pictures before their pixels are decoded.  ``name`` stands
+    for the picture in messages.  Returns float32 (28, 28) in [0, 1].
+    """
+    return _to_mnist(_read_picture(io.BytesIO(data), name, formats, max_pixels), name)
 
 
 def load_images(paths: Iterable[str | os.PathLike]) -> np.ndarray:
@@ -75,10 +89,15 @@ def load_images(paths: Iterable[str | os.PathLike]) -> np.ndarray:
     return np.stack(images)
 
 
-def _read_picture(name: str) -> np.ndarray:
-    """Open a picture with Pillow; return its lightness, float32 (H, W) in [0, 1]."""
+def _read_picture(
+    source: str | io.BytesIO, name: str, formats: tuple[str, ...] | None = None, max_pixels: int | None = None
+) -> np.ndarray:
+    """Open a picture (a path or a file object) with Pillow; return its lightness, float32 (H, W) in [0, 1]."""
     try:
-        with Image.open(name) as img:
+        with Image.open(source, formats=formats) as img:
+            if max_pixels is not None and img.width * img.height > max_pixels:
+                # Opening reads only the header: refuse before a small file inflates to gigabytes.
+                raise ImageError(f"{name}: {img.width}x{img.height} pixels is over the limit of {max_pixels:,}")
             img = ImageOps.exif_transpose(img)
             if img.mode.startswith("I"):  # 16- or 32-bit integer grey
                 return np.clip(np.asarray(img, dtype=np.float32) / 65535, 0, 1)
@@ -86,6 +105,8 @@ def _read_picture(name: str) -> np.ndarray:
                 rgba = np.asarray(img.convert("RGBA"), dtype=np.float32) / 255
                 return _composite(rgba[..., :3], rgba[..., 3])
             return np.asarray(img.convert("L"), dtype=np.float32) / 255
+    except ImageError:
+        raise
     except Exception as error:  # Pillow raises many kinds (OSError, SyntaxError, struct.error...)
         raise ImageError(f"{name}: cannot read as an image ({_one_line(error)})") from None
 

@@ -1,0 +1,304 @@
+"""xpcnn serve: the page, POST /predict against `xpcnn predict`, and every bad request as a 4xx JSON error."""
+
+import http.client
+import io
+import json
+import os
+import select
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image, ImageDraw
+
+from xpcnn.backend import get_backend
+from xpcnn.checkpoint import load_checkpoint
+from xpcnn.cli import main
+from xpcnn.serve import MAX_BODY_BYTES, MAX_PIXELS, make_server
+
+BODY_TIMEOUT = 1.0  # seconds: short, so the slow-client tests are quick
+REPOSITORY = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def run(synthetic_dir, tmp_path_factory):
+    """A seed model trained for one quick epoch on the synthetic digits."""
+    out = tmp_path_factory.mktemp("serve") / "run"
+    result = CliRunner().invoke(
+        main,
+        ["train", "--model", "seed", "--epochs", "1", "--batch-size", "50", "--optimizer", "adam"]
+        + ["--lr", "0.005", "--device", "cpu", "--data-dir", str(synthetic_dir), "--out", str(out)],
+    )
+    assert result.exit_code == 0, result.output
+    return out
+
+
+@pytest.fixture(scope="module")
+def server(run):
+    """The server on a free port of 127.0.0.1, serving from a thread."""
+    server = make_server(load_checkpoint(run), get_backend("numpy"), port=0, quiet=True, body_timeout=BODY_TIMEOUT)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server
+    server.shutdown()
+    server.server_close()
+    thread.join()
+
+
+def request(server, method, path, body=None, headers=None):
+    """One request on a fresh connection: (status, headers, JSON or text body)."""
+    connection = http.client.HTTPConnection(*server.server_address[:2], timeout=10)
+    try:
+        connection.request(method, path, body=body, headers=headers or {})
+        response = connection.getresponse()
+        data = response.read()
+    finally:
+        connection.close()
+    kind = response.getheader("Content-Type", "")
+    return response.status, response, (json.loads(data) if kind == "application/json" else data.decode())
+
+
+def raw_exchange(server, data: bytes, then=None) -> tuple[int, dict]:
+    """Send raw bytes, optionally call then(sock), read the whole answer: (status, JSON body)."""
+    with socket.create_connection(server.server_address[:2], timeout=10) as sock:
+        sock.sendall(data)
+        if then is not None:
+            then(sock)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    return int(head.split()[1]), json.loads(body)
+
+
+def png_bytes(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def drawn_one() -> Image.Image:
+    """A white "1" on black, as the page's canvas draws it (RGBA, opaque)."""
+    image = Image.new("RGBA", (280, 280), (0, 0, 0, 255))
+    ImageDraw.Draw(image).line([(150, 50), (130, 230)], fill=(255, 255, 255, 255), width=22)
+    return image
+
+
+def blank_png(width: int, height: int) -> bytes:
+    """A valid black 1-bit grey PNG of any size, built row by row: a few kB that inflate to width*height bits."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    compressor = zlib.compressobj(9)
+    row = bytes(1 + (width + 7) // 8)  # filter byte 0, then black pixels
+    pixels = b"".join(compressor.compress(row) for _ in range(height)) + compressor.flush()
+    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", pixels) + chunk(b"IEND", b"")
+
+
+def assert_error(status, body, expected_status, match):
+    assert status == expected_status, body
+    assert set(body) == {"error"} and match in body["error"], body
+
+
+def test_the_page_is_served_and_fetches_nothing_from_outside(server):
+    for path in ("/", "/index.html"):
+        status, response, page = request(server, "GET", path)
+        assert status == 200 and response.getheader("Content-Type") == "text/html; charset=utf-8"
+        assert 'id="canvas"' in page and 'id="prediction"' in page and "touch-action: none" in page
+        assert "://" not in page  # no CDN, no external fetch: the page works offline
+
+
+def test_predict_agrees_with_the_predict_command(server, run, tmp_path):
+    path = tmp_path / "one.png"
+    drawn_one().save(path)
+    status, response, answer = request(server, "POST", "/predict", path.read_bytes(), {"Content-Type": "image/png"})
+    assert status == 200 and response.getheader("Content-Type") == "application/json"
+    assert set(answer) == {"class", "probabilities"}
+    probabilities = answer["probabilities"]
+    assert isinstance(answer["class"], int) and len(probabilities) == 10
+    assert sum(probabilities) == pytest.approx(1, abs=1e-5) and answer["class"] == int(np.argmax(probabilities))
+
+    result = CliRunner().invoke(main, ["predict", str(run), str(path), "--top-k", "10", "--json", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    [row] = json.loads(result.output)
+    assert answer["class"] == row["class"]
+    assert probabilities == [p for _, p in sorted((t["class"], t["probability"]) for t in row["top"])]
+
+
+def test_a_body_over_the_limit_is_refused_before_it_is_sent(server):
+    connection = http.client.HTTPConnection(*server.server_address[:2], timeout=10)
+    connection.putrequest("POST", "/predict")
+    connection.putheader("Content-Type", "image/png")
+    connection.putheader("Content-Length", str(MAX_BODY_BYTES + 1))
+    connection.endheaders()  # and no body at all: the answer must not wait for it
+    response = connection.getresponse()
+    assert_error(response.status, json.loads(response.read()), 413, "over the limit")
+    assert response.getheader("Connection") == "close"
+    connection.close()
+
+
+@pytest.mark.parametrize(
+    "length_headers, expected_status, match",
+    [
+        ([], 411, "Content-Length is required"),
+        (["Transfer-Encoding: chunked"], 411, "Content-Length is required"),
+        (["Content-Length: abc"], 400, "invalid Content-Length"),
+        (["Content-Length: -5"], 400, "invalid Content-Length"),
+        (["Content-Length: 1e3"], 400, "invalid Content-Length"),
+        (["Content-Length: \u00b2"], 400, "invalid Content-Length"),  # a digit to str.isdigit, not to int()
+        (["Content-Length: 4", "Content-Length: 4"], 400, "invalid Content-Length"),
+    ],
+)
+def test_missing_or_invalid_content_length(server, length_headers, expected_status, match):
+    head = "\r\n".join(["POST /predict HTTP/1.1", "Host: x", "Content-Type: image/png", *length_headers])
+    status, body = raw_exchange(server, (head + "\r\n\r\n").encode("latin-1") + b"abcd")
+    assert_error(status, body, expected_status, match)
+
+
+@pytest.mark.parametrize(
+    "body, content_type, expected_status, match",
+    [
+        (b"", "image/png", 400, "the body is empty"),
+        (b"GIF89a garbage \x00\xff" * 10, "image/png", 415, "not a PNG"),
+        (b'{"image": [1, 2, 3]}', "application/json", 415, "got Content-Type application/json"),
+        (b"\x89PNG\r\n\x1a\n" + b"\x00" * 100, "image/png", 400, "cannot read as an image"),
+        (png_bytes(drawn_one())[:300], None, 400, "cannot read as an image"),  # truncated; no Content-Type is fine
+        (png_bytes(Image.new("RGBA", (280, 280), (0, 0, 0, 255))), "image/png", 400, "blank"),
+    ],
+    ids=["empty", "garbage", "json", "png-signature-then-junk", "truncated-png", "blank-canvas"],
+)
+def test_bodies_that_are_not_a_usable_png(server, body, content_type, expected_status, match):
+    status, _, answer = request(
+        server, "POST", "/predict", body, {"Content-Type": content_type} if content_type else {}
+    )
+    assert_error(status, answer, expected_status, match)
+
+
+@pytest.mark.parametrize("side", [2049, 20_000])  # over MAX_PIXELS; over Pillow's own decompression-bomb limit
+def test_a_decompression_bomb_is_refused_from_its_header(server, side):
+    bomb = blank_png(side, side)
+    assert len(bomb) < MAX_BODY_BYTES and side * side > MAX_PIXELS
+    start = time.perf_counter()
+    status, _, answer = request(server, "POST", "/predict", bomb, {"Content-Type": "image/png"})
+    assert time.perf_counter() - start < 2  # 400 megapixels were not decoded
+    assert_error(status, answer, 400, "the PNG: ")
+    assert "over the limit" in answer["error"] or "decompression bomb" in answer["error"]
+
+
+@pytest.mark.parametrize(
+    "method, path, expected_status, allowed",
+    [
+        ("GET", "/predict", 405, "POST"),
+        ("PUT", "/predict", 405, "POST"),
+        ("DELETE", "/", 405, "GET"),
+        ("POST", "/", 405, "GET"),
+        ("OPTIONS", "/predict", 405, "POST"),
+        ("GET", "/nothing-here", 404, None),
+        ("PUT", "/nothing-here", 404, None),
+        ("POST", "/predict/", 404, None),
+        ("BREW", "/predict", 501, None),
+    ],
+)
+def test_wrong_methods_and_unknown_paths(server, method, path, expected_status, allowed):
+    status, response, answer = request(server, method, path, b"", {"Content-Length": "0"})
+    assert status == expected_status and set(answer) == {"error"}, answer
+    assert response.getheader("Allow") == allowed
+
+
+def test_a_body_shorter_than_announced_is_refused(server):
+    head = b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\nContent-Length: 1000\r\n\r\n"
+    status, body = raw_exchange(server, head + b"\x89PNG", then=lambda sock: sock.shutdown(socket.SHUT_WR))
+    assert_error(status, body, 400, "the body ended after 4 of 1,000 bytes")
+
+
+@pytest.mark.parametrize("trickle", [False, True], ids=["silent", "trickling"])
+def test_a_slow_client_is_cut_off_after_the_body_timeout(server, trickle):
+    head = b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\nContent-Length: 1000\r\n\r\n"
+
+    def send_slowly(sock):  # a byte every 0.2 s, so every read succeeds, until the server answers
+        for _ in range(int(8 * BODY_TIMEOUT / 0.2) if trickle else 0):
+            if select.select([sock], [], [], 0.2)[0]:
+                return
+            sock.sendall(b"x")
+
+    start = time.perf_counter()
+    status, body = raw_exchange(server, head, then=send_slowly)
+    assert status == 408 and "bytes arrived in 1 s" in body["error"], body
+    assert time.perf_counter() - start < 3 * BODY_TIMEOUT  # a deadline for the whole body, not per read
+
+
+def test_many_parallel_clients_get_their_own_answers(server):
+    pictures = []
+    for angle in range(0, 160, 20):  # eight strokes at different angles
+        image = Image.new("L", (140, 140), 0)
+        ImageDraw.Draw(image).line([(30, 70), (110, 70)], fill=255, width=12)
+        pictures.append(png_bytes(image.rotate(angle)))
+    expected = [request(server, "POST", "/predict", picture)[2] for picture in pictures]
+    assert len({tuple(answer["probabilities"]) for answer in expected}) == 8  # so a mix-up would show
+
+    def predict(index):
+        return index % 8, request(server, "POST", "/predict", pictures[index % 8], {"Content-Type": "image/png"})
+
+    with ThreadPoolExecutor(max_workers=32) as pool:
+        results = list(pool.map(predict, range(128)))
+    for index, (status, _, answer) in results:
+        assert status == 200 and answer == expected[index]
+    assert request(server, "GET", "/")[0] == 200
+
+
+def test_keep_alive_connections_are_reused(server):
+    connection = http.client.HTTPConnection(*server.server_address[:2], timeout=10)
+    picture = png_bytes(drawn_one())
+    for path in ("/predict", "/predict?stroke=2", "/predict"):  # like the page: one connection, a request per stroke
+        connection.request("POST", path, body=picture, headers={"Content-Type": "image/png"})
+        response = connection.getresponse()
+        assert response.status == 200 and len(json.loads(response.read())["probabilities"]) == 10
+    connection.close()
+
+
+def test_a_port_in_use_is_one_line(server, run):
+    port = server.server_address[1]
+    result = CliRunner().invoke(main, ["serve", str(run), "--port", str(port), "--device", "cpu"])
+    assert result.exit_code == 1, result.output
+    assert result.output.strip().splitlines() == [f"Error: cannot listen on 127.0.0.1:{port}: Address already in use"]
+
+
+def test_serve_prints_its_address_and_stops_on_ctrl_c(run):
+    process = subprocess.Popen(
+        [sys.executable, "-m", "xpcnn", "serve", str(run), "--port", "0", "--device", "cpu"],
+        cwd=REPOSITORY,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPOSITORY)},
+    )
+    try:
+        line = process.stdout.readline()
+        assert line.startswith("serving ") and "(Ctrl-C stops)" in line, line
+        url = line.split(" at ")[1].split()[0]
+        host, port = url.removeprefix("http://").rstrip("/").split(":")
+        assert host == "127.0.0.1" and int(port) > 0
+        connection = http.client.HTTPConnection(host, int(port), timeout=10)
+        connection.request("GET", "/")
+        assert connection.getresponse().status == 200
+        connection.close()
+        process.send_signal(signal.SIGINT)
+        stdout, stderr = process.communicate(timeout=10)
+    finally:
+        process.kill()
+        process.wait()
+    assert process.returncode == 0, stderr
+    assert "Traceback" not in stderr and stderr.strip().splitlines()[-1] == "stopped"
+    assert '"GET / HTTP/1.1" 200' in stderr  # the access log

@@ -368,6 +368,7 @@ class Trainer:
             if self.augmentation is not None:
                 x = self.augmentation(x, noise, fill=self.background)
             self.optimizer.lr = scheduled_lr(cfg.schedule, cfg.lr, state.global_step, total_steps)
+            self.optimizer.zero_grad()
             logits = self.model.forward(x)
             loss = self.loss_fn.forward(logits, y)
             self.model.backward(self.loss_fn.backward(), input_grad=False)
@@ -405,7 +406,7 @@ class Trainer:
         epoch = state.epoch + 1
         bad = [
             name
-            for name, value in self.model.parameters().items()
+            for name, value in self.model.named_parameters()
             if not bool(self.backend.xp.all(self.backend.xp.isfinite(value)))
         ]
         if bad:

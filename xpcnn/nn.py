@@ -541,7 +541,7 @@ class Sequential(Layer):
         after).  Without it the table has no output shapes.
         """
         rows = [("#", "Layer", *(("Output shape",) if input_shape else ()), "Params")]
-        shapes = self._output_shapes(input_shape) if input_shape else None
+        shapes = self.output_shapes(input_shape) if input_shape else None
         for index, layer in enumerate(self.layers):
             shape = ("(None, " + ", ".join(str(s) for s in shapes[index][1:]) + ")",) if shapes else ()
             rows.append((str(index), repr(layer), *shape, f"{layer.num_parameters():,}"))
@@ -556,7 +556,7 @@ class Sequential(Layer):
         totals = [f"Total parameters: {trainable:,}"] + ([f"Buffers (not trained): {buffers:,}"] if buffers else [])
         return "\n".join([lines[0], rule, *lines[1:], rule, *totals])
 
-    def _output_shapes(self, input_shape: tuple[int, ...]) -> list[tuple[int, ...]]:
+    def output_shapes(self, input_shape: tuple[int, ...]) -> list[tuple[int, ...]]:
         """The output shape of each layer for a zero input of shape ``(1, *input_shape)``."""
         first = next(self.parameters(), None)
         backend = backend_of(first) if first is not None else get_backend("numpy")

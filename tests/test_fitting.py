@@ -36,10 +36,17 @@ def test_fit_on_arrays_calls_back_every_step_and_epoch_and_evaluate_agrees(backe
     val_images, val_labels = blobs(60, seed=1)
     recorder = Recorder()
     model = models.build("seed", seed=0)
+    validation = (val_images, val_labels)
     history = xpcnn.fit(
-        model, (images, labels), validation=(val_images, val_labels), epochs=2, batch_size=32, lr=0.01, callbacks=[recorder],
+        model,
+        (images, labels),
+        validation=validation,
+        epochs=2,
+        batch_size=32,
+        lr=0.01,
+        callbacks=[recorder],
         backend=backend,
-    )  # fmt: skip
+    )
     assert [record["epoch"] for record in history.records] == [1, 2]
     assert recorder.records == history.records
     assert [step for step, _ in recorder.steps] == list(range(1, 2 * 8 + 1))  # ceil(240 / 32) = 8 steps an epoch

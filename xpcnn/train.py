@@ -399,8 +399,7 @@ class Trainer:
             loss_sum = loss_sum + loss * count
             correct = correct + xp.count_nonzero(xp.argmax(logits, axis=1) == y)
             last = step + 1 == steps
-            stopping = flag["stop"] or flag["callback"]
-            if (step + 1) % cfg.log_every == 0 or last or stopping:
+            if (step + 1) % cfg.log_every == 0 or last or flag["stop"] or flag["callback"]:
                 partial = checkpoint_partial(step + 1)
                 mean_loss = partial["loss_sum"] / seen
                 if not math.isfinite(mean_loss):
@@ -408,7 +407,7 @@ class Trainer:
                 self.progress.update(
                     step + 1, mean_loss, partial["correct"] / seen, seen / max(partial["seconds"], 1e-9)
                 )
-                if stopping and not last:
+                if (flag["stop"] or flag["callback"]) and not last:  # Ctrl-C may have come during the update
                     return False
         self.model.zero_cache()
         return True

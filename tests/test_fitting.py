@@ -119,5 +119,7 @@ def test_bad_settings_are_config_errors():
         xpcnn.fit("seed", (IMAGES, LABELS), epoch=2)
     with pytest.raises(XpcnnError, match="epochs must be >= 1"):
         xpcnn.fit("seed", (IMAGES, LABELS), epochs=0)
+    with pytest.raises(XpcnnError, match="give the model and the data as fit's first two arguments"):
+        xpcnn.fit("seed", (IMAGES, LABELS), dataset="fashion-mnist")
     with pytest.raises(XpcnnError, match="optimiser given to fit"):
         xpcnn.fit("seed", (IMAGES, LABELS), optimizer=xpcnn.optim.SGD(models.build("seed")))

@@ -79,7 +79,7 @@ def fit(
     ``lr``, ``schedule``, ``momentum``, ``weight_decay``, ``seed``, ``augment``, ...).
     ``verbose`` prints one line per epoch to stderr.
     """
-    if "model" in settings or "dataset" in settings or "validation" in settings:
+    if "model" in settings or "dataset" in settings:
         raise ConfigError("give the model and the data as fit's first two arguments, not as settings")
     if not isinstance(optimizer, str | Optimizer):
         raise ConfigError(f"optimizer must be a name or an xpcnn optimiser, got {type(optimizer).__name__}")

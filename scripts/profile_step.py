@@ -45,6 +45,7 @@ def training_step(model_name: str, batch: int):
     optimizer = SGD(model, 0.01, momentum=0.9, nesterov=True, weight_decay=5e-4)
 
     def step():
+        optimizer.zero_grad()
         loss_fn.forward(model.forward(x), y)
         model.backward(loss_fn.backward(), input_grad=False)
         optimizer.step()
@@ -72,7 +73,10 @@ def profile(model_name: str, batch: int, repeat: int, enabled: bool) -> None:
     print(f"    loss: host {microseconds(timing.cpu_times):,.0f} us")
     grad = loss_fn.backward()
     for layer in reversed(list(model)):
-        timing = benchmark(layer.backward, (grad,), n_repeat=repeat // 4, n_warmup=5)
+        # Cleared before each call, as in a training step: a second backward would add to the gradients.
+        timing = benchmark(
+            lambda layer=layer, grad=grad: (layer.zero_grad(), layer.backward(grad)), n_repeat=repeat // 4, n_warmup=5
+        )
         grad = layer.backward(grad)
         print(f"    backward {layer!r}: host {microseconds(timing.cpu_times):,.0f} us")
     timing = benchmark(optimizer.step, n_repeat=repeat // 4, n_warmup=5)

@@ -172,11 +172,12 @@ def test_float32_training_step_stays_float32(backend):
     x = backend.asarray(np.random.default_rng(0).random((4, 1, 28, 28), np.float32))
     y = backend.asarray(np.array([0, 1, 2, 3]))
     for _ in range(2):
+        optimizer.zero_grad()
         logits = model.forward(x)
         loss = loss_fn.forward(logits, y)
         model.backward(loss_fn.backward(), input_grad=False)
         optimizer.step()
-    arrays = {"logits": logits, "loss": loss, **model.parameters(), **model.gradients()}
+    arrays = {"logits": logits, "loss": loss, **dict(model.named_parameters()), **dict(model.named_gradients())}
     arrays.update({f"{name}/{slot}": v for name, slots in optimizer.state.items() for slot, v in slots.items()})
     assert {name: B.to_host(a).dtype for name, a in arrays.items() if B.to_host(a).dtype != np.float32} == {}
 

@@ -131,7 +131,7 @@ def test_a_training_step_with_and_without_the_fused_kernels(monkeypatch, model_n
         loss_fn = nn.CrossEntropyLoss(check_labels=False)
         loss = loss_fn.forward(model.forward(x), labels)
         model.backward(loss_fn.backward(), input_grad=False)
-        grads = {k: to_host(g) for k, g in model.gradients().items()}
+        grads = {k: to_host(g) for k, g in model.named_gradients()}
         results.append((float(loss), grads))
     (loss_a, grads_a), (loss_b, grads_b) = results
     assert loss_a == pytest.approx(loss_b, rel=1e-12)
@@ -164,7 +164,7 @@ def test_fused_optimiser_updates_equal_the_reference(monkeypatch, name):
             for key, value in step.items():
                 model[0].grads[key.split(".")[1]] = backend.asarray(value)
             optimizer.step()
-        results.append(({k: to_host(v) for k, v in model.parameters().items()}, optimizer.state_dict()["state"]))
+        results.append(({k: to_host(v) for k, v in model.named_parameters()}, optimizer.state_dict()["state"]))
     (params_a, state_a), (params_b, state_b) = results
     for key in params_a:
         np.testing.assert_allclose(params_a[key], params_b[key], rtol=1e-12, atol=1e-14)

@@ -34,6 +34,7 @@ def test_tiny_fit_loss_falls(backend):
     for _epoch in range(8):
         total = 0.0
         for start in range(0, len(labels), 30):
+            opt.zero_grad()
             loss = loss_fn.forward(model.forward(x[start : start + 30, ...]), y[start : start + 30])
             model.backward(loss_fn.backward())
             opt.step()

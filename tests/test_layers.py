@@ -188,7 +188,7 @@ def test_numpy_and_strict_agree_on_a_training_step():
         loss = nn.CrossEntropyLoss()
         value = loss.forward(model.forward(backend.asarray(x)), backend.asarray(labels))
         model.backward(loss.backward())
-        results.append((float(value), {k: to_host(g) for k, g in model.gradients().items()}))
+        results.append((float(value), {k: to_host(g) for k, g in model.named_gradients()}))
     (loss_a, grads_a), (loss_b, grads_b) = results
     assert loss_a == pytest.approx(loss_b, rel=1e-12)
     for key in grads_a:

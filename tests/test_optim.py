@@ -30,7 +30,7 @@ def run_xpcnn(backend, make_optimizer):
             index, name = key.split(".")
             model[int(index)].grads[name] = backend.asarray(g)
         opt.step()
-    return {k: to_host(v) for k, v in model.parameters().items()}
+    return {k: to_host(v) for k, v in model.named_parameters()}
 
 
 def sgd_reference(lr, momentum=0.0, nesterov=False, weight_decay=0.0, params=None, sequence=None):
@@ -144,7 +144,7 @@ def apply(backend, model, opt, sequence):
 
 
 def host_params(model):
-    return {k: to_host(v) for k, v in model.parameters().items()}
+    return {k: to_host(v) for k, v in model.named_parameters()}
 
 
 ROUND_TRIP = {
@@ -218,13 +218,13 @@ def test_parameters_are_views_that_follow_in_place_updates(backend, monkeypatch)
     opt = optim.SGD(model, lr=0.05, momentum=0.8, nesterov=True, weight_decay=0.01)
     sequence = gradient_sequence()
     apply(backend, model, opt, sequence[:1])
-    installed = model.parameters()
+    installed = dict(model.named_parameters())
     if not optim.updates_in_place(installed["0.weight"]):
         pytest.skip(f"{backend.name}: functional updates")
     before = host_params(model)
     monkeypatch.setattr(opt, "_gather", lambda params: pytest.fail("gathered the parameters again"))
     apply(backend, model, opt, sequence[1:])
-    assert all(model.parameters()[k] is v for k, v in installed.items())
+    assert all(dict(model.named_parameters())[k] is v for k, v in installed.items())
     expected = sgd_reference(0.05, 0.8, True, 0.01)
     for key, value in host_params(model).items():
         assert not np.array_equal(value, before[key])
@@ -281,7 +281,10 @@ def test_a_dtype_change_moves_the_state_along(backend):
     for g in gradient_sequence()[2:]:
         model[0].grads.update({k.split(".")[1]: backend.asarray(v, backend.xp.float32) for k, v in g.items()})
         opt.step()
-    arrays = {**model.parameters(), **{f"{k}/{s}": v for k, slots in opt.state.items() for s, v in slots.items()}}
+    arrays = {
+        **dict(model.named_parameters()),
+        **{f"{k}/{s}": v for k, slots in opt.state.items() for s, v in slots.items()},
+    }
     assert {k: to_host(v).dtype for k, v in arrays.items()} == {k: np.dtype(np.float32) for k in arrays}
     expected = adam_reference(0.01, 0.9, 0.999, 1e-8)
     for key, value in host_params(model).items():
@@ -316,7 +319,7 @@ def odd_model():
 def test_models_without_bias_and_with_batchnorm(backend, case):
     make, reference = ODD_CASES[case]
     model = odd_model()
-    assert list(model.parameters()) == [
+    assert [name for name, _ in model.named_parameters()] == [
         "0.weight",
         "1.weight",
         "1.bias",
@@ -327,7 +330,7 @@ def test_models_without_bias_and_with_batchnorm(backend, case):
         "6.bias",
     ]
     rng = np.random.default_rng(2)
-    params = {k: rng.standard_normal(v.shape) for k, v in model.parameters().items()}
+    params = {k: rng.standard_normal(v.shape) for k, v in model.named_parameters()}
     sequence = [{k: rng.standard_normal(v.shape) for k, v in params.items()} for _ in range(STEPS)]
     fresh_model(backend, params, model)
     apply(backend, model, make(model), sequence)

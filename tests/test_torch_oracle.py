@@ -121,6 +121,7 @@ def test_batchnorm_matches_torch_in_both_modes(backend, dtype, dims):
         return F.batch_norm(x, torch_layer.running_mean, torch_layer.running_var, weight, bias, True, 0.2, 1e-5)
 
     for step in range(3):  # running statistics accumulate over several batches
+        layer.zero_grad()  # each step's gradients on their own, as torch's are
         run_both(backend, dtype, layer, torch_bn, sample(*shape, seed=step) * 3 + 1)
     tol = TOLERANCES[dtype]
     assert relative_error(to_host(layer.buffers["running_mean"]), torch_layer.running_mean.numpy()) <= tol

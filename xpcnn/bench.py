@@ -137,6 +137,7 @@ def _xpcnn_session(case: Case, settings: Settings) -> Session:
     def train_step():
         x, y = train_data[position["train"] % len(train_data)]
         position["train"] += 1
+        optimizer.zero_grad()
         loss_fn.forward(model.forward(x), y)
         model.backward(loss_fn.backward(), input_grad=False)
         optimizer.step()

@@ -5,6 +5,13 @@ Each layer has ``forward(x) -> y`` and ``backward(grad_y) -> grad_x``;
 that a user may assign to; ``train()`` / ``eval()`` switch modes.  Layers
 keep what their backward pass needs only in training mode.
 
+Every layer and :class:`Sequential` offer PyTorch's parameter API with
+PyTorch's names (``named_parameters()`` -> ``("0.weight", array)``, ...,
+``parameters()``, ``named_buffers()``, ``state_dict()``) and its gradient
+semantics: backward *adds* to the gradients, ``zero_grad()`` clears them (to
+none, so the next backward assigns instead of adding: no extra operation in
+a training step), so gradients of several micro-batches accumulate.
+
 Parameters are created on the host as NumPy float32 arrays;
 ``layer.to(backend, dtype)`` moves them (see :mod:`xpcnn.backend`).
 """
@@ -17,7 +24,7 @@ from collections.abc import Iterable, Iterator
 import numpy as np
 
 from . import functional as F
-from .backend import Backend, backend_of, namespace, to_host
+from .backend import Backend, backend_of, get_backend, namespace, to_host
 from .fastpath import kernels
 
 RELU_GAIN = math.sqrt(2.0)
@@ -68,12 +75,13 @@ class Layer:
         return self.train(False)
 
     def to(self, backend: Backend, dtype=None):
-        """Move parameters and buffers to ``backend``, casting floats to ``dtype`` if given."""
-        for store in (self.params, self.grads, self.buffers):
-            for name, value in store.items():
-                host = to_host(value)
-                cast = dtype if dtype is not None and host.dtype.kind == "f" else None
-                store[name] = backend.asarray(host, cast)
+        """Move parameters, gradients and buffers to ``backend``, casting floats to ``dtype`` if given."""
+        for _, layer in self._holders():
+            for store in (layer.params, layer.grads, layer.buffers):
+                for name, value in store.items():
+                    host = to_host(value)
+                    cast = dtype if dtype is not None and host.dtype.kind == "f" else None
+                    store[name] = backend.asarray(host, cast)
         return self
 
     def set_generator(self, generator) -> None:
@@ -82,6 +90,82 @@ class Layer:
     def zero_cache(self) -> None:
         """Drop what forward kept for backward."""
         self._cache = None
+
+    # --- parameters, buffers and gradients, named as in PyTorch ---
+
+    def _holders(self, prefix: str = "") -> Iterator[tuple[str, Layer]]:
+        """(name prefix, layer) of each layer that holds parameters and buffers: this one (a Sequential: its layers)."""
+        yield prefix, self
+
+    def _named(self, store: str) -> Iterator[tuple[str, object]]:
+        """(prefixed name, array) of the entries of each holder's dict ``store``, in PyTorch's order."""
+        for prefix, layer in self._holders():
+            yield from ((prefix + name, value) for name, value in getattr(layer, store).items())
+
+    def named_parameters(self) -> Iterator[tuple[str, object]]:
+        """(name, array) of every trainable parameter: ``"weight"``, or ``"0.weight"`` inside a Sequential."""
+        return self._named("params")
+
+    def parameters(self) -> Iterator:
+        """Every trainable parameter array, in :meth:`named_parameters` order."""
+        return (value for _, value in self.named_parameters())
+
+    def named_buffers(self) -> Iterator[tuple[str, object]]:
+        """(name, array) of the state that gradients do not train (batch norm's running statistics)."""
+        return self._named("buffers")
+
+    def named_gradients(self) -> Iterator[tuple[str, object]]:
+        """(name, gradient) of each parameter that has one, named as in :meth:`named_parameters`.
+
+        A gradient is the sum over the backward passes since the last :meth:`zero_grad`.
+        """
+        return self._named("grads")
+
+    def zero_grad(self) -> None:
+        """Drop every gradient (PyTorch's ``set_to_none=True``): the next backward assigns instead of adding."""
+        for _, layer in self._holders():
+            layer.grads.clear()
+
+    def set_parameters(self, values: dict) -> None:
+        """Assign parameters from a dict named as :meth:`named_parameters` (the arrays are used as given)."""
+        holders = dict(self._holders())
+        for key, value in values.items():
+            prefix, _, name = key.rpartition(".")
+            holders[prefix + "." if prefix else ""].params[name] = value
+
+    def num_parameters(self) -> int:
+        """The number of trainable scalars."""
+        return sum(math.prod(value.shape) for value in self.parameters())
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """Host NumPy copies of parameters and buffers, keyed as in PyTorch (``"0.weight"``, ``"1.running_mean"``)."""
+        state = {}
+        for prefix, layer in self._holders():
+            for store in (layer.params, layer.buffers):
+                state.update({prefix + name: to_host(value) for name, value in store.items()})
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        """Load host arrays from :meth:`state_dict`, keeping this model's backend and dtypes.
+
+        Raises ValueError on missing or unexpected keys and on shape mismatches.
+        """
+        expected = {}
+        for prefix, layer in self._holders():
+            for store in (layer.params, layer.buffers):
+                expected.update({prefix + name: (store, name) for name in store})
+        missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+        if missing or unexpected:
+            raise ValueError(f"state does not fit this model: missing {missing}, unexpected {unexpected}")
+        for key, (store, name) in expected.items():
+            current, new = store[name], np.asarray(state[key])
+            if tuple(current.shape) != new.shape:
+                raise ValueError(
+                    f"state does not fit this model: {key} has shape {new.shape}, expected {tuple(current.shape)}"
+                )
+        for key, (store, name) in expected.items():
+            current = store[name]
+            store[name] = backend_of(current).asarray(np.asarray(state[key]), current.dtype)
 
     def _check_input(self, x, expected: str, rank: int, channels: int | None = None, min_hw=(1, 1)):
         """Raise ValueError naming this layer unless ``x`` is a float array of the expected shape."""
@@ -109,10 +193,15 @@ class Layer:
                 raise ValueError(f"{self!r}: expected {weight.dtype} input (the parameters' dtype), got {x.dtype}")
 
     def _set_grads(self, grad_weight, grad_bias) -> None:
-        """Store the weight gradient, and the bias gradient if the layer has a bias."""
-        self.grads["weight"] = grad_weight
+        """Add to the weight gradient, and to the bias gradient if the layer has a bias."""
+        self._accumulate("weight", grad_weight)
         if "bias" in self.params:
-            self.grads["bias"] = grad_bias
+            self._accumulate("bias", grad_bias)
+
+    def _accumulate(self, name: str, grad) -> None:
+        """Add ``grad`` to parameter ``name``'s gradient, or store it where there is none (after zero_grad)."""
+        held = self.grads.get(name)
+        self.grads[name] = grad if held is None else held + grad
 
     def _need_cache(self, cache):
         if cache is None:
@@ -322,9 +411,10 @@ class _BatchNorm(Layer):
     def backward(self, grad_y, input_grad: bool = True):
         """Store weight and bias gradients; return grad_x, or None when ``input_grad`` is False."""
         x_hat, inv_std = self._need_cache(self._cache)
-        grad_x, self.grads["weight"], self.grads["bias"] = kernels(grad_y).batchnorm_backward(
+        grad_x, grad_weight, grad_bias = kernels(grad_y).batchnorm_backward(
             grad_y, x_hat, inv_std, self.params["weight"]
         )
+        self._set_grads(grad_weight, grad_bias)
         return grad_x if input_grad else None
 
     def extra_repr(self):
@@ -379,11 +469,16 @@ class Dropout(Layer):
 
 
 class Sequential(Layer):
-    """Layers applied in order; parameters named ``"<index>.<name>"`` as in PyTorch."""
+    """Layers applied in order; parameters named ``"<index>.<name>"`` as in PyTorch.
+
+    A container: it holds no ``params`` / ``grads`` / ``buffers`` dicts of its own; its
+    layers do, and :meth:`named_parameters`, :meth:`named_gradients` and :meth:`state_dict`
+    gather theirs.
+    """
 
     def __init__(self, *layers: Layer):
-        super().__init__()
         self.layers = list(layers)
+        self.training = True
 
     def forward(self, x):
         for layer in self.layers:
@@ -398,7 +493,9 @@ class Sequential(Layer):
         before the first one with parameters are then skipped, and that one
         computes only its parameter gradients).
         """
-        first = 0 if input_grad else next((i for i, layer in enumerate(self.layers) if layer.params), len(self.layers))
+        first = (
+            0 if input_grad else next((i for i, layer in enumerate(self.layers) if _has_parameters(layer)), len(self))
+        )
         for index in range(len(self.layers) - 1, first - 1, -1):
             layer = self.layers[index]
             if index == first and not input_grad:
@@ -421,11 +518,6 @@ class Sequential(Layer):
         self.training = mode
         return self
 
-    def to(self, backend: Backend, dtype=None):
-        for layer in self.layers:
-            layer.to(backend, dtype)
-        return self
-
     def set_generator(self, generator):
         for layer in self.layers:
             layer.set_generator(generator)
@@ -434,60 +526,56 @@ class Sequential(Layer):
         for layer in self.layers:
             layer.zero_cache()
 
-    def parameters(self) -> dict:
-        """Flat dict ``"<index>.<name>"`` -> array of every trainable parameter."""
-        return {f"{i}.{name}": value for i, layer in enumerate(self.layers) for name, value in layer.params.items()}
-
-    def gradients(self) -> dict:
-        """Flat dict of the gradients from the last backward pass, same keys as :meth:`parameters`."""
-        return {f"{i}.{name}": value for i, layer in enumerate(self.layers) for name, value in layer.grads.items()}
-
-    def set_parameters(self, values: dict) -> None:
-        """Assign parameters from a flat dict with the keys of :meth:`parameters`."""
-        for key, value in values.items():
-            index, name = key.split(".", 1)
-            self.layers[int(index)].params[name] = value
-
-    def state_dict(self) -> dict[str, np.ndarray]:
-        """Host NumPy copies of parameters and buffers, keyed as in PyTorch."""
-        state = {}
-        for i, layer in enumerate(self.layers):
-            for store in (layer.params, layer.buffers):
-                state.update({f"{i}.{name}": to_host(value) for name, value in store.items()})
-        return state
-
-    def load_state_dict(self, state: dict) -> None:
-        """Load host arrays from :meth:`state_dict`, keeping this model's backend and dtypes.
-
-        Raises ValueError on missing or unexpected keys and on shape mismatches.
-        """
-        expected = {}
-        for i, layer in enumerate(self.layers):
-            for store in (layer.params, layer.buffers):
-                expected.update({f"{i}.{name}": (store, name) for name in store})
-        missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
-        if missing or unexpected:
-            raise ValueError(f"state does not fit this model: missing {missing}, unexpected {unexpected}")
-        for key, (store, name) in expected.items():
-            current, new = store[name], np.asarray(state[key])
-            if tuple(current.shape) != new.shape:
-                raise ValueError(
-                    f"state does not fit this model: {key} has shape {new.shape}, expected {tuple(current.shape)}"
-                )
-        for key, (store, name) in expected.items():
-            current = store[name]
-            store[name] = backend_of(current).asarray(np.asarray(state[key]), current.dtype)
-
-    def num_parameters(self) -> int:
-        return sum(math.prod(v.shape) for v in self.parameters().values())
+    def _holders(self, prefix: str = "") -> Iterator[tuple[str, Layer]]:
+        for index, layer in enumerate(self.layers):
+            yield from layer._holders(f"{prefix}{index}.")
 
     def extra_repr(self):
         return ", ".join(repr(layer) for layer in self.layers)
 
-    def summary(self) -> str:
-        """One line per layer, then the parameter count."""
-        lines = [f"  ({i}) {layer!r}" for i, layer in enumerate(self.layers)]
-        return "\n".join([f"Sequential: {self.num_parameters():,} parameters", *lines])
+    def summary(self, input_shape: tuple[int, ...] | None = None) -> str:
+        """A table of the layers, their output shapes and parameter counts, and the totals (like Keras).
+
+        ``input_shape`` is one sample's shape, e.g. ``(1, 28, 28)``: output shapes come from one
+        forward pass of a zero batch of one in evaluation mode (each layer's mode is restored
+        after).  Without it the table has no output shapes.
+        """
+        rows = [("#", "Layer", *(("Output shape",) if input_shape else ()), "Params")]
+        shapes = self.output_shapes(input_shape) if input_shape else None
+        for index, layer in enumerate(self.layers):
+            shape = ("(None, " + ", ".join(str(s) for s in shapes[index][1:]) + ")",) if shapes else ()
+            rows.append((str(index), repr(layer), *shape, f"{layer.num_parameters():,}"))
+        widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
+        lines = [
+            "  ".join([*(c.ljust(w) for c, w in zip(row[:-1], widths, strict=False)), row[-1].rjust(widths[-1])])
+            for row in rows
+        ]
+        rule = "-" * len(max(lines, key=len))
+        trainable = self.num_parameters()
+        buffers = sum(math.prod(value.shape) for _, value in self.named_buffers())
+        totals = [f"Total parameters: {trainable:,}"] + ([f"Buffers (not trained): {buffers:,}"] if buffers else [])
+        return "\n".join([lines[0], rule, *lines[1:], rule, *totals])
+
+    def output_shapes(self, input_shape: tuple[int, ...]) -> list[tuple[int, ...]]:
+        """The output shape of each layer for a zero input of shape ``(1, *input_shape)``."""
+        first = next(self.parameters(), None)
+        backend = backend_of(first) if first is not None else get_backend("numpy")
+        dtype = first.dtype if first is not None else backend.xp.float32
+        x = backend.asarray(np.zeros((1, *input_shape), np.float32), dtype)
+        modes = [layer.training for layer in self.layers]
+        shapes = []
+        try:
+            for layer in self.layers:
+                x = layer.eval().forward(x)
+                shapes.append(tuple(int(s) for s in x.shape))
+        finally:
+            for layer, mode in zip(self.layers, modes, strict=True):
+                layer.train(mode)
+        return shapes
+
+
+def _has_parameters(layer: Layer) -> bool:
+    return next(layer.parameters(), None) is not None
 
 
 def recalibrate_batchnorm(model: Sequential, batches: Iterable) -> None:

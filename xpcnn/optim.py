@@ -1,10 +1,12 @@
 """Optimisers over a model's parameters, with PyTorch's update rules.
 
 An optimiser keeps all of a model's parameters in one flat 1-D buffer (in
-``model.parameters()`` order) and its state in flat buffers of the same length,
-so that one step costs a handful of array operations (GPU kernel launches)
-whatever the number of parameters.  Each step gathers ``model.gradients()``
-with one concatenation.
+``model.named_parameters()`` order) and its state in flat buffers of the same
+length, so that one step costs a handful of array operations (GPU kernel
+launches) whatever the number of parameters.  Each step gathers
+``model.named_gradients()`` with one concatenation.  As in PyTorch, backward
+passes add to the gradients and ``zero_grad()`` clears them: call it before
+each step's backward.
 
 Where slices and reshapes are writeable views (NumPy, CuPy, torch) the model's
 parameters are installed as views of the flat buffer (``model.set_parameters``)
@@ -63,9 +65,13 @@ class Optimizer:
 
     # --- the step ---
 
+    def zero_grad(self) -> None:
+        """Clear the model's gradients (to none: the next backward assigns them, costing no array operation)."""
+        self.model.zero_grad()
+
     def step(self) -> None:
-        """Apply one update from the gradients of the last backward pass."""
-        params, grads = self.model.parameters(), self.model.gradients()
+        """Apply one update from the gradients summed since the last :meth:`zero_grad`."""
+        params, grads = dict(self.model.named_parameters()), dict(self.model.named_gradients())
         missing = sorted(set(params) - set(grads))
         if missing:
             raise RuntimeError(f"{type(self).__name__}.step(): no gradients for {missing}; call backward() first")
@@ -177,7 +183,7 @@ class Optimizer:
 
         Every slot must be given for every parameter, in its shape.
         """
-        params = self.model.parameters()
+        params = dict(self.model.named_parameters())
         state = state_dict["state"]
         unknown = sorted(set(state) - set(params))
         if unknown:

@@ -20,6 +20,7 @@ import math
 import signal
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
@@ -293,9 +294,19 @@ class Trainer:
         config: TrainConfig,
         progress: Progress | None = None,
         background: float = 0.0,
+        callbacks: Sequence = (),
     ):
-        """``background`` is the value of a blank pixel after normalisation: what augmentation fills in."""
+        """``background`` is the value of a blank pixel after normalisation: what augmentation fills in.
+
+        ``callbacks`` are objects with an ``on_step(step, loss)`` method (``step`` counts optimiser
+        steps from 1, ``loss`` is the batch's as a float: reading it synchronises a GPU every step),
+        an ``on_epoch_end(record)`` method (the epoch's history record), or both.  A callback that
+        returns True stops training after that step or epoch; an epoch stopped part-way is evaluated
+        and recorded over the steps it ran.
+        """
         self.model, self.optimizer, self.backend, self.config = model, optimizer, backend, config
+        self._step_callbacks = [c.on_step for c in callbacks if hasattr(c, "on_step")]
+        self._epoch_callbacks = [c.on_epoch_end for c in callbacks if hasattr(c, "on_epoch_end")]
         # Labels are validated once, at load; the evaluation loss stays the plain cross-entropy.
         self.loss_fn = CrossEntropyLoss(check_labels=False, label_smoothing=config.label_smoothing)
         self.progress = progress or Progress(None)
@@ -313,25 +324,30 @@ class Trainer:
         caller checkpoints it), and TrainingDiverged on a non-finite loss.
         """
         state = state or RunState()
-        flag = {"stop": False}
+        flag = {"stop": False, "callback": False}  # Ctrl-C; a callback's request to stop
         with _stop_on_ctrl_c(flag), np.errstate(over="ignore", invalid="ignore", divide="ignore"):
             while state.epoch < self.config.epochs:
                 if flag["stop"]:
                     raise TrainingInterrupted(f"stopped after epoch {state.epoch}")
                 finished = self._train_epoch(train, state, flag)
-                if not finished:
+                if not finished and not flag["callback"]:
                     raise TrainingInterrupted(f"stopped at epoch {state.epoch + 1}, step {state.step}")
                 record = self._end_epoch(train, evals, state)
                 self.progress.end_epoch(record)
                 if on_epoch_end is not None:
                     on_epoch_end(state)
+                if any([callback(record) for callback in self._epoch_callbacks]) or flag["callback"]:
+                    break
         return state
 
     def steps_per_epoch(self, train: DeviceSplit) -> int:
         return math.ceil(len(train) / self.config.batch_size)
 
     def _train_epoch(self, train: DeviceSplit, state: RunState, flag: dict) -> bool:
-        """Run the rest of the current epoch; False if Ctrl-C stopped it (``state`` then points at the next step)."""
+        """Run the rest of the current epoch.
+
+        False if Ctrl-C or a callback stopped it (``state`` then points at the next step).
+        """
         xp, cfg = self.backend.xp, self.config
         steps = self.steps_per_epoch(train)
         total_steps = steps * cfg.epochs
@@ -368,18 +384,22 @@ class Trainer:
             if self.augmentation is not None:
                 x = self.augmentation(x, noise, fill=self.background)
             self.optimizer.lr = scheduled_lr(cfg.schedule, cfg.lr, state.global_step, total_steps)
+            self.optimizer.zero_grad()
             logits = self.model.forward(x)
             loss = self.loss_fn.forward(logits, y)
             self.model.backward(self.loss_fn.backward(), input_grad=False)
             self.optimizer.step()
             state.global_step += 1
+            if self._step_callbacks:
+                value = float(loss)
+                flag["callback"] |= any([callback(state.global_step, value) for callback in self._step_callbacks])
             count = int(y.shape[0])
             seen += count
             # Two and four launches: float64 + float32 promotes to float64, and count_nonzero counts the booleans.
             loss_sum = loss_sum + loss * count
             correct = correct + xp.count_nonzero(xp.argmax(logits, axis=1) == y)
             last = step + 1 == steps
-            if (step + 1) % cfg.log_every == 0 or last or flag["stop"]:
+            if (step + 1) % cfg.log_every == 0 or last or flag["stop"] or flag["callback"]:
                 partial = checkpoint_partial(step + 1)
                 mean_loss = partial["loss_sum"] / seen
                 if not math.isfinite(mean_loss):
@@ -387,7 +407,7 @@ class Trainer:
                 self.progress.update(
                     step + 1, mean_loss, partial["correct"] / seen, seen / max(partial["seconds"], 1e-9)
                 )
-                if flag["stop"] and not last:
+                if (flag["stop"] or flag["callback"]) and not last:  # Ctrl-C may have come during the update
                     return False
         self.model.zero_cache()
         return True
@@ -405,7 +425,7 @@ class Trainer:
         epoch = state.epoch + 1
         bad = [
             name
-            for name, value in self.model.parameters().items()
+            for name, value in self.model.named_parameters()
             if not bool(self.backend.xp.all(self.backend.xp.isfinite(value)))
         ]
         if bad:

@@ -2,6 +2,7 @@
 
 import re
 import shlex
+import textwrap
 from pathlib import Path
 
 import click
@@ -11,11 +12,11 @@ from xpcnn.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCUMENTS = ["README.md", "docs/library.md"]
-FENCE = re.compile(r"^```(\w*)\n(.*?)^```", re.DOTALL | re.MULTILINE)
+FENCE = re.compile(r"^[ \t]*```(\w*)\n(.*?)^[ \t]*```", re.DOTALL | re.MULTILINE)  # list items indent theirs
 
 
 def blocks(path: Path, language: str) -> list[str]:
-    return [body for lang, body in FENCE.findall(path.read_text()) if lang == language]
+    return [textwrap.dedent(body) for lang, body in FENCE.findall(path.read_text()) if lang == language]
 
 
 @pytest.mark.parametrize("document", DOCUMENTS)
@@ -52,11 +53,12 @@ def option_names(command: click.Command) -> set[str]:
 
 @pytest.mark.parametrize("line", readme_commands())
 def test_readme_names_only_commands_and_options_that_exist(line):
-    """Synopses ([--flag VALUE]) and placeholders (DIR) have their flags checked; whole commands are parsed."""
+    """Synopses ([--flag VALUE]), bare command names and placeholders (DIR, runs/<run>) have their flags checked;
+    whole commands are parsed."""
     name, *args = shlex.split(line)[1:]
     command = main.get_command(click.Context(main), name)
     assert command is not None, f"no command {name!r}"
     unknown = sorted(set(re.findall(r"--[a-z0-9][a-z0-9-]*", line)) - option_names(command))
     assert not unknown, f"{line}: no such options {unknown}"
-    if "[" not in line and not any(arg.isupper() for arg in args):
+    if args and "[" not in line and "<" not in line and not any(arg.isupper() for arg in args):
         command.make_context(name, args)  # raises click.UsageError on a bad value

@@ -100,7 +100,9 @@ def library_probabilities(run, images_uint8):
     """What the library computes for uint8 images (N, 28, 28) with the run's model."""
     from xpcnn.backend import get_backend
     from xpcnn.checkpoint import load_checkpoint
-    from xpcnn.train import model_from_checkpoint, normalize_images, predict_probabilities
+    from xpcnn.device_data import normalize_images
+    from xpcnn.runs import model_from_checkpoint
+    from xpcnn.train import predict_probabilities
 
     numpy = get_backend("numpy")
     model, norm = model_from_checkpoint(load_checkpoint(run), numpy)
@@ -134,16 +136,16 @@ def test_ctrl_c_writes_a_checkpoint_and_exits_130(synthetic_dir, tmp_path, monke
     import os
     import signal
 
-    from xpcnn import train
+    from xpcnn import display
 
-    real_update = train.Progress.update
+    real_update = display.Progress.update
 
     def update_then_ctrl_c(self, step, *args):
         real_update(self, step, *args)
         if step == 3:
             os.kill(os.getpid(), signal.SIGINT)
 
-    monkeypatch.setattr(train.Progress, "update", update_then_ctrl_c)
+    monkeypatch.setattr(display.Progress, "update", update_then_ctrl_c)
     run = tmp_path / "run"
     result = invoke("train", *FAST, "--log-every", "1", "--data-dir", synthetic_dir, "--out", run, expect=130)
     assert f"interrupted: stopped at epoch 1, step 3; checkpoint saved, continue with: xpcnn train --resume {run}" in (

@@ -18,28 +18,18 @@ import numpy as np
 from . import __version__, plots
 from .backend import BACKEND_NAMES, available_backends, get_backend, gpu_names, set_tf32
 from .checkpoint import CheckpointError, checkpoint_path, load_checkpoint
+from .config import TrainConfig
 from .data import DATASETS, TEST_FILES, find_data_dir, get_spec, holds_dataset, load_dataset, other_files
+from .device_data import DeviceSplit, normalize_images
+from .display import Progress
 from .errors import ConfigError, XpcnnError
 from .images import ImageError, load_image
 from .models import MODELS
 from .optim import OPTIMIZERS, SCHEDULES
 from .recipes import RECIPES, recipe
-from .train import (
-    DeviceSplit,
-    Progress,
-    TrainConfig,
-    TrainingInterrupted,
-    checkpoint_config,
-    model_from_checkpoint,
-    normalize_images,
-    predict_probabilities,
-    run_dir_has_run,
-    summary,
-    train_run,
-)
-from .train import (
-    evaluate as evaluate_model,
-)
+from .runs import checkpoint_config, model_from_checkpoint, run_dir_has_run, summary, train_run
+from .train import TrainingInterrupted, predict_probabilities
+from .train import evaluate as evaluate_model
 
 EXIT_INTERRUPTED = 130
 EXIT_BUG = 70  # sysexits' EX_SOFTWARE: an internal error

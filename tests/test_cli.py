@@ -127,6 +127,21 @@ def test_resume_continues_and_refuses_changes(trained_run, synthetic_dir, tmp_pa
     assert [r["epoch"] for r in json.loads((run / "history.json").read_text())] == [1, 2]
 
 
+def test_quiet_train_prints_only_the_final_summary(synthetic_dir, tmp_path):
+    result = invoke(
+        "train", *FAST, "--log-every", "1", "--quiet", "--data-dir", synthetic_dir, "--out", tmp_path / "run"
+    )
+    assert result.stderr == ""
+    assert result.stdout.startswith("best test accuracy") and result.stdout.count("\n") == 1
+
+
+def test_train_logs_plain_lines_when_not_a_terminal(synthetic_dir, tmp_path):
+    result = invoke("train", *FAST, "--log-every", "1", "--data-dir", synthetic_dir, "--out", tmp_path / "run")
+    assert "\r" not in result.stderr
+    assert re.search(r"^epoch 1/1 step 1/\d+ loss [\d.]+ acc [\d.]+% [\d,]+ img/s elapsed ", result.stderr, re.M)
+    assert re.search(r"^epoch 1/1  train loss [\d.]+ acc [\d.]+%  test loss ", result.stderr, re.M)
+
+
 def test_refuses_to_overwrite_a_run(trained_run, synthetic_dir):
     result = invoke("train", *FAST, "--data-dir", synthetic_dir, "--out", trained_run, expect=2)
     assert f"{trained_run} already holds a run" in result.output

@@ -200,10 +200,13 @@ TF32_HELP = "Let float32 matrix products on NVIDIA GPUs use TF32 tensor cores (1
 @click.option("--resume", type=click.Path(exists=True, file_okay=False), help="Continue the run in this directory.")
 @click.option("--tf32", is_flag=True, help=TF32_HELP)
 @click.option("--plot", is_flag=True, help="Also write the training curves to history.png in the run directory.")
+@click.option(
+    "--quiet", "-q", is_flag=True, help="No progress: print only errors and the final summary (and --plot's file)."
+)
 @allow_other_data_option
 @click.pass_context
 @friendly_errors
-def train(ctx, recipe_name, data_dir, device, backend, out, resume, tf32, plot, allow_other_data, **options):
+def train(ctx, recipe_name, data_dir, device, backend, out, resume, tf32, plot, quiet, allow_other_data, **options):
     """Train a model, saving config, history and checkpoints to a run directory."""
     if plot:
         plots.require_matplotlib()
@@ -258,13 +261,14 @@ def train(ctx, recipe_name, data_dir, device, backend, out, resume, tf32, plot, 
 
     set_tf32(tf32)
     chosen = get_backend(backend, device)
-    dataset = load_dataset(config.dataset, data_dir)
-    click.echo(
-        f"training {config.model} on {config.dataset} ({len(dataset.train_labels):,} train / "
-        f"{len(dataset.test_labels):,} test images) with {chosen}, {config.epochs} epoch(s)"
-        + (f", resuming after epoch {checkpoint.meta['state']['epoch']}" if checkpoint else ""),
-        err=True,
-    )
+    dataset = load_dataset(config.dataset, data_dir, progress=not quiet)
+    if not quiet:
+        click.echo(
+            f"training {config.model} on {config.dataset} ({len(dataset.train_labels):,} train / "
+            f"{len(dataset.test_labels):,} test images) with {chosen}, {config.epochs} epoch(s)"
+            + (f", resuming after epoch {checkpoint.meta['state']['epoch']}" if checkpoint else ""),
+            err=True,
+        )
     environment = {
         "data_dir": dataset.record()["directory"],
         "backend": chosen.describe(),
@@ -277,7 +281,7 @@ def train(ctx, recipe_name, data_dir, device, backend, out, resume, tf32, plot, 
         dataset,
         out,
         resume=checkpoint,
-        progress=Progress(sys.stderr),
+        progress=Progress(sys.stderr, quiet=quiet),
         environment=environment,
         allow_other_data=allow_other_data,
     )

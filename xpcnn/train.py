@@ -140,7 +140,7 @@ class Trainer:
         self.model.train()
         noise = self.backend.generator(cfg.seed, epoch, state.step)
         self.model.set_generator(noise)
-        self.progress.start_epoch(epoch + 1, cfg.epochs, steps)
+        self.progress.start_epoch(epoch + 1, cfg.epochs, steps, state.step)
 
         partial = state.partial
         loss_sum = xp.asarray(partial["loss_sum"], dtype=xp.float64, device=self.backend.device)

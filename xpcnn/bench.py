@@ -40,6 +40,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from .diagnostics import device_peak_mib
 from .models import build
 
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
@@ -154,29 +155,10 @@ def _xpcnn_session(case: Case, settings: Settings) -> Session:
         {"train": train_step, "infer": infer_step},
         {"train": model.train, "infer": to_eval},
         backend.synchronize,
-        lambda: _device_peak_mib(backend),
+        lambda: device_peak_mib(backend),
         settings,
         backend.activate,
     )
-
-
-def _device_peak_mib(backend) -> float | None:
-    """Peak GPU memory of the run in MiB (None on the CPU).
-
-    CuPy: what its memory pool holds (it keeps its high-water mark); torch: its
-    allocator's peak; JAX: the device's ``peak_bytes_in_use``.
-    """
-    if not backend.is_gpu:
-        return None
-    if backend.name == "cupy":
-        import cupy
-
-        return cupy.get_default_memory_pool().total_bytes() / 2**20
-    if backend.name == "torch":
-        import torch
-
-        return torch.cuda.max_memory_allocated(backend.device) / 2**20
-    return backend.device.memory_stats()["peak_bytes_in_use"] / 2**20
 
 
 def torch_twin(model):
@@ -456,7 +438,7 @@ def machine_description(threads: int) -> dict:
     import numpy
 
     from . import __version__
-    from .backend import gpu_names
+    from .diagnostics import gpu_names
 
     info = {
         "xpcnn": __version__,

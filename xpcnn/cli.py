@@ -16,11 +16,12 @@ import click
 import numpy as np
 
 from . import __version__, plots
-from .backend import BACKEND_NAMES, available_backends, get_backend, gpu_names, set_tf32
+from .backend import BACKEND_NAMES, cuda_problem, get_backend, set_tf32
 from .checkpoint import CheckpointError, checkpoint_path, load_checkpoint
 from .config import TrainConfig
 from .data import DATASETS, TEST_FILES, find_data_dir, get_spec, holds_dataset, load_dataset, other_files
 from .device_data import DeviceSplit, normalize_images
+from .diagnostics import available_backends, gpu_names
 from .display import Progress
 from .errors import ConfigError, XpcnnError
 from .images import ImageError, load_image
@@ -479,7 +480,6 @@ def predict(run, images, device, backend, top_k, as_json):
 def bench(models, backends, threads, steps, repeats, train_batch, infer_batch, no_torch, json_path, tf32, full_run_dir):
     """Training and inference images/s and peak memory, beside PyTorch eager with timed runs interleaved."""
     from . import bench as benchmark
-    from .backend import cuda_problem
     from .files import write_json
 
     models = list(models) or list(BENCH_MODELS)

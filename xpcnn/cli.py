@@ -468,7 +468,14 @@ def predict(run, images, device, backend, top_k, as_json):
 @click.option("--train-batch", type=click.IntRange(min=1), default=128, show_default=True)
 @click.option("--infer-batch", type=click.IntRange(min=1), default=1000, show_default=True)
 @click.option("--no-torch", is_flag=True, help="Skip the PyTorch comparison.")
-@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Also write the results here as JSON.")
+@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON instead of the table.")
+@click.option(
+    "--output",
+    "output_path",
+    type=click.Path(dir_okay=False),
+    metavar="FILE",
+    help="Also write the results here as JSON.",
+)
 @click.option("--tf32", is_flag=True, help=TF32_HELP)
 @click.option(
     "--full-run",
@@ -477,7 +484,20 @@ def predict(run, images, device, backend, top_k, as_json):
     help="Also train convnet for one epoch on the MNIST files here and report its peak memory and time.",
 )
 @friendly_errors
-def bench(models, backends, threads, steps, repeats, train_batch, infer_batch, no_torch, json_path, tf32, full_run_dir):
+def bench(
+    models,
+    backends,
+    threads,
+    steps,
+    repeats,
+    train_batch,
+    infer_batch,
+    no_torch,
+    as_json,
+    output_path,
+    tf32,
+    full_run_dir,
+):
     """Training and inference images/s and peak memory, beside PyTorch eager with timed runs interleaved."""
     from . import bench as benchmark
     from .files import write_json
@@ -496,10 +516,11 @@ def bench(models, backends, threads, steps, repeats, train_batch, infer_batch, n
         for row in benchmark.run_pair(case, settings, with_torch):
             results.append(row)
             click.echo(f"  {benchmark.format_progress(row)}", err=True)
-    click.echo(benchmark.format_table(results))
+    say = (lambda text: None) if as_json else click.echo  # with --json, stdout holds the JSON only
+    say(benchmark.format_table(results))
     report = {"machine": machine, "settings": dataclasses.asdict(settings), "results": results}
     if with_torch:
-        click.echo(f"vs torch: xpcnn / PyTorch eager, median ({benchmark.RATIO_SPREAD}) of {repeats} interleaved runs")
+        say(f"vs torch: xpcnn / PyTorch eager, median ({benchmark.RATIO_SPREAD}) of {repeats} interleaved runs")
         report["ratio_spread"] = benchmark.RATIO_SPREAD
     if full_run_dir:
         device = "cuda" if "cupy" in backends else "cpu"
@@ -507,15 +528,17 @@ def bench(models, backends, threads, steps, repeats, train_batch, infer_batch, n
         run = benchmark.full_run(full_run_dir, "convnet", device, threads, tf32)
         report["full_run"] = run
         if "error" in run:
-            click.echo(f"full MNIST epoch failed: {run['error']}")
+            click.echo(f"full MNIST epoch failed: {run['error']}", err=as_json)
         else:
-            click.echo(
+            say(
                 f"full MNIST epoch of convnet on {device}: {run['seconds']:.1f} s training "
                 f"({run['images_per_second']:,.0f} img/s), {run['wall_seconds']:.1f} s wall, "
                 f"test accuracy {run['test_accuracy']:.2%}, peak RSS {run['peak_rss_mib']:,.0f} MiB"
             )
-    if json_path:
-        write_json(json_path, report)
+    if output_path:
+        write_json(output_path, report)
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
     failed = [row for row in results if "error" in row] + ([run] if full_run_dir and "error" in run else [])
     if failed:
         sys.exit(1)  # each failure was reported on its line; the figures that could be measured are kept

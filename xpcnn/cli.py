@@ -1,4 +1,7 @@
-"""The ``xpcnn`` command line: parsing and messages only, the work happens in the library."""
+"""The ``xpcnn`` command line: parsing and messages only, the work happens in the library.
+
+One job, though long: each command declares its options here, and its messages.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +11,6 @@ import json
 import os
 import platform
 import sys
-import time
 import traceback
 from pathlib import Path
 
@@ -19,7 +21,7 @@ from . import __version__, plots
 from .backend import BACKEND_NAMES, cuda_problem, get_backend, set_tf32
 from .checkpoint import CheckpointError, checkpoint_path, load_checkpoint
 from .config import TrainConfig
-from .data import DATASETS, TEST_FILES, find_data_dir, get_spec, holds_dataset, load_dataset, other_files
+from .data import DATASETS, TEST_FILES, find_data_dir, get_spec, load_dataset, other_files
 from .device_data import DeviceSplit, normalize_images
 from .diagnostics import available_backends, gpu_names
 from .display import Progress
@@ -28,7 +30,19 @@ from .images import ImageError, load_image
 from .models import MODELS
 from .optim import OPTIMIZERS, SCHEDULES
 from .recipes import RECIPES, recipe
-from .runs import checkpoint_config, model_from_checkpoint, run_dir_has_run, summary, train_run
+from .runs import (
+    RESUMABLE,
+    checkpoint_config,
+    confusion_matrix,
+    default_run_dir,
+    model_from_checkpoint,
+    per_class_accuracy,
+    recorded_data_dir,
+    resumed_config,
+    run_dir_has_run,
+    summary,
+    train_run,
+)
 from .train import TrainingInterrupted, predict_probabilities
 from .train import evaluate as evaluate_model
 
@@ -123,7 +137,6 @@ def main():
     """
 
 
-RESUMABLE = {"epochs", "log_every"}
 BENCH_MODELS = ("seed", "lenet", "convnet")
 TF32_HELP = "Let float32 matrix products on NVIDIA GPUs use TF32 tensor cores (10-bit mantissas): faster, less exact."
 
@@ -211,6 +224,7 @@ def train(ctx, recipe_name, data_dir, device, backend, out, resume, tf32, plot, 
     """Train a model, saving config, history and checkpoints to a run directory."""
     if plot:
         plots.require_matplotlib()
+    given = {name for name in options if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE}
     if resume is not None:
         if recipe_name:
             raise click.UsageError("--recipe cannot change when resuming")
@@ -220,36 +234,26 @@ def train(ctx, recipe_name, data_dir, device, backend, out, resume, tf32, plot, 
                 f"start it afresh with --out {resume}"
             )
         checkpoint = load_checkpoint(resume)
-        changed = {
-            name
-            for name in options
-            if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE and name not in RESUMABLE
-        }
+        changed = sorted(set(given) - RESUMABLE)
         if changed:
-            flags = ", ".join(f"--{name.replace('_', '-')}" for name in sorted(changed))
+            flags = ", ".join(f"--{name.replace('_', '-')}" for name in changed)
             raise click.UsageError(
                 f"{flags} cannot change when resuming; only --epochs, --device, --backend, --data-dir"
             )
         if out is not None and Path(out).resolve() != Path(resume).resolve():
             raise click.UsageError("--out and --resume name different directories")
-        stored = checkpoint_config(checkpoint).to_dict()
-        stored.update(
-            {k: options[k] for k in RESUMABLE if ctx.get_parameter_source(k) == click.core.ParameterSource.COMMANDLINE}
-        )
-        config = TrainConfig.from_dict(stored)
+        try:
+            config = resumed_config(checkpoint, Path(resume), {k: options[k] for k in given})
+        except ConfigError as exc:
+            raise click.UsageError(_user_message(exc)) from None
         out = Path(resume)
-        data_dir = data_dir or _recorded_data_dir(checkpoint, out)
-        if checkpoint.meta["state"]["epoch"] >= config.epochs:
-            raise click.UsageError(
-                f"{resume} already finished {config.epochs} epoch(s); pass --epochs N to train longer"
-            )
+        data_dir = data_dir or recorded_data_dir(checkpoint, out)
     else:
         checkpoint = None
         if recipe_name:
-            given = {k for k in options if ctx.get_parameter_source(k) == click.core.ParameterSource.COMMANDLINE}
             options.update({k: v for k, v in recipe(recipe_name).items() if k not in given})
         config = TrainConfig.from_dict(options)
-        out = Path(out) if out else Path("runs") / f"{config.model}-{time.strftime('%Y%m%d-%H%M%S')}"
+        out = Path(out) if out else default_run_dir(config)
         if run_dir_has_run(out):
             try:
                 load_checkpoint(out)
@@ -295,29 +299,6 @@ def train(ctx, recipe_name, data_dir, device, backend, out, resume, tf32, plot, 
     )
 
 
-def _recorded_data_dir(checkpoint, run: Path) -> str | None:
-    """Where a run's data was: the directory its checkpoint records, while it still holds the files, else
-    the one its config.json names, else None (the data is then looked for as for a new run)."""
-    recorded = (checkpoint.meta.get("data") or {}).get("directory")
-    if recorded and holds_dataset(recorded):
-        return recorded
-    return _stored_data_dir(run)
-
-
-def _stored_data_dir(run: Path) -> str | None:
-    """The --data-dir a run was started with, from its config.json (None where it has no usable one).
-
-    The checkpoint holds everything else a run needs: a config.json that is missing, damaged or not
-    xpcnn's only loses this hint, and the data is then looked for as for a new run.
-    """
-    try:
-        stored = json.loads((run / "config.json").read_text())
-    except (OSError, ValueError):
-        return None
-    data_dir = stored.get("data_dir") if isinstance(stored, dict) else None
-    return data_dir if isinstance(data_dir, str) else None
-
-
 @main.command()
 @click.argument("run", metavar="RUN_OR_CHECKPOINT", type=click.Path(exists=True))
 @click.option("--data-dir", type=click.Path(file_okay=False), help="Directory holding the four IDX .gz files.")
@@ -338,7 +319,7 @@ def evaluate(run, data_dir, device, backend, as_json, plot, allow_other_data):
     chosen = get_backend(backend, device)
     config = checkpoint_config(checkpoint)
     run_dir = checkpoint_path(run).parent
-    dataset = load_dataset(config.dataset, data_dir or _recorded_data_dir(checkpoint, run_dir))
+    dataset = load_dataset(config.dataset, data_dir or recorded_data_dir(checkpoint, run_dir))
     changed = other_files(checkpoint.meta.get("data"), dataset, TEST_FILES)
     if changed and not allow_other_data:
         raise click.UsageError(
@@ -353,8 +334,8 @@ def evaluate(run, data_dir, device, backend, as_json, plot, allow_other_data):
     labels = dataset.test_labels.astype(np.int64)
     classes = checkpoint.meta["classes"]
     k = len(classes)
-    confusion = np.bincount(labels * k + result.predictions, minlength=k * k).reshape(k, k)
-    per_class = confusion.diagonal() / np.maximum(confusion.sum(axis=1), 1)
+    confusion = confusion_matrix(labels, result.predictions, k)
+    per_class = per_class_accuracy(confusion)
     report = {
         "checkpoint": str(checkpoint_path(run)),
         "dataset": config.dataset,

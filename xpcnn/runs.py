@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import dataclasses
+import json
+import time
 from pathlib import Path
+
+import numpy as np
 
 from . import __version__
 from .backend import Backend
 from .checkpoint import CHECKPOINT_NAME, Checkpoint, CheckpointError, save_checkpoint
 from .config import TrainConfig, make_optimizer
-from .data import Dataset, other_files
+from .data import Dataset, holds_dataset, other_files
 from .device_data import DeviceSplit, Normalization
 from .display import Progress
 from .errors import ConfigError
@@ -39,6 +43,63 @@ def model_from_checkpoint(checkpoint: Checkpoint, backend: Backend) -> tuple[Seq
     if classes != outputs:
         raise CheckpointError(f"{checkpoint.path}: {classes} class names for a model with {outputs} outputs")
     return model, Normalization(**checkpoint.meta["normalization"])
+
+
+# Settings a resumed run may change: neither alters what the finished epochs computed.
+RESUMABLE = frozenset({"epochs", "log_every"})
+
+
+def resumed_config(checkpoint: Checkpoint, run: Path, overrides: dict) -> TrainConfig:
+    """The configuration the run in ``run`` continues with: its checkpoint's, with ``overrides``
+    (settings in :data:`RESUMABLE` only) applied; ConfigError when it has nothing left to train."""
+    fixed = sorted(set(overrides) - RESUMABLE)
+    if fixed:
+        raise ConfigError(f"{', '.join(fixed)} cannot change when resuming", fixed[0])
+    config = TrainConfig.from_dict({**checkpoint_config(checkpoint).to_dict(), **overrides})
+    if checkpoint.meta["state"]["epoch"] >= config.epochs:
+        raise ConfigError(
+            f"{run} already finished {config.epochs} epoch(s); ask for more epochs to train longer", "epochs"
+        )
+    return config
+
+
+def default_run_dir(config: TrainConfig) -> Path:
+    """``runs/<model>-<local time>``: where a run goes when no directory is named."""
+    return Path("runs") / f"{config.model}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def recorded_data_dir(checkpoint: Checkpoint, run: Path) -> str | None:
+    """Where a run's data was: the directory its checkpoint records, while it still holds the files, else
+    the one its config.json names, else None (the data is then looked for as for a new run)."""
+    recorded = (checkpoint.meta.get("data") or {}).get("directory")
+    if recorded and holds_dataset(recorded):
+        return recorded
+    return _stored_data_dir(run)
+
+
+def _stored_data_dir(run: Path) -> str | None:
+    """The --data-dir a run was started with, from its config.json (None where it has no usable one).
+
+    The checkpoint holds everything else a run needs: a config.json that is missing, damaged or not
+    xpcnn's only loses this hint, and the data is then looked for as for a new run.
+    """
+    try:
+        stored = json.loads((run / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    data_dir = stored.get("data_dir") if isinstance(stored, dict) else None
+    return data_dir if isinstance(data_dir, str) else None
+
+
+def confusion_matrix(labels: np.ndarray, predictions: np.ndarray, classes: int) -> np.ndarray:
+    """(classes, classes) int64 counts: rows the true class, columns the predicted one."""
+    flat = labels.astype(np.int64) * classes + predictions
+    return np.bincount(flat, minlength=classes * classes).reshape(classes, classes)
+
+
+def per_class_accuracy(confusion: np.ndarray) -> np.ndarray:
+    """(classes,) share of each true class predicted right (0 for a class with no images)."""
+    return confusion.diagonal() / np.maximum(confusion.sum(axis=1), 1)
 
 
 def checkpoint_meta(

@@ -1,5 +1,8 @@
 """Throughput and memory benchmark: xpcnn on each backend beside PyTorch, in one run.
 
+One job, though long: the xpcnn-beside-PyTorch benchmark, whose two processes per
+case and the protocol between them belong together.
+
 Each case (framework, backend, model) runs in its own Python process with the
 same thread count, fixed before any library loads, so that peak memory is per
 case and no case warms another's caches or allocator.  A case measures:

@@ -1,9 +1,10 @@
 import io
+import os
 import re
 
 import pytest
 
-from xpcnn.display import Progress, fit_to_width
+from xpcnn.display import Progress, fit_to_width, terminal_width
 
 RECORD = {
     "train_loss": 0.1234,
@@ -93,3 +94,13 @@ def test_quiet_prints_nothing(stream):
 def test_fit_to_width_packs_parts_without_splitting_them():
     assert fit_to_width(["epoch 1/3", "train loss 0.1", "12 s"], 80) == ["epoch 1/3  train loss 0.1  12 s"]
     assert fit_to_width(["epoch 1/3", "train loss 0.1", "12 s"], 20) == ["epoch 1/3", "  train loss 0.1", "  12 s"]
+
+
+def test_a_terminal_reporting_zero_columns_falls_back_to_columns_then_80(monkeypatch):
+    monkeypatch.setattr("os.get_terminal_size", lambda fd: os.terminal_size((0, 0)))
+    terminal = FakeTerminal()
+    terminal.fileno = lambda: 2
+    monkeypatch.setenv("COLUMNS", "55")
+    assert terminal_width(terminal) == 55
+    monkeypatch.delenv("COLUMNS")
+    assert terminal_width(terminal) == 80

@@ -26,14 +26,20 @@ DEFAULT_WIDTH = 80
 
 
 def terminal_width(stream: TextIO) -> int:
-    """Columns of the terminal ``stream`` writes to; else ``$COLUMNS``; else 80."""
+    """Columns of the terminal ``stream`` writes to; else ``$COLUMNS``; else 80.
+
+    A terminal that reports 0 columns (a pseudo-terminal nobody sized) counts as none.
+    """
     try:
-        return os.get_terminal_size(stream.fileno()).columns
+        columns = os.get_terminal_size(stream.fileno()).columns
     except (AttributeError, OSError, ValueError, io.UnsupportedOperation):
-        try:
-            return int(os.environ["COLUMNS"])
-        except (KeyError, ValueError):
-            return DEFAULT_WIDTH
+        columns = 0
+    if columns > 0:
+        return columns
+    try:
+        return max(int(os.environ["COLUMNS"]), 1)
+    except (KeyError, ValueError):
+        return DEFAULT_WIDTH
 
 
 def fit_to_width(parts: list[str], width: int) -> list[str]:

@@ -27,14 +27,14 @@ def dataset(tmp_path_factory):
 @pytest.fixture(scope="module")
 def run_on(dataset, tmp_path_factory):
     """``run_on(name)``: the run directory of one epoch trained on backend ``name`` (trained once)."""
-    runs = {}
+    trained = {}
 
     def run(name):
-        if name not in runs:
+        if name not in trained:
             out = tmp_path_factory.mktemp("runs") / name
             runs.train_run(config(), make_backend(name), dataset, out)
-            runs[name] = out
-        return runs[name]
+            trained[name] = out
+        return trained[name]
 
     return run
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Benchmark xpcnn against PyTorch: the same as `xpcnn bench`, for running from a checkout.
 
-python scripts/bench.py --json bench.json --full-run ../shared/data/mnist
+python scripts/bench.py --output bench.json --full-run ../shared/data/mnist
 """
 
 from xpcnn.cli import bench

@@ -21,8 +21,10 @@ import onnxruntime
 from xpcnn.backend import get_backend
 from xpcnn.checkpoint import load_checkpoint
 from xpcnn.data import load_dataset
+from xpcnn.device_data import normalize_images
 from xpcnn.export import export
-from xpcnn.train import checkpoint_config, model_from_checkpoint, normalize_images, predict_probabilities
+from xpcnn.runs import checkpoint_config, model_from_checkpoint
+from xpcnn.train import predict_probabilities
 
 TOLERANCE = 1e-5
 

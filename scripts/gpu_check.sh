@@ -102,7 +102,7 @@ if [ "$quick" = 1 ]; then
             XPCNN_FASTPATH=$([ "$run" = reference ] && echo 0 || echo 1) \
             step "$name" 55 "$python" -m xpcnn bench --backend "$backend" ${GPU_CHECK_BENCH_MODELS:---model convnet --model seed} \
                 --train-batch "$batch" "${bench_size[@]}" --threads 2 $([ "$run" = tf32 ] && echo --tf32) \
-                --json "$out/$name.json"
+                --output "$out/$name.json"
             [ -f "$out/$name.json" ] && "$python" - "$out/$name.json" <<'EOF' | tee -a "$out/steps.txt"
 import json, sys
 
@@ -175,12 +175,12 @@ log "benchmark"
 full_run=()
 [ -d "$mnist" ] && full_run=(--full-run "$mnist")
 timeout "${GPU_CHECK_BENCH_SECONDS:-900}" "$python" -m xpcnn bench --backend cupy --backend torch --backend jax \
-    --steps 50 --threads 2 --json "$out/bench.json" "${full_run[@]}" > "$out/bench.txt" 2>&1
+    --steps 50 --threads 2 --output "$out/bench.json" "${full_run[@]}" > "$out/bench.txt" 2>&1
 log "benchmark: exit $?"
 if [ "${GPU_CHECK_TF32:-1}" = 1 ]; then
     log "benchmark, TF32"
     timeout "${GPU_CHECK_BENCH_SECONDS:-900}" "$python" -m xpcnn bench --backend cupy --model convnet --tf32 \
-        --steps 50 --threads 2 --json "$out/bench-tf32.json" "${full_run[@]}" > "$out/bench-tf32.txt" 2>&1
+        --steps 50 --threads 2 --output "$out/bench-tf32.json" "${full_run[@]}" > "$out/bench-tf32.txt" 2>&1
     log "benchmark, TF32: exit $?"
 fi
 

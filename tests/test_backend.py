@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from xpcnn import backend as B
-from xpcnn import models, nn, optim
+from xpcnn import diagnostics, models, nn, optim
 
 
 def test_cpu_names_select_numpy():
@@ -150,7 +150,7 @@ def test_backend_of_finds_the_array_backend(backend):
 
 
 def test_available_backends_lists_each_with_a_status():
-    rows = {row["backend"]: row for row in B.available_backends()}
+    rows = {row["backend"]: row for row in diagnostics.available_backends()}
     assert rows["numpy"]["status"] == "ok" and rows["numpy"]["version"] == np.__version__
     assert list(rows) == list(B.BACKEND_NAMES)
     for name in ("torch", "jax"):

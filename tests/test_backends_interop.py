@@ -5,9 +5,10 @@ import pytest
 from conftest import make_backend
 from helpers import write_synthetic_mnist
 
-from xpcnn import train
+from xpcnn import device_data, models, runs
 from xpcnn.backend import to_host
 from xpcnn.checkpoint import load_checkpoint
+from xpcnn.config import TrainConfig
 from xpcnn.data import load_dataset
 
 CPU_BACKENDS = ["numpy", "array-api-strict", "torch", "jax"]
@@ -20,7 +21,7 @@ PAIRS = [
 
 
 def config(epochs=1):
-    return train.TrainConfig(model="convnet", epochs=epochs, batch_size=32, optimizer="adam", lr=2e-3, seed=5)
+    return TrainConfig(model="convnet", epochs=epochs, batch_size=32, optimizer="adam", lr=2e-3, seed=5)
 
 
 @pytest.fixture(scope="module")
@@ -32,22 +33,22 @@ def dataset(tmp_path_factory):
 @pytest.fixture(scope="module")
 def run_on(dataset, tmp_path_factory):
     """``run_on(name)``: the run directory of one epoch trained on backend ``name`` (trained once)."""
-    runs = {}
+    trained = {}
 
     def run(name):
-        if name not in runs:
+        if name not in trained:
             out = tmp_path_factory.mktemp("runs") / name
-            train.train_run(config(), make_backend(name), dataset, out)
-            runs[name] = out
-        return runs[name]
+            runs.train_run(config(), make_backend(name), dataset, out)
+            trained[name] = out
+        return trained[name]
 
     return run
 
 
 def logits(checkpoint, backend, dataset):
     """Host float64 logits of the checkpoint's model on ``backend`` for the first test images."""
-    model, norm = train.model_from_checkpoint(checkpoint, backend)
-    images = train.normalize_images(backend, dataset.test_images[:, None] / 255.0, norm)
+    model, norm = runs.model_from_checkpoint(checkpoint, backend)
+    images = device_data.normalize_images(backend, dataset.test_images[:, None] / 255.0, norm)
     with backend.activate():
         return to_host(model.eval().forward(images)).astype(np.float64), model
 
@@ -56,7 +57,7 @@ def logits(checkpoint, backend, dataset):
 def test_checkpoint_loads_and_resumes_on_another_backend(writer, reader, run_on, dataset, tmp_path):
     reading = make_backend(reader)
     checkpoint = load_checkpoint(run_on(writer))
-    initial = train.build("convnet", seed=5).state_dict()
+    initial = models.build("convnet", seed=5).state_dict()
     assert not np.array_equal(checkpoint.model_state["0.weight"], initial["0.weight"])  # it trained
 
     expected, _ = logits(checkpoint, make_backend(writer), dataset)
@@ -65,6 +66,6 @@ def test_checkpoint_loads_and_resumes_on_another_backend(writer, reader, run_on,
         assert np.array_equal(value, checkpoint.model_state[key]), key
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
 
-    state = train.train_run(config(epochs=2), reading, dataset, tmp_path / "resumed", resume=checkpoint)
+    state = runs.train_run(config(epochs=2), reading, dataset, tmp_path / "resumed", resume=checkpoint)
     assert [record["epoch"] for record in state.history] == [1, 2]
     assert np.isfinite(state.history[-1]["train_loss"])

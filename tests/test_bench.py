@@ -83,7 +83,7 @@ def test_a_case_serves_timed_runs_on_torch_and_jax(name, restore_tf32):
 def test_bench_pairs_numpy_with_torch_end_to_end(tmp_path):
     pytest.importorskip("torch")
     args = ["bench", "--backend", "numpy", "--model", "seed", "--steps", "1", "--repeats", "2", "--threads", "1"]
-    args += ["--train-batch", "8", "--infer-batch", "16", "--json", str(tmp_path / "bench.json")]
+    args += ["--train-batch", "8", "--infer-batch", "16", "--output", str(tmp_path / "bench.json")]
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
     assert "torch:cpu:seed (beside xpcnn:numpy:seed) on cpu" in result.output
@@ -146,7 +146,20 @@ def test_the_command_exits_1_when_a_case_failed_and_keeps_the_others(monkeypatch
 
     monkeypatch.setattr(bench, "run_pair", run_pair)
     args = ["bench", "--backend", "numpy", "--model", "seed", "--model", "lenet", "--no-torch"]
-    result = CliRunner().invoke(main, [*args, "--json", str(tmp_path / "bench.json")])
+    result = CliRunner().invoke(main, [*args, "--output", str(tmp_path / "bench.json")])
     assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
     rows = json.loads((tmp_path / "bench.json").read_text())["results"]
     assert [("error" in row) for row in rows] == [True, False]
+
+
+def test_json_flag_prints_the_report_alone_on_stdout(monkeypatch, tmp_path):
+    from xpcnn.cli import main
+
+    row = {"framework": "xpcnn", "backend": "numpy", "model": "seed", "device": "cpu"}
+    row |= {"train_images_per_second": 1.0, "infer_images_per_second": 2.0, "peak_rss_mib": 3.0}
+    monkeypatch.setattr(bench, "run_pair", lambda case, settings, with_torch: [row])
+    args = ["bench", "--backend", "numpy", "--model", "seed", "--no-torch", "--json"]
+    result = CliRunner().invoke(main, [*args, "--output", str(tmp_path / "bench.json")])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout) == json.loads((tmp_path / "bench.json").read_text())
+    assert json.loads(result.stdout)["results"] == [row]

@@ -105,7 +105,9 @@ def library_probabilities(run, images_uint8):
     """What the library computes for uint8 images (N, 28, 28) with the run's model."""
     from xpcnn.backend import get_backend
     from xpcnn.checkpoint import load_checkpoint
-    from xpcnn.train import model_from_checkpoint, normalize_images, predict_probabilities
+    from xpcnn.device_data import normalize_images
+    from xpcnn.runs import model_from_checkpoint
+    from xpcnn.train import predict_probabilities
 
     numpy = get_backend("numpy")
     model, norm = model_from_checkpoint(load_checkpoint(run), numpy)
@@ -130,6 +132,21 @@ def test_resume_continues_and_refuses_changes(trained_run, synthetic_dir, tmp_pa
     assert [r["epoch"] for r in json.loads((run / "history.json").read_text())] == [1, 2]
 
 
+def test_quiet_train_prints_only_the_final_summary(synthetic_dir, tmp_path):
+    result = invoke(
+        "train", *FAST, "--log-every", "1", "--quiet", "--data-dir", synthetic_dir, "--out", tmp_path / "run"
+    )
+    assert result.stderr == ""
+    assert result.stdout.startswith("best test accuracy") and result.stdout.count("\n") == 1
+
+
+def test_train_logs_plain_lines_when_not_a_terminal(synthetic_dir, tmp_path):
+    result = invoke("train", *FAST, "--log-every", "1", "--data-dir", synthetic_dir, "--out", tmp_path / "run")
+    assert "\r" not in result.stderr
+    assert re.search(r"^epoch 1/1 step 1/\d+ loss [\d.]+ acc [\d.]+% [\d,]+ img/s elapsed ", result.stderr, re.M)
+    assert re.search(r"^epoch 1/1  train loss [\d.]+ acc [\d.]+%  test loss ", result.stderr, re.M)
+
+
 def test_refuses_to_overwrite_a_run(trained_run, synthetic_dir):
     result = invoke("train", *FAST, "--data-dir", synthetic_dir, "--out", trained_run, expect=2)
     assert f"{trained_run} already holds a run" in result.output
@@ -139,16 +156,16 @@ def test_ctrl_c_writes_a_checkpoint_and_exits_130(synthetic_dir, tmp_path, monke
     import os
     import signal
 
-    from xpcnn import train
+    from xpcnn import display
 
-    real_update = train.Progress.update
+    real_update = display.Progress.update
 
     def update_then_ctrl_c(self, step, *args):
         real_update(self, step, *args)
         if step == 3:
             os.kill(os.getpid(), signal.SIGINT)
 
-    monkeypatch.setattr(train.Progress, "update", update_then_ctrl_c)
+    monkeypatch.setattr(display.Progress, "update", update_then_ctrl_c)
     run = tmp_path / "run"
     result = invoke("train", *FAST, "--log-every", "1", "--data-dir", synthetic_dir, "--out", run, expect=130)
     assert f"interrupted: stopped at epoch 1, step 3; checkpoint saved, continue with: xpcnn train --resume {run}" in (

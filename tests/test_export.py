@@ -10,10 +10,10 @@ from click.testing import CliRunner
 
 from xpcnn import nn
 from xpcnn.backend import get_backend
+from xpcnn.device_data import Normalization, normalize_images
 from xpcnn.export import ExportError, export, onnx_model
 from xpcnn.functional import softmax
 from xpcnn.models import MODELS, build
-from xpcnn.train import Normalization, normalize_images
 
 NORM = Normalization(0.1307, 0.3081)
 TOLERANCE = 1e-5  # float32, absolute and relative
@@ -167,7 +167,8 @@ def trained_run(synthetic_dir, tmp_path_factory):
 def test_export_onnx_from_a_run_predicts_what_xpcnn_predicts(trained_run, tmp_path):
     pytest.importorskip("onnx")
     from xpcnn.checkpoint import load_checkpoint
-    from xpcnn.train import model_from_checkpoint, predict_probabilities
+    from xpcnn.runs import model_from_checkpoint
+    from xpcnn.train import predict_probabilities
 
     output = tmp_path / "model.onnx"
     text = invoke("export", trained_run, "--format", "onnx", "--output", output, "--softmax").output

@@ -8,18 +8,19 @@ import pytest
 from click.testing import CliRunner
 from helpers import write_synthetic_mnist
 
-from xpcnn import files, train
+from xpcnn import device_data, display, files, runs
 from xpcnn.backend import get_backend
 from xpcnn.checkpoint import CheckpointError, load_checkpoint
 from xpcnn.cli import main
+from xpcnn.config import TrainConfig
 
 
 def config():
-    return train.TrainConfig(model="seed", epochs=2, batch_size=100, optimizer="sgd", lr=0.05, seed=1, log_every=1)
+    return TrainConfig(model="seed", epochs=2, batch_size=100, optimizer="sgd", lr=0.05, seed=1, log_every=1)
 
 
 def run(dataset, out, resume=None):
-    return train.train_run(config(), get_backend("numpy"), dataset, out, resume=resume, progress=train.Progress(None))
+    return runs.train_run(config(), get_backend("numpy"), dataset, out, resume=resume, progress=display.Progress(None))
 
 
 class DiskFull:
@@ -59,7 +60,7 @@ def test_a_failed_write_leaves_a_run_to_resume_or_restart(synthetic, tmp_path, m
         run(synthetic, out)
     monkeypatch.setattr(files.os, "replace", _replace)
     assert failure.left == 0 and not list(out.glob(".*.part"))
-    if train.run_dir_has_run(out):
+    if runs.run_dir_has_run(out):
         state = run(synthetic, out, resume=load_checkpoint(out))
     else:
         state = run(synthetic, out)  # nothing to continue: trained afresh in the same directory
@@ -82,19 +83,19 @@ def test_stale_temporary_files_are_removed(synthetic, tmp_path):
 
 def test_a_failed_resume_leaves_config_json_as_it_was(synthetic, tmp_path, monkeypatch):
     out = tmp_path / "run"
-    train.train_run(
-        train.TrainConfig(**{**config().to_dict(), "epochs": 1}),
+    runs.train_run(
+        TrainConfig(**{**config().to_dict(), "epochs": 1}),
         get_backend("numpy"),
         synthetic,
         out,
-        progress=train.Progress(None),
+        progress=display.Progress(None),
     )
     before = (out / "config.json").read_bytes()
 
     def no_memory(*args, **kwargs):
         raise MemoryError("out of device memory")
 
-    monkeypatch.setattr(train.DeviceSplit, "from_host", no_memory)
+    monkeypatch.setattr(device_data.DeviceSplit, "from_host", no_memory)
     with pytest.raises(MemoryError):
         run(synthetic, out, resume=load_checkpoint(out))
     assert (out / "config.json").read_bytes() == before
@@ -115,7 +116,7 @@ def test_the_command_line_restarts_a_directory_without_a_checkpoint(synthetic_di
         + ["--out", str(out)],
     )
     assert started.exit_code == 0, (started.output, started.exception)
-    assert train.run_dir_has_run(out)
+    assert runs.run_dir_has_run(out)
 
 
 @pytest.mark.parametrize("content", ["[1, 2]", '{"data_dir": 7}', "not json", '"text"'])

@@ -6,9 +6,10 @@ import pytest
 import xpcnn
 from xpcnn import models
 from xpcnn.checkpoint import load_checkpoint
+from xpcnn.config import TrainConfig
 from xpcnn.data import load_dataset
 from xpcnn.errors import XpcnnError
-from xpcnn.train import TrainConfig, model_from_checkpoint, train_run
+from xpcnn.runs import model_from_checkpoint, train_run
 
 
 def blobs(n=240, seed=0):

@@ -7,9 +7,10 @@ import zipfile
 import numpy as np
 import pytest
 
-from xpcnn import train
+from xpcnn import runs
 from xpcnn.backend import get_backend
 from xpcnn.checkpoint import CheckpointError, load_checkpoint
+from xpcnn.config import TrainConfig
 from xpcnn.data import DataError, load_dataset, read_idx, write_idx
 
 hypothesis = pytest.importorskip("hypothesis")
@@ -23,16 +24,16 @@ FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=list(hypo
 def checkpoint_bytes(synthetic_dir, tmp_path_factory) -> bytes:
     """A real checkpoint of a tiny run."""
     out = tmp_path_factory.mktemp("fuzz") / "run"
-    config = train.TrainConfig(model="seed", epochs=1, batch_size=200, seed=0)
-    train.train_run(config, get_backend("numpy"), load_dataset("mnist", synthetic_dir), out)
+    config = TrainConfig(model="seed", epochs=1, batch_size=200, seed=0)
+    runs.train_run(config, get_backend("numpy"), load_dataset("mnist", synthetic_dir), out)
     return (out / "checkpoint.npz").read_bytes()
 
 
 def use(path):
     """What the commands do with a checkpoint: load it, read its configuration, build the model."""
     checkpoint = load_checkpoint(path)
-    train.checkpoint_config(checkpoint)
-    train.model_from_checkpoint(checkpoint, get_backend("numpy"))
+    runs.checkpoint_config(checkpoint)
+    runs.model_from_checkpoint(checkpoint, get_backend("numpy"))
 
 
 @FUZZ

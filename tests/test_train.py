@@ -9,18 +9,19 @@ import signal
 import numpy as np
 import pytest
 
-from xpcnn import nn, optim, train
+from xpcnn import augment, device_data, display, models, nn, optim, runs, train
 from xpcnn.backend import get_backend
 from xpcnn.checkpoint import load_checkpoint
+from xpcnn.config import TrainConfig, make_augmentation, make_optimizer
 from xpcnn.data import load_dataset
 
 
 def config(**overrides):
     values = dict(model="convnet", epochs=2, batch_size=64, optimizer="adam", lr=2e-3, seed=3, log_every=1)
-    return train.TrainConfig(**{**values, **overrides})
+    return TrainConfig(**{**values, **overrides})
 
 
-class InterruptAt(train.Progress):
+class InterruptAt(display.Progress):
     """Sends this process a SIGINT (as Ctrl-C does) once the given epoch reaches the given step."""
 
     def __init__(self, epoch, step):
@@ -58,7 +59,7 @@ def assert_bit_identical(run_a, run_b):
 
 @pytest.mark.slow
 def test_run_directory_contents(synthetic, tmp_path):
-    state = train.train_run(config(epochs=2), get_backend("numpy"), synthetic, tmp_path / "run")
+    state = runs.train_run(config(epochs=2), get_backend("numpy"), synthetic, tmp_path / "run")
     run = tmp_path / "run"
     assert sorted(p.name for p in run.iterdir()) == ["checkpoint.npz", "config.json", "history.json"]
     history = json.loads((run / "history.json").read_text())
@@ -76,10 +77,10 @@ def test_run_directory_contents(synthetic, tmp_path):
 @pytest.mark.slow
 def test_one_epoch_then_resume_equals_two_epochs_straight(synthetic, tmp_path):
     numpy = get_backend("numpy")
-    train.train_run(config(epochs=2, schedule="constant"), numpy, synthetic, tmp_path / "straight")
-    train.train_run(config(epochs=1, schedule="constant"), numpy, synthetic, tmp_path / "resumed")
+    runs.train_run(config(epochs=2, schedule="constant"), numpy, synthetic, tmp_path / "straight")
+    runs.train_run(config(epochs=1, schedule="constant"), numpy, synthetic, tmp_path / "resumed")
     ckpt = load_checkpoint(tmp_path / "resumed")
-    train.train_run(config(epochs=2, schedule="constant"), numpy, synthetic, tmp_path / "resumed", resume=ckpt)
+    runs.train_run(config(epochs=2, schedule="constant"), numpy, synthetic, tmp_path / "resumed", resume=ckpt)
     assert_bit_identical(tmp_path / "straight", tmp_path / "resumed")
 
 
@@ -88,8 +89,8 @@ def test_batchnorm_recalibration_after_the_last_epoch(synthetic, tmp_path):
     """The last epoch's record and checkpoint hold the recalibrated model; resuming to more epochs ends the same."""
     numpy = get_backend("numpy")
     cfg = {"model": "convnet-bn", "augment": True, "recalibrate_bn": True, "schedule": "constant"}
-    plain = train.train_run(config(**{**cfg, "recalibrate_bn": False}), numpy, synthetic, tmp_path / "plain")
-    state = train.train_run(config(**cfg), numpy, synthetic, tmp_path / "straight")
+    plain = runs.train_run(config(**{**cfg, "recalibrate_bn": False}), numpy, synthetic, tmp_path / "plain")
+    state = runs.train_run(config(**cfg), numpy, synthetic, tmp_path / "straight")
     assert ["bn_recalibrated" in r for r in state.history] == [False, True]
     assert without_timings(state.history[0]) == without_timings(plain.history[0])
 
@@ -97,18 +98,18 @@ def test_batchnorm_recalibration_after_the_last_epoch(synthetic, tmp_path):
     (ckpt, recalibrated), (_, trained) = arrays_of(tmp_path / "straight"), arrays_of(tmp_path / "plain")
     for key in recalibrated:
         assert np.array_equal(recalibrated[key], trained[key]) == ("running" not in key), key
-    model, norm = train.model_from_checkpoint(load_checkpoint(tmp_path / "plain"), numpy)
-    split = train.DeviceSplit.from_host(numpy, synthetic.train_images, synthetic.train_labels, norm)
+    model, norm = runs.model_from_checkpoint(load_checkpoint(tmp_path / "plain"), numpy)
+    split = device_data.DeviceSplit.from_host(numpy, synthetic.train_images, synthetic.train_labels, norm)
     nn.recalibrate_batchnorm(model, (images for images, _ in split.batches(1000)))
     for key, value in model.state_dict().items():
         np.testing.assert_allclose(value, ckpt.model_state[key], rtol=1e-6, atol=1e-7)
-    test = train.DeviceSplit.from_host(numpy, synthetic.test_images, synthetic.test_labels, norm)
+    test = device_data.DeviceSplit.from_host(numpy, synthetic.test_images, synthetic.test_labels, norm)
     assert train.evaluate(model, test, numpy).accuracy == state.history[-1]["test_accuracy"]
 
     # A 1-epoch run recalibrates after its epoch; continued to 2 epochs, it recalibrates again and ends the same.
-    train.train_run(config(**cfg, epochs=1), numpy, synthetic, tmp_path / "resumed")
+    runs.train_run(config(**cfg, epochs=1), numpy, synthetic, tmp_path / "resumed")
     ckpt = load_checkpoint(tmp_path / "resumed")
-    resumed = train.train_run(config(**cfg), numpy, synthetic, tmp_path / "resumed", resume=ckpt)
+    resumed = runs.train_run(config(**cfg), numpy, synthetic, tmp_path / "resumed", resume=ckpt)
     (_, a), (_, b) = arrays_of(tmp_path / "straight"), arrays_of(tmp_path / "resumed")
     assert a.keys() == b.keys() and all(np.array_equal(a[key], b[key]) for key in a)
     assert without_timings(resumed.history[-1]) == without_timings(state.history[-1])
@@ -118,12 +119,12 @@ def test_batchnorm_recalibration_after_the_last_epoch(synthetic, tmp_path):
 def test_ctrl_c_at_an_epoch_end_then_resume_is_bit_identical(synthetic, tmp_path):
     """With a schedule that spans the whole run (one-cycle), stopping after epoch 1 and resuming changes nothing."""
     numpy = get_backend("numpy")
-    train.train_run(config(), numpy, synthetic, tmp_path / "straight")
+    runs.train_run(config(), numpy, synthetic, tmp_path / "straight")
     with pytest.raises(train.TrainingInterrupted, match="stopped after epoch 1; checkpoint saved"):
-        train.train_run(config(), numpy, synthetic, tmp_path / "stopped", progress=InterruptAt(1, 10))
+        runs.train_run(config(), numpy, synthetic, tmp_path / "stopped", progress=InterruptAt(1, 10))
     ckpt = load_checkpoint(tmp_path / "stopped")
     assert (ckpt.meta["state"]["epoch"], ckpt.meta["state"]["step"]) == (1, 0)
-    train.train_run(config(), numpy, synthetic, tmp_path / "stopped", resume=ckpt)
+    runs.train_run(config(), numpy, synthetic, tmp_path / "stopped", resume=ckpt)
     assert_bit_identical(tmp_path / "straight", tmp_path / "stopped")
 
 
@@ -132,13 +133,13 @@ def test_ctrl_c_mid_epoch_saves_the_position_and_resume_finishes_the_epoch(synth
     numpy = get_backend("numpy")
     run = tmp_path / "run"
     with pytest.raises(train.TrainingInterrupted, match="stopped at epoch 1, step 4"):
-        train.train_run(config(), numpy, synthetic, run, progress=InterruptAt(1, 4))
+        runs.train_run(config(), numpy, synthetic, run, progress=InterruptAt(1, 4))
     ckpt = load_checkpoint(run)
     state = ckpt.meta["state"]
     assert (state["epoch"], state["step"], state["global_step"]) == (0, 4, 4)
     assert state["partial"]["seen"] == 4 * 64
     assert json.loads((run / "history.json").read_text()) == []
-    final = train.train_run(config(), numpy, synthetic, run, resume=ckpt)
+    final = runs.train_run(config(), numpy, synthetic, run, resume=ckpt)
     assert [r["epoch"] for r in final.history] == [1, 2]
     assert final.global_step == 2 * math.ceil(600 / 64)
     assert load_checkpoint(run).optimizer_state["steps"] == final.global_step
@@ -154,7 +155,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(synthetic, tmp_path, 
     monkeypatch.setattr(train, "scheduled_lr", poisoned)
     run = tmp_path / "run"
     with pytest.raises(train.TrainingDiverged, match=r"loss became nan at epoch 2, step 4; the last good checkpoint"):
-        train.train_run(config(), get_backend("numpy"), synthetic, run)
+        runs.train_run(config(), get_backend("numpy"), synthetic, run)
     ckpt = load_checkpoint(run)
     assert ckpt.meta["state"]["epoch"] == 1
     assert all(np.isfinite(v).all() for v in ckpt.model_state.values())
@@ -176,7 +177,7 @@ def test_a_non_finite_evaluation_loss_is_divergence(synthetic, tmp_path, monkeyp
     with pytest.raises(
         train.TrainingDiverged, match=r"the test loss became inf after epoch 2; the last good checkpoint"
     ):
-        train.train_run(config(), get_backend("numpy"), synthetic, tmp_path / "run")
+        runs.train_run(config(), get_backend("numpy"), synthetic, tmp_path / "run")
     assert load_checkpoint(tmp_path / "run").meta["state"]["epoch"] == 1
     assert len(json.loads((tmp_path / "run" / "history.json").read_text())) == 1
 
@@ -198,7 +199,7 @@ def test_non_finite_weights_are_divergence(synthetic, tmp_path, monkeypatch):
 
     monkeypatch.setattr(optim.Adam, "update_in_place", poisoned)
     with pytest.raises(train.TrainingDiverged, match=r"weights became non-finite \(0.weight\) in epoch 2"):
-        train.train_run(config(), get_backend("numpy"), synthetic, tmp_path / "run")
+        runs.train_run(config(), get_backend("numpy"), synthetic, tmp_path / "run")
     ckpt = load_checkpoint(tmp_path / "run")
     assert ckpt.meta["state"]["epoch"] == 1 and all(np.isfinite(v).all() for v in ckpt.model_state.values())
 
@@ -206,19 +207,19 @@ def test_non_finite_weights_are_divergence(synthetic, tmp_path, monkeypatch):
 def test_divergence_in_the_first_epoch_says_no_checkpoint(synthetic, tmp_path):
     cfg = config(optimizer="sgd", lr=1e30, momentum=0.0, schedule="constant", epochs=1)
     with pytest.raises(train.TrainingDiverged, match="no checkpoint was written"):
-        train.train_run(cfg, get_backend("numpy"), synthetic, tmp_path / "run")
+        runs.train_run(cfg, get_backend("numpy"), synthetic, tmp_path / "run")
     assert not (tmp_path / "run" / "checkpoint.npz").exists()
 
 
 def test_trainer_runs_on_every_backend(backend, synthetic):
     """The same fit code on each backend: data on the device, loss falls, accuracy rises."""
     cfg = config(model="seed", epochs=3, batch_size=50, lr=5e-3, schedule="constant")
-    norm = train.Normalization.of(synthetic.train_images)
+    norm = device_data.Normalization.of(synthetic.train_images)
     with backend.activate():
-        split = train.DeviceSplit.from_host(backend, synthetic.train_images, synthetic.train_labels, norm)
-        test = train.DeviceSplit.from_host(backend, synthetic.test_images, synthetic.test_labels, norm)
-        model = train.build("seed", seed=0).to(backend)
-        trainer = train.Trainer(model, train.make_optimizer(cfg, model), backend, cfg)
+        split = device_data.DeviceSplit.from_host(backend, synthetic.train_images, synthetic.train_labels, norm)
+        test = device_data.DeviceSplit.from_host(backend, synthetic.test_images, synthetic.test_labels, norm)
+        model = models.build("seed", seed=0).to(backend)
+        trainer = train.Trainer(model, make_optimizer(cfg, model), backend, cfg)
         state = trainer.fit(split, {"test": test})
     losses = [r["train_loss"] for r in state.history]
     assert losses == sorted(losses, reverse=True) and losses[-1] * 10 < losses[0], losses
@@ -227,8 +228,8 @@ def test_trainer_runs_on_every_backend(backend, synthetic):
 
 def test_evaluate_on_an_empty_split_and_predict():
     numpy = get_backend("numpy")
-    model = train.build("seed")
-    empty = train.DeviceSplit(np.zeros((0, 1, 28, 28), np.float32), np.zeros(0, np.int64))
+    model = models.build("seed")
+    empty = device_data.DeviceSplit(np.zeros((0, 1, 28, 28), np.float32), np.zeros(0, np.int64))
     assert train.evaluate(model, empty, numpy).accuracy == 0.0
     probabilities = train.predict_probabilities(model, np.zeros((3, 1, 28, 28), np.float32))
     assert probabilities.shape == (3, 10)
@@ -250,7 +251,7 @@ def test_evaluate_on_an_empty_split_and_predict():
 )
 def test_bad_config(values, message):
     with pytest.raises(ValueError, match=message):
-        train.TrainConfig.from_dict(values)
+        TrainConfig.from_dict(values)
 
 
 @pytest.mark.parametrize("schedule", optim.SCHEDULES)
@@ -272,20 +273,20 @@ def test_schedules_shape(schedule):
 def test_seed_model_learns_real_mnist_in_one_epoch(mnist_dir, tmp_path):
     """The original notebook's design: >= 92% after one epoch with plain SGD, lr 0.01, batch 32."""
     dataset = load_dataset("mnist", mnist_dir)
-    cfg = train.TrainConfig(
+    cfg = TrainConfig(
         model="seed", epochs=1, batch_size=32, optimizer="sgd", lr=0.01, momentum=0.0, schedule="constant"
     )
-    state = train.train_run(cfg, get_backend("numpy"), dataset, tmp_path / "seed")
+    state = runs.train_run(cfg, get_backend("numpy"), dataset, tmp_path / "seed")
     assert state.history[0]["test_accuracy"] >= 0.92
 
 
 def test_normalization_from_the_histogram_is_exact():
     images = np.random.default_rng(0).integers(0, 256, (50, 28, 28), dtype=np.uint8)
-    norm = train.Normalization.of(images)
+    norm = device_data.Normalization.of(images)
     scaled = images / 255.0
     assert norm.mean == pytest.approx(scaled.mean(), rel=1e-12)
     assert norm.std == pytest.approx(scaled.std(), rel=1e-12)
-    split = train.DeviceSplit.from_host(get_backend("numpy"), images, np.zeros(50, np.uint8), norm)
+    split = device_data.DeviceSplit.from_host(get_backend("numpy"), images, np.zeros(50, np.uint8), norm)
     np.testing.assert_allclose(split.images[:, 0], (scaled - norm.mean) / norm.std, rtol=1e-5, atol=1e-6)
 
 
@@ -295,20 +296,20 @@ def test_augmentation_is_reproducible_and_changes_training(synthetic, tmp_path, 
     numpy = get_backend("numpy")
     cfg = config(epochs=1, **options)
     for name in ("a", "b"):
-        train.train_run(cfg, numpy, synthetic, tmp_path / name)
-    train.train_run(config(epochs=1), numpy, synthetic, tmp_path / "plain")
+        runs.train_run(cfg, numpy, synthetic, tmp_path / name)
+    runs.train_run(config(epochs=1), numpy, synthetic, tmp_path / "plain")
     (_, a), (_, b), (_, plain) = (arrays_of(tmp_path / n) for n in ("a", "b", "plain"))
     assert all(np.array_equal(a[k], b[k]) for k in a)
     assert not np.array_equal(a["model/0.weight"], plain["model/0.weight"])
 
 
 def test_augmentation_options_build_the_transform():
-    assert train.make_augmentation(config()) is None
-    assert train.make_augmentation(config(augment=True)) == train.Augmentation()
-    elastic = train.make_augmentation(config(elastic=34.0))
+    assert make_augmentation(config()) is None
+    assert make_augmentation(config(augment=True)) == augment.Augmentation()
+    elastic = make_augmentation(config(elastic=34.0))
     assert (elastic.max_shift, elastic.max_rotation, elastic.elastic_alpha, elastic.elastic_sigma) == (0, 0, 34.0, 4.0)
-    both = train.make_augmentation(config(augment=True, elastic=10.0, elastic_sigma=5.0))
-    assert both == train.Augmentation(elastic_alpha=10.0, elastic_sigma=5.0)
+    both = make_augmentation(config(augment=True, elastic=10.0, elastic_sigma=5.0))
+    assert both == augment.Augmentation(elastic_alpha=10.0, elastic_sigma=5.0)
     for bad in ({"elastic": -1.0}, {"elastic": float("nan")}, {"elastic_sigma": 0.0}):
         with pytest.raises(ValueError, match="elastic"):
             config(**bad)

@@ -1,17 +1,22 @@
 """Choose and describe an array backend.
 
-This is the one module that knows array-library names (``numpy``, ``cupy``,
-``array_api_strict``, ``torch``, ``jax``).  Everything else receives a
-:class:`Backend` or gets the namespace from its arrays with
-``array_api_compat.array_namespace``.
+One job, though long: turning a backend and device request into a :class:`Backend`;
+the length is one constructor and one set of clear errors per library.
+
+This module, with its two helpers, is where array-library names (``numpy``,
+``cupy``, ``array_api_strict``, ``torch``, ``jax``) are known: ``rng.py`` holds
+the random-number adapters and ``diagnostics.py`` what ``xpcnn info`` and
+``xpcnn bench`` report.  Everything else receives a :class:`Backend` or gets
+the namespace from its arrays with ``array_api_compat.array_namespace``.
+What differs between libraries is data (:data:`LIBRARIES`), not switches.
 
 A backend bundles:
 
 * ``xp``: the Array API namespace (through ``array_api_compat``);
 * ``device``: the device that new arrays are created on;
 * ``asarray`` / ``to_host``: the only host <-> device moves;
-* ``generator(*seed)``: a seeded random generator adapter, the standard having
-  no random module;
+* ``generator(*seed)``: a seeded random generator adapter (``rng.py``), the
+  standard having no random module;
 * ``synchronize()``: wait for queued device work (a no-op where nothing is
   queued: NumPy, array-api-strict, torch on the CPU).
 
@@ -33,6 +38,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,6 +46,7 @@ import array_api_compat
 import numpy as np
 
 from .errors import XpcnnError
+from .rng import CupyGenerator, HostGenerator, JaxGenerator, TorchGenerator, host_dtype
 
 BACKEND_NAMES = ("numpy", "array-api-strict", "cupy", "torch", "jax")
 DEVICE_NAMES = ("auto", "cpu", "cuda", "cuda:N")
@@ -56,7 +63,7 @@ def set_tf32(enabled: bool) -> None:
     """
     global _tf32
     _tf32 = bool(enabled)
-    for name in ("cupy", "torch", "jax"):
+    for name in _TF32_SWITCHES:
         if name in sys.modules:
             _apply_tf32(name)
 
@@ -65,130 +72,97 @@ def tf32_enabled() -> bool:
     return bool(_tf32)
 
 
+def _jax_tf32() -> None:
+    # Always set, TF32 or not: JAX's own default on GPUs is TF32.
+    precision = "tensorfloat32" if _tf32 else "highest"
+    sys.modules["jax"].config.update("jax_default_matmul_precision", precision)
+
+
+def _torch_tf32() -> None:
+    if _tf32 is None:
+        return
+    # torch's own defaults differ: TF32 for cuDNN convolutions, full float32 for matmuls.
+    backends = sys.modules["torch"].backends
+    backends.cuda.matmul.fp32_precision = backends.cudnn.conv.fp32_precision = "tf32" if _tf32 else "ieee"
+
+
+def _cupy_tf32() -> None:
+    if _tf32 is None:
+        return
+    # CUPY_TF32 is read once, at the first float32 matmul; this sets the same switch at any time.
+    from cupy._core import _routines_linalg as linalg
+
+    mode = linalg.COMPUTE_TYPE_TF32 if _tf32 else linalg.COMPUTE_TYPE_DEFAULT
+    linalg.set_compute_type(sys.modules["cupy"].float32, mode)
+
+
+_TF32_SWITCHES = {"jax": _jax_tf32, "torch": _torch_tf32, "cupy": _cupy_tf32}
+
+
 def _apply_tf32(name: str) -> None:
     """Put library ``name`` (already imported) in the math mode :func:`set_tf32` chose."""
-    if name == "jax":
-        # Always set, TF32 or not: JAX's own default on GPUs is TF32.
-        precision = "tensorfloat32" if _tf32 else "highest"
-        sys.modules["jax"].config.update("jax_default_matmul_precision", precision)
-    elif _tf32 is None:
-        return
-    elif name == "torch":
-        # torch's own defaults differ: TF32 for cuDNN convolutions, full float32 for matmuls.
-        backends = sys.modules["torch"].backends
-        backends.cuda.matmul.fp32_precision = backends.cudnn.conv.fp32_precision = "tf32" if _tf32 else "ieee"
-    elif name == "cupy":
-        # CUPY_TF32 is read once, at the first float32 matmul; this sets the same switch at any time.
-        from cupy._core import _routines_linalg as linalg
-
-        mode = linalg.COMPUTE_TYPE_TF32 if _tf32 else linalg.COMPUTE_TYPE_DEFAULT
-        linalg.set_compute_type(sys.modules["cupy"].float32, mode)
+    _TF32_SWITCHES[name]()
 
 
 class BackendError(XpcnnError, RuntimeError):
     """A backend or device that was asked for cannot be had here."""
 
 
-def seed_to_int(seed: tuple[int, ...]) -> int:
-    """Mix a tuple of non-negative ints (run seed, epoch, step...) into one 63-bit seed."""
-    return int(np.random.SeedSequence(list(seed)).generate_state(2, np.uint32).view(np.uint64)[0] >> 1)
+def _cupy_activate(backend: Backend):
+    return backend.device
 
 
-class HostGenerator:
-    """Random numbers drawn on the host with NumPy's PCG64, then moved to the backend."""
+def _torch_activate(backend: Backend):
+    if not backend.is_gpu:
+        return contextlib.nullcontext()
+    import torch
 
-    def __init__(self, backend: Backend, seed: tuple[int, ...]):
-        self._backend = backend
-        self._rng = np.random.default_rng(list(seed))
-
-    def random(self, shape: tuple[int, ...], dtype) -> Any:
-        """Uniform floats in [0, 1)."""
-        return self._backend.asarray(self._rng.random(shape, dtype=_host_dtype(dtype)))
-
-    def normal(self, shape: tuple[int, ...], dtype) -> Any:
-        """Standard normal floats."""
-        return self._backend.asarray(self._rng.standard_normal(shape, dtype=_host_dtype(dtype)))
-
-    def permutation(self, n: int) -> Any:
-        """A random permutation of ``range(n)`` as int64."""
-        return self._backend.asarray(self._rng.permutation(n).astype(np.int64))
+    return torch.cuda.device(backend.device)
 
 
-class CupyGenerator:
-    """Random numbers drawn on the GPU with CuPy's generator: no host round trip."""
+def _jax_activate(backend: Backend):
+    import jax
 
-    def __init__(self, backend: Backend, seed: tuple[int, ...]):
-        import cupy
-
-        with backend.activate():
-            self._rng = cupy.random.default_rng(seed_to_int(seed))
-        self._backend = backend
-
-    def random(self, shape, dtype):
-        with self._backend.activate():
-            return self._rng.random(shape, dtype=dtype)
-
-    def normal(self, shape, dtype):
-        with self._backend.activate():
-            return self._rng.standard_normal(shape, dtype=dtype)
-
-    def permutation(self, n):
-        import cupy
-
-        # CuPy's Generator has no permutation(): sort n uniform draws instead (ties have
-        # probability ~n^2 / 2^54, and the stable sort would still give a permutation).
-        with self._backend.activate():
-            return cupy.argsort(self._rng.random(n, dtype="float64")).astype("int64")
+    return jax.default_device(backend.device)
 
 
-class TorchGenerator:
-    """Random numbers drawn on the tensors' device with a seeded ``torch.Generator``."""
+def _cupy_synchronize(backend: Backend) -> None:
+    backend.device.synchronize()
 
-    def __init__(self, backend: Backend, seed: tuple[int, ...]):
+
+def _torch_synchronize(backend: Backend) -> None:
+    if backend.is_gpu:
         import torch
 
-        self._torch, self._device = torch, backend.device
-        self._rng = torch.Generator(device=backend.device).manual_seed(seed_to_int(seed))
-
-    def random(self, shape, dtype):
-        return self._torch.rand(shape, generator=self._rng, dtype=dtype, device=self._device)
-
-    def normal(self, shape, dtype):
-        return self._torch.randn(shape, generator=self._rng, dtype=dtype, device=self._device)
-
-    def permutation(self, n):
-        return self._torch.randperm(n, generator=self._rng, dtype=self._torch.int64, device=self._device)
+        torch.cuda.synchronize(backend.device)
 
 
-class JaxGenerator:
-    """Random numbers from ``jax.random``: the adapter holds a key and splits off a fresh one per draw."""
+def _jax_synchronize(backend: Backend) -> None:
+    import jax
 
-    def __init__(self, backend: Backend, seed: tuple[int, ...]):
-        import jax
-
-        self._random = jax.random
-        self._key = jax.device_put(jax.random.key(seed_to_int(seed)), backend.device)
-
-    def _next_key(self):
-        self._key, key = self._random.split(self._key)
-        return key
-
-    def random(self, shape, dtype):
-        return self._random.uniform(self._next_key(), shape, dtype)
-
-    def normal(self, shape, dtype):
-        return self._random.normal(self._next_key(), shape, dtype)
-
-    def permutation(self, n):
-        return self._random.permutation(self._next_key(), n).astype("int64")
+    # JAX queues work on the CPU too and has no device-wide barrier: wait for every
+    # array that still exists, which covers all work whose result can still be read.
+    jax.block_until_ready(jax.live_arrays())
 
 
-def _host_dtype(dtype) -> np.dtype:
-    """The NumPy dtype with the same name as any namespace's dtype (``array_api_strict.float32`` -> float32)."""
-    try:
-        return np.dtype(dtype)
-    except TypeError:
-        return np.dtype(str(dtype).rsplit(".", 1)[-1])
+@dataclass(frozen=True)
+class Library:
+    """What differs between array libraries behind the one :class:`Backend` interface."""
+
+    generator: type = HostGenerator  # the rng adapter
+    activate: Callable[[Backend], Any] = lambda backend: contextlib.nullcontext()
+    synchronize: Callable[[Backend], None] = lambda backend: None  # nothing queued: NumPy, array-api-strict
+    # torch would share the NumPy memory on the CPU, and it refuses negative strides: it gets a private C copy.
+    needs_private_copy: bool = False
+
+
+LIBRARIES = {
+    "numpy": Library(),
+    "array-api-strict": Library(),
+    "cupy": Library(CupyGenerator, _cupy_activate, _cupy_synchronize),
+    "torch": Library(TorchGenerator, _torch_activate, _torch_synchronize, needs_private_copy=True),
+    "jax": Library(JaxGenerator, _jax_activate, _jax_synchronize),
+}
 
 
 @dataclass(frozen=True)
@@ -204,14 +178,16 @@ class Backend:
     def is_gpu(self) -> bool:
         return self.device_name.startswith("cuda")
 
+    @property
+    def library(self) -> Library:
+        return LIBRARIES[self.name]
+
     def asarray(self, host_array, dtype=None):
         """Copy a host (NumPy) array to this backend's device, optionally casting."""
         host_array = np.asarray(host_array)
         if dtype is not None:
-            host_array = host_array.astype(_host_dtype(dtype), copy=False)
-        if self.name == "torch":
-            # torch would share the NumPy memory on the CPU, and it refuses negative strides:
-            # hand it a private C-ordered copy.
+            host_array = host_array.astype(host_dtype(dtype), copy=False)
+        if self.library.needs_private_copy:
             host_array = np.array(host_array, order="C")
         with self.activate():
             return self.xp.asarray(host_array, device=self.device)
@@ -221,43 +197,16 @@ class Backend:
         return to_host(array)
 
     def generator(self, *seed: int):
-        """A random generator adapter seeded by ``seed`` (e.g. run seed, epoch, step)."""
-        if self.name == "cupy":
-            return CupyGenerator(self, seed)
-        if self.name == "torch":
-            return TorchGenerator(self, seed)
-        if self.name == "jax":
-            return JaxGenerator(self, seed)
-        return HostGenerator(self, seed)
+        """A random generator adapter (:mod:`xpcnn.rng`) seeded by ``seed`` (e.g. run seed, epoch, step)."""
+        return self.library.generator(self, seed)
 
     def activate(self):
         """Context in which bare creation calls land on this backend's device."""
-        if self.name == "cupy":
-            return self.device
-        if self.name == "torch" and self.is_gpu:
-            import torch
-
-            return torch.cuda.device(self.device)
-        if self.name == "jax":
-            import jax
-
-            return jax.default_device(self.device)
-        return contextlib.nullcontext()
+        return self.library.activate(self)
 
     def synchronize(self) -> None:
         """Block until queued device work is done (no-op where nothing is queued)."""
-        if self.name == "cupy":
-            self.device.synchronize()
-        elif self.name == "torch" and self.is_gpu:
-            import torch
-
-            torch.cuda.synchronize(self.device)
-        elif self.name == "jax":
-            import jax
-
-            # JAX queues work on the CPU too and has no device-wide barrier: wait for every
-            # array that still exists, which covers all work whose result can still be read.
-            jax.block_until_ready(jax.live_arrays())
+        self.library.synchronize(self)
 
     def describe(self) -> str:
         return f"{self.name} on {self.device_name}"
@@ -373,7 +322,7 @@ def _torch_backend(device) -> Backend:
     return Backend("torch", array_api_compat.array_namespace(torch.empty(0)), device, name)
 
 
-def _torch_cuda_problem(torch) -> str | None:
+def torch_cuda_problem(torch) -> str | None:
     """Why torch cannot use CUDA here, or None."""
     if torch.version.cuda is None:
         return f"torch {torch.__version__} is a CPU-only build"
@@ -385,11 +334,11 @@ def _torch_cuda_problem(torch) -> str | None:
 def _get_torch_backend(device: str) -> Backend:
     torch = _import("torch", "the torch backend", TORCH_INSTALL)
     if device == "auto":
-        device = "cpu" if _torch_cuda_problem(torch) else "cuda"
+        device = "cpu" if torch_cuda_problem(torch) else "cuda"
     if device == "cpu":
         return _torch_backend(torch.device("cpu"))
     index = _parse_cuda_index(device)
-    problem = _torch_cuda_problem(torch)
+    problem = torch_cuda_problem(torch)
     if problem is not None:
         raise BackendError(f"cannot use cuda:{index} with torch: {problem}")
     count = torch.cuda.device_count()
@@ -398,7 +347,7 @@ def _get_torch_backend(device: str) -> Backend:
     return _torch_backend(torch.device("cuda", index))
 
 
-def _jax_gpus(jax) -> list:
+def jax_gpus(jax) -> list:
     """JAX's GPU devices (empty when its installed jaxlib has no GPU platform)."""
     try:
         return jax.devices("gpu")
@@ -411,13 +360,13 @@ def _jax_backend(device) -> Backend:
     jax = _import("jax", "the jax backend", JAX_INSTALL)
     jax.config.update("jax_enable_x64", True)  # float64 for gradient checks; see the module docstring
     _apply_tf32("jax")  # no silent TF32 on GPUs unless asked for; see the docstring
-    name = "cpu" if device.platform == "cpu" else f"cuda:{_jax_gpus(jax).index(device)}"
+    name = "cpu" if device.platform == "cpu" else f"cuda:{jax_gpus(jax).index(device)}"
     return Backend("jax", array_api_compat.array_namespace(jax.numpy.empty(0, device=device)), device, name)
 
 
 def _get_jax_backend(device: str) -> Backend:
     jax = _import("jax", "the jax backend", JAX_INSTALL)
-    gpus = _jax_gpus(jax)
+    gpus = jax_gpus(jax)
     if device == "auto":
         device = "cuda" if gpus else "cpu"
     if device == "cpu":
@@ -491,49 +440,3 @@ def backend_of(array) -> Backend:
         (device,) = array.devices()
         return _jax_backend(device)
     raise BackendError(f"unsupported array type {type(array).__module__}.{type(array).__name__}")
-
-
-def available_backends() -> list[dict[str, str]]:
-    """Each known backend with its version and whether it can run here."""
-    rows = []
-    modules = {"numpy": "numpy", "array-api-strict": "array_api_strict", "cupy": "cupy", "torch": "torch", "jax": "jax"}
-    for name, module in modules.items():
-        try:
-            version = importlib.import_module(module).__version__
-        except ImportError:
-            rows.append({"backend": name, "version": "-", "status": "not installed"})
-            continue
-        except Exception as exc:
-            rows.append({"backend": name, "version": "-", "status": f"import failed: {exc}"})
-            continue
-        status = "ok"
-        if name == "cupy":
-            status = cuda_problem() or "ok"
-        elif name in ("torch", "jax"):
-            status = f"ok: {', '.join(_devices(name))}"
-        rows.append({"backend": name, "version": version, "status": status})
-    return rows
-
-
-def _devices(name: str) -> list[str]:
-    """The device names the torch or jax backend can use here."""
-    if name == "torch":
-        torch = importlib.import_module("torch")
-        count = 0 if _torch_cuda_problem(torch) else torch.cuda.device_count()
-    else:
-        count = len(_jax_gpus(importlib.import_module("jax")))
-    return ["cpu"] + [f"cuda:{index}" for index in range(count)]
-
-
-def gpu_names() -> list[str]:
-    """Names of the CUDA GPUs CuPy can see (empty without CuPy or a GPU)."""
-    if cuda_problem() is not None:
-        return []
-    import cupy
-
-    names = []
-    for index in range(cupy.cuda.runtime.getDeviceCount()):
-        props = cupy.cuda.runtime.getDeviceProperties(index)
-        memory_gib = props["totalGlobalMem"] / 2**30
-        names.append(f"cuda:{index}: {props['name'].decode()} ({memory_gib:.0f} GiB)")
-    return names

@@ -1,5 +1,8 @@
 """Throughput and memory benchmark: xpcnn on each backend beside PyTorch, in one run.
 
+One job, though long: the xpcnn-beside-PyTorch benchmark, whose two processes per
+case and the protocol between them belong together.
+
 Each case (framework, backend, model) runs in its own Python process with the
 same thread count, fixed before any library loads, so that peak memory is per
 case and no case warms another's caches or allocator.  A case measures:
@@ -40,6 +43,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from .diagnostics import device_peak_mib
 from .models import build
 
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
@@ -155,29 +159,10 @@ def _xpcnn_session(case: Case, settings: Settings) -> Session:
         {"train": train_step, "infer": infer_step},
         {"train": model.train, "infer": to_eval},
         backend.synchronize,
-        lambda: _device_peak_mib(backend),
+        lambda: device_peak_mib(backend),
         settings,
         backend.activate,
     )
-
-
-def _device_peak_mib(backend) -> float | None:
-    """Peak GPU memory of the run in MiB (None on the CPU).
-
-    CuPy: what its memory pool holds (it keeps its high-water mark); torch: its
-    allocator's peak; JAX: the device's ``peak_bytes_in_use``.
-    """
-    if not backend.is_gpu:
-        return None
-    if backend.name == "cupy":
-        import cupy
-
-        return cupy.get_default_memory_pool().total_bytes() / 2**20
-    if backend.name == "torch":
-        import torch
-
-        return torch.cuda.max_memory_allocated(backend.device) / 2**20
-    return backend.device.memory_stats()["peak_bytes_in_use"] / 2**20
 
 
 def torch_twin(model):
@@ -457,7 +442,7 @@ def machine_description(threads: int) -> dict:
     import numpy
 
     from . import __version__
-    from .backend import gpu_names
+    from .diagnostics import gpu_names
 
     info = {
         "xpcnn": __version__,

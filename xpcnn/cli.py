@@ -1,4 +1,7 @@
-"""The ``xpcnn`` command line: parsing and messages only, the work happens in the library."""
+"""The ``xpcnn`` command line: parsing and messages only, the work happens in the library.
+
+One job, though long: each command declares its options here, and its messages.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +11,6 @@ import json
 import os
 import platform
 import sys
-import time
 import traceback
 from pathlib import Path
 
@@ -17,30 +19,33 @@ import numpy as np
 
 from . import __version__, plots
 from . import export as exporting
-from .backend import BACKEND_NAMES, available_backends, get_backend, gpu_names, set_tf32
+from .backend import BACKEND_NAMES, cuda_problem, get_backend, set_tf32
 from .checkpoint import CheckpointError, checkpoint_path, load_checkpoint
-from .data import DATASETS, TEST_FILES, find_data_dir, get_spec, holds_dataset, load_dataset, other_files
+from .config import TrainConfig
+from .data import DATASETS, TEST_FILES, find_data_dir, get_spec, load_dataset, other_files
+from .device_data import DeviceSplit, normalize_images
+from .diagnostics import available_backends, gpu_names
+from .display import Progress
 from .errors import ConfigError, XpcnnError
 from .images import ImageError, load_image
 from .models import MODELS
 from .optim import OPTIMIZERS, SCHEDULES
 from .recipes import RECIPES, recipe
-from .train import (
-    DeviceSplit,
-    Progress,
-    TrainConfig,
-    TrainingInterrupted,
+from .runs import (
+    RESUMABLE,
     checkpoint_config,
+    confusion_matrix,
+    default_run_dir,
     model_from_checkpoint,
-    normalize_images,
-    predict_probabilities,
+    per_class_accuracy,
+    recorded_data_dir,
+    resumed_config,
     run_dir_has_run,
     summary,
     train_run,
 )
-from .train import (
-    evaluate as evaluate_model,
-)
+from .train import TrainingInterrupted, predict_probabilities
+from .train import evaluate as evaluate_model
 
 EXIT_INTERRUPTED = 130
 EXIT_BUG = 70  # sysexits' EX_SOFTWARE: an internal error
@@ -135,7 +140,6 @@ def main():
     """
 
 
-RESUMABLE = {"epochs", "log_every"}
 BENCH_MODELS = ("seed", "lenet", "convnet")
 TF32_HELP = "Let float32 matrix products on NVIDIA GPUs use TF32 tensor cores (10-bit mantissas): faster, less exact."
 
@@ -213,13 +217,17 @@ TF32_HELP = "Let float32 matrix products on NVIDIA GPUs use TF32 tensor cores (1
 @click.option("--resume", type=click.Path(exists=True, file_okay=False), help="Continue the run in this directory.")
 @click.option("--tf32", is_flag=True, help=TF32_HELP)
 @click.option("--plot", is_flag=True, help="Also write the training curves to history.png in the run directory.")
+@click.option(
+    "--quiet", "-q", is_flag=True, help="No progress: print only errors and the final summary (and --plot's file)."
+)
 @allow_other_data_option
 @click.pass_context
 @friendly_errors
-def train(ctx, recipe_name, data_dir, device, backend, out, resume, tf32, plot, allow_other_data, **options):
+def train(ctx, recipe_name, data_dir, device, backend, out, resume, tf32, plot, quiet, allow_other_data, **options):
     """Train a model, saving config, history and checkpoints to a run directory."""
     if plot:
         plots.require_matplotlib()
+    given = {name for name in options if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE}
     if resume is not None:
         if recipe_name:
             raise click.UsageError("--recipe cannot change when resuming")
@@ -229,36 +237,26 @@ def train(ctx, recipe_name, data_dir, device, backend, out, resume, tf32, plot, 
                 f"start it afresh with --out {resume}"
             )
         checkpoint = load_checkpoint(resume)
-        changed = {
-            name
-            for name in options
-            if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE and name not in RESUMABLE
-        }
+        changed = sorted(set(given) - RESUMABLE)
         if changed:
-            flags = ", ".join(f"--{name.replace('_', '-')}" for name in sorted(changed))
+            flags = ", ".join(f"--{name.replace('_', '-')}" for name in changed)
             raise click.UsageError(
                 f"{flags} cannot change when resuming; only --epochs, --device, --backend, --data-dir"
             )
         if out is not None and Path(out).resolve() != Path(resume).resolve():
             raise click.UsageError("--out and --resume name different directories")
-        stored = checkpoint_config(checkpoint).to_dict()
-        stored.update(
-            {k: options[k] for k in RESUMABLE if ctx.get_parameter_source(k) == click.core.ParameterSource.COMMANDLINE}
-        )
-        config = TrainConfig.from_dict(stored)
+        try:
+            config = resumed_config(checkpoint, Path(resume), {k: options[k] for k in given})
+        except ConfigError as exc:
+            raise click.UsageError(_user_message(exc)) from None
         out = Path(resume)
-        data_dir = data_dir or _recorded_data_dir(checkpoint, out)
-        if checkpoint.meta["state"]["epoch"] >= config.epochs:
-            raise click.UsageError(
-                f"{resume} already finished {config.epochs} epoch(s); pass --epochs N to train longer"
-            )
+        data_dir = data_dir or recorded_data_dir(checkpoint, out)
     else:
         checkpoint = None
         if recipe_name:
-            given = {k for k in options if ctx.get_parameter_source(k) == click.core.ParameterSource.COMMANDLINE}
             options.update({k: v for k, v in recipe(recipe_name).items() if k not in given})
         config = TrainConfig.from_dict(options)
-        out = Path(out) if out else Path("runs") / f"{config.model}-{time.strftime('%Y%m%d-%H%M%S')}"
+        out = Path(out) if out else default_run_dir(config)
         if run_dir_has_run(out):
             try:
                 load_checkpoint(out)
@@ -271,13 +269,14 @@ def train(ctx, recipe_name, data_dir, device, backend, out, resume, tf32, plot, 
 
     set_tf32(tf32)
     chosen = get_backend(backend, device)
-    dataset = load_dataset(config.dataset, data_dir)
-    click.echo(
-        f"training {config.model} on {config.dataset} ({len(dataset.train_labels):,} train / "
-        f"{len(dataset.test_labels):,} test images) with {chosen}, {config.epochs} epoch(s)"
-        + (f", resuming after epoch {checkpoint.meta['state']['epoch']}" if checkpoint else ""),
-        err=True,
-    )
+    dataset = load_dataset(config.dataset, data_dir, progress=not quiet)
+    if not quiet:
+        click.echo(
+            f"training {config.model} on {config.dataset} ({len(dataset.train_labels):,} train / "
+            f"{len(dataset.test_labels):,} test images) with {chosen}, {config.epochs} epoch(s)"
+            + (f", resuming after epoch {checkpoint.meta['state']['epoch']}" if checkpoint else ""),
+            err=True,
+        )
     environment = {
         "data_dir": dataset.record()["directory"],
         "backend": chosen.describe(),
@@ -290,7 +289,7 @@ def train(ctx, recipe_name, data_dir, device, backend, out, resume, tf32, plot, 
         dataset,
         out,
         resume=checkpoint,
-        progress=Progress(sys.stderr),
+        progress=Progress(sys.stderr, quiet=quiet),
         environment=environment,
         allow_other_data=allow_other_data,
     )
@@ -301,29 +300,6 @@ def train(ctx, recipe_name, data_dir, device, backend, out, resume, tf32, plot, 
         f"best test accuracy {result['best_test_accuracy']:.2%} (epoch {result['best_epoch']}), "
         f"{result['train_seconds']:.1f} s of training; run saved to {out}"
     )
-
-
-def _recorded_data_dir(checkpoint, run: Path) -> str | None:
-    """Where a run's data was: the directory its checkpoint records, while it still holds the files, else
-    the one its config.json names, else None (the data is then looked for as for a new run)."""
-    recorded = (checkpoint.meta.get("data") or {}).get("directory")
-    if recorded and holds_dataset(recorded):
-        return recorded
-    return _stored_data_dir(run)
-
-
-def _stored_data_dir(run: Path) -> str | None:
-    """The --data-dir a run was started with, from its config.json (None where it has no usable one).
-
-    The checkpoint holds everything else a run needs: a config.json that is missing, damaged or not
-    xpcnn's only loses this hint, and the data is then looked for as for a new run.
-    """
-    try:
-        stored = json.loads((run / "config.json").read_text())
-    except (OSError, ValueError):
-        return None
-    data_dir = stored.get("data_dir") if isinstance(stored, dict) else None
-    return data_dir if isinstance(data_dir, str) else None
 
 
 @main.command()
@@ -346,7 +322,7 @@ def evaluate(run, data_dir, device, backend, as_json, plot, allow_other_data):
     chosen = get_backend(backend, device)
     config = checkpoint_config(checkpoint)
     run_dir = checkpoint_path(run).parent
-    dataset = load_dataset(config.dataset, data_dir or _recorded_data_dir(checkpoint, run_dir))
+    dataset = load_dataset(config.dataset, data_dir or recorded_data_dir(checkpoint, run_dir))
     changed = other_files(checkpoint.meta.get("data"), dataset, TEST_FILES)
     if changed and not allow_other_data:
         raise click.UsageError(
@@ -361,8 +337,8 @@ def evaluate(run, data_dir, device, backend, as_json, plot, allow_other_data):
     labels = dataset.test_labels.astype(np.int64)
     classes = checkpoint.meta["classes"]
     k = len(classes)
-    confusion = np.bincount(labels * k + result.predictions, minlength=k * k).reshape(k, k)
-    per_class = confusion.diagonal() / np.maximum(confusion.sum(axis=1), 1)
+    confusion = confusion_matrix(labels, result.predictions, k)
+    per_class = per_class_accuracy(confusion)
     report = {
         "checkpoint": str(checkpoint_path(run)),
         "dataset": config.dataset,
@@ -539,7 +515,14 @@ def serve(run, host, port, device, backend, quiet):
 @click.option("--train-batch", type=click.IntRange(min=1), default=128, show_default=True)
 @click.option("--infer-batch", type=click.IntRange(min=1), default=1000, show_default=True)
 @click.option("--no-torch", is_flag=True, help="Skip the PyTorch comparison.")
-@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Also write the results here as JSON.")
+@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON instead of the table.")
+@click.option(
+    "--output",
+    "output_path",
+    type=click.Path(dir_okay=False),
+    metavar="FILE",
+    help="Also write the results here as JSON.",
+)
 @click.option("--tf32", is_flag=True, help=TF32_HELP)
 @click.option(
     "--full-run",
@@ -548,10 +531,22 @@ def serve(run, host, port, device, backend, quiet):
     help="Also train convnet for one epoch on the MNIST files here and report its peak memory and time.",
 )
 @friendly_errors
-def bench(models, backends, threads, steps, repeats, train_batch, infer_batch, no_torch, json_path, tf32, full_run_dir):
+def bench(
+    models,
+    backends,
+    threads,
+    steps,
+    repeats,
+    train_batch,
+    infer_batch,
+    no_torch,
+    as_json,
+    output_path,
+    tf32,
+    full_run_dir,
+):
     """Training and inference images/s and peak memory, beside PyTorch eager with timed runs interleaved."""
     from . import bench as benchmark
-    from .backend import cuda_problem
     from .files import write_json
 
     models = list(models) or list(BENCH_MODELS)
@@ -568,10 +563,11 @@ def bench(models, backends, threads, steps, repeats, train_batch, infer_batch, n
         for row in benchmark.run_pair(case, settings, with_torch):
             results.append(row)
             click.echo(f"  {benchmark.format_progress(row)}", err=True)
-    click.echo(benchmark.format_table(results))
+    say = (lambda text: None) if as_json else click.echo  # with --json, stdout holds the JSON only
+    say(benchmark.format_table(results))
     report = {"machine": machine, "settings": dataclasses.asdict(settings), "results": results}
     if with_torch:
-        click.echo(f"vs torch: xpcnn / PyTorch eager, median ({benchmark.RATIO_SPREAD}) of {repeats} interleaved runs")
+        say(f"vs torch: xpcnn / PyTorch eager, median ({benchmark.RATIO_SPREAD}) of {repeats} interleaved runs")
         report["ratio_spread"] = benchmark.RATIO_SPREAD
     if full_run_dir:
         device = "cuda" if "cupy" in backends else "cpu"
@@ -579,15 +575,17 @@ def bench(models, backends, threads, steps, repeats, train_batch, infer_batch, n
         run = benchmark.full_run(full_run_dir, "convnet", device, threads, tf32)
         report["full_run"] = run
         if "error" in run:
-            click.echo(f"full MNIST epoch failed: {run['error']}")
+            click.echo(f"full MNIST epoch failed: {run['error']}", err=as_json)
         else:
-            click.echo(
+            say(
                 f"full MNIST epoch of convnet on {device}: {run['seconds']:.1f} s training "
                 f"({run['images_per_second']:,.0f} img/s), {run['wall_seconds']:.1f} s wall, "
                 f"test accuracy {run['test_accuracy']:.2%}, peak RSS {run['peak_rss_mib']:,.0f} MiB"
             )
-    if json_path:
-        write_json(json_path, report)
+    if output_path:
+        write_json(output_path, report)
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
     failed = [row for row in results if "error" in row] + ([run] if full_run_dir and "error" in run else [])
     if failed:
         sys.exit(1)  # each failure was reported on its line; the figures that could be measured are kept

@@ -1,5 +1,7 @@
 """CuPy replacements behind the fast-path seam: one fused kernel where the Array API spells several.
 
+One job, though long: the CuPy kernels, each one's CUDA source beside its launcher.
+
 On a GPU a small network's training step is bound by kernel launches (each
 costs ~10 us of Python and driver time), not by arithmetic.  Each function
 here gives the same result as the :mod:`xpcnn.functional` function it

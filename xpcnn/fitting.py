@@ -5,7 +5,7 @@ Arrays: images of shape (N, H, W) or (N, 1, H, W), either uint8 in 0..255 or flo
 the images to zero mean and unit variance with the training images' statistics, as
 ``xpcnn train`` does, and returns that normalisation in its :class:`History`:
 ``evaluate`` needs it to see images as training did.  Both are built on
-:class:`xpcnn.train.Trainer` and :class:`xpcnn.train.TrainConfig`.
+:class:`xpcnn.train.Trainer` and :class:`xpcnn.config.TrainConfig`.
 """
 
 from __future__ import annotations
@@ -19,23 +19,16 @@ import numpy as np
 
 from .backend import Backend, backend_of, get_backend
 from .checkpoint import save_checkpoint
+from .config import TrainConfig, make_optimizer
 from .data import Dataset, load_dataset, split_validation
+from .device_data import DeviceSplit, Normalization, normalize_images
+from .display import Progress
 from .errors import ConfigError, XpcnnError
 from .models import MODELS, build
 from .nn import Sequential
 from .optim import Optimizer
-from .train import (
-    DeviceSplit,
-    EvalResult,
-    Normalization,
-    Progress,
-    RunState,
-    TrainConfig,
-    Trainer,
-    checkpoint_meta,
-    make_optimizer,
-    normalize_images,
-)
+from .runs import checkpoint_meta
+from .train import EvalResult, RunState, Trainer
 from .train import evaluate as evaluate_split
 
 ARRAYS = "arrays"  # the dataset name fit records for data given as arrays
@@ -75,7 +68,7 @@ def fit(
     ``(images, labels)``; evaluated after each epoch.  ``callbacks``: objects with
     ``on_step(step, loss)`` and/or ``on_epoch_end(record)``; returning True stops training.
     ``optimizer``: a name (``"sgd"``, ``"adam"``, ``"adamw"``) or an optimiser over ``model``.
-    ``settings``: any other :class:`~xpcnn.train.TrainConfig` field (``epochs``, ``batch_size``,
+    ``settings``: any other :class:`~xpcnn.config.TrainConfig` field (``epochs``, ``batch_size``,
     ``lr``, ``schedule``, ``momentum``, ``weight_decay``, ``seed``, ``augment``, ...).
     ``verbose`` prints one line per epoch to stderr.
     """

@@ -1,5 +1,7 @@
 """Stateless layer math on the Array API standard: the reference path.
 
+One job, though long: the reference math of every layer, forward and backward.
+
 Every function takes arrays and gets ``xp`` from them, so the same code runs on
 NumPy, CuPy, PyTorch, JAX, array-api-strict or any other conforming library.
 Only arrays created here are ever updated: through :func:`_add_into` (in place

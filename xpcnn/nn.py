@@ -14,6 +14,10 @@ a training step), so gradients of several micro-batches accumulate.
 
 Parameters are created on the host as NumPy float32 arrays;
 ``layer.to(backend, dtype)`` moves them (see :mod:`xpcnn.backend`).
+
+One job, though long: the layers, the container and the loss all implement
+the one ``Layer`` contract (forward, backward, parameters, modes), and each
+layer is a thin wrapper over its math in :mod:`xpcnn.functional`.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Named training recipes: settings chosen on a validation split, never on the test set.
 
-A recipe is a set of :class:`xpcnn.train.TrainConfig` values; flags given on
+A recipe is a set of :class:`xpcnn.config.TrainConfig` values; flags given on
 the command line override it.  How each was chosen, and what it reaches, is in
 ``docs/results.md``.
 """

@@ -25,9 +25,11 @@ import numpy as np
 
 from .backend import Backend
 from .checkpoint import Checkpoint
+from .device_data import normalize_images
 from .errors import XpcnnError
 from .images import ImageError, decode_picture
-from .train import model_from_checkpoint, normalize_images, predict_probabilities
+from .runs import model_from_checkpoint
+from .train import predict_probabilities
 
 MAX_BODY_BYTES = 1024 * 1024  # a 280x280 canvas is a few kB; anything over 1 MiB is refused before it is read
 MAX_PIXELS = 2048 * 2048  # bigger pictures are refused from their header, before decoding

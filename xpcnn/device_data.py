@@ -1,0 +1,66 @@
+"""Labelled images on the device: normalisation, the one host-to-device copy of a split, batches."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .backend import Backend
+
+
+@dataclass(frozen=True)
+class Normalization:
+    """Per-pixel affine map applied to images scaled to [0, 1]: (x - mean) / std."""
+
+    mean: float
+    std: float
+
+    @classmethod
+    def of(cls, images: np.ndarray) -> Normalization:
+        """Mean and standard deviation of uint8 images, in [0, 1] units.
+
+        Computed exactly from the histogram of the 256 pixel values, without a
+        float copy of the images (which would be 376 MB for MNIST in float64).
+        """
+        counts = np.bincount(images.reshape(-1), minlength=256).astype(np.float64)
+        values = np.arange(256) / 255.0
+        mean = counts @ values / counts.sum()
+        variance = counts @ (values - mean) ** 2 / counts.sum()
+        return cls(float(mean), float(np.sqrt(variance)))
+
+
+@dataclass
+class DeviceSplit:
+    """A labelled split on the device: images (N, 1, 28, 28) normalised floats, labels (N,) int64."""
+
+    images: Any
+    labels: Any
+
+    def batches(self, batch_size: int):
+        """(images, labels) in order, ``batch_size`` at a time (the last batch may be smaller)."""
+        for start in range(0, len(self), batch_size):
+            stop = min(start + batch_size, len(self))  # the standard leaves out-of-range stops undefined
+            yield self.images[start:stop, ...], self.labels[start:stop]
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    @classmethod
+    def from_host(cls, backend: Backend, images: np.ndarray, labels: np.ndarray, norm: Normalization, dtype=None):
+        """Copy uint8 images (N, 28, 28) and labels (N,) to the device once, then scale there."""
+        xp = backend.xp
+        dtype = xp.float32 if dtype is None else dtype
+        scaled = xp.astype(backend.asarray(images[:, None, :, :]), dtype)  # a new array: safe to update in place
+        scaled *= 1.0 / 255.0  # in place, so the float dataset exists once (188 MB for MNIST in float32)
+        scaled -= norm.mean
+        scaled *= 1.0 / norm.std
+        return cls(scaled, xp.astype(backend.asarray(labels), xp.int64))
+
+
+def normalize_images(backend: Backend, images: np.ndarray, norm: Normalization, dtype=None):
+    """Float images (N, 1, 28, 28) in [0, 1] on the host -> normalised device array."""
+    xp = backend.xp
+    dtype = xp.float32 if dtype is None else dtype
+    return (backend.asarray(images, dtype) - norm.mean) * (1.0 / norm.std)

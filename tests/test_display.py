@@ -104,3 +104,28 @@ def test_a_terminal_reporting_zero_columns_falls_back_to_columns_then_80(monkeyp
     assert terminal_width(terminal) == 55
     monkeypatch.delenv("COLUMNS")
     assert terminal_width(terminal) == 80
+
+
+@pytest.mark.skipif(not hasattr(os, "openpty"), reason="needs a pseudo-terminal")
+def test_the_bar_shows_on_a_pseudo_terminal_that_reports_zero_rows(monkeypatch):
+    import fcntl
+    import struct
+    import termios
+
+    leader, follower = os.openpty()
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 0, 80, 0, 0))  # 0 rows, 80 columns
+    shown = b""
+    with os.fdopen(follower, "w") as terminal:
+        monkeypatch.setattr("sys.stderr", terminal)  # tqdm asks the screen's shape of stderr and stdout only
+        show_an_epoch(Progress(terminal), steps=4, log_every=1)
+        terminal.flush()
+        while chunk := _read_available(leader):
+            shown += chunk
+    os.close(leader)
+    assert "epoch 1/3 4/4 loss 0.2500" in shown.decode(errors="replace")
+
+
+def _read_available(fd):
+    import select
+
+    return os.read(fd, 65536) if select.select([fd], [], [], 0.2)[0] else b""

@@ -80,6 +80,7 @@ class Progress:
                 file=self.stream,
                 bar_format=BAR_FORMAT,
                 ncols=terminal_width(self.stream),
+                nrows=2,  # one bar at the top; a pseudo-terminal reporting 0 rows would make tqdm hide it
                 mininterval=0,
                 leave=False,
             )

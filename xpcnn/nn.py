@@ -448,6 +448,16 @@ class Sequential(Layer):
             index, name = key.split(".", 1)
             self.layers[int(index)].params[name] = value
 
+    def get_buffers(self) -> dict:
+        """Flat dict ``"<index>.<name>"`` -> array of every buffer (batch norm's running statistics)."""
+        return {f"{i}.{name}": value for i, layer in enumerate(self.layers) for name, value in layer.buffers.items()}
+
+    def set_buffers(self, values: dict) -> None:
+        """Assign buffers from a flat dict with the keys of :meth:`get_buffers`."""
+        for key, value in values.items():
+            index, name = key.split(".", 1)
+            self.layers[int(index)].buffers[name] = value
+
     def state_dict(self) -> dict[str, np.ndarray]:
         """Host NumPy copies of parameters and buffers, keyed as in PyTorch."""
         state = {}

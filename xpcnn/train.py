@@ -8,14 +8,16 @@ after every step.
 Randomness is a pure function of (seed, epoch, step): epoch ``e`` shuffles
 with NumPy's generator seeded ``[seed, e]`` and draws dropout noise from
 ``backend.generator(seed, e, s)`` where ``s`` is the step the epoch (re)started
-at.  A checkpoint therefore only needs the seed and the position, and resuming
-at an epoch boundary continues bit for bit.
+at (on JAX, each step ``s`` from its own key, see :mod:`xpcnn.compiled`).  A
+checkpoint therefore only needs the seed and the position, and resuming at an
+epoch boundary continues bit for bit.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import math
 import signal
 import sys
@@ -210,7 +212,9 @@ class RunState:
     epoch: int = 0
     step: int = 0
     global_step: int = 0
-    partial: dict = field(default_factory=lambda: {"loss_sum": 0.0, "correct": 0, "seen": 0, "seconds": 0.0})
+    partial: dict = field(
+        default_factory=lambda: {"loss_sum": 0.0, "correct": 0, "seen": 0, "seconds": 0.0, "compile_seconds": 0.0}
+    )
     history: list = field(default_factory=list)
 
     def to_dict(self) -> dict:
@@ -258,6 +262,8 @@ class Progress:
             if f"{split}_loss" in record:
                 parts.append(f"{split} loss {record[f'{split}_loss']:.4f} acc {record[f'{split}_accuracy']:.2%}")
         parts.append(f"{record['seconds']:.1f} s, {record['images_per_second']:,.0f} img/s")
+        if "compile_seconds" in record:
+            parts.append(f"(+ {record['compile_seconds']:.1f} s compiling)")
         self.stream.write(("\r\x1b[K" if self.live else "") + "  ".join(parts) + "\n")
         self.stream.flush()
 
@@ -293,14 +299,24 @@ class Trainer:
         config: TrainConfig,
         progress: Progress | None = None,
         background: float = 0.0,
+        eager: bool = False,
     ):
-        """``background`` is the value of a blank pixel after normalisation: what augmentation fills in."""
+        """``background`` is the value of a blank pixel after normalisation: what augmentation fills in.
+
+        On JAX each step is one compiled program (:mod:`xpcnn.compiled`) unless ``eager``.
+        """
         self.model, self.optimizer, self.backend, self.config = model, optimizer, backend, config
         # Labels are validated once, at load; the evaluation loss stays the plain cross-entropy.
         self.loss_fn = CrossEntropyLoss(check_labels=False, label_smoothing=config.label_smoothing)
         self.progress = progress or Progress(None)
         self.augmentation = make_augmentation(config)
         self.background = background
+        runner = LayerSteps
+        if backend.name == "jax":
+            from .compiled import CompiledSteps
+
+            runner = functools.partial(CompiledSteps, compile=not eager)
+        self.steps = runner(model, self.loss_fn, optimizer, backend, config.seed, self.augmentation, background)
 
     def fit(
         self, train: DeviceSplit, evals: dict[str, DeviceSplit], state: RunState | None = None, on_epoch_end=None
@@ -338,46 +354,40 @@ class Trainer:
         epoch = state.epoch  # 0-based index of the running epoch
         order = self.backend.asarray(np.random.default_rng([cfg.seed, epoch]).permutation(len(train)))
         self.model.train()
-        noise = self.backend.generator(cfg.seed, epoch, state.step)
-        self.model.set_generator(noise)
+        self.steps.start_epoch(epoch, state.step)
         self.progress.start_epoch(epoch + 1, cfg.epochs, steps)
 
         partial = state.partial
         loss_sum = xp.asarray(partial["loss_sum"], dtype=xp.float64, device=self.backend.device)
         correct = xp.asarray(partial["correct"], dtype=xp.int64, device=self.backend.device)
         seen, seconds = partial["seen"], partial["seconds"]
+        compile_seconds, compiled_before = partial.get("compile_seconds", 0.0), self.steps.compile_seconds
         started = time.perf_counter()
 
         def checkpoint_partial(step: int):
-            nonlocal started
             self.backend.synchronize()
             now = time.perf_counter()
+            compiling = self.steps.compile_seconds - compiled_before  # not training time
             state.partial = {
                 "loss_sum": float(loss_sum),
                 "correct": int(correct),
                 "seen": seen,
-                "seconds": seconds + now - started,
+                "seconds": seconds + now - started - compiling,
+                "compile_seconds": compile_seconds + compiling,
             }
             state.step = step
             return state.partial
 
         for step in range(state.step, steps):
             batch = order[step * cfg.batch_size : min((step + 1) * cfg.batch_size, len(train))]
-            x = xp.take(train.images, batch, axis=0)
-            y = xp.take(train.labels, batch, axis=0)
-            if self.augmentation is not None:
-                x = self.augmentation(x, noise, fill=self.background)
             self.optimizer.lr = scheduled_lr(cfg.schedule, cfg.lr, state.global_step, total_steps)
-            logits = self.model.forward(x)
-            loss = self.loss_fn.forward(logits, y)
-            self.model.backward(self.loss_fn.backward(), input_grad=False)
-            self.optimizer.step()
+            loss, batch_correct = self.steps.train_step(train.images, train.labels, batch, step)
             state.global_step += 1
-            count = int(y.shape[0])
+            count = int(batch.shape[0])
             seen += count
-            # Two and four launches: float64 + float32 promotes to float64, and count_nonzero counts the booleans.
+            # Two launches: float64 + float32 promotes to float64.
             loss_sum = loss_sum + loss * count
-            correct = correct + xp.count_nonzero(xp.argmax(logits, axis=1) == y)
+            correct = correct + batch_correct
             last = step + 1 == steps
             if (step + 1) % cfg.log_every == 0 or last or flag["stop"]:
                 partial = checkpoint_partial(step + 1)
@@ -413,19 +423,59 @@ class Trainer:
         if self.config.recalibrate_bn and epoch == self.config.epochs:
             recalibrate_batchnorm(self.model, (images for images, _ in train.batches(1000)))
             record["bn_recalibrated"] = True
+        compiled_before = self.steps.compile_seconds
         for name, split in evals.items():
             result = self.evaluate(split)
             if not math.isfinite(result.loss):
                 raise TrainingDiverged(f"the {name} loss became {result.loss} after epoch {epoch}")
             record[f"{name}_loss"], record[f"{name}_accuracy"] = result.loss, result.accuracy
+        eval_compiling = self.steps.compile_seconds - compiled_before
         record["seconds"] = partial["seconds"]
         record["images_per_second"] = partial["seen"] / max(partial["seconds"], 1e-9)
-        record["eval_seconds"] = time.perf_counter() - started
+        record["eval_seconds"] = time.perf_counter() - started - eval_compiling
+        if self.steps.compiles:
+            record["compile_seconds"] = partial.get("compile_seconds", 0.0) + eval_compiling
         state.history.append(record)
         state.epoch += 1
         state.step = 0
         state.partial = RunState().partial
         return record
+
+    def evaluate(self, split: DeviceSplit) -> EvalResult:
+        return self.steps.evaluate(split)
+
+
+class LayerSteps:
+    """The training step on any backend: the layers' forward and backward, then the optimiser, one dispatch each.
+
+    Noise for epoch ``e`` (re)started at step ``s`` comes from ``backend.generator(seed, e, s)``.
+    The runner a :class:`Trainer` asks to run each batch (:class:`xpcnn.compiled.CompiledSteps` on JAX).
+    """
+
+    compiles = False
+    compile_seconds = 0.0
+
+    def __init__(self, model, loss_fn, optimizer, backend, seed, augmentation=None, background=0.0):
+        self.model, self.loss_fn, self.optimizer, self.backend = model, loss_fn, optimizer, backend
+        self.seed, self.augmentation, self.background = seed, augmentation, background
+        self._noise = None
+
+    def start_epoch(self, epoch: int, step: int) -> None:
+        self._noise = self.backend.generator(self.seed, epoch, step)
+        self.model.set_generator(self._noise)
+
+    def train_step(self, images, labels, batch, step: int):
+        """One optimiser step on ``images[batch]`` (B, 1, 28, 28), ``labels[batch]``: (mean loss, correct) 0-d."""
+        xp = self.backend.xp
+        x = xp.take(images, batch, axis=0)
+        y = xp.take(labels, batch, axis=0)
+        if self.augmentation is not None:
+            x = self.augmentation(x, self._noise, fill=self.background)
+        logits = self.model.forward(x)
+        loss = self.loss_fn.forward(logits, y)
+        self.model.backward(self.loss_fn.backward(), input_grad=False)
+        self.optimizer.step()
+        return loss, xp.count_nonzero(xp.argmax(logits, axis=1) == y)  # count_nonzero counts the booleans
 
     def evaluate(self, split: DeviceSplit) -> EvalResult:
         return evaluate(self.model, split, self.backend)
@@ -500,7 +550,8 @@ def checkpoint_meta(
         "rng": {
             "seed": config.seed,
             "shuffle": "epoch e: numpy default_rng([seed, e]).permutation",
-            "noise": "epoch e started at step s: backend.generator(seed, e, s)",
+            "noise": "jax: step s of epoch e: fold_in(key(seed, e), s); else epoch e started at step s: "
+            "backend.generator(seed, e, s)",
         },
     }
 
@@ -537,11 +588,12 @@ def train_run(
     progress: Progress | None = None,
     environment: dict | None = None,
     allow_other_data: bool = False,
+    eager: bool = False,
 ) -> RunState:
     """Train ``config`` on ``dataset`` (an :class:`xpcnn.data.Dataset`), writing the run to ``out``.
 
     Resuming on training or test files other than those the run recorded (their SHA-256) is an
-    error unless ``allow_other_data``.
+    error unless ``allow_other_data``.  ``eager`` turns off JAX's compiled steps.
 
     Writes ``config.json`` once training is about to start, then after every epoch
     ``checkpoint.npz`` and ``history.json``, all atomically.  The checkpoint is the commit
@@ -586,7 +638,7 @@ def train_run(
     with backend.activate():
         train = DeviceSplit.from_host(backend, images, labels, norm)
         evals = {name: DeviceSplit.from_host(backend, *split, norm) for name, split in evals_host.items()}
-        trainer = Trainer(model, optimizer, backend, config, progress, background=-norm.mean / norm.std)
+        trainer = Trainer(model, optimizer, backend, config, progress, background=-norm.mean / norm.std, eager=eager)
         # Only now, with everything that can refuse the run behind us: a failed resume leaves config.json as it was.
         write_json(out / "config.json", {**config.to_dict(), **(environment or {}), "xpcnn_version": __version__})
         if resume is not None:

@@ -154,12 +154,10 @@ class CompiledSteps:
     def evaluate(self, split: DeviceSplit, batch_size: int = 1000) -> EvalResult:
         """Mean loss, accuracy and host predictions of the model on ``split``, in evaluation mode."""
         xp = self.backend.xp
-        self.model.eval()
-        parameters, buffers = self.model.parameters(), self.model.get_buffers()
         loss_sum = xp.asarray(0.0, dtype=xp.float64, device=self.backend.device)
         predictions = []
         for x, y in split.batches(batch_size):
-            batch_loss, batch_predictions = self._evaluate(parameters, buffers, x, y)
+            batch_loss, batch_predictions = self.evaluate_batch(x, y)
             loss_sum = loss_sum + batch_loss
             predictions.append(batch_predictions)
         if not predictions:
@@ -167,6 +165,11 @@ class CompiledSteps:
         predictions = self.backend.to_host(xp.concat(predictions))
         accuracy = float(np.mean(predictions == self.backend.to_host(split.labels)))
         return EvalResult(float(loss_sum) / len(split), accuracy, predictions)
+
+    def evaluate_batch(self, x, y):
+        """(float64 sum of the losses, predictions (N,)) for ``x`` (N, 1, 28, 28), ``y`` (N,), evaluation mode."""
+        self.model.eval()
+        return self._evaluate(self.model.parameters(), self.model.get_buffers(), x, y)
 
     def _train_step(self, flat, state, buffers, images, labels, batch, epoch_key, step, lr, steps):
         xp = namespace(images)

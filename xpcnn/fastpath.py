@@ -40,7 +40,7 @@ from functools import cache, partial
 from types import SimpleNamespace
 
 import numpy as np
-from array_api_compat import is_cupy_array
+from array_api_compat import is_cupy_array, is_jax_array
 from numpy.lib.stride_tricks import as_strided
 
 from . import functional as F
@@ -228,6 +228,16 @@ def _cupy_kernels() -> SimpleNamespace:
     )
 
 
+@cache
+def _jax_kernels() -> SimpleNamespace:
+    """The reference with XLA's convolutions in place (imported at the first JAX array)."""
+    from . import fastpath_jax
+
+    return SimpleNamespace(
+        **{**_public(F), "conv2d_forward": fastpath_jax.conv2d_forward, "conv2d_backward": fastpath_jax.conv2d_backward}
+    )
+
+
 # XPCNN_FASTPATH=0 turns every fast path off: the reference runs on every backend (for measuring what they gain).
 ENABLED = os.environ.get("XPCNN_FASTPATH", "1") != "0"
 
@@ -245,11 +255,13 @@ def optimizer_kernels(param):
 
 
 def kernels(x):
-    """The namespace of layer math for arrays like ``x``: NumPy's or CuPy's fast paths, or the reference."""
+    """The namespace of layer math for arrays like ``x``: NumPy's, CuPy's or JAX's fast paths, or the reference."""
     if not ENABLED:
         return F
     if isinstance(x, np.ndarray):
         return _NUMPY
     if is_cupy_array(x):
         return _cupy_kernels()
+    if is_jax_array(x):
+        return _jax_kernels()
     return F

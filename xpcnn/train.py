@@ -212,9 +212,7 @@ class RunState:
     epoch: int = 0
     step: int = 0
     global_step: int = 0
-    partial: dict = field(
-        default_factory=lambda: {"loss_sum": 0.0, "correct": 0, "seen": 0, "seconds": 0.0, "compile_seconds": 0.0}
-    )
+    partial: dict = field(default_factory=lambda: {"loss_sum": 0.0, "correct": 0, "seen": 0, "seconds": 0.0})
     history: list = field(default_factory=list)
 
     def to_dict(self) -> dict:
@@ -311,6 +309,7 @@ class Trainer:
         self.progress = progress or Progress(None)
         self.augmentation = make_augmentation(config)
         self.background = background
+        self._compiled_before_epoch = 0.0
         runner = LayerSteps
         if backend.name == "jax":
             from .compiled import CompiledSteps
@@ -361,7 +360,7 @@ class Trainer:
         loss_sum = xp.asarray(partial["loss_sum"], dtype=xp.float64, device=self.backend.device)
         correct = xp.asarray(partial["correct"], dtype=xp.int64, device=self.backend.device)
         seen, seconds = partial["seen"], partial["seconds"]
-        compile_seconds, compiled_before = partial.get("compile_seconds", 0.0), self.steps.compile_seconds
+        self._compiled_before_epoch = compiled_before = self.steps.compile_seconds
         started = time.perf_counter()
 
         def checkpoint_partial(step: int):
@@ -373,7 +372,6 @@ class Trainer:
                 "correct": int(correct),
                 "seen": seen,
                 "seconds": seconds + now - started - compiling,
-                "compile_seconds": compile_seconds + compiling,
             }
             state.step = step
             return state.partial
@@ -433,8 +431,8 @@ class Trainer:
         record["seconds"] = partial["seconds"]
         record["images_per_second"] = partial["seen"] / max(partial["seconds"], 1e-9)
         record["eval_seconds"] = time.perf_counter() - started - eval_compiling
-        if self.steps.compiles:
-            record["compile_seconds"] = partial.get("compile_seconds", 0.0) + eval_compiling
+        if self.steps.compiles:  # in this process: a resumed epoch compiles again
+            record["compile_seconds"] = self.steps.compile_seconds - self._compiled_before_epoch
         state.history.append(record)
         state.epoch += 1
         state.step = 0

@@ -79,7 +79,7 @@ def test_compiled_and_eager_steps_agree(jax_backend, tiny_model, data, optimizer
     cfg = config(epochs=1, optimizer=optimizer, lr=0.05 if optimizer == "sgd" else 3e-3)
     compiled, compiled_state = fit(jax_backend, data, cfg, dtype, eager=False)
     eager, eager_state = fit(jax_backend, data, cfg, dtype, eager=True)
-    assert compiled.steps.compiles and not eager.steps.compiles
+    assert compiled.step_runner.compiles and not eager.step_runner.compiles
     a, b = compiled.model.state_dict(), eager.model.state_dict()
     assert a.keys() == b.keys()
     for key in a:
@@ -112,8 +112,8 @@ def test_the_noise_of_a_step_depends_on_its_epoch_and_step(jax_backend, tiny_mod
         weights, losses = model.state_dict(), []
         for epoch, step in [(0, 0), (0, 0), (0, 1), (1, 0)]:
             model.load_state_dict(weights)
-            trainer.steps.start_epoch(epoch, step)
-            losses.append(float(trainer.steps.train_step(split.images, split.labels, batch, step)[0]))
+            trainer.step_runner.start_epoch(epoch, step)
+            losses.append(float(trainer.step_runner.train_step(split.images, split.labels, batch, step)[0]))
     assert losses[0] == losses[1] and len(set(losses)) == 3, losses
 
 
@@ -128,8 +128,8 @@ def test_shape_changes_compile_once_each(jax_backend, tiny_model, data):
         trainer = train.Trainer(model, train.make_optimizer(cfg, model), jax_backend, cfg)
         state = trainer.fit(split, {"val": held_out, "test": split})
     assert len(state.history) == 3
-    assert trainer.steps.compilations == 4
-    assert sum(r["compile_seconds"] for r in state.history) == pytest.approx(trainer.steps.compile_seconds)
+    assert trainer.step_runner.compilations == 4
+    assert sum(r["compile_seconds"] for r in state.history) == pytest.approx(trainer.step_runner.compile_seconds)
 
 
 class InterruptAt(train.Progress):
@@ -164,3 +164,16 @@ def test_resume_mid_epoch_continues_as_a_straight_run(jax_backend, tiny_model, s
             b["test_loss"],
             b["test_accuracy"],
         )
+
+
+def test_the_progress_line_shows_compile_time_apart():
+    import io
+
+    stream = io.StringIO()
+    progress = train.Progress(stream)
+    progress.start_epoch(1, 1, 10)
+    record = {"train_loss": 0.5, "train_accuracy": 0.9, "seconds": 12.0, "images_per_second": 5000.0}
+    progress.end_epoch({**record, "compile_seconds": 3.25})
+    progress.end_epoch(record)
+    compiled, eager = stream.getvalue().splitlines()
+    assert compiled.endswith("12.0 s, 5,000 img/s  (+ 3.2 s compiling)") and "compiling" not in eager

@@ -315,7 +315,7 @@ class Trainer:
             from .compiled import CompiledSteps
 
             runner = functools.partial(CompiledSteps, compile=not eager)
-        self.steps = runner(model, self.loss_fn, optimizer, backend, config.seed, self.augmentation, background)
+        self.step_runner = runner(model, self.loss_fn, optimizer, backend, config.seed, self.augmentation, background)
 
     def fit(
         self, train: DeviceSplit, evals: dict[str, DeviceSplit], state: RunState | None = None, on_epoch_end=None
@@ -353,20 +353,20 @@ class Trainer:
         epoch = state.epoch  # 0-based index of the running epoch
         order = self.backend.asarray(np.random.default_rng([cfg.seed, epoch]).permutation(len(train)))
         self.model.train()
-        self.steps.start_epoch(epoch, state.step)
+        self.step_runner.start_epoch(epoch, state.step)
         self.progress.start_epoch(epoch + 1, cfg.epochs, steps)
 
         partial = state.partial
         loss_sum = xp.asarray(partial["loss_sum"], dtype=xp.float64, device=self.backend.device)
         correct = xp.asarray(partial["correct"], dtype=xp.int64, device=self.backend.device)
         seen, seconds = partial["seen"], partial["seconds"]
-        self._compiled_before_epoch = compiled_before = self.steps.compile_seconds
+        self._compiled_before_epoch = compiled_before = self.step_runner.compile_seconds
         started = time.perf_counter()
 
         def checkpoint_partial(step: int):
             self.backend.synchronize()
             now = time.perf_counter()
-            compiling = self.steps.compile_seconds - compiled_before  # not training time
+            compiling = self.step_runner.compile_seconds - compiled_before  # not training time
             state.partial = {
                 "loss_sum": float(loss_sum),
                 "correct": int(correct),
@@ -379,7 +379,7 @@ class Trainer:
         for step in range(state.step, steps):
             batch = order[step * cfg.batch_size : min((step + 1) * cfg.batch_size, len(train))]
             self.optimizer.lr = scheduled_lr(cfg.schedule, cfg.lr, state.global_step, total_steps)
-            loss, batch_correct = self.steps.train_step(train.images, train.labels, batch, step)
+            loss, batch_correct = self.step_runner.train_step(train.images, train.labels, batch, step)
             state.global_step += 1
             count = int(batch.shape[0])
             seen += count
@@ -421,18 +421,18 @@ class Trainer:
         if self.config.recalibrate_bn and epoch == self.config.epochs:
             recalibrate_batchnorm(self.model, (images for images, _ in train.batches(1000)))
             record["bn_recalibrated"] = True
-        compiled_before = self.steps.compile_seconds
+        compiled_before = self.step_runner.compile_seconds
         for name, split in evals.items():
             result = self.evaluate(split)
             if not math.isfinite(result.loss):
                 raise TrainingDiverged(f"the {name} loss became {result.loss} after epoch {epoch}")
             record[f"{name}_loss"], record[f"{name}_accuracy"] = result.loss, result.accuracy
-        eval_compiling = self.steps.compile_seconds - compiled_before
+        eval_compiling = self.step_runner.compile_seconds - compiled_before
         record["seconds"] = partial["seconds"]
         record["images_per_second"] = partial["seen"] / max(partial["seconds"], 1e-9)
         record["eval_seconds"] = time.perf_counter() - started - eval_compiling
-        if self.steps.compiles:  # in this process: a resumed epoch compiles again
-            record["compile_seconds"] = self.steps.compile_seconds - self._compiled_before_epoch
+        if self.step_runner.compiles:  # in this process: a resumed epoch compiles again
+            record["compile_seconds"] = self.step_runner.compile_seconds - self._compiled_before_epoch
         state.history.append(record)
         state.epoch += 1
         state.step = 0
@@ -440,7 +440,7 @@ class Trainer:
         return record
 
     def evaluate(self, split: DeviceSplit) -> EvalResult:
-        return self.steps.evaluate(split)
+        return self.step_runner.evaluate(split)
 
 
 class LayerSteps:

@@ -177,3 +177,22 @@ def test_the_progress_line_shows_compile_time_apart():
     progress.end_epoch(record)
     compiled, eager = stream.getvalue().splitlines()
     assert compiled.endswith("12.0 s, 5,000 img/s  (+ 3.2 s compiling)") and "compiling" not in eager
+
+
+@pytest.mark.parametrize(("flags", "compiled"), [([], True), (["--eager"], False)])
+def test_the_eager_flag_reaches_the_trainer(synthetic_dir, tmp_path, monkeypatch, flags, compiled):
+    from click.testing import CliRunner
+
+    from xpcnn import cli
+
+    seen = {}
+
+    def fake_train_run(config, backend, dataset, out, **options):
+        seen.update(options)
+        return train.RunState(history=[{"epoch": 1, "test_accuracy": 0.5, "seconds": 1.0}])
+
+    monkeypatch.setattr(cli, "train_run", fake_train_run)
+    args = ["train", "--backend", "jax", "--device", "cpu", "--data-dir", str(synthetic_dir)]
+    result = CliRunner().invoke(cli.main, [*args, "--out", str(tmp_path / "run"), *flags])
+    assert result.exit_code == 0, result.output
+    assert seen["eager"] is not compiled and seen["environment"]["compiled"] is compiled

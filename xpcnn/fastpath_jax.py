@@ -24,8 +24,23 @@ from . import functional as F
 _NCHW = ("NCHW", "OIHW", "NCHW")
 
 
+# Up to this many patch columns (C*KH*KW), the reference's patch matrix and product beat XLA's convolution.
+NARROW_PATCHES = 25
+
+
+def _narrow(weight) -> bool:
+    """Whether a convolution with ``weight`` (O, C, KH, KW) keeps the reference path (first layers on images)."""
+    _, c, kh, kw = weight.shape
+    return c * kh * kw <= NARROW_PATCHES
+
+
 def conv2d_forward(x, weight, bias, stride=(1, 1), padding=(0, 0)):
-    """:func:`xpcnn.functional.conv2d_forward` as one XLA convolution; the cache is ``x``."""
+    """:func:`xpcnn.functional.conv2d_forward` as one XLA convolution; the cache is ``x``.
+
+    Narrow patches (see :data:`NARROW_PATCHES`) keep the reference, whose cache is the patch matrix.
+    """
+    if _narrow(weight):
+        return F.conv2d_forward(x, weight, bias, stride, padding)
     (ph, pw) = padding
     y = lax.conv_general_dilated(
         x, weight, tuple(stride), ((ph, ph), (pw, pw)), dimension_numbers=_NCHW, precision=lax.Precision.HIGHEST
@@ -37,6 +52,8 @@ def conv2d_forward(x, weight, bias, stride=(1, 1), padding=(0, 0)):
 
 def conv2d_backward(grad_y, x, weight, x_shape, stride=(1, 1), padding=(0, 0), input_grad=True):
     """:func:`xpcnn.functional.conv2d_backward` from the forward input ``x``, as two XLA convolutions."""
+    if _narrow(weight):
+        return F.conv2d_backward(grad_y, x, weight, x_shape, stride, padding, input_grad)
     (_, _, h, w), (_, _, kh, kw) = x_shape, weight.shape
     (sh, sw), (ph, pw) = stride, padding
     oh, ow = grad_y.shape[2], grad_y.shape[3]

@@ -2,8 +2,9 @@
 
 Layers get their math from :func:`kernels`: the Array API reference
 (:mod:`xpcnn.functional`) for every backend, with a few functions replaced by
-NumPy-specific versions for NumPy arrays and by fused kernels for CuPy arrays
-(:mod:`xpcnn.fastpath_cupy`, imported at the first CuPy array).  Each
+NumPy-specific versions for NumPy arrays, by fused kernels for CuPy arrays
+(:mod:`xpcnn.fastpath_cupy`, imported at the first CuPy array) and by XLA's
+convolutions for JAX arrays (:mod:`xpcnn.fastpath_jax`).  Each
 replacement must give the same result as the reference (tests compare them on
 random inputs, ties included), and exists because a measurement showed it
 pays.  ``XPCNN_FASTPATH=0`` in the environment turns them all off.

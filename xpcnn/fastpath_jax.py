@@ -12,7 +12,9 @@ more convolutions, written out here (no autodiff):
 * weight gradient: the input correlated with the output gradient, the batch
   axis playing the channels' part and the stride becoming a kernel dilation.
 
-The cache the forward pass keeps for backward is the input itself.
+The cache the forward pass keeps for backward is the input itself.  Layers
+with narrow patch matrices (C*KH*KW <= 25: first layers on one-channel
+images) keep the reference, which is faster there (see :data:`NARROW_PATCHES`).
 """
 
 from __future__ import annotations

@@ -51,30 +51,40 @@ def test_table_and_progress_show_the_median_ratio_and_its_spread():
     ratios = {"train_ratio": 0.5, "train_ratio_min": 0.25, "train_ratio_max": 0.75}
     ratios |= {"infer_ratio": 2.0, "infer_ratio_min": 1.5, "infer_ratio_max": 2.5}
     results = [
-        row("xpcnn", "jax", "cuda:0", **ratios),
-        row("torch", "cuda", "cuda", paired_with="xpcnn:jax:seed"),
+        row("xpcnn", "jax", "cuda:0", compiled=True, **ratios),
+        row("torch", "cuda", "cuda", compiled=False, paired_with="xpcnn:jax:seed"),
         {"framework": "xpcnn", "backend": "cupy", "model": "seed", "error": "out of memory"},
     ]
     lines = bench.format_table(results).splitlines()
-    assert lines[2].split()[:7] == ["seed", "xpcnn", "jax", "cuda:0", "500", "0.50", "(0.25-0.75)"]
-    assert lines[2].split()[8:10] == ["2.00", "(1.50-2.50)"]
-    assert lines[3].split()[:6] == ["seed", "torch", "cuda", "cuda", "500", "20,000"]
+    assert lines[0].split()[4] == "compiled"
+    assert lines[2].split()[:8] == ["seed", "xpcnn", "jax", "cuda:0", "yes", "500", "0.50", "(0.25-0.75)"]
+    assert lines[2].split()[9:11] == ["2.00", "(1.50-2.50)"]
+    assert lines[3].split()[:7] == ["seed", "torch", "cuda", "cuda", "no", "500", "20,000"]
     assert lines[4].endswith("failed: out of memory")
     assert bench.format_progress(results[0]).endswith("vs torch: train 0.50 (0.25-0.75), infer 2.00 (1.50-2.50)")
     assert bench.format_progress(results[1]).startswith("torch:cuda:seed (beside xpcnn:jax:seed) on cuda:")
     assert bench.format_progress(results[2]) == "xpcnn:cupy:seed: failed: out of memory"
 
 
-@pytest.mark.parametrize("name", ["torch", pytest.param("jax", marks=pytest.mark.slow)])
-def test_a_case_serves_timed_runs_on_torch_and_jax(name, restore_tf32):
+@pytest.mark.parametrize(
+    ("name", "eager"),
+    [
+        ("torch", False),
+        pytest.param("jax", False, marks=pytest.mark.slow),
+        pytest.param("jax", True, marks=pytest.mark.slow),
+    ],
+)
+def test_a_case_serves_timed_runs_on_torch_and_jax(name, eager, restore_tf32):
+    """On JAX the steps are the compiled ones unless eager, and the first reply says which."""
     pytest.importorskip(name)
-    settings = bench.Settings(train_batch=8, infer_batch=16, steps=1, repeats=2, warmup=1, tf32=True)
+    settings = bench.Settings(train_batch=8, infer_batch=16, steps=1, repeats=2, warmup=1, tf32=True, eager=eager)
     replies = []
     bench.serve(
         bench.Case("xpcnn", name, "seed"), settings, ["train\n", "train\n", "infer\n", "finish\n"], replies.append
     )
     assert backend.tf32_enabled()  # the math mode is set for every case, xpcnn's and torch's
     assert replies[0]["device"] in ("cpu", "cuda:0")
+    assert replies[0]["compiled"] == (name == "jax" and not eager)
     assert all(reply["rate"] > 0 for reply in replies[1:4])
     assert replies[4]["peak_rss_mib"] > 0 and len(replies) == 5
 
@@ -93,6 +103,7 @@ def test_bench_pairs_numpy_with_torch_end_to_end(tmp_path):
     assert (twin["framework"], twin["backend"], twin["paired_with"]) == ("torch", "cpu", "xpcnn:numpy:seed")
     for row in (mine, twin):
         assert row["device"] == "cpu" and len(row["train_runs"]) == len(row["infer_runs"]) == 2
+        assert row["compiled"] is False
         assert row["peak_rss_mib"] > 0 and row["train_images_per_second"] > 0
     assert len(mine["train_ratios"]) == len(mine["infer_ratios"]) == 2
     assert mine["train_ratio_min"] <= mine["train_ratio"] <= mine["train_ratio_max"]

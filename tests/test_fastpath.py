@@ -1,4 +1,4 @@
-"""The NumPy fast paths against the Array API reference path they replace."""
+"""The NumPy and JAX fast paths against the Array API reference path they replace."""
 
 import numpy as np
 import pytest
@@ -118,3 +118,30 @@ def test_batchnorm_forward_fast_path_matches(shape, dtype, rtol):
     ):
         assert got.shape == expected.shape and got.dtype == expected.dtype
         np.testing.assert_allclose(got, expected, rtol=rtol, atol=rtol)
+
+
+@pytest.mark.parametrize(
+    "n, c, h, w, o, kernel, stride, padding", [*CONV_CASES, (2, 2, 5, 6, 3, (2, 2), (1, 1), (3, 2))]
+)
+@pytest.mark.parametrize("dtype, rtol", [(np.float64, 1e-12), (np.float32, 1e-5)])
+def test_jax_convolution_fast_path_matches(n, c, h, w, o, kernel, stride, padding, dtype, rtol):
+    """XLA's convolutions, forward and all three gradients, against the reference (padding >= kernel included)."""
+    pytest.importorskip("jax")
+    from xpcnn.backend import get_backend
+
+    backend = get_backend("jax", "cpu")
+    rng = np.random.default_rng(4)
+    host = [rng.standard_normal(shape).astype(dtype) for shape in [(n, c, h, w), (o, c, *kernel), (o,)]]
+    x, weight, bias = (backend.asarray(a) for a in host)
+    fast = fastpath.kernels(x)
+    assert fast.conv2d_forward is not F.conv2d_forward
+    y, cache = fast.conv2d_forward(x, weight, bias, stride, padding)
+    y_ref, cols = F.conv2d_forward(x, weight, bias, stride, padding)
+    grad_y = backend.asarray(rng.standard_normal(y.shape).astype(dtype))
+    got = [y, *fast.conv2d_backward(grad_y, cache, weight, x.shape, stride, padding)]
+    expected = [y_ref, *F.conv2d_backward(grad_y, cols, weight, x.shape, stride, padding)]
+    for name, a, b in zip(["y", "grad_x", "grad_weight", "grad_bias"], got, expected, strict=True):
+        a, b = np.asarray(a), np.asarray(b)
+        assert a.shape == b.shape and a.dtype == b.dtype, name
+        np.testing.assert_allclose(a, b, rtol=rtol, atol=rtol * np.abs(b).max(), err_msg=name)
+    assert fast.conv2d_backward(grad_y, cache, weight, x.shape, stride, padding, input_grad=False)[0] is None

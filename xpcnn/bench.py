@@ -12,6 +12,11 @@ case and no case warms another's caches or allocator.  A case measures:
 * inference images/s: evaluation-mode forward on batches of ``infer_batch``;
 * peak resident memory of the process (and peak device memory on a GPU).
 
+On JAX both steps are the compiled ones of :mod:`xpcnn.compiled` unless
+``eager`` (the training step gathers its batch from a small device dataset,
+as in training; the inference step also computes the loss and
+predictions); each row says which (``compiled``).
+
 Where torch is installed, each xpcnn case runs beside a twin: the same
 architecture, weights, batch, optimiser and thread count under torch (eager),
 on the kind of device the xpcnn case ran on (xpcnn on torch or jax picks CUDA
@@ -76,13 +81,25 @@ class Settings:
     warmup: int = 3
     threads: int = 2
     tf32: bool = False  # TF32 float32 matmuls (and torch's cuDNN convolutions) on NVIDIA GPUs, for both sides
+    eager: bool = False  # JAX: time the step run eagerly instead of the compiled one
 
 
 class Session:
     """One case set up in this process: times one run of ``steps`` steps of a phase on request."""
 
-    def __init__(self, device: str, steps: dict, modes: dict, sync, device_peak_mib, settings: Settings, activate=None):
-        self.device = device
+    def __init__(
+        self,
+        device: str,
+        steps: dict,
+        modes: dict,
+        sync,
+        device_peak_mib,
+        settings: Settings,
+        activate=None,
+        compiled: bool = False,
+    ):
+        """``compiled``: whether the steps are compiled programs (JAX's), not eager operations."""
+        self.device, self.compiled = device, compiled
         self._steps, self._modes, self._sync = steps, modes, sync  # per phase: a step, a switch into that mode
         self.device_peak_mib = device_peak_mib
         self._settings = settings
@@ -137,6 +154,7 @@ def _xpcnn_session(case: Case, settings: Settings) -> Session:
         train_data = [(backend.asarray(x), backend.asarray(y)) for x, y in _batches(rng, settings.train_batch)]
         infer_data = [backend.asarray(x) for x, _ in _batches(rng, settings.infer_batch, 2)]
     position = {"train": 0, "infer": 0}
+    compiled = backend.name == "jax" and not settings.eager
 
     def train_step():
         x, y = train_data[position["train"] % len(train_data)]
@@ -150,6 +168,9 @@ def _xpcnn_session(case: Case, settings: Settings) -> Session:
         model.forward(infer_data[position["infer"] % len(infer_data)])
         position["infer"] += 1
 
+    if compiled:
+        train_step, infer_step = _compiled_steps(backend, model, loss_fn, optimizer, train_data, infer_data, position)
+
     def to_eval():
         model.zero_cache()
         model.eval()
@@ -162,7 +183,37 @@ def _xpcnn_session(case: Case, settings: Settings) -> Session:
         lambda: device_peak_mib(backend),
         settings,
         backend.activate,
+        compiled,
     )
+
+
+def _compiled_steps(backend, model, loss_fn, optimizer, train_data, infer_data, position):
+    """JAX's compiled training and inference steps over the same batches: (train_step, infer_step).
+
+    The training batches become one device dataset that each step gathers its batch from, as in training.
+    """
+    from .compiled import CompiledSteps
+
+    xp = backend.xp
+    steps = CompiledSteps(model, loss_fn, optimizer, backend, seed=0)
+    with backend.activate():
+        images, labels = xp.concat([x for x, _ in train_data]), xp.concat([y for _, y in train_data])
+        size = int(train_data[0][1].shape[0])
+        batches = [backend.asarray(np.arange(i * size, (i + 1) * size)) for i in range(len(train_data))]
+        infer_labels = xp.zeros(infer_data[0].shape[0], dtype=xp.int64, device=backend.device)
+    steps.start_epoch(0, 0)
+
+    def train_step():
+        step = position["train"]
+        position["train"] += 1
+        steps.train_step(images, labels, batches[step % len(batches)], step)
+
+    def infer_step():
+        # Kept alive until the next step, so that synchronising waits for it (JAX dispatches asynchronously).
+        position["result"] = steps.evaluate_batch(infer_data[position["infer"] % len(infer_data)], infer_labels)
+        position["infer"] += 1
+
+    return train_step, infer_step
 
 
 def torch_twin(model):
@@ -266,7 +317,7 @@ def serve(case: Case, settings: Settings, commands: Iterable[str], reply: Callab
     """
     session = open_session(case, settings)
     session.enter("train")
-    reply({"device": session.device})
+    reply({"device": session.device, "compiled": session.compiled})
     for command in commands:
         if command.strip() == "finish":
             break
@@ -290,10 +341,11 @@ class Worker:
             command, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stderr, text=True
         )
         try:
-            self.device = self._answer()["device"]
+            hello = self._answer()
         except CaseFailed:
             self.close()
             raise
+        self.device, self.compiled = hello["device"], hello["compiled"]
 
     def ask(self, command: str) -> dict:
         """Send one command and wait for its answer."""
@@ -383,6 +435,7 @@ def run_pair(case: Case, settings: Settings, with_torch: bool) -> list[dict]:
                 continue
             rows[label].update(
                 device=worker.device,
+                compiled=worker.compiled,
                 train_images_per_second=statistics.median(rows[label]["train_runs"]),
                 infer_images_per_second=statistics.median(rows[label]["infer_runs"]),
                 **final,
@@ -420,7 +473,8 @@ def format_progress(result: dict) -> str:
 
 def format_table(results: list[dict]) -> str:
     """A plain-text table of the results: medians, and xpcnn / torch as the median (min-max) of per-pair ratios."""
-    header = f"{'model':<10} {'framework':<9} {'backend':<17} {'device':<7} {'train img/s':>12} {'vs torch':>16} "
+    header = f"{'model':<10} {'framework':<9} {'backend':<17} {'device':<7} {'compiled':<8} "
+    header += f"{'train img/s':>12} {'vs torch':>16} "
     header += f"{'infer img/s':>12} {'vs torch':>16} {'peak RSS MiB':>13} {'device MiB':>11}"
     lines = [header, "-" * len(header)]
     for r in results:
@@ -428,9 +482,10 @@ def format_table(results: list[dict]) -> str:
             lines.append(f"{r['model']:<10} {r['framework']:<9} {r['backend']:<17} failed: {r['error']}")
             continue
         device = f"{r['device_peak_mib']:.0f}" if r.get("device_peak_mib") is not None else "-"
+        compiled = "yes" if r.get("compiled") else "no"
         lines.append(
             f"{r['model']:<10} {r['framework']:<9} {r['backend']:<17} {r['device']:<7} "
-            f"{r['train_images_per_second']:>12,.0f} {_ratio(r, 'train'):>16} "
+            f"{compiled:<8} {r['train_images_per_second']:>12,.0f} {_ratio(r, 'train'):>16} "
             f"{r['infer_images_per_second']:>12,.0f} {_ratio(r, 'infer'):>16} "
             f"{r['peak_rss_mib']:>13,.0f} {device:>11}"
         )

@@ -142,6 +142,7 @@ def main():
 
 BENCH_MODELS = ("seed", "lenet", "convnet")
 TF32_HELP = "Let float32 matrix products on NVIDIA GPUs use TF32 tensor cores (10-bit mantissas): faster, less exact."
+EAGER_HELP = "JAX: run each operation as it comes instead of one compiled program per step (for debugging)."
 
 
 @main.command()
@@ -217,13 +218,16 @@ TF32_HELP = "Let float32 matrix products on NVIDIA GPUs use TF32 tensor cores (1
 @click.option("--resume", type=click.Path(exists=True, file_okay=False), help="Continue the run in this directory.")
 @click.option("--tf32", is_flag=True, help=TF32_HELP)
 @click.option("--plot", is_flag=True, help="Also write the training curves to history.png in the run directory.")
+@click.option("--eager", is_flag=True, help=EAGER_HELP)
 @click.option(
     "--quiet", "-q", is_flag=True, help="No progress: print only errors and the final summary (and --plot's file)."
 )
 @allow_other_data_option
 @click.pass_context
 @friendly_errors
-def train(ctx, recipe_name, data_dir, device, backend, out, resume, tf32, plot, quiet, allow_other_data, **options):
+def train(
+    ctx, recipe_name, data_dir, device, backend, out, resume, tf32, plot, eager, quiet, allow_other_data, **options
+):
     """Train a model, saving config, history and checkpoints to a run directory."""
     if plot:
         plots.require_matplotlib()
@@ -282,6 +286,7 @@ def train(ctx, recipe_name, data_dir, device, backend, out, resume, tf32, plot, 
         "backend": chosen.describe(),
         "tf32": tf32,
         "recipe": recipe_name,
+        "compiled": chosen.name == "jax" and not eager,
     }
     state = train_run(
         config,
@@ -292,6 +297,7 @@ def train(ctx, recipe_name, data_dir, device, backend, out, resume, tf32, plot, 
         progress=Progress(sys.stderr, quiet=quiet),
         environment=environment,
         allow_other_data=allow_other_data,
+        eager=eager,
     )
     if plot:
         click.echo(f"training curves: {plots.plot_history(state.history, out / 'history.png')}", err=True)
@@ -524,6 +530,7 @@ def serve(run, host, port, device, backend, quiet):
     help="Also write the results here as JSON.",
 )
 @click.option("--tf32", is_flag=True, help=TF32_HELP)
+@click.option("--eager", is_flag=True, help="JAX: time the steps run eagerly instead of compiled.")
 @click.option(
     "--full-run",
     "full_run_dir",
@@ -543,6 +550,7 @@ def bench(
     as_json,
     output_path,
     tf32,
+    eager,
     full_run_dir,
 ):
     """Training and inference images/s and peak memory, beside PyTorch eager with timed runs interleaved."""
@@ -552,7 +560,7 @@ def bench(
     models = list(models) or list(BENCH_MODELS)
     backends = list(backends) or (["numpy", "cupy"] if cuda_problem() is None else ["numpy"])
     with_torch = not no_torch and benchmark.torch_available()
-    settings = benchmark.Settings(train_batch, infer_batch, steps, repeats, 3, threads, tf32)
+    settings = benchmark.Settings(train_batch, infer_batch, steps, repeats, 3, threads, tf32, eager)
     machine = benchmark.machine_description(threads)
     click.echo(
         f"{machine['processor']}, {machine['cpu_count']} CPUs ({threads} threads), GPUs: {machine['gpus'] or 'none'}",

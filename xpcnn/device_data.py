@@ -1,4 +1,5 @@
-"""Labelled images on the device: normalisation, the one host-to-device copy of a split, batches."""
+"""Labelled images on the device: normalisation, the one host-to-device copy of a split, batches, and what
+evaluating a model over a split gives (``EvalResult``)."""
 
 from __future__ import annotations
 
@@ -64,3 +65,12 @@ def normalize_images(backend: Backend, images: np.ndarray, norm: Normalization, 
     xp = backend.xp
     dtype = xp.float32 if dtype is None else dtype
     return (backend.asarray(images, dtype) - norm.mean) * (1.0 / norm.std)
+
+
+@dataclass
+class EvalResult:
+    """A model's mean loss, accuracy (0-1) and host predictions (N,) int64 over a split."""
+
+    loss: float
+    accuracy: float
+    predictions: np.ndarray

@@ -113,6 +113,8 @@ class Progress:
             if f"{split}_loss" in record:
                 parts.append(f"{split} loss {record[f'{split}_loss']:.4f} acc {record[f'{split}_accuracy']:.2%}")
         parts.append(f"{record['seconds']:.1f} s, {record['images_per_second']:,.0f} img/s")
+        if "compile_seconds" in record:
+            parts.append(f"(+ {record['compile_seconds']:.1f} s compiling)")
         lines = fit_to_width(parts, terminal_width(self.stream)) if self.live else ["  ".join(parts)]
         self.stream.write("\n".join(lines) + "\n")
         self.stream.flush()

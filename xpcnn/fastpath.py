@@ -2,8 +2,9 @@
 
 Layers get their math from :func:`kernels`: the Array API reference
 (:mod:`xpcnn.functional`) for every backend, with a few functions replaced by
-NumPy-specific versions for NumPy arrays and by fused kernels for CuPy arrays
-(:mod:`xpcnn.fastpath_cupy`, imported at the first CuPy array).  Each
+NumPy-specific versions for NumPy arrays, by fused kernels for CuPy arrays
+(:mod:`xpcnn.fastpath_cupy`, imported at the first CuPy array) and by XLA's
+convolutions for JAX arrays (:mod:`xpcnn.fastpath_jax`).  Each
 replacement must give the same result as the reference (tests compare them on
 random inputs, ties included), and exists because a measurement showed it
 pays.  ``XPCNN_FASTPATH=0`` in the environment turns them all off.
@@ -40,7 +41,7 @@ from functools import cache, partial
 from types import SimpleNamespace
 
 import numpy as np
-from array_api_compat import is_cupy_array
+from array_api_compat import is_cupy_array, is_jax_array
 from numpy.lib.stride_tricks import as_strided
 
 from . import functional as F
@@ -228,6 +229,16 @@ def _cupy_kernels() -> SimpleNamespace:
     )
 
 
+@cache
+def _jax_kernels() -> SimpleNamespace:
+    """The reference with XLA's convolutions in place (imported at the first JAX array)."""
+    from . import fastpath_jax
+
+    return SimpleNamespace(
+        **{**_public(F), "conv2d_forward": fastpath_jax.conv2d_forward, "conv2d_backward": fastpath_jax.conv2d_backward}
+    )
+
+
 # XPCNN_FASTPATH=0 turns every fast path off: the reference runs on every backend (for measuring what they gain).
 ENABLED = os.environ.get("XPCNN_FASTPATH", "1") != "0"
 
@@ -245,11 +256,13 @@ def optimizer_kernels(param):
 
 
 def kernels(x):
-    """The namespace of layer math for arrays like ``x``: NumPy's or CuPy's fast paths, or the reference."""
+    """The namespace of layer math for arrays like ``x``: NumPy's, CuPy's or JAX's fast paths, or the reference."""
     if not ENABLED:
         return F
     if isinstance(x, np.ndarray):
         return _NUMPY
     if is_cupy_array(x):
         return _cupy_kernels()
+    if is_jax_array(x):
+        return _jax_kernels()
     return F

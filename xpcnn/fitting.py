@@ -21,14 +21,14 @@ from .backend import Backend, backend_of, get_backend
 from .checkpoint import save_checkpoint
 from .config import TrainConfig, make_optimizer
 from .data import Dataset, load_dataset, split_validation
-from .device_data import DeviceSplit, Normalization, normalize_images
+from .device_data import DeviceSplit, EvalResult, Normalization, normalize_images
 from .display import Progress
 from .errors import ConfigError, XpcnnError
 from .models import MODELS, build
 from .nn import Sequential
 from .optim import Optimizer
 from .runs import checkpoint_meta
-from .train import EvalResult, RunState, Trainer
+from .train import RunState, Trainer
 from .train import evaluate as evaluate_split
 
 ARRAYS = "arrays"  # the dataset name fit records for data given as arrays

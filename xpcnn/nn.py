@@ -137,6 +137,13 @@ class Layer:
             prefix, _, name = key.rpartition(".")
             holders[prefix + "." if prefix else ""].params[name] = value
 
+    def set_buffers(self, values: dict) -> None:
+        """Assign buffers from a dict named as :meth:`named_buffers` (the arrays are used as given)."""
+        holders = dict(self._holders())
+        for key, value in values.items():
+            prefix, _, name = key.rpartition(".")
+            holders[prefix + "." if prefix else ""].buffers[name] = value
+
     def num_parameters(self) -> int:
         """The number of trainable scalars."""
         return sum(math.prod(value.shape) for value in self.parameters())

@@ -82,23 +82,31 @@ class Optimizer:
         if not self._names:
             self.steps += 1
             return
+        grad = self.flat_gradient(grads)
+        self.steps += 1
+        if self._in_place:
+            self.update_in_place(self._flat, grad, self._state)
+        else:
+            self._flat = self.update(self._flat, grad, self._state, self.lr, self.steps)
+            self._install()
+
+    def flat_gradient(self, grads: dict):
+        """The gradients ``{name: array}`` concatenated into one (P,) buffer in the flat buffer's order."""
         for name, shape in zip(self._names, self._shapes, strict=True):
             if tuple(grads[name].shape) != shape:
                 raise ValueError(
                     f"{type(self).__name__}.step(): gradient for {name} has shape {tuple(grads[name].shape)}, "
                     f"expected {shape}"
                 )
-        xp = namespace(self._flat)
-        grad = xp.concat([xp.reshape(grads[name], (-1,)) for name in self._names])
-        self.steps += 1
-        if self._in_place:
-            self.update_in_place(self._flat, grad, self._state)
-        else:
-            self._flat = self.update(self._flat, grad, self._state)
-            self._install()
+        xp = namespace(*grads.values())
+        return xp.concat([xp.reshape(grads[name], (-1,)) for name in self._names])
 
-    def update(self, param, grad, state: dict):
-        """New (P,) parameters from (P,) ``param`` and ``grad``; stores new (P,) buffers in ``state``."""
+    def update(self, param, grad, state: dict, lr, steps):
+        """New (P,) parameters from (P,) ``param`` and ``grad``; stores new (P,) buffers in ``state``.
+
+        ``lr`` and ``steps`` (the count including this step) are arguments, not read from ``self``, so that a
+        compiled step can pass them as traced values: a Python number would be baked into the trace.
+        """
         raise NotImplementedError
 
     def update_in_place(self, param, grad, state: dict) -> None:
@@ -149,13 +157,43 @@ class Optimizer:
 
     def _install(self) -> None:
         """Give the model its parameters as views (in-place backends) or slices of the flat buffer."""
-        xp = namespace(self._flat)
-        views = {
-            name: xp.reshape(self._flat[start:stop], shape)
-            for name, shape, (start, stop) in zip(self._names, self._shapes, self._bounds, strict=True)
-        }
+        views = self.split(self._flat)
         self.model.set_parameters(views)
         self._installed = tuple(views.values())
+
+    def split(self, flat) -> dict:
+        """``{name: parameter}`` cut from a (P,) buffer in this optimiser's layout: views where the backend has them."""
+        xp = namespace(flat)
+        return {
+            name: xp.reshape(flat[start:stop], shape)
+            for name, shape, (start, stop) in zip(self._names, self._shapes, self._bounds, strict=True)
+        }
+
+    # --- a step done elsewhere (a compiled training step) ---
+
+    def live_slots(self) -> tuple[str, ...]:
+        """The state buffers :meth:`update` keeps with this optimiser's settings."""
+        return self.slots
+
+    def buffers(self) -> tuple:
+        """(flat parameters (P,), state ``{slot: (P,)}``) for an update run outside :meth:`step`.
+
+        Gathers the model's current parameters first.  Every live slot is there: a slot not made yet
+        is zeros, from which the first update is the same as from none (momentum 0 * v + g is g).
+        """
+        self._sync(dict(self.model.named_parameters()))
+        if self._flat is None:
+            return None, {}
+        xp = namespace(self._flat)
+        state = {slot: self._state.get(slot) for slot in self.live_slots()}
+        return self._flat, {slot: xp.zeros_like(self._flat) if b is None else b for slot, b in state.items()}
+
+    def adopt(self, flat, state: dict, parameters: dict) -> None:
+        """Take the result of one update run outside :meth:`step`: new buffers, and ``split(flat)`` for the model."""
+        self._flat, self._state = flat, dict(state)
+        self.model.set_parameters(parameters)
+        self._installed = tuple(parameters[name] for name in self._names)
+        self.steps += 1
 
     # --- per-parameter state and (de)serialisation ---
 
@@ -247,7 +285,10 @@ class SGD(Optimizer):
             raise ValueError(f"SGD: weight_decay must be a number >= 0, got {weight_decay}")
         self.momentum, self.nesterov, self.weight_decay = float(momentum), nesterov, float(weight_decay)
 
-    def update(self, param, grad, state):
+    def live_slots(self):
+        return self.slots if self.momentum else ()
+
+    def update(self, param, grad, state, lr, steps):
         if self.weight_decay:
             grad = grad + self.weight_decay * param
         if self.momentum:
@@ -255,7 +296,7 @@ class SGD(Optimizer):
             velocity = grad if velocity is None else self.momentum * velocity + grad
             state["momentum"] = velocity
             grad = grad + self.momentum * velocity if self.nesterov else velocity
-        return param - self.lr * grad
+        return param - lr * grad
 
     def update_in_place(self, param, grad, state):
         fused = optimizer_kernels(param)
@@ -299,11 +340,11 @@ class Adam(Optimizer):
         self.betas = (float(betas[0]), float(betas[1]))
         self.eps, self.weight_decay = float(eps), float(weight_decay)
 
-    def update(self, param, grad, state):
+    def update(self, param, grad, state, lr, steps):
         beta1, beta2 = self.betas
         if self.weight_decay:
             if self.decoupled:
-                param = param * (1.0 - self.lr * self.weight_decay)
+                param = param * (1.0 - lr * self.weight_decay)
             else:
                 grad = grad + self.weight_decay * param
         m = state.get("exp_avg")
@@ -311,8 +352,8 @@ class Adam(Optimizer):
         m = (1.0 - beta1) * grad if m is None else beta1 * m + (1.0 - beta1) * grad
         v = (1.0 - beta2) * grad * grad if v is None else beta2 * v + (1.0 - beta2) * grad * grad
         state["exp_avg"], state["exp_avg_sq"] = m, v
-        step_size = self.lr / (1.0 - beta1**self.steps)
-        denom_scale = 1.0 / math.sqrt(1.0 - beta2**self.steps)
+        step_size = lr / (1.0 - beta1**steps)
+        denom_scale = 1.0 / (1.0 - beta2**steps) ** 0.5  # not math.sqrt: steps may be a traced array
         xp = namespace(v)
         return param - step_size * m / (xp.sqrt(v) * denom_scale + self.eps)
 

@@ -92,6 +92,15 @@ class JaxGenerator:
         self._random = jax.random
         self._key = jax.device_put(jax.random.key(seed_to_int(seed)), backend.device)
 
+    @classmethod
+    def from_key(cls, key) -> JaxGenerator:
+        """The adapter over a given key (inside a compiled step: a traced one, derived from the step's position)."""
+        import jax
+
+        generator = cls.__new__(cls)
+        generator._random, generator._key = jax.random, key
+        return generator
+
     def _next_key(self):
         self._key, key = self._random.split(self._key)
         return key

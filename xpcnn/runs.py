@@ -117,7 +117,8 @@ def checkpoint_meta(
         "rng": {
             "seed": config.seed,
             "shuffle": "epoch e: numpy default_rng([seed, e]).permutation",
-            "noise": "epoch e started at step s: backend.generator(seed, e, s)",
+            "noise": "jax: step s of epoch e: fold_in(key(seed, e), s); else epoch e started at step s: "
+            "backend.generator(seed, e, s)",
         },
     }
 
@@ -154,11 +155,12 @@ def train_run(
     progress: Progress | None = None,
     environment: dict | None = None,
     allow_other_data: bool = False,
+    eager: bool = False,
 ) -> RunState:
     """Train ``config`` on ``dataset`` (an :class:`xpcnn.data.Dataset`), writing the run to ``out``.
 
     Resuming on training or test files other than those the run recorded (their SHA-256) is an
-    error unless ``allow_other_data``.
+    error unless ``allow_other_data``.  ``eager`` turns off JAX's compiled steps.
 
     Writes ``config.json`` once training is about to start, then after every epoch
     ``checkpoint.npz`` and ``history.json``, all atomically.  The checkpoint is the commit
@@ -203,7 +205,7 @@ def train_run(
     with backend.activate():
         train = DeviceSplit.from_host(backend, images, labels, norm)
         evals = {name: DeviceSplit.from_host(backend, *split, norm) for name, split in evals_host.items()}
-        trainer = Trainer(model, optimizer, backend, config, progress, background=-norm.mean / norm.std)
+        trainer = Trainer(model, optimizer, backend, config, progress, background=-norm.mean / norm.std, eager=eager)
         # Only now, with everything that can refuse the run behind us: a failed resume leaves config.json as it was.
         write_json(out / "config.json", {**config.to_dict(), **(environment or {}), "xpcnn_version": __version__})
         if resume is not None:

@@ -8,14 +8,16 @@ after every step.
 Randomness is a pure function of (seed, epoch, step): epoch ``e`` shuffles
 with NumPy's generator seeded ``[seed, e]`` and draws dropout noise from
 ``backend.generator(seed, e, s)`` where ``s`` is the step the epoch (re)started
-at.  A checkpoint therefore only needs the seed and the position, and resuming
-at an epoch boundary continues bit for bit.
+at (on JAX, each step ``s`` from its own key, see :mod:`xpcnn.compiled`).  A
+checkpoint therefore only needs the seed and the position, and resuming at an
+epoch boundary continues bit for bit.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import math
 import signal
 import time
@@ -26,19 +28,12 @@ import numpy as np
 
 from .backend import Backend, to_host
 from .config import TrainConfig, make_augmentation
-from .device_data import DeviceSplit
+from .device_data import DeviceSplit, EvalResult
 from .display import Progress
 from .errors import XpcnnError
 from .functional import softmax
 from .nn import CrossEntropyLoss, Sequential, recalibrate_batchnorm
 from .optim import Optimizer, scheduled_lr
-
-
-@dataclass
-class EvalResult:
-    loss: float
-    accuracy: float
-    predictions: np.ndarray  # (N,) int64, host
 
 
 @dataclass
@@ -95,6 +90,7 @@ class Trainer:
         progress: Progress | None = None,
         background: float = 0.0,
         callbacks: Sequence = (),
+        eager: bool = False,
     ):
         """``background`` is the value of a blank pixel after normalisation: what augmentation fills in.
 
@@ -103,6 +99,8 @@ class Trainer:
         an ``on_epoch_end(record)`` method (the epoch's history record), or both.  A callback that
         returns True stops training after that step or epoch; an epoch stopped part-way is evaluated
         and recorded over the steps it ran.
+
+        On JAX each step is one compiled program (:mod:`xpcnn.compiled`) unless ``eager``.
         """
         self.model, self.optimizer, self.backend, self.config = model, optimizer, backend, config
         self._step_callbacks = [c.on_step for c in callbacks if hasattr(c, "on_step")]
@@ -112,6 +110,13 @@ class Trainer:
         self.progress = progress or Progress(None)
         self.augmentation = make_augmentation(config)
         self.background = background
+        self._compiled_before_epoch = 0.0
+        runner = LayerSteps
+        if backend.name == "jax":
+            from .compiled import CompiledSteps
+
+            runner = functools.partial(CompiledSteps, compile=not eager)
+        self.step_runner = runner(model, self.loss_fn, optimizer, backend, config.seed, self.augmentation, background)
 
     def fit(
         self, train: DeviceSplit, evals: dict[str, DeviceSplit], state: RunState | None = None, on_epoch_end=None
@@ -154,50 +159,42 @@ class Trainer:
         epoch = state.epoch  # 0-based index of the running epoch
         order = self.backend.asarray(np.random.default_rng([cfg.seed, epoch]).permutation(len(train)))
         self.model.train()
-        noise = self.backend.generator(cfg.seed, epoch, state.step)
-        self.model.set_generator(noise)
+        self.step_runner.start_epoch(epoch, state.step)
         self.progress.start_epoch(epoch + 1, cfg.epochs, steps, state.step)
 
         partial = state.partial
         loss_sum = xp.asarray(partial["loss_sum"], dtype=xp.float64, device=self.backend.device)
         correct = xp.asarray(partial["correct"], dtype=xp.int64, device=self.backend.device)
         seen, seconds = partial["seen"], partial["seconds"]
+        self._compiled_before_epoch = compiled_before = self.step_runner.compile_seconds
         started = time.perf_counter()
 
         def checkpoint_partial(step: int):
-            nonlocal started
             self.backend.synchronize()
             now = time.perf_counter()
+            compiling = self.step_runner.compile_seconds - compiled_before  # not training time
             state.partial = {
                 "loss_sum": float(loss_sum),
                 "correct": int(correct),
                 "seen": seen,
-                "seconds": seconds + now - started,
+                "seconds": seconds + now - started - compiling,
             }
             state.step = step
             return state.partial
 
         for step in range(state.step, steps):
             batch = order[step * cfg.batch_size : min((step + 1) * cfg.batch_size, len(train))]
-            x = xp.take(train.images, batch, axis=0)
-            y = xp.take(train.labels, batch, axis=0)
-            if self.augmentation is not None:
-                x = self.augmentation(x, noise, fill=self.background)
             self.optimizer.lr = scheduled_lr(cfg.schedule, cfg.lr, state.global_step, total_steps)
-            self.optimizer.zero_grad()
-            logits = self.model.forward(x)
-            loss = self.loss_fn.forward(logits, y)
-            self.model.backward(self.loss_fn.backward(), input_grad=False)
-            self.optimizer.step()
+            loss, batch_correct = self.step_runner.train_step(train.images, train.labels, batch, step)
             state.global_step += 1
             if self._step_callbacks:
                 value = float(loss)
                 flag["callback"] |= any([callback(state.global_step, value) for callback in self._step_callbacks])
-            count = int(y.shape[0])
+            count = int(batch.shape[0])
             seen += count
-            # Two and four launches: float64 + float32 promotes to float64, and count_nonzero counts the booleans.
+            # Two launches: float64 + float32 promotes to float64.
             loss_sum = loss_sum + loss * count
-            correct = correct + xp.count_nonzero(xp.argmax(logits, axis=1) == y)
+            correct = correct + batch_correct
             last = step + 1 == steps
             if (step + 1) % cfg.log_every == 0 or last or flag["stop"] or flag["callback"]:
                 partial = checkpoint_partial(step + 1)
@@ -233,19 +230,60 @@ class Trainer:
         if self.config.recalibrate_bn and epoch == self.config.epochs:
             recalibrate_batchnorm(self.model, (images for images, _ in train.batches(1000)))
             record["bn_recalibrated"] = True
+        compiled_before = self.step_runner.compile_seconds
         for name, split in evals.items():
             result = self.evaluate(split)
             if not math.isfinite(result.loss):
                 raise TrainingDiverged(f"the {name} loss became {result.loss} after epoch {epoch}")
             record[f"{name}_loss"], record[f"{name}_accuracy"] = result.loss, result.accuracy
+        eval_compiling = self.step_runner.compile_seconds - compiled_before
         record["seconds"] = partial["seconds"]
         record["images_per_second"] = partial["seen"] / max(partial["seconds"], 1e-9)
-        record["eval_seconds"] = time.perf_counter() - started
+        record["eval_seconds"] = time.perf_counter() - started - eval_compiling
+        if self.step_runner.compiles:  # in this process: a resumed epoch compiles again
+            record["compile_seconds"] = self.step_runner.compile_seconds - self._compiled_before_epoch
         state.history.append(record)
         state.epoch += 1
         state.step = 0
         state.partial = RunState().partial
         return record
+
+    def evaluate(self, split: DeviceSplit) -> EvalResult:
+        return self.step_runner.evaluate(split)
+
+
+class LayerSteps:
+    """The training step on any backend: the layers' forward and backward, then the optimiser, one dispatch each.
+
+    Noise for epoch ``e`` (re)started at step ``s`` comes from ``backend.generator(seed, e, s)``.
+    The runner a :class:`Trainer` asks to run each batch (:class:`xpcnn.compiled.CompiledSteps` on JAX).
+    """
+
+    compiles = False
+    compile_seconds = 0.0
+
+    def __init__(self, model, loss_fn, optimizer, backend, seed, augmentation=None, background=0.0):
+        self.model, self.loss_fn, self.optimizer, self.backend = model, loss_fn, optimizer, backend
+        self.seed, self.augmentation, self.background = seed, augmentation, background
+        self._noise = None
+
+    def start_epoch(self, epoch: int, step: int) -> None:
+        self._noise = self.backend.generator(self.seed, epoch, step)
+        self.model.set_generator(self._noise)
+
+    def train_step(self, images, labels, batch, step: int):
+        """One optimiser step on ``images[batch]`` (B, 1, 28, 28), ``labels[batch]``: (mean loss, correct) 0-d."""
+        xp = self.backend.xp
+        x = xp.take(images, batch, axis=0)
+        y = xp.take(labels, batch, axis=0)
+        if self.augmentation is not None:
+            x = self.augmentation(x, self._noise, fill=self.background)
+        self.optimizer.zero_grad()
+        logits = self.model.forward(x)
+        loss = self.loss_fn.forward(logits, y)
+        self.model.backward(self.loss_fn.backward(), input_grad=False)
+        self.optimizer.step()
+        return loss, xp.count_nonzero(xp.argmax(logits, axis=1) == y)  # count_nonzero counts the booleans
 
     def evaluate(self, split: DeviceSplit) -> EvalResult:
         return evaluate(self.model, split, self.backend)

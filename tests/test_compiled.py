@@ -12,6 +12,7 @@ from xpcnn.config import TrainConfig, make_optimizer
 from xpcnn.data import load_dataset
 
 pytest.importorskip("jax")
+pytestmark = pytest.mark.slow  # compiling, and the eager runs compared with it
 
 from xpcnn.backend import get_backend  # noqa: E402
 

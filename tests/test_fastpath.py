@@ -124,6 +124,7 @@ def test_batchnorm_forward_fast_path_matches(shape, dtype, rtol):
     "n, c, h, w, o, kernel, stride, padding", [*CONV_CASES, (2, 2, 5, 6, 3, (2, 2), (1, 1), (3, 2))]
 )
 @pytest.mark.parametrize("dtype, rtol", [(np.float64, 1e-12), (np.float32, 1e-5)])
+@pytest.mark.slow  # JAX's eager reference
 def test_jax_convolution_fast_path_matches(n, c, h, w, o, kernel, stride, padding, dtype, rtol):
     """XLA's convolutions, forward and all three gradients, against the reference (padding >= kernel included)."""
     pytest.importorskip("jax")

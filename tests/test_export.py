@@ -1,7 +1,9 @@
 """ONNX and safetensors export: ONNX Runtime and the PyTorch twin agree with xpcnn's evaluation-mode output."""
 
 import json
+import os
 import re
+import stat
 import sys
 
 import numpy as np
@@ -210,6 +212,16 @@ def test_an_existing_output_is_kept_unless_forced(trained_run, tmp_path):
     assert output.read_bytes() == b"an earlier export"
     invoke("export", trained_run, "--format", "onnx", "--output", output, "--force")
     assert output.read_bytes().startswith(b"\x08")  # a ModelProto: field 1 (ir_version), a varint
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs")
+def test_forcing_onto_something_that_is_not_a_file_is_refused(trained_run, tmp_path):
+    pytest.importorskip("safetensors")
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    result = invoke("export", trained_run, "--format", "safetensors", "--output", fifo, "--force", expect=1)
+    assert_one_line_error(result, r"pipe exists and is not a regular file")
+    assert stat.S_ISFIFO(os.stat(fifo).st_mode) and [p.name for p in tmp_path.iterdir()] == ["pipe"]
 
 
 @pytest.mark.parametrize("format, module", [("onnx", "onnx"), ("safetensors", "safetensors.numpy")])

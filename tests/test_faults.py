@@ -2,6 +2,8 @@
 
 import errno
 import json
+import os
+import stat
 
 import numpy as np
 import pytest
@@ -13,6 +15,7 @@ from xpcnn.backend import get_backend
 from xpcnn.checkpoint import CheckpointError, load_checkpoint
 from xpcnn.cli import main
 from xpcnn.config import TrainConfig
+from xpcnn.errors import XpcnnError
 
 
 def config():
@@ -192,3 +195,14 @@ def test_archives_and_arrays_that_are_not_ours_are_named_as_such(tmp_path):
     np.save(tmp_path / "objects.npy", np.array([{"x": 1}], dtype=object), allow_pickle=True)
     with pytest.raises(ImageError, match="holds pickled Python objects, not an array of numbers"):
         load_image(tmp_path / "objects.npy")
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs")
+def test_an_output_that_is_not_a_regular_file_is_refused_and_left_alone(tmp_path):
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    with pytest.raises(XpcnnError, match="not a regular file"):
+        files.write_json(fifo, {"a": 1})
+    with pytest.raises(XpcnnError, match="not a regular file"):
+        files.write_json(tmp_path, {"a": 1})
+    assert stat.S_ISFIFO(os.stat(fifo).st_mode) and sorted(p.name for p in tmp_path.iterdir()) == ["pipe"]

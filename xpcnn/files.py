@@ -10,15 +10,21 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from .errors import XpcnnError
+
 
 @contextlib.contextmanager
 def atomic_output(path: str | os.PathLike) -> Iterator[BinaryIO]:
     """Yield a binary file in ``path``'s directory that replaces ``path`` on success.
 
     On any error (KeyboardInterrupt included) the temporary file is removed and
-    ``path`` is left untouched.  The new file gets mode 0644.
+    ``path`` is left untouched.  The new file gets mode 0644.  An existing ``path``
+    that is not a regular file (a device, a FIFO, a directory) is refused: replacing
+    it would put a file where something else was.
     """
     path = Path(path)
+    if path.exists() and not path.is_file():
+        raise XpcnnError(f"{path} exists and is not a regular file: refusing to replace it")
     fd, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
     try:
         with os.fdopen(fd, "wb") as temp:

@@ -107,6 +107,8 @@ IMAGES, LABELS = blobs(20)
         ((IMAGES, LABELS[:5]), "labels must be 20 integers"),
         ((IMAGES, LABELS * 1.0), "labels must be 20 integers"),
         ((IMAGES, LABELS + 1), r"labels must lie in \[0, 9\]"),
+        ((np.full_like(IMAGES, 255), LABELS), r"every pixel of the training images is 1 \(in \[0, 1\]\)"),
+        ((np.full(IMAGES.shape, 0.25), LABELS), r"every pixel of the training images is 0.25"),
     ],
 )
 def test_bad_data_is_one_clear_error(data, message):

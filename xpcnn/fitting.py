@@ -100,7 +100,7 @@ def fit(
             raise ConfigError("the optimiser given to fit() must be over the model given to fit()", "optimizer")
     else:
         optimizer = make_optimizer(config, model)
-    norm = Normalization.of(train[0]) if train[0].dtype == np.uint8 else _float_normalization(train[0])
+    norm = _normalization(train[0])
     with backend.activate():
         train_split = _device_split(backend, *train, norm)
         eval_splits = {split: _device_split(backend, *arrays, norm) for split, arrays in evals.items()}
@@ -193,11 +193,15 @@ def _checked_arrays(images, labels, classes: int | None, what: str) -> tuple[np.
     return images, labels.astype(np.int64, copy=False)
 
 
-def _float_normalization(images: np.ndarray) -> Normalization:
-    mean, std = float(np.mean(images, dtype=np.float64)), float(np.std(images, dtype=np.float64))
-    if std == 0.0:
-        raise XpcnnError(f"every pixel of the training images is {mean}: nothing to learn from")
-    return Normalization(mean, std)
+def _normalization(images: np.ndarray) -> Normalization:
+    """The training images' mean and std in [0, 1] units (uint8 images are divided by 255)."""
+    if images.dtype == np.uint8:
+        norm = Normalization.of(images)
+    else:
+        norm = Normalization(float(np.mean(images, dtype=np.float64)), float(np.std(images, dtype=np.float64)))
+    if norm.std == 0.0:
+        raise XpcnnError(f"every pixel of the training images is {norm.mean:g} (in [0, 1]): nothing to learn from")
+    return norm
 
 
 def _device_split(backend: Backend, images: np.ndarray, labels: np.ndarray, norm: Normalization) -> DeviceSplit:

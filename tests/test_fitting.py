@@ -118,6 +118,8 @@ def test_bad_data_is_one_clear_error(data, message):
 
 
 def test_bad_settings_are_config_errors():
+    with pytest.raises(XpcnnError, match="neither an on_step nor an on_epoch_end method"):
+        xpcnn.fit("seed", (IMAGES, LABELS), callbacks=[print])
     with pytest.raises(XpcnnError, match="unknown configuration keys"):
         xpcnn.fit("seed", (IMAGES, LABELS), epoch=2)
     with pytest.raises(XpcnnError, match="epochs must be >= 1"):

@@ -30,7 +30,7 @@ from .backend import Backend, to_host
 from .config import TrainConfig, make_augmentation
 from .device_data import DeviceSplit, EvalResult
 from .display import Progress
-from .errors import XpcnnError
+from .errors import ConfigError, XpcnnError
 from .functional import softmax
 from .nn import CrossEntropyLoss, Sequential, recalibrate_batchnorm
 from .optim import Optimizer, scheduled_lr
@@ -103,6 +103,10 @@ class Trainer:
         On JAX each step is one compiled program (:mod:`xpcnn.compiled`) unless ``eager``.
         """
         self.model, self.optimizer, self.backend, self.config = model, optimizer, backend, config
+        for callback in callbacks:
+            if not (callable(getattr(callback, "on_step", None)) or callable(getattr(callback, "on_epoch_end", None))):
+                message = f"callback {callback!r} has neither an on_step nor an on_epoch_end method"
+                raise ConfigError(message, "callbacks")
         self._step_callbacks = [c.on_step for c in callbacks if hasattr(c, "on_step")]
         self._epoch_callbacks = [c.on_epoch_end for c in callbacks if hasattr(c, "on_epoch_end")]
         # Labels are validated once, at load; the evaluation loss stays the plain cross-entropy.

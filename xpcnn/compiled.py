@@ -34,10 +34,8 @@ import contextlib
 import copy
 import time
 
-import numpy as np
-
 from .backend import Backend, namespace
-from .device_data import DeviceSplit, EvalResult
+from .device_data import DeviceSplit, EvalResult, evaluate_batches
 from .nn import CrossEntropyLoss, Sequential
 from .rng import JaxGenerator, seed_to_int
 
@@ -154,18 +152,7 @@ class CompiledSteps:
 
     def evaluate(self, split: DeviceSplit, batch_size: int = 1000) -> EvalResult:
         """Mean loss, accuracy and host predictions of the model on ``split``, in evaluation mode."""
-        xp = self.backend.xp
-        loss_sum = xp.asarray(0.0, dtype=xp.float64, device=self.backend.device)
-        predictions = []
-        for x, y in split.batches(batch_size):
-            batch_loss, batch_predictions = self.evaluate_batch(x, y)
-            loss_sum = loss_sum + batch_loss
-            predictions.append(batch_predictions)
-        if not predictions:
-            return EvalResult(0.0, 0.0, np.zeros(0, np.int64))
-        predictions = self.backend.to_host(xp.concat(predictions))
-        accuracy = float(np.mean(predictions == self.backend.to_host(split.labels)))
-        return EvalResult(float(loss_sum) / len(split), accuracy, predictions)
+        return evaluate_batches(split, self.backend, self.evaluate_batch, batch_size)
 
     def evaluate_batch(self, x, y):
         """(float64 sum of the losses, predictions (N,)) for ``x`` (N, 1, 28, 28), ``y`` (N,), evaluation mode."""

@@ -74,3 +74,19 @@ class EvalResult:
     loss: float
     accuracy: float
     predictions: np.ndarray
+
+
+def evaluate_batches(split: DeviceSplit, backend: Backend, batch_step, batch_size: int = 1000) -> EvalResult:
+    """Run ``batch_step(x, y) -> (float64 sum of the losses, predictions (n,))`` over ``split`` and summarise it."""
+    xp = backend.xp
+    loss_sum = xp.asarray(0.0, dtype=xp.float64, device=backend.device)
+    predictions = []
+    for x, y in split.batches(batch_size):
+        batch_loss, batch_predictions = batch_step(x, y)
+        loss_sum = loss_sum + batch_loss
+        predictions.append(batch_predictions)
+    if not predictions:
+        return EvalResult(0.0, 0.0, np.zeros(0, np.int64))
+    predictions = backend.to_host(xp.concat(predictions))
+    accuracy = float(np.mean(predictions == backend.to_host(split.labels)))
+    return EvalResult(float(loss_sum) / len(split), accuracy, predictions)

@@ -28,7 +28,7 @@ import numpy as np
 
 from .backend import Backend, to_host
 from .config import TrainConfig, make_augmentation
-from .device_data import DeviceSplit, EvalResult
+from .device_data import DeviceSplit, EvalResult, evaluate_batches
 from .display import Progress
 from .errors import ConfigError, XpcnnError
 from .functional import softmax
@@ -103,12 +103,13 @@ class Trainer:
         On JAX each step is one compiled program (:mod:`xpcnn.compiled`) unless ``eager``.
         """
         self.model, self.optimizer, self.backend, self.config = model, optimizer, backend, config
-        for callback in callbacks:
-            if not (callable(getattr(callback, "on_step", None)) or callable(getattr(callback, "on_epoch_end", None))):
+        hooks = [(getattr(c, "on_step", None), getattr(c, "on_epoch_end", None)) for c in callbacks]
+        for callback, (on_step, on_epoch_end) in zip(callbacks, hooks, strict=True):
+            if not (callable(on_step) or callable(on_epoch_end)):
                 message = f"callback {callback!r} has neither an on_step nor an on_epoch_end method"
                 raise ConfigError(message, "callbacks")
-        self._step_callbacks = [c.on_step for c in callbacks if hasattr(c, "on_step")]
-        self._epoch_callbacks = [c.on_epoch_end for c in callbacks if hasattr(c, "on_epoch_end")]
+        self._step_callbacks = [on_step for on_step, _ in hooks if callable(on_step)]
+        self._epoch_callbacks = [on_epoch_end for _, on_epoch_end in hooks if callable(on_epoch_end)]
         # Labels are validated once, at load; the evaluation loss stays the plain cross-entropy.
         self.loss_fn = CrossEntropyLoss(check_labels=False, label_smoothing=config.label_smoothing)
         self.progress = progress or Progress(None)
@@ -298,18 +299,13 @@ def evaluate(model: Sequential, split: DeviceSplit, backend: Backend, batch_size
     xp = backend.xp
     loss_fn = CrossEntropyLoss(check_labels=False)
     model.eval()
-    loss_sum = xp.asarray(0.0, dtype=xp.float64, device=backend.device)
-    predictions = []
+
+    def batch_step(x, y):
+        logits = model.forward(x)
+        return xp.astype(loss_fn.forward(logits, y), xp.float64) * int(y.shape[0]), xp.argmax(logits, axis=1)
+
     with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
-        for x, y in split.batches(batch_size):
-            logits = model.forward(x)
-            loss_sum = loss_sum + xp.astype(loss_fn.forward(logits, y), xp.float64) * int(y.shape[0])
-            predictions.append(xp.argmax(logits, axis=1))
-    if not predictions:
-        return EvalResult(0.0, 0.0, np.zeros(0, np.int64))
-    predictions = backend.to_host(xp.concat(predictions))
-    accuracy = float(np.mean(predictions == backend.to_host(split.labels)))
-    return EvalResult(float(loss_sum) / len(split), accuracy, predictions)
+        return evaluate_batches(split, backend, batch_step, batch_size)
 
 
 def predict_probabilities(model: Sequential, images, batch_size: int = 1000) -> np.ndarray:

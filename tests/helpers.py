@@ -1,10 +1,13 @@
-"""Helpers for the tests: finite differences, error measures, and the data they train on."""
+"""Helpers for the tests: finite differences, error measures, the data they train on, a Ctrl-C at a given step."""
 
+import os
+import signal
 from pathlib import Path
 
 import numpy as np
 
 from xpcnn.data import write_idx
+from xpcnn.display import Progress
 
 # The offline MNIST copy beside the repository (tests that need it skip without it).
 MNIST_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
@@ -46,3 +49,15 @@ def write_synthetic_mnist(directory: Path, n_train: int = 600, n_test: int = 200
         write_idx(directory / f"{prefix}-images-idx3-ubyte.gz", images)
         write_idx(directory / f"{prefix}-labels-idx1-ubyte.gz", labels)
     return directory
+
+
+class InterruptAt(Progress):
+    """Sends this process a SIGINT (as Ctrl-C does) once the given epoch reaches the given step."""
+
+    def __init__(self, epoch, step):
+        super().__init__(None)
+        self.target = (epoch, step)
+
+    def update(self, step, loss, accuracy, images_per_second):
+        if (self.epoch, step) == self.target:
+            os.kill(os.getpid(), signal.SIGINT)

@@ -1,10 +1,8 @@
 """JAX's compiled training and evaluation steps: equal to the same steps run eagerly; resume; compilations."""
 
-import os
-import signal
-
 import numpy as np
 import pytest
+from helpers import InterruptAt
 
 from xpcnn import device_data, display, models, nn, runs, train
 from xpcnn.checkpoint import load_checkpoint
@@ -132,18 +130,6 @@ def test_shape_changes_compile_once_each(jax_backend, tiny_model, data):
     assert len(state.history) == 3
     assert trainer.step_runner.compilations == 4
     assert sum(r["compile_seconds"] for r in state.history) == pytest.approx(trainer.step_runner.compile_seconds)
-
-
-class InterruptAt(display.Progress):
-    """Sends this process a SIGINT (as Ctrl-C does) once the given epoch reaches the given step."""
-
-    def __init__(self, epoch, step):
-        super().__init__(None)
-        self.target = (epoch, step)
-
-    def update(self, step, loss, accuracy, images_per_second):
-        if (self.epoch, step) == self.target:
-            os.kill(os.getpid(), signal.SIGINT)
 
 
 def test_resume_mid_epoch_continues_as_a_straight_run(jax_backend, tiny_model, synthetic_dir, tmp_path):

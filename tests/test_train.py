@@ -3,13 +3,12 @@
 import dataclasses
 import json
 import math
-import os
-import signal
 
 import numpy as np
 import pytest
+from helpers import InterruptAt
 
-from xpcnn import augment, device_data, display, models, nn, optim, runs, train
+from xpcnn import augment, device_data, models, nn, optim, runs, train
 from xpcnn.backend import get_backend
 from xpcnn.checkpoint import load_checkpoint
 from xpcnn.config import TrainConfig, make_augmentation, make_optimizer
@@ -19,18 +18,6 @@ from xpcnn.data import load_dataset
 def config(**overrides):
     values = dict(model="convnet", epochs=2, batch_size=64, optimizer="adam", lr=2e-3, seed=3, log_every=1)
     return TrainConfig(**{**values, **overrides})
-
-
-class InterruptAt(display.Progress):
-    """Sends this process a SIGINT (as Ctrl-C does) once the given epoch reaches the given step."""
-
-    def __init__(self, epoch, step):
-        super().__init__(None)
-        self.target = (epoch, step)
-
-    def update(self, step, loss, accuracy, images_per_second):
-        if (self.epoch, step) == self.target:
-            os.kill(os.getpid(), signal.SIGINT)
 
 
 def arrays_of(run_dir):

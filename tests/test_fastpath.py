@@ -146,3 +146,4 @@ def test_jax_convolution_fast_path_matches(n, c, h, w, o, kernel, stride, paddin
         assert a.shape == b.shape and a.dtype == b.dtype, name
         np.testing.assert_allclose(a, b, rtol=rtol, atol=rtol * np.abs(b).max(), err_msg=name)
     assert fast.conv2d_backward(grad_y, cache, weight, x.shape, stride, padding, input_grad=False)[0] is None
+    assert fast.conv2d_backward(grad_y, cache, weight, x.shape, stride, padding, bias_grad=False)[2] is None

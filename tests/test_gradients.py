@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 from helpers import numerical_gradient, relative_error
 
+from xpcnn import functional as F
 from xpcnn import nn
 from xpcnn.backend import to_host
 
@@ -72,6 +73,19 @@ def test_conv2d_without_bias_gradients(backend):
     layer = nn.Conv2d(2, 3, 2, bias=False, rng=0)
     errors = check_layer(backend, layer, random_input(2, 2, 5, 4))
     assert set(errors) == {"input", "weight"}
+
+
+def test_conv2d_backward_skips_the_bias_gradient_it_is_not_asked_for(backend):
+    """A layer without a bias spends no operation on a bias gradient; the other gradients are unchanged."""
+    x = backend.asarray(random_input(2, 2, 5, 4))
+    weight = backend.asarray(np.random.default_rng(3).standard_normal((3, 2, 2, 2)))
+    y, cols = F.conv2d_forward(x, weight, None)
+    grad_y = backend.asarray(np.random.default_rng(4).standard_normal(tuple(y.shape)))
+    with_bias = F.conv2d_backward(grad_y, cols, weight, tuple(x.shape))
+    without = F.conv2d_backward(grad_y, cols, weight, tuple(x.shape), bias_grad=False)
+    assert without[2] is None and with_bias[2] is not None
+    for a, b in zip(with_bias[:2], without[:2], strict=True):
+        assert np.array_equal(to_host(a), to_host(b))
 
 
 @pytest.mark.parametrize(

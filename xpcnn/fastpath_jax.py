@@ -52,10 +52,10 @@ def conv2d_forward(x, weight, bias, stride=(1, 1), padding=(0, 0)):
     return y, x
 
 
-def conv2d_backward(grad_y, x, weight, x_shape, stride=(1, 1), padding=(0, 0), input_grad=True):
+def conv2d_backward(grad_y, x, weight, x_shape, stride=(1, 1), padding=(0, 0), input_grad=True, bias_grad=True):
     """:func:`xpcnn.functional.conv2d_backward` from the forward input ``x``, as two XLA convolutions."""
     if _narrow(weight):
-        return F.conv2d_backward(grad_y, x, weight, x_shape, stride, padding, input_grad)
+        return F.conv2d_backward(grad_y, x, weight, x_shape, stride, padding, input_grad, bias_grad)
     (_, _, h, w), (_, _, kh, kw) = x_shape, weight.shape
     (sh, sw), (ph, pw) = stride, padding
     oh, ow = grad_y.shape[2], grad_y.shape[3]
@@ -70,7 +70,7 @@ def conv2d_backward(grad_y, x, weight, x_shape, stride=(1, 1), padding=(0, 0), i
         dimension_numbers=("CNHW", "IOHW", "CNHW"),
         precision=lax.Precision.HIGHEST,
     )
-    grad_b = F._column_sum(F._channel_matrix(grad_y))
+    grad_b = F._column_sum(F._channel_matrix(grad_y)) if bias_grad else None
     if not input_grad:
         return None, grad_w, grad_b
     grad_x = lax.conv_general_dilated(

@@ -208,6 +208,7 @@ def conv2d_backward(
     stride=(1, 1),
     padding=(0, 0),
     input_grad=True,
+    bias_grad=True,
     *,
     input_gradient=input_gradient,
     weight_gradient=_weight_gradient,
@@ -215,13 +216,14 @@ def conv2d_backward(
     """Gradients of :func:`conv2d_forward`.
 
     grad_y (N, O, OH, OW); cols from the forward pass.  Returns
-    (grad_x (N, C, H, W) or None when ``input_grad`` is False, grad_weight, grad_bias).
+    (grad_x (N, C, H, W) or None when ``input_grad`` is False, grad_weight,
+    grad_bias or None when ``bias_grad`` is False: a layer without a bias).
     ``input_gradient`` and ``weight_gradient`` let a fast path supply its own.
     """
     xp = namespace(grad_y, weight)
     g = xp.reshape(xp.permute_dims(grad_y, (0, 2, 3, 1)), (-1, weight.shape[0]))  # (N*OH*OW, O)
     grad_w = weight_gradient(g, cols, tuple(weight.shape))
-    grad_b = _column_sum(g)
+    grad_b = _column_sum(g) if bias_grad else None
     grad_x = input_gradient(g, weight, x_shape, stride, padding) if input_grad else None
     return grad_x, grad_w, grad_b
 

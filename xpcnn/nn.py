@@ -276,7 +276,7 @@ class Conv2d(Layer):
         """Store weight and bias gradients; return grad_x, or None when ``input_grad`` is False."""
         cols, x_shape = self._need_cache(self._cache)
         grad_x, grad_w, grad_b = kernels(grad_y).conv2d_backward(
-            grad_y, cols, self.params["weight"], x_shape, self.stride, self.padding, input_grad
+            grad_y, cols, self.params["weight"], x_shape, self.stride, self.padding, input_grad, "bias" in self.params
         )
         self._set_grads(grad_w, grad_b)
         return grad_x

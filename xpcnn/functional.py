@@ -408,6 +408,17 @@ def _classes(labels, num_classes: int):
     )
 
 
+def _target_rows(like, n: int, k: int, label_smoothing: float):
+    """The cached (K, K) table whose row c is the target for label c in a batch of ``n``, divided by ``n``."""
+
+    def make(xp, dtype, dev):
+        off = label_smoothing / k / n
+        on = xp.asarray((1.0 - label_smoothing) / n + off, dtype=dtype, device=dev)
+        return xp.where(xp.eye(k, dtype=dtype, device=dev) == 1, on, off)
+
+    return _constant(like, ("target rows", n, k, label_smoothing), make)
+
+
 def cross_entropy(logits, labels, label_smoothing: float = 0.0):
     """Mean softmax cross-entropy of logits (N, K), N >= 1, against integer labels (N,).
 
@@ -416,13 +427,15 @@ def cross_entropy(logits, labels, label_smoothing: float = 0.0):
 
     The target is built already divided by N, so that the mean is one dot
     product of the target with -log_softmax, and the gradient is
-    softmax / N - target.
+    softmax / N - target.  Its rows are gathered from a cached (K, K) table
+    (one operation, where comparing the labels with the classes takes two);
+    labels outside [0, K) are an error on NumPy and torch, undefined elsewhere
+    (:class:`xpcnn.nn.CrossEntropyLoss` checks them unless told not to).
     """
     xp = namespace(logits, labels)
     n, k = logits.shape
-    off = label_smoothing / k / n
-    on = scalar(logits, (1.0 - label_smoothing) / n + off)
-    target = xp.where(labels[:, None] == _classes(labels, k), on, off)  # (N, K), rows sum to 1 / N
+    rows = _target_rows(logits, n, k, label_smoothing)
+    target = rows[labels[:, None], _classes(labels, k)]  # (N, K), rows sum to 1 / N
     shifted = logits - xp.max(logits, axis=1, keepdims=True)
     exp = xp.exp(shifted)
     total = xp.sum(exp, axis=1, keepdims=True)

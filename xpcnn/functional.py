@@ -64,6 +64,11 @@ def _constant(like, name: tuple, make):
     return value
 
 
+def constant(like, values: tuple):
+    """A cached array of ``values`` (nested tuples of numbers), with ``like``'s namespace, dtype and device."""
+    return _constant(like, ("constant", values), lambda xp, dtype, dev: xp.asarray(values, dtype=dtype, device=dev))
+
+
 def scalar(like, value: float):
     """A cached 0-d array holding ``value``, with ``like``'s namespace, dtype and device (see :func:`_constant`)."""
     return _constant(like, ("scalar", value), lambda xp, dtype, dev: xp.asarray(value, dtype=dtype, device=dev))

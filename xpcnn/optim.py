@@ -28,6 +28,7 @@ import math
 import numpy as np
 from array_api_compat import device, is_cupy_array, is_numpy_array, is_torch_array
 
+from . import functional as F
 from .backend import backend_of, namespace, to_host
 from .fastpath import optimizer_kernels
 
@@ -82,16 +83,17 @@ class Optimizer:
         if not self._names:
             self.steps += 1
             return
-        grad = self.flat_gradient(grads)
+        pieces = self.gradient_pieces(grads)
         self.steps += 1
         if self._in_place:
-            self.update_in_place(self._flat, grad, self._state)
+            self.update_in_place(self._flat, pieces, self._state)
         else:
-            self._flat = self.update(self._flat, grad, self._state, self.lr, self.steps)
+            xp = namespace(*pieces)
+            self._flat = self.update(self._flat, xp.concat(pieces), self._state, self.lr, self.steps)
             self._install()
 
-    def flat_gradient(self, grads: dict):
-        """The gradients ``{name: array}`` concatenated into one (P,) buffer in the flat buffer's order."""
+    def gradient_pieces(self, grads: dict) -> list:
+        """The gradients ``{name: array}`` as 1-d arrays in the flat buffer's order (views: no operation)."""
         for name, shape in zip(self._names, self._shapes, strict=True):
             if tuple(grads[name].shape) != shape:
                 raise ValueError(
@@ -99,7 +101,12 @@ class Optimizer:
                     f"expected {shape}"
                 )
         xp = namespace(*grads.values())
-        return xp.concat([xp.reshape(grads[name], (-1,)) for name in self._names])
+        return [xp.reshape(grads[name], (-1,)) for name in self._names]
+
+    def flat_gradient(self, grads: dict):
+        """The gradients ``{name: array}`` concatenated into one (P,) buffer in the flat buffer's order."""
+        pieces = self.gradient_pieces(grads)
+        return namespace(*pieces).concat(pieces)
 
     def update(self, param, grad, state: dict, lr, steps):
         """New (P,) parameters from (P,) ``param`` and ``grad``; stores new (P,) buffers in ``state``.
@@ -109,10 +116,11 @@ class Optimizer:
         """
         raise NotImplementedError
 
-    def update_in_place(self, param, grad, state: dict) -> None:
+    def update_in_place(self, param, pieces: list, state: dict) -> None:
         """The same update as :meth:`update`, writing into ``param`` and the buffers of ``state``.
 
-        ``grad`` is the optimiser's own concatenation and may be overwritten too.
+        ``pieces`` are the gradients as 1-d arrays in the flat buffer's order (:meth:`gradient_pieces`):
+        the update concatenates them with whatever else its one concatenation should hold.
         """
         raise NotImplementedError
 
@@ -269,6 +277,10 @@ class SGD(Optimizer):
 
     g = grad + weight_decay * p;  v = momentum * v + g;
     p -= lr * (g + momentum * v if nesterov else v)     (v = g at the first step)
+
+    The update is linear in (p, grad, v): the step direction and the new velocity are one
+    product of a constant matrix (:meth:`coefficients`) with the three stacked, so a step is a
+    concatenation, a product and ``p -= lr * direction`` whatever the settings.
     """
 
     slots = ("momentum",)
@@ -288,39 +300,54 @@ class SGD(Optimizer):
     def live_slots(self):
         return self.slots if self.momentum else ()
 
+    def coefficients(self) -> tuple:
+        """Rows (direction[, new velocity]) of coefficients over the operands (p, grad[, v]).
+
+        v' = m v + grad + wd p;  direction = v', or with Nesterov
+        grad + wd p + m v' = (1 + m)(grad + wd p) + m^2 v.  Without momentum there is no v.
+        """
+        m, wd = self.momentum, self.weight_decay
+        if not m:
+            return ((wd, 1.0),)
+        velocity = (wd, 1.0, m)
+        return ((wd * (1 + m), 1 + m, m * m) if self.nesterov else velocity, velocity)
+
+    def _directions(self, operands):
+        """(direction, new velocity or None) from the (2 or 3, P) operands (p, grad[, v]): one product."""
+        rows = F.constant(operands, self.coefficients()) @ operands
+        return rows[0, :], (rows[1, :] if self.momentum else None)
+
     def update(self, param, grad, state, lr, steps):
-        if self.weight_decay:
-            grad = grad + self.weight_decay * param
+        xp = namespace(param)
+        operands = [param, grad]
         if self.momentum:
             velocity = state.get("momentum")
-            velocity = grad if velocity is None else self.momentum * velocity + grad
+            operands.append(xp.zeros_like(param) if velocity is None else velocity)
+        direction, velocity = self._directions(xp.stack(operands))
+        if self.momentum:
             state["momentum"] = velocity
-            grad = grad + self.momentum * velocity if self.nesterov else velocity
-        return param - lr * grad
+        return param - lr * direction
 
-    def update_in_place(self, param, grad, state):
+    def update_in_place(self, param, pieces, state):
+        xp = namespace(param)
         fused = optimizer_kernels(param)
         if fused is not None:
             velocity = state.get("momentum") if self.momentum else None
             first = bool(self.momentum) and velocity is None
             if first:
-                state["momentum"] = velocity = namespace(param).empty_like(param)
+                state["momentum"] = velocity = xp.empty_like(param)
             fused.sgd_update_in_place(
-                param, grad, velocity, self.lr, self.momentum, self.nesterov, self.weight_decay, first
+                param, xp.concat(pieces), velocity, self.lr, self.momentum, self.nesterov, self.weight_decay, first
             )
             return
-        if self.weight_decay:
-            grad += self.weight_decay * param
-        if not self.momentum:
-            param -= self.lr * grad
-            return
-        velocity = state.get("momentum")
-        if velocity is None:
-            state["momentum"] = velocity = grad  # grad is a fresh concatenation, never written below
-        else:
-            velocity *= self.momentum
-            velocity += grad
-        param -= self.lr * (grad + self.momentum * velocity if self.nesterov else velocity)
+        operands = [param, *pieces]
+        if self.momentum:
+            velocity = state.get("momentum")
+            operands.append(xp.zeros_like(param) if velocity is None else velocity)
+        direction, velocity = self._directions(xp.reshape(xp.concat(operands), (3 if self.momentum else 2, -1)))
+        if self.momentum:
+            state["momentum"] = velocity  # a row of the product: taken, not copied
+        param -= self.lr * direction
 
 
 class Adam(Optimizer):
@@ -357,10 +384,11 @@ class Adam(Optimizer):
         xp = namespace(v)
         return param - step_size * m / (xp.sqrt(v) * denom_scale + self.eps)
 
-    def update_in_place(self, param, grad, state):
+    def update_in_place(self, param, pieces, state):
+        xp = namespace(param)
+        grad = xp.concat(pieces)
         fused = optimizer_kernels(param)
         if fused is not None:
-            xp = namespace(param)
             for slot in self.slots:
                 if slot not in state:
                     state[slot] = xp.zeros_like(param)
@@ -395,7 +423,6 @@ class Adam(Optimizer):
             v += (1.0 - beta2) * grad * grad
         step_size = self.lr / (1.0 - beta1**self.steps)
         denom_scale = 1.0 / math.sqrt(1.0 - beta2**self.steps)
-        xp = namespace(v)
         param -= step_size * m / (xp.sqrt(v) * denom_scale + self.eps)
 
 

@@ -23,15 +23,15 @@ from torch.profiler import ProfilerActivity, profile
 from xpcnn import bench
 from xpcnn.backend import get_backend
 from xpcnn.models import MODELS, build
-from xpcnn.nn import CrossEntropyLoss
+from xpcnn.nn import CrossEntropyLoss, _BatchNorm, update_running_statistics
 from xpcnn.optim import SGD
 
 # Operations that only make a view, read metadata or allocate: no kernel.
 NO_KERNEL = {
-    "_reshape_alias", "_unsafe_view", "alias", "as_strided", "as_strided_", "detach", "empty", "empty_like",
-    "empty_strided", "expand", "flatten", "item", "lift_fresh", "matrix_H", "mT", "numpy_T", "permute", "reshape",
-    "resize_", "resolve_conj", "resolve_neg", "result_type", "select", "slice", "squeeze", "swapaxes", "t", "to",
-    "transpose", "unbind", "unsqueeze", "view",
+    "_reshape_alias", "_unsafe_view", "alias", "as_strided", "as_strided_", "detach", "diagonal", "empty",
+    "empty_like", "empty_strided", "expand", "flatten", "item", "lift_fresh", "linalg_diagonal", "mT", "matrix_H",
+    "numpy_T", "permute", "reshape", "resize_", "resolve_conj", "resolve_neg", "result_type", "select", "slice",
+    "squeeze", "swapaxes", "t", "to", "transpose", "unbind", "unsqueeze", "view",
 }  # fmt: skip
 
 
@@ -74,10 +74,22 @@ def count_model(name: str, batch: int) -> tuple[list[tuple[str, collections.Coun
         optimizer.step()
 
     rows = [("optimizer zero_grad", launches(optimizer.zero_grad)[1])]
-    h = x
+    _, whole_forward = launches(lambda: model.forward(x))
+    # Layer by layer as Sequential.forward runs them: batch norm's running statistics in one update at the end.
+    h, batch_statistics = x, []
     for layer in model:
-        h, ops = launches(lambda layer=layer, h=h: layer.forward(h))
+        if isinstance(layer, _BatchNorm):
+            (h, statistics), ops = launches(lambda layer=layer, h=h: layer.normalize(h))
+            batch_statistics.append((layer, statistics))
+        else:
+            h, ops = launches(lambda layer=layer, h=h: layer.forward(h))
         rows.append((f"forward {layer!r}", ops))
+    if batch_statistics:
+        _, ops = launches(lambda: update_running_statistics(batch_statistics))
+        rows.append(("forward: batch norm's running statistics, all layers", ops))
+    by_layer = sum((ops for row, ops in rows if row.startswith("forward")), collections.Counter())
+    if by_layer != whole_forward:
+        raise SystemExit(f"{name}: the per-layer forward counts {by_layer} differ from model.forward's {whole_forward}")
     (_, grad), ops = launches(lambda: (loss_fn.forward(h, y), loss_fn.backward()))
     rows.append(("loss forward and backward", ops))
     layers = list(model)

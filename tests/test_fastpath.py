@@ -147,3 +147,20 @@ def test_jax_convolution_fast_path_matches(n, c, h, w, o, kernel, stride, paddin
         np.testing.assert_allclose(a, b, rtol=rtol, atol=rtol * np.abs(b).max(), err_msg=name)
     assert fast.conv2d_backward(grad_y, cache, weight, x.shape, stride, padding, input_grad=False)[0] is None
     assert fast.conv2d_backward(grad_y, cache, weight, x.shape, stride, padding, bias_grad=False)[2] is None
+
+
+@pytest.mark.parametrize("shape", [(4, 8, 5, 6), (16, 3)])
+@pytest.mark.parametrize("dtype, rtol", [(np.float64, 1e-12), (np.float32, 1e-5)])
+def test_batchnorm_backward_fast_path_matches(shape, dtype, rtol):
+    rng = np.random.default_rng(7)
+    x = (channels_last(shape) if len(shape) == 4 else rng.standard_normal(shape)).astype(dtype) * 3 + 1
+    weight, bias = rng.standard_normal(shape[1]).astype(dtype), rng.standard_normal(shape[1]).astype(dtype)
+    _, x_hat, inv_std, _, _ = F.batchnorm_forward(x, weight, bias, 1e-5)
+    grad_y = rng.standard_normal(shape).astype(dtype)
+    fast = fastpath.kernels(x).batchnorm_backward
+    assert fast is not F.batchnorm_backward
+    for got, expected in zip(
+        fast(grad_y, x_hat, inv_std, weight), F.batchnorm_backward(grad_y, x_hat, inv_std, weight), strict=True
+    ):
+        assert got.shape == expected.shape and got.dtype == expected.dtype
+        np.testing.assert_allclose(got, expected, rtol=rtol, atol=rtol)

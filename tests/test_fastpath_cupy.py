@@ -195,14 +195,3 @@ def test_batchnorm_kernels_equal_the_reference(dtype, rtol, shape, channels_last
     for a, b in zip(got_back, expected_back, strict=True):
         assert a.shape == b.shape
         np.testing.assert_allclose(to_host(a), to_host(b), rtol=rtol * 10, atol=rtol * 10)
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_moving_average_kernel_equals_the_reference(dtype):
-    rng = np.random.default_rng(5)
-    average = cupy.asarray(rng.standard_normal(7).astype(dtype))
-    value = cupy.asarray(rng.standard_normal(7).astype(dtype))
-    expected = F.moving_average(average.copy(), value, 0.1, 1.5)
-    got = fused.moving_average(average, value, 0.1, 1.5)
-    assert got is average
-    np.testing.assert_allclose(to_host(got), to_host(expected), rtol=1e-6 if dtype == "float32" else 1e-14)

@@ -214,8 +214,8 @@ def test_recalibrate_batchnorm_averages_the_statistics_over_all_batches(backend)
     x = rng.normal(size=(10, 3, 4, 4)) * np.array([1.0, 2.0, 0.5])[None, :, None, None] + 1.5
     model = nn.Sequential(nn.Dropout(0.5), nn.BatchNorm2d(3), nn.ReLU(), nn.Flatten(), nn.BatchNorm1d(48))
     model.to(backend, backend.xp.float64)
-    for layer in (model[1], model[4]):
-        layer.buffers["running_mean"] = backend.asarray(np.full(layer.num_features, 7.0))
+    for layer in (model[1], model[4]):  # what came before does not matter, not even a diverged run's NaN
+        layer.buffers["running_mean"] = backend.asarray(np.full(layer.num_features, np.nan))
     batches = [x[:4], x[4:8], x[8:]]  # unequal sizes: 4, 4, 2
     nn.recalibrate_batchnorm(model, (backend.asarray(b) for b in batches))
 
@@ -232,6 +232,48 @@ def test_recalibrate_batchnorm_averages_the_statistics_over_all_batches(backend)
     np.testing.assert_allclose(to_host(model[4].buffers["running_mean"]), expected, rtol=1e-9)
     assert not model.training and not any(layer.training for layer in model)
     assert model[1].momentum == model[4].momentum == 0.1
+
+
+def test_sequential_updates_every_batchnorm_layers_running_statistics_as_pytorch(backend):
+    """One fused update at the end of the forward pass: per layer (1 - m) * running + m * batch, variance unbiased."""
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(5, 2, 3, 3)) * 2.0 + 0.5
+    model = nn.Sequential(nn.BatchNorm2d(2, momentum=0.3), nn.Flatten(), nn.BatchNorm1d(18, momentum=0.05))
+    model.to(backend, backend.xp.float64)
+    before = {name: rng.uniform(0.5, 2.0, size=tuple(v.shape)) for name, v in model.named_buffers()}
+    model.set_buffers({name: backend.asarray(v) for name, v in before.items()})
+    model.forward(as_backend(backend, x))
+
+    first = np.moveaxis(x, 1, -1).reshape(-1, 2)
+    normalised = (x - x.mean(axis=(0, 2, 3), keepdims=True)) / np.sqrt(x.var(axis=(0, 2, 3), keepdims=True) + 1e-5)
+    second = normalised.reshape(5, -1)
+    expected = {
+        "0.running_mean": 0.7 * before["0.running_mean"] + 0.3 * first.mean(axis=0),
+        "0.running_var": 0.7 * before["0.running_var"] + 0.3 * first.var(axis=0, ddof=1),
+        "2.running_mean": 0.95 * before["2.running_mean"] + 0.05 * second.mean(axis=0),
+        "2.running_var": 0.95 * before["2.running_var"] + 0.05 * second.var(axis=0, ddof=1),
+    }
+    for name, value in model.named_buffers():
+        np.testing.assert_allclose(to_host(value), expected[name], rtol=1e-12, err_msg=name)
+    # The same as each layer's own forward pass, which updates only its own statistics.
+    alone = nn.BatchNorm2d(2, momentum=0.3).to(backend, backend.xp.float64)
+    alone.set_buffers({name[2:]: backend.asarray(before[name]) for name in ("0.running_mean", "0.running_var")})
+    alone.forward(as_backend(backend, x))
+    for name, value in alone.named_buffers():
+        np.testing.assert_allclose(to_host(value), expected[f"0.{name}"], rtol=1e-12, err_msg=name)
+
+
+def test_moving_averages_are_one_update_for_any_number_of_pairs(backend):
+    from xpcnn import functional as F
+
+    rng = np.random.default_rng(5)
+    averages, values = [rng.normal(size=n) for n in (3, 1, 4)], [rng.normal(size=n) for n in (3, 1, 4)]
+    weights = ((0.1, 1.0), (0.5, 2.0), (1.0, 1.5))
+    got = F.moving_averages(
+        [as_backend(backend, a) for a in averages], [as_backend(backend, v) for v in values], weights
+    )
+    for result, average, value, (m, s) in zip(got, averages, values, weights, strict=True):
+        np.testing.assert_allclose(to_host(result), (1 - m) * average + m * s * value, rtol=1e-15, atol=1e-15)
 
 
 def test_recalibrate_without_batchnorm_reads_nothing():

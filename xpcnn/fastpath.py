@@ -31,7 +31,8 @@ a GPU; on NumPy's one thread per ufunc these still pay):
   reused buffer, then long-run accumulations (see :func:`input_gradient`;
   3.5x faster than the reference's correlation for the convnet's second layer);
 * the ReLU gradient as a product with the mask (see :func:`relu_backward`);
-* batch normalisation's statistics as column sums in BLAS (see :func:`batchnorm_forward`).
+* batch normalisation's statistics as column sums in BLAS (see :func:`batchnorm_forward`), and
+  its weight gradient as a product and a column sum (see :func:`_column_dot`).
 """
 
 from __future__ import annotations
@@ -85,6 +86,12 @@ def batchnorm_forward(x, weight, bias, eps: float):
     x_hat = centred * inv_std
     y = x_hat * weight + bias
     return F._from_channel_matrix(y, tuple(x.shape)), x_hat, inv_std, mean, var
+
+
+def _column_dot(a, b):
+    """sum(a * b) per column as a product and a column sum in BLAS: on NumPy 1.6-2.8x faster than the
+    reference's (C, C) product for batch norm's gradients in the convnet-bn and deepnet models."""
+    return F._column_sum(a * b)
 
 
 def relu_backward(grad_y, y):
@@ -200,6 +207,7 @@ _NUMPY = SimpleNamespace(
         "maxpool2d_backward": maxpool2d_backward,
         "relu_backward": relu_backward,
         "batchnorm_forward": batchnorm_forward,
+        "batchnorm_backward": partial(F.batchnorm_backward, column_dot=_column_dot),
     }
 )
 
@@ -217,7 +225,6 @@ def _cupy_kernels() -> SimpleNamespace:
         "cross_entropy",
         "batchnorm_forward",
         "batchnorm_backward",
-        "moving_average",
     )
     return SimpleNamespace(
         **{

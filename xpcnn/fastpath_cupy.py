@@ -253,10 +253,6 @@ _batchnorm_module = cupy.RawModule(
 )
 _CTYPES = {np.dtype(np.float32): "float", np.dtype(np.float64): "double"}
 
-_moving_average = cupy.ElementwiseKernel(
-    "T value, T keep, T take", "T average", "average = average * keep + value * take", "xpcnn_moving_average"
-)
-
 _sgd_momentum = cupy.ElementwiseKernel(
     "T grad, T lr, T momentum, T weight_decay, bool nesterov, bool first",
     "T param, T velocity",
@@ -410,12 +406,6 @@ def batchnorm_backward(grad_y, x_hat, inv_std, weight):
     arguments = (g, x_hat, weight, inv_std, np.int64(rows), np.int32(channels), grad_x, grad_weight, grad_bias)
     kernel((channels,), (_BATCHNORM_THREADS,), arguments)
     return F._from_channel_matrix(grad_x, tuple(grad_y.shape)), grad_weight, grad_bias
-
-
-def moving_average(average, value, momentum: float, scale: float = 1.0):
-    """:func:`xpcnn.functional.moving_average` in one kernel, in place."""
-    _moving_average(value, 1.0 - momentum, momentum * scale, average)
-    return average
 
 
 def sgd_update_in_place(param, grad, velocity, lr, momentum, nesterov, weight_decay, first: bool) -> None:

@@ -400,24 +400,34 @@ class _BatchNorm(Layer):
         return "(N, C)" if self.rank == 2 else "(N, C, H, W)"
 
     def forward(self, x):
-        self._check_input(x, self._expected().replace("C", str(self.num_features)), self.rank, self.num_features)
-        weight, bias = self.params["weight"], self.params["bias"]
         if not self.training:
+            self._check_input(x, self._expected().replace("C", str(self.num_features)), self.rank, self.num_features)
             self._cache = None
+            weight, bias = self.params["weight"], self.params["bias"]
             mean, var = self.buffers["running_mean"], self.buffers["running_var"]
             return F.batchnorm_inference(x, weight, bias, mean, var, self.eps)
+        y, statistics = self.normalize(x)
+        update_running_statistics([(self, statistics)])
+        return y
+
+    def normalize(self, x):
+        """The training-mode forward pass without the running statistics' update.
+
+        Returns (y, (mean (C,), biased variance (C,), values per channel)): what
+        :func:`update_running_statistics` folds into the running estimates, in one update
+        for all of a :class:`Sequential`'s batch-norm layers.
+        """
+        self._check_input(x, self._expected().replace("C", str(self.num_features)), self.rank, self.num_features)
         count = math.prod(x.shape) // x.shape[1]
         if count < 2:
             raise ValueError(
                 f"{self!r}: training needs more than one value per channel, got input {_shape_text(x.shape)}"
             )
-        ops = kernels(x)
-        y, x_hat, inv_std, mean, var = ops.batchnorm_forward(x, weight, bias, self.eps)
-        m = self.momentum
-        self.buffers["running_mean"] = ops.moving_average(self.buffers["running_mean"], mean, m)
-        self.buffers["running_var"] = ops.moving_average(self.buffers["running_var"], var, m, count / (count - 1))
+        y, x_hat, inv_std, mean, var = kernels(x).batchnorm_forward(
+            x, self.params["weight"], self.params["bias"], self.eps
+        )
         self._cache = (x_hat, inv_std)
-        return y
+        return y, (mean, var, count)
 
     def backward(self, grad_y, input_grad: bool = True):
         """Store weight and bias gradients; return grad_x, or None when ``input_grad`` is False."""
@@ -430,6 +440,23 @@ class _BatchNorm(Layer):
 
     def extra_repr(self):
         return f"{self.num_features}, eps={self.eps}, momentum={self.momentum}"
+
+
+def update_running_statistics(batch_statistics: list) -> None:
+    """Fold each (layer, (mean, variance, count)) from :meth:`_BatchNorm.normalize` into the layer's running estimates.
+
+    As PyTorch: running = (1 - momentum) * running + momentum * batch value, the variance made
+    unbiased (times count / (count - 1)); every layer's buffers in one update (see
+    :func:`xpcnn.functional.moving_averages`).
+    """
+    averages, values, weights = [], [], []
+    for layer, (mean, var, count) in batch_statistics:
+        averages += [layer.buffers["running_mean"], layer.buffers["running_var"]]
+        values += [mean, var]
+        weights += [(layer.momentum, 1.0), (layer.momentum, count / (count - 1))]
+    updated = iter(kernels(values[0]).moving_averages(averages, values, tuple(weights)))
+    for layer, _ in batch_statistics:
+        layer.buffers["running_mean"], layer.buffers["running_var"] = next(updated), next(updated)
 
 
 class BatchNorm1d(_BatchNorm):
@@ -492,8 +519,17 @@ class Sequential(Layer):
         self.training = True
 
     def forward(self, x):
+        """Each layer's forward pass in turn; the batch-norm layers' running statistics (training mode)
+        are updated together at the end, in one update (:func:`update_running_statistics`)."""
+        batch_statistics = []
         for layer in self.layers:
-            x = layer.forward(x)
+            if isinstance(layer, _BatchNorm) and layer.training:
+                x, statistics = layer.normalize(x)
+                batch_statistics.append((layer, statistics))
+            else:
+                x = layer.forward(x)
+        if batch_statistics:
+            update_running_statistics(batch_statistics)
         return x
 
     def backward(self, grad_y, input_grad: bool = True):
@@ -604,14 +640,24 @@ def recalibrate_batchnorm(model: Sequential, batches: Iterable) -> None:
     model.eval()
     for layer in norms:
         layer.train()
-    seen = 0
+        layer.momentum = 1.0  # each batch's statistics replace the running ones; the average is taken here
+        # finite starting values: with momentum 1 they are multiplied by 0, which a NaN would survive
+        layer.buffers["running_mean"] = namespace(layer.buffers["running_mean"]).zeros_like(
+            layer.buffers["running_mean"]
+        )
+        layer.buffers["running_var"] = namespace(layer.buffers["running_var"]).ones_like(layer.buffers["running_var"])
+    sums, seen = None, 0
     try:
         for x in batches:
             count = int(x.shape[0])
-            for layer in norms:
-                layer.momentum = count / (seen + count)  # a running average: the first batch replaces all
             model.forward(x)
+            batch = [layer.buffers[name] * count for layer in norms for name in ("running_mean", "running_var")]
+            sums = batch if sums is None else [total + value for total, value in zip(sums, batch, strict=True)]
             seen += count
+        if sums is not None:
+            averages = iter(total / seen for total in sums)
+            for layer in norms:
+                layer.buffers["running_mean"], layer.buffers["running_var"] = next(averages), next(averages)
     finally:
         for layer, momentum in zip(norms, momenta, strict=True):
             layer.momentum = momentum

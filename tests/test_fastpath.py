@@ -164,3 +164,31 @@ def test_batchnorm_backward_fast_path_matches(shape, dtype, rtol):
     ):
         assert got.shape == expected.shape and got.dtype == expected.dtype
         np.testing.assert_allclose(got, expected, rtol=rtol, atol=rtol)
+
+
+@pytest.mark.slow  # compiles
+def test_jax_compiler_options_give_xla_kernels_the_same_results(monkeypatch):
+    """On the CPU the compiled steps run XLA's own kernels, not YNNPACK's, and compute the same as XLA's defaults."""
+    jax = pytest.importorskip("jax")
+    from xpcnn import fastpath_jax
+    from xpcnn.backend import get_backend
+
+    backend = get_backend("jax", "cpu")
+    options = fastpath.compiler_options(backend.device)
+    assert options == fastpath_jax.CPU_COMPILER_OPTIONS
+    rng = np.random.default_rng(5)
+    x, weight, bias = (
+        backend.asarray(rng.standard_normal(s).astype(np.float32)) for s in [(8, 32, 13, 13), (64, 32, 3, 3), (64,)]
+    )
+
+    def step(x, weight, bias):  # the convnet's second convolution, forward and backward
+        y, cache = fastpath_jax.conv2d_forward(x, weight, bias)
+        return y, *fastpath_jax.conv2d_backward(y, cache, weight, x.shape)
+
+    lowered = jax.jit(step).lower(x, weight, bias)
+    ours, default = lowered.compile(compiler_options=options), lowered.compile()
+    assert "__ynn_fusion" not in ours.as_text()
+    for a, b in zip(ours(x, weight, bias), default(x, weight, bias), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5 * np.abs(np.asarray(b)).max())
+    monkeypatch.setattr(fastpath, "ENABLED", False)
+    assert fastpath.compiler_options(backend.device) == {}

@@ -22,7 +22,8 @@ so a run is a pure function of (seed, epoch, step) and resuming anywhere,
 even mid-epoch, continues exactly as a straight run.
 
 Each distinct argument signature (the full batch, the last short one, an
-evaluation batch) is compiled once, ahead of time, and its compile time is
+evaluation batch) is compiled once, ahead of time, with the XLA options of
+:func:`xpcnn.fastpath.compiler_options`, and its compile time is
 counted in :attr:`CompiledSteps.compile_seconds`, apart from the steps' own.
 With ``compile=False`` the same step functions run eagerly, one dispatch per
 operation (for debugging: breakpoints and prints inside layers work).
@@ -34,6 +35,7 @@ import contextlib
 import copy
 import time
 
+from . import fastpath
 from .backend import Backend, namespace
 from .device_data import DeviceSplit, EvalResult, evaluate_batches
 from .nn import CrossEntropyLoss, Sequential
@@ -59,13 +61,14 @@ def _borrowed(model: Sequential):
 
 
 class _AheadOfTime:
-    """``jax.jit(function)``, compiled once per argument signature, each compilation timed."""
+    """``jax.jit(function)``, compiled with XLA options ``options`` once per argument signature, each timed."""
 
-    def __init__(self, function, donate_argnums=()):
+    def __init__(self, function, options: dict, donate_argnums=()):
         import jax
 
         self._jax = jax
         self._jitted = jax.jit(function, donate_argnums=donate_argnums)
+        self._options = options
         self._executables: dict = {}
         self.compilations = 0
         self.seconds = 0.0
@@ -76,7 +79,8 @@ class _AheadOfTime:
         executable = self._executables.get(signature)
         if executable is None:
             started = time.perf_counter()
-            executable = self._executables[signature] = self._jitted.lower(*args).compile()
+            executable = self._jitted.lower(*args).compile(compiler_options=self._options)
+            self._executables[signature] = executable
             self.seconds += time.perf_counter() - started
             self.compilations += 1
         return executable(*args)
@@ -108,8 +112,9 @@ class CompiledSteps:
         self._jax = jax
         self._epoch_key = None
         if compile:
-            self._train = _AheadOfTime(self._train_step, donate_argnums=(0, 1, 2))
-            self._evaluate = _AheadOfTime(self._eval_step)
+            options = fastpath.compiler_options(backend.device)
+            self._train = _AheadOfTime(self._train_step, options, donate_argnums=(0, 1, 2))
+            self._evaluate = _AheadOfTime(self._eval_step, options)
         else:
             self._train, self._evaluate = self._train_step, self._eval_step
 

@@ -4,7 +4,8 @@ Layers get their math from :func:`kernels`: the Array API reference
 (:mod:`xpcnn.functional`) for every backend, with a few functions replaced by
 NumPy-specific versions for NumPy arrays, by fused kernels for CuPy arrays
 (:mod:`xpcnn.fastpath_cupy`, imported at the first CuPy array) and by XLA's
-convolutions for JAX arrays (:mod:`xpcnn.fastpath_jax`).  Each
+convolutions for JAX arrays (:mod:`xpcnn.fastpath_jax`, which also chooses
+the XLA options of JAX's compiled steps, :func:`compiler_options`).  Each
 replacement must give the same result as the reference (tests compare them on
 random inputs, ties included), and exists because a measurement showed it
 pays.  ``XPCNN_FASTPATH=0`` in the environment turns them all off.
@@ -260,6 +261,18 @@ def optimizer_kernels(param):
     from . import fastpath_cupy
 
     return fastpath_cupy
+
+
+def compiler_options(device) -> dict:
+    """XLA options for JAX's compiled steps on ``device`` (see :func:`xpcnn.fastpath_jax.compiler_options`).
+
+    Empty with fast paths off: XLA's defaults.
+    """
+    if not ENABLED:
+        return {}
+    from . import fastpath_jax
+
+    return fastpath_jax.compiler_options(device)
 
 
 def kernels(x):

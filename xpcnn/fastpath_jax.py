@@ -15,10 +15,19 @@ more convolutions, written out here (no autodiff):
 The cache the forward pass keeps for backward is the input itself.  Layers
 with narrow patch matrices (C*KH*KW <= 25: first layers on one-channel
 images) keep the reference, which is faster there (see :data:`NARROW_PATCHES`).
+
+On the CPU the compiled steps also ask XLA to keep its operations on its own
+kernels rather than YNNPACK's (:func:`compiler_options`): XLA:CPU (jaxlib
+0.10) hands convolutions, products and reductions to YNNPACK by default, and
+with Eigen's convolutions instead the convnet's compiled training step runs
+1.8x faster on 2 cores (batch 64 and 128), its evaluation step 1.3x.
 """
 
 from __future__ import annotations
 
+from functools import cache
+
+import jax
 from jax import lax
 
 from . import functional as F
@@ -28,6 +37,27 @@ _NCHW = ("NCHW", "OIHW", "NCHW")
 
 # Up to this many patch columns (C*KH*KW), the reference's patch matrix and product beat XLA's convolution.
 NARROW_PATCHES = 25
+
+
+# XLA's own kernels instead of YNNPACK's (an empty list of the operations YNNPACK may take).
+CPU_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
+
+
+@cache
+def _xla_knows(options: tuple) -> bool:
+    """Whether this jaxlib's XLA has these options (older ones, from before YNNPACK, reject them by name)."""
+    try:
+        jax.jit(lambda x: x).lower(0.0).compile(compiler_options=dict(options))
+    except jax.errors.JaxRuntimeError:
+        return False
+    return True
+
+
+def compiler_options(device) -> dict:
+    """XLA options for programs compiled for ``device`` (a ``jax.Device``): :data:`CPU_COMPILER_OPTIONS` on the CPU."""
+    if device.platform != "cpu" or not _xla_knows(tuple(CPU_COMPILER_OPTIONS.items())):
+        return {}
+    return dict(CPU_COMPILER_OPTIONS)
 
 
 def _narrow(weight) -> bool:

@@ -66,14 +66,10 @@ def _constant(like, name: tuple, make):
     return value
 
 
-def constant(like, values: tuple):
-    """A cached array of ``values`` (nested tuples of numbers), with ``like``'s namespace, dtype and device."""
+def constant(like, values):
+    """A cached array of ``values`` (a number, or nested tuples of numbers), with ``like``'s namespace, dtype and
+    device (see :func:`_constant`)."""
     return _constant(like, ("constant", values), lambda xp, dtype, dev: xp.asarray(values, dtype=dtype, device=dev))
-
-
-def scalar(like, value: float):
-    """A cached 0-d array holding ``value``, with ``like``'s namespace, dtype and device (see :func:`_constant`)."""
-    return _constant(like, ("scalar", value), lambda xp, dtype, dev: xp.asarray(value, dtype=dtype, device=dev))
 
 
 def _column_sum(matrix):
@@ -367,7 +363,7 @@ def dropout_forward(x, uniform, p: float):
     backward pass is grad * mask.
     """
     xp = namespace(x, uniform)
-    mask = xp.where(uniform >= p, scalar(x, 1.0 / (1.0 - p)), 0.0)
+    mask = xp.where(uniform >= p, constant(x, 1.0 / (1.0 - p)), 0.0)
     return x * mask, mask
 
 

@@ -312,6 +312,13 @@ class SGD(Optimizer):
         velocity = (wd, 1.0, m)
         return ((wd * (1 + m), 1 + m, m * m) if self.nesterov else velocity, velocity)
 
+    def _operands(self, param, grads: list, state: dict) -> list:
+        """The 1-d operands (p, grad pieces...[, v]) of the update; v is zeros before the first step."""
+        if not self.momentum:
+            return [param, *grads]
+        velocity = state.get("momentum")
+        return [param, *grads, namespace(param).zeros_like(param) if velocity is None else velocity]
+
     def _directions(self, operands):
         """(direction, new velocity or None) from the (2 or 3, P) operands (p, grad[, v]): one product."""
         rows = F.constant(operands, self.coefficients()) @ operands
@@ -319,11 +326,7 @@ class SGD(Optimizer):
 
     def update(self, param, grad, state, lr, steps):
         xp = namespace(param)
-        operands = [param, grad]
-        if self.momentum:
-            velocity = state.get("momentum")
-            operands.append(xp.zeros_like(param) if velocity is None else velocity)
-        direction, velocity = self._directions(xp.stack(operands))
+        direction, velocity = self._directions(xp.stack(self._operands(param, [grad], state)))
         if self.momentum:
             state["momentum"] = velocity
         return param - lr * direction
@@ -340,11 +343,8 @@ class SGD(Optimizer):
                 param, xp.concat(pieces), velocity, self.lr, self.momentum, self.nesterov, self.weight_decay, first
             )
             return
-        operands = [param, *pieces]
-        if self.momentum:
-            velocity = state.get("momentum")
-            operands.append(xp.zeros_like(param) if velocity is None else velocity)
-        direction, velocity = self._directions(xp.reshape(xp.concat(operands), (3 if self.momentum else 2, -1)))
+        operands = xp.concat(self._operands(param, pieces, state))
+        direction, velocity = self._directions(xp.reshape(operands, (-1, param.shape[0])))
         if self.momentum:
             state["momentum"] = velocity  # a row of the product: taken, not copied
         param -= self.lr * direction

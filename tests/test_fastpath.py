@@ -109,15 +109,24 @@ def test_relu_backward_fast_path_is_bit_identical():
 
 @pytest.mark.parametrize("shape", [(4, 8, 5, 6), (16, 3)])
 @pytest.mark.parametrize("dtype, rtol", [(np.float64, 1e-12), (np.float32, 1e-5)])
-def test_batchnorm_forward_fast_path_matches(shape, dtype, rtol):
+def test_batchnorm_fast_paths_match(shape, dtype, rtol):
+    """Forward (statistics as column sums) and backward (the weight gradient as a column sum) against the reference."""
     rng = np.random.default_rng(6)
     x = (channels_last(shape) if len(shape) == 4 else rng.standard_normal(shape)).astype(dtype) * 3 + 1
     weight, bias = rng.standard_normal(shape[1]).astype(dtype), rng.standard_normal(shape[1]).astype(dtype)
-    for got, expected in zip(
-        fastpath.batchnorm_forward(x, weight, bias, 1e-5), F.batchnorm_forward(x, weight, bias, 1e-5), strict=True
-    ):
-        assert got.shape == expected.shape and got.dtype == expected.dtype
-        np.testing.assert_allclose(got, expected, rtol=rtol, atol=rtol)
+    forward = F.batchnorm_forward(x, weight, bias, 1e-5)
+    _, x_hat, inv_std, _, _ = forward
+    grad_y = rng.standard_normal(shape).astype(dtype)
+    fast = fastpath.kernels(x)
+    assert fast.batchnorm_backward is not F.batchnorm_backward
+    pairs = [
+        (fast.batchnorm_forward(x, weight, bias, 1e-5), forward),
+        (fast.batchnorm_backward(grad_y, x_hat, inv_std, weight), F.batchnorm_backward(grad_y, x_hat, inv_std, weight)),
+    ]
+    for results, references in pairs:
+        for got, expected in zip(results, references, strict=True):
+            assert got.shape == expected.shape and got.dtype == expected.dtype
+            np.testing.assert_allclose(got, expected, rtol=rtol, atol=rtol)
 
 
 @pytest.mark.parametrize(
@@ -147,23 +156,6 @@ def test_jax_convolution_fast_path_matches(n, c, h, w, o, kernel, stride, paddin
         np.testing.assert_allclose(a, b, rtol=rtol, atol=rtol * np.abs(b).max(), err_msg=name)
     assert fast.conv2d_backward(grad_y, cache, weight, x.shape, stride, padding, input_grad=False)[0] is None
     assert fast.conv2d_backward(grad_y, cache, weight, x.shape, stride, padding, bias_grad=False)[2] is None
-
-
-@pytest.mark.parametrize("shape", [(4, 8, 5, 6), (16, 3)])
-@pytest.mark.parametrize("dtype, rtol", [(np.float64, 1e-12), (np.float32, 1e-5)])
-def test_batchnorm_backward_fast_path_matches(shape, dtype, rtol):
-    rng = np.random.default_rng(7)
-    x = (channels_last(shape) if len(shape) == 4 else rng.standard_normal(shape)).astype(dtype) * 3 + 1
-    weight, bias = rng.standard_normal(shape[1]).astype(dtype), rng.standard_normal(shape[1]).astype(dtype)
-    _, x_hat, inv_std, _, _ = F.batchnorm_forward(x, weight, bias, 1e-5)
-    grad_y = rng.standard_normal(shape).astype(dtype)
-    fast = fastpath.kernels(x).batchnorm_backward
-    assert fast is not F.batchnorm_backward
-    for got, expected in zip(
-        fast(grad_y, x_hat, inv_std, weight), F.batchnorm_backward(grad_y, x_hat, inv_std, weight), strict=True
-    ):
-        assert got.shape == expected.shape and got.dtype == expected.dtype
-        np.testing.assert_allclose(got, expected, rtol=rtol, atol=rtol)
 
 
 @pytest.mark.slow  # compiles

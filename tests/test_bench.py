@@ -82,7 +82,7 @@ def test_a_case_serves_timed_runs_on_torch_and_jax(name, eager, restore_tf32):
     bench.serve(
         bench.Case("xpcnn", name, "seed"), settings, ["train\n", "train\n", "infer\n", "finish\n"], replies.append
     )
-    assert backend.tf32_enabled()  # the math mode is set for every case, xpcnn's and torch's
+    assert backend._tf32  # the math mode is set for every case, xpcnn's and torch's
     assert replies[0]["device"] in ("cpu", "cuda:0")
     assert replies[0]["compiled"] == (name == "jax" and not eager)
     assert all(reply["rate"] > 0 for reply in replies[1:4])

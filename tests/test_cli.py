@@ -127,7 +127,7 @@ def test_resume_continues_and_refuses_changes(trained_run, synthetic_dir, tmp_pa
     result = invoke("train", "--resume", run, "--epochs", "1", expect=2)
     assert "already finished 1 epoch(s)" in result.output
     result = invoke("train", "--resume", run, "--epochs", "2", "--lr", "0.1", expect=2)
-    assert "--lr cannot change when resuming" in result.output
+    assert "--lr: lr cannot change when resuming; only epochs and log_every can" in result.output
     invoke("train", "--resume", run, "--epochs", "2", "--device", "cpu")
     assert [r["epoch"] for r in json.loads((run / "history.json").read_text())] == [1, 2]
 

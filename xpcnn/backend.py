@@ -68,10 +68,6 @@ def set_tf32(enabled: bool) -> None:
             _apply_tf32(name)
 
 
-def tf32_enabled() -> bool:
-    return bool(_tf32)
-
-
 def _jax_tf32() -> None:
     # Always set, TF32 or not: JAX's own default on GPUs is TF32.
     precision = "tensorfloat32" if _tf32 else "highest"

@@ -50,6 +50,8 @@ import numpy as np
 
 from .diagnostics import device_peak_mib
 from .models import build
+from .step import compiles
+from .train import LayerSteps
 
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 PHASES = ("train", "infer")
@@ -154,22 +156,8 @@ def _xpcnn_session(case: Case, settings: Settings) -> Session:
         train_data = [(backend.asarray(x), backend.asarray(y)) for x, y in _batches(rng, settings.train_batch)]
         infer_data = [backend.asarray(x) for x, _ in _batches(rng, settings.infer_batch, 2)]
     position = {"train": 0, "infer": 0}
-    compiled = backend.name == "jax" and not settings.eager
-
-    def train_step():
-        x, y = train_data[position["train"] % len(train_data)]
-        position["train"] += 1
-        optimizer.zero_grad()
-        loss_fn.forward(model.forward(x), y)
-        model.backward(loss_fn.backward(), input_grad=False)
-        optimizer.step()
-
-    def infer_step():
-        model.forward(infer_data[position["infer"] % len(infer_data)])
-        position["infer"] += 1
-
-    if compiled:
-        train_step, infer_step = _compiled_steps(backend, model, loss_fn, optimizer, train_data, infer_data, position)
+    compiled = compiles(backend.name, settings.eager)
+    train_step, infer_step = _steps(backend, model, loss_fn, optimizer, train_data, infer_data, position, compiled)
 
     def to_eval():
         model.zero_cache()
@@ -187,31 +175,39 @@ def _xpcnn_session(case: Case, settings: Settings) -> Session:
     )
 
 
-def _compiled_steps(backend, model, loss_fn, optimizer, train_data, infer_data, position):
-    """JAX's compiled training and inference steps over the same batches: (train_step, infer_step).
+def _steps(backend, model, loss_fn, optimizer, train_data, infer_data, position, compiled: bool):
+    """The training runs' own steps over the same batches: (train_step, infer_step).
 
-    The training batches become one device dataset that each step gathers its batch from, as in training.
+    The training batches become one device dataset that each step gathers its batch from, as in training;
+    the runner is the trainer's (:class:`xpcnn.train.LayerSteps`, or JAX's compiled steps).
     """
-    from .compiled import CompiledSteps
-
     xp = backend.xp
-    steps = CompiledSteps(model, loss_fn, optimizer, backend, seed=0)
+    if compiled:
+        from .compiled import CompiledSteps
+
+        runner = CompiledSteps(model, loss_fn, optimizer, backend, seed=0)
+    else:
+        runner = LayerSteps(model, loss_fn, optimizer, backend, seed=0)
     with backend.activate():
         images, labels = xp.concat([x for x, _ in train_data]), xp.concat([y for _, y in train_data])
         size = int(train_data[0][1].shape[0])
         batches = [backend.asarray(np.arange(i * size, (i + 1) * size)) for i in range(len(train_data))]
         infer_labels = xp.zeros(infer_data[0].shape[0], dtype=xp.int64, device=backend.device)
-    steps.start_epoch(0, 0)
+    runner.start_epoch(0, 0)
 
     def train_step():
         step = position["train"]
         position["train"] += 1
-        steps.train_step(images, labels, batches[step % len(batches)], step)
+        runner.train_step(images, labels, batches[step % len(batches)], step)
 
     def infer_step():
-        # Kept alive until the next step, so that synchronising waits for it (JAX dispatches asynchronously).
-        position["result"] = steps.evaluate_batch(infer_data[position["infer"] % len(infer_data)], infer_labels)
+        x = infer_data[position["infer"] % len(infer_data)]
         position["infer"] += 1
+        if not compiled:
+            model.forward(x)
+            return
+        # Kept alive until the next step, so that synchronising waits for it (JAX dispatches asynchronously).
+        position["result"] = runner.evaluate_batch(x, infer_labels)
 
     return train_step, infer_step
 

@@ -22,7 +22,7 @@ from . import export as exporting
 from .backend import BACKEND_NAMES, cuda_problem, get_backend, set_tf32
 from .checkpoint import CheckpointError, checkpoint_path, load_checkpoint
 from .config import TrainConfig
-from .data import DATASETS, TEST_FILES, find_data_dir, get_spec, load_dataset, other_files
+from .data import DATASETS, TEST_FILES, find_data_dir, get_spec, load_dataset
 from .device_data import DeviceSplit, normalize_images
 from .diagnostics import available_backends, gpu_names
 from .display import Progress
@@ -32,7 +32,7 @@ from .models import MODELS
 from .optim import OPTIMIZERS, SCHEDULES
 from .recipes import RECIPES, recipe
 from .runs import (
-    RESUMABLE,
+    check_same_data,
     checkpoint_config,
     confusion_matrix,
     default_run_dir,
@@ -44,6 +44,7 @@ from .runs import (
     summary,
     train_run,
 )
+from .step import compiles
 from .train import TrainingInterrupted, predict_probabilities
 from .train import evaluate as evaluate_model
 
@@ -241,12 +242,6 @@ def train(
                 f"start it afresh with --out {resume}"
             )
         checkpoint = load_checkpoint(resume)
-        changed = sorted(set(given) - RESUMABLE)
-        if changed:
-            flags = ", ".join(f"--{name.replace('_', '-')}" for name in changed)
-            raise click.UsageError(
-                f"{flags} cannot change when resuming; only --epochs, --device, --backend, --data-dir"
-            )
         if out is not None and Path(out).resolve() != Path(resume).resolve():
             raise click.UsageError("--out and --resume name different directories")
         try:
@@ -286,7 +281,7 @@ def train(
         "backend": chosen.describe(),
         "tf32": tf32,
         "recipe": recipe_name,
-        "compiled": chosen.name == "jax" and not eager,
+        "compiled": compiles(chosen.name, eager),
     }
     state = train_run(
         config,
@@ -329,12 +324,10 @@ def evaluate(run, data_dir, device, backend, as_json, plot, allow_other_data):
     config = checkpoint_config(checkpoint)
     run_dir = checkpoint_path(run).parent
     dataset = load_dataset(config.dataset, data_dir or recorded_data_dir(checkpoint, run_dir))
-    changed = other_files(checkpoint.meta.get("data"), dataset, TEST_FILES)
-    if changed and not allow_other_data:
-        raise click.UsageError(
-            f"{dataset.directory}: {', '.join(changed)} differ from the test files the run recorded "
-            f"(in {checkpoint.meta['data']['directory']}); pass --allow-other-data to evaluate on them anyway"
-        )
+    try:
+        check_same_data(checkpoint, dataset, allow_other_data, TEST_FILES)
+    except ConfigError as exc:
+        raise click.UsageError(_user_message(exc)) from None
     model, norm = model_from_checkpoint(checkpoint, chosen)
     with chosen.activate():
         split = DeviceSplit.from_host(chosen, dataset.test_images, dataset.test_labels, norm)

@@ -1,21 +1,18 @@
-"""The JAX training and evaluation steps as compiled XLA programs, built from the same layers and optimiser.
+"""The JAX training and evaluation steps as compiled XLA programs: the core's steps (step.py), as they are.
 
-:class:`CompiledSteps` traces one training step (gather the batch, augmentation
-and dropout draws, forward, loss, backward, optimiser update) and one
-evaluation step through the model's own ``forward`` / ``backward`` and the
-optimiser's functional ``update``, and compiles each with ``jax.jit``: there is
-no second copy of any layer's math.  The layers keep their state on ``self``
-(parameters, the caches for backward); during a trace the model lends its
-layers (:func:`_borrowed`), their attributes are restored afterwards, and the
-arrays that change go in and come out as arguments and results:
+:class:`CompiledSteps` compiles :meth:`xpcnn.step.Step.train` (gather the batch,
+augmentation and dropout draws, forward, loss, backward, optimiser update) and
+:meth:`xpcnn.step.Step.evaluate` with ``jax.jit``: there is no second copy of
+any layer's math, and the steps are pure functions of their arguments:
 
-* in: the optimiser's flat parameters and state, batch norm's running
-  statistics (all three donated: their buffers are reused for the results),
-  the device dataset and the batch's indices, the epoch's key, the step,
-  the learning rate and the optimiser's step count (traced values, so a
-  new learning rate neither recompiles nor is baked in);
-* out: the same buffers updated, the model's parameters cut from the new
-  flat buffer, the batch's mean loss and its number of correct predictions.
+* in: the :class:`xpcnn.step.TrainState` (flat parameters, optimiser slots, batch
+  norm's running statistics; donated: their buffers are reused for the results),
+  the device dataset and the batch's indices, the epoch's key, the step, the
+  learning rate and the optimiser's step count (traced values, so a new learning
+  rate neither recompiles nor is baked in);
+* out: the new state, the model's parameters cut from the new flat buffer (cut
+  inside the program: outside, each slice would be a dispatch), the batch's mean
+  loss and its number of correct predictions.
 
 Randomness: step ``s`` of epoch ``e`` draws from ``fold_in(key(seed, e), s)``,
 so a run is a pure function of (seed, epoch, step) and resuming anywhere,
@@ -31,33 +28,14 @@ operation (for debugging: breakpoints and prints inside layers work).
 
 from __future__ import annotations
 
-import contextlib
-import copy
 import time
 
 from . import fastpath
-from .backend import Backend, namespace
+from .backend import Backend
 from .device_data import DeviceSplit, EvalResult, evaluate_batches
 from .nn import CrossEntropyLoss, Sequential
 from .rng import JaxGenerator, seed_to_int
-
-
-@contextlib.contextmanager
-def _borrowed(model: Sequential):
-    """Let a step use the model's layers, then restore every layer attribute as it was.
-
-    Inside, each layer has its own copies of the ``params``, ``grads`` (empty) and ``buffers`` dicts, so
-    what the step assigns (traced arrays, caches, a generator) never outlives it.
-    """
-    saved = [dict(vars(layer)) for layer in model]
-    for layer in model:
-        layer.params, layer.grads, layer.buffers = dict(layer.params), {}, dict(layer.buffers)
-    try:
-        yield model
-    finally:
-        for layer, attributes in zip(model, saved, strict=True):
-            vars(layer).clear()
-            vars(layer).update(attributes)
+from .step import Step
 
 
 class _AheadOfTime:
@@ -106,17 +84,17 @@ class CompiledSteps:
     ):
         import jax
 
-        self.model, self.loss_fn, self.optimizer, self.backend = model, loss_fn, optimizer, backend
-        self.seed, self.augmentation, self.background = seed, augmentation, background
+        self.model, self.optimizer, self.backend, self.seed = model, optimizer, backend, seed
+        self.step = Step(model, loss_fn, optimizer, augmentation, background)
         self.compiles = compile
         self._jax = jax
         self._epoch_key = None
         if compile:
             options = fastpath.compiler_options(backend.device)
-            self._train = _AheadOfTime(self._train_step, options, donate_argnums=(0, 1, 2))
-            self._evaluate = _AheadOfTime(self._eval_step, options)
+            self._train = _AheadOfTime(self._train_step, options, donate_argnums=(0,))
+            self._evaluate = _AheadOfTime(self.step.evaluate, options)
         else:
-            self._train, self._evaluate = self._train_step, self._eval_step
+            self._train, self._evaluate = self._train_step, self.step.evaluate
 
     @property
     def compile_seconds(self) -> float:
@@ -137,23 +115,11 @@ class CompiledSteps:
 
     def train_step(self, images, labels, batch, step: int):
         """One optimiser step on ``images[batch]`` (B, 1, 28, 28), ``labels[batch]``: (mean loss, correct) 0-d."""
-        flat, state = self.optimizer.buffers()
-        self.model.train()
-        flat, state, buffers, parameters, loss, correct = self._train(
-            flat,
-            state,
-            dict(self.model.named_buffers()),
-            images,
-            labels,
-            batch,
-            self._epoch_key,
-            step,
-            self.optimizer.lr,
-            self.optimizer.steps + 1,
+        state, parameters, metrics = self._train(
+            self.step.state(), images, labels, batch, self._epoch_key, step, self.optimizer.lr, self.optimizer.steps + 1
         )
-        self.optimizer.adopt(flat, state, parameters)
-        self.model.set_buffers(buffers)
-        return loss, correct
+        self.step.adopt(state, parameters)
+        return metrics
 
     def evaluate(self, split: DeviceSplit, batch_size: int = 1000) -> EvalResult:
         """Mean loss, accuracy and host predictions of the model on ``split``, in evaluation mode."""
@@ -161,38 +127,10 @@ class CompiledSteps:
 
     def evaluate_batch(self, x, y):
         """(float64 sum of the losses, predictions (N,)) for ``x`` (N, 1, 28, 28), ``y`` (N,), evaluation mode."""
-        self.model.eval()
         return self._evaluate(dict(self.model.named_parameters()), dict(self.model.named_buffers()), x, y)
 
-    def _train_step(self, flat, state, buffers, images, labels, batch, epoch_key, step, lr, steps):
-        xp = namespace(images)
+    def _train_step(self, state, images, labels, batch, epoch_key, step, lr, count):
         generator = JaxGenerator.from_key(self._jax.random.fold_in(epoch_key, step))
-        loss_fn = copy.copy(self.loss_fn)  # it keeps the gradient of the last loss
-        state = dict(state)
-        with _borrowed(self.model) as model:
-            model.train()
-            model.set_parameters(self.optimizer.split(flat))
-            model.set_buffers(buffers)
-            model.set_generator(generator)
-            x = xp.take(images, batch, axis=0)
-            y = xp.take(labels, batch, axis=0)
-            if self.augmentation is not None:
-                x = self.augmentation(x, generator, fill=self.background)
-            logits = model.forward(x)
-            loss = loss_fn.forward(logits, y)
-            model.backward(loss_fn.backward(), input_grad=False)
-            grad = self.optimizer.flat_gradient(dict(model.named_gradients()))
-            flat = self.optimizer.update(flat, grad, state, lr, steps)
-            buffers = dict(model.named_buffers())
-        correct = xp.count_nonzero(xp.argmax(logits, axis=1) == y)
-        return flat, state, buffers, self.optimizer.split(flat), loss, correct
-
-    def _eval_step(self, parameters, buffers, x, y):
-        xp = namespace(x)
-        with _borrowed(self.model) as model:
-            model.eval()
-            model.set_parameters(parameters)
-            model.set_buffers(buffers)
-            logits = model.forward(x)
-        loss = CrossEntropyLoss(check_labels=False).forward(logits, y)
-        return xp.astype(loss, xp.float64) * y.shape[0], xp.argmax(logits, axis=1)
+        state, metrics = self.step.train(state, images, labels, batch, generator, lr, count)
+        parameters = {} if state.params is None else self.optimizer.split(state.params)
+        return state, parameters, metrics

@@ -17,7 +17,7 @@ replaces (tests compare them on the GPU, ties included), in one launch:
 * softmax cross-entropy with its gradient (12 launches), one block of threads
   that also sums the loss;
 * batch normalisation forward (8 launches) and backward (9), one block of
-  threads per channel, and the running averages (3 launches each);
+  threads per channel;
 * the SGD and Adam updates over the optimiser's flat buffers (about 8 and 13
   launches).
 

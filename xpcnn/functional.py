@@ -396,12 +396,6 @@ def softmax(logits, axis: int = -1):
     return xp.exp(log_softmax(logits, axis=axis))
 
 
-def one_hot(labels, num_classes: int, dtype):
-    """Integer labels (N,) -> (N, num_classes) of ``dtype``, without scatter."""
-    xp = namespace(labels)
-    return xp.astype(labels[:, None] == _classes(labels, num_classes), dtype)
-
-
 def _classes(labels, num_classes: int):
     """A cached ``arange(num_classes)`` of the labels' dtype, as a row (1, num_classes)."""
     return _constant(

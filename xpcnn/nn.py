@@ -97,6 +97,10 @@ class Layer:
 
     # --- parameters, buffers and gradients, named as in PyTorch ---
 
+    def modules(self) -> Iterator[Layer]:
+        """This layer and, in a container, every layer inside it, nested containers included."""
+        yield self
+
     def _holders(self, prefix: str = "") -> Iterator[tuple[str, Layer]]:
         """(name prefix, layer) of each layer that holds parameters and buffers: this one (a Sequential: its layers)."""
         yield prefix, self
@@ -572,6 +576,11 @@ class Sequential(Layer):
     def zero_cache(self):
         for layer in self.layers:
             layer.zero_cache()
+
+    def modules(self) -> Iterator[Layer]:
+        yield self
+        for layer in self.layers:
+            yield from layer.modules()
 
     def _holders(self, prefix: str = "") -> Iterator[tuple[str, Layer]]:
         for index, layer in enumerate(self.layers):

@@ -42,12 +42,28 @@ def updates_in_place(array) -> bool:
     return is_numpy_array(array) or is_cupy_array(array) or is_torch_array(array)
 
 
+def _subtract(param, change):
+    """``param - change``: written into ``param`` where the backend updates in place (the model views it)."""
+    if updates_in_place(param):
+        param -= change
+        return param
+    return param - change
+
+
+def _scale(param, factor):
+    """``param * factor``: written into ``param`` where the backend updates in place."""
+    if updates_in_place(param):
+        param *= factor
+        return param
+    return param * factor
+
+
 class Optimizer:
     """Base class: the flat buffers, the step, the per-parameter state view and (de)serialisation.
 
-    Subclasses give ``slots`` (the names of their state buffers) and two versions of one update
-    rule over flat (P,) arrays, P the total number of parameter elements: :meth:`update`
-    (functional) and :meth:`update_in_place`.
+    Subclasses give ``slots`` (the names of their state buffers) and their one update rule over
+    flat (P,) arrays, P the total number of parameter elements (:meth:`update`: ``_rule``, and
+    ``_fused`` for a backend's fused kernel of the same rule).
     """
 
     slots: tuple[str, ...] = ()
@@ -64,7 +80,6 @@ class Optimizer:
         self._bounds: tuple[tuple[int, int], ...] = ()
         self._flat = None  # (P,) all parameters, None until the first step or load_state_dict
         self._installed: tuple = ()  # the arrays last given to the model, in _names order
-        self._in_place = False
         self._state: dict = {}  # slot name -> (P,) buffer, created at the first step
 
     # --- the step ---
@@ -79,18 +94,10 @@ class Optimizer:
         missing = sorted(set(params) - set(grads))
         if missing:
             raise RuntimeError(f"{type(self).__name__}.step(): no gradients for {missing}; call backward() first")
-        self._sync(params)
-        if not self._names:
-            self.steps += 1
-            return
-        pieces = self.gradient_pieces(grads)
-        self.steps += 1
-        if self._in_place:
-            self.update_in_place(self._flat, pieces, self._state)
-        else:
-            xp = namespace(*pieces)
-            self._flat = self.update(self._flat, xp.concat(pieces), self._state, self.lr, self.steps)
-            self._install()
+        flat, slots = self.flat_state()
+        if flat is not None:
+            flat, slots = self.update(flat, self.gradient_pieces(grads), slots, self.lr, self.steps + 1)
+        self.advance(flat, slots)
 
     def gradient_pieces(self, grads: dict) -> list:
         """The gradients ``{name: array}`` as 1-d arrays in the flat buffer's order (views: no operation)."""
@@ -103,25 +110,28 @@ class Optimizer:
         xp = namespace(*grads.values())
         return [xp.reshape(grads[name], (-1,)) for name in self._names]
 
-    def flat_gradient(self, grads: dict):
-        """The gradients ``{name: array}`` concatenated into one (P,) buffer in the flat buffer's order."""
-        pieces = self.gradient_pieces(grads)
-        return namespace(*pieces).concat(pieces)
+    def update(self, param, pieces: list, slots: dict, lr, steps) -> tuple:
+        """The update rule: (new (P,) parameters, new ``{slot: (P,)}``) from (P,) ``param``, the gradient and ``slots``.
 
-    def update(self, param, grad, state: dict, lr, steps):
-        """New (P,) parameters from (P,) ``param`` and ``grad``; stores new (P,) buffers in ``state``.
-
-        ``lr`` and ``steps`` (the count including this step) are arguments, not read from ``self``, so that a
-        compiled step can pass them as traced values: a Python number would be baked into the trace.
+        ``pieces`` are the gradient as 1-d arrays in the flat buffer's order (:meth:`gradient_pieces`): the
+        rule concatenates them with whatever else its one concatenation should hold.  ``slots`` holds every
+        live slot (:meth:`flat_state`).  ``lr`` and ``steps`` (the count including this step) are arguments,
+        not read from ``self``, so that a compiled step can pass them as traced values: a Python number would
+        be baked into the trace.  Pure, except where a backend has a fused kernel for the rule (CuPy,
+        :func:`xpcnn.fastpath.optimizer_kernels`): that one writes into ``param`` and ``slots``' buffers and
+        returns them.
         """
+        fused = optimizer_kernels(param)
+        if fused is not None:
+            return self._fused(fused, param, namespace(param).concat(pieces), dict(slots), lr, steps)
+        return self._rule(param, pieces, dict(slots), lr, steps)
+
+    def _rule(self, param, pieces: list, slots: dict, lr, steps) -> tuple:
+        """The Array API update (see :meth:`update`); ``slots`` is the caller's copy, free to assign to."""
         raise NotImplementedError
 
-    def update_in_place(self, param, pieces: list, state: dict) -> None:
-        """The same update as :meth:`update`, writing into ``param`` and the buffers of ``state``.
-
-        ``pieces`` are the gradients as 1-d arrays in the flat buffer's order (:meth:`gradient_pieces`):
-        the update concatenates them with whatever else its one concatenation should hold.
-        """
+    def _fused(self, kernels, param, grad, slots: dict, lr, steps) -> tuple:
+        """The same update as :meth:`_rule` by the backend's fused kernel, in place."""
         raise NotImplementedError
 
     # --- the flat buffers ---
@@ -159,7 +169,6 @@ class Optimizer:
             return
         xp = namespace(*values)
         self._flat = xp.concat([xp.reshape(p, (-1,)) for p in values])
-        self._in_place = updates_in_place(self._flat)
         self._state = {slot: _follow(buffer, self._flat) for slot, buffer in self._state.items()}
         self._install()
 
@@ -177,31 +186,41 @@ class Optimizer:
             for name, shape, (start, stop) in zip(self._names, self._shapes, self._bounds, strict=True)
         }
 
-    # --- a step done elsewhere (a compiled training step) ---
+    # --- the state a training step reads and writes ---
 
     def live_slots(self) -> tuple[str, ...]:
         """The state buffers :meth:`update` keeps with this optimiser's settings."""
         return self.slots
 
-    def buffers(self) -> tuple:
-        """(flat parameters (P,), state ``{slot: (P,)}``) for an update run outside :meth:`step`.
+    def flat_state(self) -> tuple:
+        """(flat parameters (P,), state ``{slot: (P,)}``): what :meth:`update` reads.
 
         Gathers the model's current parameters first.  Every live slot is there: a slot not made yet
         is zeros, from which the first update is the same as from none (momentum 0 * v + g is g).
+        (None, {}) for a model without parameters.
         """
         self._sync(dict(self.model.named_parameters()))
         if self._flat is None:
             return None, {}
         xp = namespace(self._flat)
-        state = {slot: self._state.get(slot) for slot in self.live_slots()}
-        return self._flat, {slot: xp.zeros_like(self._flat) if b is None else b for slot, b in state.items()}
+        slots = {slot: self._state.get(slot) for slot in self.live_slots()}
+        return self._flat, {slot: xp.zeros_like(self._flat) if b is None else b for slot, b in slots.items()}
 
-    def adopt(self, flat, state: dict, parameters: dict) -> None:
-        """Take the result of one update run outside :meth:`step`: new buffers, and ``split(flat)`` for the model."""
-        self._flat, self._state = flat, dict(state)
-        self.model.set_parameters(parameters)
-        self._installed = tuple(parameters[name] for name in self._names)
+    def advance(self, flat, slots: dict, parameters: dict | None = None) -> None:
+        """Take the result of one step: the new buffers, and the model's parameters cut from ``flat``.
+
+        ``parameters`` is ``split(flat)`` where the step made it already (a compiled step does: slicing
+        outside it would cost a dispatch per parameter).
+        """
         self.steps += 1
+        if flat is None:
+            return
+        replaced, self._flat, self._state = flat is not self._flat, flat, dict(slots)
+        if parameters is not None:
+            self.model.set_parameters(parameters)
+            self._installed = tuple(parameters[name] for name in self._names)
+        elif replaced:  # else the update wrote into the buffer the model's parameters view
+            self._install()
 
     # --- per-parameter state and (de)serialisation ---
 
@@ -324,30 +343,18 @@ class SGD(Optimizer):
         rows = F.constant(operands, self.coefficients()) @ operands
         return rows[0, :], (rows[1, :] if self.momentum else None)
 
-    def update(self, param, grad, state, lr, steps):
+    def _rule(self, param, pieces, slots, lr, steps):
         xp = namespace(param)
-        direction, velocity = self._directions(xp.stack(self._operands(param, [grad], state)))
-        if self.momentum:
-            state["momentum"] = velocity
-        return param - lr * direction
-
-    def update_in_place(self, param, pieces, state):
-        xp = namespace(param)
-        fused = optimizer_kernels(param)
-        if fused is not None:
-            velocity = state.get("momentum") if self.momentum else None
-            first = bool(self.momentum) and velocity is None
-            if first:
-                state["momentum"] = velocity = xp.empty_like(param)
-            fused.sgd_update_in_place(
-                param, xp.concat(pieces), velocity, self.lr, self.momentum, self.nesterov, self.weight_decay, first
-            )
-            return
-        operands = xp.concat(self._operands(param, pieces, state))
+        operands = xp.concat(self._operands(param, pieces, slots))
         direction, velocity = self._directions(xp.reshape(operands, (-1, param.shape[0])))
         if self.momentum:
-            state["momentum"] = velocity  # a row of the product: taken, not copied
-        param -= self.lr * direction
+            slots["momentum"] = velocity  # a row of the product: taken, not copied
+        return _subtract(param, lr * direction), slots
+
+    def _fused(self, kernels, param, grad, slots, lr, steps):
+        velocity = slots.get("momentum")
+        kernels.sgd_update_in_place(param, grad, velocity, lr, self.momentum, self.nesterov, self.weight_decay, False)
+        return param, slots
 
 
 class Adam(Optimizer):
@@ -367,63 +374,36 @@ class Adam(Optimizer):
         self.betas = (float(betas[0]), float(betas[1]))
         self.eps, self.weight_decay = float(eps), float(weight_decay)
 
-    def update(self, param, grad, state, lr, steps):
+    def _rule(self, param, pieces, slots, lr, steps):
         beta1, beta2 = self.betas
+        grad = namespace(param).concat(pieces)
         if self.weight_decay:
             if self.decoupled:
-                param = param * (1.0 - lr * self.weight_decay)
+                param = _scale(param, 1.0 - lr * self.weight_decay)
             else:
                 grad = grad + self.weight_decay * param
-        m = state.get("exp_avg")
-        v = state.get("exp_avg_sq")
-        m = (1.0 - beta1) * grad if m is None else beta1 * m + (1.0 - beta1) * grad
-        v = (1.0 - beta2) * grad * grad if v is None else beta2 * v + (1.0 - beta2) * grad * grad
-        state["exp_avg"], state["exp_avg_sq"] = m, v
+        m = beta1 * slots["exp_avg"] + (1.0 - beta1) * grad
+        v = beta2 * slots["exp_avg_sq"] + (1.0 - beta2) * grad * grad
+        slots["exp_avg"], slots["exp_avg_sq"] = m, v
         step_size = lr / (1.0 - beta1**steps)
         denom_scale = 1.0 / (1.0 - beta2**steps) ** 0.5  # not math.sqrt: steps may be a traced array
         xp = namespace(v)
-        return param - step_size * m / (xp.sqrt(v) * denom_scale + self.eps)
+        return _subtract(param, step_size * m / (xp.sqrt(v) * denom_scale + self.eps)), slots
 
-    def update_in_place(self, param, pieces, state):
-        xp = namespace(param)
-        grad = xp.concat(pieces)
-        fused = optimizer_kernels(param)
-        if fused is not None:
-            for slot in self.slots:
-                if slot not in state:
-                    state[slot] = xp.zeros_like(param)
-            fused.adam_update_in_place(
-                param,
-                grad,
-                state["exp_avg"],
-                state["exp_avg_sq"],
-                self.lr,
-                self.betas,
-                self.eps,
-                self.weight_decay,
-                self.decoupled,
-                self.steps,
-            )
-            return
-        beta1, beta2 = self.betas
-        if self.weight_decay:
-            if self.decoupled:
-                param *= 1.0 - self.lr * self.weight_decay
-            else:
-                grad += self.weight_decay * param
-        m = state.get("exp_avg")
-        v = state.get("exp_avg_sq")
-        if m is None:
-            state["exp_avg"] = m = (1.0 - beta1) * grad
-            state["exp_avg_sq"] = v = (1.0 - beta2) * grad * grad
-        else:
-            m *= beta1
-            m += (1.0 - beta1) * grad
-            v *= beta2
-            v += (1.0 - beta2) * grad * grad
-        step_size = self.lr / (1.0 - beta1**self.steps)
-        denom_scale = 1.0 / math.sqrt(1.0 - beta2**self.steps)
-        param -= step_size * m / (xp.sqrt(v) * denom_scale + self.eps)
+    def _fused(self, kernels, param, grad, slots, lr, steps):
+        kernels.adam_update_in_place(
+            param,
+            grad,
+            slots["exp_avg"],
+            slots["exp_avg_sq"],
+            lr,
+            self.betas,
+            self.eps,
+            self.weight_decay,
+            self.decoupled,
+            steps,
+        )
+        return param, slots
 
 
 class AdamW(Adam):

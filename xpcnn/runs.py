@@ -49,12 +49,30 @@ def model_from_checkpoint(checkpoint: Checkpoint, backend: Backend) -> tuple[Seq
 RESUMABLE = frozenset({"epochs", "log_every"})
 
 
+def check_same_data(checkpoint: Checkpoint, dataset: Dataset, allow: bool, files=None) -> None:
+    """ConfigError (naming ``allow_other_data``) unless ``allow`` or ``dataset``'s ``files`` (default: all of
+    them; e.g. ``data.TEST_FILES``) are the ones ``checkpoint``'s run recorded."""
+    changed = other_files(checkpoint.meta.get("data"), dataset, *(() if files is None else (files,)))
+    if changed and not allow:
+        which = "files" if files is None else "test files"
+        raise ConfigError(
+            f"{dataset.directory}: {', '.join(changed)} differ from the {which} the run recorded "
+            f"(in {checkpoint.meta['data']['directory']}); allow_other_data uses them anyway",
+            "allow_other_data",
+        )
+
+
 def resumed_config(checkpoint: Checkpoint, run: Path, overrides: dict) -> TrainConfig:
     """The configuration the run in ``run`` continues with: its checkpoint's, with ``overrides``
     (settings in :data:`RESUMABLE` only) applied; ConfigError when it has nothing left to train."""
     fixed = sorted(set(overrides) - RESUMABLE)
     if fixed:
-        raise ConfigError(f"{', '.join(fixed)} cannot change when resuming", fixed[0])
+        allowed = " and ".join(sorted(RESUMABLE))
+        raise ConfigError(
+            f"{', '.join(fixed)} cannot change when resuming; only {allowed} can (and the data directory, device "
+            "and backend)",
+            fixed[0],
+        )
     config = TrainConfig.from_dict({**checkpoint_config(checkpoint).to_dict(), **overrides})
     if checkpoint.meta["state"]["epoch"] >= config.epochs:
         raise ConfigError(
@@ -180,13 +198,7 @@ def train_run(
     evals_host["test"] = (dataset.test_images, dataset.test_labels)
 
     if resume is not None:
-        changed = other_files(resume.meta.get("data"), dataset)
-        if changed and not allow_other_data:
-            raise ConfigError(
-                f"{dataset.directory}: {', '.join(changed)} differ from the files the run was trained on "
-                f"(in {resume.meta['data']['directory']}); allow_other_data continues on them anyway",
-                "allow_other_data",
-            )
+        check_same_data(resume, dataset, allow_other_data)
         norm = Normalization(**resume.meta["normalization"])
         state = RunState(**resume.meta["state"])
     else:

@@ -34,6 +34,7 @@ from .errors import ConfigError, XpcnnError
 from .functional import softmax
 from .nn import CrossEntropyLoss, Sequential, recalibrate_batchnorm
 from .optim import Optimizer, scheduled_lr
+from .step import Step, compiles
 
 
 @dataclass
@@ -117,10 +118,10 @@ class Trainer:
         self.background = background
         self._compiled_before_epoch = 0.0
         runner = LayerSteps
-        if backend.name == "jax":
+        if backend.name == "jax":  # compiled unless eager; eager JAX runs the same step functions uncompiled
             from .compiled import CompiledSteps
 
-            runner = functools.partial(CompiledSteps, compile=not eager)
+            runner = functools.partial(CompiledSteps, compile=compiles(backend.name, eager))
         self.step_runner = runner(model, self.loss_fn, optimizer, backend, config.seed, self.augmentation, background)
 
     def fit(
@@ -258,37 +259,31 @@ class Trainer:
 
 
 class LayerSteps:
-    """The training step on any backend: the layers' forward and backward, then the optimiser, one dispatch each.
+    """The core's training step (:class:`xpcnn.step.Step`) run eagerly on any backend, one dispatch per operation.
 
-    Noise for epoch ``e`` (re)started at step ``s`` comes from ``backend.generator(seed, e, s)``.
-    The runner a :class:`Trainer` asks to run each batch (:class:`xpcnn.compiled.CompiledSteps` on JAX).
+    Wraps it in place: each step reads the state from the model and optimiser and writes it back.  Noise
+    for epoch ``e`` (re)started at step ``s`` comes from ``backend.generator(seed, e, s)``.  The runner a
+    :class:`Trainer` asks to run each batch (:class:`xpcnn.compiled.CompiledSteps` on compiled runs).
     """
 
     compiles = False
     compile_seconds = 0.0
 
     def __init__(self, model, loss_fn, optimizer, backend, seed, augmentation=None, background=0.0):
-        self.model, self.loss_fn, self.optimizer, self.backend = model, loss_fn, optimizer, backend
-        self.seed, self.augmentation, self.background = seed, augmentation, background
+        self.model, self.optimizer, self.backend, self.seed = model, optimizer, backend, seed
+        self.step = Step(model, loss_fn, optimizer, augmentation, background)
         self._noise = None
 
     def start_epoch(self, epoch: int, step: int) -> None:
         self._noise = self.backend.generator(self.seed, epoch, step)
-        self.model.set_generator(self._noise)
 
     def train_step(self, images, labels, batch, step: int):
         """One optimiser step on ``images[batch]`` (B, 1, 28, 28), ``labels[batch]``: (mean loss, correct) 0-d."""
-        xp = self.backend.xp
-        x = xp.take(images, batch, axis=0)
-        y = xp.take(labels, batch, axis=0)
-        if self.augmentation is not None:
-            x = self.augmentation(x, self._noise, fill=self.background)
-        self.optimizer.zero_grad()
-        logits = self.model.forward(x)
-        loss = self.loss_fn.forward(logits, y)
-        self.model.backward(self.loss_fn.backward(), input_grad=False)
-        self.optimizer.step()
-        return loss, xp.count_nonzero(xp.argmax(logits, axis=1) == y)  # count_nonzero counts the booleans
+        state, metrics = self.step.train(
+            self.step.state(), images, labels, batch, self._noise, self.optimizer.lr, self.optimizer.steps + 1
+        )
+        self.step.adopt(state)
+        return metrics
 
     def evaluate(self, split: DeviceSplit) -> EvalResult:
         return evaluate(self.model, split, self.backend)
@@ -296,16 +291,10 @@ class LayerSteps:
 
 def evaluate(model: Sequential, split: DeviceSplit, backend: Backend, batch_size: int = 1000) -> EvalResult:
     """Mean loss, accuracy and host predictions of ``model`` on ``split``, in evaluation mode."""
-    xp = backend.xp
-    loss_fn = CrossEntropyLoss(check_labels=False)
-    model.eval()
-
-    def batch_step(x, y):
-        logits = model.forward(x)
-        return xp.astype(loss_fn.forward(logits, y), xp.float64) * int(y.shape[0]), xp.argmax(logits, axis=1)
-
+    step = Step(model, CrossEntropyLoss(check_labels=False), optimizer=None)
+    parameters, buffers = dict(model.named_parameters()), dict(model.named_buffers())
     with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
-        return evaluate_batches(split, backend, batch_step, batch_size)
+        return evaluate_batches(split, backend, lambda x, y: step.evaluate(parameters, buffers, x, y), batch_size)
 
 
 def predict_probabilities(model: Sequential, images, batch_size: int = 1000) -> np.ndarray:

@@ -168,9 +168,8 @@ def test_ctrl_c_writes_a_checkpoint_and_exits_130(synthetic_dir, tmp_path, monke
     monkeypatch.setattr(display.Progress, "update", update_then_ctrl_c)
     run = tmp_path / "run"
     result = invoke("train", *FAST, "--log-every", "1", "--data-dir", synthetic_dir, "--out", run, expect=130)
-    assert f"interrupted: stopped at epoch 1, step 3; checkpoint saved, continue with: xpcnn train --resume {run}" in (
-        result.output
-    )
+    message = f"xpcnn: stopped by Ctrl-C at epoch 1, step 3; checkpoint written to {run}; continue with: xpcnn train"
+    assert f"{message} --resume {run}" in result.output
     monkeypatch.undo()
     invoke("train", "--resume", run)
     assert len(json.loads((run / "history.json").read_text())) == 1

@@ -53,7 +53,7 @@ BUG_REPORT = "This is a bug in xpcnn: please report it, with the traceback above
 
 
 def friendly_errors(command):
-    """Show the errors a user can fix as one line with exit status 1 (130 for Ctrl-C), and bugs as bugs.
+    """Show the errors a user can fix as one line with exit status 1 (128 + N for signal N), and bugs as bugs.
 
     User errors are xpcnn's own (:class:`XpcnnError`; a setting's error names its flag) and the
     operating system's (a full disk, a missing permission).  Any other exception is a bug: its
@@ -68,9 +68,9 @@ def friendly_errors(command):
             return command(*args, **kwargs)
         except (click.ClickException, click.exceptions.Exit, click.exceptions.Abort):
             raise
-        except TrainingInterrupted as exc:
-            click.echo(f"\ninterrupted: {exc}", err=True)
-            sys.exit(EXIT_INTERRUPTED)
+        except TrainingInterrupted as exc:  # stopped at a step boundary, checkpointed: 130 for Ctrl-C, 143 for SIGTERM
+            click.echo(f"\nxpcnn: {exc}", err=True)
+            sys.exit(128 + exc.signum)
         except KeyboardInterrupt:
             click.echo("\ninterrupted", err=True)
             sys.exit(EXIT_INTERRUPTED)

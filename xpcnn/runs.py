@@ -20,6 +20,7 @@ from .errors import ConfigError
 from .files import remove_temporaries, write_json
 from .models import build
 from .nn import Sequential
+from .stopping import stop_on_signals
 from .train import RunState, Trainer, TrainingDiverged, TrainingInterrupted
 
 
@@ -167,8 +168,9 @@ def train_run(
     point of an epoch: it holds the history too, and ``history.json`` follows it (and is
     written again from it on resume), so a crash or a full disk between or during any of
     the writes leaves a directory that can be resumed (or, before the first checkpoint,
-    started afresh).  On Ctrl-C the current position is checkpointed before
-    TrainingInterrupted propagates; on divergence the last good checkpoint is kept.
+    started afresh).  On Ctrl-C or SIGTERM the current position is checkpointed before
+    TrainingInterrupted propagates (a second SIGTERM does not stop that write; a second Ctrl-C
+    abandons it, leaving the last checkpoint); on divergence the last good checkpoint is kept.
     """
     from .data import split_validation
 
@@ -202,7 +204,8 @@ def train_run(
     out.mkdir(parents=True, exist_ok=True)
     remove_temporaries(out)
 
-    with backend.activate():
+    # The trainer's stop scope (Ctrl-C, SIGTERM), opened here to stay open while a stopped run is checkpointed.
+    with backend.activate(), stop_on_signals():
         train = DeviceSplit.from_host(backend, images, labels, norm)
         evals = {name: DeviceSplit.from_host(backend, *split, norm) for name, split in evals_host.items()}
         trainer = Trainer(model, optimizer, backend, config, progress, background=-norm.mean / norm.std, eager=eager)
@@ -220,7 +223,8 @@ def train_run(
             trainer.fit(train, evals, state, on_epoch_end=save)
         except TrainingInterrupted as exc:
             save(state)
-            raise TrainingInterrupted(f"{exc}; checkpoint saved, continue with: xpcnn train --resume {out}") from None
+            message = f"{exc}; checkpoint written to {out}; continue with: xpcnn train --resume {out}"
+            raise TrainingInterrupted(message, exc.signum) from None
         except TrainingDiverged as exc:
             kept = (
                 f"the last good checkpoint (epoch {state.epoch}) is kept in {out}"

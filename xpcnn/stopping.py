@@ -1,0 +1,76 @@
+"""Stopping a run at a step boundary: Ctrl-C (SIGINT) and a scheduler's SIGTERM, in every process of a run.
+
+Batch schedulers (SLURM, Kubernetes, spot machines) stop a job with SIGTERM and kill it a little
+later.  Inside :func:`stop_on_signals` the first SIGINT or SIGTERM only records itself in a
+:class:`StopRequest`; the training loop reads it at each step boundary, stops there, and the run
+checkpoints its exact position.  Each process of a run (each rank of a multi-process run)
+opens the same scope.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+SIGNAL_NAMES = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM"}
+
+
+@dataclass
+class StopRequest:
+    """The first stop signal a scope received (None: none yet)."""
+
+    signum: int | None = None
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
+
+    @property
+    def name(self) -> str:
+        """How a person knows the signal: "Ctrl-C", "SIGTERM"."""
+        return SIGNAL_NAMES.get(self.signum, f"signal {self.signum}")
+
+
+_active: StopRequest | None = None  # the open scope's request: a nested scope shares it
+
+
+@contextlib.contextmanager
+def stop_on_signals() -> Iterator[StopRequest]:
+    """While open, turn the first SIGINT or SIGTERM into ``request.signum``; restore the previous handlers after.
+
+    A second Ctrl-C interrupts at once (KeyboardInterrupt, for a person who does not want to wait).
+    A second SIGTERM is ignored: the run is already stopping, and its checkpoint is being written
+    (a scheduler that will not wait kills the process, and the atomic writes keep the files whole).
+    A scope opened inside another shares its request, so that a caller can keep the handlers
+    through the checkpoint it writes after the loop stopped.  Outside the main thread, where
+    Python delivers no signals, the request stays empty and the signals are left alone.
+    """
+    global _active
+    if threading.current_thread() is not threading.main_thread():
+        yield StopRequest()
+        return
+    if _active is not None:
+        yield _active
+        return
+    request = StopRequest()
+
+    def handler(signum, frame):
+        if request.signum is None:
+            request.signum = signum
+        elif signum == signal.SIGINT:
+            raise KeyboardInterrupt
+
+    previous = {signum: signal.getsignal(signum) for signum in STOP_SIGNALS}
+    try:
+        for signum in STOP_SIGNALS:
+            signal.signal(signum, handler)
+        _active = request
+        yield request
+    finally:
+        _active = None
+        for signum, old in previous.items():
+            signal.signal(signum, signal.SIG_DFL if old is None else old)  # None: a handler not set from Python

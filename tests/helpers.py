@@ -1,4 +1,4 @@
-"""Helpers for the tests: finite differences, error measures, the data they train on, a Ctrl-C or SIGTERM at a given step."""
+"""Helpers for the tests: finite differences, error measures, the data they train on, a stop signal at a step."""
 
 import os
 import signal

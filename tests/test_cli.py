@@ -125,10 +125,10 @@ def test_resume_continues_and_refuses_changes(trained_run, synthetic_dir, tmp_pa
     run = tmp_path / "copy"
     shutil.copytree(trained_run, run)
     result = invoke("train", "--resume", run, "--epochs", "1", expect=2)
-    assert "already finished 1 epoch(s)" in result.output
+    assert_one_line_error(result, f"^Error: {run} has already trained 1 epoch\\(s\\), --epochs 1 asks for no more: pass ")
     result = invoke("train", "--resume", run, "--epochs", "2", "--lr", "0.1", expect=2)
-    assert "--lr cannot change when resuming" in result.output
-    invoke("train", "--resume", run, "--epochs", "2", "--device", "cpu")
+    assert_one_line_error(result, f"^Error: --lr cannot change when resuming: {run} was trained with --lr 0.005 ")
+    invoke("train", "--resume", run, "--epochs", "2", "--lr", "0.005", "--device", "cpu")  # its own value: no change
     assert [r["epoch"] for r in json.loads((run / "history.json").read_text())] == [1, 2]
 
 
@@ -147,9 +147,23 @@ def test_train_logs_plain_lines_when_not_a_terminal(synthetic_dir, tmp_path):
     assert re.search(r"^epoch 1/1  train loss [\d.]+ acc [\d.]+%  test loss ", result.stderr, re.M)
 
 
-def test_refuses_to_overwrite_a_run(trained_run, synthetic_dir):
+def test_refuses_to_overwrite_a_run_and_says_how_far_it_is(trained_run, synthetic_dir):
     result = invoke("train", *FAST, "--data-dir", synthetic_dir, "--out", trained_run, expect=2)
-    assert f"{trained_run} already holds a run" in result.output
+    assert (
+        f"{trained_run} already holds a run (1 of its 1 epoch(s) trained): continue it with "
+        f"--resume {trained_run} --epochs 2, or pick another --out"
+    ) in result.output
+
+
+@pytest.mark.parametrize("started", [False, True])
+def test_resuming_a_directory_without_a_checkpoint_says_why_only_when_it_knows(tmp_path, started):
+    if started:
+        (tmp_path / "config.json").write_text("{}")
+    result = invoke("train", "--resume", tmp_path, expect=2)
+    killed = " (its run was killed before it wrote one)" if started else ""
+    assert_one_line_error(
+        result, re.escape(f"{tmp_path} holds no checkpoint.npz to continue{killed}: start a run there with --out ")
+    )
 
 
 def test_ctrl_c_writes_a_checkpoint_and_exits_130(synthetic_dir, tmp_path, monkeypatch):
@@ -171,7 +185,7 @@ def test_ctrl_c_writes_a_checkpoint_and_exits_130(synthetic_dir, tmp_path, monke
     message = f"xpcnn: stopped by Ctrl-C at epoch 1, step 3; checkpoint written to {run}; continue with: xpcnn train"
     assert f"{message} --resume {run}" in result.output
     monkeypatch.undo()
-    invoke("train", "--resume", run)
+    assert ", resuming at epoch 1, step 3" in invoke("train", "--resume", run).stderr
     assert len(json.loads((run / "history.json").read_text())) == 1
 
 

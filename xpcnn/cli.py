@@ -20,7 +20,7 @@ import numpy as np
 from . import __version__, plots
 from . import export as exporting
 from .backend import BACKEND_NAMES, cuda_problem, get_backend, set_tf32
-from .checkpoint import CheckpointError, checkpoint_path, load_checkpoint
+from .checkpoint import CHECKPOINT_NAME, CheckpointError, checkpoint_path, load_checkpoint
 from .config import TrainConfig
 from .data import DATASETS, TEST_FILES, find_data_dir, get_spec, load_dataset, other_files
 from .device_data import DeviceSplit, normalize_images
@@ -32,7 +32,6 @@ from .models import MODELS
 from .optim import OPTIMIZERS, SCHEDULES
 from .recipes import RECIPES, recipe
 from .runs import (
-    RESUMABLE,
     checkpoint_config,
     confusion_matrix,
     default_run_dir,
@@ -44,7 +43,7 @@ from .runs import (
     summary,
     train_run,
 )
-from .train import TrainingInterrupted, predict_probabilities
+from .train import RunState, TrainingInterrupted, predict_probabilities
 from .train import evaluate as evaluate_model
 
 EXIT_INTERRUPTED = 130
@@ -236,23 +235,17 @@ def train(
         if recipe_name:
             raise click.UsageError("--recipe cannot change when resuming")
         if not run_dir_has_run(Path(resume)):
+            killed = " (its run was killed before it wrote one)" if (Path(resume) / "config.json").exists() else ""
             raise click.UsageError(
-                f"{resume} holds no checkpoint to continue (its run stopped before its first epoch ended): "
-                f"start it afresh with --out {resume}"
+                f"{resume} holds no {CHECKPOINT_NAME} to continue{killed}: start a run there with --out {resume}"
             )
         checkpoint = load_checkpoint(resume)
-        changed = sorted(set(given) - RESUMABLE)
-        if changed:
-            flags = ", ".join(f"--{name.replace('_', '-')}" for name in changed)
-            raise click.UsageError(
-                f"{flags} cannot change when resuming; only --epochs, --device, --backend, --data-dir"
-            )
         if out is not None and Path(out).resolve() != Path(resume).resolve():
             raise click.UsageError("--out and --resume name different directories")
         try:
             config = resumed_config(checkpoint, Path(resume), {k: options[k] for k in given})
         except ConfigError as exc:
-            raise click.UsageError(_user_message(exc)) from None
+            raise click.UsageError(str(exc)) from None  # names its flags, and the run's own values
         out = Path(resume)
         data_dir = data_dir or recorded_data_dir(checkpoint, out)
     else:
@@ -263,13 +256,18 @@ def train(
         out = Path(out) if out else default_run_dir(config)
         if run_dir_has_run(out):
             try:
-                load_checkpoint(out)
+                existing = load_checkpoint(out)
+                done, planned = existing.meta["state"]["epoch"], checkpoint_config(existing).epochs
             except CheckpointError as exc:
                 raise click.UsageError(
                     f"{out} holds a checkpoint that cannot be continued ({exc}): remove "
                     f"{checkpoint_path(out)} to train afresh there, or pick another --out"
                 ) from None
-            raise click.UsageError(f"{out} already holds a run: continue it with --resume {out}, or pick another --out")
+            more = f" --epochs {done + 1}" if done >= planned else ""
+            raise click.UsageError(
+                f"{out} already holds a run ({done} of its {planned} epoch(s) trained): continue it with "
+                f"--resume {out}{more}, or pick another --out"
+            )
 
     set_tf32(tf32)
     chosen = get_backend(backend, device)
@@ -278,7 +276,7 @@ def train(
         click.echo(
             f"training {config.model} on {config.dataset} ({len(dataset.train_labels):,} train / "
             f"{len(dataset.test_labels):,} test images) with {chosen}, {config.epochs} epoch(s)"
-            + (f", resuming after epoch {checkpoint.meta['state']['epoch']}" if checkpoint else ""),
+            + (f", resuming {RunState(**checkpoint.meta['state']).position()}" if checkpoint else ""),
             err=True,
         )
     environment = {

@@ -52,16 +52,36 @@ RESUMABLE = frozenset({"epochs", "log_every"})
 
 def resumed_config(checkpoint: Checkpoint, run: Path, overrides: dict) -> TrainConfig:
     """The configuration the run in ``run`` continues with: its checkpoint's, with ``overrides``
-    (settings in :data:`RESUMABLE` only) applied; ConfigError when it has nothing left to train."""
-    fixed = sorted(set(overrides) - RESUMABLE)
+    (settings in :data:`RESUMABLE` only) applied; ConfigError when it has nothing left to train.
+
+    A setting given with the value the run already has is no change.  The messages state what the
+    run holds (its settings, the epochs it has trained) and name the flags to ask for.
+    """
+    recorded = checkpoint_config(checkpoint).to_dict()
+    changed = {name for name, value in overrides.items() if name in recorded and value != recorded[name]}
+    fixed = sorted(changed - RESUMABLE)
     if fixed:
-        raise ConfigError(f"{', '.join(fixed)} cannot change when resuming", fixed[0])
-    config = TrainConfig.from_dict({**checkpoint_config(checkpoint).to_dict(), **overrides})
-    if checkpoint.meta["state"]["epoch"] >= config.epochs:
+        trained = ", ".join(f"{_flag(name)} {recorded[name]}" for name in fixed)
+        resumable = " and ".join(_flag(name) for name in sorted(RESUMABLE))
         raise ConfigError(
-            f"{run} already finished {config.epochs} epoch(s); ask for more epochs to train longer", "epochs"
+            f"{', '.join(map(_flag, fixed))} cannot change when resuming: {run} was trained with {trained} "
+            f"(of a run's settings only {resumable} can change)",
+            fixed[0],
+        )
+    config = TrainConfig.from_dict({**recorded, **overrides})
+    done = checkpoint.meta["state"]["epoch"]
+    if done >= config.epochs:
+        asked = f"--epochs {config.epochs} asks for no more" if "epochs" in overrides else "all it was asked for"
+        raise ConfigError(
+            f"{run} has already trained {done} epoch(s), {asked}: pass --epochs {done + 1} or more to train longer",
+            "epochs",
         )
     return config
+
+
+def _flag(setting: str) -> str:
+    """The command line's flag of a TrainConfig setting: ``log_every`` -> ``--log-every``."""
+    return "--" + setting.replace("_", "-")
 
 
 def default_run_dir(config: TrainConfig) -> Path:

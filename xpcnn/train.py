@@ -48,6 +48,10 @@ class RunState:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    def position(self) -> str:
+        """Where the run stands, for messages: "after epoch 2", or "at epoch 3, step 117" inside one."""
+        return f"at epoch {self.epoch + 1}, step {self.step}" if self.step else f"after epoch {self.epoch}"
+
 
 class TrainingDiverged(XpcnnError, RuntimeError):
     """A training or evaluation loss, or a weight, became NaN or infinite."""
@@ -121,11 +125,10 @@ class Trainer:
             flag = {"stop": stop, "callback": False}  # Ctrl-C or SIGTERM; a callback's request to stop
             while state.epoch < self.config.epochs:
                 if stop.requested:
-                    raise TrainingInterrupted(f"stopped by {stop.name} after epoch {state.epoch}", stop.signum)
+                    raise TrainingInterrupted(f"stopped by {stop.name} {state.position()}", stop.signum)
                 finished = self._train_epoch(train, state, flag)
                 if not finished and not flag["callback"]:
-                    where = f"at epoch {state.epoch + 1}, step {state.step}"
-                    raise TrainingInterrupted(f"stopped by {stop.name} {where}", stop.signum)
+                    raise TrainingInterrupted(f"stopped by {stop.name} {state.position()}", stop.signum)
                 record = self._end_epoch(train, evals, state)
                 self.progress.end_epoch(record)
                 if on_epoch_end is not None:

@@ -251,5 +251,6 @@ def train_run(
                 if state.epoch
                 else "no checkpoint was written"
             )
-            raise TrainingDiverged(f"{exc}; {kept}; try a lower --lr") from None
+            # A resumed run keeps its learning rate: the way out is a new run with a lower one.
+            raise TrainingDiverged(f"{exc}; {kept}; start a new run with a --lr below {config.lr:g}") from None
     return state

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import threading
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -15,12 +16,13 @@ from click.testing import CliRunner
 from helpers import InterruptAt
 
 import xpcnn
-from xpcnn import runs
+from xpcnn import cli, runs
 from xpcnn.backend import get_backend
 from xpcnn.checkpoint import load_checkpoint
 from xpcnn.cli import main
 from xpcnn.config import TrainConfig
-from xpcnn.stopping import stop_on_signals
+from xpcnn.files import atomic_output
+from xpcnn.stopping import Terminated, sigterm_interrupts, stop_on_signals
 from xpcnn.train import TrainingInterrupted
 
 REPOSITORY = Path(__file__).resolve().parents[1]
@@ -180,3 +182,53 @@ def test_a_sigterm_to_xpcnn_train_checkpoints_the_position_exits_143_and_resume_
 
 def without_timings(record: dict) -> dict:
     return {k: v for k, v in record.items() if k not in {"seconds", "eval_seconds", "images_per_second"}}
+
+
+def test_outside_training_a_sigterm_interrupts_as_ctrl_c_does(sigterm_raises):
+    with pytest.raises(Terminated), sigterm_interrupts():
+        os.kill(os.getpid(), signal.SIGTERM)
+    assert signal.getsignal(signal.SIGTERM) is sigterm_raises
+
+
+def test_a_sigterm_before_training_ends_the_command_in_one_line_and_leaves_no_temporary_file(
+    tmp_path, monkeypatch, sigterm_raises
+):
+    """As while a dataset downloads: the atomic write in progress removes its temporary file."""
+
+    def download_interrupted(*args, **kwargs):
+        with atomic_output(tmp_path / "train-images-idx3-ubyte.gz") as out:
+            out.write(b"part of a download")
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(cli, "load_dataset", download_interrupted)
+    result = CliRunner().invoke(main, ["train", "--device", "cpu", "--out", str(tmp_path / "run")])
+    assert result.exit_code == 143, result.output
+    assert result.output.strip().splitlines() == ["xpcnn: stopped by SIGTERM"]
+    assert list(tmp_path.iterdir()) == []
+    assert signal.getsignal(signal.SIGTERM) is sigterm_raises
+
+
+def test_a_sigterm_stops_xpcnn_serve_as_ctrl_c_does(synthetic_dir, tmp_path):
+    run = tmp_path / "run"
+    train = ["train", "--model", "seed", "--batch-size", "100", "--device", "cpu", "--quiet"]
+    assert CliRunner().invoke(main, [*train, "--data-dir", str(synthetic_dir), "--out", str(run)]).exit_code == 0
+    process = subprocess.Popen(
+        [sys.executable, "-m", "xpcnn", "serve", str(run), "--port", "0", "--device", "cpu"],
+        cwd=REPOSITORY,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPOSITORY)},
+    )
+    try:
+        line = process.stdout.readline()
+        assert line.startswith("serving "), line
+        address = line.split(" at http://")[1].split("/")[0]
+        urllib.request.urlopen(f"http://{address}/", timeout=10).close()  # the server is serving by now
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=30)
+    finally:
+        process.kill()
+        process.wait()
+    assert process.returncode == 0, stderr
+    assert stderr.strip().splitlines()[-1] == "stopped"

@@ -43,10 +43,12 @@ from .runs import (
     summary,
     train_run,
 )
+from .stopping import Terminated, sigterm_interrupts
 from .train import RunState, TrainingInterrupted, predict_probabilities
 from .train import evaluate as evaluate_model
 
-EXIT_INTERRUPTED = 130
+EXIT_INTERRUPTED = 130  # 128 + SIGINT
+EXIT_TERMINATED = 143  # 128 + SIGTERM
 EXIT_BUG = 70  # sysexits' EX_SOFTWARE: an internal error
 BUG_REPORT = "This is a bug in xpcnn: please report it, with the traceback above and the command that gave it."
 
@@ -64,12 +66,16 @@ def friendly_errors(command):
     def wrapper(*args, **kwargs):
         debug = os.environ.get("XPCNN_DEBUG", "") not in ("", "0")
         try:
-            return command(*args, **kwargs)
+            with sigterm_interrupts():
+                return command(*args, **kwargs)
         except (click.ClickException, click.exceptions.Exit, click.exceptions.Abort):
             raise
         except TrainingInterrupted as exc:  # stopped at a step boundary, checkpointed: 130 for Ctrl-C, 143 for SIGTERM
             click.echo(f"\nxpcnn: {exc}", err=True)
             sys.exit(128 + exc.signum)
+        except Terminated:
+            click.echo("\nxpcnn: stopped by SIGTERM", err=True)
+            sys.exit(EXIT_TERMINATED)
         except KeyboardInterrupt:
             click.echo("\ninterrupted", err=True)
             sys.exit(EXIT_INTERRUPTED)

@@ -4,7 +4,8 @@ Batch schedulers (SLURM, Kubernetes, spot machines) stop a job with SIGTERM and 
 later.  Inside :func:`stop_on_signals` the first SIGINT or SIGTERM only records itself in a
 :class:`StopRequest`; the training loop reads it at each step boundary, stops there, and the run
 checkpoints its exact position.  Each process of a run (each rank of a multi-process run)
-opens the same scope.
+opens the same scope.  Outside it, :func:`sigterm_interrupts` makes SIGTERM end a command the way
+Ctrl-C does, with an exception (:class:`Terminated`), so that atomic writes clean up after themselves.
 """
 
 from __future__ import annotations
@@ -33,6 +34,10 @@ class StopRequest:
     def name(self) -> str:
         """How a person knows the signal: "Ctrl-C", "SIGTERM"."""
         return SIGNAL_NAMES.get(self.signum, f"signal {self.signum}")
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM outside a stop scope: an interrupt from outside, handled wherever Ctrl-C's KeyboardInterrupt is."""
 
 
 _active: StopRequest | None = None  # the open scope's request: a nested scope shares it
@@ -74,3 +79,23 @@ def stop_on_signals() -> Iterator[StopRequest]:
         _active = None
         for signum, old in previous.items():
             signal.signal(signum, signal.SIG_DFL if old is None else old)  # None: a handler not set from Python
+
+
+@contextlib.contextmanager
+def sigterm_interrupts() -> Iterator[None]:
+    """While open, SIGTERM raises :class:`Terminated` (as SIGINT raises KeyboardInterrupt); restored after.
+
+    Outside the main thread, where Python delivers no signals, SIGTERM is left alone.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise Terminated
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)

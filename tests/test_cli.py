@@ -85,6 +85,20 @@ def test_evaluate_agrees_with_history(trained_run, synthetic_dir):
     assert f"accuracy {report['accuracy']:.2%}" in text and "confusion matrix" in text and "per-class" in text
 
 
+def test_evaluate_states_where_a_stopped_run_stands(trained_run, tmp_path):
+    """A checkpoint that a stop (Ctrl-C, SIGTERM) wrote mid-epoch is not "epoch 0": its weights are 3 steps in."""
+    from xpcnn.checkpoint import load_checkpoint, save_checkpoint
+
+    checkpoint = load_checkpoint(trained_run)
+    meta = {**checkpoint.meta, "state": {**checkpoint.meta["state"], "epoch": 0, "step": 3, "history": []}}
+    save_checkpoint(tmp_path / "checkpoint.npz", meta, checkpoint.model_state, checkpoint.optimizer_state)
+    data_dir = ["--data-dir", checkpoint.meta["data"]["directory"]]
+    assert "checkpoint.npz (at epoch 1, step 3) on the mnist test set" in invoke("evaluate", tmp_path, *data_dir).output
+    report = json.loads(invoke("evaluate", tmp_path, *data_dir, "--json").output)
+    assert (report["epoch"], report["step"]) == (0, 3)
+    assert "checkpoint.npz (after epoch 1) on the mnist" in invoke("evaluate", trained_run).output
+
+
 def test_predict_pictures_and_arrays(trained_run, synthetic_dir, tmp_path):
     images = read_idx(synthetic_dir / "t10k-images-idx3-ubyte.gz")
     np.save(tmp_path / "digit.npy", images[0])

@@ -352,7 +352,8 @@ def evaluate(run, data_dir, device, backend, as_json, plot, allow_other_data):
     report = {
         "checkpoint": str(checkpoint_path(run)),
         "dataset": config.dataset,
-        "epoch": checkpoint.meta["state"]["epoch"],
+        "epoch": checkpoint.meta["state"]["epoch"],  # completed; a checkpoint written by a stop is "step" further
+        "step": checkpoint.meta["state"]["step"],
         "images": int(len(labels)),
         "loss": result.loss,
         "accuracy": result.accuracy,
@@ -376,7 +377,8 @@ def evaluate(run, data_dir, device, backend, as_json, plot, allow_other_data):
     if plot:
         click.echo("plots: " + ", ".join(report["plots"]))
     click.echo(
-        f"{report['checkpoint']} (epoch {report['epoch']}) on the {config.dataset} test set, {len(labels):,} images"
+        f"{report['checkpoint']} ({RunState(**checkpoint.meta['state']).position()}) on the {config.dataset} "
+        f"test set, {len(labels):,} images"
     )
     click.echo(f"accuracy {result.accuracy:.2%}  loss {result.loss:.4f}\n")
     click.echo("per-class accuracy:")

@@ -4,7 +4,8 @@ Batch schedulers (SLURM, Kubernetes, spot machines) stop a job with SIGTERM and 
 later.  Inside :func:`stop_on_signals` the first SIGINT or SIGTERM only records itself in a
 :class:`StopRequest`; the training loop reads it at each step boundary, stops there, and the run
 checkpoints its exact position.  Each process of a run (each rank of a multi-process run)
-opens the same scope.  Outside it, :func:`sigterm_interrupts` makes SIGTERM end a command the way
+opens the same scope; a scheduler signals every rank, not necessarily at the same step, so ranks
+that step together must agree on ``requested`` (any rank's) at a step boundary before they stop.  Outside it, :func:`sigterm_interrupts` makes SIGTERM end a command the way
 Ctrl-C does, with an exception (:class:`Terminated`), so that atomic writes clean up after themselves.
 """
 

@@ -178,7 +178,7 @@ def test_resuming_a_directory_without_a_checkpoint_says_why_only_when_it_knows(t
     result = invoke("train", "--resume", tmp_path, expect=2)
     killed = " (its run was killed before it wrote one)" if started else ""
     assert_one_line_error(
-        result, re.escape(f"{tmp_path} holds no checkpoint.npz to continue{killed}: start a run there with --out ")
+        result, re.escape(f"{tmp_path} holds no checkpoint.npz to continue{killed}: start it afresh with --out ")
     )
 
 

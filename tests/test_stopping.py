@@ -232,3 +232,15 @@ def test_a_sigterm_stops_xpcnn_serve_as_ctrl_c_does(synthetic_dir, tmp_path):
         process.wait()
     assert process.returncode == 0, stderr
     assert stderr.strip().splitlines()[-1] == "stopped"
+
+
+@pytest.mark.parametrize("scope", [stop_on_signals, sigterm_interrupts])
+def test_an_ignored_sigterm_stays_ignored(scope):
+    previous = signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:
+        with scope():
+            assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
+            os.kill(os.getpid(), signal.SIGTERM)
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -5,8 +5,9 @@ later.  Inside :func:`stop_on_signals` the first SIGINT or SIGTERM only records 
 :class:`StopRequest`; the training loop reads it at each step boundary, stops there, and the run
 checkpoints its exact position.  Each process of a run (each rank of a multi-process run)
 opens the same scope; a scheduler signals every rank, not necessarily at the same step, so ranks
-that step together must agree on ``requested`` (any rank's) at a step boundary before they stop.  Outside it, :func:`sigterm_interrupts` makes SIGTERM end a command the way
-Ctrl-C does, with an exception (:class:`Terminated`), so that atomic writes clean up after themselves.
+that step together must agree on ``requested`` (any rank's) at a step boundary before they stop.
+Outside the scope, :func:`sigterm_interrupts` makes SIGTERM end a command the way Ctrl-C does,
+with an exception (:class:`Terminated`), so that atomic writes clean up after themselves.
 """
 
 from __future__ import annotations
@@ -53,7 +54,8 @@ def stop_on_signals() -> Iterator[StopRequest]:
     (a scheduler that will not wait kills the process, and the atomic writes keep the files whole).
     A scope opened inside another shares its request, so that a caller can keep the handlers
     through the checkpoint it writes after the loop stopped.  Outside the main thread, where
-    Python delivers no signals, the request stays empty and the signals are left alone.
+    Python delivers no signals, the request stays empty and the signals are left alone; so is a
+    signal that is ignored (``SIG_IGN``).
     """
     global _active
     if threading.current_thread() is not threading.main_thread():
@@ -70,9 +72,11 @@ def stop_on_signals() -> Iterator[StopRequest]:
         elif signum == signal.SIGINT:
             raise KeyboardInterrupt
 
+    # A signal the process was started to ignore (SIGINT in a shell's background job, nohup) stays ignored.
     previous = {signum: signal.getsignal(signum) for signum in STOP_SIGNALS}
+    previous = {signum: old for signum, old in previous.items() if old is not signal.SIG_IGN}
     try:
-        for signum in STOP_SIGNALS:
+        for signum in previous:
             signal.signal(signum, handler)
         _active = request
         yield request
@@ -86,7 +90,7 @@ def stop_on_signals() -> Iterator[StopRequest]:
 def sigterm_interrupts() -> Iterator[None]:
     """While open, SIGTERM raises :class:`Terminated` (as SIGINT raises KeyboardInterrupt); restored after.
 
-    Outside the main thread, where Python delivers no signals, SIGTERM is left alone.
+    Outside the main thread, where Python delivers no signals, or where it is ignored, SIGTERM is left alone.
     """
     if threading.current_thread() is not threading.main_thread():
         yield
@@ -95,6 +99,9 @@ def sigterm_interrupts() -> Iterator[None]:
     def handler(signum, frame):
         raise Terminated
 
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_IGN:  # as stop_on_signals: an ignored signal stays ignored
+        yield
+        return
     previous = signal.signal(signal.SIGTERM, handler)
     try:
         yield

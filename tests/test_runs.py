@@ -49,11 +49,13 @@ def test_a_setting_given_with_the_runs_own_value_is_no_change():
 
 def test_the_refusal_of_a_change_states_the_runs_values_and_what_may_change():
     with pytest.raises(ConfigError) as err:
-        resumed_config(checkpoint_after(1, epochs=2, lr=0.01, seed=3), Path("run"), {"seed": 4, "lr": 0.1})
+        overrides = {"seed": 4, "lr": 0.1, "augment": True}
+        resumed_config(checkpoint_after(1, epochs=2, lr=0.01, seed=3), Path("run"), overrides)
     assert str(err.value) == (
-        "--lr, --seed cannot change when resuming: run was trained with --lr 0.01, --seed 3 "
+        "--augment, --lr, --seed cannot change when resuming: run was trained with --no-augment, --lr 0.01, --seed 3 "
         "(of a run's settings only --epochs and --log-every can change)"
     )
+    assert err.value.setting == "augment"
 
 
 def test_confusion_matrix_rows_are_true_classes():

@@ -61,7 +61,7 @@ def resumed_config(checkpoint: Checkpoint, run: Path, overrides: dict) -> TrainC
     changed = {name for name, value in overrides.items() if name in recorded and value != recorded[name]}
     fixed = sorted(changed - RESUMABLE)
     if fixed:
-        trained = ", ".join(f"{_flag(name)} {recorded[name]}" for name in fixed)
+        trained = ", ".join(_given(name, recorded[name]) for name in fixed)
         resumable = " and ".join(_flag(name) for name in sorted(RESUMABLE))
         raise ConfigError(
             f"{', '.join(map(_flag, fixed))} cannot change when resuming: {run} was trained with {trained} "
@@ -82,6 +82,13 @@ def resumed_config(checkpoint: Checkpoint, run: Path, overrides: dict) -> TrainC
 def _flag(setting: str) -> str:
     """The command line's flag of a TrainConfig setting: ``log_every`` -> ``--log-every``."""
     return "--" + setting.replace("_", "-")
+
+
+def _given(setting: str, value) -> str:
+    """How the command line gives ``setting`` this value: ``--lr 0.01``, ``--augment`` / ``--no-augment``."""
+    if isinstance(value, bool):
+        return _flag(setting) if value else _flag(f"no_{setting}")
+    return f"{_flag(setting)} {value}"
 
 
 def default_run_dir(config: TrainConfig) -> Path:

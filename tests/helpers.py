@@ -1,4 +1,4 @@
-"""Helpers for the tests: finite differences, error measures, the data they train on, a Ctrl-C at a given step."""
+"""Helpers for the tests: finite differences, error measures, the data they train on, a stop signal at a step."""
 
 import os
 import signal
@@ -52,12 +52,13 @@ def write_synthetic_mnist(directory: Path, n_train: int = 600, n_test: int = 200
 
 
 class InterruptAt(Progress):
-    """Sends this process a SIGINT (as Ctrl-C does) once the given epoch reaches the given step."""
+    """Sends this process ``signum`` (SIGINT, as Ctrl-C does; SIGTERM, as a scheduler does) once the given
+    epoch reaches the given step."""
 
-    def __init__(self, epoch, step):
+    def __init__(self, epoch, step, signum=signal.SIGINT):
         super().__init__(None)
-        self.target = (epoch, step)
+        self.target, self.signum = (epoch, step), signum
 
     def update(self, step, loss, accuracy, images_per_second):
         if (self.epoch, step) == self.target:
-            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), self.signum)

@@ -85,6 +85,20 @@ def test_evaluate_agrees_with_history(trained_run, synthetic_dir):
     assert f"accuracy {report['accuracy']:.2%}" in text and "confusion matrix" in text and "per-class" in text
 
 
+def test_evaluate_states_where_a_stopped_run_stands(trained_run, tmp_path):
+    """A checkpoint that a stop (Ctrl-C, SIGTERM) wrote mid-epoch is not "epoch 0": its weights are 3 steps in."""
+    from xpcnn.checkpoint import load_checkpoint, save_checkpoint
+
+    checkpoint = load_checkpoint(trained_run)
+    meta = {**checkpoint.meta, "state": {**checkpoint.meta["state"], "epoch": 0, "step": 3, "history": []}}
+    save_checkpoint(tmp_path / "checkpoint.npz", meta, checkpoint.model_state, checkpoint.optimizer_state)
+    data_dir = ["--data-dir", checkpoint.meta["data"]["directory"]]
+    assert "checkpoint.npz (at epoch 1, step 3) on the mnist test set" in invoke("evaluate", tmp_path, *data_dir).output
+    report = json.loads(invoke("evaluate", tmp_path, *data_dir, "--json").output)
+    assert (report["epoch"], report["step"]) == (0, 3)
+    assert "checkpoint.npz (after epoch 1) on the mnist" in invoke("evaluate", trained_run).output
+
+
 def test_predict_pictures_and_arrays(trained_run, synthetic_dir, tmp_path):
     images = read_idx(synthetic_dir / "t10k-images-idx3-ubyte.gz")
     np.save(tmp_path / "digit.npy", images[0])
@@ -125,10 +139,12 @@ def test_resume_continues_and_refuses_changes(trained_run, synthetic_dir, tmp_pa
     run = tmp_path / "copy"
     shutil.copytree(trained_run, run)
     result = invoke("train", "--resume", run, "--epochs", "1", expect=2)
-    assert "already finished 1 epoch(s)" in result.output
+    message = f"^Error: {re.escape(str(run))} has already trained 1 epoch\\(s\\), --epochs 1 asks for no more: pass "
+    assert_one_line_error(result, message)
     result = invoke("train", "--resume", run, "--epochs", "2", "--lr", "0.1", expect=2)
-    assert "--lr: lr cannot change when resuming; only epochs and log_every can" in result.output
-    invoke("train", "--resume", run, "--epochs", "2", "--device", "cpu")
+    message = f"^Error: --lr cannot change when resuming: {re.escape(str(run))} was trained with --lr 0.005 "
+    assert_one_line_error(result, message)
+    invoke("train", "--resume", run, "--epochs", "2", "--lr", "0.005", "--device", "cpu")  # its own value: no change
     assert [r["epoch"] for r in json.loads((run / "history.json").read_text())] == [1, 2]
 
 
@@ -147,9 +163,23 @@ def test_train_logs_plain_lines_when_not_a_terminal(synthetic_dir, tmp_path):
     assert re.search(r"^epoch 1/1  train loss [\d.]+ acc [\d.]+%  test loss ", result.stderr, re.M)
 
 
-def test_refuses_to_overwrite_a_run(trained_run, synthetic_dir):
+def test_refuses_to_overwrite_a_run_and_says_how_far_it_is(trained_run, synthetic_dir):
     result = invoke("train", *FAST, "--data-dir", synthetic_dir, "--out", trained_run, expect=2)
-    assert f"{trained_run} already holds a run" in result.output
+    assert (
+        f"{trained_run} already holds a run (1 of its 1 epoch(s) trained): continue it with "
+        f"--resume {trained_run} --epochs 2, or pick another --out"
+    ) in result.output
+
+
+@pytest.mark.parametrize("started", [False, True])
+def test_resuming_a_directory_without_a_checkpoint_says_why_only_when_it_knows(tmp_path, started):
+    if started:
+        (tmp_path / "config.json").write_text("{}")
+    result = invoke("train", "--resume", tmp_path, expect=2)
+    killed = " (its run was killed before it wrote one)" if started else ""
+    assert_one_line_error(
+        result, re.escape(f"{tmp_path} holds no checkpoint.npz to continue{killed}: start it afresh with --out ")
+    )
 
 
 def test_ctrl_c_writes_a_checkpoint_and_exits_130(synthetic_dir, tmp_path, monkeypatch):
@@ -168,11 +198,10 @@ def test_ctrl_c_writes_a_checkpoint_and_exits_130(synthetic_dir, tmp_path, monke
     monkeypatch.setattr(display.Progress, "update", update_then_ctrl_c)
     run = tmp_path / "run"
     result = invoke("train", *FAST, "--log-every", "1", "--data-dir", synthetic_dir, "--out", run, expect=130)
-    assert f"interrupted: stopped at epoch 1, step 3; checkpoint saved, continue with: xpcnn train --resume {run}" in (
-        result.output
-    )
+    message = f"xpcnn: stopped by Ctrl-C at epoch 1, step 3; checkpoint written to {run}; continue with: xpcnn train"
+    assert f"{message} --resume {run}" in result.output
     monkeypatch.undo()
-    invoke("train", "--resume", run)
+    assert ", resuming at epoch 1, step 3" in invoke("train", "--resume", run).stderr
     assert len(json.loads((run / "history.json").read_text())) == 1
 
 
@@ -183,7 +212,9 @@ def test_nan_loss_exits_with_a_clear_message(synthetic_dir, tmp_path):
         "train", "--model", "seed", "--device", "cpu", *args, "--data-dir", synthetic_dir, "--out", run, expect=1
     )
     assert_one_line_error(
-        result, r"loss became (nan|inf) at epoch 1, step \d+; no checkpoint was written; try a lower --lr"
+        result,
+        r"loss became (nan|inf) at epoch 1, step \d+; no checkpoint was written; "
+        r"start a new run with a --lr below 1e\+30$",
     )
 
 

@@ -137,7 +137,7 @@ def test_resume_mid_epoch_continues_as_a_straight_run(jax_backend, tiny_model, s
     dataset = load_dataset("mnist", synthetic_dir)
     cfg = config(batch_size=100, log_every=1)
     runs.train_run(cfg, jax_backend, dataset, tmp_path / "straight")
-    with pytest.raises(train.TrainingInterrupted, match="stopped at epoch 1, step 3"):
+    with pytest.raises(train.TrainingInterrupted, match="stopped by Ctrl-C at epoch 1, step 3"):
         runs.train_run(cfg, jax_backend, dataset, tmp_path / "stopped", progress=InterruptAt(1, 3))
     runs.train_run(cfg, jax_backend, dataset, tmp_path / "stopped", resume=load_checkpoint(tmp_path / "stopped"))
     straight, resumed = load_checkpoint(tmp_path / "straight"), load_checkpoint(tmp_path / "stopped")

@@ -25,9 +25,37 @@ def test_resume_refuses_a_setting_that_changes_what_was_computed():
     assert err.value.setting == "lr"
 
 
-def test_resume_of_a_finished_run_asks_for_more_epochs():
-    with pytest.raises(ConfigError, match="run already finished 2 epoch"):
+def test_resume_of_a_finished_run_states_its_epochs_and_what_to_ask_for():
+    with pytest.raises(ConfigError) as err:
         resumed_config(checkpoint_after(2, epochs=2), Path("run"), {})
+    assert str(err.value) == (
+        "run has already trained 2 epoch(s), all it was asked for: pass --epochs 3 or more to train longer"
+    )
+    assert err.value.setting == "epochs"
+
+
+def test_resume_asking_for_fewer_epochs_than_the_run_has_states_the_runs_count_not_the_request():
+    with pytest.raises(ConfigError) as err:
+        resumed_config(checkpoint_after(21, epochs=21), Path("run"), {"epochs": 12})
+    assert str(err.value) == (
+        "run has already trained 21 epoch(s), --epochs 12 asks for no more: pass --epochs 22 or more to train longer"
+    )
+
+
+def test_a_setting_given_with_the_runs_own_value_is_no_change():
+    config = resumed_config(checkpoint_after(1, lr=0.01, epochs=1), Path("run"), {"lr": 0.01, "epochs": 2})
+    assert (config.lr, config.epochs) == (0.01, 2)
+
+
+def test_the_refusal_of_a_change_states_the_runs_values_and_what_may_change():
+    with pytest.raises(ConfigError) as err:
+        overrides = {"seed": 4, "lr": 0.1, "augment": True}
+        resumed_config(checkpoint_after(1, epochs=2, lr=0.01, seed=3), Path("run"), overrides)
+    assert str(err.value) == (
+        "--augment, --lr, --seed cannot change when resuming: run was trained with --no-augment, --lr 0.01, --seed 3 "
+        "(of a run's settings only --epochs and --log-every can change)"
+    )
+    assert err.value.setting == "augment"
 
 
 def test_confusion_matrix_rows_are_true_classes():

@@ -107,7 +107,7 @@ def test_ctrl_c_at_an_epoch_end_then_resume_is_bit_identical(synthetic, tmp_path
     """With a schedule that spans the whole run (one-cycle), stopping after epoch 1 and resuming changes nothing."""
     numpy = get_backend("numpy")
     runs.train_run(config(), numpy, synthetic, tmp_path / "straight")
-    with pytest.raises(train.TrainingInterrupted, match="stopped after epoch 1; checkpoint saved"):
+    with pytest.raises(train.TrainingInterrupted, match="stopped by Ctrl-C after epoch 1; checkpoint written to "):
         runs.train_run(config(), numpy, synthetic, tmp_path / "stopped", progress=InterruptAt(1, 10))
     ckpt = load_checkpoint(tmp_path / "stopped")
     assert (ckpt.meta["state"]["epoch"], ckpt.meta["state"]["step"]) == (1, 0)
@@ -119,7 +119,7 @@ def test_ctrl_c_at_an_epoch_end_then_resume_is_bit_identical(synthetic, tmp_path
 def test_ctrl_c_mid_epoch_saves_the_position_and_resume_finishes_the_epoch(synthetic, tmp_path):
     numpy = get_backend("numpy")
     run = tmp_path / "run"
-    with pytest.raises(train.TrainingInterrupted, match="stopped at epoch 1, step 4"):
+    with pytest.raises(train.TrainingInterrupted, match="stopped by Ctrl-C at epoch 1, step 4"):
         runs.train_run(config(), numpy, synthetic, run, progress=InterruptAt(1, 4))
     ckpt = load_checkpoint(run)
     state = ckpt.meta["state"]

@@ -20,7 +20,7 @@ import numpy as np
 from . import __version__, plots
 from . import export as exporting
 from .backend import BACKEND_NAMES, cuda_problem, get_backend, set_tf32
-from .checkpoint import CheckpointError, checkpoint_path, load_checkpoint
+from .checkpoint import CHECKPOINT_NAME, CheckpointError, checkpoint_path, load_checkpoint
 from .config import TrainConfig
 from .data import DATASETS, TEST_FILES, find_data_dir, get_spec, load_dataset
 from .device_data import DeviceSplit, normalize_images
@@ -45,16 +45,18 @@ from .runs import (
     train_run,
 )
 from .step import compiles
-from .train import TrainingInterrupted, predict_probabilities
+from .stopping import Terminated, sigterm_interrupts
+from .train import RunState, TrainingInterrupted, predict_probabilities
 from .train import evaluate as evaluate_model
 
-EXIT_INTERRUPTED = 130
+EXIT_INTERRUPTED = 130  # 128 + SIGINT
+EXIT_TERMINATED = 143  # 128 + SIGTERM
 EXIT_BUG = 70  # sysexits' EX_SOFTWARE: an internal error
 BUG_REPORT = "This is a bug in xpcnn: please report it, with the traceback above and the command that gave it."
 
 
 def friendly_errors(command):
-    """Show the errors a user can fix as one line with exit status 1 (130 for Ctrl-C), and bugs as bugs.
+    """Show the errors a user can fix as one line with exit status 1 (128 + N for signal N), and bugs as bugs.
 
     User errors are xpcnn's own (:class:`XpcnnError`; a setting's error names its flag) and the
     operating system's (a full disk, a missing permission).  Any other exception is a bug: its
@@ -66,12 +68,16 @@ def friendly_errors(command):
     def wrapper(*args, **kwargs):
         debug = os.environ.get("XPCNN_DEBUG", "") not in ("", "0")
         try:
-            return command(*args, **kwargs)
+            with sigterm_interrupts():
+                return command(*args, **kwargs)
         except (click.ClickException, click.exceptions.Exit, click.exceptions.Abort):
             raise
-        except TrainingInterrupted as exc:
-            click.echo(f"\ninterrupted: {exc}", err=True)
-            sys.exit(EXIT_INTERRUPTED)
+        except TrainingInterrupted as exc:  # stopped at a step boundary, checkpointed: 130 for Ctrl-C, 143 for SIGTERM
+            click.echo(f"\nxpcnn: {exc}", err=True)
+            sys.exit(128 + exc.signum)
+        except Terminated:
+            click.echo("\nxpcnn: stopped by SIGTERM", err=True)
+            sys.exit(EXIT_TERMINATED)
         except KeyboardInterrupt:
             click.echo("\ninterrupted", err=True)
             sys.exit(EXIT_INTERRUPTED)
@@ -237,9 +243,9 @@ def train(
         if recipe_name:
             raise click.UsageError("--recipe cannot change when resuming")
         if not run_dir_has_run(Path(resume)):
+            killed = " (its run was killed before it wrote one)" if (Path(resume) / "config.json").exists() else ""
             raise click.UsageError(
-                f"{resume} holds no checkpoint to continue (its run stopped before its first epoch ended): "
-                f"start it afresh with --out {resume}"
+                f"{resume} holds no {CHECKPOINT_NAME} to continue{killed}: start it afresh with --out {resume}"
             )
         checkpoint = load_checkpoint(resume)
         if out is not None and Path(out).resolve() != Path(resume).resolve():
@@ -247,7 +253,7 @@ def train(
         try:
             config = resumed_config(checkpoint, Path(resume), {k: options[k] for k in given})
         except ConfigError as exc:
-            raise click.UsageError(_user_message(exc)) from None
+            raise click.UsageError(str(exc)) from None  # names its flags, and the run's own values
         out = Path(resume)
         data_dir = data_dir or recorded_data_dir(checkpoint, out)
     else:
@@ -258,13 +264,18 @@ def train(
         out = Path(out) if out else default_run_dir(config)
         if run_dir_has_run(out):
             try:
-                load_checkpoint(out)
+                existing = load_checkpoint(out)
+                done, planned = existing.meta["state"]["epoch"], checkpoint_config(existing).epochs
             except CheckpointError as exc:
                 raise click.UsageError(
                     f"{out} holds a checkpoint that cannot be continued ({exc}): remove "
                     f"{checkpoint_path(out)} to train afresh there, or pick another --out"
                 ) from None
-            raise click.UsageError(f"{out} already holds a run: continue it with --resume {out}, or pick another --out")
+            more = f" --epochs {done + 1}" if done >= planned else ""
+            raise click.UsageError(
+                f"{out} already holds a run ({done} of its {planned} epoch(s) trained): continue it with "
+                f"--resume {out}{more}, or pick another --out"
+            )
 
     set_tf32(tf32)
     chosen = get_backend(backend, device)
@@ -273,7 +284,7 @@ def train(
         click.echo(
             f"training {config.model} on {config.dataset} ({len(dataset.train_labels):,} train / "
             f"{len(dataset.test_labels):,} test images) with {chosen}, {config.epochs} epoch(s)"
-            + (f", resuming after epoch {checkpoint.meta['state']['epoch']}" if checkpoint else ""),
+            + (f", resuming {RunState(**checkpoint.meta['state']).position()}" if checkpoint else ""),
             err=True,
         )
     environment = {
@@ -341,7 +352,8 @@ def evaluate(run, data_dir, device, backend, as_json, plot, allow_other_data):
     report = {
         "checkpoint": str(checkpoint_path(run)),
         "dataset": config.dataset,
-        "epoch": checkpoint.meta["state"]["epoch"],
+        "epoch": checkpoint.meta["state"]["epoch"],  # completed; a checkpoint written by a stop is "step" further
+        "step": checkpoint.meta["state"]["step"],
         "images": int(len(labels)),
         "loss": result.loss,
         "accuracy": result.accuracy,
@@ -365,7 +377,8 @@ def evaluate(run, data_dir, device, backend, as_json, plot, allow_other_data):
     if plot:
         click.echo("plots: " + ", ".join(report["plots"]))
     click.echo(
-        f"{report['checkpoint']} (epoch {report['epoch']}) on the {config.dataset} test set, {len(labels):,} images"
+        f"{report['checkpoint']} ({RunState(**checkpoint.meta['state']).position()}) on the {config.dataset} "
+        f"test set, {len(labels):,} images"
     )
     click.echo(f"accuracy {result.accuracy:.2%}  loss {result.loss:.4f}\n")
     click.echo("per-class accuracy:")

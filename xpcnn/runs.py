@@ -20,6 +20,7 @@ from .errors import ConfigError
 from .files import remove_temporaries, write_json
 from .models import build
 from .nn import Sequential
+from .stopping import stop_on_signals
 from .train import RunState, Trainer, TrainingDiverged, TrainingInterrupted
 
 
@@ -64,21 +65,43 @@ def check_same_data(checkpoint: Checkpoint, dataset: Dataset, allow: bool, files
 
 def resumed_config(checkpoint: Checkpoint, run: Path, overrides: dict) -> TrainConfig:
     """The configuration the run in ``run`` continues with: its checkpoint's, with ``overrides``
-    (settings in :data:`RESUMABLE` only) applied; ConfigError when it has nothing left to train."""
-    fixed = sorted(set(overrides) - RESUMABLE)
+    (settings in :data:`RESUMABLE` only) applied; ConfigError when it has nothing left to train.
+
+    A setting given with the value the run already has is no change.  The messages state what the
+    run holds (its settings, the epochs it has trained) and name the flags to ask for.
+    """
+    recorded = checkpoint_config(checkpoint).to_dict()
+    changed = {name for name, value in overrides.items() if name in recorded and value != recorded[name]}
+    fixed = sorted(changed - RESUMABLE)
     if fixed:
-        allowed = " and ".join(sorted(RESUMABLE))
+        trained = ", ".join(_given(name, recorded[name]) for name in fixed)
+        resumable = " and ".join(_flag(name) for name in sorted(RESUMABLE))
         raise ConfigError(
-            f"{', '.join(fixed)} cannot change when resuming; only {allowed} can (and the data directory, device "
-            "and backend)",
+            f"{', '.join(map(_flag, fixed))} cannot change when resuming: {run} was trained with {trained} "
+            f"(of a run's settings only {resumable} can change)",
             fixed[0],
         )
-    config = TrainConfig.from_dict({**checkpoint_config(checkpoint).to_dict(), **overrides})
-    if checkpoint.meta["state"]["epoch"] >= config.epochs:
+    config = TrainConfig.from_dict({**recorded, **overrides})
+    done = checkpoint.meta["state"]["epoch"]
+    if done >= config.epochs:
+        asked = f"--epochs {config.epochs} asks for no more" if "epochs" in overrides else "all it was asked for"
         raise ConfigError(
-            f"{run} already finished {config.epochs} epoch(s); ask for more epochs to train longer", "epochs"
+            f"{run} has already trained {done} epoch(s), {asked}: pass --epochs {done + 1} or more to train longer",
+            "epochs",
         )
     return config
+
+
+def _flag(setting: str) -> str:
+    """The command line's flag of a TrainConfig setting: ``log_every`` -> ``--log-every``."""
+    return "--" + setting.replace("_", "-")
+
+
+def _given(setting: str, value) -> str:
+    """How the command line gives ``setting`` this value: ``--lr 0.01``, ``--augment`` / ``--no-augment``."""
+    if isinstance(value, bool):
+        return _flag(setting) if value else _flag(f"no_{setting}")
+    return f"{_flag(setting)} {value}"
 
 
 def default_run_dir(config: TrainConfig) -> Path:
@@ -185,8 +208,9 @@ def train_run(
     point of an epoch: it holds the history too, and ``history.json`` follows it (and is
     written again from it on resume), so a crash or a full disk between or during any of
     the writes leaves a directory that can be resumed (or, before the first checkpoint,
-    started afresh).  On Ctrl-C the current position is checkpointed before
-    TrainingInterrupted propagates; on divergence the last good checkpoint is kept.
+    started afresh).  On Ctrl-C or SIGTERM the current position is checkpointed before
+    TrainingInterrupted propagates (a second SIGTERM does not stop that write; a second Ctrl-C
+    abandons it, leaving the last checkpoint); on divergence the last good checkpoint is kept.
     """
     from .data import split_validation
 
@@ -214,7 +238,8 @@ def train_run(
     out.mkdir(parents=True, exist_ok=True)
     remove_temporaries(out)
 
-    with backend.activate():
+    # The trainer's stop scope (Ctrl-C, SIGTERM), opened here to stay open while a stopped run is checkpointed.
+    with backend.activate(), stop_on_signals():
         train = DeviceSplit.from_host(backend, images, labels, norm)
         evals = {name: DeviceSplit.from_host(backend, *split, norm) for name, split in evals_host.items()}
         trainer = Trainer(model, optimizer, backend, config, progress, background=-norm.mean / norm.std, eager=eager)
@@ -232,12 +257,14 @@ def train_run(
             trainer.fit(train, evals, state, on_epoch_end=save)
         except TrainingInterrupted as exc:
             save(state)
-            raise TrainingInterrupted(f"{exc}; checkpoint saved, continue with: xpcnn train --resume {out}") from None
+            message = f"{exc}; checkpoint written to {out}; continue with: xpcnn train --resume {out}"
+            raise TrainingInterrupted(message, exc.signum) from None
         except TrainingDiverged as exc:
             kept = (
                 f"the last good checkpoint (epoch {state.epoch}) is kept in {out}"
                 if state.epoch
                 else "no checkpoint was written"
             )
-            raise TrainingDiverged(f"{exc}; {kept}; try a lower --lr") from None
+            # A resumed run keeps its learning rate: the way out is a new run with a lower one.
+            raise TrainingDiverged(f"{exc}; {kept}; start a new run with a --lr below {config.lr:g}") from None
     return state

@@ -15,11 +15,9 @@ epoch boundary continues bit for bit.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import math
-import signal
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -34,6 +32,7 @@ from .errors import ConfigError, XpcnnError
 from .functional import softmax
 from .nn import CrossEntropyLoss, Sequential, recalibrate_batchnorm
 from .optim import Optimizer, scheduled_lr
+from .stopping import stop_on_signals
 from .step import Step, compiles
 
 
@@ -50,33 +49,21 @@ class RunState:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    def position(self) -> str:
+        """Where the run stands, for messages: "after epoch 2", or "at epoch 3, step 117" inside one."""
+        return f"at epoch {self.epoch + 1}, step {self.step}" if self.step else f"after epoch {self.epoch}"
+
 
 class TrainingDiverged(XpcnnError, RuntimeError):
     """A training or evaluation loss, or a weight, became NaN or infinite."""
 
 
 class TrainingInterrupted(RuntimeError):
-    """Ctrl-C stopped the run at a step boundary."""
+    """Ctrl-C or SIGTERM stopped the run at a step boundary; ``signum`` is the signal's number."""
 
-
-@contextlib.contextmanager
-def _stop_on_ctrl_c(flag: dict):
-    """Turn the first Ctrl-C into ``flag["stop"] = True``; a second one interrupts at once."""
-
-    def handler(signum, frame):
-        if flag["stop"]:
-            raise KeyboardInterrupt
-        flag["stop"] = True
-
-    try:
-        previous = signal.signal(signal.SIGINT, handler)
-    except ValueError:  # not the main thread: leave Ctrl-C alone
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.signum = signum
 
 
 class Trainer:
@@ -131,18 +118,18 @@ class Trainer:
 
         After each epoch, evaluates every split in ``evals`` (e.g. ``{"val": ..., "test": ...}``),
         appends a record to ``state.history`` and calls ``on_epoch_end(state)``.
-        Raises TrainingInterrupted on Ctrl-C, with ``state`` at the next step to run (the
-        caller checkpoints it), and TrainingDiverged on a non-finite loss.
+        Raises TrainingInterrupted on Ctrl-C or SIGTERM (:mod:`xpcnn.stopping`), with ``state`` at the
+        next step to run (the caller checkpoints it), and TrainingDiverged on a non-finite loss.
         """
         state = state or RunState()
-        flag = {"stop": False, "callback": False}  # Ctrl-C; a callback's request to stop
-        with _stop_on_ctrl_c(flag), np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        with stop_on_signals() as stop, np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+            flag = {"stop": stop, "callback": False}  # Ctrl-C or SIGTERM; a callback's request to stop
             while state.epoch < self.config.epochs:
-                if flag["stop"]:
-                    raise TrainingInterrupted(f"stopped after epoch {state.epoch}")
+                if stop.requested:
+                    raise TrainingInterrupted(f"stopped by {stop.name} {state.position()}", stop.signum)
                 finished = self._train_epoch(train, state, flag)
                 if not finished and not flag["callback"]:
-                    raise TrainingInterrupted(f"stopped at epoch {state.epoch + 1}, step {state.step}")
+                    raise TrainingInterrupted(f"stopped by {stop.name} {state.position()}", stop.signum)
                 record = self._end_epoch(train, evals, state)
                 self.progress.end_epoch(record)
                 if on_epoch_end is not None:
@@ -157,7 +144,7 @@ class Trainer:
     def _train_epoch(self, train: DeviceSplit, state: RunState, flag: dict) -> bool:
         """Run the rest of the current epoch.
 
-        False if Ctrl-C or a callback stopped it (``state`` then points at the next step).
+        False if a stop signal or a callback stopped it (``state`` then points at the next step).
         """
         xp, cfg = self.backend.xp, self.config
         steps = self.steps_per_epoch(train)
@@ -202,7 +189,7 @@ class Trainer:
             loss_sum = loss_sum + loss * count
             correct = correct + batch_correct
             last = step + 1 == steps
-            if (step + 1) % cfg.log_every == 0 or last or flag["stop"] or flag["callback"]:
+            if (step + 1) % cfg.log_every == 0 or last or flag["stop"].requested or flag["callback"]:
                 partial = checkpoint_partial(step + 1)
                 mean_loss = partial["loss_sum"] / seen
                 if not math.isfinite(mean_loss):
@@ -210,7 +197,7 @@ class Trainer:
                 self.progress.update(
                     step + 1, mean_loss, partial["correct"] / seen, seen / max(partial["seconds"], 1e-9)
                 )
-                if (flag["stop"] or flag["callback"]) and not last:  # Ctrl-C may have come during the update
+                if (flag["stop"].requested or flag["callback"]) and not last:  # a signal may come during the update
                     return False
         self.model.zero_cache()
         return True

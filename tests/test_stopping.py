@@ -1,0 +1,246 @@
+"""Stopping at a step boundary on Ctrl-C or a scheduler's SIGTERM: the scope, the library, a real `xpcnn train`."""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from helpers import InterruptAt
+
+import xpcnn
+from xpcnn import cli, runs
+from xpcnn.backend import get_backend
+from xpcnn.checkpoint import load_checkpoint
+from xpcnn.cli import main
+from xpcnn.config import TrainConfig
+from xpcnn.files import atomic_output
+from xpcnn.stopping import Terminated, sigterm_interrupts, stop_on_signals
+from xpcnn.train import TrainingInterrupted
+
+REPOSITORY = Path(__file__).resolve().parents[1]
+
+
+class Killed(Exception):
+    """What the test's own SIGTERM handler raises: the signal reached the handler from before training."""
+
+
+@pytest.fixture
+def sigterm_raises():
+    """A SIGTERM handler of the test's own, which training must set aside and then put back."""
+
+    def handler(signum, frame):
+        raise Killed
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    yield handler
+    signal.signal(signal.SIGTERM, previous)
+
+
+def test_the_first_signal_is_recorded_a_second_sigterm_ignored_a_second_ctrl_c_interrupts(sigterm_raises):
+    sigint_before = signal.getsignal(signal.SIGINT)
+    with stop_on_signals() as stop:
+        assert not stop.requested
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert (stop.requested, stop.signum, stop.name) == (True, signal.SIGTERM, "SIGTERM")
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.signum == signal.SIGTERM
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+    assert signal.getsignal(signal.SIGTERM) is sigterm_raises
+    assert signal.getsignal(signal.SIGINT) is sigint_before
+
+
+def test_a_nested_scope_shares_the_request_and_only_the_outer_restores(sigterm_raises):
+    with stop_on_signals() as outer:
+        with stop_on_signals() as inner:
+            assert inner is outer
+        os.kill(os.getpid(), signal.SIGTERM)  # still the scope's handler after the inner one closed
+        assert outer.name == "SIGTERM"
+    assert signal.getsignal(signal.SIGTERM) is sigterm_raises
+
+
+def test_handlers_are_restored_when_the_scope_ends_with_an_error(sigterm_raises):
+    with pytest.raises(RuntimeError), stop_on_signals():
+        raise RuntimeError
+    assert signal.getsignal(signal.SIGTERM) is sigterm_raises
+
+
+def test_outside_the_main_thread_signals_are_left_alone(sigterm_raises):
+    seen = []
+
+    def run():
+        with stop_on_signals() as stop:
+            seen.append((stop.requested, signal.getsignal(signal.SIGTERM)))
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join(timeout=10)
+    assert seen == [(False, sigterm_raises)]
+
+
+def blobs(n=200, seed=0):
+    rng = np.random.default_rng(seed)
+    prototypes = (np.random.default_rng(99).random((10, 28, 28)) > 0.7) * 200.0
+    labels = rng.integers(0, 10, n)
+    return np.clip(prototypes[labels] + rng.normal(0, 40, (n, 28, 28)), 0, 255).astype(np.uint8), labels
+
+
+def test_fit_stops_at_the_step_boundary_after_a_sigterm(sigterm_raises):
+    class SigtermAtStep3:
+        def on_step(self, step, loss):
+            if step == 3:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    with pytest.raises(TrainingInterrupted, match=r"^stopped by SIGTERM at epoch 1, step 3$") as stopped:
+        xpcnn.fit("seed", blobs(), epochs=1, batch_size=20, backend="numpy", callbacks=[SigtermAtStep3()])
+    assert stopped.value.signum == signal.SIGTERM
+    assert signal.getsignal(signal.SIGTERM) is sigterm_raises
+
+
+def test_a_second_sigterm_while_the_stopped_run_is_checkpointed_does_not_stop_the_write(
+    synthetic, tmp_path, monkeypatch, sigterm_raises
+):
+    written = []
+    real_save = runs.save_checkpoint
+
+    def save_after_another_sigterm(path, meta, *args):
+        os.kill(os.getpid(), signal.SIGTERM)  # the scheduler's second SIGTERM, while the position is written
+        real_save(path, meta, *args)
+        written.append(meta["state"]["step"])
+
+    monkeypatch.setattr(runs, "save_checkpoint", save_after_another_sigterm)
+    config = TrainConfig(model="seed", epochs=1, batch_size=50, optimizer="adam", lr=5e-3, log_every=1)
+    run = tmp_path / "run"
+    stopped = rf"^stopped by SIGTERM at epoch 1, step 4; checkpoint written to {re.escape(str(run))}"
+    with pytest.raises(TrainingInterrupted, match=stopped):
+        runs.train_run(config, get_backend("numpy"), synthetic, run, progress=InterruptAt(1, 4, signal.SIGTERM))
+    assert written == [4] and load_checkpoint(run).meta["state"]["step"] == 4
+    assert signal.getsignal(signal.SIGTERM) is sigterm_raises
+
+
+TRAIN = ["train", "--model", "lenet", "--epochs", "2", "--batch-size", "10", "--optimizer", "adam", "--lr", "0.002"]
+TRAIN += ["--device", "cpu", "--backend", "numpy", "--log-every", "1"]
+STOPPED = re.compile(
+    r"^xpcnn: stopped by SIGTERM (at epoch \d, step \d+|after epoch 1); checkpoint written to (.+); "
+    r"continue with: xpcnn train --resume (.+)$"
+)
+
+
+def test_a_sigterm_to_xpcnn_train_checkpoints_the_position_exits_143_and_resume_ends_as_a_straight_run(
+    synthetic_dir, tmp_path
+):
+    """A real SIGTERM (then a second, as an impatient scheduler sends) to a real process, mid-epoch; lenet has
+    no dropout, so a mid-epoch resume continues bit for bit (with dropout, only the noise would differ)."""
+    run = tmp_path / "stopped"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "xpcnn", *TRAIN, "--data-dir", str(synthetic_dir), "--out", str(run)],
+        cwd=REPOSITORY,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPOSITORY)},
+    )
+    watchdog = threading.Timer(120, process.kill)  # a hard limit, whatever happens
+    watchdog.start()
+    try:
+        for line in process.stderr:  # 60 steps an epoch, one plain line each
+            if line.startswith("epoch 1/2 step 2/"):
+                process.send_signal(signal.SIGTERM)
+                process.send_signal(signal.SIGTERM)
+                break
+        _, stderr = process.communicate(timeout=120)
+    finally:
+        watchdog.cancel()
+        process.kill()
+        process.wait()
+    assert process.returncode == 143, stderr
+    assert "Traceback" not in stderr
+    message = STOPPED.match(stderr.strip().splitlines()[-1])
+    assert message and message[2] == message[3] == str(run), stderr
+    state = load_checkpoint(run).meta["state"]
+    assert state["global_step"] < 2 * 60 and not list(run.glob(".*.part"))
+
+    assert CliRunner().invoke(main, ["train", "--resume", str(run), "--quiet"]).exit_code == 0
+    straight = tmp_path / "straight"
+    result = CliRunner().invoke(main, [*TRAIN, "--data-dir", str(synthetic_dir), "--out", str(straight), "--quiet"])
+    assert result.exit_code == 0, result.output
+    resumed, expected = load_checkpoint(run), load_checkpoint(straight)
+    for key, value in expected.model_state.items():
+        assert np.array_equal(resumed.model_state[key], value), key
+    assert resumed.optimizer_state["steps"] == expected.optimizer_state["steps"] == 2 * 60
+    resumed_history, straight_history = (json.loads((path / "history.json").read_text()) for path in (run, straight))
+    assert list(map(without_timings, resumed_history)) == list(map(without_timings, straight_history))
+
+
+def without_timings(record: dict) -> dict:
+    return {k: v for k, v in record.items() if k not in {"seconds", "eval_seconds", "images_per_second"}}
+
+
+def test_outside_training_a_sigterm_interrupts_as_ctrl_c_does(sigterm_raises):
+    with pytest.raises(Terminated), sigterm_interrupts():
+        os.kill(os.getpid(), signal.SIGTERM)
+    assert signal.getsignal(signal.SIGTERM) is sigterm_raises
+
+
+def test_a_sigterm_before_training_ends_the_command_in_one_line_and_leaves_no_temporary_file(
+    tmp_path, monkeypatch, sigterm_raises
+):
+    """As while a dataset downloads: the atomic write in progress removes its temporary file."""
+
+    def download_interrupted(*args, **kwargs):
+        with atomic_output(tmp_path / "train-images-idx3-ubyte.gz") as out:
+            out.write(b"part of a download")
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(cli, "load_dataset", download_interrupted)
+    result = CliRunner().invoke(main, ["train", "--device", "cpu", "--out", str(tmp_path / "run")])
+    assert result.exit_code == 143, result.output
+    assert result.output.strip().splitlines() == ["xpcnn: stopped by SIGTERM"]
+    assert list(tmp_path.iterdir()) == []
+    assert signal.getsignal(signal.SIGTERM) is sigterm_raises
+
+
+def test_a_sigterm_stops_xpcnn_serve_as_ctrl_c_does(synthetic_dir, tmp_path):
+    run = tmp_path / "run"
+    train = ["train", "--model", "seed", "--batch-size", "100", "--device", "cpu", "--quiet"]
+    assert CliRunner().invoke(main, [*train, "--data-dir", str(synthetic_dir), "--out", str(run)]).exit_code == 0
+    process = subprocess.Popen(
+        [sys.executable, "-m", "xpcnn", "serve", str(run), "--port", "0", "--device", "cpu"],
+        cwd=REPOSITORY,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPOSITORY)},
+    )
+    try:
+        line = process.stdout.readline()
+        assert line.startswith("serving "), line
+        address = line.split(" at http://")[1].split("/")[0]
+        urllib.request.urlopen(f"http://{address}/", timeout=10).close()  # the server is serving by now
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=30)
+    finally:
+        process.kill()
+        process.wait()
+    assert process.returncode == 0, stderr
+    assert stderr.strip().splitlines()[-1] == "stopped"
+
+
+@pytest.mark.parametrize("scope", [stop_on_signals, sigterm_interrupts])
+def test_an_ignored_sigterm_stays_ignored(scope):
+    previous = signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:
+        with scope():
+            assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
+            os.kill(os.getpid(), signal.SIGTERM)
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGTERM, previous)

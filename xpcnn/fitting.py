@@ -19,7 +19,7 @@ import numpy as np
 
 from .backend import Backend, backend_of, get_backend
 from .checkpoint import save_checkpoint
-from .config import TrainConfig, make_optimizer
+from .config import TrainConfig, make_optimizer, positive_int
 from .data import Dataset, load_dataset, split_validation
 from .device_data import MIN_STD, DeviceSplit, EvalResult, Normalization, normalize_images
 from .display import Progress
@@ -116,6 +116,9 @@ def evaluate(model: Sequential, images, labels, *, normalization: Normalization,
     ``images`` and ``labels`` as for :func:`fit`; ``normalization`` is the one ``fit`` trained
     with (``history.normalization``), or a checkpoint's.  Runs on the backend of the model's parameters.
     """
+    batch_size = positive_int("batch_size", batch_size)
+    if not isinstance(normalization, Normalization):
+        raise ConfigError(f"normalization must be an xpcnn Normalization, got {type(normalization).__name__}")
     outputs = _outputs(model)
     images, labels = _checked_arrays(images, labels, outputs, "evaluate's data")
     backend = _backend(model)

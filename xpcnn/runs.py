@@ -19,7 +19,7 @@ from .data import Dataset, holds_dataset, other_files
 from .device_data import DeviceSplit, Normalization
 from .display import Progress
 from .errors import ConfigError, XpcnnError
-from .files import locked_directory, read_regular, remove_temporaries, write_json
+from .files import check_writable, locked_directory, read_regular, remove_temporaries, write_json
 from .models import build
 from .nn import Sequential
 from .optim import Optimizer
@@ -129,6 +129,7 @@ def claim_run_dir(out: Path, resume: Checkpoint | None) -> None:
     (and ``history.json``) are xpcnn's if it has any; a resumed one, the very checkpoint it resumes from,
     if ``out`` has one: another process may have continued the run since it was read.
     """
+    check_writable(out / CONFIG_NAME)  # a read-only directory is found before the data goes to the device
     on_disk = out / CHECKPOINT_NAME
     if resume is None:
         if on_disk.exists():

@@ -27,12 +27,11 @@ from .backend import Backend
 from .checkpoint import Checkpoint
 from .device_data import normalize_images
 from .errors import XpcnnError
-from .images import ImageError, decode_picture
+from .images import MAX_PIXELS, ImageError, decode_picture
 from .runs import model_from_checkpoint
 from .train import predict_probabilities
 
 MAX_BODY_BYTES = 1024 * 1024  # a 280x280 canvas is a few kB; anything over 1 MiB is refused before it is read
-MAX_PIXELS = 2048 * 2048  # bigger pictures are refused from their header, before decoding
 BODY_TIMEOUT_S = 10.0  # default limit for a whole body to arrive, and for a connection to idle
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 ROUTES = {"/": "GET", "/index.html": "GET", "/predict": "POST"}  # path -> its one method (and HEAD for GET)

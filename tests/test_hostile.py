@@ -1,4 +1,4 @@
-"""Hostile input, by class: files that are not regular files, checkpoints that lie, bad settings, shared run directories.
+"""Hostile input, by class: files that are not regular files, checkpoints that lie, bad settings, shared run folders.
 
 Every command that reads a file is run as a real process with a hard timeout: a FIFO must be refused at
 once, never waited on.

@@ -137,7 +137,7 @@ def _read_arrays(file, path: Path) -> dict[str, np.ndarray]:
 
 
 def _read_npy_member(member, info: zipfile.ZipInfo, path: Path) -> np.ndarray:
-    """One ``.npy`` array: its header, then exactly the bytes its shape and dtype need, which must be the member's rest."""
+    """One ``.npy`` array: its header, then exactly the bytes its shape and dtype need (the rest of the member)."""
     version = np.lib.format.read_magic(member)
     header = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}.get(version)
     if header is None:
@@ -198,15 +198,17 @@ def _check_meta(meta, path: Path) -> None:
     )
     require(_finite(partial["loss_sum"]) and _finite(partial["seconds"]), "'state.partial' sums must be numbers")
     history = state["history"]
-    require(isinstance(history, list) and len(history) == state["epoch"], "'state.history' must hold a record per epoch")
+    require(
+        isinstance(history, list) and len(history) == state["epoch"], "'state.history' must hold a record per epoch"
+    )
     for number, record in enumerate(history, 1):
         require(
             isinstance(record, dict)
             and _HISTORY_KEYS <= set(record)
             and record["epoch"] == number
             and all(isinstance(v, bool) or _finite(v) for v in record.values()),
-            f"'state.history' record {number} must hold epoch {number} and {', '.join(sorted(_HISTORY_KEYS - {'epoch'}))} "
-            "as finite numbers",
+            f"'state.history' record {number} must hold epoch {number} and "
+            f"{', '.join(sorted(_HISTORY_KEYS - {'epoch'}))} as finite numbers",
         )
     norm = meta.get("normalization")
     require(

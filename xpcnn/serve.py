@@ -210,7 +210,7 @@ class Handler(BaseHTTPRequestHandler):
         return b"".join(chunks)
 
     def _declared_length(self) -> int:
-        """The body's length from the headers: a Content-Length within MAX_BODY_BYTES, an image type, else RequestError."""
+        """The body's length, from headers checked first: a Content-Length within MAX_BODY_BYTES, an image type."""
         if "Transfer-Encoding" in self.headers or "Content-Length" not in self.headers:
             raise RequestError(HTTPStatus.LENGTH_REQUIRED, "Content-Length is required")
         declared = self.headers.get_all("Content-Length")

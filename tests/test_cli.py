@@ -258,7 +258,7 @@ def test_bad_data_files_give_one_line_naming_the_file(synthetic_dir, tmp_path, b
         (["train", "--lr", "-1", "--device", "cpu"], r"learning rate must be a positive number", 1),
         (["train", "--model", "resnet"], r"Invalid value for '--model'", 2),
         (["train", "--elastic", "-1"], r"Invalid value for '--elastic'", 2),
-        (["train", "--elastic", "nan", "--device", "cpu"], r"elastic distortion scale must be a number >= 0", 1),
+        (["train", "--elastic", "nan", "--device", "cpu"], r"--elastic: elastic distortion scale must be in \[0, 1", 1),
         (["train", "--elastic-sigma", "0"], r"Invalid value for '--elastic-sigma'", 2),
         (["evaluate", "{tmp}/nothing.npz"], r"does not exist", 2),
         (["evaluate", "{corrupt}"], r"not an xpcnn checkpoint \(not an .npz archive\)", 1),

@@ -107,7 +107,7 @@ def test_a_failed_resume_leaves_config_json_as_it_was(synthetic, tmp_path, monke
 def test_the_command_line_restarts_a_directory_without_a_checkpoint(synthetic_dir, tmp_path):
     out = tmp_path / "run"
     out.mkdir()
-    (out / "config.json").write_text("{}")
+    (out / "config.json").write_text('{"model": "seed", "xpcnn_version": "0"}')  # a run killed before its checkpoint
     (out / "history.json").write_text("[]")
     runner = CliRunner()
     resumed = runner.invoke(main, ["train", "--resume", str(out), "--data-dir", str(synthetic_dir)])

@@ -302,3 +302,88 @@ def test_serve_prints_its_address_and_stops_on_ctrl_c(run):
     assert process.returncode == 0, stderr
     assert "Traceback" not in stderr and stderr.strip().splitlines()[-1] == "stopped"
     assert '"GET / HTTP/1.1" 200' in stderr  # the access log
+
+
+def whole_answer(server, data: bytes, then=None) -> bytes:
+    """Send raw bytes, optionally call then(sock), and read until the server closes (hard 10 s timeout)."""
+    with socket.create_connection(server.server_address[:2], timeout=10) as sock:
+        sock.sendall(data)
+        if then is not None:
+            then(sock)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    return answer
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        b"GET http://[bad/ HTTP/1.1",
+        b"GET / HTTP/2.0",
+        b"garbage",
+        b"\x00\xff\xfe junk here",
+        b"GET / HTTP/1.1 extra",
+        b"GET / HTTX/1.1",
+        b"GET / HTTP/1.1.1",
+        b"POST http://[::1 HTTP/1.1",
+    ],
+)
+def test_every_malformed_request_line_gets_a_4xx_with_a_status_line(server, line):
+    answer = whole_answer(server, line + b"\r\nHost: x\r\nContent-Length: 0\r\n\r\n")
+    head, _, body = answer.partition(b"\r\n\r\n")
+    status_line = head.split(b"\r\n")[0]
+    assert status_line.startswith(b"HTTP/1.1 4"), answer
+    assert b"Content-Type: application/json" in head and set(json.loads(body)) == {"error"}
+
+
+def test_the_header_phase_has_a_deadline(server):
+    def trickle_headers(sock):  # a header line every 0.2 s: each read succeeds, the headers never end
+        for number in range(int(8 * BODY_TIMEOUT / 0.2)):
+            if select.select([sock], [], [], 0.2)[0]:
+                return
+            sock.sendall(b"X-%d: y\r\n" % number)
+
+    start = time.perf_counter()
+    answer = whole_answer(server, b"GET / HTTP/1.1\r\nHost: x\r\n", then=trickle_headers)
+    assert answer.startswith(b"HTTP/1.1 408"), answer
+    assert time.perf_counter() - start < 3 * BODY_TIMEOUT
+
+
+def test_a_trickled_request_line_is_cut_off_too(server):
+    def trickle(sock):
+        for _ in range(int(8 * BODY_TIMEOUT / 0.2)):
+            if select.select([sock], [], [], 0.2)[0]:
+                return
+            sock.sendall(b"G")
+
+    start = time.perf_counter()
+    whole_answer(server, b"", then=trickle)  # closed by the server, not by the client's patience
+    assert time.perf_counter() - start < 3 * BODY_TIMEOUT
+
+
+@pytest.mark.parametrize(
+    "headers, status",
+    [
+        (b"Content-Length: 999999999\r\n", 413),
+        (b"Transfer-Encoding: chunked\r\n", 411),
+        (b"Content-Length: 10\r\nContent-Type: text/html\r\n", 415),
+    ],
+)
+def test_no_100_continue_before_a_body_that_is_refused(server, headers, status):
+    head = b"POST /predict HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n" + headers + b"\r\n"
+    answer = whole_answer(server, head)
+    assert answer.startswith(b"HTTP/1.1 %d" % status) and b"100 Continue" not in answer, answer
+
+
+def test_100_continue_for_a_body_that_will_be_read(server):
+    png = png_bytes(drawn_one())
+    head = b"POST /predict HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nConnection: close\r\n"
+    head += b"Content-Length: %d\r\n\r\n" % len(png)
+
+    def continue_then_send(sock):
+        if sock.recv(1024).startswith(b"HTTP/1.1 100 Continue"):
+            sock.sendall(png)
+
+    answer = whole_answer(server, head, then=continue_then_send)
+    assert answer.startswith(b"HTTP/1.1 200"), answer

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import math
 import os
 import platform
 import sys
@@ -27,6 +28,7 @@ from .device_data import DeviceSplit, normalize_images
 from .diagnostics import available_backends, gpu_names
 from .display import Progress
 from .errors import ConfigError, XpcnnError
+from .files import check_writable
 from .images import ImageError, load_image
 from .models import MODELS
 from .optim import OPTIMIZERS, SCHEDULES
@@ -355,7 +357,7 @@ def evaluate(run, data_dir, device, backend, as_json, plot, allow_other_data):
         "epoch": checkpoint.meta["state"]["epoch"],  # completed; a checkpoint written by a stop is "step" further
         "step": checkpoint.meta["state"]["step"],
         "images": int(len(labels)),
-        "loss": result.loss,
+        "loss": result.loss if math.isfinite(result.loss) else None,  # NaN and infinity are not JSON
         "accuracy": result.accuracy,
         "per_class_accuracy": {name: float(a) for name, a in zip(classes, per_class, strict=False)},
         "confusion_matrix": confusion.tolist(),
@@ -372,7 +374,7 @@ def evaluate(run, data_dir, device, backend, as_json, plot, allow_other_data):
             ),
         ]
     if as_json:
-        click.echo(json.dumps(report, indent=2))
+        click.echo(json.dumps(report, indent=2, allow_nan=False))
         return
     if plot:
         click.echo("plots: " + ", ".join(report["plots"]))
@@ -455,10 +457,13 @@ def export(run, format_, output, softmax, force):
     if softmax and format_ != "onnx":
         raise click.UsageError("--softmax applies to --format onnx only (safetensors holds weights)")
     output = Path(output)
+    if output.exists() and os.path.samefile(output, checkpoint_path(run)):
+        raise click.UsageError(f"{output} is the checkpoint being exported: pick another --output")
     if output.exists() and not force:
         raise click.UsageError(f"{output} exists: pass --force to replace it")
     if not output.parent.is_dir():
         raise click.UsageError(f"{output.parent} is not a directory: create it first")
+    check_writable(output)
     exporting.require(format_)
     checkpoint = load_checkpoint(run)
     model, norm = model_from_checkpoint(checkpoint, get_backend("numpy", "cpu"))
@@ -563,6 +568,8 @@ def bench(
     from . import bench as benchmark
     from .files import write_json
 
+    if output_path:
+        check_writable(output_path)  # before the benchmark, not after it
     models = list(models) or list(BENCH_MODELS)
     backends = list(backends) or (["numpy", "cupy"] if cuda_problem() is None else ["numpy"])
     with_torch = not no_torch and benchmark.torch_available()

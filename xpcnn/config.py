@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from dataclasses import dataclass
+
+import numpy as np
 
 from .augment import Augmentation
 from .errors import ConfigError
@@ -13,9 +16,17 @@ from .nn import Sequential
 from .optim import OPTIMIZERS, SCHEDULES, SGD, Adam, Optimizer
 
 
+ELASTIC_SIGMA = (0.1, 100.0)  # pixels; outside, the Gaussian underflows, overflows or is meaningless on 28 pixels
+MAX_ELASTIC = 1000.0  # pixels: a larger displacement moves every pixel off the image
+
+
 @dataclass
 class TrainConfig:
-    """Everything that decides what a training run computes."""
+    """Everything that decides what a training run computes.
+
+    Checked when made, for the command line and the library alike: each value's type (an integer
+    setting takes an integer, not 1.5, "2" or True) and range; ConfigError names the setting.
+    """
 
     dataset: str = "mnist"
     model: str = "convnet"
@@ -27,7 +38,7 @@ class TrainConfig:
     weight_decay: float = 5e-4
     schedule: str = "onecycle"
     seed: int = 0
-    validation: int = 0
+    validation: int | float = 0  # a count of training images, or a fraction in (0, 1) of them
     augment: bool = False
     elastic: float = 0.0
     elastic_sigma: float = 4.0
@@ -36,6 +47,9 @@ class TrainConfig:
     log_every: int = 50
 
     def __post_init__(self):
+        for field in dataclasses.fields(self):
+            setattr(self, field.name, _typed(field.name, field.type, getattr(self, field.name)))
+        low, high = ELASTIC_SIGMA
         checks = [  # (holds, the setting, what it must be)
             (self.model in MODELS, "model", f"unknown model {self.model!r}: expected one of {', '.join(MODELS)}"),
             (
@@ -62,7 +76,11 @@ class TrainConfig:
                 f"weight decay must be a number >= 0, got {self.weight_decay}",
             ),
             (self.seed >= 0, "seed", f"seed must be >= 0, got {self.seed}"),
-            (self.validation >= 0, "validation", f"validation size must be >= 0, got {self.validation}"),
+            (
+                self.validation >= 0 and (isinstance(self.validation, int) or self.validation < 1),
+                "validation",
+                f"validation must be a count >= 0 or a fraction in (0, 1), got {self.validation}",
+            ),
             (self.log_every >= 1, "log_every", f"log interval must be >= 1, got {self.log_every}"),
             (
                 0 <= self.label_smoothing < 1,
@@ -70,14 +88,14 @@ class TrainConfig:
                 f"label smoothing must be in [0, 1), got {self.label_smoothing}",
             ),
             (
-                0 <= self.elastic < math.inf,
+                0 <= self.elastic <= MAX_ELASTIC,
                 "elastic",
-                f"elastic distortion scale must be a number >= 0, got {self.elastic}",
+                f"elastic distortion scale must be in [0, {MAX_ELASTIC:g}] pixels, got {self.elastic}",
             ),
             (
-                0 < self.elastic_sigma < math.inf,
+                low <= self.elastic_sigma <= high,
                 "elastic_sigma",
-                f"elastic sigma must be a positive number, got {self.elastic_sigma}",
+                f"elastic sigma must be in [{low:g}, {high:g}] pixels, got {self.elastic_sigma}",
             ),
         ]
         for ok, setting, message in checks:
@@ -112,3 +130,30 @@ def make_augmentation(config: TrainConfig) -> Augmentation | None:
         return None
     affine = {} if config.augment else {"max_shift": 0, "max_rotation": 0, "max_scale": 0, "max_shear": 0}
     return Augmentation(**affine, elastic_alpha=config.elastic, elastic_sigma=config.elastic_sigma)
+
+
+def _typed(name: str, kind: str, value):
+    """``value`` as the setting ``name`` of annotation ``kind`` takes it (NumPy scalars become Python's);
+    ConfigError naming the setting where it is of another type.  bool is not a number here."""
+    integer = isinstance(value, numbers.Integral) and not isinstance(value, bool | np.bool_)
+    real = isinstance(value, numbers.Real) and not isinstance(value, bool | np.bool_)
+    if kind == "int" and integer:
+        return int(value)
+    if kind == "float" and real:
+        return float(value)
+    if kind == "int | float" and real:
+        return int(value) if integer else float(value)
+    if kind == "bool" and isinstance(value, bool | np.bool_):
+        return bool(value)
+    if kind == "str" and isinstance(value, str):
+        return value
+    expected = {"int": "an integer", "float": "a number", "int | float": "a number", "bool": "True or False"}
+    raise ConfigError(f"{name} must be {expected.get(kind, 'a string')}, got {value!r}", name)
+
+
+def positive_int(name: str, value) -> int:
+    """A setting outside ``TrainConfig`` that counts something (``evaluate``'s ``batch_size``), checked as it is."""
+    value = _typed(name, "int", value)
+    if value < 1:
+        raise ConfigError(f"{name.replace('_', ' ')} must be >= 1, got {value}", name)
+    return value

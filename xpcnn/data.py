@@ -36,7 +36,7 @@ import click
 import numpy as np
 
 from .errors import ConfigError, XpcnnError
-from .files import atomic_output
+from .files import NotRegularFileError, atomic_output, open_regular
 
 __all__ = [
     "DATASETS",
@@ -102,7 +102,7 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
     """
     path = Path(path)
     try:
-        with open(path, "rb") as raw:
+        with open_regular(path) as raw:
             if raw.read(2) == _GZIP_MAGIC:
                 raw.seek(0)
                 with gzip.GzipFile(fileobj=raw) as stream:
@@ -111,6 +111,8 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
             return _read_idx_stream(raw, path)
     except (EOFError, zlib.error, gzip.BadGzipFile) as error:
         raise DataError(f"{path}: corrupt gzip stream: {_one_line(error)}") from error
+    except NotRegularFileError as error:
+        raise DataError(str(error)) from None
     except OSError as error:
         raise DataError(f"{path}: cannot read: {_one_line(error.strerror or error)}") from error
 
@@ -276,7 +278,7 @@ def cache_dir(name: str) -> Path:
 
 
 def _missing(directory: Path) -> list[str]:
-    return [file for file in FILES if not (directory / file).is_file()]
+    return [file for file in FILES if not (directory / file).exists()]  # a FIFO there is refused when read
 
 
 def holds_dataset(directory: str | os.PathLike) -> bool:
@@ -402,7 +404,7 @@ def other_files(recorded: dict | None, dataset: Dataset, files=FILES) -> list[st
 
 def file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
-    with open(path, "rb") as file:
+    with open_regular(path) as file:
         while chunk := file.read(_CHUNK):
             digest.update(chunk)
     return digest.hexdigest()

@@ -3,12 +3,16 @@ evaluating a model over a split gives (``EvalResult``)."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from .backend import Backend
+from .errors import XpcnnError
+
+MIN_STD = 1e-6  # of the [0, 1] range: below it the images are one value, and 1 / std overflows float32 pixels
 
 
 @dataclass(frozen=True)
@@ -17,6 +21,15 @@ class Normalization:
 
     mean: float
     std: float
+
+    def __post_init__(self):
+        mean, std = self.mean, self.std
+        numbers = all(isinstance(v, int | float) and not isinstance(v, bool) for v in (mean, std))
+        if not (numbers and 0.0 <= mean <= 1.0 and MIN_STD <= std <= 1.0 and math.isfinite(mean + std)):
+            raise XpcnnError(
+                f"input normalisation must have a mean in [0, 1] and a std in [{MIN_STD:g}, 1], "
+                f"got mean {mean!r}, std {std!r}"
+            )
 
     @classmethod
     def of(cls, images: np.ndarray) -> Normalization:

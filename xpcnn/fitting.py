@@ -19,9 +19,9 @@ import numpy as np
 
 from .backend import Backend, backend_of, get_backend
 from .checkpoint import save_checkpoint
-from .config import TrainConfig, make_optimizer
+from .config import TrainConfig, make_optimizer, positive_int
 from .data import Dataset, load_dataset, split_validation
-from .device_data import DeviceSplit, EvalResult, Normalization, normalize_images
+from .device_data import MIN_STD, DeviceSplit, EvalResult, Normalization, normalize_images
 from .display import Progress
 from .errors import ConfigError, XpcnnError
 from .models import MODELS, build
@@ -116,6 +116,9 @@ def evaluate(model: Sequential, images, labels, *, normalization: Normalization,
     ``images`` and ``labels`` as for :func:`fit`; ``normalization`` is the one ``fit`` trained
     with (``history.normalization``), or a checkpoint's.  Runs on the backend of the model's parameters.
     """
+    batch_size = positive_int("batch_size", batch_size)
+    if not isinstance(normalization, Normalization):
+        raise ConfigError(f"normalization must be an xpcnn Normalization, got {type(normalization).__name__}")
     outputs = _outputs(model)
     images, labels = _checked_arrays(images, labels, outputs, "evaluate's data")
     backend = _backend(model)
@@ -196,12 +199,13 @@ def _checked_arrays(images, labels, classes: int | None, what: str) -> tuple[np.
 def _normalization(images: np.ndarray) -> Normalization:
     """The training images' mean and std in [0, 1] units (uint8 images are divided by 255)."""
     if images.dtype == np.uint8:
-        norm = Normalization.of(images)
+        low, high = int(images.min()), int(images.max())
+        mean, spread = low / 255, (high - low) / 255
     else:
-        norm = Normalization(float(np.mean(images, dtype=np.float64)), float(np.std(images, dtype=np.float64)))
-    if norm.std == 0.0:
-        raise XpcnnError(f"every pixel of the training images is {norm.mean:g} (in [0, 1]): nothing to learn from")
-    return norm
+        mean, spread = float(np.mean(images, dtype=np.float64)), float(np.std(images, dtype=np.float64))
+    if spread < MIN_STD:
+        raise XpcnnError(f"every pixel of the training images is {mean:g} (in [0, 1]): nothing to learn from")
+    return Normalization.of(images) if images.dtype == np.uint8 else Normalization(mean, spread)
 
 
 def _device_split(backend: Backend, images: np.ndarray, labels: np.ndarray, norm: Normalization) -> DeviceSplit:

@@ -25,12 +25,15 @@ from __future__ import annotations
 import io
 import math
 import os
+import warnings
 from collections.abc import Iterable
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, ImageOps
 
 from .errors import XpcnnError
+from .files import NotRegularFileError, open_regular
 
 SIZE = 28  # side of the output canvas
 DIGIT_SIZE = 20  # longer side of the digit's bounding box inside the canvas
@@ -40,6 +43,7 @@ MIN_CONTRAST = 0.08  # ink must stand out from the background by this much (of t
 NOISE_SIGMAS = 3.0  # noise floor = this many standard deviations of the border; ink must exceed twice it
 INK_FRACTION = 0.25  # pixels above this fraction of the strongest ink count for the bounding box
 
+MAX_PIXELS = 2048 * 2048  # bigger pictures are refused from their header, before decoding (predict and serve)
 LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)  # ITU-R 601, as Pillow's "L"
 
 
@@ -55,14 +59,21 @@ def load_image(path: str | os.PathLike) -> np.ndarray:
     that cannot be read, unsupported arrays and blank images.
     """
     name = os.fspath(path)
-    if name.lower().endswith(".npy"):
-        lightness = _read_npy(name)
-        if lightness.shape == (SIZE, SIZE) and not _light_background(lightness):
-            if lightness.max() < MIN_CONTRAST:
-                raise ImageError(f"{name}: the image is blank (no ink found)")
-            return lightness
-    else:
-        lightness = _read_picture(name, name)
+    try:
+        file = open_regular(name)
+    except NotRegularFileError as error:
+        raise ImageError(str(error)) from None
+    except OSError as error:
+        raise ImageError(f"{name}: cannot open: {error.strerror or _one_line(error)}") from None
+    with file:
+        if name.lower().endswith(".npy"):
+            lightness = _read_npy(file, name)
+            if lightness.shape == (SIZE, SIZE) and not _light_background(lightness):
+                if lightness.max() < MIN_CONTRAST:
+                    raise ImageError(f"{name}: the image is blank (no ink found)")
+                return lightness
+        else:
+            lightness = _read_picture(file, name, max_pixels=MAX_PIXELS)
     return _to_mnist(lightness, name)
 
 
@@ -90,17 +101,25 @@ def load_images(paths: Iterable[str | os.PathLike]) -> np.ndarray:
 
 
 def _read_picture(
-    source: str | io.BytesIO, name: str, formats: tuple[str, ...] | None = None, max_pixels: int | None = None
+    source: BinaryIO, name: str, formats: tuple[str, ...] | None = None, max_pixels: int | None = None
 ) -> np.ndarray:
-    """Open a picture (a path or a file object) with Pillow; return its lightness, float32 (H, W) in [0, 1]."""
+    """Open a picture (a file object) with Pillow; return its lightness, float32 (H, W) in [0, 1].
+
+    Float pictures (mode F, e.g. a TIFF) are taken as [0, 1] lightness, or 0..255 if any value is above 1.
+    """
     try:
-        with Image.open(source, formats=formats) as img:
+        with warnings.catch_warnings():  # over Pillow's own limit: refused below, from the header, in one line
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            opened = Image.open(source, formats=formats)
+        with opened as img:
             if max_pixels is not None and img.width * img.height > max_pixels:
                 # Opening reads only the header: refuse before a small file inflates to gigabytes.
                 raise ImageError(f"{name}: {img.width}x{img.height} pixels is over the limit of {max_pixels:,}")
             img = ImageOps.exif_transpose(img)
             if img.mode.startswith("I"):  # 16- or 32-bit integer grey
                 return np.clip(np.asarray(img, dtype=np.float32) / 65535, 0, 1)
+            if img.mode == "F":  # 32-bit float grey: converting to "L" would clip [0, 1] to black
+                return _float_lightness(np.asarray(img, dtype=np.float32), name)
             if img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info:
                 rgba = np.asarray(img.convert("RGBA"), dtype=np.float32) / 255
                 return _composite(rgba[..., :3], rgba[..., 3])
@@ -111,7 +130,17 @@ def _read_picture(
         raise ImageError(f"{name}: cannot read as an image ({_one_line(error)})") from None
 
 
-def _read_npy(name: str) -> np.ndarray:
+def _float_lightness(values: np.ndarray, name: str) -> np.ndarray:
+    """Float grey values as lightness in [0, 1]: taken as [0, 1], or as 0..255 if any is above 1."""
+    if not np.isfinite(values).all():
+        raise ImageError(f"{name}: contains NaN or infinity")
+    low, high = float(values.min()), float(values.max())
+    if low < 0 or high > 255:
+        raise ImageError(f"{name}: values span {low:g}..{high:g}; expected floats in [0, 1] or 0..255")
+    return values / 255 if high > 1 else values
+
+
+def _read_npy(file: BinaryIO, name: str) -> np.ndarray:
     """Load a ``.npy`` array; return its lightness, float32 (H, W) in [0, 1].
 
     Accepts (H, W), (1, H, W), (H, W, 1) grey and (H, W, 3) RGB / (H, W, 4)
@@ -123,7 +152,7 @@ def _read_npy(name: str) -> np.ndarray:
         "of uint8 in 0..255 or floats in [0, 1]"
     )
     try:
-        array = np.load(name, allow_pickle=False)
+        array = np.load(file, allow_pickle=False)
     except ValueError as error:
         if "allow_pickle" in str(error):  # NumPy's message would suggest unpickling it
             raise ImageError(f"{name}: holds pickled Python objects, not an array of numbers") from None

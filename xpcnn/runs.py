@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
+import math
 import time
 from pathlib import Path
 
@@ -11,15 +13,16 @@ import numpy as np
 
 from . import __version__
 from .backend import Backend
-from .checkpoint import CHECKPOINT_NAME, Checkpoint, CheckpointError, save_checkpoint
+from .checkpoint import CHECKPOINT_NAME, Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
 from .config import TrainConfig, make_optimizer
 from .data import Dataset, holds_dataset, other_files
 from .device_data import DeviceSplit, Normalization
 from .display import Progress
-from .errors import ConfigError
-from .files import remove_temporaries, write_json
+from .errors import ConfigError, XpcnnError
+from .files import check_writable, locked_directory, read_regular, remove_temporaries, write_json
 from .models import build
 from .nn import Sequential
+from .optim import Optimizer
 from .stopping import stop_on_signals
 from .train import RunState, Trainer, TrainingDiverged, TrainingInterrupted
 
@@ -32,10 +35,27 @@ def checkpoint_config(checkpoint: Checkpoint) -> TrainConfig:
         raise CheckpointError(f"{checkpoint.path}: bad configuration in the checkpoint: {exc}") from None
 
 
+def checkpoint_normalization(checkpoint: Checkpoint) -> Normalization:
+    """The input normalisation a checkpoint records; CheckpointError naming its file if it is not a usable one."""
+    try:
+        return Normalization(**checkpoint.meta["normalization"])
+    except XpcnnError as exc:
+        raise CheckpointError(f"{checkpoint.path}: {exc}") from None
+
+
 def model_from_checkpoint(checkpoint: Checkpoint, backend: Backend) -> tuple[Sequential, Normalization]:
     """The trained model of a checkpoint on ``backend``, and the input normalisation it expects."""
     name = checkpoint_config(checkpoint).model
     model = build(name).to(backend)
+    restore(checkpoint, model)
+    return model, checkpoint_normalization(checkpoint)
+
+
+def restore(checkpoint: Checkpoint, model: Sequential, optimizer: Optimizer | None = None) -> None:
+    """Load a checkpoint's weights into ``model`` (and its optimiser state into ``optimizer``), checked:
+    CheckpointError naming the file where they do not fit (another model's, a missing or misshapen
+    weight, a foreign optimiser slot, class names that do not match the outputs)."""
+    name = checkpoint_config(checkpoint).model
     try:
         model.load_state_dict(checkpoint.model_state)
     except ValueError as exc:
@@ -43,7 +63,27 @@ def model_from_checkpoint(checkpoint: Checkpoint, backend: Backend) -> tuple[Seq
     outputs, classes = model[-1].out_features, len(checkpoint.meta["classes"])
     if classes != outputs:
         raise CheckpointError(f"{checkpoint.path}: {classes} class names for a model with {outputs} outputs")
-    return model, Normalization(**checkpoint.meta["normalization"])
+    if optimizer is not None:
+        if checkpoint.optimizer_state is None:
+            raise CheckpointError(f"{checkpoint.path}: holds no optimiser state to continue training from")
+        try:
+            optimizer.load_state_dict(checkpoint.optimizer_state)
+        except ValueError as exc:
+            raise CheckpointError(f"{checkpoint.path}: {exc}") from None
+
+
+def check_position(checkpoint: Checkpoint, config: TrainConfig, steps_per_epoch: int) -> None:
+    """CheckpointError unless the checkpoint's position in its epoch (step, images seen) is one this run reaches."""
+    state = checkpoint.meta["state"]
+    step, seen = state["step"], state["partial"]["seen"]
+    if step >= steps_per_epoch:
+        raise CheckpointError(
+            f"{checkpoint.path}: step {step} is past the end of an epoch of {steps_per_epoch} steps"
+        )
+    if seen != step * config.batch_size:
+        raise CheckpointError(
+            f"{checkpoint.path}: {seen} images seen at step {step} of batches of {config.batch_size}"
+        )
 
 
 # Settings a resumed run may change: neither alters what the finished epochs computed.
@@ -104,9 +144,51 @@ def _given(setting: str, value) -> str:
     return f"{_flag(setting)} {value}"
 
 
-def default_run_dir(config: TrainConfig) -> Path:
-    """``runs/<model>-<local time>``: where a run goes when no directory is named."""
-    return Path("runs") / f"{config.model}-{time.strftime('%Y%m%d-%H%M%S')}"
+def default_run_dir(config: TrainConfig, root: Path = Path("runs")) -> Path:
+    """A new, empty ``runs/<model>-<local time>`` directory, created here (``-2``, ``-3``... after the time
+    where runs start in the same second): where a run goes when no directory is named."""
+    root.mkdir(parents=True, exist_ok=True)
+    stem = f"{config.model}-{time.strftime('%Y%m%d-%H%M%S')}"
+    for number in itertools.count(1):
+        path = root / (stem if number == 1 else f"{stem}-{number}")
+        try:
+            path.mkdir()  # atomic: of several processes, exactly one creates each name
+            return path
+        except FileExistsError:
+            continue
+    raise AssertionError("unreachable")
+
+
+CONFIG_NAME, HISTORY_NAME = "config.json", "history.json"
+RUN_FILES = (CONFIG_NAME, CHECKPOINT_NAME, HISTORY_NAME, "history.png")  # what a run writes into its directory
+
+
+def claim_run_dir(out: Path, resume: Checkpoint | None) -> None:
+    """Refuse (XpcnnError) to train in ``out`` unless it holds nothing a run would overwrite but its own files.
+
+    Call it holding ``out``'s lock.  A new run needs a directory without a checkpoint, whose ``config.json``
+    (and ``history.json``) are xpcnn's if it has any; a resumed one, the very checkpoint it resumes from,
+    if ``out`` has one: another process may have continued the run since it was read.
+    """
+    check_writable(out / CONFIG_NAME)  # a read-only directory is found before the data goes to the device
+    on_disk = out / CHECKPOINT_NAME
+    if resume is None:
+        if on_disk.exists():
+            raise XpcnnError(f"{out} already holds a run: continue it with --resume {out}, or pick another --out")
+        written = [name for name in (CONFIG_NAME, HISTORY_NAME) if (out / name).exists()]
+        if written and not _xpcnn_config(out / CONFIG_NAME):
+            raise XpcnnError(f"{out} holds {', '.join(written)} that xpcnn did not write: pick another --out")
+    elif on_disk.exists() and load_checkpoint(on_disk).meta["state"] != resume.meta["state"]:
+        raise XpcnnError(f"{on_disk} changed since it was read (another run continued it): resume again")
+
+
+def _xpcnn_config(path: Path) -> bool:
+    """Whether ``path`` is a config.json that xpcnn wrote."""
+    try:
+        stored = json.loads(read_regular(path, 2**20))
+    except (OSError, ValueError, XpcnnError):
+        return False
+    return isinstance(stored, dict) and "xpcnn_version" in stored and "model" in stored
 
 
 def recorded_data_dir(checkpoint: Checkpoint, run: Path) -> str | None:
@@ -125,8 +207,8 @@ def _stored_data_dir(run: Path) -> str | None:
     xpcnn's only loses this hint, and the data is then looked for as for a new run.
     """
     try:
-        stored = json.loads((run / "config.json").read_text())
-    except (OSError, ValueError):
+        stored = json.loads(read_regular(run / CONFIG_NAME, 2**20))
+    except (OSError, ValueError, XpcnnError):
         return None
     data_dir = stored.get("data_dir") if isinstance(stored, dict) else None
     return data_dir if isinstance(data_dir, str) else None
@@ -193,12 +275,35 @@ def train_run(
     out: Path,
     *,
     resume: Checkpoint | None = None,
+    **options,
+) -> RunState:
+    """Train ``config`` on ``dataset`` (an :class:`xpcnn.data.Dataset`) into the run directory ``out``.
+
+    The directory is created if need be and claimed for the whole run (:func:`files.locked_directory`,
+    :func:`claim_run_dir`): a second run into it is refused at once, and files xpcnn did not write are
+    never overwritten.  ``resume`` continues the run of that checkpoint.  ``options``: see :func:`_train_in`.
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    with locked_directory(out):
+        claim_run_dir(out, resume)
+        remove_temporaries(out, RUN_FILES)
+        return _train_in(config, backend, dataset, out, resume=resume, **options)
+
+
+def _train_in(
+    config: TrainConfig,
+    backend: Backend,
+    dataset,
+    out: Path,
+    *,
+    resume: Checkpoint | None = None,
     progress: Progress | None = None,
     environment: dict | None = None,
     allow_other_data: bool = False,
     eager: bool = False,
 ) -> RunState:
-    """Train ``config`` on ``dataset`` (an :class:`xpcnn.data.Dataset`), writing the run to ``out``.
+    """Train ``config`` on ``dataset``, writing the run to ``out`` (claimed by :func:`train_run`).
 
     Resuming on training or test files other than those the run recorded (their SHA-256) is an
     error unless ``allow_other_data``.  ``eager`` turns off JAX's compiled steps.
@@ -223,7 +328,8 @@ def train_run(
 
     if resume is not None:
         check_same_data(resume, dataset, allow_other_data)
-        norm = Normalization(**resume.meta["normalization"])
+        norm = checkpoint_normalization(resume)
+        check_position(resume, config, math.ceil(len(labels) / config.batch_size))
         state = RunState(**resume.meta["state"])
     else:
         norm = Normalization.of(images)
@@ -232,11 +338,7 @@ def train_run(
     model = build(config.model, seed=config.seed).to(backend)
     optimizer = make_optimizer(config, model)
     if resume is not None:
-        model.load_state_dict(resume.model_state)
-        optimizer.load_state_dict(resume.optimizer_state)
-
-    out.mkdir(parents=True, exist_ok=True)
-    remove_temporaries(out)
+        restore(resume, model, optimizer)
 
     # The trainer's stop scope (Ctrl-C, SIGTERM), opened here to stay open while a stopped run is checkpointed.
     with backend.activate(), stop_on_signals():
@@ -244,14 +346,14 @@ def train_run(
         evals = {name: DeviceSplit.from_host(backend, *split, norm) for name, split in evals_host.items()}
         trainer = Trainer(model, optimizer, backend, config, progress, background=-norm.mean / norm.std, eager=eager)
         # Only now, with everything that can refuse the run behind us: a failed resume leaves config.json as it was.
-        write_json(out / "config.json", {**config.to_dict(), **(environment or {}), "xpcnn_version": __version__})
+        write_json(out / CONFIG_NAME, {**config.to_dict(), **(environment or {}), "xpcnn_version": __version__})
         if resume is not None:
-            write_json(out / "history.json", state.history)  # the checkpoint's, in case the last run died before it
+            write_json(out / HISTORY_NAME, state.history)  # the checkpoint's, in case the last run died before it
 
         def save(state: RunState):
             meta = checkpoint_meta(config, state, norm, dataset, backend)
             save_checkpoint(out / CHECKPOINT_NAME, meta, model.state_dict(), optimizer.state_dict())
-            write_json(out / "history.json", state.history)
+            write_json(out / HISTORY_NAME, state.history)
 
         try:
             trainer.fit(train, evals, state, on_epoch_end=save)

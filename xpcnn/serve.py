@@ -10,6 +10,7 @@ server is enough for one person's browser and a few scripts.
 
 from __future__ import annotations
 
+import io
 import json
 import socket
 import sys
@@ -27,12 +28,11 @@ from .backend import Backend
 from .checkpoint import Checkpoint
 from .device_data import normalize_images
 from .errors import XpcnnError
-from .images import ImageError, decode_picture
+from .images import MAX_PIXELS, ImageError, decode_picture
 from .runs import model_from_checkpoint
 from .train import predict_probabilities
 
 MAX_BODY_BYTES = 1024 * 1024  # a 280x280 canvas is a few kB; anything over 1 MiB is refused before it is read
-MAX_PIXELS = 2048 * 2048  # bigger pictures are refused from their header, before decoding
 BODY_TIMEOUT_S = 10.0  # default limit for a whole body to arrive, and for a connection to idle
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 ROUTES = {"/": "GET", "/index.html": "GET", "/predict": "POST"}  # path -> its one method (and HEAD for GET)
@@ -71,16 +71,72 @@ class DigitReader:
         return {"class": int(np.argmax(probabilities)), "probabilities": [float(p) for p in probabilities]}
 
 
+class DeadlineReader(io.RawIOBase):
+    """A socket's input that raises TimeoutError once ``deadline`` (``time.monotonic()`` seconds) has passed.
+
+    A socket timeout alone bounds each wait, so a client that sends a byte now and then would keep a thread
+    forever; the deadline bounds a whole phase of a request (its request line and headers, or its body).
+    """
+
+    def __init__(self, connection: socket.socket, timeout: float):
+        self.connection, self.timeout = connection, timeout
+        self.deadline: float | None = None
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        left = self.timeout if self.deadline is None else self.deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("the deadline passed")
+        self.connection.settimeout(left)
+        try:
+            return self.connection.recv_into(buffer)
+        finally:
+            self.connection.settimeout(self.timeout)  # answers are written with the plain timeout
+
+
 class Handler(BaseHTTPRequestHandler):
-    """GET / (the page), POST /predict; JSON errors for everything else."""
+    """GET / (the page), POST /predict; JSON errors for everything else, each with a status line.
+
+    Each request's line and headers must arrive within the server's ``body_timeout`` of the request's
+    start (idle time on a kept-alive connection included), and its body within as long again.
+    """
 
     server_version = "xpcnn"
     protocol_version = "HTTP/1.1"  # keep-alive, so the page's requests reuse one connection
+    default_request_version = "HTTP/1.0"  # never answer without a status line (HTTP/0.9), even a garbled request
     server: DigitServer
 
     def setup(self):
         self.timeout = self.server.body_timeout  # the socket's timeout: a client that goes quiet frees its thread
         super().setup()
+        self.reader = DeadlineReader(self.connection, self.timeout)
+        self.rfile = io.BufferedReader(self.reader)
+
+    def handle_one_request(self):
+        self.reader.deadline = time.monotonic() + self.timeout  # for the request line and the headers
+        super().handle_one_request()
+
+    def parse_request(self) -> bool:
+        try:
+            return super().parse_request()
+        except TimeoutError:
+            self._send_json_error(
+                HTTPStatus.REQUEST_TIMEOUT, f"the request's headers did not arrive within {self.timeout:g} s"
+            )
+            return False
+
+    def handle_expect_100(self) -> bool:
+        """Send ``100 Continue`` only for a body that will be read: a POST to /predict whose headers pass."""
+        if self.command != "POST" or self._path() != "/predict":
+            return True  # the final answer (404, 405) comes instead
+        try:
+            self._declared_length()
+        except RequestError as exc:
+            self._send_json_error(exc.status, str(exc))
+            return False
+        return super().handle_expect_100()
 
     def do_GET(self):
         if self._route_allows("GET"):
@@ -106,9 +162,20 @@ class Handler(BaseHTTPRequestHandler):
     do_HEAD = do_GET
     do_PUT = do_DELETE = do_PATCH = do_OPTIONS = do_OTHER
 
+    def _path(self) -> str | None:
+        """The path of the request's target, None where it is not a URL (``http://[bad/``)."""
+        try:
+            return urlsplit(self.path).path
+        except ValueError:
+            return None
+
     def _route_allows(self, method: str | None) -> bool:
-        """True if the path takes this method; else answer 404 (no such path) or 405 (another method) and False."""
-        path = urlsplit(self.path).path
+        """True if the path takes this method; else answer 400 (not a URL), 404 (no such path) or 405 (another
+        method) and False."""
+        path = self._path()
+        if path is None:
+            self._send_json_error(HTTPStatus.BAD_REQUEST, f"not a valid request target: {self.path[:200]!r}")
+            return False
         allowed = ROUTES.get(path)
         if allowed is None:
             self._send_json_error(HTTPStatus.NOT_FOUND, f"no such page: {path}")
@@ -119,11 +186,31 @@ class Handler(BaseHTTPRequestHandler):
         return allowed is not None and method == allowed
 
     def _read_body(self) -> bytes:
-        """The request body, checked before it is read: a Content-Length within MAX_BODY_BYTES, an image type.
+        """The request body, checked before it is read (:meth:`_declared_length`).
 
         The whole body must arrive within the server's ``body_timeout``, so a client that sends less than it
         announced (or trickles it) cannot hold a thread.
         """
+        length = self._declared_length()
+        self.reader.deadline = time.monotonic() + self.timeout
+        chunks, received = [], 0
+        try:
+            while received < length:
+                chunk = self.rfile.read1(length - received)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                received += len(chunk)
+        except TimeoutError:
+            raise RequestError(
+                HTTPStatus.REQUEST_TIMEOUT, f"only {received:,} of {length:,} bytes arrived in {self.timeout:g} s"
+            ) from None
+        if received < length:
+            raise RequestError(HTTPStatus.BAD_REQUEST, f"the body ended after {received:,} of {length:,} bytes")
+        return b"".join(chunks)
+
+    def _declared_length(self) -> int:
+        """The body's length, from headers checked first: a Content-Length within MAX_BODY_BYTES, an image type."""
         if "Transfer-Encoding" in self.headers or "Content-Length" not in self.headers:
             raise RequestError(HTTPStatus.LENGTH_REQUIRED, "Content-Length is required")
         declared = self.headers.get_all("Content-Length")
@@ -140,30 +227,14 @@ class Handler(BaseHTTPRequestHandler):
             raise RequestError(HTTPStatus.UNSUPPORTED_MEDIA_TYPE, f"expected a PNG image, got Content-Type {kind}")
         if length == 0:
             raise RequestError(HTTPStatus.BAD_REQUEST, "the body is empty: expected a PNG image")
-
-        deadline = time.monotonic() + self.timeout
-        chunks, received = [], 0
-        try:
-            while received < length:
-                self.connection.settimeout(max(deadline - time.monotonic(), 0.001))
-                chunk = self.rfile.read1(length - received)
-                if not chunk:
-                    break
-                chunks.append(chunk)
-                received += len(chunk)
-        except TimeoutError:
-            raise RequestError(
-                HTTPStatus.REQUEST_TIMEOUT, f"only {received:,} of {length:,} bytes arrived in {self.timeout:g} s"
-            ) from None
-        finally:
-            self.connection.settimeout(self.timeout)
-        if received < length:
-            raise RequestError(HTTPStatus.BAD_REQUEST, f"the body ended after {received:,} of {length:,} bytes")
-        return b"".join(chunks)
+        return length
 
     def send_error(self, code, message=None, explain=None):
-        """http.server's own errors (a bad request line, an unknown method...) as JSON too."""
+        """http.server's own errors (a bad request line, an unknown method...) as JSON too, with a status line:
+        a malformed request gets a 4xx (an HTTP/2 request line 400: HTTP/2 has none), an unknown method 501."""
         status = HTTPStatus(code)
+        if status == HTTPStatus.HTTP_VERSION_NOT_SUPPORTED:
+            status, message = HTTPStatus.BAD_REQUEST, f"{message}: xpcnn serves HTTP/1.1"
         self._send_json_error(status, message or status.phrase)
 
     def _send_json_error(self, status: HTTPStatus, message: str, headers: dict | None = None):

@@ -355,16 +355,16 @@ def test_a_setting_out_of_range_names_its_flag(synthetic_dir):
 
 
 def test_a_bug_shows_its_traceback_and_asks_for_a_report(monkeypatch):
-    from xpcnn import cli
+    from xpcnn import cli, exits
 
     def broken():
         raise ZeroDivisionError("a bug")
 
     monkeypatch.setattr(cli, "available_backends", broken)
     result = CliRunner().invoke(main, ["info"])
-    assert result.exit_code == cli.EXIT_BUG and isinstance(result.exception, SystemExit)
+    assert result.exit_code == exits.EXIT_BUG and isinstance(result.exception, SystemExit)
     assert "Traceback" in result.output and "ZeroDivisionError: a bug" in result.output
-    assert result.output.strip().endswith(cli.BUG_REPORT)
+    assert result.output.strip().endswith(exits.BUG_REPORT)
 
 
 def test_xpcnn_debug_shows_the_traceback_of_a_user_error(tmp_path):

@@ -6,13 +6,11 @@ One job, though long: each command declares its options here, and its messages.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import math
 import os
 import platform
 import sys
-import traceback
 from pathlib import Path
 
 import click
@@ -27,7 +25,8 @@ from .data import DATASETS, TEST_FILES, find_data_dir, get_spec, load_dataset
 from .device_data import DeviceSplit, normalize_images
 from .diagnostics import available_backends, gpu_names
 from .display import Progress
-from .errors import ConfigError, XpcnnError
+from .errors import ConfigError
+from .exits import friendly_errors, user_message
 from .files import check_writable
 from .images import ImageError, load_image
 from .models import MODELS
@@ -47,68 +46,8 @@ from .runs import (
     train_run,
 )
 from .step import compiles
-from .stopping import Terminated, sigterm_interrupts
-from .train import RunState, TrainingInterrupted, predict_probabilities
+from .train import RunState, predict_probabilities
 from .train import evaluate as evaluate_model
-
-EXIT_INTERRUPTED = 130  # 128 + SIGINT
-EXIT_TERMINATED = 143  # 128 + SIGTERM
-EXIT_BUG = 70  # sysexits' EX_SOFTWARE: an internal error
-BUG_REPORT = "This is a bug in xpcnn: please report it, with the traceback above and the command that gave it."
-
-
-def friendly_errors(command):
-    """Show the errors a user can fix as one line with exit status 1 (128 + N for signal N), and bugs as bugs.
-
-    User errors are xpcnn's own (:class:`XpcnnError`; a setting's error names its flag) and the
-    operating system's (a full disk, a missing permission).  Any other exception is a bug: its
-    traceback, a request to report it, exit status 70.  ``XPCNN_DEBUG=1`` shows the traceback of
-    user errors too.
-    """
-
-    @functools.wraps(command)
-    def wrapper(*args, **kwargs):
-        debug = os.environ.get("XPCNN_DEBUG", "") not in ("", "0")
-        try:
-            with sigterm_interrupts():
-                return command(*args, **kwargs)
-        except (click.ClickException, click.exceptions.Exit, click.exceptions.Abort):
-            raise
-        except TrainingInterrupted as exc:  # stopped at a step boundary, checkpointed: 130 for Ctrl-C, 143 for SIGTERM
-            click.echo(f"\nxpcnn: {exc}", err=True)
-            sys.exit(128 + exc.signum)
-        except Terminated:
-            click.echo("\nxpcnn: stopped by SIGTERM", err=True)
-            sys.exit(EXIT_TERMINATED)
-        except KeyboardInterrupt:
-            click.echo("\ninterrupted", err=True)
-            sys.exit(EXIT_INTERRUPTED)
-        except (XpcnnError, OSError) as exc:
-            if debug:
-                traceback.print_exc()
-            raise click.ClickException(_user_message(exc)) from None
-        except Exception:
-            traceback.print_exc()
-            click.echo(BUG_REPORT, err=True)
-            sys.exit(EXIT_BUG)
-
-    return wrapper
-
-
-def _user_message(exc: Exception) -> str:
-    """One line for a user error: a setting's flag first, an OS error's file and reason."""
-    if isinstance(exc, ConfigError) and exc.setting:
-        return f"--{exc.setting.replace('_', '-')}: {_first_line(exc)}"
-    if isinstance(exc, OSError) and exc.strerror:
-        target = f"{exc.filename}: " if exc.filename else ""
-        return f"{target}{exc.strerror}"
-    return _first_line(exc)
-
-
-def _first_line(exc: Exception) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
 
 allow_other_data_option = click.option(
     "--allow-other-data",
@@ -340,7 +279,7 @@ def evaluate(run, data_dir, device, backend, as_json, plot, allow_other_data):
     try:
         check_same_data(checkpoint, dataset, allow_other_data, TEST_FILES)
     except ConfigError as exc:
-        raise click.UsageError(_user_message(exc)) from None
+        raise click.UsageError(user_message(exc)) from None
     model, norm = model_from_checkpoint(checkpoint, chosen)
     with chosen.activate():
         split = DeviceSplit.from_host(chosen, dataset.test_images, dataset.test_labels, norm)

@@ -121,7 +121,7 @@ def test_several_ranks_on_a_backend_without_collectives_are_refused(monkeypatch)
     monkeypatch.setenv("XPCNN_WORLD_SIZE", "2")
     monkeypatch.setenv("XPCNN_RENDEZVOUS", "/nonexistent/r")
     with pytest.raises(D.DistributedError, match="numpy and torch backends on the CPU"):
-        D.join("array-api-strict", "cpu")
+        D.join(get_backend("array-api-strict"))
 
 
 # ---------------------------------------------------------------- sharding

@@ -18,12 +18,13 @@ See docs/distributed.md.
 
 from __future__ import annotations
 
+import atexit
 import datetime
 import math
 import os
 from dataclasses import dataclass
 
-from .backend import namespace
+from .backend import Backend, namespace
 from .errors import ConfigError, XpcnnError
 
 DEFAULT_TIMEOUT = 120.0  # seconds a rank waits in one collective for the others
@@ -141,6 +142,9 @@ class Communicator:
     def barrier(self) -> None:
         """Return once every rank has called it."""
 
+    def close(self) -> None:
+        """End this rank's part once every rank is done: a barrier, then the connections are closed."""
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}(rank={self.rank}, world_size={self.world_size})"
 
@@ -200,7 +204,12 @@ class TorchCommunicator(Communicator):
         self._collective("a barrier", lambda: self._dist.barrier())
 
     def close(self) -> None:
-        """Leave the process group (every rank calls it once, at the end)."""
+        if self._dist.is_initialized():
+            self.barrier()
+            self._leave()
+
+    def _leave(self) -> None:
+        """Close the connections: a rank that exits with them open can abort in gloo's threads."""
         if self._dist.is_initialized():
             self._dist.destroy_process_group()
 
@@ -213,24 +222,30 @@ def _first_line(exc: Exception) -> str:
 _JOINED: Communicator | None = None
 
 
-def join(backend_name: str = "numpy", device_kind: str = "cpu") -> Communicator:
+def join(backend: Backend) -> Communicator:
     """This process's communicator, from the environment (:func:`rank_from_environment`), made once per process.
 
-    One rank alone gets :class:`Local`.  Several ranks need the NumPy or torch backend on the CPU:
-    DistributedError otherwise.
+    One rank alone gets :class:`Local`; several need ``backend`` to be NumPy or torch on the CPU
+    (:func:`check_backend`).
     """
     global _JOINED
     placement = rank_from_environment()
     if placement.world_size == 1:
         return Local()
-    if backend_name not in ("numpy", "torch") or device_kind != "cpu":
-        raise DistributedError(
-            f"data-parallel training ({placement.world_size} ranks from {placement.launcher}) runs on the "
-            f"numpy and torch backends on the CPU; got {backend_name} on {device_kind}"
-        )
+    check_backend(backend, placement.world_size)
     if _JOINED is None:
         _JOINED = TorchCommunicator(placement, timeout_seconds())
+        atexit.register(_JOINED._leave)  # also when the rank ends with an error
     return _JOINED
+
+
+def check_backend(backend: Backend, world_size: int) -> None:
+    """DistributedError unless ``world_size`` ranks can train on ``backend``: NumPy or torch on the CPU."""
+    if world_size > 1 and (backend.name not in ("numpy", "torch") or backend.is_gpu):
+        raise DistributedError(
+            f"data-parallel training ({world_size} ranks) runs on the numpy and torch backends on the CPU, "
+            f"not on {backend.describe()}"
+        )
 
 
 # ---------------------------------------------------------------- what a step reduces

@@ -15,6 +15,7 @@ from .checkpoint import CHECKPOINT_NAME, Checkpoint, CheckpointError, save_check
 from .config import TrainConfig, make_optimizer
 from .data import Dataset, holds_dataset, other_files
 from .device_data import DeviceSplit, Normalization
+from .distributed import Communicator, Local, broadcast_state
 from .display import Progress
 from .errors import ConfigError
 from .files import remove_temporaries, write_json
@@ -156,6 +157,7 @@ def train_run(
     environment: dict | None = None,
     allow_other_data: bool = False,
     eager: bool = False,
+    communicator: Communicator | None = None,
 ) -> RunState:
     """Train ``config`` on ``dataset`` (an :class:`xpcnn.data.Dataset`), writing the run to ``out``.
 
@@ -169,6 +171,9 @@ def train_run(
     the writes leaves a directory that can be resumed (or, before the first checkpoint,
     started afresh).  On Ctrl-C the current position is checkpointed before
     TrainingInterrupted propagates; on divergence the last good checkpoint is kept.
+
+    With a ``communicator`` of several ranks every rank calls this with the same arguments: all train
+    (starting from rank 0's model), only rank 0 writes to ``out``; the files are those of one process.
     """
     from .data import split_validation
 
@@ -198,20 +203,36 @@ def train_run(
     if resume is not None:
         model.load_state_dict(resume.model_state)
         optimizer.load_state_dict(resume.optimizer_state)
+    communicator = communicator or Local()
+    broadcast_state(model, communicator)
+    writes = communicator.is_root
 
-    out.mkdir(parents=True, exist_ok=True)
-    remove_temporaries(out)
+    if writes:
+        out.mkdir(parents=True, exist_ok=True)
+        remove_temporaries(out)
 
     with backend.activate():
         train = DeviceSplit.from_host(backend, images, labels, norm)
         evals = {name: DeviceSplit.from_host(backend, *split, norm) for name, split in evals_host.items()}
-        trainer = Trainer(model, optimizer, backend, config, progress, background=-norm.mean / norm.std, eager=eager)
+        trainer = Trainer(
+            model,
+            optimizer,
+            backend,
+            config,
+            progress,
+            background=-norm.mean / norm.std,
+            eager=eager,
+            communicator=communicator,
+        )
         # Only now, with everything that can refuse the run behind us: a failed resume leaves config.json as it was.
-        write_json(out / "config.json", {**config.to_dict(), **(environment or {}), "xpcnn_version": __version__})
-        if resume is not None:
+        if writes:
+            write_json(out / "config.json", {**config.to_dict(), **(environment or {}), "xpcnn_version": __version__})
+        if resume is not None and writes:
             write_json(out / "history.json", state.history)  # the checkpoint's, in case the last run died before it
 
         def save(state: RunState):
+            if not writes:
+                return
             meta = checkpoint_meta(config, state, norm, dataset, backend)
             save_checkpoint(out / CHECKPOINT_NAME, meta, model.state_dict(), optimizer.state_dict())
             write_json(out / "history.json", state.history)

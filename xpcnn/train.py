@@ -1,5 +1,7 @@
 """The training loop: fit, evaluate and predict on device-resident data (run directories: runs.py).
 
+One job, though long: the loop over epochs and steps, on one rank or as one of several.
+
 Splits are copied to the device once (device_data.py); batches are gathered there
 with ``take`` from a per-epoch permutation.  The host reads values back only at
 the log interval and at the end of an epoch, so a GPU is never synchronised
@@ -28,6 +30,15 @@ import numpy as np
 
 from .backend import Backend, to_host
 from .config import TrainConfig, make_augmentation
+from .distributed import (
+    Communicator,
+    Local,
+    average_gradients,
+    check_backend,
+    check_batch_size,
+    shard_bounds,
+    usable_count,
+)
 from .device_data import DeviceSplit, EvalResult, evaluate_batches
 from .display import Progress
 from .errors import ConfigError, XpcnnError
@@ -91,6 +102,7 @@ class Trainer:
         background: float = 0.0,
         callbacks: Sequence = (),
         eager: bool = False,
+        communicator: Communicator | None = None,
     ):
         """``background`` is the value of a blank pixel after normalisation: what augmentation fills in.
 
@@ -101,8 +113,17 @@ class Trainer:
         and recorded over the steps it ran.
 
         On JAX each step is one compiled program (:mod:`xpcnn.compiled`) unless ``eager``.
+
+        With a ``communicator`` of several ranks (:mod:`xpcnn.distributed`) each rank trains on its shard of
+        every global batch of ``config.batch_size``, batch norm uses the global batch's statistics and the
+        gradients are averaged before each update: the ranks train one model, the one a single process
+        would.  Only rank 0 shows progress; every rank's history is the global batch's.
         """
         self.model, self.optimizer, self.backend, self.config = model, optimizer, backend, config
+        self.communicator = communicator or Local()
+        check_backend(backend, self.communicator.world_size)
+        check_batch_size(config.batch_size, self.communicator.world_size)
+        model.set_communicator(self.communicator)
         hooks = [(getattr(c, "on_step", None), getattr(c, "on_epoch_end", None)) for c in callbacks]
         for callback, (on_step, on_epoch_end) in zip(callbacks, hooks, strict=True):
             if not (callable(on_step) or callable(on_epoch_end)):
@@ -112,7 +133,7 @@ class Trainer:
         self._epoch_callbacks = [on_epoch_end for _, on_epoch_end in hooks if callable(on_epoch_end)]
         # Labels are validated once, at load; the evaluation loss stays the plain cross-entropy.
         self.loss_fn = CrossEntropyLoss(check_labels=False, label_smoothing=config.label_smoothing)
-        self.progress = progress or Progress(None)
+        self.progress = progress if progress is not None and self.communicator.is_root else Progress(None)
         self.augmentation = make_augmentation(config)
         self.background = background
         self._compiled_before_epoch = 0.0
@@ -122,6 +143,7 @@ class Trainer:
 
             runner = functools.partial(CompiledSteps, compile=not eager)
         self.step_runner = runner(model, self.loss_fn, optimizer, backend, config.seed, self.augmentation, background)
+        self.step_runner.communicator = self.communicator
 
     def fit(
         self, train: DeviceSplit, evals: dict[str, DeviceSplit], state: RunState | None = None, on_epoch_end=None
@@ -137,7 +159,7 @@ class Trainer:
         flag = {"stop": False, "callback": False}  # Ctrl-C; a callback's request to stop
         with _stop_on_ctrl_c(flag), np.errstate(over="ignore", invalid="ignore", divide="ignore"):
             while state.epoch < self.config.epochs:
-                if flag["stop"]:
+                if self._agreed(flag["stop"]):
                     raise TrainingInterrupted(f"stopped after epoch {state.epoch}")
                 finished = self._train_epoch(train, state, flag)
                 if not finished and not flag["callback"]:
@@ -146,12 +168,24 @@ class Trainer:
                 self.progress.end_epoch(record)
                 if on_epoch_end is not None:
                     on_epoch_end(state)
-                if any([callback(record) for callback in self._epoch_callbacks]) or flag["callback"]:
+                if self._agreed(any([callback(record) for callback in self._epoch_callbacks]) or flag["callback"]):
                     break
         return state
 
     def steps_per_epoch(self, train: DeviceSplit) -> int:
-        return math.ceil(len(train) / self.config.batch_size)
+        return math.ceil(self._usable(train) / self.config.batch_size)
+
+    def _usable(self, train: DeviceSplit) -> int:
+        """How many of the epoch's shuffled images are trained on (all of them, but for a short last batch
+        that does not split evenly over the ranks: see :func:`xpcnn.distributed.usable_count`)."""
+        return usable_count(len(train), self.config.batch_size, self.communicator.world_size)
+
+    def _agreed(self, wish: bool) -> bool:
+        """Whether any rank wishes it (Ctrl-C, a callback's stop): every rank decides the same, or one would wait
+        forever for the others at the next collective."""
+        if self.communicator.world_size == 1:
+            return bool(wish)
+        return bool(self.communicator.all_reduce_sum(np.array([float(bool(wish))]))[0] > 0)
 
     def _train_epoch(self, train: DeviceSplit, state: RunState, flag: dict) -> bool:
         """Run the rest of the current epoch.
@@ -159,7 +193,9 @@ class Trainer:
         False if Ctrl-C or a callback stopped it (``state`` then points at the next step).
         """
         xp, cfg = self.backend.xp, self.config
-        steps = self.steps_per_epoch(train)
+        steps, usable = self.steps_per_epoch(train), self._usable(train)
+        comm = self.communicator
+        alone = comm.world_size == 1
         total_steps = steps * cfg.epochs
         epoch = state.epoch  # 0-based index of the running epoch
         order = self.backend.asarray(np.random.default_rng([cfg.seed, epoch]).permutation(len(train)))
@@ -167,10 +203,11 @@ class Trainer:
         self.step_runner.start_epoch(epoch, state.step)
         self.progress.start_epoch(epoch + 1, cfg.epochs, steps, state.step)
 
-        partial = state.partial
+        # The sums so far (global: a checkpoint's) start on rank 0; every rank adds its own batches.
+        partial = state.partial if comm.is_root else RunState().partial
         loss_sum = xp.asarray(partial["loss_sum"], dtype=xp.float64, device=self.backend.device)
         correct = xp.asarray(partial["correct"], dtype=xp.int64, device=self.backend.device)
-        seen, seconds = partial["seen"], partial["seconds"]
+        seen, seconds = partial["seen"], state.partial["seconds"]
         self._compiled_before_epoch = compiled_before = self.step_runner.compile_seconds
         started = time.perf_counter()
 
@@ -178,17 +215,25 @@ class Trainer:
             self.backend.synchronize()
             now = time.perf_counter()
             compiling = self.step_runner.compile_seconds - compiled_before  # not training time
+            totals = [float(loss_sum), float(correct), float(seen)]
+            if not alone:  # the global batch's sums, and whether any rank wants to stop
+                wishes = [float(flag["stop"]), float(flag["callback"])]
+                totals = comm.all_reduce_sum(np.array(totals + wishes, dtype=np.float64)).tolist()
+                flag["stop"], flag["callback"] = totals[3] > 0, totals[4] > 0
             state.partial = {
-                "loss_sum": float(loss_sum),
-                "correct": int(correct),
-                "seen": seen,
+                "loss_sum": totals[0],
+                "correct": int(totals[1]),
+                "seen": int(totals[2]),
                 "seconds": seconds + now - started - compiling,
             }
             state.step = step
             return state.partial
 
         for step in range(state.step, steps):
-            batch = order[step * cfg.batch_size : min((step + 1) * cfg.batch_size, len(train))]
+            lo, hi = shard_bounds(
+                step * cfg.batch_size, min((step + 1) * cfg.batch_size, usable), comm.rank, comm.world_size
+            )
+            batch = order[lo:hi]
             self.optimizer.lr = scheduled_lr(cfg.schedule, cfg.lr, state.global_step, total_steps)
             loss, batch_correct = self.step_runner.train_step(train.images, train.labels, batch, step)
             state.global_step += 1
@@ -201,13 +246,18 @@ class Trainer:
             loss_sum = loss_sum + loss * count
             correct = correct + batch_correct
             last = step + 1 == steps
-            if (step + 1) % cfg.log_every == 0 or last or flag["stop"] or flag["callback"]:
+            # Several ranks stop only where they all read their sums back, so that they stop together.
+            wish = alone and (flag["stop"] or flag["callback"])
+            if (step + 1) % cfg.log_every == 0 or last or wish:
                 partial = checkpoint_partial(step + 1)
-                mean_loss = partial["loss_sum"] / seen
+                mean_loss = partial["loss_sum"] / partial["seen"]
                 if not math.isfinite(mean_loss):
                     raise TrainingDiverged(f"loss became {mean_loss} at epoch {epoch + 1}, step {step + 1}")
                 self.progress.update(
-                    step + 1, mean_loss, partial["correct"] / seen, seen / max(partial["seconds"], 1e-9)
+                    step + 1,
+                    mean_loss,
+                    partial["correct"] / partial["seen"],
+                    partial["seen"] / max(partial["seconds"], 1e-9),
                 )
                 if (flag["stop"] or flag["callback"]) and not last:  # Ctrl-C may have come during the update
                     return False
@@ -266,6 +316,7 @@ class LayerSteps:
 
     compiles = False
     compile_seconds = 0.0
+    communicator: Communicator = Local()  # the Trainer's: several ranks average their gradients
 
     def __init__(self, model, loss_fn, optimizer, backend, seed, augmentation=None, background=0.0):
         self.model, self.loss_fn, self.optimizer, self.backend = model, loss_fn, optimizer, backend
@@ -273,7 +324,8 @@ class LayerSteps:
         self._noise = None
 
     def start_epoch(self, epoch: int, step: int) -> None:
-        self._noise = self.backend.generator(self.seed, epoch, step)
+        rank = () if self.communicator.world_size == 1 else (self.communicator.rank,)
+        self._noise = self.backend.generator(self.seed, epoch, step, *rank)
         self.model.set_generator(self._noise)
 
     def train_step(self, images, labels, batch, step: int):
@@ -287,6 +339,7 @@ class LayerSteps:
         logits = self.model.forward(x)
         loss = self.loss_fn.forward(logits, y)
         self.model.backward(self.loss_fn.backward(), input_grad=False)
+        average_gradients(self.model, self.communicator)
         self.optimizer.step()
         return loss, xp.count_nonzero(xp.argmax(logits, axis=1) == y)  # count_nonzero counts the booleans
 

@@ -1,7 +1,8 @@
 """One rank of the data-parallel tests: train a small float64 model with a Trainer and save what it ended with.
 
 Usage: python tests/dp_worker.py BACKEND BN|PLAIN EPOCHS OUT (the rank from the environment, as under any
-launcher; ``{rank}`` in OUT is replaced by it).  Also imported by tests/test_data_parallel.py, which runs the same function in one process.
+launcher; ``{rank}`` in OUT is replaced by it).  Also imported by tests/test_data_parallel.py, which runs the
+same function in one process.
 """
 
 import sys

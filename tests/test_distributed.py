@@ -80,7 +80,7 @@ def test_no_launcher_variables_mean_one_rank_alone():
     [
         ({"XPCNN_RANK": "1", "XPCNN_WORLD_SIZE": "2", "XPCNN_RENDEZVOUS": "/tmp/r"}, "xpcnn"),
         ({"RANK": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}, "torchrun"),
-        ({"OMPI_COMM_WORLD_RANK": "1", "OMPI_COMM_WORLD_SIZE": "2", "XPCNN_RENDEZVOUS": "/tmp/r"}, "mpiexec (Open MPI)"),
+        ({"OMPI_COMM_WORLD_RANK": "1", "OMPI_COMM_WORLD_SIZE": "2", "XPCNN_RENDEZVOUS": "/r"}, "mpiexec (Open MPI)"),
         ({"PMI_RANK": "1", "PMI_SIZE": "2", "MASTER_ADDR": "h", "MASTER_PORT": "1"}, "mpiexec (MPICH)"),
         ({"SLURM_PROCID": "1", "SLURM_STEP_NUM_TASKS": "2", "XPCNN_RENDEZVOUS": "file:///s/r"}, "srun"),
     ],
@@ -166,7 +166,7 @@ def test_sync_batchnorm_over_ranks_equals_batchnorm_over_the_whole_batch(shape):
 
     def work(rank, comm):
         xr, gr = _halves(x, 2)[rank], _halves(grad_y, 2)[rank]
-        yr, hr, sr, mr, vr, count = F.sync_batchnorm_forward(xr, weight, bias, 1e-5, comm.all_reduce_sum)
+        yr, hr, sr, mr, vr, count = F.sync_batchnorm_forward(xr, weight, bias, 1e-5, comm.all_reduce_sum, 2)
         back = F.sync_batchnorm_backward(gr, hr, sr, weight, count, comm.all_reduce_sum)
         return yr, mr, vr, count, back
 
@@ -186,7 +186,7 @@ def test_sync_batchnorm_alone_is_batchnorm():
     x, g = rng.normal(size=(5, 4, 3, 3)), rng.normal(size=(5, 4, 3, 3))
     w, b = rng.normal(size=4), rng.normal(size=4)
     y, x_hat, inv_std, mean, var = F.batchnorm_forward(x, w, b, 1e-5)
-    ys, hs, ss, ms, vs, count = F.sync_batchnorm_forward(x, w, b, 1e-5, lambda a: a)
+    ys, hs, ss, ms, vs, count = F.sync_batchnorm_forward(x, w, b, 1e-5, lambda a: a, 1)
     np.testing.assert_allclose(ys, y, rtol=1e-12, atol=1e-14)
     expected = F.batchnorm_backward(g, x_hat, inv_std, w)
     for got, want in zip(F.sync_batchnorm_backward(g, hs, ss, w, count, lambda a: a), expected, strict=True):
@@ -202,12 +202,13 @@ def test_sync_batchnorm_gradient_by_central_differences():
 
     def loss_and_grads(x, w, b):
         def work(rank, comm):
-            y, h, s, _, _, count = F.sync_batchnorm_forward(_halves(x, 2)[rank], w, b, 1e-5, comm.all_reduce_sum)
+            y, h, s, _, _, count = F.sync_batchnorm_forward(_halves(x, 2)[rank], w, b, 1e-5, comm.all_reduce_sum, 2)
             cr = _halves(c, 2)[rank]
             return float(np.sum(y * cr)), F.sync_batchnorm_backward(cr, h, s, w, count, comm.all_reduce_sum)
 
         results = ranks.run(work)
-        grads = (np.concatenate([r[1][0] for r in results]), sum(r[1][1] for r in results), sum(r[1][2] for r in results))
+        grad_x = np.concatenate([r[1][0] for r in results])
+        grads = (grad_x, sum(r[1][1] for r in results), sum(r[1][2] for r in results))
         return sum(r[0] for r in results), grads
 
     _, (gx, gw, gb) = loss_and_grads(x, w, b)

@@ -131,8 +131,8 @@ class Communicator:
     def all_reduce_mean(self, array):
         """The element-wise mean of ``array`` over all ranks, into ``array`` (a sum, then a division)."""
         if self.world_size > 1:
-            self.all_reduce_sum(array)
-            array /= self.world_size
+            array = self.all_reduce_sum(array)
+            array /= self.world_size  # in place where arrays are writeable
         return array
 
     def broadcast(self, array):

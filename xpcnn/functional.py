@@ -506,26 +506,24 @@ def batchnorm_backward(grad_y, x_hat, inv_std, weight, *, column_dot=_column_dot
     return _from_channel_matrix(grad_x, tuple(grad_y.shape)), grad_weight, grad_bias
 
 
-def sync_batchnorm_forward(x, weight, bias, eps: float, total):
-    """:func:`batchnorm_forward` with the statistics of the global batch: every rank's rows together.
+def sync_batchnorm_forward(x, weight, bias, eps: float, total, ranks: int):
+    """:func:`batchnorm_forward` with the statistics of the global batch: the rows of all ``ranks`` together.
 
-    ``total`` sums a 1-d array over the ranks (an all-reduce, e.g. ``Communicator.all_reduce_sum``);
-    it is called twice, for the per-channel sums with the row count and for the squared deviations
-    from the global mean (two passes: as exact as one process's variance).  Returns
-    (y, x_hat (rows, C), inv_std (C,), mean (C,), biased variance (C,), global row count).
+    Every rank holds as many rows as this one.  ``total`` sums a 1-d array over the ranks (an all-reduce,
+    e.g. ``Communicator.all_reduce_sum``; its result is used, so it may be functional); it is called
+    twice, for the per-channel sums and for the squared deviations from the global mean (two passes: as
+    exact as one process's variance).  Returns (y, x_hat (rows, C), inv_std (C,), mean (C,), biased
+    variance (C,), the global row count).
     """
-    xp = namespace(x)
     matrix = _channel_matrix(x)
-    rows = xp.full((1,), matrix.shape[0], dtype=matrix.dtype, device=device(matrix))
-    sums = total(xp.concat([_column_sum(matrix), rows]))
-    count = sums[-1]
-    mean = sums[:-1] / count
+    count = int(matrix.shape[0]) * ranks
+    mean = total(_column_sum(matrix)) / count
     centred = matrix - mean
     var = total(_column_sum(centred * centred)) / count
     inv_std = (var + eps) ** -0.5
     x_hat = centred * inv_std
     y = x_hat * weight + bias
-    return _from_channel_matrix(y, tuple(x.shape)), x_hat, inv_std, mean, var, int(count)
+    return _from_channel_matrix(y, tuple(x.shape)), x_hat, inv_std, mean, var, count
 
 
 def sync_batchnorm_backward(grad_y, x_hat, inv_std, weight, count: int, total):

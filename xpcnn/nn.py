@@ -435,7 +435,7 @@ class _BatchNorm(Layer):
         weight, bias = self.params["weight"], self.params["bias"]
         if self.communicator is not None:
             y, x_hat, inv_std, mean, var, count = F.sync_batchnorm_forward(
-                x, weight, bias, self.eps, self.communicator.all_reduce_sum
+                x, weight, bias, self.eps, self.communicator.all_reduce_sum, self.communicator.world_size
             )
         else:
             count = math.prod(x.shape) // x.shape[1]

@@ -4,7 +4,9 @@ Ranks are threads here (:class:`ThreadRanks`, collectives over a barrier), so th
 processes; tests/test_data_parallel.py runs real ranks through torch.distributed.
 """
 
+import sys
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -13,6 +15,7 @@ from xpcnn import distributed as D
 from xpcnn import functional as F
 from xpcnn.backend import get_backend
 from xpcnn.errors import ConfigError
+from xpcnn.launch import GRACE, child_arguments, launch, rank_environment
 from xpcnn.nn import BatchNorm2d, Conv2d, Flatten, Linear, ReLU, Sequential
 
 
@@ -277,3 +280,56 @@ def test_broadcast_state_gives_every_rank_rank_0s_model():
     for name in expected:
         np.testing.assert_array_equal(first[name], expected[name])
         np.testing.assert_array_equal(second[name], expected[name])
+
+
+# ---------------------------------------------------------------- the launcher
+
+
+def test_each_rank_reruns_the_command_without_nproc_and_with_one_out():
+    given = ["--epochs", "2", "--nproc", "2", "-q"]
+    assert child_arguments(given, "runs/x") == ["--epochs", "2", "-q", "--out", "runs/x"]
+    assert child_arguments(["--nproc=2", "--out", "d"], "runs/x") == ["--out", "d"]
+    assert child_arguments(["--resume", "d", "--nproc", "3"], "runs/x") == ["--resume", "d"]
+
+
+def test_each_rank_gets_its_variables_and_a_share_of_the_threads(tmp_path):
+    environ = rank_environment(1, 2, tmp_path / "rendezvous", {})
+    assert environ["XPCNN_RANK"] == "1" and environ["XPCNN_WORLD_SIZE"] == "2"
+    assert environ["XPCNN_RENDEZVOUS"] == (tmp_path / "rendezvous").as_uri()
+    assert int(environ["OMP_NUM_THREADS"]) >= 1
+    assert rank_environment(0, 2, tmp_path, {"OMP_NUM_THREADS": "7"})["OMP_NUM_THREADS"] == "7"
+
+
+def _ranks_exit(code_of_rank_1: str, rank_0: str = "pass") -> list[str]:
+    body = f"import os, sys, time\nif os.environ['XPCNN_RANK'] == '1': {code_of_rank_1}\nelse: {rank_0}"
+    return [sys.executable, "-c", body]
+
+
+def test_the_launcher_succeeds_when_every_rank_does():
+    lines = []
+    assert launch(2, _ranks_exit("pass"), lines.append) == 0
+    assert lines == []
+
+
+def test_a_failed_rank_stops_the_others_within_the_grace_period_with_one_line():
+    lines = []
+    started = time.monotonic()
+    assert launch(2, _ranks_exit("sys.exit(3)", "time.sleep(60)"), lines.append) == 1
+    assert time.monotonic() - started < GRACE + 5
+    statuses = "rank 0: signal 9 (SIGKILL), rank 1: exit status 3"
+    assert lines == [f"Error: rank 1 of 2 failed; every rank has stopped ({statuses})"]
+
+
+def test_ranks_all_interrupted_are_interrupted():
+    assert launch(2, _ranks_exit("sys.exit(130)", "sys.exit(130)"), lambda line: None) == 130
+
+
+def test_nproc_checks_the_data_once_before_starting_ranks(tmp_path):
+    from click.testing import CliRunner
+
+    from xpcnn.cli import main
+
+    arguments = ["train", "--data-dir", str(tmp_path), "--nproc", "2", "--out", str(tmp_path / "r")]
+    result = CliRunner().invoke(main, arguments)
+    assert result.exit_code == 1
+    assert result.output.count("Error:") == 1 and "missing mnist files" in result.output

@@ -306,6 +306,8 @@ def train(
 
         check_backend(chosen, nproc)
         check_batch_size(config.batch_size, nproc)
+        # Once, here: a bad data directory is one line, not one per rank, and a download happens once.
+        load_dataset(config.dataset, data_dir, progress=not quiet)
         if sys.argv[1:2] != ["train"]:  # the ranks rerun this command line
             raise click.UsageError("--nproc works from the command line (xpcnn train ... --nproc N)")
         command = [sys.executable, "-m", "xpcnn", "train", *child_arguments(sys.argv[2:], str(out))]

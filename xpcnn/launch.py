@@ -75,7 +75,7 @@ def launch(world_size: int, command: list[str], say=None) -> int:
 def _watch(ranks: list[subprocess.Popen], say) -> int:
     """Wait for every rank; after the first failure, :data:`GRACE` seconds for the rest, then kill them."""
     first, failed_at = None, None  # the rank that failed first, and when it was seen
-    while any(process.poll() is None for process in ranks):
+    while None in [process.poll() for process in ranks]:  # a list: poll every rank, each look
         if first is None:
             first = next((r for r, p in enumerate(ranks) if p.returncode not in (None, 0, EXIT_INTERRUPTED)), None)
             failed_at = time.monotonic()

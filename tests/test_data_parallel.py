@@ -127,7 +127,7 @@ def test_a_rank_that_dies_or_hangs_stops_the_others_with_one_line(tmp_path, data
     command = xpcnn(
         "train", "--data-dir", data_dir, "--model", "seed", "--batch-size", 8, "--epochs", 50, "--out", out,
         "--device", "cpu", "--nproc", 2, "-q",
-    )
+    )  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(ROOT), "XPCNN_DIST_TIMEOUT": "5"}
     process = subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
@@ -152,4 +152,30 @@ def test_a_rank_that_dies_or_hangs_stops_the_others_with_one_line(tmp_path, data
     assert not any("Traceback" in line for line in lines), err
     assert load_checkpoint(out).meta["state"]["epoch"] >= 1  # the last checkpoint is whole
     resumed = run(xpcnn("train", "--resume", out, "--epochs", load_checkpoint(out).meta["state"]["epoch"] + 1, "-q"))
+    assert resumed.returncode == 0, resumed.stderr
+
+
+def test_ctrl_c_stops_every_rank_together_and_the_run_resumes(tmp_path, data_dir):
+    out = tmp_path / "run"
+    command = xpcnn(
+        "train", "--data-dir", data_dir, "--model", "seed", "--batch-size", 8, "--epochs", 50, "--out", out,
+        "--device", "cpu", "--nproc", 2, "--log-every", 5, "-q",
+    )  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "XPCNN_DIST_TIMEOUT": "20"}
+    process = subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + TIMEOUT
+        while not (out / "checkpoint.npz").exists():
+            assert process.poll() is None and time.monotonic() < deadline, "the run ended before its first epoch"
+            time.sleep(0.1)
+        os.killpg(process.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: every process of the group
+        _, err = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.communicate()
+    assert process.returncode == 130, err
+    assert "checkpoint saved, continue with: xpcnn train --resume" in err
+    state = load_checkpoint(out).meta["state"]
+    resumed = run(xpcnn("train", "--resume", out, "--epochs", state["epoch"] + 1, "-q"))
     assert resumed.returncode == 0, resumed.stderr

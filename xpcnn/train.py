@@ -30,6 +30,7 @@ import numpy as np
 
 from .backend import Backend, to_host
 from .config import TrainConfig, make_augmentation
+from .device_data import DeviceSplit, EvalResult, evaluate_batches
 from .distributed import (
     Communicator,
     Local,
@@ -39,7 +40,6 @@ from .distributed import (
     shard_bounds,
     usable_count,
 )
-from .device_data import DeviceSplit, EvalResult, evaluate_batches
 from .display import Progress
 from .errors import ConfigError, XpcnnError
 from .functional import softmax

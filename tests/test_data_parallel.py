@@ -179,3 +179,31 @@ def test_ctrl_c_stops_every_rank_together_and_the_run_resumes(tmp_path, data_dir
     state = load_checkpoint(out).meta["state"]
     resumed = run(xpcnn("train", "--resume", out, "--epochs", state["epoch"] + 1, "-q"))
     assert resumed.returncode == 0, resumed.stderr
+
+
+FIT = """
+import os, sys
+import numpy as np
+import xpcnn
+rng = np.random.default_rng(1)
+images, labels = rng.integers(0, 256, (96, 28, 28), dtype=np.uint8), rng.integers(0, 10, 96)
+history = xpcnn.fit("seed", (images, labels), backend="{backend}", epochs=2, batch_size=32, seed=3)
+weights = history.optimizer.model.state_dict()
+rank = os.environ.get("XPCNN_RANK", "0")
+np.savez(sys.argv[1].format(rank=rank), loss=[r["train_loss"] for r in history.records], **weights)
+"""
+
+
+@pytest.mark.parametrize("backend", ["numpy", "torch"])
+def test_fit_inside_ranks_trains_the_model_fit_trains_alone(tmp_path, backend):
+    script = tmp_path / "fit.py"
+    script.write_text(FIT.format(backend=backend))
+    alone = run([sys.executable, str(script), str(tmp_path / "alone.npz")])
+    assert alone.returncode == 0, alone.stderr
+    ranks = run(launched(2, [sys.executable, str(script), str(tmp_path / "rank{rank}.npz")]))
+    assert ranks.returncode == 0, ranks.stderr
+    expected = dict(np.load(tmp_path / "alone.npz"))
+    for rank in range(2):
+        got = dict(np.load(tmp_path / f"rank{rank}.npz"))
+        for name, value in expected.items():
+            np.testing.assert_allclose(got[name], value, rtol=1e-4, atol=1e-6, err_msg=name)  # float32

@@ -333,3 +333,10 @@ def test_nproc_checks_the_data_once_before_starting_ranks(tmp_path):
     result = CliRunner().invoke(main, arguments)
     assert result.exit_code == 1
     assert result.output.count("Error:") == 1 and "missing mnist files" in result.output
+
+
+def test_without_torch_several_ranks_are_one_line_naming_the_extra(monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch", None)  # import torch now raises ImportError
+    monkeypatch.setitem(sys.modules, "torch.distributed", None)
+    with pytest.raises(D.DistributedError, match=r"pip install 'xpcnn\[distributed\]'"):
+        D.TorchCommunicator(D.Placement(0, 2, "file:///nonexistent/r", "xpcnn"), 1.0)

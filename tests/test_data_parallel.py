@@ -207,3 +207,19 @@ def test_fit_inside_ranks_trains_the_model_fit_trains_alone(tmp_path, backend):
         got = dict(np.load(tmp_path / f"rank{rank}.npz"))
         for name, value in expected.items():
             np.testing.assert_allclose(got[name], value, rtol=1e-4, atol=1e-6, err_msg=name)  # float32
+
+
+def test_the_same_command_runs_under_torchrun(tmp_path, data_dir):
+    torchrun = Path(sys.executable).with_name("torchrun")
+    if not torchrun.exists():
+        pytest.skip("no torchrun beside this Python")
+    common = ["--data-dir", data_dir, "--model", "seed", "--batch-size", 32, "--device", "cpu", "-q"]
+    alone = run(xpcnn("train", *common, "--out", tmp_path / "alone"))
+    assert alone.returncode == 0, alone.stderr
+    rendezvous = ["--nnodes", "1", "--nproc-per-node", "2", "--rdzv-backend", "c10d", "--rdzv-endpoint", "127.0.0.1:0"]
+    ranks = run([str(torchrun), *rendezvous, "-m", "xpcnn", "train", *map(str, common), "--out", str(tmp_path / "two")])
+    assert ranks.returncode == 0, ranks.stderr
+    assert ranks.stdout.count("best test accuracy") == 1
+    expected, got = load_checkpoint(tmp_path / "alone"), load_checkpoint(tmp_path / "two")
+    for name, value in expected.model_state.items():
+        np.testing.assert_allclose(got.model_state[name], value, rtol=1e-4, atol=1e-6, err_msg=name)  # float32

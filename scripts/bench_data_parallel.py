@@ -22,7 +22,7 @@ import time
 
 import numpy as np
 
-from xpcnn import distributed
+from xpcnn import distributed, ranks
 from xpcnn.backend import get_backend
 from xpcnn.config import TrainConfig, make_optimizer
 from xpcnn.device_data import DeviceSplit, Normalization
@@ -118,7 +118,7 @@ def print_model() -> None:
 def time_rank(model: str, batch: int, steps: int, backend_name: str) -> dict:
     """Seconds per step of one global ``batch`` on this rank's share, and of the gradient's all-reduce alone."""
     backend = get_backend(backend_name, "cpu")
-    communicator = distributed.join(backend)
+    communicator = ranks.join(backend)
     net = build(model).to(backend)
     net.set_communicator(communicator)
     optimizer = make_optimizer(TrainConfig(model=model), net)

@@ -9,7 +9,7 @@ import sys
 
 import numpy as np
 
-from xpcnn import distributed
+from xpcnn import ranks
 from xpcnn.backend import get_backend
 from xpcnn.config import TrainConfig, make_optimizer
 from xpcnn.device_data import DeviceSplit, Normalization
@@ -50,5 +50,6 @@ def train(backend_name: str, batch_norm: bool, epochs: int, communicator) -> dic
 
 if __name__ == "__main__":
     name, kind, epochs, out = sys.argv[1:]
-    communicator = distributed.join(get_backend(name, "cpu"))
+    ranks.prepare(name)
+    communicator = ranks.join(get_backend(name, "cpu"))
     np.savez(out.format(rank=communicator.rank), **train(name, kind == "BN", int(epochs), communicator))

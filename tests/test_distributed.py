@@ -16,6 +16,7 @@ from xpcnn import functional as F
 from xpcnn.backend import get_backend
 from xpcnn.errors import ConfigError
 from xpcnn.launch import GRACE, child_arguments, launch, rank_environment
+from xpcnn.ranks import join
 from xpcnn.nn import BatchNorm2d, Conv2d, Flatten, Linear, ReLU, Sequential
 
 
@@ -123,8 +124,8 @@ def test_several_ranks_on_a_backend_without_collectives_are_refused(monkeypatch)
     monkeypatch.setenv("XPCNN_RANK", "0")
     monkeypatch.setenv("XPCNN_WORLD_SIZE", "2")
     monkeypatch.setenv("XPCNN_RENDEZVOUS", "/nonexistent/r")
-    with pytest.raises(D.DistributedError, match="numpy and torch backends on the CPU"):
-        D.join(get_backend("array-api-strict"))
+    with pytest.raises(D.DistributedError, match="numpy, torch and jax backends on the CPU"):
+        join(get_backend("array-api-strict"))
 
 
 # ---------------------------------------------------------------- sharding

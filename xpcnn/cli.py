@@ -25,12 +25,13 @@ from .config import TrainConfig
 from .data import DATASETS, TEST_FILES, find_data_dir, get_spec, load_dataset, other_files
 from .device_data import DeviceSplit, normalize_images
 from .diagnostics import available_backends, gpu_names
-from .distributed import check_backend, join, rank_from_environment
+from .distributed import check_backend, rank_from_environment
 from .display import Progress
 from .errors import ConfigError, XpcnnError
 from .images import ImageError, load_image
 from .models import MODELS
 from .optim import OPTIMIZERS, SCHEDULES
+from .ranks import join, prepare
 from .recipes import RECIPES, recipe
 from .runs import (
     RESUMABLE,
@@ -299,6 +300,8 @@ def train(
             raise click.UsageError(f"{out} already holds a run: continue it with --resume {out}, or pick another --out")
 
     set_tf32(tf32)
+    if not (nproc and nproc > 1):
+        prepare(backend)  # JAX's ranks meet before JAX does anything
     chosen = get_backend(backend, device)
     if nproc and nproc > 1:
         from .distributed import check_batch_size

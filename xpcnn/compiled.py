@@ -38,6 +38,8 @@ import time
 from . import fastpath
 from .backend import Backend, namespace
 from .device_data import DeviceSplit, EvalResult, evaluate_batches
+from .distributed import DistributedError, Local
+from .distributed_jax import AXIS, DataParallelStep, InStep
 from .nn import CrossEntropyLoss, Sequential
 from .rng import JaxGenerator, seed_to_int
 
@@ -103,7 +105,10 @@ class CompiledSteps:
         augmentation=None,
         background: float = 0.0,
         compile: bool = True,
+        communicator=None,
     ):
+        """With a ``communicator`` of several ranks the step runs over all their devices
+        (:mod:`xpcnn.distributed_jax`): batch norm's statistics and the gradient are summed with ``psum`` inside it."""
         import jax
 
         self.model, self.loss_fn, self.optimizer, self.backend = model, loss_fn, optimizer, backend
@@ -111,9 +116,16 @@ class CompiledSteps:
         self.compiles = compile
         self._jax = jax
         self._epoch_key = None
+        self._ranks = (communicator or Local()).world_size
+        if self._ranks > 1 and not compile:
+            raise DistributedError("data-parallel training on the jax backend runs compiled: leave out --eager")
         if compile:
             options = fastpath.compiler_options(backend.device)
-            self._train = _AheadOfTime(self._train_step, options, donate_argnums=(0, 1, 2))
+
+            def wrap(step):
+                return _AheadOfTime(step, options, donate_argnums=(0, 1, 2))
+
+            self._train = DataParallelStep(self._train_step, wrap) if self._ranks > 1 else wrap(self._train_step)
             self._evaluate = _AheadOfTime(self._eval_step, options)
         else:
             self._train, self._evaluate = self._train_step, self._eval_step
@@ -166,11 +178,15 @@ class CompiledSteps:
 
     def _train_step(self, flat, state, buffers, images, labels, batch, epoch_key, step, lr, steps):
         xp = namespace(images)
-        generator = JaxGenerator.from_key(self._jax.random.fold_in(epoch_key, step))
+        key = self._jax.random.fold_in(epoch_key, step)
+        if self._ranks > 1:  # each rank its own noise: (seed, epoch, step, rank)
+            key = self._jax.random.fold_in(key, self._jax.lax.axis_index(AXIS))
+        generator = JaxGenerator.from_key(key)
         loss_fn = copy.copy(self.loss_fn)  # it keeps the gradient of the last loss
         state = dict(state)
         with _borrowed(self.model) as model:
             model.train()
+            model.set_communicator(InStep(self._ranks) if self._ranks > 1 else None)
             model.set_parameters(self.optimizer.split(flat))
             model.set_buffers(buffers)
             model.set_generator(generator)
@@ -182,9 +198,13 @@ class CompiledSteps:
             loss = loss_fn.forward(logits, y)
             model.backward(loss_fn.backward(), input_grad=False)
             grad = self.optimizer.flat_gradient(dict(model.named_gradients()))
+            if self._ranks > 1:  # the hook: the mean of the ranks' gradients, inside the one program
+                grad = self._jax.lax.psum(grad, AXIS) / self._ranks
             flat = self.optimizer.update(flat, grad, state, lr, steps)
             buffers = dict(model.named_buffers())
         correct = xp.count_nonzero(xp.argmax(logits, axis=1) == y)
+        if self._ranks > 1:  # each rank's own, as the trainer sums them
+            loss, correct = xp.reshape(loss, (1,)), xp.reshape(correct, (1,))
         return flat, state, buffers, self.optimizer.split(flat), loss, correct
 
     def _eval_step(self, parameters, buffers, x, y):

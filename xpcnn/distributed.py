@@ -18,7 +18,7 @@ See docs/distributed.md.
 
 from __future__ import annotations
 
-import atexit
+import contextlib
 import datetime
 import math
 import os
@@ -145,6 +145,11 @@ class Communicator:
     def close(self) -> None:
         """End this rank's part once every rank is done: a barrier, then the connections are closed."""
 
+    def failures(self):
+        """A context in which the engine's errors of a lost rank become :class:`RankLost` (where they do not
+        come from this class's own collectives: a collective inside a compiled step)."""
+        return contextlib.nullcontext()
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}(rank={self.rank}, world_size={self.world_size})"
 
@@ -219,31 +224,11 @@ def _first_line(exc: Exception) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
-_JOINED: Communicator | None = None
-
-
-def join(backend: Backend) -> Communicator:
-    """This process's communicator, from the environment (:func:`rank_from_environment`), made once per process.
-
-    One rank alone gets :class:`Local`; several need ``backend`` to be NumPy or torch on the CPU
-    (:func:`check_backend`).
-    """
-    global _JOINED
-    placement = rank_from_environment()
-    if placement.world_size == 1:
-        return Local()
-    check_backend(backend, placement.world_size)
-    if _JOINED is None:
-        _JOINED = TorchCommunicator(placement, timeout_seconds())
-        atexit.register(_JOINED._leave)  # also when the rank ends with an error
-    return _JOINED
-
-
 def check_backend(backend: Backend, world_size: int) -> None:
-    """DistributedError unless ``world_size`` ranks can train on ``backend``: NumPy or torch on the CPU."""
-    if world_size > 1 and (backend.name not in ("numpy", "torch") or backend.is_gpu):
+    """DistributedError unless ``world_size`` ranks can train on ``backend``: NumPy, torch or JAX on the CPU."""
+    if world_size > 1 and (backend.name not in ("numpy", "torch", "jax") or backend.is_gpu):
         raise DistributedError(
-            f"data-parallel training ({world_size} ranks) runs on the numpy and torch backends on the CPU, "
+            f"data-parallel training ({world_size} ranks) runs on the numpy, torch and jax backends on the CPU, "
             f"not on {backend.describe()}"
         )
 

@@ -22,12 +22,13 @@ from .checkpoint import save_checkpoint
 from .config import TrainConfig, make_optimizer
 from .data import Dataset, load_dataset, split_validation
 from .device_data import DeviceSplit, EvalResult, Normalization, normalize_images
-from .distributed import Communicator, broadcast_state, join
+from .distributed import Communicator, broadcast_state
 from .display import Progress
 from .errors import ConfigError, XpcnnError
 from .models import MODELS, build
 from .nn import Sequential
 from .optim import Optimizer
+from .ranks import join, prepare
 from .runs import checkpoint_meta
 from .train import RunState, Trainer
 from .train import evaluate as evaluate_split
@@ -95,7 +96,9 @@ def fit(
     if isinstance(model, str):
         model = build(name, seed=config.seed)
     dataset, train, evals = _training_data(data, validation, model, config.seed, data_dir)
-    backend = backend if isinstance(backend, Backend) else get_backend(backend)
+    if not isinstance(backend, Backend):
+        prepare(backend)  # several JAX ranks meet before JAX does anything
+        backend = get_backend(backend)
     model.to(backend)
     try:
         model.output_shapes((1, *train[0].shape[1:]))

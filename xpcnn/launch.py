@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -23,9 +24,19 @@ POLL = 0.1  # seconds between looks at the ranks
 EXIT_INTERRUPTED = 130
 
 
-def rank_environment(rank: int, world_size: int, rendezvous: Path, environ=None) -> dict:
-    """The environment of rank ``rank``: the launcher's, the rank's variables, its share of the CPU threads."""
+def free_port() -> int:
+    """A port on 127.0.0.1 that nothing listens on now (the operating system's choice for port 0)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def rank_environment(rank: int, world_size: int, rendezvous: Path, environ=None, coordinator: str = "") -> dict:
+    """The environment of rank ``rank``: the launcher's, the rank's variables, its share of the CPU threads, and
+    JAX's ``coordinator`` (host:port: JAX's processes meet over TCP, not through a file)."""
     environ = dict(os.environ if environ is None else environ)
+    if coordinator:
+        environ["XPCNN_COORDINATOR"] = coordinator
     threads = str(max(1, (os.cpu_count() or 1) // world_size))
     environ.setdefault("OMP_NUM_THREADS", threads)
     environ.update(
@@ -61,8 +72,10 @@ def launch(world_size: int, command: list[str], say=None) -> int:
         previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
         ranks = []
         try:
+            coordinator = f"127.0.0.1:{free_port()}"
             for rank in range(world_size):
-                ranks.append(subprocess.Popen(command, env=rank_environment(rank, world_size, rendezvous)))
+                environ = rank_environment(rank, world_size, rendezvous, coordinator=coordinator)
+                ranks.append(subprocess.Popen(command, env=environ))
             return _watch(ranks, say)
         finally:
             for process in ranks:

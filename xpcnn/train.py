@@ -33,6 +33,7 @@ from .config import TrainConfig, make_augmentation
 from .device_data import DeviceSplit, EvalResult, evaluate_batches
 from .distributed import (
     Communicator,
+    DistributedError,
     Local,
     average_gradients,
     check_backend,
@@ -142,8 +143,16 @@ class Trainer:
             from .compiled import CompiledSteps
 
             runner = functools.partial(CompiledSteps, compile=not eager)
-        self.step_runner = runner(model, self.loss_fn, optimizer, backend, config.seed, self.augmentation, background)
-        self.step_runner.communicator = self.communicator
+        self.step_runner = runner(
+            model,
+            self.loss_fn,
+            optimizer,
+            backend,
+            config.seed,
+            self.augmentation,
+            background,
+            communicator=self.communicator,
+        )
 
     def fit(
         self, train: DeviceSplit, evals: dict[str, DeviceSplit], state: RunState | None = None, on_epoch_end=None
@@ -157,7 +166,8 @@ class Trainer:
         """
         state = state or RunState()
         flag = {"stop": False, "callback": False}  # Ctrl-C; a callback's request to stop
-        with _stop_on_ctrl_c(flag), np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        errors = np.errstate(over="ignore", invalid="ignore", divide="ignore")
+        with _stop_on_ctrl_c(flag), errors, self.communicator.failures():
             while state.epoch < self.config.epochs:
                 if self._agreed(flag["stop"]):
                     raise TrainingInterrupted(f"stopped after epoch {state.epoch}")
@@ -316,11 +326,16 @@ class LayerSteps:
 
     compiles = False
     compile_seconds = 0.0
-    communicator: Communicator = Local()  # the Trainer's: several ranks average their gradients
 
-    def __init__(self, model, loss_fn, optimizer, backend, seed, augmentation=None, background=0.0):
+    def __init__(
+        self, model, loss_fn, optimizer, backend, seed, augmentation=None, background=0.0, communicator=None
+    ):
+        """``communicator``: the ranks whose gradients each step averages (one process alone by default)."""
         self.model, self.loss_fn, self.optimizer, self.backend = model, loss_fn, optimizer, backend
         self.seed, self.augmentation, self.background = seed, augmentation, background
+        self.communicator = communicator or Local()
+        if self.communicator.world_size > 1 and backend.name == "jax":
+            raise DistributedError("data-parallel training on the jax backend runs compiled: leave out --eager")
         self._noise = None
 
     def start_epoch(self, epoch: int, step: int) -> None:

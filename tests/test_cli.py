@@ -308,7 +308,7 @@ def test_predict_bad_image_is_one_line(trained_run, tmp_path):
 
 
 def test_recipe_sets_values_and_flags_override_it(synthetic_dir, tmp_path):
-    from xpcnn.recipes import RECIPES
+    from xpcnn.config import RECIPES
 
     run = tmp_path / "run"
     invoke("train", "--recipe", "fast", "--epochs", "1", "--device", "cpu", "--data-dir", synthetic_dir, "--out", run)

@@ -366,7 +366,7 @@ def _get_jax_backend(device: str) -> Backend:
     if device == "auto":
         device = "cuda" if gpus else "cpu"
     if device == "cpu":
-        return _jax_backend(jax.devices("cpu")[0])
+        return _jax_backend(jax.local_devices(backend="cpu")[0])  # this process's (data parallel: one of several)
     index = _parse_cuda_index(device)
     if not gpus:
         raise BackendError(

@@ -20,10 +20,11 @@ from . import __version__, plots
 from . import export as exporting
 from .backend import BACKEND_NAMES, cuda_problem, get_backend, set_tf32
 from .checkpoint import CHECKPOINT_NAME, CheckpointError, checkpoint_path, load_checkpoint
-from .config import TrainConfig
+from .config import RECIPES, TrainConfig, recipe
 from .data import DATASETS, TEST_FILES, find_data_dir, get_spec, load_dataset
 from .device_data import DeviceSplit, normalize_images
 from .diagnostics import available_backends, gpu_names
+from .distributed import check_backend, rank_from_environment
 from .display import Progress
 from .errors import ConfigError
 from .exits import friendly_errors, user_message
@@ -31,7 +32,7 @@ from .files import check_writable
 from .images import ImageError, load_image
 from .models import MODELS
 from .optim import OPTIMIZERS, SCHEDULES
-from .recipes import RECIPES, recipe
+from .ranks import join, prepare
 from .runs import (
     check_same_data,
     checkpoint_config,
@@ -168,17 +169,43 @@ EAGER_HELP = "JAX: run each operation as it comes instead of one compiled progra
 @click.option("--plot", is_flag=True, help="Also write the training curves to history.png in the run directory.")
 @click.option("--eager", is_flag=True, help=EAGER_HELP)
 @click.option(
+    "--nproc",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Train data-parallel over this many processes on this machine (--batch-size is the global batch; "
+    "under torchrun, mpiexec or srun leave it out: their ranks are read from the environment).",
+)
+@click.option(
     "--quiet", "-q", is_flag=True, help="No progress: print only errors and the final summary (and --plot's file)."
 )
 @allow_other_data_option
 @click.pass_context
 @friendly_errors
 def train(
-    ctx, recipe_name, data_dir, device, backend, out, resume, tf32, plot, eager, quiet, allow_other_data, **options
+    ctx,
+    recipe_name,
+    data_dir,
+    device,
+    backend,
+    out,
+    resume,
+    tf32,
+    plot,
+    eager,
+    nproc,
+    quiet,
+    allow_other_data,
+    **options,
 ):
     """Train a model, saving config, history and checkpoints to a run directory."""
     if plot:
         plots.require_matplotlib()
+    placement = rank_from_environment()
+    if nproc and nproc > 1 and placement.world_size > 1:
+        raise click.UsageError(
+            f"--nproc starts its own ranks: leave it out under {placement.launcher}, which started "
+            f"{placement.world_size} already"
+        )
     given = {name for name in options if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE}
     if resume is not None:
         if recipe_name:
@@ -219,7 +246,23 @@ def train(
             )
 
     set_tf32(tf32)
+    if not (nproc and nproc > 1):
+        prepare(backend)  # JAX's ranks meet before JAX does anything
     chosen = get_backend(backend, device)
+    if nproc and nproc > 1:
+        from .distributed import check_batch_size
+        from .launch import child_arguments, launch
+
+        check_backend(chosen, nproc)
+        check_batch_size(config.batch_size, nproc)
+        # Once, here: a bad data directory is one line, not one per rank, and a download happens once.
+        load_dataset(config.dataset, data_dir, progress=not quiet)
+        if sys.argv[1:2] != ["train"]:  # the ranks rerun this command line
+            raise click.UsageError("--nproc works from the command line (xpcnn train ... --nproc N)")
+        command = [sys.executable, "-m", "xpcnn", "train", *child_arguments(sys.argv[2:], str(out))]
+        sys.exit(launch(nproc, command))
+    communicator = join(chosen)
+    quiet = quiet or not communicator.is_root  # one rank speaks for all
     dataset = load_dataset(config.dataset, data_dir, progress=not quiet)
     if not quiet:
         click.echo(
@@ -245,7 +288,11 @@ def train(
         environment=environment,
         allow_other_data=allow_other_data,
         eager=eager,
+        communicator=communicator,
     )
+    communicator.close()
+    if not communicator.is_root:
+        return
     if plot:
         click.echo(f"training curves: {plots.plot_history(state.history, out / 'history.png')}", err=True)
     result = summary(state)

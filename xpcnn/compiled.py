@@ -33,9 +33,11 @@ import time
 from . import fastpath
 from .backend import Backend
 from .device_data import DeviceSplit, EvalResult, evaluate_batches
+from .distributed import DistributedError, Local
+from .distributed_jax import AXIS, DataParallelStep, InStep
 from .nn import CrossEntropyLoss, Sequential
 from .rng import JaxGenerator, seed_to_int
-from .step import Step
+from .step import Metrics, Step, lent
 
 
 class _AheadOfTime:
@@ -81,17 +83,28 @@ class CompiledSteps:
         augmentation=None,
         background: float = 0.0,
         compile: bool = True,
+        communicator=None,
     ):
+        """With a ``communicator`` of several ranks the step runs over all their devices
+        (:mod:`xpcnn.distributed_jax`): batch norm's statistics and the gradient are summed with ``psum`` inside it."""
         import jax
 
+        self._ranks = (communicator or Local()).world_size
+        if self._ranks > 1 and not compile:
+            raise DistributedError("data-parallel training on the jax backend runs compiled: leave out --eager")
         self.model, self.optimizer, self.backend, self.seed = model, optimizer, backend, seed
-        self.step = Step(model, loss_fn, optimizer, augmentation, background)
+        in_step = InStep(self._ranks) if self._ranks > 1 else None
+        self.step = Step(model, loss_fn, optimizer, augmentation, background, communicator=in_step)
         self.compiles = compile
         self._jax = jax
         self._epoch_key = None
         if compile:
             options = fastpath.compiler_options(backend.device)
-            self._train = _AheadOfTime(self._train_step, options, donate_argnums=(0,))
+
+            def compiled(function):
+                return _AheadOfTime(function, options, donate_argnums=(0,))
+
+            self._train = DataParallelStep(self._train_step, compiled) if self._ranks > 1 else compiled(self._train_step)
             self._evaluate = _AheadOfTime(self.step.evaluate, options)
         else:
             self._train, self._evaluate = self._train_step, self.step.evaluate
@@ -130,7 +143,14 @@ class CompiledSteps:
         return self._evaluate(dict(self.model.named_parameters()), dict(self.model.named_buffers()), x, y)
 
     def _train_step(self, state, images, labels, batch, epoch_key, step, lr, count):
-        generator = JaxGenerator.from_key(self._jax.random.fold_in(epoch_key, step))
-        state, metrics = self.step.train(state, images, labels, batch, generator, lr, count)
+        key = self._jax.random.fold_in(epoch_key, step)
+        if self._ranks == 1:
+            state, metrics = self.step.train(state, images, labels, batch, JaxGenerator.from_key(key), lr, count)
+        else:  # each rank its own noise, (seed, epoch, step, rank); batch norm's sums over the ranks
+            key = self._jax.random.fold_in(key, self._jax.lax.axis_index(AXIS))
+            with lent(self.model):
+                self.model.set_communicator(self.step.communicator)
+                state, metrics = self.step.train(state, images, labels, batch, JaxGenerator.from_key(key), lr, count)
+            metrics = Metrics(*(self._jax.numpy.reshape(m, (1,)) for m in metrics))  # each rank's own (sharded)
         parameters = {} if state.params is None else self.optimizer.split(state.params)
         return state, parameters, metrics

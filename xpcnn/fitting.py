@@ -22,11 +22,13 @@ from .checkpoint import save_checkpoint
 from .config import TrainConfig, make_optimizer, positive_int
 from .data import Dataset, load_dataset, split_validation
 from .device_data import MIN_STD, DeviceSplit, EvalResult, Normalization, normalize_images
+from .distributed import Communicator, broadcast_state
 from .display import Progress
 from .errors import ConfigError, XpcnnError
 from .models import MODELS, build
 from .nn import Sequential
 from .optim import Optimizer
+from .ranks import join, prepare
 from .runs import checkpoint_meta
 from .train import RunState, Trainer
 from .train import evaluate as evaluate_split
@@ -56,6 +58,7 @@ def fit(
     backend: str | Backend = "auto",
     data_dir: str | os.PathLike | None = None,
     verbose: bool = False,
+    communicator: Communicator | None = None,
     **settings,
 ) -> History:
     """Train ``model`` on ``data`` and return its :class:`History`.
@@ -71,6 +74,10 @@ def fit(
     ``settings``: any other :class:`~xpcnn.config.TrainConfig` field (``epochs``, ``batch_size``,
     ``lr``, ``schedule``, ``momentum``, ``weight_decay``, ``seed``, ``augment``, ...).
     ``verbose`` prints one line per epoch to stderr.
+    ``communicator``: the ranks to train with (:mod:`xpcnn.distributed`); by default the ones the
+    environment names (a process started by torchrun, mpiexec, srun or ``xpcnn train --nproc``), else
+    this process alone.  Every rank then calls ``fit`` alike and gets the same model and history
+    (``batch_size`` is the global batch); see docs/distributed.md.
     """
     if "model" in settings or "dataset" in settings:
         raise ConfigError("give the model and the data as fit's first two arguments, not as settings")
@@ -89,7 +96,9 @@ def fit(
     if isinstance(model, str):
         model = build(name, seed=config.seed)
     dataset, train, evals = _training_data(data, validation, model, config.seed, data_dir)
-    backend = backend if isinstance(backend, Backend) else get_backend(backend)
+    if not isinstance(backend, Backend):
+        prepare(backend)  # several JAX ranks meet before JAX does anything
+        backend = get_backend(backend)
     model.to(backend)
     try:
         model.output_shapes((1, *train[0].shape[1:]))
@@ -100,12 +109,16 @@ def fit(
             raise ConfigError("the optimiser given to fit() must be over the model given to fit()", "optimizer")
     else:
         optimizer = make_optimizer(config, model)
+    communicator = communicator or join(backend)
+    broadcast_state(model, communicator)
     norm = _normalization(train[0])
     with backend.activate():
         train_split = _device_split(backend, *train, norm)
         eval_splits = {split: _device_split(backend, *arrays, norm) for split, arrays in evals.items()}
         progress = Progress(sys.stderr if verbose else None)
-        trainer = Trainer(model, optimizer, backend, config, progress, -norm.mean / norm.std, callbacks)
+        trainer = Trainer(
+            model, optimizer, backend, config, progress, -norm.mean / norm.std, callbacks, communicator=communicator
+        )
         state = trainer.fit(train_split, eval_splits)
     return History(state.history, norm, config, optimizer, state, dataset)
 

@@ -500,6 +500,44 @@ def batchnorm_backward(grad_y, x_hat, inv_std, weight, *, column_dot=_column_dot
     return _from_channel_matrix(grad_x, tuple(grad_y.shape)), grad_weight, grad_bias
 
 
+def sync_batchnorm_forward(x, weight, bias, eps: float, total, ranks: int):
+    """:func:`batchnorm_forward` with the statistics of the global batch: the rows of all ``ranks`` together.
+
+    Every rank holds as many rows as this one.  ``total`` sums a 1-d array over the ranks (an all-reduce,
+    e.g. ``Communicator.all_reduce_sum``; its result is used, so it may be functional); it is called
+    twice, for the per-channel sums and for the squared deviations from the global mean (two passes: as
+    exact as one process's variance).  Returns (y, x_hat (rows, C), inv_std (C,), mean (C,), biased
+    variance (C,), the global row count).
+    """
+    matrix = _channel_matrix(x)
+    count = int(matrix.shape[0]) * ranks
+    mean = total(_column_sum(matrix)) / count
+    centred = matrix - mean
+    var = total(_column_sum(centred * centred)) / count
+    inv_std = (var + eps) ** -0.5
+    x_hat = centred * inv_std
+    y = x_hat * weight + bias
+    return _from_channel_matrix(y, tuple(x.shape)), x_hat, inv_std, mean, var, count
+
+
+def sync_batchnorm_backward(grad_y, x_hat, inv_std, weight, count: int, total):
+    """Gradients of :func:`sync_batchnorm_forward` for this rank's rows: (grad_x, grad_weight, grad_bias).
+
+    ``grad_y`` is the gradient of this rank's loss; the means over the rows in
+    :func:`batchnorm_backward` become means over all ``count`` rows of every rank (one ``total`` of
+    the per-channel sums).  grad_weight and grad_bias are this rank's sums: averaged with the other
+    gradients, they are the global batch's.
+    """
+    xp = namespace(grad_y)
+    g = _channel_matrix(grad_y)
+    grad_bias = _column_sum(g)
+    grad_weight = _column_dot(g, x_hat)
+    channels = int(grad_bias.shape[0])
+    summed = total(xp.concat([grad_bias, grad_weight]))
+    grad_x = (g - (x_hat * summed[channels:] + summed[:channels]) / count) * (weight * inv_std)
+    return _from_channel_matrix(grad_x, tuple(grad_y.shape)), grad_weight, grad_bias
+
+
 def moving_averages(averages: list, values: list, weights: tuple) -> list:
     """``(1 - m) * average + m * s * value`` for each pair, all in one update: new 1-d arrays.
 

@@ -91,6 +91,9 @@ class Layer:
     def set_generator(self, generator) -> None:
         """Give the layer a random generator adapter (only stochastic layers use it)."""
 
+    def set_communicator(self, communicator) -> None:
+        """Give the layer the ranks' :class:`xpcnn.distributed.Communicator` (only batch norm uses it)."""
+
     def zero_cache(self) -> None:
         """Drop what forward kept for backward."""
         self._cache = None
@@ -140,6 +143,13 @@ class Layer:
         for key, value in values.items():
             prefix, _, name = key.rpartition(".")
             holders[prefix + "." if prefix else ""].params[name] = value
+
+    def set_gradients(self, values: dict) -> None:
+        """Assign gradients from a dict named as :meth:`named_parameters` (the arrays are used as given)."""
+        holders = dict(self._holders())
+        for key, value in values.items():
+            prefix, _, name = key.rpartition(".")
+            holders[prefix + "." if prefix else ""].grads[name] = value
 
     def set_buffers(self, values: dict) -> None:
         """Assign buffers from a dict named as :meth:`named_buffers` (the arrays are used as given)."""
@@ -399,6 +409,10 @@ class _BatchNorm(Layer):
         self.params["bias"] = np.zeros(num_features, np.float32)
         self.buffers["running_mean"] = np.zeros(num_features, np.float32)
         self.buffers["running_var"] = np.ones(num_features, np.float32)
+        self.communicator = None  # several ranks: statistics over the global batch (set_communicator)
+
+    def set_communicator(self, communicator) -> None:
+        self.communicator = communicator if communicator is not None and communicator.world_size > 1 else None
 
     def _expected(self) -> str:
         return "(N, C)" if self.rank == 2 else "(N, C, H, W)"
@@ -422,23 +436,33 @@ class _BatchNorm(Layer):
         for all of a :class:`Sequential`'s batch-norm layers.
         """
         self._check_input(x, self._expected().replace("C", str(self.num_features)), self.rank, self.num_features)
-        count = math.prod(x.shape) // x.shape[1]
+        weight, bias = self.params["weight"], self.params["bias"]
+        if self.communicator is not None:
+            y, x_hat, inv_std, mean, var, count = F.sync_batchnorm_forward(
+                x, weight, bias, self.eps, self.communicator.all_reduce_sum, self.communicator.world_size
+            )
+        else:
+            count = math.prod(x.shape) // x.shape[1]
+            if count >= 2:
+                y, x_hat, inv_std, mean, var = kernels(x).batchnorm_forward(x, weight, bias, self.eps)
         if count < 2:
             raise ValueError(
                 f"{self!r}: training needs more than one value per channel, got input {_shape_text(x.shape)}"
             )
-        y, x_hat, inv_std, mean, var = kernels(x).batchnorm_forward(
-            x, self.params["weight"], self.params["bias"], self.eps
-        )
-        self._cache = (x_hat, inv_std)
+        self._cache = (x_hat, inv_std, count)
         return y, (mean, var, count)
 
     def backward(self, grad_y, input_grad: bool = True):
         """Store weight and bias gradients; return grad_x, or None when ``input_grad`` is False."""
-        x_hat, inv_std = self._need_cache(self._cache)
-        grad_x, grad_weight, grad_bias = kernels(grad_y).batchnorm_backward(
-            grad_y, x_hat, inv_std, self.params["weight"]
-        )
+        x_hat, inv_std, count = self._need_cache(self._cache)
+        if self.communicator is not None:
+            grad_x, grad_weight, grad_bias = F.sync_batchnorm_backward(
+                grad_y, x_hat, inv_std, self.params["weight"], count, self.communicator.all_reduce_sum
+            )
+        else:
+            grad_x, grad_weight, grad_bias = kernels(grad_y).batchnorm_backward(
+                grad_y, x_hat, inv_std, self.params["weight"]
+            )
         self._set_grads(grad_weight, grad_bias)
         return grad_x if input_grad else None
 
@@ -572,6 +596,10 @@ class Sequential(Layer):
     def set_generator(self, generator):
         for layer in self.layers:
             layer.set_generator(generator)
+
+    def set_communicator(self, communicator):
+        for layer in self.layers:
+            layer.set_communicator(communicator)
 
     def zero_cache(self):
         for layer in self.layers:

@@ -17,6 +17,7 @@ from .checkpoint import CHECKPOINT_NAME, Checkpoint, CheckpointError, load_check
 from .config import TrainConfig, make_optimizer
 from .data import Dataset, holds_dataset, other_files
 from .device_data import DeviceSplit, Normalization
+from .distributed import Communicator, Local, broadcast_state
 from .display import Progress
 from .errors import ConfigError, XpcnnError
 from .files import check_writable, locked_directory, read_regular, remove_temporaries, write_json
@@ -275,20 +276,24 @@ def train_run(
     out: Path,
     *,
     resume: Checkpoint | None = None,
+    communicator: Communicator | None = None,
     **options,
 ) -> RunState:
     """Train ``config`` on ``dataset`` (an :class:`xpcnn.data.Dataset`) into the run directory ``out``.
 
     The directory is created if need be and claimed for the whole run (:func:`files.locked_directory`,
     :func:`claim_run_dir`): a second run into it is refused at once, and files xpcnn did not write are
-    never overwritten.  ``resume`` continues the run of that checkpoint.  ``options``: see :func:`_train_in`.
+    never overwritten.  ``resume`` continues the run of that checkpoint.  Of several ranks
+    (``communicator``) only rank 0 claims and writes ``out``.  ``options``: see :func:`_train_in`.
     """
     out = Path(out)
+    if not (communicator or Local()).is_root:
+        return _train_in(config, backend, dataset, out, resume=resume, communicator=communicator, **options)
     out.mkdir(parents=True, exist_ok=True)
     with locked_directory(out):
         claim_run_dir(out, resume)
         remove_temporaries(out, RUN_FILES)
-        return _train_in(config, backend, dataset, out, resume=resume, **options)
+        return _train_in(config, backend, dataset, out, resume=resume, communicator=communicator, **options)
 
 
 def _train_in(
@@ -302,6 +307,7 @@ def _train_in(
     environment: dict | None = None,
     allow_other_data: bool = False,
     eager: bool = False,
+    communicator: Communicator | None = None,
 ) -> RunState:
     """Train ``config`` on ``dataset``, writing the run to ``out`` (claimed by :func:`train_run`).
 
@@ -316,6 +322,9 @@ def _train_in(
     started afresh).  On Ctrl-C or SIGTERM the current position is checkpointed before
     TrainingInterrupted propagates (a second SIGTERM does not stop that write; a second Ctrl-C
     abandons it, leaving the last checkpoint); on divergence the last good checkpoint is kept.
+
+    With a ``communicator`` of several ranks every rank calls this with the same arguments: all train
+    (starting from rank 0's model), only rank 0 writes to ``out``; the files are those of one process.
     """
     from .data import split_validation
 
@@ -339,18 +348,33 @@ def _train_in(
     optimizer = make_optimizer(config, model)
     if resume is not None:
         restore(resume, model, optimizer)
+    communicator = communicator or Local()
+    broadcast_state(model, communicator)
+    writes = communicator.is_root
 
     # The trainer's stop scope (Ctrl-C, SIGTERM), opened here to stay open while a stopped run is checkpointed.
     with backend.activate(), stop_on_signals():
         train = DeviceSplit.from_host(backend, images, labels, norm)
         evals = {name: DeviceSplit.from_host(backend, *split, norm) for name, split in evals_host.items()}
-        trainer = Trainer(model, optimizer, backend, config, progress, background=-norm.mean / norm.std, eager=eager)
+        trainer = Trainer(
+            model,
+            optimizer,
+            backend,
+            config,
+            progress,
+            background=-norm.mean / norm.std,
+            eager=eager,
+            communicator=communicator,
+        )
         # Only now, with everything that can refuse the run behind us: a failed resume leaves config.json as it was.
-        write_json(out / CONFIG_NAME, {**config.to_dict(), **(environment or {}), "xpcnn_version": __version__})
-        if resume is not None:
+        if writes:
+            write_json(out / CONFIG_NAME, {**config.to_dict(), **(environment or {}), "xpcnn_version": __version__})
+        if resume is not None and writes:
             write_json(out / HISTORY_NAME, state.history)  # the checkpoint's, in case the last run died before it
 
         def save(state: RunState):
+            if not writes:
+                return
             meta = checkpoint_meta(config, state, norm, dataset, backend)
             save_checkpoint(out / CHECKPOINT_NAME, meta, model.state_dict(), optimizer.state_dict())
             write_json(out / HISTORY_NAME, state.history)

@@ -23,8 +23,8 @@ torch the update writes into the flat buffer the model's parameters view (see
 
 ``lr`` and ``count`` (the optimiser step including this one) may be traced values, and
 the noise comes from the ``generator`` argument, so a scan over steps can carry the state
-and derive each step's generator from a key.  The data-parallel all-reduce of the gradient
-goes at the one marked line of :meth:`Step.train` (docs/architecture.md, "Hook points").
+and derive each step's generator from a key.  With several ranks the gradient is all-reduced
+at one line of :meth:`Step.train`, between the gradients and the update.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ import copy
 from typing import Any, NamedTuple
 
 from .backend import namespace
+from .distributed import Local
 from .nn import CrossEntropyLoss, Layer
 
 
@@ -105,13 +106,18 @@ class Step:
     """The training and evaluation steps of ``model`` with ``loss_fn`` and ``optimizer``'s update rule.
 
     ``augmentation(x, generator, fill=background)`` (or None) transforms each training batch.
+    With a ``communicator`` of several ranks (:mod:`xpcnn.distributed`) each step's gradient is the mean of
+    the ranks' (batch norm's statistics are the model's layers' business: ``model.set_communicator``).
     The model and optimiser hold the state between steps; the steps themselves only read their settings
     (layer shapes, hyperparameters, the flat buffer's layout).
     """
 
-    def __init__(self, model: Layer, loss_fn: CrossEntropyLoss, optimizer, augmentation=None, background=0.0):
+    def __init__(
+        self, model: Layer, loss_fn: CrossEntropyLoss, optimizer, augmentation=None, background=0.0, communicator=None
+    ):
         self.model, self.loss_fn, self.optimizer = model, loss_fn, optimizer
         self.augmentation, self.background = augmentation, background
+        self.communicator = communicator or Local()
 
     def state(self) -> TrainState:
         """The model's and optimiser's current state."""
@@ -140,7 +146,9 @@ class Step:
         )
         flat, slots = state.params, state.slots
         if flat is not None:
-            pieces = self.optimizer.gradient_pieces(grads)  # the gradient: all-reduce it here (data parallel)
+            pieces = self.optimizer.gradient_pieces(grads)
+            if self.communicator.world_size > 1:  # data parallel: one all-reduce of the flat gradient
+                pieces = [self.communicator.all_reduce_mean(xp.concat(pieces))]
             flat, slots = self.optimizer.update(flat, pieces, slots, lr, count)
         correct = xp.count_nonzero(xp.argmax(logits, axis=1) == y)  # count_nonzero counts the booleans
         return TrainState(flat, slots, buffers), Metrics(loss, correct)

@@ -1,5 +1,7 @@
 """The training loop: fit, evaluate and predict on device-resident data (run directories: runs.py).
 
+One job, though long: the loop over epochs and steps, on one rank or as one of several.
+
 Splits are copied to the device once (device_data.py); batches are gathered there
 with ``take`` from a per-epoch permutation.  The host reads values back only at
 the log interval and at the end of an epoch, so a GPU is never synchronised
@@ -18,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import signal
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -27,6 +30,15 @@ import numpy as np
 from .backend import Backend, to_host
 from .config import TrainConfig, make_augmentation
 from .device_data import DeviceSplit, EvalResult, evaluate_batches
+from .distributed import (
+    Communicator,
+    DistributedError,
+    Local,
+    check_backend,
+    check_batch_size,
+    shard_bounds,
+    usable_count,
+)
 from .display import Progress
 from .errors import ConfigError, XpcnnError
 from .functional import softmax
@@ -79,6 +91,7 @@ class Trainer:
         background: float = 0.0,
         callbacks: Sequence = (),
         eager: bool = False,
+        communicator: Communicator | None = None,
     ):
         """``background`` is the value of a blank pixel after normalisation: what augmentation fills in.
 
@@ -89,8 +102,17 @@ class Trainer:
         and recorded over the steps it ran.
 
         On JAX each step is one compiled program (:mod:`xpcnn.compiled`) unless ``eager``.
+
+        With a ``communicator`` of several ranks (:mod:`xpcnn.distributed`) each rank trains on its shard of
+        every global batch of ``config.batch_size``, batch norm uses the global batch's statistics and the
+        gradients are averaged before each update: the ranks train one model, the one a single process
+        would.  Only rank 0 shows progress; every rank's history is the global batch's.
         """
         self.model, self.optimizer, self.backend, self.config = model, optimizer, backend, config
+        self.communicator = communicator or Local()
+        check_backend(backend, self.communicator.world_size)
+        check_batch_size(config.batch_size, self.communicator.world_size)
+        model.set_communicator(self.communicator)
         hooks = [(getattr(c, "on_step", None), getattr(c, "on_epoch_end", None)) for c in callbacks]
         for callback, (on_step, on_epoch_end) in zip(callbacks, hooks, strict=True):
             if not (callable(on_step) or callable(on_epoch_end)):
@@ -100,7 +122,7 @@ class Trainer:
         self._epoch_callbacks = [on_epoch_end for _, on_epoch_end in hooks if callable(on_epoch_end)]
         # Labels are validated once, at load; the evaluation loss stays the plain cross-entropy.
         self.loss_fn = CrossEntropyLoss(check_labels=False, label_smoothing=config.label_smoothing)
-        self.progress = progress or Progress(None)
+        self.progress = progress if progress is not None and self.communicator.is_root else Progress(None)
         self.augmentation = make_augmentation(config)
         self.background = background
         self._compiled_before_epoch = 0.0
@@ -109,7 +131,16 @@ class Trainer:
             from .compiled import CompiledSteps
 
             runner = functools.partial(CompiledSteps, compile=compiles(backend.name, eager))
-        self.step_runner = runner(model, self.loss_fn, optimizer, backend, config.seed, self.augmentation, background)
+        self.step_runner = runner(
+            model,
+            self.loss_fn,
+            optimizer,
+            backend,
+            config.seed,
+            self.augmentation,
+            background,
+            communicator=self.communicator,
+        )
 
     def fit(
         self, train: DeviceSplit, evals: dict[str, DeviceSplit], state: RunState | None = None, on_epoch_end=None
@@ -122,9 +153,11 @@ class Trainer:
         next step to run (the caller checkpoints it), and TrainingDiverged on a non-finite loss.
         """
         state = state or RunState()
-        with stop_on_signals() as stop, np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        errors = np.errstate(over="ignore", invalid="ignore", divide="ignore")
+        with stop_on_signals() as stop, errors, self.communicator.failures():
             flag = {"stop": stop, "callback": False}  # Ctrl-C or SIGTERM; a callback's request to stop
             while state.epoch < self.config.epochs:
+                self._agree(flag)
                 if stop.requested:
                     raise TrainingInterrupted(f"stopped by {stop.name} {state.position()}", stop.signum)
                 finished = self._train_epoch(train, state, flag)
@@ -134,12 +167,36 @@ class Trainer:
                 self.progress.end_epoch(record)
                 if on_epoch_end is not None:
                     on_epoch_end(state)
-                if any([callback(record) for callback in self._epoch_callbacks]) or flag["callback"]:
+                flag["callback"] |= any([callback(record) for callback in self._epoch_callbacks])
+                self._agree(flag)
+                if flag["callback"]:
                     break
         return state
 
     def steps_per_epoch(self, train: DeviceSplit) -> int:
-        return math.ceil(len(train) / self.config.batch_size)
+        return math.ceil(self._usable(train) / self.config.batch_size)
+
+    def _usable(self, train: DeviceSplit) -> int:
+        """How many of the epoch's shuffled images are trained on (all of them, but for a short last batch
+        that does not split evenly over the ranks: see :func:`xpcnn.distributed.usable_count`)."""
+        return usable_count(len(train), self.config.batch_size, self.communicator.world_size)
+
+    def _agree(self, flag: dict, totals: Sequence[float] = ()) -> list[float]:
+        """``totals`` summed over the ranks, and ``flag`` made every rank's, in one all-reduce.
+
+        A stop signal or a callback's stop on any rank stops them all: a rank that stopped alone would
+        leave the others waiting at their next collective.  One process alone: ``totals`` as they are.
+        """
+        if self.communicator.world_size == 1:
+            return list(totals)
+        stop = flag["stop"]
+        wishes = [stop.signum == signal.SIGINT, stop.signum == signal.SIGTERM, flag["callback"]]
+        summed = self.communicator.all_reduce_sum(np.array([*totals, *wishes], dtype=np.float64)).tolist()
+        sigint, sigterm, callback = (value > 0 for value in summed[len(totals) :])
+        if not stop.requested and (sigint or sigterm):
+            stop.signum = signal.SIGTERM if sigterm else signal.SIGINT
+        flag["callback"] = callback
+        return summed[: len(totals)]
 
     def _train_epoch(self, train: DeviceSplit, state: RunState, flag: dict) -> bool:
         """Run the rest of the current epoch.
@@ -147,7 +204,9 @@ class Trainer:
         False if a stop signal or a callback stopped it (``state`` then points at the next step).
         """
         xp, cfg = self.backend.xp, self.config
-        steps = self.steps_per_epoch(train)
+        steps, usable = self.steps_per_epoch(train), self._usable(train)
+        comm = self.communicator
+        alone = comm.world_size == 1
         total_steps = steps * cfg.epochs
         epoch = state.epoch  # 0-based index of the running epoch
         order = self.backend.asarray(np.random.default_rng([cfg.seed, epoch]).permutation(len(train)))
@@ -155,10 +214,11 @@ class Trainer:
         self.step_runner.start_epoch(epoch, state.step)
         self.progress.start_epoch(epoch + 1, cfg.epochs, steps, state.step)
 
-        partial = state.partial
+        # The sums so far (global: a checkpoint's) start on rank 0; every rank adds its own batches.
+        partial = state.partial if comm.is_root else RunState().partial
         loss_sum = xp.asarray(partial["loss_sum"], dtype=xp.float64, device=self.backend.device)
         correct = xp.asarray(partial["correct"], dtype=xp.int64, device=self.backend.device)
-        seen, seconds = partial["seen"], partial["seconds"]
+        seen, seconds = partial["seen"], state.partial["seconds"]
         self._compiled_before_epoch = compiled_before = self.step_runner.compile_seconds
         started = time.perf_counter()
 
@@ -166,17 +226,22 @@ class Trainer:
             self.backend.synchronize()
             now = time.perf_counter()
             compiling = self.step_runner.compile_seconds - compiled_before  # not training time
+            # The global batch's sums, and whether any rank wants to stop.
+            totals = self._agree(flag, [float(loss_sum), float(correct), float(seen)])
             state.partial = {
-                "loss_sum": float(loss_sum),
-                "correct": int(correct),
-                "seen": seen,
+                "loss_sum": totals[0],
+                "correct": int(totals[1]),
+                "seen": int(totals[2]),
                 "seconds": seconds + now - started - compiling,
             }
             state.step = step
             return state.partial
 
         for step in range(state.step, steps):
-            batch = order[step * cfg.batch_size : min((step + 1) * cfg.batch_size, len(train))]
+            lo, hi = shard_bounds(
+                step * cfg.batch_size, min((step + 1) * cfg.batch_size, usable), comm.rank, comm.world_size
+            )
+            batch = order[lo:hi]
             self.optimizer.lr = scheduled_lr(cfg.schedule, cfg.lr, state.global_step, total_steps)
             loss, batch_correct = self.step_runner.train_step(train.images, train.labels, batch, step)
             state.global_step += 1
@@ -189,13 +254,18 @@ class Trainer:
             loss_sum = loss_sum + loss * count
             correct = correct + batch_correct
             last = step + 1 == steps
-            if (step + 1) % cfg.log_every == 0 or last or flag["stop"].requested or flag["callback"]:
+            # Several ranks stop only where they all read their sums back, so that they stop together.
+            wish = alone and (flag["stop"].requested or flag["callback"])
+            if (step + 1) % cfg.log_every == 0 or last or wish:
                 partial = checkpoint_partial(step + 1)
-                mean_loss = partial["loss_sum"] / seen
+                mean_loss = partial["loss_sum"] / partial["seen"]
                 if not math.isfinite(mean_loss):
                     raise TrainingDiverged(f"loss became {mean_loss} at epoch {epoch + 1}, step {step + 1}")
                 self.progress.update(
-                    step + 1, mean_loss, partial["correct"] / seen, seen / max(partial["seconds"], 1e-9)
+                    step + 1,
+                    mean_loss,
+                    partial["correct"] / partial["seen"],
+                    partial["seen"] / max(partial["seconds"], 1e-9),
                 )
                 if (flag["stop"].requested or flag["callback"]) and not last:  # a signal may come during the update
                     return False
@@ -256,13 +326,20 @@ class LayerSteps:
     compiles = False
     compile_seconds = 0.0
 
-    def __init__(self, model, loss_fn, optimizer, backend, seed, augmentation=None, background=0.0):
+    def __init__(
+        self, model, loss_fn, optimizer, backend, seed, augmentation=None, background=0.0, communicator=None
+    ):
+        """``communicator``: the ranks whose gradients each step averages (one process alone by default)."""
         self.model, self.optimizer, self.backend, self.seed = model, optimizer, backend, seed
-        self.step = Step(model, loss_fn, optimizer, augmentation, background)
+        self.communicator = communicator or Local()
+        if self.communicator.world_size > 1 and backend.name == "jax":
+            raise DistributedError("data-parallel training on the jax backend runs compiled: leave out --eager")
+        self.step = Step(model, loss_fn, optimizer, augmentation, background, communicator=self.communicator)
         self._noise = None
 
     def start_epoch(self, epoch: int, step: int) -> None:
-        self._noise = self.backend.generator(self.seed, epoch, step)
+        rank = () if self.communicator.world_size == 1 else (self.communicator.rank,)
+        self._noise = self.backend.generator(self.seed, epoch, step, *rank)
 
     def train_step(self, images, labels, batch, step: int):
         """One optimiser step on ``images[batch]`` (B, 1, 28, 28), ``labels[batch]``: (mean loss, correct) 0-d."""

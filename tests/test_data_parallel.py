@@ -1,0 +1,233 @@
+"""Data-parallel training with real ranks: processes on 127.0.0.1 meeting through torch.distributed (gloo).
+
+Every multi-process run here is started in its own session with a hard timeout, after which its whole
+process group is killed: no test can hang.  2 ranks with global batch B train the same model as one
+process with batch B (float64, batch norm synchronised), the run directory of a 2-rank run resumes on 1
+rank and back, and a rank killed mid-epoch stops the others with one line and a usable checkpoint.
+"""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("torch.distributed")
+
+from dp_worker import train  # noqa: E402 - after the skip
+
+from xpcnn.checkpoint import load_checkpoint  # noqa: E402
+from xpcnn.distributed import Local  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+WORKER = Path(__file__).resolve().parent / "dp_worker.py"
+TIMEOUT = 120  # seconds: a hard limit on every multi-process run
+pytestmark = pytest.mark.slow
+
+
+def run(command: list[str], timeout: float = TIMEOUT, environ: dict | None = None) -> subprocess.CompletedProcess:
+    """Run ``command`` in a new session; after ``timeout`` seconds kill its whole process group and fail."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "XPCNN_DIST_TIMEOUT": "20", **(environ or {})}
+    with subprocess.Popen(
+        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    ) as process:
+        try:
+            out, err = process.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.communicate()
+            pytest.fail(f"{command} ran past {timeout} s and was killed")
+    return subprocess.CompletedProcess(command, process.returncode, out, err)
+
+
+def launched(world_size: int, command: list[str]) -> list[str]:
+    """``command`` run as ``world_size`` ranks by xpcnn's launcher."""
+    launcher = f"import sys; from xpcnn.launch import launch; sys.exit(launch({world_size}, {command!r}))"
+    return [sys.executable, "-c", launcher]
+
+
+def xpcnn(*arguments) -> list[str]:
+    return [sys.executable, "-m", "xpcnn", *map(str, arguments)]
+
+
+def relative(a, b) -> float:
+    scale = max(float(np.max(np.abs(b))), 1e-300)
+    return float(np.max(np.abs(np.asarray(a) - np.asarray(b)))) / scale
+
+
+# ---------------------------------------------------------------- the same model as one process
+
+
+@pytest.mark.parametrize("batch_norm", [False, True], ids=["plain", "batch-norm"])
+@pytest.mark.parametrize("backend", ["numpy", "torch", "jax"])
+def test_two_ranks_train_the_model_one_process_trains(tmp_path, backend, batch_norm):
+    """Global batch 32 over 2 ranks against batch 32 in one process: 8 steps (2 epochs, a short last batch)."""
+    kind = "BN" if batch_norm else "PLAIN"
+    out = str(tmp_path / "rank{rank}.npz")
+    result = run(launched(2, [sys.executable, str(WORKER), backend, kind, "2", out]))
+    assert result.returncode == 0, result.stderr
+    expected = train(backend, batch_norm, 2, Local())
+    assert any(".running_var" in name for name in expected) == batch_norm
+    for rank in range(2):
+        got = dict(np.load(out.format(rank=rank)))
+        assert sorted(got) == sorted(expected)
+        for name, value in expected.items():
+            assert relative(got[name], value) <= 1e-10, (rank, name, relative(got[name], value))
+
+
+# ---------------------------------------------------------------- the command line
+
+
+@pytest.fixture
+def data_dir(synthetic_dir):
+    return synthetic_dir
+
+
+def test_nproc_trains_writes_one_run_directory_and_resumes_on_another_count(tmp_path, data_dir):
+    out = tmp_path / "run"
+    common = ["--data-dir", data_dir, "--model", "convnet-bn", "--batch-size", 64, "--device", "cpu", "-q"]
+    two = run(xpcnn("train", *common, "--epochs", 1, "--out", out, "--nproc", 2))
+    assert two.returncode == 0, two.stderr
+    assert two.stdout.count("best test accuracy") == 1  # rank 0 alone speaks
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint.npz", "config.json", "history.json"]
+    first = load_checkpoint(out)
+    assert first.meta["state"]["epoch"] == 1
+    one = run(xpcnn("train", "--resume", out, "--epochs", 2, "--nproc", 1, "-q"))
+    assert one.returncode == 0, one.stderr
+    assert load_checkpoint(out).meta["state"]["epoch"] == 2
+    back = run(xpcnn("train", "--resume", out, "--epochs", 3, "--nproc", 2, "-q"))
+    assert back.returncode == 0, back.stderr
+    history = load_checkpoint(out).meta["state"]["history"]
+    assert [record["epoch"] for record in history] == [1, 2, 3]
+
+
+def test_a_batch_that_does_not_split_over_the_ranks_is_refused_before_any_rank_starts(tmp_path, data_dir):
+    result = run(xpcnn("train", "--data-dir", data_dir, "--batch-size", 63, "--out", tmp_path / "r", "--nproc", 2))
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == (
+        "Error: --batch-size: a global batch of 63 does not split evenly over 2 ranks"
+    )
+    assert not (tmp_path / "r").exists()
+
+
+# ---------------------------------------------------------------- faults
+
+
+def _children(pid: int) -> list[int]:
+    return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+@pytest.mark.parametrize("fault", ["killed", "hung"])
+@pytest.mark.parametrize("backend", ["numpy", "jax"])
+def test_a_rank_that_dies_or_hangs_stops_the_others_with_one_line(tmp_path, data_dir, backend, fault):
+    out = tmp_path / "run"
+    command = xpcnn(
+        "train", "--data-dir", data_dir, "--model", "seed", "--batch-size", 8, "--epochs", 500, "--out", out,
+        "--backend", backend, "--device", "cpu", "--nproc", 2, "-q",
+    )  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "XPCNN_DIST_TIMEOUT": "5"}
+    process = subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + TIMEOUT
+        while not (out / "checkpoint.npz").exists():  # an epoch is done: stop rank 1 in a later one
+            assert process.poll() is None and time.monotonic() < deadline, "the run ended before its first epoch"
+            time.sleep(0.1)
+        ranks = _children(process.pid)
+        os.kill(ranks[1], signal.SIGKILL if fault == "killed" else signal.SIGSTOP)
+        started = time.monotonic()
+        _, err = process.communicate(timeout=60)
+        took = time.monotonic() - started
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.communicate()
+    assert process.returncode == 1
+    assert took < 5 + 5 + 10  # XPCNN_DIST_TIMEOUT, the launcher's grace, start-up slack
+    lines = err.strip().splitlines()
+    assert lines[-1].startswith("Error: rank ") and "every rank has stopped" in lines[-1]
+    if backend != "jax":  # JAX's coordination service may end a rank first, with a fatal log of its own
+        assert any("another rank died or did not answer" in line for line in lines), err
+        assert not any("Traceback" in line for line in lines), err
+    assert load_checkpoint(out).meta["state"]["epoch"] >= 1  # the last checkpoint is whole
+    resumed = run(xpcnn("train", "--resume", out, "--epochs", load_checkpoint(out).meta["state"]["epoch"] + 1, "-q"))
+    assert resumed.returncode == 0, resumed.stderr
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_a_stop_signal_stops_every_rank_together_and_the_run_resumes(tmp_path, data_dir, signum):
+    """Ctrl-C reaches every process of the terminal's group; a scheduler's SIGTERM, the launcher alone
+    (it passes it on). Both: every rank stops at the same step, rank 0 checkpoints, 128 + the signal."""
+    out = tmp_path / "run"
+    command = xpcnn(
+        "train", "--data-dir", data_dir, "--model", "seed", "--batch-size", 8, "--epochs", 50, "--out", out,
+        "--device", "cpu", "--nproc", 2, "--log-every", 5, "-q",
+    )  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "XPCNN_DIST_TIMEOUT": "20"}
+    process = subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + TIMEOUT
+        while not (out / "checkpoint.npz").exists():
+            assert process.poll() is None and time.monotonic() < deadline, "the run ended before its first epoch"
+            time.sleep(0.1)
+        if signum == signal.SIGINT:
+            os.killpg(process.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: every process of the group
+        else:
+            process.send_signal(signal.SIGTERM)
+        _, err = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.communicate()
+    assert process.returncode == 128 + signum, err
+    assert "; continue with: xpcnn train --resume" in err and "Traceback" not in err, err
+    state = load_checkpoint(out).meta["state"]
+    resumed = run(xpcnn("train", "--resume", out, "--epochs", state["epoch"] + 1, "-q"))
+    assert resumed.returncode == 0, resumed.stderr
+
+
+FIT = """
+import os, sys
+import numpy as np
+import xpcnn
+rng = np.random.default_rng(1)
+images, labels = rng.integers(0, 256, (96, 28, 28), dtype=np.uint8), rng.integers(0, 10, 96)
+history = xpcnn.fit("seed", (images, labels), backend="{backend}", epochs=2, batch_size=32, seed=3)
+weights = history.optimizer.model.state_dict()
+rank = os.environ.get("XPCNN_RANK", "0")
+np.savez(sys.argv[1].format(rank=rank), loss=[r["train_loss"] for r in history.records], **weights)
+"""
+
+
+@pytest.mark.parametrize("backend", ["numpy", "torch"])
+def test_fit_inside_ranks_trains_the_model_fit_trains_alone(tmp_path, backend):
+    script = tmp_path / "fit.py"
+    script.write_text(FIT.format(backend=backend))
+    alone = run([sys.executable, str(script), str(tmp_path / "alone.npz")])
+    assert alone.returncode == 0, alone.stderr
+    ranks = run(launched(2, [sys.executable, str(script), str(tmp_path / "rank{rank}.npz")]))
+    assert ranks.returncode == 0, ranks.stderr
+    expected = dict(np.load(tmp_path / "alone.npz"))
+    for rank in range(2):
+        got = dict(np.load(tmp_path / f"rank{rank}.npz"))
+        for name, value in expected.items():
+            np.testing.assert_allclose(got[name], value, rtol=1e-4, atol=1e-6, err_msg=name)  # float32
+
+
+def test_the_same_command_runs_under_torchrun(tmp_path, data_dir):
+    torchrun = Path(sys.executable).with_name("torchrun")
+    if not torchrun.exists():
+        pytest.skip("no torchrun beside this Python")
+    common = ["--data-dir", data_dir, "--model", "seed", "--batch-size", 32, "--device", "cpu", "-q"]
+    alone = run(xpcnn("train", *common, "--out", tmp_path / "alone"))
+    assert alone.returncode == 0, alone.stderr
+    rendezvous = ["--nnodes", "1", "--nproc-per-node", "2", "--rdzv-backend", "c10d", "--rdzv-endpoint", "127.0.0.1:0"]
+    ranks = run([str(torchrun), *rendezvous, "-m", "xpcnn", "train", *map(str, common), "--out", str(tmp_path / "two")])
+    assert ranks.returncode == 0, ranks.stderr
+    assert ranks.stdout.count("best test accuracy") == 1
+    expected, got = load_checkpoint(tmp_path / "alone"), load_checkpoint(tmp_path / "two")
+    for name, value in expected.model_state.items():
+        np.testing.assert_allclose(got.model_state[name], value, rtol=1e-4, atol=1e-6, err_msg=name)  # float32

@@ -1,0 +1,337 @@
+"""The communicator seam's pieces in one process: the environment, sharding, synchronised batch norm's math.
+
+Ranks are threads here (:class:`ThreadRanks`, collectives over a barrier), so the math is checked without
+processes; tests/test_data_parallel.py runs real ranks through torch.distributed.
+"""
+
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from xpcnn import distributed as D
+from xpcnn import functional as F
+from xpcnn.backend import get_backend
+from xpcnn.errors import ConfigError
+from xpcnn.launch import GRACE, child_arguments, launch, rank_environment
+from xpcnn.ranks import join
+from xpcnn.nn import BatchNorm2d, Conv2d, Flatten, Linear, ReLU, Sequential
+
+
+class ThreadRanks:
+    """``world_size`` communicators whose collectives meet at a barrier: one per thread."""
+
+    def __init__(self, world_size: int):
+        self.world_size = world_size
+        self._barrier = threading.Barrier(world_size, timeout=10)
+        self._slots = [None] * world_size
+
+    def communicator(self, rank: int) -> D.Communicator:
+        ranks = self
+
+        class Threaded(D.Communicator):
+            def all_reduce_sum(self, array):
+                ranks._slots[rank] = np.array(array)
+                ranks._barrier.wait()
+                total = sum(ranks._slots[1:], ranks._slots[0].copy())
+                ranks._barrier.wait()
+                array[...] = total
+                return array
+
+            def broadcast(self, array):
+                ranks._slots[rank] = np.array(array)
+                ranks._barrier.wait()
+                root = ranks._slots[0].copy()
+                ranks._barrier.wait()
+                array[...] = root
+                return array
+
+        threaded = Threaded()
+        threaded.rank, threaded.world_size = rank, self.world_size
+        return threaded
+
+    def run(self, work):
+        """``work(rank, communicator)`` on every rank at once; the results in rank order."""
+        results, errors = [None] * self.world_size, []
+
+        def target(rank):
+            try:
+                results[rank] = work(rank, self.communicator(rank))
+            except Exception as exc:  # noqa: BLE001 - reported below
+                errors.append(exc)
+                self._barrier.abort()
+
+        threads = [threading.Thread(target=target, args=(r,)) for r in range(self.world_size)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=30)
+        assert not errors, errors
+        return results
+
+
+# ---------------------------------------------------------------- the environment
+
+
+def test_no_launcher_variables_mean_one_rank_alone():
+    assert D.rank_from_environment({}) == D.Placement(0, 1, None, "none")
+
+
+@pytest.mark.parametrize(
+    "environ, launcher",
+    [
+        ({"XPCNN_RANK": "1", "XPCNN_WORLD_SIZE": "2", "XPCNN_RENDEZVOUS": "/tmp/r"}, "xpcnn"),
+        ({"RANK": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}, "torchrun"),
+        ({"OMPI_COMM_WORLD_RANK": "1", "OMPI_COMM_WORLD_SIZE": "2", "XPCNN_RENDEZVOUS": "/r"}, "mpiexec (Open MPI)"),
+        ({"PMI_RANK": "1", "PMI_SIZE": "2", "MASTER_ADDR": "h", "MASTER_PORT": "1"}, "mpiexec (MPICH)"),
+        ({"SLURM_PROCID": "1", "SLURM_STEP_NUM_TASKS": "2", "XPCNN_RENDEZVOUS": "file:///s/r"}, "srun"),
+    ],
+)
+def test_each_launcher_is_read_from_its_variables(environ, launcher):
+    placement = D.rank_from_environment(environ)
+    assert (placement.rank, placement.world_size, placement.launcher) == (1, 2, launcher)
+    expected = "env://" if "MASTER_ADDR" in environ else "file://"
+    assert placement.init_method.startswith(expected)
+
+
+def test_a_sbatch_script_outside_srun_is_one_rank():
+    assert D.rank_from_environment({"SLURM_PROCID": "0", "SLURM_NTASKS": "4"}).world_size == 1
+
+
+@pytest.mark.parametrize(
+    "environ, words",
+    [
+        ({"RANK": "1", "WORLD_SIZE": "2"}, "no rendezvous"),
+        ({"RANK": "x", "WORLD_SIZE": "2"}, "must be integers"),
+        ({"RANK": "2", "WORLD_SIZE": "2", "MASTER_ADDR": "h", "MASTER_PORT": "1"}, "is not a rank"),
+    ],
+)
+def test_bad_launcher_variables_are_one_clear_error(environ, words):
+    with pytest.raises(D.DistributedError, match=words):
+        D.rank_from_environment(environ)
+
+
+def test_the_timeout_comes_from_the_environment():
+    assert D.timeout_seconds({}) == D.DEFAULT_TIMEOUT
+    assert D.timeout_seconds({"XPCNN_DIST_TIMEOUT": "7.5"}) == 7.5
+    with pytest.raises(ConfigError, match="XPCNN_DIST_TIMEOUT"):
+        D.timeout_seconds({"XPCNN_DIST_TIMEOUT": "-1"})
+
+
+def test_several_ranks_on_a_backend_without_collectives_are_refused(monkeypatch):
+    monkeypatch.setenv("XPCNN_RANK", "0")
+    monkeypatch.setenv("XPCNN_WORLD_SIZE", "2")
+    monkeypatch.setenv("XPCNN_RENDEZVOUS", "/nonexistent/r")
+    with pytest.raises(D.DistributedError, match="numpy, torch and jax backends on the CPU"):
+        join(get_backend("array-api-strict"))
+
+
+# ---------------------------------------------------------------- sharding
+
+
+@pytest.mark.parametrize("n, batch, ranks", [(10, 4, 2), (11, 4, 2), (9, 4, 2), (13, 6, 3), (10, 4, 1), (5, 6, 2)])
+def test_the_shards_of_every_step_cover_the_usable_images_once(n, batch, ranks):
+    usable = D.usable_count(n, batch, ranks)
+    assert n - ranks < usable <= n and (ranks > 1 or usable == n)
+    taken = []
+    for start in range(0, usable, batch):
+        stop = min(start + batch, usable)
+        shards = [D.shard_bounds(start, stop, r, ranks) for r in range(ranks)]
+        assert len({hi - lo for lo, hi in shards}) == 1  # every rank the same number of images
+        taken += [i for lo, hi in shards for i in range(lo, hi)]
+    assert taken == list(range(usable))
+
+
+def test_a_batch_that_does_not_split_evenly_is_a_config_error():
+    with pytest.raises(ConfigError, match="does not split evenly over 3 ranks") as caught:
+        D.check_batch_size(64, 3)
+    assert caught.value.setting == "batch_size"
+    D.check_batch_size(64, 2)
+
+
+# ---------------------------------------------------------------- synchronised batch norm
+
+
+def _halves(array, ranks):
+    return np.split(array, ranks)
+
+
+@pytest.mark.parametrize("shape", [(8, 3), (6, 3, 4, 5)])
+def test_sync_batchnorm_over_ranks_equals_batchnorm_over_the_whole_batch(shape):
+    rng = np.random.default_rng(0)
+    x = rng.normal(2.0, 3.0, shape)
+    grad_y = rng.normal(size=shape)
+    weight, bias = rng.normal(size=shape[1]), rng.normal(size=shape[1])
+    y, x_hat, inv_std, mean, var = F.batchnorm_forward(x, weight, bias, 1e-5)
+    grad_x, grad_w, grad_b = F.batchnorm_backward(grad_y, x_hat, inv_std, weight)
+    ranks = ThreadRanks(2)
+
+    def work(rank, comm):
+        xr, gr = _halves(x, 2)[rank], _halves(grad_y, 2)[rank]
+        yr, hr, sr, mr, vr, count = F.sync_batchnorm_forward(xr, weight, bias, 1e-5, comm.all_reduce_sum, 2)
+        back = F.sync_batchnorm_backward(gr, hr, sr, weight, count, comm.all_reduce_sum)
+        return yr, mr, vr, count, back
+
+    results = ranks.run(work)
+    np.testing.assert_allclose(np.concatenate([r[0] for r in results]), y, rtol=1e-12, atol=1e-12)
+    for _, mr, vr, count, _ in results:
+        np.testing.assert_allclose(mr, mean, rtol=1e-12)
+        np.testing.assert_allclose(vr, var, rtol=1e-12)
+        assert count == x.size // shape[1]
+    np.testing.assert_allclose(np.concatenate([r[4][0] for r in results]), grad_x, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(sum(r[4][1] for r in results), grad_w, rtol=1e-12)
+    np.testing.assert_allclose(sum(r[4][2] for r in results), grad_b, rtol=1e-12)
+
+
+def test_sync_batchnorm_alone_is_batchnorm():
+    rng = np.random.default_rng(1)
+    x, g = rng.normal(size=(5, 4, 3, 3)), rng.normal(size=(5, 4, 3, 3))
+    w, b = rng.normal(size=4), rng.normal(size=4)
+    y, x_hat, inv_std, mean, var = F.batchnorm_forward(x, w, b, 1e-5)
+    ys, hs, ss, ms, vs, count = F.sync_batchnorm_forward(x, w, b, 1e-5, lambda a: a, 1)
+    np.testing.assert_allclose(ys, y, rtol=1e-12, atol=1e-14)
+    expected = F.batchnorm_backward(g, x_hat, inv_std, w)
+    for got, want in zip(F.sync_batchnorm_backward(g, hs, ss, w, count, lambda a: a), expected, strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-14)
+
+
+def test_sync_batchnorm_gradient_by_central_differences():
+    """The global loss sum_r <y_r, c_r> over two ranks, differentiated in x, weight and bias."""
+    rng = np.random.default_rng(2)
+    x, c = rng.normal(size=(4, 2, 3, 3)), rng.normal(size=(4, 2, 3, 3))
+    w, b = rng.normal(size=2), rng.normal(size=2)
+    ranks = ThreadRanks(2)
+
+    def loss_and_grads(x, w, b):
+        def work(rank, comm):
+            y, h, s, _, _, count = F.sync_batchnorm_forward(_halves(x, 2)[rank], w, b, 1e-5, comm.all_reduce_sum, 2)
+            cr = _halves(c, 2)[rank]
+            return float(np.sum(y * cr)), F.sync_batchnorm_backward(cr, h, s, w, count, comm.all_reduce_sum)
+
+        results = ranks.run(work)
+        grad_x = np.concatenate([r[1][0] for r in results])
+        grads = (grad_x, sum(r[1][1] for r in results), sum(r[1][2] for r in results))
+        return sum(r[0] for r in results), grads
+
+    _, (gx, gw, gb) = loss_and_grads(x, w, b)
+    for value, analytic, which in ((x, gx, 0), (w, gw, 1), (b, gb, 2)):
+        numeric = np.zeros_like(value)
+        for index in np.ndindex(value.shape):
+            step = np.zeros_like(value)
+            step[index] = 1e-6
+            args = [x, w, b]
+            args[which] = value + step
+            plus = loss_and_grads(*args)[0]
+            args[which] = value - step
+            numeric[index] = (plus - loss_and_grads(*args)[0]) / 2e-6
+        assert np.max(np.abs(numeric - analytic)) / max(np.max(np.abs(numeric)), 1e-12) <= 1e-6
+
+
+def _bn_model():
+    layers = (
+        Conv2d(1, 3, 3, rng=np.random.default_rng(0)),
+        BatchNorm2d(3),
+        ReLU(),
+        Flatten(),
+        Linear(3 * 4 * 4, 5, rng=np.random.default_rng(1)),
+    )
+    return Sequential(*layers).to(get_backend("numpy"), np.float64)
+
+
+def test_a_training_step_over_thread_ranks_equals_the_step_over_the_whole_batch():
+    """Step.train with the ranks' communicator (batch norm's sums, the gradient's mean): one process's step."""
+    from xpcnn.nn import CrossEntropyLoss
+    from xpcnn.optim import SGD
+    from xpcnn.step import Step
+
+    rng = np.random.default_rng(3)
+    x, labels = rng.normal(size=(8, 1, 6, 6)), rng.integers(0, 5, 8)
+
+    def trained(comm, batch):
+        model = _bn_model()
+        model.set_communicator(comm)
+        optimizer = SGD(model, lr=0.1, momentum=0.9)
+        step = Step(model, CrossEntropyLoss(), optimizer, communicator=comm)
+        state, _ = step.train(step.state(), x, labels, batch, None, 0.1, 1)
+        step.adopt(state)
+        return model.state_dict()
+
+    expected = trained(D.Local(), np.arange(8))
+    for state in ThreadRanks(2).run(lambda rank, comm: trained(comm, _halves(np.arange(8), 2)[rank])):
+        for name, value in expected.items():
+            np.testing.assert_allclose(state[name], value, rtol=1e-10, atol=1e-13, err_msg=name)
+
+
+def test_broadcast_state_gives_every_rank_rank_0s_model():
+    def work(rank, comm):
+        model = Sequential(Linear(3, 2, rng=np.random.default_rng(rank)))
+        D.broadcast_state(model, comm)
+        return model.state_dict()
+
+    first, second = ThreadRanks(2).run(work)
+    expected = Sequential(Linear(3, 2, rng=np.random.default_rng(0))).state_dict()
+    for name in expected:
+        np.testing.assert_array_equal(first[name], expected[name])
+        np.testing.assert_array_equal(second[name], expected[name])
+
+
+# ---------------------------------------------------------------- the launcher
+
+
+def test_each_rank_reruns_the_command_without_nproc_and_with_one_out():
+    given = ["--epochs", "2", "--nproc", "2", "-q"]
+    assert child_arguments(given, "runs/x") == ["--epochs", "2", "-q", "--out", "runs/x"]
+    assert child_arguments(["--nproc=2", "--out", "d"], "runs/x") == ["--out", "d"]
+    assert child_arguments(["--resume", "d", "--nproc", "3"], "runs/x") == ["--resume", "d"]
+
+
+def test_each_rank_gets_its_variables_and_a_share_of_the_threads(tmp_path):
+    environ = rank_environment(1, 2, tmp_path / "rendezvous", {})
+    assert environ["XPCNN_RANK"] == "1" and environ["XPCNN_WORLD_SIZE"] == "2"
+    assert environ["XPCNN_RENDEZVOUS"] == (tmp_path / "rendezvous").as_uri()
+    assert int(environ["OMP_NUM_THREADS"]) >= 1
+    assert rank_environment(0, 2, tmp_path, {"OMP_NUM_THREADS": "7"})["OMP_NUM_THREADS"] == "7"
+
+
+def _ranks_exit(code_of_rank_1: str, rank_0: str = "pass") -> list[str]:
+    body = f"import os, sys, time\nif os.environ['XPCNN_RANK'] == '1': {code_of_rank_1}\nelse: {rank_0}"
+    return [sys.executable, "-c", body]
+
+
+def test_the_launcher_succeeds_when_every_rank_does():
+    lines = []
+    assert launch(2, _ranks_exit("pass"), lines.append) == 0
+    assert lines == []
+
+
+def test_a_failed_rank_stops_the_others_within_the_grace_period_with_one_line():
+    lines = []
+    started = time.monotonic()
+    assert launch(2, _ranks_exit("sys.exit(3)", "time.sleep(60)"), lines.append) == 1
+    assert time.monotonic() - started < GRACE + 5
+    statuses = "rank 0: signal 9 (SIGKILL), rank 1: exit status 3"
+    assert lines == [f"Error: rank 1 of 2 failed; every rank has stopped ({statuses})"]
+
+
+def test_ranks_all_interrupted_are_interrupted():
+    assert launch(2, _ranks_exit("sys.exit(130)", "sys.exit(130)"), lambda line: None) == 130
+
+
+def test_nproc_checks_the_data_once_before_starting_ranks(tmp_path):
+    from click.testing import CliRunner
+
+    from xpcnn.cli import main
+
+    arguments = ["train", "--data-dir", str(tmp_path), "--nproc", "2", "--out", str(tmp_path / "r")]
+    result = CliRunner().invoke(main, arguments)
+    assert result.exit_code == 1
+    assert result.output.count("Error:") == 1 and "missing mnist files" in result.output
+
+
+def test_without_torch_several_ranks_are_one_line_naming_the_extra(monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch", None)  # import torch now raises ImportError
+    monkeypatch.setitem(sys.modules, "torch.distributed", None)
+    with pytest.raises(D.DistributedError, match=r"pip install 'xpcnn\[distributed\]'"):
+        D.TorchCommunicator(D.Placement(0, 2, "file:///nonexistent/r", "xpcnn"), 1.0)

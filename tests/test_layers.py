@@ -234,6 +234,20 @@ def test_recalibrate_batchnorm_averages_the_statistics_over_all_batches(backend)
     assert model[1].momentum == model[4].momentum == 0.1
 
 
+def test_recalibrate_batchnorm_reaches_the_layers_of_nested_containers(backend):
+    """A batch-norm layer inside a nested Sequential is recalibrated as the same layer in a flat model."""
+    x = np.random.default_rng(6).normal(size=(8, 2, 3, 3)) * 3.0 - 1.0
+    flat = nn.Sequential(nn.BatchNorm2d(2), nn.ReLU(), nn.Flatten(), nn.BatchNorm1d(18))
+    nested = nn.Sequential(nn.Sequential(nn.BatchNorm2d(2), nn.ReLU()), nn.Sequential(nn.Flatten(), nn.BatchNorm1d(18)))
+    for model in (flat, nested):
+        model.to(backend, backend.xp.float64)
+        nn.recalibrate_batchnorm(model, (backend.asarray(b) for b in (x[:5], x[5:])))
+    nested_buffers = dict(nested.named_buffers())
+    assert len(nested_buffers) == 4
+    for (_, expected), (name, got) in zip(flat.named_buffers(), nested_buffers.items(), strict=True):
+        np.testing.assert_allclose(to_host(got), to_host(expected), rtol=1e-12, err_msg=name)
+
+
 def test_sequential_updates_every_batchnorm_layers_running_statistics_as_pytorch(backend):
     """One fused update at the end of the forward pass: per layer (1 - m) * running + m * batch, variance unbiased."""
     rng = np.random.default_rng(4)

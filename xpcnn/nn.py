@@ -670,7 +670,7 @@ def recalibrate_batchnorm(model: Sequential, batches: Iterable) -> None:
     forward passes only, with the batch-norm layers in training mode and every other layer (dropout)
     in evaluation mode; leaves the model in evaluation mode.
     """
-    norms = [layer for layer in model if isinstance(layer, _BatchNorm)]
+    norms = [layer for layer in model.modules() if isinstance(layer, _BatchNorm)]
     if not norms:
         return
     momenta = [layer.momentum for layer in norms]

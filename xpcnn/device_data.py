@@ -63,9 +63,16 @@ class DeviceSplit:
 
     @classmethod
     def from_host(cls, backend: Backend, images: np.ndarray, labels: np.ndarray, norm: Normalization, dtype=None):
-        """Copy uint8 images (N, 28, 28) and labels (N,) to the device once, then scale there."""
+        """Copy images (N, H, W) and labels (N,) to the device once, normalised there.
+
+        uint8 images (0..255) are copied as they are and scaled on the device; float images are in [0, 1].
+        """
         xp = backend.xp
         dtype = xp.float32 if dtype is None else dtype
+        if images.dtype != np.uint8:
+            return cls(
+                normalize_images(backend, images[:, None], norm, dtype), xp.astype(backend.asarray(labels), xp.int64)
+            )
         scaled = xp.astype(backend.asarray(images[:, None, :, :]), dtype)  # a new array: safe to update in place
         scaled *= 1.0 / 255.0  # in place, so the float dataset exists once (188 MB for MNIST in float32)
         scaled -= norm.mean

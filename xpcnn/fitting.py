@@ -21,16 +21,16 @@ from .backend import Backend, backend_of, get_backend
 from .checkpoint import save_checkpoint
 from .config import TrainConfig, make_optimizer, positive_int
 from .data import Dataset, load_dataset, split_validation
-from .device_data import MIN_STD, DeviceSplit, EvalResult, Normalization, normalize_images
-from .distributed import Communicator, broadcast_state
+from .device_data import MIN_STD, DeviceSplit, EvalResult, Normalization
 from .display import Progress
+from .distributed import Communicator, broadcast_state
 from .errors import ConfigError, XpcnnError
 from .models import MODELS, build
 from .nn import Sequential
 from .optim import Optimizer
 from .ranks import join, prepare
 from .runs import checkpoint_meta
-from .train import RunState, Trainer
+from .train import RunState, start_training
 from .train import evaluate as evaluate_split
 
 ARRAYS = "arrays"  # the dataset name fit records for data given as arrays
@@ -113,11 +113,18 @@ def fit(
     broadcast_state(model, communicator)
     norm = _normalization(train[0])
     with backend.activate():
-        train_split = _device_split(backend, *train, norm)
-        eval_splits = {split: _device_split(backend, *arrays, norm) for split, arrays in evals.items()}
         progress = Progress(sys.stderr if verbose else None)
-        trainer = Trainer(
-            model, optimizer, backend, config, progress, -norm.mean / norm.std, callbacks, communicator=communicator
+        trainer, train_split, eval_splits = start_training(
+            model,
+            optimizer,
+            backend,
+            config,
+            norm,
+            train,
+            evals,
+            progress=progress,
+            callbacks=callbacks,
+            communicator=communicator,
         )
         state = trainer.fit(train_split, eval_splits)
     return History(state.history, norm, config, optimizer, state, dataset)
@@ -136,7 +143,7 @@ def evaluate(model: Sequential, images, labels, *, normalization: Normalization,
     images, labels = _checked_arrays(images, labels, outputs, "evaluate's data")
     backend = _backend(model)
     with backend.activate():
-        return evaluate_split(model, _device_split(backend, images, labels, normalization), backend, batch_size)
+        return evaluate_split(model, DeviceSplit.from_host(backend, images, labels, normalization), backend, batch_size)
 
 
 def save(path: str | os.PathLike, model: Sequential, history: History) -> None:
@@ -219,13 +226,6 @@ def _normalization(images: np.ndarray) -> Normalization:
     if spread < MIN_STD:
         raise XpcnnError(f"every pixel of the training images is {mean:g} (in [0, 1]): nothing to learn from")
     return Normalization.of(images) if images.dtype == np.uint8 else Normalization(mean, spread)
-
-
-def _device_split(backend: Backend, images: np.ndarray, labels: np.ndarray, norm: Normalization) -> DeviceSplit:
-    """Checked host arrays -> a normalised split on the device (uint8 exactly as ``xpcnn train`` does it)."""
-    if images.dtype == np.uint8:
-        return DeviceSplit.from_host(backend, images, labels, norm)
-    return DeviceSplit(normalize_images(backend, images[:, None], norm), backend.asarray(labels))
 
 
 def _outputs(model: Sequential) -> int | None:

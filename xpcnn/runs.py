@@ -16,16 +16,16 @@ from .backend import Backend
 from .checkpoint import CHECKPOINT_NAME, Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
 from .config import TrainConfig, make_optimizer
 from .data import Dataset, holds_dataset, other_files
-from .device_data import DeviceSplit, Normalization
-from .distributed import Communicator, Local, broadcast_state
+from .device_data import Normalization
 from .display import Progress
+from .distributed import Communicator, Local, broadcast_state
 from .errors import ConfigError, XpcnnError
 from .files import check_writable, locked_directory, read_regular, remove_temporaries, write_json
 from .models import build
 from .nn import Sequential
 from .optim import Optimizer
 from .stopping import stop_on_signals
-from .train import RunState, Trainer, TrainingDiverged, TrainingInterrupted
+from .train import RunState, TrainingDiverged, TrainingInterrupted, start_training
 
 
 def checkpoint_config(checkpoint: Checkpoint) -> TrainConfig:
@@ -78,13 +78,9 @@ def check_position(checkpoint: Checkpoint, config: TrainConfig, steps_per_epoch:
     state = checkpoint.meta["state"]
     step, seen = state["step"], state["partial"]["seen"]
     if step >= steps_per_epoch:
-        raise CheckpointError(
-            f"{checkpoint.path}: step {step} is past the end of an epoch of {steps_per_epoch} steps"
-        )
+        raise CheckpointError(f"{checkpoint.path}: step {step} is past the end of an epoch of {steps_per_epoch} steps")
     if seen != step * config.batch_size:
-        raise CheckpointError(
-            f"{checkpoint.path}: {seen} images seen at step {step} of batches of {config.batch_size}"
-        )
+        raise CheckpointError(f"{checkpoint.path}: {seen} images seen at step {step} of batches of {config.batch_size}")
 
 
 # Settings a resumed run may change: neither alters what the finished epochs computed.
@@ -354,15 +350,15 @@ def _train_in(
 
     # The trainer's stop scope (Ctrl-C, SIGTERM), opened here to stay open while a stopped run is checkpointed.
     with backend.activate(), stop_on_signals():
-        train = DeviceSplit.from_host(backend, images, labels, norm)
-        evals = {name: DeviceSplit.from_host(backend, *split, norm) for name, split in evals_host.items()}
-        trainer = Trainer(
+        trainer, train, evals = start_training(
             model,
             optimizer,
             backend,
             config,
-            progress,
-            background=-norm.mean / norm.std,
+            norm,
+            (images, labels),
+            evals_host,
+            progress=progress,
             eager=eager,
             communicator=communicator,
         )

@@ -29,7 +29,8 @@ import numpy as np
 
 from .backend import Backend, to_host
 from .config import TrainConfig, make_augmentation
-from .device_data import DeviceSplit, EvalResult, evaluate_batches
+from .device_data import DeviceSplit, EvalResult, Normalization, evaluate_batches
+from .display import Progress
 from .distributed import (
     Communicator,
     DistributedError,
@@ -39,13 +40,12 @@ from .distributed import (
     shard_bounds,
     usable_count,
 )
-from .display import Progress
 from .errors import ConfigError, XpcnnError
 from .functional import softmax
 from .nn import CrossEntropyLoss, Sequential, recalibrate_batchnorm
 from .optim import Optimizer, scheduled_lr
-from .stopping import stop_on_signals
 from .step import Step, compiles
+from .stopping import stop_on_signals
 
 
 @dataclass
@@ -315,6 +315,33 @@ class Trainer:
         return self.step_runner.evaluate(split)
 
 
+def start_training(
+    model: Sequential,
+    optimizer: Optimizer,
+    backend: Backend,
+    config: TrainConfig,
+    norm: Normalization,
+    train: tuple,
+    evals: dict,
+    *,
+    progress: Progress | None = None,
+    callbacks: Sequence = (),
+    eager: bool = False,
+    communicator: Communicator | None = None,
+) -> tuple[Trainer, DeviceSplit, dict[str, DeviceSplit]]:
+    """The set-up ``xpcnn train`` and ``xpcnn.fit`` share: host splits on the device, and their trainer.
+
+    ``train`` is a pair (images, labels) of host arrays and ``evals`` maps a split's name to one; the
+    images are normalised with ``norm`` on the device, and augmentation fills in the normalised blank
+    pixel.  Call it inside ``backend.activate()``.  Returns (trainer, train split, evaluation splits).
+    """
+    train_split = DeviceSplit.from_host(backend, *train, norm)
+    eval_splits = {name: DeviceSplit.from_host(backend, *split, norm) for name, split in evals.items()}
+    background = -norm.mean / norm.std
+    trainer = Trainer(model, optimizer, backend, config, progress, background, callbacks, eager, communicator)
+    return trainer, train_split, eval_splits
+
+
 class LayerSteps:
     """The core's training step (:class:`xpcnn.step.Step`) run eagerly on any backend, one dispatch per operation.
 
@@ -326,9 +353,7 @@ class LayerSteps:
     compiles = False
     compile_seconds = 0.0
 
-    def __init__(
-        self, model, loss_fn, optimizer, backend, seed, augmentation=None, background=0.0, communicator=None
-    ):
+    def __init__(self, model, loss_fn, optimizer, backend, seed, augmentation=None, background=0.0, communicator=None):
         """``communicator``: the ranks whose gradients each step averages (one process alone by default)."""
         self.model, self.optimizer, self.backend, self.seed = model, optimizer, backend, seed
         self.communicator = communicator or Local()

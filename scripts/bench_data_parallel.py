@@ -22,13 +22,14 @@ import time
 
 import numpy as np
 
-from xpcnn import distributed, ranks
+from xpcnn import distributed
 from xpcnn.backend import get_backend
 from xpcnn.config import TrainConfig, make_optimizer
 from xpcnn.device_data import DeviceSplit, Normalization
 from xpcnn.launch import launch
 from xpcnn.models import MODELS, build
 from xpcnn.nn import CrossEntropyLoss, _BatchNorm
+from xpcnn.ranks import join
 from xpcnn.train import LayerSteps
 
 # ---------------------------------------------------------------- the model
@@ -118,7 +119,7 @@ def print_model() -> None:
 def time_rank(model: str, batch: int, steps: int, backend_name: str) -> dict:
     """Seconds per step of one global ``batch`` on this rank's share, and of the gradient's all-reduce alone."""
     backend = get_backend(backend_name, "cpu")
-    communicator = ranks.join(backend)
+    communicator = join(backend)
     net = build(model).to(backend)
     net.set_communicator(communicator)
     optimizer = make_optimizer(TrainConfig(model=model), net)

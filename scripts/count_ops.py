@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from xpcnn import bench
+from xpcnn import export
 from xpcnn.backend import get_backend
 from xpcnn.models import MODELS, build
 from xpcnn.nn import CrossEntropyLoss, _BatchNorm, update_running_statistics
@@ -100,7 +100,7 @@ def count_model(name: str, batch: int) -> tuple[list[tuple[str, collections.Coun
         rows.append((f"backward {layer!r}", ops))
     rows.append(("optimizer step (SGD, Nesterov, weight decay)", launches(optimizer.step)[1]))
 
-    twin = bench.torch_twin(build(name, seed=0))
+    twin = export.torch_twin(build(name, seed=0))
     twin_optimizer = torch.optim.SGD(twin.parameters(), lr=0.01, momentum=0.9, nesterov=True, weight_decay=5e-4)
     twin_loss = torch.nn.CrossEntropyLoss()
 

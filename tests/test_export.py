@@ -102,7 +102,7 @@ def test_safetensors_load_strictly_into_the_torch_twin(name, tmp_path):
     safetensors_torch = pytest.importorskip("safetensors.torch")
     from safetensors import safe_open
 
-    from xpcnn.bench import torch_twin
+    from xpcnn.export import torch_twin
 
     model = model_case(name)
     path = tmp_path / "model.safetensors"

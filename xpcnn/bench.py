@@ -49,6 +49,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from .diagnostics import device_peak_mib
+from .export import torch_twin
 from .models import build
 from .step import compiles
 from .train import LayerSteps
@@ -210,47 +211,6 @@ def _steps(backend, model, loss_fn, optimizer, train_data, infer_data, position,
         position["result"] = runner.evaluate_batch(x, infer_labels)
 
     return train_step, infer_step
-
-
-def torch_twin(model):
-    """The same architecture and weights as an xpcnn ``Sequential``, as a ``torch.nn.Sequential``."""
-    import torch
-
-    from . import nn
-
-    layers = []
-    for layer in model:
-        if isinstance(layer, nn.Conv2d):
-            layers.append(
-                torch.nn.Conv2d(
-                    layer.in_channels,
-                    layer.out_channels,
-                    layer.kernel_size,
-                    layer.stride,
-                    layer.padding,
-                    bias="bias" in layer.params,
-                )
-            )
-        elif isinstance(layer, nn.Linear):
-            layers.append(torch.nn.Linear(layer.in_features, layer.out_features, bias="bias" in layer.params))
-        elif isinstance(layer, nn.MaxPool2d):
-            layers.append(torch.nn.MaxPool2d(layer.kernel_size, layer.stride))
-        elif isinstance(layer, nn.BatchNorm2d | nn.BatchNorm1d):
-            kind = torch.nn.BatchNorm2d if isinstance(layer, nn.BatchNorm2d) else torch.nn.BatchNorm1d
-            layers.append(kind(layer.num_features, layer.eps, layer.momentum))
-        elif isinstance(layer, nn.ReLU):
-            layers.append(torch.nn.ReLU())
-        elif isinstance(layer, nn.Flatten):
-            layers.append(torch.nn.Flatten())
-        elif isinstance(layer, nn.Dropout):
-            layers.append(torch.nn.Dropout(layer.p))
-        else:
-            raise TypeError(f"no torch twin for {layer!r}")
-    twin = torch.nn.Sequential(*layers)
-    state = {k: torch.from_numpy(np.array(v)) for k, v in model.state_dict().items()}
-    missing, unexpected = twin.load_state_dict(state, strict=False)
-    assert not unexpected and all(k.endswith("num_batches_tracked") for k in missing), (missing, unexpected)
-    return twin
 
 
 def _torch_session(case: Case, settings: Settings) -> Session:

@@ -155,6 +155,52 @@ def safetensors_tensors(model: nn.Sequential) -> dict[str, np.ndarray]:
     return tensors
 
 
+def torch_twin(model):
+    """The same architecture and weights as an xpcnn ``Sequential``, as a ``torch.nn.Sequential``.
+
+    The PyTorch model a :func:`safetensors_tensors` file loads into; the benchmarks' PyTorch side and the
+    tests' oracle.  Raises ValueError for a layer PyTorch has no twin of here.
+    """
+    import torch
+
+    layers = []
+    for layer in model:
+        if isinstance(layer, nn.Conv2d):
+            layers.append(
+                torch.nn.Conv2d(
+                    layer.in_channels,
+                    layer.out_channels,
+                    layer.kernel_size,
+                    layer.stride,
+                    layer.padding,
+                    bias="bias" in layer.params,
+                )
+            )
+        elif isinstance(layer, nn.Linear):
+            layers.append(torch.nn.Linear(layer.in_features, layer.out_features, bias="bias" in layer.params))
+        elif isinstance(layer, nn.MaxPool2d):
+            layers.append(torch.nn.MaxPool2d(layer.kernel_size, layer.stride))
+        elif isinstance(layer, nn.BatchNorm2d | nn.BatchNorm1d):
+            kind = torch.nn.BatchNorm2d if isinstance(layer, nn.BatchNorm2d) else torch.nn.BatchNorm1d
+            layers.append(kind(layer.num_features, layer.eps, layer.momentum))
+        elif isinstance(layer, nn.ReLU):
+            layers.append(torch.nn.ReLU())
+        elif isinstance(layer, nn.Flatten):
+            layers.append(torch.nn.Flatten())
+        elif isinstance(layer, nn.Dropout):
+            layers.append(torch.nn.Dropout(layer.p))
+        else:
+            raise ValueError(f"no torch twin for {layer!r}")
+    twin = torch.nn.Sequential(*layers)
+    state = {k: torch.from_numpy(np.array(v)) for k, v in model.state_dict().items()}
+    missing, unexpected = twin.load_state_dict(state, strict=False)
+    if unexpected or not all(k.endswith("num_batches_tracked") for k in missing):
+        raise ValueError(
+            f"the torch twin does not match the model's weights: missing {missing}, unexpected {unexpected}"
+        )
+    return twin
+
+
 def export(
     model: nn.Sequential,
     norm,

@@ -89,7 +89,7 @@ if [ "$quick" = 1 ]; then
     } > "$out/info.log" 2>&1
     log "info: exit $? ($SECONDS s)"
     if [ "$dry" = 1 ] && [ ! -d "$mnist" ]; then
-        "$python" -c "import sys; from tests.conftest import write_synthetic_mnist as w; w(__import__('pathlib').Path(sys.argv[1]))" "$mnist"
+        "$python" -c "import sys; sys.path.insert(0, 'tests'); from conftest import write_synthetic_mnist as w; w(__import__('pathlib').Path(sys.argv[1]))" "$mnist"
     fi
 
     export OMP_NUM_THREADS=1

@@ -13,17 +13,19 @@
 #                         concurrently on the one GPU, beside the tests (their seconds are then upper bounds)
 #   GPU_CHECK_TF32=0      skip the second benchmark, with --tf32
 #   GPU_CHECK_TEST_SECONDS, GPU_CHECK_BENCH_SECONDS, GPU_CHECK_RECIPE_SECONDS: time limits per step
-#   with --quick: GPU_CHECK_BENCH_RUNS (default "float32 reference tf32"), GPU_CHECK_BATCHES (default "128 512"),
-#   GPU_CHECK_BENCH_MODELS (default "--model convnet --model seed"), GPU_CHECK_DEFAULT_EPOCHS (default 1)
+#   with --quick: GPU_CHECK_BENCH_RUNS (default "float32"), GPU_CHECK_LATER_RUNS (default "tf32 reference"),
+#   GPU_CHECK_BATCHES (default "128 512"), GPU_CHECK_BENCH_MODELS (default "--model convnet --model seed"),
+#   GPU_CHECK_BACKENDS (default "jax cupy"), GPU_CHECK_DEFAULT_EPOCHS (default 1)
 #
-# --quick: what matters most first, all within GPU_CHECK_QUICK_SECONDS (default 285) on a fresh machine with
-# no network: convnet and seed on CuPy interleaved with torch eager on the same GPU (batch 128 and 512, float32
-# then TF32), one default MNIST epoch and the fast recipe on cuda, then the GPU cases of the test suite (-k "cupy or cuda").  Installs nothing but
-# the wheels in .whl/ (array-api-compat, -extra, -strict) into /tmp/site, and imports xpcnn from this checkout;
-# MNIST_DIR defaults to .data/mnist where it exists.  Before the benchmark it runs the tests of CuPy's fused
-# kernels (tests/test_fastpath_cupy.py); it benchmarks batch 128 once more with every fast path off
-# (XPCNN_FASTPATH=0), and profiles a step (scripts/profile_step.py).  --dry-run-cpu runs the same flow on the CPU
-# with tiny settings (numpy and torch on cpu, a synthetic data set unless MNIST_DIR is given, a few tests).
+# --quick: what matters most first, all within GPU_CHECK_QUICK_SECONDS (default 300) on a fresh machine with
+# no network: (1) convnet and seed on jax-cuda (the step programs and the epoch program, timed in turn) and on
+# CuPy, each interleaved with torch eager on the same GPU, batch 128 and 512; (2) one default MNIST epoch and the
+# fast recipe on each of cupy and jax; (3) the GPU cases of the test suite (-k "cupy or cuda"); then, with what
+# time is left, the benchmark with TF32 and with every fast path off (XPCNN_FASTPATH=0, batch 128 only) and a
+# profile of a CuPy step (scripts/profile_step.py).  Installs nothing but the wheels in .whl/ (array-api-compat,
+# -extra, -strict) into /tmp/site, and imports xpcnn from this checkout; MNIST_DIR defaults to .data/mnist where
+# it exists.  --dry-run-cpu runs the same flow on the CPU with tiny settings (jax and numpy beside torch on
+# cpu, a synthetic data set unless MNIST_DIR is given, a few tests).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 quick=0
@@ -48,7 +50,7 @@ export XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONUNBUFFERED=1
 log() { echo "# $(date -u +%H:%M:%S) $*" | tee -a "$out/steps.txt"; }
 
 if [ "$quick" = 1 ]; then
-    budget=${GPU_CHECK_QUICK_SECONDS:-285}
+    budget=${GPU_CHECK_QUICK_SECONDS:-300}
     # step NAME CAP_SECONDS COMMAND...: run under timeout (CAP, or what is left of the budget), output to NAME.log.
     step() {
         local name=$1 cap=$2 left=$((budget - SECONDS))
@@ -64,9 +66,11 @@ if [ "$quick" = 1 ]; then
         log "$name: exit $status ($((SECONDS - start)) s, limit $cap s)$([ $status = 124 ] && echo ', timed out')"
         return $status
     }
-    device=cuda backend=cupy batches=(128 512) bench_size=(--steps 50 --repeats 7) tests=(-k "cupy or cuda")
+    device=cuda backends=(${GPU_CHECK_BACKENDS:-jax cupy}) batches=(128 512) bench_size=(--steps 50 --repeats 7)
+    tests=(-k "cupy or cuda")
     if [ "$dry" = 1 ]; then
-        device=cpu backend=numpy batches=(16 32) bench_size=(--steps 2 --repeats 2) tests=(tests/test_layers.py -k numpy)
+        device=cpu backends=(jax numpy) batches=(16 32) bench_size=(--steps 2 --repeats 2)
+        tests=(tests/test_layers.py -k numpy)
         [ -n "${2:-}" ] || mnist=$out/synthetic-mnist
     elif [ -z "${2:-}" ] && [ -d .data/mnist ]; then
         mnist=.data/mnist
@@ -85,26 +89,27 @@ if [ "$quick" = 1 ]; then
     } > "$out/info.log" 2>&1
     log "info: exit $? ($SECONDS s)"
     if [ "$dry" = 1 ] && [ ! -d "$mnist" ]; then
-        "$python" -c "import sys; from tests.conftest import write_synthetic_mnist as w; w(__import__('pathlib').Path(sys.argv[1]))" "$mnist"
+        "$python" -c "import sys; sys.path.insert(0, 'tests'); from conftest import write_synthetic_mnist as w; w(__import__('pathlib').Path(sys.argv[1]))" "$mnist"
     fi
 
-    # 0. CuPy's fused kernels against the reference: they compile here, and the benchmark relies on them.
     export OMP_NUM_THREADS=1
-    step fused-tests 60 "$python" -m pytest -q -rfEs -p no:cacheprovider tests/test_fastpath_cupy.py
-    log "fused-tests: $(tail -n 1 "$out/fused-tests.log")"
-
-    # 1. xpcnn beside torch eager, interleaved, on the same device: float32 first (also with every fast path
-    # off, XPCNN_FASTPATH=0, to measure what the fused kernels gain), then TF32.
-    for run in ${GPU_CHECK_BENCH_RUNS:-float32 reference tf32}; do
-        for batch in ${GPU_CHECK_BATCHES:-${batches[*]}}; do
-            [ "$run" = reference ] && [ "$batch" != "${batches[0]}" ] && continue  # the reference at one batch
-            name=bench-b$batch$([ "$run" = float32 ] || echo "-$run")
-            XPCNN_FASTPATH=$([ "$run" = reference ] && echo 0 || echo 1) \
-            step "$name" 55 "$python" -m xpcnn bench --backend "$backend" ${GPU_CHECK_BENCH_MODELS:---model convnet --model seed} \
-                --train-batch "$batch" "${bench_size[@]}" --threads 2 $([ "$run" = tf32 ] && echo --tf32) \
-                --output "$out/$name.json"
-            [ -f "$out/$name.json" ] && "$python" - "$out/$name.json" <<'EOF' | tee -a "$out/steps.txt"
+    # bench_runs RUNS...: xpcnn on each backend beside torch eager, interleaved, on the same device, for each
+    # batch: float32, tf32 (both sides), reference (every fast path off, XPCNN_FASTPATH=0, the first batch only).
+    bench_runs() {
+        local run batch name
+        for run in "$@"; do
+            for batch in ${GPU_CHECK_BATCHES:-${batches[*]}}; do
+                [ "$run" = reference ] && [ "$batch" != "${batches[0]}" ] && continue  # the reference at one batch
+                name=bench-b$batch$([ "$run" = float32 ] || echo "-$run")
+                XPCNN_FASTPATH=$([ "$run" = reference ] && echo 0 || echo 1) \
+                step "$name" 75 "$python" -m xpcnn bench "${backends[@]/#/--backend=}" \
+                    ${GPU_CHECK_BENCH_MODELS:---model convnet --model seed} --train-batch "$batch" "${bench_size[@]}" \
+                    --threads 2 $([ "$run" = tf32 ] && echo --tf32) --output "$out/$name.json"
+                [ -f "$out/$name.json" ] && "$python" - "$out/$name.json" <<'EOF' | tee -a "$out/steps.txt"
 import json, sys
+
+def spread(row, key):
+    return f"{row[key]:.2f} ({row[key + '_min']:.2f}-{row[key + '_max']:.2f})" if key in row else "-"
 
 for row in json.load(open(sys.argv[1]))["results"]:
     if row["framework"] != "xpcnn":
@@ -112,17 +117,20 @@ for row in json.load(open(sys.argv[1]))["results"]:
     if "error" in row:
         print(f"  {row['model']} on {row['backend']}: failed: {row['error']}")
         continue
-    ratio = {p: f"{row[f'{p}_ratio']:.2f} ({row[f'{p}_ratio_min']:.2f}-{row[f'{p}_ratio_max']:.2f})"
-             if f"{p}_ratio" in row else "-" for p in ("train", "infer")}
-    print(f"  {row['model']} on {row['backend']} ({row['device']}): train {row['train_images_per_second']:,.0f} img/s,"
-          f" x torch {ratio['train']}; infer {row['infer_images_per_second']:,.0f} img/s, x torch {ratio['infer']}")
+    line = (f"  {row['model']} on {row['backend']} ({row['device']}): train {row['train_images_per_second']:,.0f} img/s,"
+            f" x torch {spread(row, 'train_ratio')}; infer {row['infer_images_per_second']:,.0f} img/s,"
+            f" x torch {spread(row, 'infer_ratio')}")
+    if "train_epoch_images_per_second" in row:
+        line += (f"; epoch program: train {row['train_epoch_images_per_second']:,.0f} img/s, x torch "
+                 f"{spread(row, 'train_epoch_ratio')}, x the step programs {spread(row, 'epoch_vs_step')}")
+    print(line)
 EOF
+            done
         done
-    done
+    }
 
-    # Where a CuPy step's time goes: host and GPU time per step and per layer, fused kernels on and off.
-    [ "$dry" = 1 ] || step profile 30 "$python" scripts/profile_step.py --model convnet --model seed
-    [ -f "$out/profile.log" ] && grep "batch" "$out/profile.log" | sed 's/^/  /' | tee -a "$out/steps.txt"
+    # 1. jax (the step programs, then the epoch program) and CuPy beside torch eager, float32.
+    bench_runs ${GPU_CHECK_BENCH_RUNS:-float32}
 
     # 2. One default MNIST epoch, and the fast recipe, on the device: training seconds and test accuracy.
     summarize_run() {
@@ -136,17 +144,26 @@ accuracy = history[-1]["test_accuracy"]
 print(f"  {len(history)} epoch(s): {sum(seconds):.1f} s of training ({each}), test accuracy {accuracy:.2%}")
 EOF
     }
-    step train-default 60 "$python" -m xpcnn train --device "$device" --epochs "${GPU_CHECK_DEFAULT_EPOCHS:-1}" \
-        --data-dir "$mnist" \
-        --out "$out/runs/default" && summarize_run "$out/runs/default"
-    step train-fast 75 "$python" -m xpcnn train --recipe fast --device "$device" --data-dir "$mnist" \
-        --out "$out/runs/fast" && summarize_run "$out/runs/fast"
+    for backend in "${backends[@]}"; do
+        step "train-default-$backend" 60 "$python" -m xpcnn train --backend "$backend" --device "$device" \
+            --epochs "${GPU_CHECK_DEFAULT_EPOCHS:-1}" --data-dir "$mnist" --out "$out/runs/default-$backend" \
+            && summarize_run "$out/runs/default-$backend"
+        step "train-fast-$backend" 75 "$python" -m xpcnn train --backend "$backend" --recipe fast --device "$device" \
+            --data-dir "$mnist" --out "$out/runs/fast-$backend" && summarize_run "$out/runs/fast-$backend"
+    done
 
-    # 3. The CuPy cases of the test suite.
+    # 3. The GPU cases of the test suite, CuPy's fused kernels first.
+    [ "$dry" = 1 ] || step fused-tests 60 "$python" -m pytest -q -rfEs -p no:cacheprovider tests/test_fastpath_cupy.py
+    [ -f "$out/fused-tests.log" ] && log "fused-tests: $(tail -n 1 "$out/fused-tests.log")"
     workers=()
     "$python" -c "import xdist" 2>/dev/null && workers=(-n 8)
-    step tests 300 "$python" -m pytest -q -rfEs -p no:cacheprovider "${workers[@]}" "${tests[@]}"
+    step tests 120 "$python" -m pytest -q -rfEs -p no:cacheprovider "${workers[@]}" "${tests[@]}"
     log "tests: $(tail -n 1 "$out/tests.log")"
+
+    # 4. With what time is left: TF32 and the reference, and where a CuPy step's time goes.
+    bench_runs ${GPU_CHECK_LATER_RUNS:-tf32 reference}
+    [ "$dry" = 1 ] || step profile 30 "$python" scripts/profile_step.py --model convnet --model seed
+    [ -f "$out/profile.log" ] && grep "batch" "$out/profile.log" | sed 's/^/  /' | tee -a "$out/steps.txt"
     log "done ($SECONDS s)"
     exit 0
 fi

@@ -86,7 +86,20 @@ def test_a_case_serves_timed_runs_on_torch_and_jax(name, eager, restore_tf32):
     assert replies[0]["device"] in ("cpu", "cuda:0")
     assert replies[0]["compiled"] == (name == "jax" and not eager)
     assert all(reply["rate"] > 0 for reply in replies[1:4])
+    # Compiled, each timed training run is followed by one of the epoch program; inference has none.
+    assert [("epoch_rate" in reply) for reply in replies[1:4]] == [replies[0]["compiled"]] * 2 + [False]
+    assert all(reply["epoch_rate"] > 0 for reply in replies[1:3] if "epoch_rate" in reply)
     assert replies[4]["peak_rss_mib"] > 0 and len(replies) == 5
+
+
+def test_a_compiled_row_gets_its_epoch_programs_ratio_to_the_step_programs_per_pair():
+    row = {"framework": "xpcnn", "backend": "jax", "model": "seed", "device": "cpu", "train_images_per_second": 100.0,
+           "infer_images_per_second": 50.0, "train_runs": [100.0, 50.0, 80.0], "train_epoch_runs": [110.0, 60.0, 120.0]}  # fmt: skip
+    bench.add_epoch_ratios(row)
+    assert row["train_epoch_images_per_second"] == 110.0
+    assert row["epoch_vs_step_ratios"] == [1.1, 1.2, 1.5] and row["epoch_vs_step"] == 1.2
+    assert (row["epoch_vs_step_min"], row["epoch_vs_step_max"]) == (1.1, 1.5)
+    assert bench.format_progress(row).endswith("epoch program: train 110 img/s, vs the step programs 1.20 (1.10-1.50)")
 
 
 @pytest.mark.slow

@@ -15,7 +15,10 @@ case and no case warms another's caches or allocator.  A case measures:
 On JAX both steps are the compiled ones of :mod:`xpcnn.compiled` unless
 ``eager`` (the training step gathers its batch from a small device dataset,
 as in training; the inference step also computes the loss and
-predictions); each row says which (``compiled``).
+predictions); each row says which (``compiled``).  Compiled, each timed
+training run of ``steps`` steps one program at a time is followed at once by
+one of the epoch program (the ``steps`` steps as one program, as training runs
+them): ``train_epoch_*`` in the row, its ratio to the step programs per pair.
 
 Where torch is installed, each xpcnn case runs beside a twin: the same
 architecture, weights, batch, optimiser and thread count under torch (eager),
@@ -100,9 +103,11 @@ class Session:
         settings: Settings,
         activate=None,
         compiled: bool = False,
+        epoch_program=None,
     ):
-        """``compiled``: whether the steps are compiled programs (JAX's), not eager operations."""
-        self.device, self.compiled = device, compiled
+        """``compiled``: whether the steps are compiled programs (JAX's), not eager operations;
+        ``epoch_program(count)``, if given, runs ``count`` training steps as one program."""
+        self.device, self.compiled, self._epoch_program = device, compiled, epoch_program
         self._steps, self._modes, self._sync = steps, modes, sync  # per phase: a step, a switch into that mode
         self.device_peak_mib = device_peak_mib
         self._settings = settings
@@ -117,20 +122,29 @@ class Session:
             self._modes[phase]()
             for _ in range(self._settings.warmup):
                 self._steps[phase]()
+            if phase == "train" and self._epoch_program is not None:
+                self._epoch_program(self._settings.steps)  # compiles it
             self._sync()
         self._phase = phase
 
-    def repeat(self, phase: str) -> float:
-        """Images/s of one timed run of ``steps`` steps of ``phase`` ("train" or "infer")."""
+    def repeat(self, phase: str) -> dict:
+        """``{"rate": images/s}`` of one timed run of ``steps`` steps of ``phase`` ("train" or "infer");
+        training with an epoch program, also ``"epoch_rate"``: those steps as one program, timed right after."""
         self.enter(phase)
         batch = self._settings.train_batch if phase == "train" else self._settings.infer_batch
-        step = self._steps[phase]
+        step, steps = self._steps[phase], self._settings.steps
         with self._activate():
             start = time.perf_counter()
-            for _ in range(self._settings.steps):
+            for _ in range(steps):
                 step()
             self._sync()
-            return batch * self._settings.steps / (time.perf_counter() - start)
+            rates = {"rate": batch * steps / (time.perf_counter() - start)}
+            if phase == "train" and self._epoch_program is not None:
+                start = time.perf_counter()
+                self._epoch_program(steps)
+                self._sync()
+                rates["epoch_rate"] = batch * steps / (time.perf_counter() - start)
+        return rates
 
 
 def _batches(rng: np.random.Generator, batch: int, count: int = 4):
@@ -158,7 +172,9 @@ def _xpcnn_session(case: Case, settings: Settings) -> Session:
         infer_data = [backend.asarray(x) for x, _ in _batches(rng, settings.infer_batch, 2)]
     position = {"train": 0, "infer": 0}
     compiled = compiles(backend.name, settings.eager)
-    train_step, infer_step = _steps(backend, model, loss_fn, optimizer, train_data, infer_data, position, compiled)
+    train_step, infer_step, epoch_program = _steps(
+        backend, model, loss_fn, optimizer, train_data, infer_data, position, compiled, settings.steps
+    )
 
     def to_eval():
         model.zero_cache()
@@ -173,14 +189,15 @@ def _xpcnn_session(case: Case, settings: Settings) -> Session:
         settings,
         backend.activate,
         compiled,
+        epoch_program,
     )
 
 
-def _steps(backend, model, loss_fn, optimizer, train_data, infer_data, position, compiled: bool):
-    """The training runs' own steps over the same batches: (train_step, infer_step).
+def _steps(backend, model, loss_fn, optimizer, train_data, infer_data, position, compiled: bool, steps: int):
+    """The training runs' own steps over the same batches: (train_step, infer_step, epoch_program or None).
 
     The training batches become one device dataset that each step gathers its batch from, as in training;
-    the runner is the trainer's (:class:`xpcnn.train.LayerSteps`, or JAX's compiled steps).
+    the runner is the trainer's (:class:`xpcnn.train.LayerSteps`, or JAX's compiled steps and epoch program).
     """
     xp = backend.xp
     if compiled:
@@ -195,6 +212,23 @@ def _steps(backend, model, loss_fn, optimizer, train_data, infer_data, position,
         batches = [backend.asarray(np.arange(i * size, (i + 1) * size)) for i in range(len(train_data))]
         infer_labels = xp.zeros(infer_data[0].shape[0], dtype=xp.int64, device=backend.device)
     runner.start_epoch(0, 0)
+    epoch_program = None
+    if compiled:
+        # The epoch program's permutation: the batches in turn, as the step programs take them, for ``steps``
+        # steps from any of them.
+        turns = steps // len(batches) + 2
+        with backend.activate():
+            order = xp.concat(batches * turns)
+            learning_rates = runner.learning_rates([optimizer.lr] * len(batches) * turns)
+            sums = [
+                xp.zeros((), dtype=xp.float64, device=backend.device),
+                xp.zeros((), dtype=xp.int64, device=backend.device),
+            ]
+
+        def epoch_program(count: int):
+            first = position["train"] % len(batches)  # where the step programs would go on
+            position["train"] += count
+            sums[:] = runner.train_steps(images, labels, order, learning_rates, first, first + count, size, *sums)
 
     def train_step():
         step = position["train"]
@@ -210,7 +244,7 @@ def _steps(backend, model, loss_fn, optimizer, train_data, infer_data, position,
         # Kept alive until the next step, so that synchronising waits for it (JAX dispatches asynchronously).
         position["result"] = runner.evaluate_batch(x, infer_labels)
 
-    return train_step, infer_step
+    return train_step, infer_step, epoch_program
 
 
 def _torch_session(case: Case, settings: Settings) -> Session:
@@ -268,7 +302,7 @@ def open_session(case: Case, settings: Settings) -> Session:
 def serve(case: Case, settings: Settings, commands: Iterable[str], reply: Callable[[dict], None]) -> None:
     """A case's process: set up and warm up, reply its device, then one reply per command until "finish".
 
-    A command is a phase ("train" or "infer"), answered with ``{"rate": images/s}`` of one timed run;
+    A command is a phase ("train" or "infer"), answered with :meth:`Session.repeat`'s rates of one timed run;
     "finish" is answered with the process's peak memory.
     """
     session = open_session(case, settings)
@@ -277,7 +311,7 @@ def serve(case: Case, settings: Settings, commands: Iterable[str], reply: Callab
     for command in commands:
         if command.strip() == "finish":
             break
-        reply({"rate": session.repeat(command.strip())})
+        reply(session.repeat(command.strip()))
     reply({"peak_rss_mib": own_peak_rss_mib(), "device_peak_mib": session.device_peak_mib()})
 
 
@@ -359,6 +393,19 @@ def add_ratios(row: dict, twin: dict) -> None:
         row[f"{phase}_ratio_min"], row[f"{phase}_ratio_max"] = min(ratios), max(ratios)
 
 
+def add_epoch_ratios(row: dict) -> None:
+    """A compiled row's epoch-program rate (median) and its ratio to the step programs' in the same timed run."""
+    epoch_runs = row["train_epoch_runs"]
+    row["train_epoch_images_per_second"] = statistics.median(epoch_runs)
+    ratios = pair_ratios(epoch_runs, row["train_runs"])
+    row["epoch_vs_step_ratios"] = ratios
+    row["epoch_vs_step"], row["epoch_vs_step_min"], row["epoch_vs_step_max"] = (
+        statistics.median(ratios),
+        min(ratios),
+        max(ratios),
+    )
+
+
 def run_pair(case: Case, settings: Settings, with_torch: bool) -> list[dict]:
     """Run the xpcnn ``case`` and, ``with_torch``, its twin, timed runs interleaved; a row for each.
 
@@ -379,7 +426,10 @@ def run_pair(case: Case, settings: Settings, with_torch: bool) -> list[dict]:
             for _ in range(settings.repeats):
                 for label, worker in list(workers.items()):  # xpcnn, torch, xpcnn, torch, ...
                     try:
-                        rows[label].setdefault(f"{phase}_runs", []).append(worker.ask(phase)["rate"])
+                        answer = worker.ask(phase)
+                        rows[label].setdefault(f"{phase}_runs", []).append(answer["rate"])
+                        if "epoch_rate" in answer:
+                            rows[label].setdefault("train_epoch_runs", []).append(answer["epoch_rate"])
                     except CaseFailed as exc:
                         rows[label]["error"] = str(exc)
                         workers.pop(label).close()
@@ -396,11 +446,18 @@ def run_pair(case: Case, settings: Settings, with_torch: bool) -> list[dict]:
                 infer_images_per_second=statistics.median(rows[label]["infer_runs"]),
                 **final,
             )
+            if "train_epoch_runs" in rows[label]:
+                add_epoch_ratios(rows[label])
     finally:
         for worker in workers.values():
             worker.close()
     if with_torch and not any("error" in row for row in rows.values()):
         add_ratios(rows["xpcnn"], rows["torch"])
+        if "train_epoch_runs" in rows["xpcnn"]:
+            ratios = pair_ratios(rows["xpcnn"]["train_epoch_runs"], rows["torch"]["train_runs"])
+            rows["xpcnn"]["train_epoch_ratios"] = ratios
+            rows["xpcnn"]["train_epoch_ratio"] = statistics.median(ratios)
+            rows["xpcnn"]["train_epoch_ratio_min"], rows["xpcnn"]["train_epoch_ratio_max"] = min(ratios), max(ratios)
     return list(rows.values())
 
 
@@ -424,6 +481,13 @@ def format_progress(result: dict) -> str:
     )
     if "train_ratio" in result:
         line += f"; vs torch: train {_ratio(result, 'train')}, infer {_ratio(result, 'infer')}"
+    if "train_epoch_images_per_second" in result:
+        line += (
+            f"; epoch program: train {result['train_epoch_images_per_second']:,.0f} img/s, vs the step programs "
+            f"{result['epoch_vs_step']:.2f} ({result['epoch_vs_step_min']:.2f}-{result['epoch_vs_step_max']:.2f})"
+        )
+        if "train_epoch_ratio" in result:
+            line += f", vs torch {_ratio(result, 'train_epoch')}"
     return line
 
 

@@ -18,8 +18,18 @@ Randomness: step ``s`` of epoch ``e`` draws from ``fold_in(key(seed, e), s)``,
 so a run is a pure function of (seed, epoch, step) and resuming anywhere,
 even mid-epoch, continues exactly as a straight run.
 
+The epoch program (:meth:`CompiledSteps.train_steps`): the full-batch steps of an
+epoch from one step to another, as one program: a ``lax.fori_loop`` over
+:meth:`Step.train` (the same step, traced once), each step slicing its batch from
+the epoch's permutation on the device, drawing its noise from
+``fold_in(key(seed, e), s)`` and reading its learning rate from the epoch's
+schedule, a (steps,) device array; the running loss sum and correct count are
+carried through the loop and come out with the new state.  Its bounds are traced
+values, so any chunk of an epoch (the ``--log-every`` steps, a resumed part, the
+whole epoch) runs the one program; the last short batch of an epoch runs as one step.
+
 Each distinct argument signature (the full batch, the last short one, an
-evaluation batch) is compiled once, ahead of time, with the XLA options of
+evaluation batch, an epoch program's batch size) is compiled once, ahead of time, with the XLA options of
 :func:`xpcnn.fastpath.compiler_options`, and its compile time is
 counted in :attr:`CompiledSteps.compile_seconds`, apart from the steps' own.
 With ``compile=False`` the same step functions run eagerly, one dispatch per
@@ -28,7 +38,10 @@ operation (for debugging: breakpoints and prints inside layers work).
 
 from __future__ import annotations
 
+import functools
 import time
+
+import numpy as np
 
 from . import fastpath
 from .backend import Backend
@@ -104,20 +117,33 @@ class CompiledSteps:
             def compiled(function):
                 return _AheadOfTime(function, options, donate_argnums=(0,))
 
-            self._train = DataParallelStep(self._train_step, compiled) if self._ranks > 1 else compiled(self._train_step)
+            self._train = (
+                DataParallelStep(self._train_step, compiled) if self._ranks > 1 else compiled(self._train_step)
+            )
             self._evaluate = _AheadOfTime(self.step.evaluate, options)
+            self._compiled = compiled
         else:
             self._train, self._evaluate = self._train_step, self.step.evaluate
+        self._programs: dict = {}  # the epoch programs, by batch size
+
+    @property
+    def runs_epoch_programs(self) -> bool:
+        """Whether :meth:`train_steps` can run: compiled, on one process (several ranks run step by step)."""
+        return self.compiles and self._ranks == 1
 
     @property
     def compile_seconds(self) -> float:
-        """Seconds spent compiling so far, training and evaluation steps together."""
-        return self._train.seconds + self._evaluate.seconds if self.compiles else 0.0
+        """Seconds spent compiling so far, training and evaluation steps and epoch programs together."""
+        if not self.compiles:
+            return 0.0
+        return sum(program.seconds for program in (self._train, self._evaluate, *self._programs.values()))
 
     @property
     def compilations(self) -> int:
-        """Programs compiled so far: one per distinct shape of training or evaluation batch."""
-        return self._train.compilations + self._evaluate.compilations if self.compiles else 0
+        """Programs compiled so far: one per distinct shape of training or evaluation batch, and of epoch program."""
+        if not self.compiles:
+            return 0
+        return sum(program.compilations for program in (self._train, self._evaluate, *self._programs.values()))
 
     def start_epoch(self, epoch: int, step: int) -> None:
         """Set the key that epoch ``epoch`` draws from (step ``s`` folds in ``s``, so ``step`` needs no part)."""
@@ -133,6 +159,40 @@ class CompiledSteps:
         )
         self.step.adopt(state, parameters)
         return metrics
+
+    def learning_rates(self, values):
+        """An epoch's learning rates (steps,) on the device, in the parameters' dtype (as the steps use them)."""
+        parameters = [value for _, value in self.model.named_parameters()]
+        dtype = parameters[0].dtype if parameters else self.backend.xp.float32
+        return self.backend.asarray(np.asarray(values, dtype=np.float64), dtype)
+
+    def train_steps(
+        self, images, labels, order, learning_rates, first: int, end: int, batch_size: int, loss_sum, correct
+    ):
+        """Steps ``first`` .. ``end - 1`` of the epoch as one program, each on a full batch.
+
+        Step ``s`` trains on ``images[order[s * batch_size : (s + 1) * batch_size]]`` with learning rate
+        ``learning_rates[s]`` (:meth:`learning_rates`).  ``loss_sum`` and ``correct`` (0-d) are the epoch's
+        running sums: returned with each step's ``batch_size * mean loss`` and correct predictions added.
+        """
+        program = self._programs.get(batch_size)
+        if program is None:
+            program = self._programs[batch_size] = self._compiled(functools.partial(self._epoch_program, batch_size))
+        state, parameters, loss_sum, correct = program(
+            self.step.state(),
+            images,
+            labels,
+            order,
+            learning_rates,
+            self._epoch_key,
+            first,
+            end,
+            self.optimizer.steps + 1 - first,
+            loss_sum,
+            correct,
+        )
+        self.step.adopt(state, parameters, steps=end - first)
+        return loss_sum, correct
 
     def evaluate(self, split: DeviceSplit, batch_size: int = 1000) -> EvalResult:
         """Mean loss, accuracy and host predictions of the model on ``split``, in evaluation mode."""
@@ -154,3 +214,22 @@ class CompiledSteps:
             metrics = Metrics(*(self._jax.numpy.reshape(m, (1,)) for m in metrics))  # each rank's own (sharded)
         parameters = {} if state.params is None else self.optimizer.split(state.params)
         return state, parameters, metrics
+
+    def _epoch_program(
+        self, batch_size, state, images, labels, order, lrs, epoch_key, first, end, count0, loss_sum, correct
+    ):
+        """Steps ``first`` .. ``end - 1`` (traced) in a loop: step ``s`` is optimiser step ``count0 + s``."""
+        jax = self._jax
+
+        def step(s, carry):
+            state, loss_sum, correct = carry
+            batch = jax.lax.dynamic_slice_in_dim(order, s * batch_size, batch_size)
+            generator = JaxGenerator.from_key(jax.random.fold_in(epoch_key, s))
+            state, metrics = self.step.train(state, images, labels, batch, generator, lrs[s], count0 + s)
+            # The trainer's running sums, added in the same order and dtypes as step by step.
+            loss_sum = (loss_sum + metrics.loss * batch_size).astype(loss_sum.dtype)
+            return state, loss_sum, (correct + metrics.correct).astype(correct.dtype)
+
+        state, loss_sum, correct = jax.lax.fori_loop(first, end, step, (state, loss_sum, correct))
+        parameters = {} if state.params is None else self.optimizer.split(state.params)
+        return state, parameters, loss_sum, correct

@@ -28,11 +28,11 @@ from __future__ import annotations
 from functools import cache
 
 import jax
+import jax.numpy as jnp
 from jax import lax
 
 from . import functional as F
 
-_NCHW = ("NCHW", "OIHW", "NCHW")
 
 
 # Up to this many patch columns (C*KH*KW), the reference's patch matrix and product beat XLA's convolution.
@@ -74,9 +74,10 @@ def conv2d_forward(x, weight, bias, stride=(1, 1), padding=(0, 0)):
     if _narrow(weight):
         return F.conv2d_forward(x, weight, bias, stride, padding)
     (ph, pw) = padding
-    y = lax.conv_general_dilated(
-        x, weight, tuple(stride), ((ph, ph), (pw, pw)), dimension_numbers=_NCHW, precision=lax.Precision.HIGHEST
+    y = _channels_last_conv(
+        jnp.transpose(x, (0, 2, 3, 1)), jnp.transpose(weight, (2, 3, 1, 0)), tuple(stride), ((ph, ph), (pw, pw))
     )
+    y = jnp.transpose(y, (0, 3, 1, 2))
     if bias is not None:
         y = y + bias[None, :, None, None]
     return y, x
@@ -91,25 +92,42 @@ def conv2d_backward(grad_y, x, weight, x_shape, stride=(1, 1), padding=(0, 0), i
     oh, ow = grad_y.shape[2], grad_y.shape[3]
     # Input rows and columns past the last window (when the stride does not divide evenly) get no gradient.
     skipped_h, skipped_w = h + 2 * ph - kh - (oh - 1) * sh, w + 2 * pw - kw - (ow - 1) * sw
-    grad_w = lax.conv_general_dilated(
-        x,
-        grad_y,
+    # The weight gradient: the images' channels as the batch, the images as the features, over grad_y's windows.
+    grad_w = _channels_last_conv(
+        jnp.transpose(x, (1, 2, 3, 0)),  # (C, H, W, N)
+        jnp.transpose(grad_y, (2, 3, 0, 1)),  # (OH, OW, N, O)
         (1, 1),
         ((ph, ph - skipped_h), (pw, pw - skipped_w)),
         rhs_dilation=(sh, sw),
-        dimension_numbers=("CNHW", "IOHW", "CNHW"),
-        precision=lax.Precision.HIGHEST,
-    )
+    )  # (C, KH, KW, O)
+    grad_w = jnp.transpose(grad_w, (3, 0, 1, 2))
     grad_b = F._column_sum(F._channel_matrix(grad_y)) if bias_grad else None
     if not input_grad:
         return None, grad_w, grad_b
-    grad_x = lax.conv_general_dilated(
-        grad_y,
-        weight[:, :, ::-1, ::-1],
+    grad_x = _channels_last_conv(
+        jnp.transpose(grad_y, (0, 2, 3, 1)),  # (N, OH, OW, O)
+        jnp.transpose(weight[:, :, ::-1, ::-1], (2, 3, 0, 1)),  # (KH, KW, O, C)
         (1, 1),
         ((kh - 1 - ph, kh - 1 - ph + skipped_h), (kw - 1 - pw, kw - 1 - pw + skipped_w)),
         lhs_dilation=(sh, sw),
-        dimension_numbers=("NCHW", "IOHW", "NCHW"),
+    )
+    return jnp.transpose(grad_x, (0, 3, 1, 2)), grad_w, grad_b
+
+
+def _channels_last_conv(lhs, rhs, strides, padding, lhs_dilation=None, rhs_dilation=None):
+    """``lax.conv_general_dilated`` of ``lhs`` (N, H, W, C) with ``rhs`` (KH, KW, C, O) -> (N, OH, OW, O).
+
+    Channels last, in memory as well: XLA:CPU runs a convolution on its fast (Eigen) kernels only in this
+    layout, and inside a loop (the epoch program) it keeps the operands' layout rather than choosing it, so
+    NCHW operands there would get its naive loop nest, about ten times slower.
+    """
+    return lax.conv_general_dilated(
+        lhs,
+        rhs,
+        strides,
+        padding,
+        lhs_dilation=lhs_dilation,
+        rhs_dilation=rhs_dilation,
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
         precision=lax.Precision.HIGHEST,
     )
-    return grad_x, grad_w, grad_b

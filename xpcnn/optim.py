@@ -206,13 +206,14 @@ class Optimizer:
         slots = {slot: self._state.get(slot) for slot in self.live_slots()}
         return self._flat, {slot: xp.zeros_like(self._flat) if b is None else b for slot, b in slots.items()}
 
-    def advance(self, flat, slots: dict, parameters: dict | None = None) -> None:
-        """Take the result of one step: the new buffers, and the model's parameters cut from ``flat``.
+    def advance(self, flat, slots: dict, parameters: dict | None = None, steps: int = 1) -> None:
+        """Take the result of ``steps`` steps (one, or an epoch program's): the new buffers, and the model's
+        parameters cut from ``flat``.
 
         ``parameters`` is ``split(flat)`` where the step made it already (a compiled step does: slicing
         outside it would cost a dispatch per parameter).
         """
-        self.steps += 1
+        self.steps += steps
         if flat is None:
             return
         replaced, self._flat, self._state = flat is not self._flat, flat, dict(slots)

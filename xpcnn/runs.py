@@ -304,11 +304,13 @@ def _train_in(
     allow_other_data: bool = False,
     eager: bool = False,
     communicator: Communicator | None = None,
+    epoch_program: bool = True,
 ) -> RunState:
     """Train ``config`` on ``dataset``, writing the run to ``out`` (claimed by :func:`train_run`).
 
     Resuming on training or test files other than those the run recorded (their SHA-256) is an
-    error unless ``allow_other_data``.  ``eager`` turns off JAX's compiled steps.
+    error unless ``allow_other_data``.  ``eager`` turns off JAX's compiled steps, ``epoch_program=False``
+    its epoch programs (each step is then one program: :class:`xpcnn.train.Trainer`).
 
     Writes ``config.json`` once training is about to start, then after every epoch
     ``checkpoint.npz`` and ``history.json``, all atomically.  The checkpoint is the commit
@@ -361,6 +363,7 @@ def _train_in(
             progress=progress,
             eager=eager,
             communicator=communicator,
+            epoch_program=epoch_program,
         )
         # Only now, with everything that can refuse the run behind us: a failed resume leaves config.json as it was.
         if writes:

@@ -124,9 +124,11 @@ class Step:
         flat, slots = self.optimizer.flat_state()
         return TrainState(flat, slots, dict(self.model.named_buffers()))
 
-    def adopt(self, state: TrainState, parameters: dict | None = None) -> None:
-        """Make ``state``, one step on, the model's and optimiser's; ``parameters``: ``split(state.params)`` if made."""
-        self.optimizer.advance(state.params, state.slots, parameters)
+    def adopt(self, state: TrainState, parameters: dict | None = None, steps: int = 1) -> None:
+        """Make ``state``, ``steps`` steps on, the model's and optimiser's.
+
+        ``parameters``: ``split(state.params)`` where the step made it."""
+        self.optimizer.advance(state.params, state.slots, parameters, steps)
         self.model.set_buffers(state.buffers)
 
     def train(self, state: TrainState, images, labels, batch, generator, lr, count) -> tuple[TrainState, Metrics]:

@@ -92,6 +92,7 @@ class Trainer:
         callbacks: Sequence = (),
         eager: bool = False,
         communicator: Communicator | None = None,
+        epoch_program: bool = True,
     ):
         """``background`` is the value of a blank pixel after normalisation: what augmentation fills in.
 
@@ -101,7 +102,9 @@ class Trainer:
         returns True stops training after that step or epoch; an epoch stopped part-way is evaluated
         and recorded over the steps it ran.
 
-        On JAX each step is one compiled program (:mod:`xpcnn.compiled`) unless ``eager``.
+        On JAX each chunk of ``config.log_every`` full-batch steps is one compiled program, the epoch
+        program (:mod:`xpcnn.compiled`), or with ``epoch_program=False`` each step is one; ``eager`` runs
+        the steps uncompiled.  Step callbacks, and several ranks, run step by step.
 
         With a ``communicator`` of several ranks (:mod:`xpcnn.distributed`) each rank trains on its shard of
         every global batch of ``config.batch_size``, batch norm uses the global batch's statistics and the
@@ -141,6 +144,7 @@ class Trainer:
             background,
             communicator=self.communicator,
         )
+        self.epoch_programs = epoch_program and getattr(self.step_runner, "runs_epoch_programs", False)
 
     def fit(
         self, train: DeviceSplit, evals: dict[str, DeviceSplit], state: RunState | None = None, on_epoch_end=None
@@ -237,32 +241,50 @@ class Trainer:
             state.step = step
             return state.partial
 
-        for step in range(state.step, steps):
-            lo, hi = shard_bounds(
-                step * cfg.batch_size, min((step + 1) * cfg.batch_size, usable), comm.rank, comm.world_size
-            )
-            batch = order[lo:hi]
-            self.optimizer.lr = scheduled_lr(cfg.schedule, cfg.lr, state.global_step, total_steps)
-            loss, batch_correct = self.step_runner.train_step(train.images, train.labels, batch, step)
-            state.global_step += 1
-            if self._step_callbacks:
-                value = float(loss)
-                flag["callback"] |= any([callback(state.global_step, value) for callback in self._step_callbacks])
-            count = int(batch.shape[0])
-            seen += count
-            # Two launches: float64 + float32 promotes to float64.
-            loss_sum = loss_sum + loss * count
-            correct = correct + batch_correct
-            last = step + 1 == steps
+        # The epoch program runs the full batches a chunk at a time (up to the next log boundary); a short
+        # last batch, or every batch where step callbacks want each loss, runs as one step.
+        in_programs = self.epoch_programs and not self._step_callbacks
+        full_steps = usable // cfg.batch_size if in_programs else 0
+        epoch_lrs = [
+            scheduled_lr(cfg.schedule, cfg.lr, state.global_step - state.step + s, total_steps) for s in range(steps)
+        ]
+        lrs = self.step_runner.learning_rates(epoch_lrs) if state.step < full_steps else None
+        step = state.step
+        while step < steps:
+            if step < full_steps:
+                end = min(full_steps, (step // cfg.log_every + 1) * cfg.log_every)
+                loss_sum, correct = self.step_runner.train_steps(
+                    train.images, train.labels, order, lrs, step, end, cfg.batch_size, loss_sum, correct
+                )
+                seen += (end - step) * cfg.batch_size
+            else:
+                end = step + 1
+                lo, hi = shard_bounds(
+                    step * cfg.batch_size, min(end * cfg.batch_size, usable), comm.rank, comm.world_size
+                )
+                batch = order[lo:hi]
+                self.optimizer.lr = epoch_lrs[step]
+                loss, batch_correct = self.step_runner.train_step(train.images, train.labels, batch, step)
+                if self._step_callbacks:
+                    value = float(loss)
+                    flag["callback"] |= any([c(state.global_step + 1, value) for c in self._step_callbacks])
+                count = int(batch.shape[0])
+                seen += count
+                # Two launches: float64 + float32 promotes to float64.
+                loss_sum = loss_sum + loss * count
+                correct = correct + batch_correct
+            self.optimizer.lr = epoch_lrs[end - 1]
+            state.global_step += end - step
+            step, last = end, end == steps
             # Several ranks stop only where they all read their sums back, so that they stop together.
             wish = alone and (flag["stop"].requested or flag["callback"])
-            if (step + 1) % cfg.log_every == 0 or last or wish:
-                partial = checkpoint_partial(step + 1)
+            if step % cfg.log_every == 0 or last or wish:
+                partial = checkpoint_partial(step)
                 mean_loss = partial["loss_sum"] / partial["seen"]
                 if not math.isfinite(mean_loss):
-                    raise TrainingDiverged(f"loss became {mean_loss} at epoch {epoch + 1}, step {step + 1}")
+                    raise TrainingDiverged(f"loss became {mean_loss} at epoch {epoch + 1}, step {step}")
                 self.progress.update(
-                    step + 1,
+                    step,
                     mean_loss,
                     partial["correct"] / partial["seen"],
                     partial["seen"] / max(partial["seconds"], 1e-9),
@@ -328,6 +350,7 @@ def start_training(
     callbacks: Sequence = (),
     eager: bool = False,
     communicator: Communicator | None = None,
+    epoch_program: bool = True,
 ) -> tuple[Trainer, DeviceSplit, dict[str, DeviceSplit]]:
     """The set-up ``xpcnn train`` and ``xpcnn.fit`` share: host splits on the device, and their trainer.
 
@@ -338,7 +361,9 @@ def start_training(
     train_split = DeviceSplit.from_host(backend, *train, norm)
     eval_splits = {name: DeviceSplit.from_host(backend, *split, norm) for name, split in evals.items()}
     background = -norm.mean / norm.std
-    trainer = Trainer(model, optimizer, backend, config, progress, background, callbacks, eager, communicator)
+    trainer = Trainer(
+        model, optimizer, backend, config, progress, background, callbacks, eager, communicator, epoch_program
+    )
     return trainer, train_split, eval_splits
 
 

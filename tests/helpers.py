@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
+from xpcnn import nn
 from xpcnn.data import write_idx
 from xpcnn.display import Progress
 
@@ -62,3 +63,48 @@ class InterruptAt(Progress):
     def update(self, step, loss, accuracy, images_per_second):
         if (self.epoch, step) == self.target:
             os.kill(os.getpid(), self.signum)
+
+
+def residual_block(case: str, seed: int = 0) -> nn.Residual:
+    """A residual block on (N, 2, H, W) inputs: ``"identity"`` (2 channels out, the identity shortcut),
+    ``"projection"`` (4 channels at half the size, a strided 1x1 convolution as the shortcut) or
+    ``"batch-norm"`` (the same with batch norm in the branch and after the projection, as in ResNet)."""
+    rng = np.random.default_rng(seed)
+    if case == "identity":
+        return nn.Residual(
+            nn.Sequential(nn.Conv2d(2, 2, 3, padding=1, rng=rng), nn.ReLU(), nn.Conv2d(2, 2, 3, padding=1, rng=rng))
+        )
+    norm = case == "batch-norm"
+    branch = [nn.Conv2d(2, 4, 3, stride=2, padding=1, bias=not norm, rng=rng)]
+    branch += [nn.BatchNorm2d(4)] if norm else []
+    branch += [nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1, bias=not norm, rng=rng)]
+    branch += [nn.BatchNorm2d(4)] if norm else []
+    shortcut = nn.Conv2d(2, 4, 1, stride=2, bias=not norm, rng=rng)
+    return nn.Residual(nn.Sequential(*branch), nn.Sequential(shortcut, nn.BatchNorm2d(4)) if norm else shortcut)
+
+
+RESIDUAL_CASES = ("identity", "projection", "batch-norm")
+
+
+def small_resnet(seed: int = 0, channels: int = 8, classes: int = 10) -> nn.Sequential:
+    """A ResNet-style model for (N, 1, 28, 28) images: a strided stem, an identity block, a downsampling block
+    with a projection, global average pooling and a linear classifier; batch norm throughout."""
+    rng = np.random.default_rng(seed)
+    c, d = channels, 2 * channels
+
+    def conv_bn(cin, cout, stride=1):
+        return [nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False, rng=rng), nn.BatchNorm2d(cout)]
+
+    return nn.Sequential(
+        *conv_bn(1, c, stride=2),  # 28 -> 14
+        nn.ReLU(),
+        nn.Residual(nn.Sequential(*conv_bn(c, c), nn.ReLU(), *conv_bn(c, c))),
+        nn.ReLU(),
+        nn.Residual(
+            nn.Sequential(*conv_bn(c, d, stride=2), nn.ReLU(), *conv_bn(d, d)),  # 14 -> 7
+            nn.Sequential(nn.Conv2d(c, d, 1, stride=2, bias=False, rng=rng), nn.BatchNorm2d(d)),
+        ),
+        nn.ReLU(),
+        nn.GlobalAvgPool2d(),
+        nn.Linear(d, classes, rng=rng, gain=nn.OUTPUT_GAIN),
+    )

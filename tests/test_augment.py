@@ -1,9 +1,10 @@
-"""Random affine and elastic augmentation: exact special cases, independent oracles, seeding and statistics."""
+"""Random affine and elastic augmentation, flips and crops: exact special cases, independent oracles, seeding and
+statistics."""
 
 import numpy as np
 import pytest
 
-from xpcnn.augment import Augmentation, affine_matrices, affine_sample, elastic_displacement
+from xpcnn.augment import Augmentation, affine_matrices, affine_sample, elastic_displacement, flip_and_crop
 from xpcnn.backend import get_backend, to_host
 
 FLOATS = ["float32", "float64"]
@@ -363,3 +364,175 @@ def test_elastic_displacement_has_the_expected_spread():
     assert expected == pytest.approx(1.384, abs=1e-3)
     np.testing.assert_allclose(centre.std(axis=0), expected, rtol=0.05)
     assert np.abs(centre.mean(axis=0)).max() < 0.1
+
+
+# --- horizontal flips and random crops ---
+
+
+def padded_crop(host, flips, tops, lefts, padding, fill):
+    """Oracle, torchvision's way: mirror (np.flip), pad with ``fill`` (np.pad), slice each image's H x W window."""
+    h, w = host.shape[2:]
+    out = np.empty_like(host)
+    for b in range(host.shape[0]):
+        image = host[b, :, :, ::-1] if flips[b] else host[b]
+        padded = np.pad(image, ((0, 0), (padding, padding), (padding, padding)), constant_values=fill)
+        out[b] = padded[:, tops[b] : tops[b] + h, lefts[b] : lefts[b] + w]
+    return out
+
+
+def int_array(backend, values):
+    return backend.asarray(np.asarray(values, np.int64))
+
+
+def bool_array(backend, values):
+    return backend.asarray(np.asarray(values, bool))
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+def test_a_flip_reverses_the_columns_of_the_flipped_images_only(backend, dtype):
+    host = np.array([[[[1, 2, 3], [4, 5, 6]]], [[[7, 8, 9], [10, 11, 12]]]], np.float64)  # (2, 1, 2, 3)
+    out = flip_and_crop(to_backend(backend, host, dtype), bool_array(backend, [True, False]), None, None, 0)
+    assert out.dtype == getattr(backend.xp, dtype)
+    np.testing.assert_array_equal(to_host(out), [[[[3, 2, 1], [6, 5, 4]]], [[[7, 8, 9], [10, 11, 12]]]])
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+def test_a_crop_shifts_the_image_and_the_background_fills_in(backend, dtype):
+    """Padding 1, crop at (top, left) of the padded image: (1, 1) is the image itself, (0, 2) moves it down and
+    left by a pixel, (2, 0) up and right; fill enters from the edges."""
+    host = np.arange(1, 13, dtype=np.float64).reshape(1, 1, 3, 4).repeat(3, axis=0)
+    fill = -0.5
+    out = to_host(
+        flip_and_crop(
+            to_backend(backend, host, dtype),
+            None,
+            int_array(backend, [1, 0, 2]),
+            int_array(backend, [1, 2, 0]),
+            1,
+            fill,
+        )
+    )
+    f = fill
+    expected = [
+        [[1, 2, 3, 4], [5, 6, 7, 8], [9, 10, 11, 12]],
+        [[f, f, f, f], [2, 3, 4, f], [6, 7, 8, f]],
+        [[f, 5, 6, 7], [f, 9, 10, 11], [f, f, f, f]],
+    ]
+    np.testing.assert_array_equal(out[:, 0], np.array(expected, dtype))
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+def test_flips_and_crops_match_padding_and_slicing(backend, dtype):
+    """Every offset of padding 2, flipped or not, several channels, against the torchvision-style oracle."""
+    positions = [(top, left, flip) for top in range(5) for left in range(5) for flip in (False, True)]
+    host = random_images((len(positions), 2, 5, 6))
+    tops, lefts, flips = (np.array(values) for values in zip(*positions, strict=True))
+    out = flip_and_crop(
+        to_backend(backend, host, dtype),
+        bool_array(backend, flips),
+        int_array(backend, tops),
+        int_array(backend, lefts),
+        2,
+        fill=0.25,
+    )
+    np.testing.assert_array_equal(to_host(out), padded_crop(host.astype(dtype), flips, tops, lefts, 2, 0.25))
+
+
+class FixedDraws:
+    """A generator adapter whose ``random`` returns the given uniforms (and records the shapes asked for)."""
+
+    def __init__(self, backend, *draws):
+        self.backend, self.draws, self.shapes = backend, list(draws), []
+
+    def random(self, shape, dtype):
+        self.shapes.append(shape)
+        return self.backend.asarray(np.asarray(self.draws.pop(0), np.float64), dtype)
+
+
+def test_the_draws_are_one_uniform_call_mapped_to_fair_choices(backend):
+    """u < 1/2 flips; offset k of the 2p + 1 is floor(u * (2p + 1)); u just below 1 is the last, never past it."""
+    u = [[0.0, 0.0, 0.1999], [0.4999, 0.2, 0.9999999], [0.5, 0.5, 0.7999], [0.9999999, 0.8, 0.6]]
+    generator = FixedDraws(backend, u)
+    flips, tops, lefts = Augmentation(0, 0, 0, 0, flip=True, crop=2).flips_and_crops(4, generator, backend.xp.float32)
+    assert generator.shapes == [(4, 3)]
+    assert to_host(flips).tolist() == [True, True, False, False]
+    assert to_host(tops).tolist() == [0, 1, 2, 4] and to_host(lefts).tolist() == [0, 4, 3, 3]
+    flips, tops, _ = Augmentation(0, 0, 0, 0, crop=1).flips_and_crops(4, FixedDraws(backend, u), backend.xp.float64)
+    assert flips is None and to_host(tops).tolist() == [0, 0, 1, 2]
+
+
+def test_augmentation_flips_and_crops_after_the_warp_from_the_same_generator(backend):
+    """The warp draws first (matrices, then elastic noise), then one (B, 3) call for the flips and crops."""
+    images = to_backend(backend, random_images((5, 1, 8, 8)), "float32")
+    augment = Augmentation(max_shift=1, max_rotation=10, elastic_alpha=5, flip=True, crop=3)
+    out = to_host(augment(images, backend.generator(2, 1), fill=-0.42))
+    generator = backend.generator(2, 1)
+    m = augment.matrices(5, generator, backend.xp.float32)
+    noise = 2.0 * generator.random((5, 2, 8, 8), backend.xp.float32) - 1.0
+    warped = affine_sample(images, m, -0.42, elastic_displacement(noise, 5, 4.0))
+    flips, tops, lefts = augment.flips_and_crops(5, generator, backend.xp.float32)
+    np.testing.assert_array_equal(out, to_host(flip_and_crop(warped, flips, tops, lefts, 3, -0.42)))
+    expected = padded_crop(to_host(warped), to_host(flips), to_host(tops), to_host(lefts), 3, np.float32(-0.42))
+    np.testing.assert_array_equal(out, expected)
+    # flips and crops alone draw only their own call, and warp nothing
+    alone = Augmentation(0, 0, 0, 0, flip=True, crop=3)
+    assert not alone.is_identity and not alone.warps
+    generator = FixedDraws(backend, [[0.1, 0.0, 0.99]] * 5)
+    out = to_host(alone(images, generator, fill=-0.42))
+    assert generator.shapes == [(5, 3)]
+    host = to_host(images)
+    np.testing.assert_array_equal(out, padded_crop(host, [True] * 5, [0] * 5, [6] * 5, 3, np.float32(-0.42)))
+
+
+def test_flips_and_crops_are_seeded_and_per_image(backend):
+    augment = Augmentation(0, 0, 0, 0, flip=True, crop=4)
+    same = to_backend(backend, np.repeat(random_images((1, 1, 10, 10)), 8, axis=0), "float32")
+    first = to_host(augment(same, backend.generator(7, 0, 3), fill=-0.42))
+    np.testing.assert_array_equal(first, to_host(augment(same, backend.generator(7, 0, 3), fill=-0.42)))
+    assert not np.array_equal(first, to_host(augment(same, backend.generator(7, 0, 4), fill=-0.42)))
+    assert len({image.tobytes() for image in first}) > 1  # each image its own draws
+
+
+def test_flips_and_crops_are_fair():
+    """Over many images: flipped about half the time, each of the 2p + 1 offsets about equally often."""
+    backend = get_backend("numpy")
+    flips, tops, lefts = Augmentation(0, 0, 0, 0, flip=True, crop=2).flips_and_crops(
+        50_000, backend.generator(0), np.float32
+    )
+    assert abs(flips.mean() - 0.5) < 0.01
+    for offsets in (tops, lefts):
+        np.testing.assert_allclose(np.bincount(offsets, minlength=5) / 50_000, 0.2, atol=0.01)
+        assert offsets.min() == 0 and offsets.max() == 4
+
+
+def test_flip_and_crop_arguments_are_checked():
+    with pytest.raises(ValueError, match=r"flip_and_crop: expected images of shape \(B, C, H, W\)"):
+        flip_and_crop(np.zeros((2, 5, 5)), None, None, None, 0)
+    with pytest.raises(ValueError, match="padding must be an int >= 0"):
+        flip_and_crop(np.zeros((2, 1, 5, 5)), None, np.zeros(2, np.int64), np.zeros(2, np.int64), -1)
+    for kwargs in ({"flip": 1}, {"crop": -1}, {"crop": 1.5}, {"crop": True}):
+        with pytest.raises(ValueError, match="Augmentation: (flip|crop)"):
+            Augmentation(**kwargs)
+    images = np.zeros((2, 1, 5, 5), np.float32)
+    assert flip_and_crop(images, None, None, None, 0) is images
+
+
+def test_flips_and_crops_in_a_compiled_jax_function_equal_eager():
+    """Under jax.jit the draws come from a traced key: the same images as the same key run eagerly."""
+    jax = pytest.importorskip("jax")
+    from xpcnn.rng import JaxGenerator
+
+    backend = get_backend("jax", "cpu")
+    images = to_backend(backend, random_images((6, 1, 9, 9)), "float32")
+    key = jax.random.key(3)
+    for augment, tolerance in (
+        (Augmentation(0, 0, 0, 0, flip=True, crop=2), 0),
+        (Augmentation(1, flip=True, crop=2), 1e-5),
+    ):
+
+        def run(x, key, augment=augment):
+            return augment(x, JaxGenerator.from_key(key), fill=-0.42)
+
+        compiled = to_host(jax.jit(run)(images, key))
+        np.testing.assert_allclose(compiled, to_host(run(images, key)), rtol=0, atol=tolerance)  # XLA's warp rounds
+        assert not np.array_equal(compiled, to_host(jax.jit(run)(images, jax.random.key(4))))

@@ -2,7 +2,7 @@
 
 import numpy as np
 import pytest
-from helpers import numerical_gradient, relative_error
+from helpers import RESIDUAL_CASES, numerical_gradient, relative_error, residual_block
 
 from xpcnn import functional as F
 from xpcnn import nn
@@ -121,6 +121,39 @@ def test_dropout_gradients(backend):
     check_layer(backend, layer, random_input(4, 3, 5), reseed=lambda layer: layer.set_generator(backend.generator(7)))
 
 
+def check_model(backend, model, x):
+    """:func:`check_layer` for a container: the input gradient and every named parameter's gradient, each
+    against central differences of sum(forward(x) * r); then the parameter gradients of a backward pass
+    with ``input_grad=False`` (what training runs) equal those of the full one."""
+    model.to(backend, backend.xp.float64)
+
+    def objective(x_host):
+        return float(np.sum(to_host(model.forward(backend.asarray(x_host))) * r))
+
+    y = model.forward(backend.asarray(x))
+    r = np.random.default_rng(1).standard_normal(tuple(y.shape))
+    grad_x = to_host(model.backward(backend.asarray(r)))
+    errors = {"input": relative_error(grad_x, numerical_gradient(objective, x.copy()))}
+    grads = {name: to_host(grad) for name, grad in model.named_gradients()}
+    assert grads.keys() == dict(model.named_parameters()).keys()
+    for name, grad in grads.items():
+        param = to_host(dict(model.named_parameters())[name]).copy()
+
+        def objective_p(p_host, name=name):
+            model.set_parameters({name: backend.asarray(p_host)})
+            return objective(x)
+
+        errors[name] = relative_error(grad, numerical_gradient(objective_p, param))
+        model.set_parameters({name: backend.asarray(param)})
+    assert max(errors.values()) <= TOLERANCE, errors
+    model.zero_grad()
+    model.forward(backend.asarray(x))
+    assert model.backward(backend.asarray(r), input_grad=False) is None
+    for name, grad in model.named_gradients():
+        np.testing.assert_allclose(to_host(grad), grads[name], rtol=1e-12, atol=1e-14, err_msg=name)
+    return errors
+
+
 def test_sequential_gradients(backend):
     model = nn.Sequential(
         nn.Conv2d(1, 3, 3, padding=1, rng=0),
@@ -130,25 +163,39 @@ def test_sequential_gradients(backend):
         nn.Flatten(),
         nn.Linear(8, 4, rng=2),
     )
-    x = random_input(2, 1, 8, 8)
-    model.to(backend, backend.xp.float64)
-    y = model.forward(backend.asarray(x))
-    r = np.random.default_rng(1).standard_normal(tuple(y.shape))
-    grad_x = to_host(model.backward(backend.asarray(r)))
-    numeric = numerical_gradient(lambda xh: float(np.sum(to_host(model.forward(backend.asarray(xh))) * r)), x.copy())
-    assert relative_error(grad_x, numeric) <= TOLERANCE
-    for key, grad in model.named_gradients():
-        index, name = key.split(".")
-        layer = model[int(index)]
-        param = to_host(layer.params[name]).copy()
+    check_model(backend, model, random_input(2, 1, 8, 8))
 
-        def objective(p_host, layer=layer, name=name):
-            layer.params[name] = backend.asarray(p_host)
-            return float(np.sum(to_host(model.forward(backend.asarray(x))) * r))
 
-        numeric = numerical_gradient(objective, param)
-        layer.params[name] = backend.asarray(param)
-        assert relative_error(to_host(grad), numeric) <= TOLERANCE, key
+@pytest.mark.parametrize("shape", [(2, 3, 5, 4), (3, 2, 1, 1)])
+def test_global_avgpool_gradients(backend, shape):
+    check_layer(backend, nn.GlobalAvgPool2d(), random_input(*shape))
+
+
+def randomise_batchnorm(model, seed=4):
+    """Batch norm's weight and bias drawn at random, so that their gradients and the input's are not special."""
+    rng = np.random.default_rng(seed)
+    for layer in model.modules():
+        if isinstance(layer, nn.BatchNorm2d):
+            layer.params["weight"] = rng.standard_normal(layer.num_features)
+            layer.params["bias"] = rng.standard_normal(layer.num_features)
+    return model
+
+
+@pytest.mark.parametrize("case", RESIDUAL_CASES)
+def test_residual_gradients(backend, case):
+    """The two paths' gradients summed: identity shortcut, projection, batch norm in the branch and the projection."""
+    errors = check_model(backend, randomise_batchnorm(residual_block(case)), random_input(2, 2, 6, 5))
+    assert any(name.startswith("branch.") for name in errors)
+    assert any(name.startswith("projection.") for name in errors) == (case != "identity")
+
+
+def test_residual_inside_sequential_gradients(backend):
+    """A residual block between layers, then global average pooling: the gradients reach through the block,
+    and a backward pass without an input gradient starts at the block (the first layer with parameters)."""
+    model = nn.Sequential(
+        nn.ReLU(), residual_block("batch-norm"), nn.ReLU(), nn.GlobalAvgPool2d(), nn.Linear(4, 3, rng=3)
+    )
+    check_model(backend, randomise_batchnorm(model), random_input(3, 2, 5, 6))
 
 
 @pytest.mark.parametrize("n, k, smoothing", [(5, 4, 0.0), (1, 10, 0.0), (4, 6, 0.2)])

@@ -1,9 +1,13 @@
 """Layer behaviour beyond gradients: input checks, modes, ties, parameters, named models."""
 
+import re
+import types
+
 import numpy as np
 import pytest
+from helpers import residual_block, small_resnet
 
-from xpcnn import models, nn
+from xpcnn import models, nn, step
 from xpcnn.backend import get_backend, to_host
 
 
@@ -24,6 +28,8 @@ def as_backend(backend, array):
         (nn.MaxPool2d(2), (2, 8), r"MaxPool2d.*expected input of shape \(N, C, H, W\).*got \(2, 8\)"),
         (nn.Linear(288, 10), (2, 280), r"Linear\(288, 10\): expected input of shape \(N, 288\), got \(2, 280\)"),
         (nn.Linear(288, 10), (2, 1, 288), r"Linear.*got \(2, 1, 288\)"),
+        (nn.GlobalAvgPool2d(), (2, 8), r"GlobalAvgPool2d\(\): expected input of shape \(N, C, H, W\), got \(2, 8\)"),
+        (residual_block("identity"), (2, 3, 5, 5), r"Conv2d\(2, 2, .*expected input of shape \(N, 2, H, W\)"),
     ],
 )
 def test_wrong_shapes_raise_value_error_naming_the_layer(backend, layer, shape, message):
@@ -300,3 +306,162 @@ def test_recalibrate_without_batchnorm_reads_nothing():
 
     nn.recalibrate_batchnorm(model, batches())
     assert all(np.array_equal(before[k], v) for k, v in model.state_dict().items())
+
+
+# --- global average pooling and residual blocks ---
+
+
+def test_global_avgpool_is_the_mean_of_each_map_and_spreads_the_gradient_evenly(backend):
+    x = np.arange(2 * 3 * 2 * 4, dtype=np.float64).reshape(2, 3, 2, 4)
+    pool = nn.GlobalAvgPool2d()
+    y = pool.forward(as_backend(backend, x))
+    np.testing.assert_array_equal(to_host(y), x.mean(axis=(2, 3)))
+    grad = np.array([[8.0, -16.0, 4.0], [0.0, 1.0, 2.0]])
+    expected = np.broadcast_to(grad[:, :, None, None] / 8, x.shape)
+    np.testing.assert_array_equal(to_host(pool.backward(as_backend(backend, grad))), expected)
+    pool.eval().forward(as_backend(backend, x))
+    with pytest.raises(RuntimeError, match="training mode"):
+        pool.backward(as_backend(backend, grad))
+
+
+def test_residual_adds_the_shortcut_to_the_branch(backend):
+    """Identity: x + branch(x); with a projection: projection(x) + branch(x); the gradient is the sum of both paths'."""
+    x = np.random.default_rng(0).standard_normal((2, 2, 5, 4))
+    for case in ("identity", "projection"):
+        block = residual_block(case).to(backend, backend.xp.float64)
+        shortcut = (lambda v: v) if block.projection is None else block.projection.forward
+        expected = to_host(block.branch.forward(as_backend(backend, x))) + to_host(shortcut(as_backend(backend, x)))
+        y = block.forward(as_backend(backend, x))
+        np.testing.assert_allclose(to_host(y), expected, rtol=1e-14)
+        grad_y = np.random.default_rng(1).standard_normal(tuple(y.shape))
+        grad_x = to_host(block.backward(as_backend(backend, grad_y)))
+        branch = to_host(block.branch.backward(as_backend(backend, grad_y)))
+        other = grad_y if block.projection is None else to_host(block.projection.backward(as_backend(backend, grad_y)))
+        np.testing.assert_allclose(grad_x, branch + other, rtol=1e-14)
+
+
+def test_residual_names_its_paths_as_pytorch_and_behaves_as_a_container(backend):
+    block = nn.Residual(
+        nn.Sequential(nn.Conv2d(2, 3, 3, padding=1, rng=0), nn.BatchNorm2d(3), nn.Dropout(0.5)),
+        nn.Conv2d(2, 3, 1, rng=1),
+    )
+    assert [name for name, _ in block.named_parameters()] == [
+        "branch.0.weight",
+        "branch.0.bias",
+        "branch.1.weight",
+        "branch.1.bias",
+        "projection.weight",
+        "projection.bias",
+    ]
+    assert [name for name, _ in block.named_buffers()] == ["branch.1.running_mean", "branch.1.running_var"]
+    assert [name for name, _ in block.named_children()] == ["branch", "projection"]
+    assert [type(m).__name__ for m in block.modules()] == [
+        "Residual",
+        "Sequential",
+        "Conv2d",
+        "BatchNorm2d",
+        "Dropout",
+        "Conv2d",
+    ]
+    assert repr(block) == (
+        "Residual(Sequential(Conv2d(2, 3, kernel_size=(3, 3), padding=(1, 1)), BatchNorm2d(3, eps=1e-05, "
+        "momentum=0.1), Dropout(p=0.5)), projection=Conv2d(2, 3, kernel_size=(1, 1)))"
+    )
+    block.to(backend, backend.xp.float64)
+    arrays = [*block.parameters(), *dict(block.named_buffers()).values()]
+    assert all(value.dtype == backend.xp.float64 for value in arrays)
+    assert {type(value) for value in arrays} == {type(as_backend(backend, np.zeros(1)))}
+    assert block.num_parameters() == 3 * 2 * 9 + 3 + 3 + 3 + 3 * 2 + 3
+    # modes, the generator and the communicator reach every layer in either path
+    assert not any(m.training for m in block.eval().modules())
+    assert all(m.training for m in block.train().modules())
+    block.set_generator(generator := backend.generator(3))
+    assert block.branch[2].generator is generator
+    ranks = types.SimpleNamespace(world_size=2)
+    block.set_communicator(ranks)
+    assert block.branch[1].communicator is ranks
+    block.set_communicator(None)
+    # parameters, buffers and gradients assigned by name, then read back by name
+    x = as_backend(backend, np.random.default_rng(2).standard_normal((2, 2, 4, 4)))
+    block.forward(x)
+    block.backward(as_backend(backend, np.ones((2, 3, 4, 4))), input_grad=False)
+    assert [name for name, _ in block.named_gradients()] == [name for name, _ in block.named_parameters()]
+    block.zero_grad()
+    assert list(block.named_gradients()) == []
+    new = {name: as_backend(backend, np.full(tuple(v.shape), 0.5)) for name, v in block.named_parameters()}
+    block.set_parameters(new)
+    assert block.projection.params["weight"] is new["projection.weight"]
+    block.set_buffers({"branch.1.running_var": as_backend(backend, np.full(3, 4.0))})
+    assert to_host(block.branch[1].buffers["running_var"]).tolist() == [4.0] * 3
+    block.zero_cache()
+    assert all(getattr(m, "_cache", None) is None for m in block.modules())
+    with pytest.raises(RuntimeError, match="needs a forward"):
+        block.backward(as_backend(backend, np.ones((2, 3, 4, 4))))
+
+
+def test_residual_summary_and_output_shapes(backend):
+    block = residual_block("batch-norm").to(backend)
+    assert block.output_shapes((2, 6, 6)) == [(1, 4, 3, 3), (1, 4, 3, 3)]
+    lines = block.summary(input_shape=(2, 6, 6)).splitlines()
+    assert lines[2].split()[:2] == ["branch", "Sequential(5"] and lines[2].endswith(f" {block.branch.num_parameters()}")
+    assert lines[3].startswith("projection  Sequential(2 layers)")
+    model = small_resnet().to(backend)
+    model.train()
+    model[5].eval()  # one block's mode of its own: put back as it was, not as its container's
+    text = model.summary(input_shape=(1, 28, 28))
+    assert re.search(
+        r"^5  Residual\(Sequential\(5 layers\), projection=Sequential\(2 layers\)\) +\(None, 16, 7, 7\)", text, re.M
+    )
+    assert "GlobalAvgPool2d()" in text and "(None, 16)" in text
+    assert model.training and not any(m.training for m in model[5].modules())
+    assert all(m.training for m in model[3].modules())
+    assert model.output_shapes((1, 28, 28))[-2:] == [(1, 16), (1, 10)]
+
+
+def test_residual_shapes_that_do_not_add_up_are_an_error_naming_both(backend):
+    block = nn.Residual(nn.Conv2d(2, 4, 3, padding=1, rng=0)).to(backend)
+    with pytest.raises(
+        ValueError,
+        match=r"Residual: the branch gives \(1, 4, 5, 5\) but the identity shortcut gives "
+        r"\(1, 2, 5, 5\) for input \(1, 2, 5, 5\): give a projection",
+    ):
+        block.forward(as_backend(backend, np.zeros((1, 2, 5, 5), np.float32)))
+    strided = nn.Residual(nn.Conv2d(2, 4, 3, stride=2, padding=1, rng=0), nn.Conv2d(2, 4, 1, rng=1)).to(backend)
+    with pytest.raises(ValueError, match=r"the branch gives \(1, 4, 3, 3\) but the projection gives \(1, 4, 5, 5\)"):
+        strided.forward(as_backend(backend, np.zeros((1, 2, 5, 5), np.float32)))
+
+
+def test_residual_state_dict_round_trip_and_mismatches(backend):
+    source, target = small_resnet(seed=1), small_resnet(seed=2).to(backend)
+    target.load_state_dict(source.state_dict())
+    assert all(np.array_equal(target.state_dict()[k], v) for k, v in source.state_dict().items())
+    state = source.state_dict()
+    with pytest.raises(ValueError, match=r"missing \['5.projection.0.weight'\]"):
+        target.load_state_dict({k: v for k, v in state.items() if k != "5.projection.0.weight"})
+
+
+def test_a_lent_resnet_runs_on_given_state_and_comes_back_untouched(backend):
+    """The stateless core on nested containers: gradients of given parameters equal the model's own, and
+    neither the parameters, the buffers nor any cache of the model change."""
+    model = small_resnet(seed=4).to(backend, backend.xp.float64)
+    x = as_backend(backend, np.random.default_rng(5).standard_normal((4, 1, 28, 28)))
+    y = as_backend(backend, np.array([0, 3, 5, 9]))
+    before = model.state_dict()
+    parameters = {k: as_backend(backend, v * 0.5) for k, v in before.items() if "running" not in k}
+    buffers = dict(model.named_buffers())
+    loss, _, grads, new_buffers = step.stateless_gradients(
+        model, nn.CrossEntropyLoss(), parameters, buffers, x, y, backend.generator(0)
+    )
+    assert all(np.array_equal(model.state_dict()[k], v) for k, v in before.items())
+    assert all(getattr(m, "_cache", None) is None for m in model.modules())
+    assert list(model.named_gradients()) == []
+    assert new_buffers.keys() == buffers.keys()
+    assert not np.array_equal(to_host(new_buffers["3.branch.1.running_mean"]), before["3.branch.1.running_mean"])
+    model.set_parameters(parameters)
+    loss_fn = nn.CrossEntropyLoss()
+    expected = loss_fn.forward(model.forward(x), y)
+    model.backward(loss_fn.backward(), input_grad=False)
+    assert float(loss) == pytest.approx(float(expected), rel=1e-14)
+    assert grads.keys() == dict(model.named_gradients()).keys()
+    for name, grad in model.named_gradients():
+        np.testing.assert_allclose(to_host(grads[name]), to_host(grad), rtol=1e-13, atol=1e-15, err_msg=name)

@@ -2,7 +2,7 @@
 
 import numpy as np
 import pytest
-from helpers import relative_error
+from helpers import RESIDUAL_CASES, relative_error, residual_block, small_resnet
 
 from xpcnn import nn
 from xpcnn.backend import to_host
@@ -147,3 +147,123 @@ def test_batchnorm_recalibration_matches_torch_cumulative_average(backend, dtype
     tol = TOLERANCES[dtype]
     assert relative_error(to_host(layer.buffers["running_mean"]), torch_layer.running_mean.numpy()) <= tol
     assert relative_error(to_host(layer.buffers["running_var"]), torch_layer.running_var.numpy()) <= tol
+
+
+# --- global average pooling and residual blocks ---
+
+
+class TorchResidual(torch.nn.Module):
+    """The PyTorch twin of :class:`xpcnn.nn.Residual`: attributes ``branch`` then ``projection`` (None: identity)."""
+
+    def __init__(self, branch, projection=None):
+        super().__init__()
+        self.branch, self.projection = branch, projection
+
+    def forward(self, x):
+        return self.branch(x) + (x if self.projection is None else self.projection(x))
+
+
+def torch_twin_of(layer):
+    """A PyTorch module of the same architecture as the xpcnn ``layer`` (containers included), untrained."""
+    if isinstance(layer, nn.Sequential):
+        return torch.nn.Sequential(*(torch_twin_of(child) for child in layer))
+    if isinstance(layer, nn.Residual):
+        projection = None if layer.projection is None else torch_twin_of(layer.projection)
+        return TorchResidual(torch_twin_of(layer.branch), projection)
+    if isinstance(layer, nn.Conv2d):
+        bias = "bias" in layer.params
+        return torch.nn.Conv2d(
+            layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride, layer.padding, bias=bias
+        )
+    if isinstance(layer, nn.BatchNorm2d):
+        return torch.nn.BatchNorm2d(layer.num_features, layer.eps, layer.momentum)
+    if isinstance(layer, nn.Linear):
+        return torch.nn.Linear(layer.in_features, layer.out_features, bias="bias" in layer.params)
+    if isinstance(layer, nn.GlobalAvgPool2d):
+        return torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+    assert isinstance(layer, nn.ReLU), layer
+    return torch.nn.ReLU()
+
+
+def loaded_twin(model, dtype):
+    """The torch twin of ``model`` with its state dict loaded strictly: every name of one is a name of the other
+    (batch norm's ``num_batches_tracked``, which xpcnn does not keep, given as 0)."""
+    twin = torch_twin_of(model).to(getattr(torch, dtype))
+    state = {name: torch.tensor(value) for name, value in model.state_dict().items()}
+    tracked = {name for name in twin.state_dict() if name.endswith("num_batches_tracked")}
+    state.update({name: torch.tensor(0) for name in tracked})
+    twin.load_state_dict(state, strict=True)  # raises on a missing or unexpected name
+    assert set(twin.state_dict()) == set(model.state_dict()) | tracked
+    assert [name for name, _ in twin.named_parameters()] == [name for name, _ in model.named_parameters()]
+    return twin
+
+
+def test_global_avgpool_matches_torch(backend, dtype):
+    def torch_pool(x):
+        return torch.flatten(torch.nn.AdaptiveAvgPool2d(1)(x), 1)
+
+    run_both(backend, dtype, nn.GlobalAvgPool2d(), torch_pool, sample(3, 4, 5, 7))
+
+
+@pytest.mark.parametrize("case", RESIDUAL_CASES)
+def test_residual_matches_torch(backend, dtype, case):
+    """Training-mode forward and backward of a block against its torch twin, two steps: the output, the input
+    gradient and every parameter's gradient by name; then evaluation mode, with the running statistics."""
+    block = residual_block(case)
+    block.to(backend, getattr(backend.xp, dtype))
+    twin = loaded_twin(block, dtype)
+    tol = TOLERANCES[dtype]
+    for step in range(2):
+        block.zero_grad()
+        twin.zero_grad()
+        x = (sample(3, 2, 7, 6, seed=step) * 2 + 0.5).astype(dtype)
+        y = block.forward(backend.asarray(x))
+        grad_y = np.random.default_rng(5 + step).standard_normal(tuple(y.shape)).astype(dtype)
+        grad_x = block.backward(backend.asarray(grad_y))
+        tx = torch.tensor(x, requires_grad=True)
+        ty = twin(tx)
+        ty.backward(torch.tensor(grad_y))
+        assert relative_error(to_host(y), ty.detach().numpy()) <= tol
+        assert relative_error(to_host(grad_x), tx.grad.numpy()) <= tol
+        torch_grads = {name: param.grad.numpy() for name, param in twin.named_parameters()}
+        grads = dict(block.named_gradients())
+        assert grads.keys() == torch_grads.keys()
+        for name, grad in grads.items():
+            assert relative_error(to_host(grad), torch_grads[name]) <= tol, name
+    block.eval()
+    twin.eval()
+    x = sample(2, 2, 7, 6, seed=9).astype(dtype)
+    assert relative_error(to_host(block.forward(backend.asarray(x))), twin(torch.tensor(x)).detach().numpy()) <= tol
+
+
+def test_residual_running_statistics_match_torch(backend, dtype):
+    """Batch norm inside the branch and the projection updates its running statistics as torch's does."""
+    block = residual_block("batch-norm")
+    block.to(backend, getattr(backend.xp, dtype))
+    twin = loaded_twin(block, dtype)
+    for step in range(3):
+        x = (sample(4, 2, 6, 6, seed=step) * 3 - 1).astype(dtype)
+        block.forward(backend.asarray(x))
+        with torch.no_grad():
+            twin(torch.tensor(x))
+    buffers = dict(twin.named_buffers())
+    names = [name for name, _ in block.named_buffers()]
+    assert len(names) == 6
+    for name, value in block.named_buffers():
+        assert relative_error(to_host(value), buffers[name].numpy()) <= TOLERANCES[dtype], name
+
+
+def test_a_resnet_state_dict_loads_strictly_into_its_torch_twin(backend, dtype):
+    """Nested names (``"3.branch.0.weight"``, ``"5.projection.1.running_var"``) are PyTorch's for the same modules."""
+    model = small_resnet(seed=3)
+    model.to(backend, getattr(backend.xp, dtype))
+    x = sample(2, 1, 28, 28).astype(dtype)
+    model.train()
+    for step in range(2):  # non-trivial running statistics
+        model.forward(backend.asarray(sample(4, 1, 28, 28, seed=step).astype(dtype)))
+    twin = loaded_twin(model, dtype)
+    assert "5.projection.1.running_var" in model.state_dict() and "3.branch.0.weight" in model.state_dict()
+    model.eval()
+    twin.eval()
+    expected = twin(torch.tensor(x)).detach().numpy()
+    assert relative_error(to_host(model.forward(backend.asarray(x))), expected) <= TOLERANCES[dtype]

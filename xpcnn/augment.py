@@ -1,15 +1,17 @@
-"""Random affine and elastic data augmentation on the device, written on the Array API standard only.
+"""Random affine and elastic data augmentation, flips and crops, on the device, on the Array API standard only.
 
 Three layers, lowest first:
 
 * :func:`affine_sample` warps a batch ``(B, C, H, W)`` with given sampling
   matrices ``(B, 2, 3)``, plus an optional per-pixel displacement, by
-  bilinear interpolation;
+  bilinear interpolation; :func:`flip_and_crop` mirrors and crops a batch
+  with given per-image choices (one gather);
 * :func:`affine_matrices` builds those matrices from per-image rotation,
   scale, shear and shift; :func:`elastic_displacement` builds smooth random
   displacement fields (Simard et al., 2003) from uniform noise;
 * :class:`Augmentation` draws the per-image parameters from a
-  :meth:`xpcnn.backend.Backend.generator` and applies them.
+  :meth:`xpcnn.backend.Backend.generator` and applies them: the warp first,
+  then the flip and the crop.
 
 Conventions
 -----------
@@ -121,6 +123,38 @@ def affine_sample(images, matrices, fill: float = 0.0, displacement=None):
     return out
 
 
+def flip_and_crop(images, flips, tops, lefts, padding: int, fill: float = 0.0):
+    """Mirror and crop each image of ``images`` (B, C, H, W) by its own choices, as torchvision's
+    ``RandomHorizontalFlip`` then ``RandomCrop((H, W), padding)`` with those draws.
+
+    Image ``b`` is mirrored left to right (its columns reversed) where ``flips[b]`` ((B,) booleans, or None
+    for no flips), then padded with ``padding`` pixels of ``fill`` on every side and cropped back to H x W
+    with its top-left corner at row ``tops[b]``, column ``lefts[b]`` of the padded image ((B,) integers in
+    [0, 2 * padding]; ``padding - tops[b]`` is how far the content moves down).  With ``padding`` 0 it only
+    mirrors (``tops`` and ``lefts`` are not read).  Vectorised: one integer index and one ``take`` on the
+    flattened batch, pixels from outside the image then set to ``fill`` with one ``where``.
+    """
+    xp = array_namespace(images)
+    if images.ndim != 4:
+        raise ValueError(f"flip_and_crop: expected images of shape (B, C, H, W), got {tuple(images.shape)}")
+    if not (isinstance(padding, int) and padding >= 0):
+        raise ValueError(f"flip_and_crop: padding must be an int >= 0, got {padding!r}")
+    b, c, h, w = images.shape
+    if padding == 0:
+        return images if flips is None else xp.where(xp.reshape(flips, (b, 1, 1, 1)), xp.flip(images, axis=-1), images)
+    dev = device(images)
+    rows = xp.reshape(xp.arange(h, dtype=xp.int64, device=dev), (1, h, 1)) + xp.reshape(tops - padding, (b, 1, 1))
+    cols = xp.reshape(xp.arange(w, dtype=xp.int64, device=dev), (1, 1, w)) + xp.reshape(lefts - padding, (b, 1, 1))
+    if flips is not None:  # column x of the mirrored image is column W - 1 - x of the image
+        cols = xp.where(xp.reshape(flips, (b, 1, 1)), (w - 1) - cols, cols)
+    inside = (rows >= 0) & (rows < h) & (cols >= 0) & (cols < w)  # (B, H, W)
+    pixel = xp.clip(rows, 0, h - 1) * w + xp.clip(cols, 0, w - 1)  # (B, H, W)
+    offsets = xp.reshape(xp.arange(b * c, dtype=xp.int64, device=dev) * (h * w), (b, c, 1, 1))
+    index = xp.reshape(offsets + pixel[:, None, ...], (-1,))
+    out = xp.reshape(xp.take(xp.reshape(images, (-1,)), index), (b, c, h, w))
+    return xp.where(inside[:, None, ...], out, float(fill))
+
+
 def affine_matrices(rotation, scale, shear, shift_x, shift_y):
     """Sampling matrices (B, 2, 3) of per-image forward transforms, each argument a (B,) array.
 
@@ -171,21 +205,25 @@ def elastic_displacement(noise, alpha: float, sigma: float):
 
 @dataclass(frozen=True)
 class Augmentation:
-    """Random per-image affine transform, drawn uniformly in the given ranges.
+    """Random per-image affine transform, drawn uniformly in the given ranges; flips and crops.
 
     ``max_shift`` pixels (each of x and y uniform in [-max_shift, max_shift]),
     ``max_rotation`` degrees, ``max_scale`` relative (scale uniform in
     [1 - max_scale, 1 + max_scale]), ``max_shear`` degrees; with
     ``elastic_alpha`` > 0, each image is also distorted by an
     :func:`elastic_displacement` of scale ``elastic_alpha`` pixels and
-    smoothness ``elastic_sigma`` pixels.  Call it on a batch with a generator
-    from :meth:`xpcnn.backend.Backend.generator`::
+    smoothness ``elastic_sigma`` pixels.  After that warp, with ``flip`` each
+    image is mirrored left to right with probability 1/2, and with ``crop`` > 0
+    padded by ``crop`` pixels of background and cropped back at a uniformly
+    drawn offset (torchvision's ``RandomHorizontalFlip()`` and
+    ``RandomCrop(size, padding=crop)``; see :func:`flip_and_crop`).  Call it on
+    a batch with a generator from :meth:`xpcnn.backend.Backend.generator`::
 
         augment = Augmentation(max_shift=2, max_rotation=10, max_scale=0.1)
         images = augment(images, backend.generator(seed, epoch, step), fill=background)
 
-    With all ranges zero it returns its input unchanged (the same object)
-    and draws nothing from the generator.
+    With all ranges zero, no flip and no crop it returns its input unchanged
+    (the same object) and draws nothing from the generator.
     """
 
     max_shift: float = 2.0
@@ -194,6 +232,8 @@ class Augmentation:
     max_shear: float = 0.0
     elastic_alpha: float = 0.0
     elastic_sigma: float = 4.0
+    flip: bool = False
+    crop: int = 0
 
     def __post_init__(self):
         for name in ("max_shift", "max_rotation", "max_scale", "max_shear", "elastic_alpha", "elastic_sigma"):
@@ -206,10 +246,19 @@ class Augmentation:
             raise ValueError(f"Augmentation: max_scale must be < 1, got {self.max_scale!r}")
         if self.max_shear >= 90:
             raise ValueError(f"Augmentation: max_shear must be < 90 degrees, got {self.max_shear!r}")
+        if not isinstance(self.flip, bool):
+            raise ValueError(f"Augmentation: flip must be True or False, got {self.flip!r}")
+        if not (isinstance(self.crop, int) and not isinstance(self.crop, bool) and self.crop >= 0):
+            raise ValueError(f"Augmentation: crop must be an int >= 0 (pixels of padding), got {self.crop!r}")
+
+    @property
+    def warps(self) -> bool:
+        """Whether it warps the images (an affine transform or an elastic distortion)."""
+        return bool(self.max_shift or self.max_rotation or self.max_scale or self.max_shear or self.elastic_alpha)
 
     @property
     def is_identity(self) -> bool:
-        return not (self.max_shift or self.max_rotation or self.max_scale or self.max_shear or self.elastic_alpha)
+        return not (self.warps or self.flip or self.crop)
 
     def matrices(self, n: int, generator, dtype):
         """Draw ``n`` sampling matrices (n, 2, 3): one ``generator.random((n, 5), dtype)`` call."""
@@ -222,17 +271,34 @@ class Augmentation:
             shift_y=u[:, 4] * float(self.max_shift),
         )
 
+    def flips_and_crops(self, n: int, generator, dtype):
+        """Draw ``n`` images' (flips (n,) bool or None, tops (n,), lefts (n,) int64) for :func:`flip_and_crop`:
+        one ``generator.random((n, 3), dtype)`` call; each choice uniform (a flip with probability 1/2,
+        each offset in [0, 2 * crop])."""
+        u = generator.random((n, 3), dtype)
+        xp = array_namespace(u)
+        flips = u[:, 0] < 0.5 if self.flip else None
+        positions = 2 * self.crop + 1
+        offsets = xp.clip(xp.astype(xp.floor(u[:, 1:] * float(positions)), xp.int64), 0, positions - 1)
+        return flips, offsets[:, 0], offsets[:, 1]
+
     def __call__(self, images, generator, fill: float = 0.0):
         """Augment ``images`` (B, C, H, W), each image with its own random transform.
 
-        Draws the matrices first, then (only when ``elastic_alpha`` > 0) the
-        elastic noise with one ``generator.random((B, 2, H, W), dtype)`` call.
+        Draws the matrices first (when it warps), then (only when ``elastic_alpha`` > 0) the
+        elastic noise with one ``generator.random((B, 2, H, W), dtype)`` call, then (with ``flip``
+        or ``crop``) the flips and crop offsets (:meth:`flips_and_crops`).
         """
         if self.is_identity:
             return images
-        matrices = self.matrices(images.shape[0], generator, images.dtype)
-        displacement = None
-        if self.elastic_alpha:
-            noise = 2.0 * generator.random((images.shape[0], 2, *images.shape[-2:]), images.dtype) - 1.0
-            displacement = elastic_displacement(noise, self.elastic_alpha, self.elastic_sigma)
-        return affine_sample(images, matrices, fill, displacement)
+        if self.warps:
+            matrices = self.matrices(images.shape[0], generator, images.dtype)
+            displacement = None
+            if self.elastic_alpha:
+                noise = 2.0 * generator.random((images.shape[0], 2, *images.shape[-2:]), images.dtype) - 1.0
+                displacement = elastic_displacement(noise, self.elastic_alpha, self.elastic_sigma)
+            images = affine_sample(images, matrices, fill, displacement)
+        if self.flip or self.crop:
+            flips, tops, lefts = self.flips_and_crops(images.shape[0], generator, images.dtype)
+            images = flip_and_crop(images, flips, tops, lefts, self.crop, fill)
+        return images

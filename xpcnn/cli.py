@@ -24,8 +24,8 @@ from .config import RECIPES, TrainConfig, recipe
 from .data import DATASETS, TEST_FILES, find_data_dir, get_spec, load_dataset
 from .device_data import DeviceSplit, normalize_images
 from .diagnostics import available_backends, gpu_names
-from .distributed import check_backend, rank_from_environment
 from .display import Progress
+from .distributed import check_backend, rank_from_environment
 from .errors import ConfigError
 from .exits import friendly_errors, user_message
 from .files import check_writable
@@ -149,6 +149,20 @@ EAGER_HELP = "JAX: run each operation as it comes instead of one compiled progra
     default=TrainConfig.elastic_sigma,
     show_default=True,
     help="Smoothness of the elastic distortion: the Gaussian's standard deviation in pixels.",
+)
+@click.option(
+    "--flip/--no-flip",
+    default=TrainConfig.flip,
+    show_default=True,
+    help="Mirror each training image left to right with probability 1/2 (for clothing, not digits).",
+)
+@click.option(
+    "--crop",
+    type=click.IntRange(min=0),
+    default=TrainConfig.crop,
+    show_default=True,
+    metavar="PIXELS",
+    help="Pad each training image by PIXELS of background and crop it back at a random offset; 0 is off.",
 )
 @click.option(
     "--recalibrate-bn/--no-recalibrate-bn",

@@ -15,9 +15,9 @@ from .models import MODELS
 from .nn import Sequential
 from .optim import OPTIMIZERS, SCHEDULES, SGD, Adam, Optimizer
 
-
 ELASTIC_SIGMA = (0.1, 100.0)  # pixels; outside, the Gaussian underflows, overflows or is meaningless on 28 pixels
 MAX_ELASTIC = 1000.0  # pixels: a larger displacement moves every pixel off the image
+MAX_CROP = 14  # pixels of padding: a larger shift leaves less than half of a 28-pixel image
 
 
 @dataclass
@@ -42,6 +42,8 @@ class TrainConfig:
     augment: bool = False
     elastic: float = 0.0
     elastic_sigma: float = 4.0
+    flip: bool = False  # mirror each training image left to right with probability 1/2 (clothing, not digits)
+    crop: int = 0  # pad each training image by this many pixels of background, crop back at a random offset
     label_smoothing: float = 0.0
     recalibrate_bn: bool = False
     log_every: int = 50
@@ -93,6 +95,11 @@ class TrainConfig:
                 f"elastic distortion scale must be in [0, {MAX_ELASTIC:g}] pixels, got {self.elastic}",
             ),
             (
+                0 <= self.crop <= MAX_CROP,
+                "crop",
+                f"crop padding must be in [0, {MAX_CROP}] pixels, got {self.crop}",
+            ),
+            (
                 low <= self.elastic_sigma <= high,
                 "elastic_sigma",
                 f"elastic sigma must be in [{low:g}, {high:g}] pixels, got {self.elastic_sigma}",
@@ -125,11 +132,18 @@ def make_optimizer(config: TrainConfig, model: Sequential) -> Optimizer:
 
 
 def make_augmentation(config: TrainConfig) -> Augmentation | None:
-    """The training-time augmentation the config asks for: affine (``augment``), elastic, both or none."""
-    if not config.augment and not config.elastic:
+    """The training-time augmentation the config asks for: affine (``augment``), elastic, flips, crops, any
+    of them together (the warp first), or none."""
+    if not (config.augment or config.elastic or config.flip or config.crop):
         return None
     affine = {} if config.augment else {"max_shift": 0, "max_rotation": 0, "max_scale": 0, "max_shear": 0}
-    return Augmentation(**affine, elastic_alpha=config.elastic, elastic_sigma=config.elastic_sigma)
+    return Augmentation(
+        **affine,
+        elastic_alpha=config.elastic,
+        elastic_sigma=config.elastic_sigma,
+        flip=config.flip,
+        crop=config.crop,
+    )
 
 
 def _typed(name: str, kind: str, value):

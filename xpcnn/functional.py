@@ -350,6 +350,21 @@ def maxpool2d_backward(grad_y, record, x_shape, kernel, stride):
     return grad
 
 
+def global_avgpool2d_forward(x):
+    """Mean of each channel over H and W: (N, C, H, W) -> (N, C)."""
+    return namespace(x).mean(x, axis=(2, 3))
+
+
+def global_avgpool2d_backward(grad_y, x_shape):
+    """Gradient of :func:`global_avgpool2d_forward`: ``grad_y`` (N, C) / (H*W) at every pixel, (N, C, H, W).
+
+    A broadcast (a view where the backend has views), channels-last as a convolution's output is.
+    """
+    xp = namespace(grad_y)
+    n, c, h, w = x_shape
+    return xp.permute_dims(xp.broadcast_to(xp.reshape(grad_y / (h * w), (n, 1, 1, c)), (n, h, w, c)), (0, 3, 1, 2))
+
+
 def relu_backward(grad_y, y):
     """Gradient of max(x, 0) given its output ``y``: ``grad_y`` where y > 0, else zero."""
     xp = namespace(grad_y, y)

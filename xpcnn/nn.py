@@ -5,7 +5,7 @@ Each layer has ``forward(x) -> y`` and ``backward(grad_y) -> grad_x``;
 that a user may assign to; ``train()`` / ``eval()`` switch modes.  Layers
 keep what their backward pass needs only in training mode.
 
-Every layer and :class:`Sequential` offer PyTorch's parameter API with
+Every layer and container (:class:`Sequential`, :class:`Residual`) offer PyTorch's parameter API with
 PyTorch's names (``named_parameters()`` -> ``("0.weight", array)``, ...,
 ``parameters()``, ``named_buffers()``, ``state_dict()``) and its gradient
 semantics: backward *adds* to the gradients, ``zero_grad()`` clears them (to
@@ -15,7 +15,7 @@ a training step), so gradients of several micro-batches accumulate.
 Parameters are created on the host as NumPy float32 arrays;
 ``layer.to(backend, dtype)`` moves them (see :mod:`xpcnn.backend`).
 
-One job, though long: the layers, the container and the loss all implement
+One job, though long: the layers, the containers and the loss all implement
 the one ``Layer`` contract (forward, backward, parameters, modes), and each
 layer is a thin wrapper over its math in :mod:`xpcnn.functional`.
 """
@@ -239,6 +239,10 @@ class Layer:
     def extra_repr(self) -> str:
         return ""
 
+    def _brief(self) -> str:
+        """How a row of :meth:`Sequential.summary` names this layer: its repr (a container: shorter)."""
+        return repr(self)
+
 
 class Conv2d(Layer):
     """2-D convolution (cross-correlation), input (N, C, H, W), weight (O, C, KH, KW)."""
@@ -329,6 +333,19 @@ class MaxPool2d(Layer):
 
     def extra_repr(self):
         return f"kernel_size={self.kernel_size}, stride={self.stride}"
+
+
+class GlobalAvgPool2d(Layer):
+    """The mean of each channel over its H x W map: (N, C, H, W) -> (N, C), as PyTorch's
+    ``AdaptiveAvgPool2d(1)`` followed by ``Flatten``."""
+
+    def forward(self, x):
+        self._check_input(x, "(N, C, H, W)", 4)
+        self._cache = tuple(x.shape) if self.training else None
+        return F.global_avgpool2d_forward(x)
+
+    def backward(self, grad_y):
+        return F.global_avgpool2d_backward(grad_y, self._need_cache(self._cache))
 
 
 class ReLU(Layer):
@@ -534,12 +551,90 @@ class Dropout(Layer):
         return f"p={self.p}"
 
 
-class Sequential(Layer):
+class _Container(Layer):
+    """What every container shares: it holds no ``params`` / ``grads`` / ``buffers`` dicts of its own,
+    its children do, named as PyTorch names a module's submodules (:meth:`named_children`), and
+    modes, generators, communicators, caches, names and summaries reach every child."""
+
+    def named_children(self) -> list[tuple[str, Layer]]:
+        """(name, layer) of each child, in the order of the parameter names."""
+        raise NotImplementedError
+
+    def _trace(self, x) -> Iterator:
+        """Each child's output for input ``x`` (:meth:`output_shapes`: one per row of :meth:`summary`)."""
+        raise NotImplementedError
+
+    def train(self, mode: bool = True):
+        for _, layer in self.named_children():
+            layer.train(mode)
+        self.training = mode
+        return self
+
+    def set_generator(self, generator):
+        for _, layer in self.named_children():
+            layer.set_generator(generator)
+
+    def set_communicator(self, communicator):
+        for _, layer in self.named_children():
+            layer.set_communicator(communicator)
+
+    def zero_cache(self):
+        for _, layer in self.named_children():
+            layer.zero_cache()
+
+    def modules(self) -> Iterator[Layer]:
+        yield self
+        for _, layer in self.named_children():
+            yield from layer.modules()
+
+    def _holders(self, prefix: str = "") -> Iterator[tuple[str, Layer]]:
+        for name, layer in self.named_children():
+            yield from layer._holders(f"{prefix}{name}.")
+
+    def summary(self, input_shape: tuple[int, ...] | None = None) -> str:
+        """A table of the children, their output shapes and parameter counts, and the totals (like Keras).
+
+        ``input_shape`` is one sample's shape, e.g. ``(1, 28, 28)``: output shapes come from one
+        forward pass of a zero batch of one in evaluation mode (every layer's mode is restored
+        after).  Without it the table has no output shapes.
+        """
+        rows = [("#", "Layer", *(("Output shape",) if input_shape else ()), "Params")]
+        shapes = self.output_shapes(input_shape) if input_shape else None
+        for index, (name, layer) in enumerate(self.named_children()):
+            shape = ("(None, " + ", ".join(str(s) for s in shapes[index][1:]) + ")",) if shapes else ()
+            rows.append((name, layer._brief(), *shape, f"{layer.num_parameters():,}"))
+        widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
+        lines = [
+            "  ".join([*(c.ljust(w) for c, w in zip(row[:-1], widths, strict=False)), row[-1].rjust(widths[-1])])
+            for row in rows
+        ]
+        rule = "-" * len(max(lines, key=len))
+        trainable = self.num_parameters()
+        buffers = sum(math.prod(value.shape) for _, value in self.named_buffers())
+        totals = [f"Total parameters: {trainable:,}"] + ([f"Buffers (not trained): {buffers:,}"] if buffers else [])
+        return "\n".join([lines[0], rule, *lines[1:], rule, *totals])
+
+    def output_shapes(self, input_shape: tuple[int, ...]) -> list[tuple[int, ...]]:
+        """The output shape of each child for a zero input of shape ``(1, *input_shape)``, in evaluation mode."""
+        first = next(self.parameters(), None)
+        backend = backend_of(first) if first is not None else get_backend("numpy")
+        dtype = first.dtype if first is not None else backend.xp.float32
+        x = backend.asarray(np.zeros((1, *input_shape), np.float32), dtype)
+        modes = [(module, module.training) for module in self.modules()]
+        try:
+            self.eval()
+            return [tuple(int(s) for s in y.shape) for y in self._trace(x)]
+        finally:
+            for module, mode in modes:
+                module.training = mode
+
+
+class Sequential(_Container):
     """Layers applied in order; parameters named ``"<index>.<name>"`` as in PyTorch.
 
-    A container: it holds no ``params`` / ``grads`` / ``buffers`` dicts of its own; its
-    layers do, and :meth:`named_parameters`, :meth:`named_gradients` and :meth:`state_dict`
-    gather theirs.
+    A container (see :class:`Residual` for the other): its layers hold the ``params`` /
+    ``grads`` / ``buffers`` dicts, and :meth:`named_parameters`, :meth:`named_gradients` and
+    :meth:`state_dict` gather theirs.
     """
 
     def __init__(self, *layers: Layer):
@@ -587,79 +682,86 @@ class Sequential(Layer):
     def __getitem__(self, index: int) -> Layer:
         return self.layers[index]
 
-    def train(self, mode: bool = True):
-        for layer in self.layers:
-            layer.train(mode)
-        self.training = mode
-        return self
+    def named_children(self) -> list[tuple[str, Layer]]:
+        return [(str(index), layer) for index, layer in enumerate(self.layers)]
 
-    def set_generator(self, generator):
+    def _trace(self, x) -> Iterator:
         for layer in self.layers:
-            layer.set_generator(generator)
-
-    def set_communicator(self, communicator):
-        for layer in self.layers:
-            layer.set_communicator(communicator)
-
-    def zero_cache(self):
-        for layer in self.layers:
-            layer.zero_cache()
-
-    def modules(self) -> Iterator[Layer]:
-        yield self
-        for layer in self.layers:
-            yield from layer.modules()
-
-    def _holders(self, prefix: str = "") -> Iterator[tuple[str, Layer]]:
-        for index, layer in enumerate(self.layers):
-            yield from layer._holders(f"{prefix}{index}.")
+            x = layer.forward(x)
+            yield x
 
     def extra_repr(self):
         return ", ".join(repr(layer) for layer in self.layers)
 
-    def summary(self, input_shape: tuple[int, ...] | None = None) -> str:
-        """A table of the layers, their output shapes and parameter counts, and the totals (like Keras).
+    def _brief(self) -> str:
+        return f"Sequential({len(self)} layers)"
 
-        ``input_shape`` is one sample's shape, e.g. ``(1, 28, 28)``: output shapes come from one
-        forward pass of a zero batch of one in evaluation mode (each layer's mode is restored
-        after).  Without it the table has no output shapes.
-        """
-        rows = [("#", "Layer", *(("Output shape",) if input_shape else ()), "Params")]
-        shapes = self.output_shapes(input_shape) if input_shape else None
-        for index, layer in enumerate(self.layers):
-            shape = ("(None, " + ", ".join(str(s) for s in shapes[index][1:]) + ")",) if shapes else ()
-            rows.append((str(index), repr(layer), *shape, f"{layer.num_parameters():,}"))
-        widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
-        lines = [
-            "  ".join([*(c.ljust(w) for c, w in zip(row[:-1], widths, strict=False)), row[-1].rjust(widths[-1])])
-            for row in rows
-        ]
-        rule = "-" * len(max(lines, key=len))
-        trainable = self.num_parameters()
-        buffers = sum(math.prod(value.shape) for _, value in self.named_buffers())
-        totals = [f"Total parameters: {trainable:,}"] + ([f"Buffers (not trained): {buffers:,}"] if buffers else [])
-        return "\n".join([lines[0], rule, *lines[1:], rule, *totals])
 
-    def output_shapes(self, input_shape: tuple[int, ...]) -> list[tuple[int, ...]]:
-        """The output shape of each layer for a zero input of shape ``(1, *input_shape)``."""
-        first = next(self.parameters(), None)
-        backend = backend_of(first) if first is not None else get_backend("numpy")
-        dtype = first.dtype if first is not None else backend.xp.float32
-        x = backend.asarray(np.zeros((1, *input_shape), np.float32), dtype)
-        modes = [layer.training for layer in self.layers]
-        shapes = []
-        try:
-            for layer in self.layers:
-                x = layer.eval().forward(x)
-                shapes.append(tuple(int(s) for s in x.shape))
-        finally:
-            for layer, mode in zip(self.layers, modes, strict=True):
-                layer.train(mode)
-        return shapes
+class Residual(_Container):
+    """``branch(x) + shortcut(x)``: the shortcut is the identity, or ``projection`` where the shapes differ.
+
+    ``branch`` and ``projection`` are layers or containers (a :class:`Sequential`: e.g. convolution,
+    batch norm, ReLU, convolution, batch norm; a stride-2 1x1 :class:`Conv2d`, optionally followed by a
+    :class:`BatchNorm2d`).  Parameters are named ``"branch.<name>"`` and ``"projection.<name>"``
+    (``"branch.0.weight"``, ``"projection.weight"``): those of a PyTorch module whose attributes
+    ``branch`` and ``projection`` (registered in that order) hold the same layers.  Backward sums
+    the gradients of the two paths.  No activation follows the sum: put a :class:`ReLU` after the
+    block as ResNet does.
+    """
+
+    def __init__(self, branch: Layer, projection: Layer | None = None):
+        self.branch, self.projection = branch, projection
+        self.training = True
+
+    def forward(self, x):
+        y = self.branch.forward(x)
+        shortcut = x if self.projection is None else self.projection.forward(x)
+        if tuple(y.shape) != tuple(shortcut.shape):
+            which = "the identity shortcut" if self.projection is None else "the projection"
+            raise ValueError(
+                f"Residual: the branch gives {_shape_text(y.shape)} but {which} gives {_shape_text(shortcut.shape)}"
+                f" for input {_shape_text(x.shape)}"
+                + (": give a projection that maps the input to the branch's shape" if self.projection is None else "")
+            )
+        return y + shortcut
+
+    def backward(self, grad_y, input_grad: bool = True):
+        """Backpropagate ``grad_y`` through both paths, storing their parameter gradients; return the sum of
+        their input gradients, or None when ``input_grad`` is False (each path then computes only its
+        parameter gradients)."""
+        grad_x = _backward(self.branch, grad_y, input_grad)
+        if self.projection is not None:
+            shortcut = _backward(self.projection, grad_y, input_grad)
+        else:
+            shortcut = grad_y
+        return grad_x + shortcut if input_grad else None
+
+    def named_children(self) -> list[tuple[str, Layer]]:
+        return [("branch", self.branch)] + ([("projection", self.projection)] if self.projection is not None else [])
+
+    def _trace(self, x) -> Iterator:
+        for _, layer in self.named_children():
+            yield layer.forward(x)
+
+    def extra_repr(self):
+        return repr(self.branch) + ("" if self.projection is None else f", projection={self.projection!r}")
+
+    def _brief(self) -> str:
+        projection = "" if self.projection is None else f", projection={self.projection._brief()}"
+        return f"Residual({self.branch._brief()}{projection})"
 
 
 def _has_parameters(layer: Layer) -> bool:
     return next(layer.parameters(), None) is not None
+
+
+def _backward(layer: Layer, grad_y, input_grad: bool):
+    """``layer.backward(grad_y)``; with ``input_grad`` False only the parameter gradients (none: nothing runs)."""
+    if input_grad:
+        return layer.backward(grad_y)
+    if _has_parameters(layer):
+        layer.backward(grad_y, input_grad=False)
+    return None
 
 
 def recalibrate_batchnorm(model: Sequential, batches: Iterable) -> None:

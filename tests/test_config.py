@@ -1,0 +1,90 @@
+"""TrainConfig's flip and crop settings: their checks, the augmentation they build, their command-line flags."""
+
+import json
+import re
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+import xpcnn
+from xpcnn.augment import Augmentation
+from xpcnn.cli import main
+from xpcnn.config import MAX_CROP, TrainConfig, make_augmentation
+from xpcnn.errors import ConfigError
+
+
+@pytest.mark.parametrize(
+    "setting, value, message",
+    [
+        ("flip", "yes", r"flip must be True or False, got 'yes'"),
+        ("flip", 1, r"flip must be True or False, got 1"),
+        ("crop", -1, r"crop padding must be in \[0, 14\] pixels, got -1"),
+        ("crop", MAX_CROP + 1, r"crop padding must be in \[0, 14\] pixels, got 15"),
+        ("crop", 1.5, r"crop must be an integer, got 1.5"),
+        ("crop", True, r"crop must be an integer, got True"),
+        ("crop", "4", r"crop must be an integer, got '4'"),
+    ],
+)
+def test_bad_flip_and_crop_settings_are_a_config_error_naming_them(setting, value, message):
+    with pytest.raises(ConfigError, match=message) as error:
+        TrainConfig(**{setting: value})
+    assert error.value.setting == setting
+    images = np.zeros((8, 28, 28), np.uint8)
+    images[:, 10:18, 10:18] = 255
+    with pytest.raises(ConfigError) as error:
+        xpcnn.fit("seed", (images, np.arange(8) % 2), backend="numpy", **{setting: value})
+    assert error.value.setting == setting
+
+
+def test_flip_and_crop_settings_keep_their_values_and_default_to_off():
+    config = TrainConfig(flip=np.bool_(True), crop=np.int64(MAX_CROP))
+    assert (config.flip, config.crop) == (True, MAX_CROP) and type(config.crop) is int
+    assert (TrainConfig().flip, TrainConfig().crop) == (False, 0)
+    # a checkpoint's configuration from before these settings reads as off
+    older = {k: v for k, v in TrainConfig().to_dict().items() if k not in ("flip", "crop")}
+    assert TrainConfig.from_dict(older) == TrainConfig()
+
+
+def test_flips_and_crops_build_the_augmentation_alone_or_with_the_warps():
+    identity = {"max_shift": 0, "max_rotation": 0, "max_scale": 0, "max_shear": 0}
+    assert make_augmentation(TrainConfig()) is None
+    assert make_augmentation(TrainConfig(flip=True)) == Augmentation(**identity, flip=True)
+    assert make_augmentation(TrainConfig(crop=4)) == Augmentation(**identity, crop=4)
+    assert make_augmentation(TrainConfig(flip=True, crop=2, augment=True)) == Augmentation(flip=True, crop=2)
+    both = make_augmentation(TrainConfig(flip=True, crop=3, elastic=10.0, elastic_sigma=5.0))
+    assert both == Augmentation(**identity, elastic_alpha=10.0, elastic_sigma=5.0, flip=True, crop=3)
+    assert make_augmentation(TrainConfig(augment=True)) == Augmentation()  # digits keep their warps alone
+
+
+def run_cli(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def error_lines(result):
+    return [line for line in result.output.splitlines() if line.startswith("Error")]
+
+
+def test_the_command_line_refuses_a_crop_out_of_range_in_one_line():
+    result = run_cli("train", "--crop", "15", "--device", "cpu")
+    assert result.exit_code == 1 and error_lines(result) == [
+        "Error: --crop: crop padding must be in [0, 14] pixels, got 15"
+    ], result.output
+    result = run_cli("train", "--crop", "-1")
+    assert result.exit_code == 2 and len(error_lines(result)) == 1, result.output
+    assert re.search(r"Invalid value for '--crop'", error_lines(result)[0])
+    result = run_cli("train", "--crop", "two")
+    assert result.exit_code == 2 and len(error_lines(result)) == 1, result.output
+    assert "--flip / --no-flip" in run_cli("train", "--help").output
+
+
+def test_the_command_line_flags_reach_the_run_configuration(synthetic_dir, tmp_path):
+    fast = ["--model", "seed", "--epochs", "1", "--batch-size", "100", "--device", "cpu", "--quiet"]
+    run = tmp_path / "run"
+    result = run_cli("train", *fast, "--flip", "--crop", "3", "--data-dir", synthetic_dir, "--out", run)
+    assert result.exit_code == 0, result.output
+    config = json.loads((run / "config.json").read_text())
+    assert (config["flip"], config["crop"]) == (True, 3)
+    result = run_cli("train", "--resume", run, "--crop", "2")
+    assert result.exit_code == 2 and "--crop cannot change when resuming" in result.output, result.output
+    assert "trained with --crop 3" in result.output

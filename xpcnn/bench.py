@@ -225,10 +225,12 @@ def _steps(backend, model, loss_fn, optimizer, train_data, infer_data, position,
                 xp.zeros((), dtype=xp.int64, device=backend.device),
             ]
 
-        def epoch_program(count: int):
+        def run_epoch_program(count: int):
             first = position["train"] % len(batches)  # where the step programs would go on
             position["train"] += count
             sums[:] = runner.train_steps(images, labels, order, learning_rates, first, first + count, size, *sums)
+
+        epoch_program = run_epoch_program
 
     def train_step():
         step = position["train"]

@@ -9,6 +9,7 @@ import sys
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from helpers import small_resnet
 
 from xpcnn import nn
 from xpcnn.backend import get_backend
@@ -28,7 +29,7 @@ def trained_looking(model: nn.Sequential, seed: int = 1) -> nn.Sequential:
     them would still pass.
     """
     rng = np.random.default_rng(seed)
-    for layer in model:
+    for _, layer in model._holders():  # nested containers' layers too
         if "bias" in layer.params:
             layer.params["bias"] = rng.normal(0, 0.1, layer.params["bias"].shape).astype(np.float32)
         if isinstance(layer, nn.BatchNorm1d | nn.BatchNorm2d):
@@ -72,11 +73,17 @@ def small_general_model() -> nn.Sequential:
     )
 
 
-MODEL_CASES = [*MODELS, "general"]
+MODEL_CASES = [*MODELS, "general", "resnet"]  # resnet: nested containers, Residual blocks, global average pooling
+
+
+def built(name: str, seed: int) -> nn.Sequential:
+    if name == "general":
+        return small_general_model()
+    return small_resnet(seed) if name == "resnet" else build(name, seed=seed)
 
 
 def model_case(name: str) -> nn.Sequential:
-    return trained_looking(small_general_model() if name == "general" else build(name, seed=3))
+    return trained_looking(built(name, seed=3))
 
 
 @pytest.mark.parametrize("name", MODEL_CASES)
@@ -107,7 +114,7 @@ def test_safetensors_load_strictly_into_the_torch_twin(name, tmp_path):
     model = model_case(name)
     path = tmp_path / "model.safetensors"
     export(model, NORM, "safetensors", path, metadata={"model": name})
-    other_weights = small_general_model() if name == "general" else build(name, seed=99)
+    other_weights = built(name, seed=99)
     twin = torch_twin(other_weights)  # the same layers: every weight must come from the file
     twin.load_state_dict(safetensors_torch.load_file(path), strict=True)
     twin.eval()

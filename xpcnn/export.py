@@ -79,16 +79,30 @@ def onnx_model(model: nn.Sequential, norm, softmax: bool = False, metadata: dict
         helper.make_node("Mul", ["centred", "input_scale"], ["normalised"], name="normalise_scale"),
     ]
     output_name = "probabilities" if softmax else "logits"
-    layers = [(index, layer) for index, layer in enumerate(model) if not isinstance(layer, nn.Dropout)]
-    value = "normalised"
-    for index, layer in layers:
-        names = [f"{index}.{name}" for name in _onnx_inputs(layer)]
-        initializers += [numpy_helper.from_array(state[name].astype(np.float32), name) for name in names]
-        output = output_name if index == layers[-1][0] and not softmax else f"{index}.output"
-        nodes.append(helper.make_node(**_onnx_node(index, layer), inputs=[value, *names], outputs=[output]))
-        value = output
+
+    def emit(layer: nn.Layer, prefix: str, value: str) -> str:
+        """Append the nodes of ``layer`` (parameters named ``prefix + name``) on input ``value``; its output."""
+        if isinstance(layer, nn.Dropout):
+            return value
+        if isinstance(layer, nn.Sequential):
+            for index, inner in enumerate(layer):
+                value = emit(inner, f"{prefix}{index}.", value)
+            return value
+        if isinstance(layer, nn.Residual):
+            branch = emit(layer.branch, f"{prefix}branch.", value)
+            shortcut = value if layer.projection is None else emit(layer.projection, f"{prefix}projection.", value)
+            nodes.append(helper.make_node("Add", [branch, shortcut], [f"{prefix}output"], name=f"{prefix}Residual"))
+            return f"{prefix}output"
+        names = [prefix + name for name in _onnx_inputs(layer)]
+        initializers.extend(numpy_helper.from_array(state[name].astype(np.float32), name) for name in names)
+        for node in _onnx_nodes(prefix, layer):
+            nodes.append(helper.make_node(**node, inputs=[value, *names], outputs=[node["name"] + ".output"]))
+            value, names = node["name"] + ".output", []
+        return value
+
+    nodes.append(helper.make_node("Identity", [emit(model, "", "normalised")], [output_name], name="output"))
     if softmax:
-        nodes.append(helper.make_node("Softmax", [value], [output_name], name="softmax", axis=1))
+        nodes[-1] = helper.make_node("Softmax", [nodes[-1].input[0]], [output_name], name="softmax", axis=1)
     classes = model[-1].out_features
     graph = helper.make_graph(
         nodes,
@@ -118,40 +132,46 @@ def _onnx_inputs(layer: nn.Layer) -> list[str]:
     return [name for name in ("weight", "bias") if name in layer.params]
 
 
-def _onnx_node(index: int, layer: nn.Layer) -> dict:
-    """Keyword arguments of ``onnx.helper.make_node`` (operator, name, attributes) for one layer."""
-    name = f"{index}.{type(layer).__name__}"
+def _onnx_nodes(prefix: str, layer: nn.Layer) -> list[dict]:
+    """Keyword arguments of ``onnx.helper.make_node`` (operator, name, attributes) for one layer's nodes;
+    the first takes the layer's parameters."""
+    name = f"{prefix}{type(layer).__name__}"
     if isinstance(layer, nn.Conv2d):
         ph, pw = layer.padding
-        return dict(
-            op_type="Conv",
-            name=name,
-            kernel_shape=list(layer.kernel_size),
-            strides=list(layer.stride),
-            pads=[ph, pw, ph, pw],
-        )
+        return [
+            dict(
+                op_type="Conv",
+                name=name,
+                kernel_shape=list(layer.kernel_size),
+                strides=list(layer.stride),
+                pads=[ph, pw, ph, pw],
+            )
+        ]
     if isinstance(layer, nn.MaxPool2d):  # floor mode: rows and columns no window covers are dropped, as in xpcnn
-        return dict(op_type="MaxPool", name=name, kernel_shape=list(layer.kernel_size), strides=list(layer.stride))
+        return [dict(op_type="MaxPool", name=name, kernel_shape=list(layer.kernel_size), strides=list(layer.stride))]
+    if isinstance(layer, nn.GlobalAvgPool2d):  # (N, C, 1, 1), then (N, C)
+        return [dict(op_type="GlobalAveragePool", name=name), dict(op_type="Flatten", name=f"{name}.flatten", axis=1)]
     if isinstance(layer, nn.ReLU):
-        return dict(op_type="Relu", name=name)
+        return [dict(op_type="Relu", name=name)]
     if isinstance(layer, nn.Flatten):
-        return dict(op_type="Flatten", name=name, axis=1)
+        return [dict(op_type="Flatten", name=name, axis=1)]
     if isinstance(layer, nn.Linear):
-        return dict(op_type="Gemm", name=name, transB=1)
+        return [dict(op_type="Gemm", name=name, transB=1)]
     if isinstance(layer, nn.BatchNorm1d | nn.BatchNorm2d):
-        return dict(op_type="BatchNormalization", name=name, epsilon=float(layer.eps))
+        return [dict(op_type="BatchNormalization", name=name, epsilon=float(layer.eps))]
+    where = f"layer {prefix[:-1]}" if prefix else "the model"
     raise ExportError(
-        f"cannot export layer {index} ({layer!r}): ONNX export knows Conv2d, MaxPool2d, ReLU, Flatten, "
-        "Linear, BatchNorm1d, BatchNorm2d and Dropout"
+        f"cannot export {where} ({layer!r}): ONNX export knows Conv2d, MaxPool2d, GlobalAvgPool2d, ReLU, "
+        "Flatten, Linear, BatchNorm1d, BatchNorm2d, Dropout, Sequential and Residual"
     )
 
 
 def safetensors_tensors(model: nn.Sequential) -> dict[str, np.ndarray]:
     """The host arrays a PyTorch twin's ``state_dict`` holds: parameters, buffers, ``num_batches_tracked``."""
     tensors = model.state_dict()
-    for index, layer in enumerate(model):
+    for prefix, layer in model._holders():
         if isinstance(layer, nn.BatchNorm1d | nn.BatchNorm2d):
-            tensors[f"{index}.num_batches_tracked"] = np.asarray(0, np.int64)
+            tensors[f"{prefix}num_batches_tracked"] = np.asarray(0, np.int64)
     return tensors
 
 
@@ -163,35 +183,7 @@ def torch_twin(model):
     """
     import torch
 
-    layers = []
-    for layer in model:
-        if isinstance(layer, nn.Conv2d):
-            layers.append(
-                torch.nn.Conv2d(
-                    layer.in_channels,
-                    layer.out_channels,
-                    layer.kernel_size,
-                    layer.stride,
-                    layer.padding,
-                    bias="bias" in layer.params,
-                )
-            )
-        elif isinstance(layer, nn.Linear):
-            layers.append(torch.nn.Linear(layer.in_features, layer.out_features, bias="bias" in layer.params))
-        elif isinstance(layer, nn.MaxPool2d):
-            layers.append(torch.nn.MaxPool2d(layer.kernel_size, layer.stride))
-        elif isinstance(layer, nn.BatchNorm2d | nn.BatchNorm1d):
-            kind = torch.nn.BatchNorm2d if isinstance(layer, nn.BatchNorm2d) else torch.nn.BatchNorm1d
-            layers.append(kind(layer.num_features, layer.eps, layer.momentum))
-        elif isinstance(layer, nn.ReLU):
-            layers.append(torch.nn.ReLU())
-        elif isinstance(layer, nn.Flatten):
-            layers.append(torch.nn.Flatten())
-        elif isinstance(layer, nn.Dropout):
-            layers.append(torch.nn.Dropout(layer.p))
-        else:
-            raise ValueError(f"no torch twin for {layer!r}")
-    twin = torch.nn.Sequential(*layers)
+    twin = _torch_layer(torch, model)
     state = {k: torch.from_numpy(np.array(v)) for k, v in model.state_dict().items()}
     missing, unexpected = twin.load_state_dict(state, strict=False)
     if unexpected or not all(k.endswith("num_batches_tracked") for k in missing):
@@ -199,6 +191,56 @@ def torch_twin(model):
             f"the torch twin does not match the model's weights: missing {missing}, unexpected {unexpected}"
         )
     return twin
+
+
+def _torch_layer(torch, layer: nn.Layer):
+    """``layer`` as a torch module (containers: their children too), with fresh weights."""
+    if isinstance(layer, nn.Sequential):
+        return torch.nn.Sequential(*(_torch_layer(torch, inner) for inner in layer))
+    if isinstance(layer, nn.Residual):
+        return _torch_residual(torch)(
+            _torch_layer(torch, layer.branch),
+            None if layer.projection is None else _torch_layer(torch, layer.projection),
+        )
+    if isinstance(layer, nn.Conv2d):
+        return torch.nn.Conv2d(
+            layer.in_channels,
+            layer.out_channels,
+            layer.kernel_size,
+            layer.stride,
+            layer.padding,
+            bias="bias" in layer.params,
+        )
+    if isinstance(layer, nn.Linear):
+        return torch.nn.Linear(layer.in_features, layer.out_features, bias="bias" in layer.params)
+    if isinstance(layer, nn.MaxPool2d):
+        return torch.nn.MaxPool2d(layer.kernel_size, layer.stride)
+    if isinstance(layer, nn.GlobalAvgPool2d):
+        return torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+    if isinstance(layer, nn.BatchNorm2d | nn.BatchNorm1d):
+        kind = torch.nn.BatchNorm2d if isinstance(layer, nn.BatchNorm2d) else torch.nn.BatchNorm1d
+        return kind(layer.num_features, layer.eps, layer.momentum)
+    if isinstance(layer, nn.ReLU):
+        return torch.nn.ReLU()
+    if isinstance(layer, nn.Flatten):
+        return torch.nn.Flatten()
+    if isinstance(layer, nn.Dropout):
+        return torch.nn.Dropout(layer.p)
+    raise ValueError(f"no torch twin for {layer!r}")
+
+
+def _torch_residual(torch):
+    """The torch module of :class:`xpcnn.nn.Residual`: ``branch(x) + (projection or identity)(x)``."""
+
+    class Residual(torch.nn.Module):
+        def __init__(self, branch, projection=None):
+            super().__init__()
+            self.branch, self.projection = branch, projection
+
+        def forward(self, x):
+            return self.branch(x) + (x if self.projection is None else self.projection(x))
+
+    return Residual
 
 
 def export(

@@ -93,8 +93,9 @@ def test_a_case_serves_timed_runs_on_torch_and_jax(name, eager, restore_tf32):
 
 
 def test_a_compiled_row_gets_its_epoch_programs_ratio_to_the_step_programs_per_pair():
-    row = {"framework": "xpcnn", "backend": "jax", "model": "seed", "device": "cpu", "train_images_per_second": 100.0,
-           "infer_images_per_second": 50.0, "train_runs": [100.0, 50.0, 80.0], "train_epoch_runs": [110.0, 60.0, 120.0]}  # fmt: skip
+    row = {"framework": "xpcnn", "backend": "jax", "model": "seed", "device": "cpu"}
+    row |= {"train_images_per_second": 100.0, "infer_images_per_second": 50.0}
+    row |= {"train_runs": [100.0, 50.0, 80.0], "train_epoch_runs": [110.0, 60.0, 120.0]}
     bench.add_epoch_ratios(row)
     assert row["train_epoch_images_per_second"] == 110.0
     assert row["epoch_vs_step_ratios"] == [1.1, 1.2, 1.5] and row["epoch_vs_step"] == 1.2

@@ -33,8 +33,6 @@ from jax import lax
 
 from . import functional as F
 
-
-
 # Up to this many patch columns (C*KH*KW), the reference's patch matrix and product beat XLA's convolution.
 NARROW_PATCHES = 25
 

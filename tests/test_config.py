@@ -1,16 +1,21 @@
-"""TrainConfig's flip and crop settings: their checks, the augmentation they build, their command-line flags."""
+"""TrainConfig's flip and crop settings (their checks, the augmentation they build, their flags) and the recipes."""
 
+import importlib.util
 import json
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 from click.testing import CliRunner
 
 import xpcnn
+from xpcnn import config as config_module
 from xpcnn.augment import Augmentation
 from xpcnn.cli import main
-from xpcnn.config import MAX_CROP, TrainConfig, make_augmentation
+from xpcnn.config import MAX_CROP, RECIPES, TrainConfig, make_augmentation, recipe_backend
 from xpcnn.errors import ConfigError
 
 
@@ -88,3 +93,58 @@ def test_the_command_line_flags_reach_the_run_configuration(synthetic_dir, tmp_p
     result = run_cli("train", "--resume", run, "--crop", "2")
     assert result.exit_code == 2 and "--crop cannot change when resuming" in result.output, result.output
     assert "trained with --crop 3" in result.output
+
+
+@pytest.mark.parametrize(
+    "recipe, device, gpu, installed, expected",
+    [
+        ("quick", "cpu", False, True, "jax"),
+        ("quick", "auto", False, True, "jax"),
+        ("quick", None, False, True, "jax"),
+        ("quick", "cpu", True, True, "jax"),
+        ("quick", "auto", True, True, None),  # auto picks the GPU, and the default backend there
+        ("quick", "cuda", True, True, None),
+        ("quick", "cuda:1", True, True, None),
+        ("quick", "cpu", False, False, None),  # JAX not installed: NumPy, the default
+        ("fast", "cpu", False, True, None),
+        ("best", "cpu", False, True, None),
+        (None, "cpu", False, True, None),
+    ],
+)
+def test_a_recipe_picks_its_backend_only_on_the_cpu_and_where_installed(
+    monkeypatch, recipe, device, gpu, installed, expected
+):
+    monkeypatch.setattr(config_module, "cuda_problem", lambda: None if gpu else "no GPU here")
+    monkeypatch.setattr(config_module.importlib.util, "find_spec", lambda name: object() if installed else None)
+    assert recipe_backend(recipe, device) == expected
+
+
+@pytest.mark.slow
+def test_the_quick_recipe_trains_on_jax_unless_a_backend_is_named(synthetic_dir, tmp_path):
+    pytest.importorskip("jax")
+    common = ["--recipe", "quick", "--epochs", "1", "--device", "cpu", "--quiet", "--data-dir", synthetic_dir]
+    for named, expected in (([], "jax"), (["--backend", "numpy"], "numpy")):
+        run = tmp_path / expected
+        result = run_cli("train", *common, *named, "--out", run)
+        assert result.exit_code == 0, result.output
+        config = json.loads((run / "config.json").read_text())
+        assert config["backend"].startswith(expected) and config["recipe"] == "quick", config
+        assert {k: config[k] for k in RECIPES["quick"] if k != "epochs"} == {
+            k: v for k, v in RECIPES["quick"].items() if k != "epochs"
+        }
+
+
+def test_every_recipe_candidate_builds_a_ten_class_model_and_unknown_names_are_refused(tmp_path):
+    path = Path(__file__).resolve().parent.parent / "scripts" / "recipe_candidates.py"
+    spec = importlib.util.spec_from_file_location("recipe_candidates", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    images = np.zeros((2, 1, 28, 28), np.float32)
+    for recipe, candidates in script.CANDIDATES.items():
+        for name, (build, settings) in candidates.items():
+            assert build(0).forward(images).shape == (2, 10), (recipe, name)
+            TrainConfig.from_dict({**script.FASHION, **settings} if recipe == "fashion" else settings)
+    result = subprocess.run(
+        [sys.executable, str(path), str(tmp_path), "quick", "lenet-bn", "resnet-9000"], capture_output=True, text=True
+    )
+    assert result.returncode == 2 and "unknown candidates resnet-9000" in result.stderr, result.stderr

@@ -137,6 +137,7 @@ def test_params_are_assignable(backend):
     [
         ("seed", 8 * 16 + 8 + 288 * 10 + 10),
         ("lenet", 6 * 25 + 6 + 16 * 6 * 25 + 16 + 400 * 120 + 120 + 120 * 84 + 84 + 84 * 10 + 10),
+        ("lenet-bn", 16 * 25 + 2 * 16 + 32 * 16 * 25 + 2 * 32 + 512 * 10 + 10),
         ("convnet", 32 * 9 + 32 + 64 * 32 * 9 + 64 + 1600 * 10 + 10),
     ],
 )
@@ -155,7 +156,7 @@ def test_same_seed_same_weights_different_seed_different_weights():
 
 
 def test_unknown_model():
-    with pytest.raises(ValueError, match="unknown model 'resnet': expected one of seed, lenet, convnet"):
+    with pytest.raises(ValueError, match="unknown model 'resnet': expected one of seed, lenet, lenet-bn, convnet"):
         models.build("resnet")
 
 

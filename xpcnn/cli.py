@@ -20,7 +20,7 @@ from . import __version__, plots
 from . import export as exporting
 from .backend import BACKEND_NAMES, cuda_problem, get_backend, set_tf32
 from .checkpoint import CHECKPOINT_NAME, CheckpointError, checkpoint_path, load_checkpoint
-from .config import RECIPES, TrainConfig, recipe
+from .config import RECIPES, TrainConfig, recipe, recipe_backend
 from .data import DATASETS, TEST_FILES, find_data_dir, get_spec, load_dataset
 from .device_data import DeviceSplit, normalize_images
 from .diagnostics import available_backends, gpu_names
@@ -99,7 +99,7 @@ EAGER_HELP = "JAX: run each operation as it comes instead of one compiled progra
     "--recipe",
     "recipe_name",
     type=click.Choice(list(RECIPES)),
-    help="Start from a named recipe (fast: >= 99.0% quickly; best: >= 99.6%); other flags override it.",
+    help="Start from a named recipe (quick: 99% in seconds on a CPU; fast: 99% in 2 epochs; best: 99.6%).",
 )
 @click.option("--dataset", type=click.Choice(sorted(DATASETS)), default="mnist", show_default=True)
 @click.option("--data-dir", type=click.Path(file_okay=False), help="Directory holding the four IDX .gz files.")
@@ -260,6 +260,7 @@ def train(
             )
 
     set_tf32(tf32)
+    backend = backend or recipe_backend(recipe_name, device)
     if not (nproc and nproc > 1):
         prepare(backend)  # JAX's ranks meet before JAX does anything
     chosen = get_backend(backend, device)

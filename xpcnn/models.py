@@ -51,6 +51,27 @@ def lenet(seed: int = 0) -> Sequential:
     )
 
 
+def lenet_bn(seed: int = 0) -> Sequential:
+    """LeNet's two 5x5 convolutions with batch normalisation and one linear layer, for the quick recipe.
+
+    conv 16@5x5, pool 2, conv 32@5x5, pool 2, linear 512 -> 10; each convolution is followed by batch
+    normalisation (after its pooling) and ReLU.  Half a convnet's arithmetic, and it learns as fast.
+    """
+    rng = np.random.default_rng(seed)
+    return Sequential(
+        Conv2d(1, 16, 5, bias=False, rng=rng),  # 28 -> 24
+        MaxPool2d(2),  # -> 12
+        BatchNorm2d(16),
+        ReLU(),
+        Conv2d(16, 32, 5, bias=False, rng=rng),  # -> 8
+        MaxPool2d(2),  # -> 4
+        BatchNorm2d(32),
+        ReLU(),
+        Flatten(),
+        Linear(32 * 4 * 4, 10, rng=rng, gain=OUTPUT_GAIN),
+    )
+
+
 def convnet(seed: int = 0) -> Sequential:
     """The default: conv 32@3x3, pool 2, conv 64@3x3, pool 2, dropout 0.25, linear 1600 -> 10."""
     rng = np.random.default_rng(seed)
@@ -123,6 +144,7 @@ def deepnet_wide(seed: int = 0) -> Sequential:
 MODELS = {
     "seed": seed_model,
     "lenet": lenet,
+    "lenet-bn": lenet_bn,
     "convnet": convnet,
     "convnet-bn": convnet_bn,
     "deepnet": deepnet,

@@ -1,0 +1,136 @@
+"""Train the candidates of a recipe on a validation split and print each epoch's validation figures.
+
+    python scripts/recipe_candidates.py DATA_DIR quick [--seed 1] [NAME ...]
+    python scripts/recipe_candidates.py DATA_DIR fashion [--seed 0] [--epochs 15] [NAME ...]
+
+DATA_DIR holds the dataset's four IDX files (MNIST for quick, Fashion-MNIST for fashion). Every
+candidate holds out 5,000 training images drawn with --seed and trains on JAX's compiled steps;
+the test set is never looked at. The figures are those of docs/results.md's "How the recipes were
+chosen". Limit a run to one core with `taskset -c N` to train two candidates side by side.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import numpy as np
+
+import xpcnn
+from xpcnn import models
+from xpcnn.nn import OUTPUT_GAIN, BatchNorm2d, Conv2d, Dropout, Flatten, Linear, MaxPool2d, ReLU, Sequential
+
+
+def convnet_bn(seed: int, second: int = 64, dropout: float = 0.0, hidden: int = 0) -> Sequential:
+    """convnet-bn with ``second`` channels in its second convolution, optional dropout and a hidden layer."""
+    rng = np.random.default_rng(seed)
+    head = [Dropout(dropout)] if dropout else []
+    features = second * 5 * 5
+    if hidden:
+        head += [Linear(features, hidden, rng=rng), ReLU(), Linear(hidden, 10, rng=rng, gain=OUTPUT_GAIN)]
+    else:
+        head += [Linear(features, 10, rng=rng, gain=OUTPUT_GAIN)]
+    return Sequential(
+        Conv2d(1, 32, 3, bias=False, rng=rng),
+        MaxPool2d(2),
+        BatchNorm2d(32),
+        ReLU(),
+        Conv2d(32, second, 3, bias=False, rng=rng),
+        MaxPool2d(2),
+        BatchNorm2d(second),
+        ReLU(),
+        Flatten(),
+        *head,
+    )
+
+
+def lenet_bn(seed: int, first: int = 16, second: int = 32, hidden: int = 0) -> Sequential:
+    """models.lenet_bn with other widths and an optional hidden layer."""
+    rng = np.random.default_rng(seed)
+    features = second * 4 * 4
+    if hidden:
+        head = [Linear(features, hidden, rng=rng), ReLU(), Linear(hidden, 10, rng=rng, gain=OUTPUT_GAIN)]
+    else:
+        head = [Linear(features, 10, rng=rng, gain=OUTPUT_GAIN)]
+    return Sequential(
+        Conv2d(1, first, 5, bias=False, rng=rng),
+        MaxPool2d(2),
+        BatchNorm2d(first),
+        ReLU(),
+        Conv2d(first, second, 5, bias=False, rng=rng),
+        MaxPool2d(2),
+        BatchNorm2d(second),
+        ReLU(),
+        Flatten(),
+        *head,
+    )
+
+
+QUICK = {"epochs": 1, "batch_size": 128, "lr": 0.2}
+TWO = {**QUICK, "epochs": 2}
+# name: (model builder of a seed, the settings it changes)
+CANDIDATES = {
+    "quick": {
+        "convnet-bn": (lambda s: models.build("convnet-bn", s), QUICK),
+        "convnet-bn-no-dropout": (convnet_bn, QUICK),
+        "convnet-bn-no-dropout-lr0.3": (convnet_bn, {**QUICK, "lr": 0.3}),
+        "convnet-bn-no-dropout-batch256": (convnet_bn, {**QUICK, "batch_size": 256, "lr": 0.4}),
+        "convnet-bn-no-dropout-48": (lambda s: convnet_bn(s, second=48), QUICK),
+        "convnet-bn-no-dropout-hidden128": (lambda s: convnet_bn(s, hidden=128), QUICK),
+        "convnet-bn-no-dropout-smoothing": (convnet_bn, {**QUICK, "label_smoothing": 0.1}),
+        "lenet-bn": (lambda s: models.build("lenet-bn", s), TWO),
+        "lenet-bn-lr0.3": (lambda s: models.build("lenet-bn", s), {**TWO, "lr": 0.3}),
+        "lenet-bn-batch256": (lambda s: models.build("lenet-bn", s), {**TWO, "batch_size": 256, "lr": 0.4}),
+        "lenet-bn-batch64": (lambda s: models.build("lenet-bn", s), {**TWO, "batch_size": 64, "lr": 0.1}),
+        "lenet-bn-48": (lambda s: lenet_bn(s, second=48), TWO),
+        "lenet-bn-hidden128": (lambda s: lenet_bn(s, hidden=128), TWO),
+        "lenet-bn-32-64": (lambda s: lenet_bn(s, 32, 64), TWO),
+    },
+    "fashion": {
+        "deepnet": (lambda s: models.build("deepnet", s), {}),
+    },
+}
+FASHION = {"batch_size": 64, "lr": 0.1, "flip": True, "crop": 2}
+
+
+class EpochLine:
+    """Prints one JSON line of validation figures per epoch."""
+
+    def __init__(self, name: str, seed: int):
+        self.name, self.seed = name, seed
+
+    def on_epoch_end(self, record: dict) -> None:
+        keys = ("epoch", "train_accuracy", "val_accuracy", "val_loss", "seconds")
+        print(json.dumps({"candidate": self.name, "seed": self.seed, **{k: record[k] for k in keys}}), flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("data_dir")
+    parser.add_argument("recipe", choices=sorted(CANDIDATES))
+    parser.add_argument("names", nargs="*", help="candidates to train (default: all of the recipe's)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--epochs", type=int, default=15, help="fashion candidates' epochs")
+    args = parser.parse_args()
+    candidates = CANDIDATES[args.recipe]
+    unknown = sorted(set(args.names) - set(candidates))
+    if unknown:
+        parser.error(f"unknown candidates {', '.join(unknown)}: expected some of {', '.join(candidates)}")
+    dataset = "mnist" if args.recipe == "quick" else "fashion-mnist"
+    for name in args.names or candidates:
+        build, changes = candidates[name]
+        settings = changes if args.recipe == "quick" else {**FASHION, "epochs": args.epochs, **changes}
+        xpcnn.fit(
+            build(args.seed),
+            dataset,
+            validation=5000,
+            backend="jax",
+            data_dir=args.data_dir,
+            seed=args.seed,
+            callbacks=[EpochLine(name, args.seed)],
+            **settings,
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -5,8 +5,9 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from xpcnn import backend, bench
-from xpcnn.cli import main
+from xpcnn.apps import bench
+from xpcnn.apps.cli import main
+from xpcnn.backends import backend
 
 
 def test_each_xpcnn_case_gets_a_torch_twin_on_the_device_it_ran_on():
@@ -152,7 +153,7 @@ def test_full_run_failure_is_one_line(tmp_path):
 
 
 def test_the_command_exits_1_when_a_case_failed_and_keeps_the_others(monkeypatch, tmp_path):
-    from xpcnn.cli import main
+    from xpcnn.apps.cli import main
 
     def run_pair(case, settings, with_torch):
         if case.model == "seed":
@@ -178,7 +179,7 @@ def test_the_command_exits_1_when_a_case_failed_and_keeps_the_others(monkeypatch
 
 
 def test_json_flag_prints_the_report_alone_on_stdout(monkeypatch, tmp_path):
-    from xpcnn.cli import main
+    from xpcnn.apps.cli import main
 
     row = {"framework": "xpcnn", "backend": "numpy", "model": "seed", "device": "cpu"}
     row |= {"train_images_per_second": 1.0, "infer_images_per_second": 2.0, "peak_rss_mib": 3.0}

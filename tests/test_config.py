@@ -8,10 +8,10 @@ import pytest
 from click.testing import CliRunner
 
 import xpcnn
-from xpcnn.augment import Augmentation
-from xpcnn.cli import main
-from xpcnn.config import MAX_CROP, TrainConfig, make_augmentation
-from xpcnn.errors import ConfigError
+from xpcnn.apps.cli import main
+from xpcnn.base.errors import ConfigError
+from xpcnn.data.augment import Augmentation
+from xpcnn.training.config import MAX_CROP, TrainConfig, make_augmentation
 
 
 @pytest.mark.parametrize(

@@ -14,8 +14,9 @@ import numpy as np
 import pytest
 from helpers import write_synthetic_mnist
 
-from xpcnn import data, files
-from xpcnn.data import (
+from xpcnn.base import files
+from xpcnn.data import data
+from xpcnn.data.data import (
     FILES,
     DataError,
     DatasetSpec,

@@ -20,8 +20,8 @@ pytest.importorskip("torch.distributed")
 
 from dp_worker import train  # noqa: E402 - after the skip
 
-from xpcnn.checkpoint import load_checkpoint  # noqa: E402
-from xpcnn.distributed import Local  # noqa: E402
+from xpcnn.backends.distributed import Local  # noqa: E402
+from xpcnn.data.checkpoint import load_checkpoint  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKER = Path(__file__).resolve().parent / "dp_worker.py"

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from xpcnn.images import ImageError, decode_picture, load_image, load_images
+from xpcnn.data.images import ImageError, decode_picture, load_image, load_images
 
 # ---------------------------------------------------------------- drawing helpers
 

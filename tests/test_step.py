@@ -5,8 +5,8 @@ import pytest
 
 import xpcnn
 from xpcnn import nn, optim
-from xpcnn.backend import get_backend
-from xpcnn.step import Step, lent, stateless_forward
+from xpcnn.backends.backend import get_backend
+from xpcnn.training.step import Step, lent, stateless_forward
 
 
 def nested_model():
@@ -42,7 +42,7 @@ def test_fit_trains_a_nested_sequential(backend):
 def test_jax_eager_steps_train_a_nested_sequential():
     """The uncompiled JAX runner (--eager) runs the same step on a nested Sequential."""
     pytest.importorskip("jax")
-    from xpcnn.compiled import CompiledSteps
+    from xpcnn.training.compiled import CompiledSteps
 
     backend = get_backend("jax", "cpu")
     model = nested_model().to(backend)

@@ -27,7 +27,7 @@ import itertools
 import array_api_extra as xpx
 from array_api_compat import device, is_writeable_array
 
-from .backend import namespace
+from .backends.backend import namespace
 
 
 def _add_into(x, index, values):

@@ -28,8 +28,8 @@ from collections.abc import Iterable, Iterator
 import numpy as np
 
 from . import functional as F
-from .backend import Backend, backend_of, get_backend, namespace, to_host
-from .fastpath import kernels
+from .backends.backend import Backend, backend_of, get_backend, namespace, to_host
+from .ops.fastpath import kernels
 
 RELU_GAIN = math.sqrt(2.0)
 OUTPUT_GAIN = 1.0

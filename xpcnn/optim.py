@@ -29,8 +29,8 @@ import numpy as np
 from array_api_compat import device, is_cupy_array, is_numpy_array, is_torch_array
 
 from . import functional as F
-from .backend import backend_of, namespace, to_host
-from .fastpath import optimizer_kernels
+from .backends.backend import backend_of, namespace, to_host
+from .ops.fastpath import optimizer_kernels
 
 
 def updates_in_place(array) -> bool:

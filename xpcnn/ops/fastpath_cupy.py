@@ -32,7 +32,7 @@ import math
 import cupy
 import numpy as np
 
-from . import functional as F
+from .. import functional as F
 
 _FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
 

@@ -24,13 +24,13 @@ from urllib.parse import urlsplit
 
 import numpy as np
 
-from .backend import Backend
-from .checkpoint import Checkpoint
-from .device_data import normalize_images
-from .errors import XpcnnError
-from .images import MAX_PIXELS, ImageError, decode_picture
-from .runs import model_from_checkpoint
-from .train import predict_probabilities
+from ..backends.backend import Backend
+from ..base.errors import XpcnnError
+from ..data.checkpoint import Checkpoint
+from ..data.device_data import normalize_images
+from ..data.images import MAX_PIXELS, ImageError, decode_picture
+from ..training.runs import model_from_checkpoint
+from ..training.train import predict_probabilities
 
 MAX_BODY_BYTES = 1024 * 1024  # a 280x280 canvas is a few kB; anything over 1 MiB is refused before it is read
 BODY_TIMEOUT_S = 10.0  # default limit for a whole body to arrive, and for a connection to idle
@@ -270,7 +270,7 @@ class DigitServer(ThreadingHTTPServer):
             self.address_family = socket.AF_INET6
         self.reader = reader
         self.body_timeout = body_timeout
-        self.page = resources.files("xpcnn").joinpath("static/index.html").read_bytes()
+        self.page = resources.files("xpcnn.apps").joinpath("static/index.html").read_bytes()
         self.quiet = quiet
         super().__init__(address, Handler)
 

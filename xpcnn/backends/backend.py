@@ -45,8 +45,8 @@ from typing import Any
 import array_api_compat
 import numpy as np
 
-from .errors import XpcnnError
-from .rng import CupyGenerator, HostGenerator, JaxGenerator, TorchGenerator, host_dtype
+from ..base.errors import XpcnnError
+from ..base.rng import CupyGenerator, HostGenerator, JaxGenerator, TorchGenerator, host_dtype
 
 BACKEND_NAMES = ("numpy", "array-api-strict", "cupy", "torch", "jax")
 DEVICE_NAMES = ("auto", "cpu", "cuda", "cuda:N")

@@ -20,9 +20,9 @@ import os
 
 import numpy as np
 
-from . import __version__, nn
-from .errors import XpcnnError
-from .files import atomic_output
+from .. import __version__, nn
+from ..base.errors import XpcnnError
+from ..base.files import atomic_output
 
 FORMATS = ("onnx", "safetensors")
 EXPORT_HINT = 'export to {format} needs the export extra: pip install "xpcnn[export]"'

@@ -16,24 +16,22 @@ from pathlib import Path
 import click
 import numpy as np
 
-from . import __version__, plots
-from . import export as exporting
-from .backend import BACKEND_NAMES, cuda_problem, get_backend, set_tf32
-from .checkpoint import CHECKPOINT_NAME, CheckpointError, checkpoint_path, load_checkpoint
-from .config import RECIPES, TrainConfig, recipe
-from .data import DATASETS, TEST_FILES, find_data_dir, get_spec, load_dataset
-from .device_data import DeviceSplit, normalize_images
-from .diagnostics import available_backends, gpu_names
-from .display import Progress
-from .distributed import check_backend, rank_from_environment
-from .errors import ConfigError
-from .exits import friendly_errors, user_message
-from .files import check_writable
-from .images import ImageError, load_image
-from .models import MODELS
-from .optim import OPTIMIZERS, SCHEDULES
-from .ranks import join, prepare
-from .runs import (
+from .. import __version__
+from ..backends.backend import BACKEND_NAMES, cuda_problem, get_backend, set_tf32
+from ..backends.diagnostics import available_backends, gpu_names
+from ..backends.distributed import check_backend, rank_from_environment
+from ..backends.ranks import join, prepare
+from ..base.errors import ConfigError
+from ..base.files import check_writable
+from ..data.checkpoint import CHECKPOINT_NAME, CheckpointError, checkpoint_path, load_checkpoint
+from ..data.data import DATASETS, TEST_FILES, find_data_dir, get_spec, load_dataset
+from ..data.device_data import DeviceSplit, normalize_images
+from ..data.images import ImageError, load_image
+from ..models import MODELS
+from ..optim import OPTIMIZERS, SCHEDULES
+from ..training.config import RECIPES, TrainConfig, recipe
+from ..training.display import Progress
+from ..training.runs import (
     check_same_data,
     checkpoint_config,
     confusion_matrix,
@@ -46,9 +44,12 @@ from .runs import (
     summary,
     train_run,
 )
-from .step import compiles
-from .train import RunState, predict_probabilities
-from .train import evaluate as evaluate_model
+from ..training.step import compiles
+from ..training.train import RunState, predict_probabilities
+from ..training.train import evaluate as evaluate_model
+from . import export as exporting
+from . import plots
+from .exits import friendly_errors, user_message
 
 allow_other_data_option = click.option(
     "--allow-other-data",
@@ -264,7 +265,7 @@ def train(
         prepare(backend)  # JAX's ranks meet before JAX does anything
     chosen = get_backend(backend, device)
     if nproc and nproc > 1:
-        from .distributed import check_batch_size
+        from ..backends.distributed import check_batch_size
         from .launch import child_arguments, launch
 
         check_backend(chosen, nproc)
@@ -565,8 +566,8 @@ def bench(
     full_run_dir,
 ):
     """Training and inference images/s and peak memory, beside PyTorch eager with timed runs interleaved."""
+    from ..base.files import write_json
     from . import bench as benchmark
-    from .files import write_json
 
     if output_path:
         check_writable(output_path)  # before the benchmark, not after it

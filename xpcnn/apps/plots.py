@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .errors import XpcnnError
-from .files import atomic_output
+from ..base.errors import XpcnnError
+from ..base.files import atomic_output
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure

@@ -9,11 +9,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .augment import Augmentation
-from .errors import ConfigError
-from .models import MODELS
-from .nn import Sequential
-from .optim import OPTIMIZERS, SCHEDULES, SGD, Adam, Optimizer
+from ..base.errors import ConfigError
+from ..data.augment import Augmentation
+from ..models import MODELS
+from ..nn import Sequential
+from ..optim import OPTIMIZERS, SCHEDULES, SGD, Adam, Optimizer
 
 ELASTIC_SIGMA = (0.1, 100.0)  # pixels; outside, the Gaussian underflows, overflows or is meaningless on 28 pixels
 MAX_ELASTIC = 1000.0  # pixels: a larger displacement moves every pixel off the image

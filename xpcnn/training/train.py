@@ -27,11 +27,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .backend import Backend, to_host
-from .config import TrainConfig, make_augmentation
-from .device_data import DeviceSplit, EvalResult, Normalization, evaluate_batches
-from .display import Progress
-from .distributed import (
+from ..backends.backend import Backend, to_host
+from ..backends.distributed import (
     Communicator,
     DistributedError,
     Local,
@@ -40,12 +37,15 @@ from .distributed import (
     shard_bounds,
     usable_count,
 )
-from .errors import ConfigError, XpcnnError
-from .functional import softmax
-from .nn import CrossEntropyLoss, Sequential, recalibrate_batchnorm
-from .optim import Optimizer, scheduled_lr
+from ..base.errors import ConfigError, XpcnnError
+from ..base.stopping import stop_on_signals
+from ..data.device_data import DeviceSplit, EvalResult, Normalization, evaluate_batches
+from ..functional import softmax
+from ..nn import CrossEntropyLoss, Sequential, recalibrate_batchnorm
+from ..optim import Optimizer, scheduled_lr
+from .config import TrainConfig, make_augmentation
+from .display import Progress
 from .step import Step, compiles
-from .stopping import stop_on_signals
 
 
 @dataclass

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import XpcnnError
-from .files import NotRegularFileError, atomic_output, open_regular
+from ..base.errors import XpcnnError
+from ..base.files import NotRegularFileError, atomic_output, open_regular
 
 CHECKPOINT_NAME = "checkpoint.npz"
 FORMAT = "xpcnn-checkpoint-1"

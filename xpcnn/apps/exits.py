@@ -10,9 +10,9 @@ import traceback
 
 import click
 
-from .errors import ConfigError, XpcnnError
-from .stopping import Terminated, sigterm_interrupts
-from .train import TrainingInterrupted
+from ..base.errors import ConfigError, XpcnnError
+from ..base.stopping import Terminated, sigterm_interrupts
+from ..training.train import TrainingInterrupted
 
 EXIT_INTERRUPTED = 130  # 128 + SIGINT
 EXIT_TERMINATED = 143  # 128 + SIGTERM

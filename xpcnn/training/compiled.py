@@ -43,13 +43,13 @@ import time
 
 import numpy as np
 
-from . import fastpath
-from .backend import Backend
-from .device_data import DeviceSplit, EvalResult, evaluate_batches
-from .distributed import DistributedError, Local
-from .distributed_jax import AXIS, DataParallelStep, InStep
-from .nn import CrossEntropyLoss, Sequential
-from .rng import JaxGenerator, seed_to_int
+from ..backends.backend import Backend
+from ..backends.distributed import DistributedError, Local
+from ..backends.distributed_jax import AXIS, DataParallelStep, InStep
+from ..base.rng import JaxGenerator, seed_to_int
+from ..data.device_data import DeviceSplit, EvalResult, evaluate_batches
+from ..nn import CrossEntropyLoss, Sequential
+from ..ops import fastpath
 from .step import Metrics, Step, lent
 
 

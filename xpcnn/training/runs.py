@@ -11,20 +11,20 @@ from pathlib import Path
 
 import numpy as np
 
-from . import __version__
-from .backend import Backend
-from .checkpoint import CHECKPOINT_NAME, Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
+from .. import __version__
+from ..backends.backend import Backend
+from ..backends.distributed import Communicator, Local, broadcast_state
+from ..base.errors import ConfigError, XpcnnError
+from ..base.files import check_writable, locked_directory, read_regular, remove_temporaries, write_json
+from ..base.stopping import stop_on_signals
+from ..data.checkpoint import CHECKPOINT_NAME, Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
+from ..data.data import Dataset, holds_dataset, other_files
+from ..data.device_data import Normalization
+from ..models import build
+from ..nn import Sequential
+from ..optim import Optimizer
 from .config import TrainConfig, make_optimizer
-from .data import Dataset, holds_dataset, other_files
-from .device_data import Normalization
 from .display import Progress
-from .distributed import Communicator, Local, broadcast_state
-from .errors import ConfigError, XpcnnError
-from .files import check_writable, locked_directory, read_regular, remove_temporaries, write_json
-from .models import build
-from .nn import Sequential
-from .optim import Optimizer
-from .stopping import stop_on_signals
 from .train import RunState, TrainingDiverged, TrainingInterrupted, start_training
 
 
@@ -324,7 +324,7 @@ def _train_in(
     With a ``communicator`` of several ranks every rank calls this with the same arguments: all train
     (starting from rank 0's model), only rank 0 writes to ``out``; the files are those of one process.
     """
-    from .data import split_validation
+    from ..data.data import split_validation
 
     images, labels = dataset.train_images, dataset.train_labels
     evals_host = {}

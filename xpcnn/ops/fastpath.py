@@ -46,7 +46,7 @@ import numpy as np
 from array_api_compat import is_cupy_array, is_jax_array
 from numpy.lib.stride_tricks import as_strided
 
-from . import functional as F
+from .. import functional as F
 
 
 def _window_masks(record, count: int, parent=None) -> list:

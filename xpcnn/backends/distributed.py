@@ -24,8 +24,8 @@ import math
 import os
 from dataclasses import dataclass
 
+from ..base.errors import ConfigError, XpcnnError
 from .backend import Backend
-from .errors import ConfigError, XpcnnError
 
 DEFAULT_TIMEOUT = 120.0  # seconds a rank waits in one collective for the others
 INSTALL = "pip install 'xpcnn[distributed]'"

@@ -9,8 +9,8 @@ from typing import Any
 
 import numpy as np
 
-from .backend import Backend
-from .errors import XpcnnError
+from ..backends.backend import Backend
+from ..base.errors import XpcnnError
 
 MIN_STD = 1e-6  # of the [0, 1] range: below it the images are one value, and 1 / std overflows float32 pixels
 

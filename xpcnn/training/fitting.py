@@ -17,18 +17,18 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .backend import Backend, backend_of, get_backend
-from .checkpoint import save_checkpoint
+from ..backends.backend import Backend, backend_of, get_backend
+from ..backends.distributed import Communicator, broadcast_state
+from ..backends.ranks import join, prepare
+from ..base.errors import ConfigError, XpcnnError
+from ..data.checkpoint import save_checkpoint
+from ..data.data import Dataset, load_dataset, split_validation
+from ..data.device_data import MIN_STD, DeviceSplit, EvalResult, Normalization
+from ..models import MODELS, build
+from ..nn import Sequential
+from ..optim import Optimizer
 from .config import TrainConfig, make_optimizer, positive_int
-from .data import Dataset, load_dataset, split_validation
-from .device_data import MIN_STD, DeviceSplit, EvalResult, Normalization
 from .display import Progress
-from .distributed import Communicator, broadcast_state
-from .errors import ConfigError, XpcnnError
-from .models import MODELS, build
-from .nn import Sequential
-from .optim import Optimizer
-from .ranks import join, prepare
 from .runs import checkpoint_meta
 from .train import RunState, start_training
 from .train import evaluate as evaluate_split

@@ -33,9 +33,9 @@ import contextlib
 import copy
 from typing import Any, NamedTuple
 
-from .backend import namespace
-from .distributed import Local
-from .nn import CrossEntropyLoss, Layer
+from ..backends.backend import namespace
+from ..backends.distributed import Local
+from ..nn import CrossEntropyLoss, Layer
 
 
 class TrainState(NamedTuple):

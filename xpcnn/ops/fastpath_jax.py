@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from . import functional as F
+from .. import functional as F
 
 # Up to this many patch columns (C*KH*KW), the reference's patch matrix and product beat XLA's convolution.
 NARROW_PATCHES = 25

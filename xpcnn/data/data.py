@@ -35,8 +35,8 @@ from pathlib import Path
 import click
 import numpy as np
 
-from .errors import ConfigError, XpcnnError
-from .files import NotRegularFileError, atomic_output, open_regular
+from ..base.errors import ConfigError, XpcnnError
+from ..base.files import NotRegularFileError, atomic_output, open_regular
 
 __all__ = [
     "DATASETS",

@@ -32,8 +32,8 @@ from typing import BinaryIO
 import numpy as np
 from PIL import Image, ImageOps
 
-from .errors import XpcnnError
-from .files import NotRegularFileError, open_regular
+from ..base.errors import XpcnnError
+from ..base.files import NotRegularFileError, open_regular
 
 SIZE = 28  # side of the output canvas
 DIGIT_SIZE = 20  # longer side of the digit's bounding box inside the canvas

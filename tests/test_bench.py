@@ -5,7 +5,7 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from xpcnn.apps import bench
+from xpcnn.apps.bench import cases as bench
 from xpcnn.apps.cli import main
 from xpcnn.backends import backend
 

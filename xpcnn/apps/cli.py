@@ -567,7 +567,7 @@ def bench(
 ):
     """Training and inference images/s and peak memory, beside PyTorch eager with timed runs interleaved."""
     from ..base.files import write_json
-    from . import bench as benchmark
+    from .bench import cases as benchmark
 
     if output_path:
         check_writable(output_path)  # before the benchmark, not after it

@@ -51,11 +51,11 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from ..backends.diagnostics import device_peak_mib
-from ..models import build
-from ..training.step import compiles
-from ..training.train import LayerSteps
-from .export import torch_twin
+from ...backends.diagnostics import device_peak_mib
+from ...models import build
+from ...training.step import compiles
+from ...training.train import LayerSteps
+from ..export import torch_twin
 
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 PHASES = ("train", "infer")
@@ -157,9 +157,9 @@ def _batches(rng: np.random.Generator, batch: int, count: int = 4):
 
 def _xpcnn_session(case: Case, settings: Settings) -> Session:
     """xpcnn's ``case.model`` on backend ``case.backend``."""
-    from ..backends.backend import get_backend
-    from ..nn import CrossEntropyLoss
-    from ..optim import SGD
+    from ...backends.backend import get_backend
+    from ...nn import CrossEntropyLoss
+    from ...optim import SGD
 
     backend = get_backend(case.backend)
     rng = np.random.default_rng(0)
@@ -201,7 +201,7 @@ def _steps(backend, model, loss_fn, optimizer, train_data, infer_data, position,
     """
     xp = backend.xp
     if compiled:
-        from ..training.compiled import CompiledSteps
+        from ...training.compiled import CompiledSteps
 
         runner = CompiledSteps(model, loss_fn, optimizer, backend, seed=0)
     else:
@@ -294,7 +294,7 @@ def _torch_session(case: Case, settings: Settings) -> Session:
 
 def open_session(case: Case, settings: Settings) -> Session:
     """Set ``case`` up in this process, in the TF32 mode of ``settings``."""
-    from ..backends.backend import set_tf32
+    from ...backends.backend import set_tf32
 
     # Set either way, so that xpcnn and torch (whose cuDNN convolutions default to TF32) compute alike.
     set_tf32(settings.tf32)
@@ -328,7 +328,7 @@ class Worker:
         self.case = case
         env = dict(os.environ, **{name: str(settings.threads) for name in THREAD_VARIABLES})
         self._stderr = tempfile.TemporaryFile("w+")  # a file, not a pipe: a chatty library cannot block the child
-        command = [sys.executable, "-m", "xpcnn.apps.bench", case.label, json.dumps(asdict(settings))]
+        command = [sys.executable, "-m", "xpcnn.apps.bench.cases", case.label, json.dumps(asdict(settings))]
         self._process = subprocess.Popen(
             command, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stderr, text=True
         )
@@ -518,8 +518,8 @@ def machine_description(threads: int) -> dict:
     """What the figures were measured on."""
     import numpy
 
-    from .. import __version__
-    from ..backends.diagnostics import gpu_names
+    from ... import __version__
+    from ...backends.diagnostics import gpu_names
 
     info = {
         "xpcnn": __version__,
@@ -568,7 +568,7 @@ def own_peak_rss_mib() -> float:
 # Runs the xpcnn command line, then writes its own peak memory to the file named first.
 _TRAIN_AND_REPORT_PEAK = """
 import sys
-from xpcnn.apps.bench import own_peak_rss_mib
+from xpcnn.apps.bench.cases import own_peak_rss_mib
 from xpcnn.apps.cli import main
 try:
     main(sys.argv[2:], prog_name="xpcnn")

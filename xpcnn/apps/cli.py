@@ -567,34 +567,34 @@ def bench(
 ):
     """Training and inference images/s and peak memory, beside PyTorch eager with timed runs interleaved."""
     from ..base.files import write_json
-    from .bench import cases as benchmark
+    from .bench import cases, formatting, sessions
 
     if output_path:
         check_writable(output_path)  # before the benchmark, not after it
     models = list(models) or list(BENCH_MODELS)
     backends = list(backends) or (["numpy", "cupy"] if cuda_problem() is None else ["numpy"])
-    with_torch = not no_torch and benchmark.torch_available()
-    settings = benchmark.Settings(train_batch, infer_batch, steps, repeats, 3, threads, tf32, eager)
-    machine = benchmark.machine_description(threads)
+    with_torch = not no_torch and sessions.torch_available()
+    settings = cases.Settings(train_batch, infer_batch, steps, repeats, 3, threads, tf32, eager)
+    machine = sessions.machine_description(threads)
     click.echo(
         f"{machine['processor']}, {machine['cpu_count']} CPUs ({threads} threads), GPUs: {machine['gpus'] or 'none'}",
         err=True,
     )
     results = []
-    for case in benchmark.xpcnn_cases(backends, models):
-        for row in benchmark.run_pair(case, settings, with_torch):
+    for case in sessions.xpcnn_cases(backends, models):
+        for row in sessions.run_pair(case, settings, with_torch):
             results.append(row)
-            click.echo(f"  {benchmark.format_progress(row)}", err=True)
+            click.echo(f"  {formatting.format_progress(row)}", err=True)
     say = (lambda text: None) if as_json else click.echo  # with --json, stdout holds the JSON only
-    say(benchmark.format_table(results))
+    say(formatting.format_table(results))
     report = {"machine": machine, "settings": dataclasses.asdict(settings), "results": results}
     if with_torch:
-        say(f"vs torch: xpcnn / PyTorch eager, median ({benchmark.RATIO_SPREAD}) of {repeats} interleaved runs")
-        report["ratio_spread"] = benchmark.RATIO_SPREAD
+        say(f"vs torch: xpcnn / PyTorch eager, median ({formatting.RATIO_SPREAD}) of {repeats} interleaved runs")
+        report["ratio_spread"] = formatting.RATIO_SPREAD
     if full_run_dir:
         device = "cuda" if "cupy" in backends else "cpu"
         click.echo(f"  running one epoch of convnet on {device} ...", err=True)
-        run = benchmark.full_run(full_run_dir, "convnet", device, threads, tf32)
+        run = sessions.full_run(full_run_dir, "convnet", device, threads, tf32)
         report["full_run"] = run
         if "error" in run:
             click.echo(f"full MNIST epoch failed: {run['error']}", err=as_json)

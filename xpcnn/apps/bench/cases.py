@@ -1,7 +1,4 @@
-"""Throughput and memory benchmark: xpcnn on each backend beside PyTorch, in one run.
-
-One job, though long: the xpcnn-beside-PyTorch benchmark, whose two processes per
-case and the protocol between them belong together.
+"""The benchmark's case protocol: what a timed case is and how it runs, in its own process.
 
 Each case (framework, backend, model) runs in its own Python process with the
 same thread count, fixed before any library loads, so that peak memory is per
@@ -12,7 +9,7 @@ case and no case warms another's caches or allocator.  A case measures:
 * inference images/s: evaluation-mode forward on batches of ``infer_batch``;
 * peak resident memory of the process (and peak device memory on a GPU).
 
-On JAX both steps are the compiled ones of :mod:`xpcnn.compiled` unless
+On JAX both steps are the compiled ones of :mod:`xpcnn.training.compiled` unless
 ``eager`` (the training step gathers its batch from a small device dataset,
 as in training; the inference step also computes the loss and
 predictions); each row says which (``compiled``).  Compiled, each timed
@@ -20,34 +17,24 @@ training run of ``steps`` steps one program at a time is followed at once by
 one of the epoch program (the ``steps`` steps as one program, as training runs
 them): ``train_epoch_*`` in the row, its ratio to the step programs per pair.
 
-Where torch is installed, each xpcnn case runs beside a twin: the same
-architecture, weights, batch, optimiser and thread count under torch (eager),
-on the kind of device the xpcnn case ran on (xpcnn on torch or jax picks CUDA
-where that library can use a GPU, as ``get_backend`` does with
-``device="auto"``).  Both processes stay up, warmed up, and the parent asks
-them in turn for one timed run of ``steps`` steps each: xpcnn, torch, xpcnn,
-torch, ... ``repeats`` times for training, then for inference.  A slow spell
-of a shared machine then hits both sides of a pair, and the ratio xpcnn /
-torch is taken per pair: the table shows the median of the ``repeats``
-per-pair ratios and their spread (the lowest and highest).  Warm-up steps are
-excluded; the device is synchronised only at the end of each timed run.
+A case's process (``python -m xpcnn.apps.bench.cases CASE SETTINGS_JSON``) sets
+the case up, warms it up, and answers commands on stdin, one JSON line each:
+a phase ("train" or "infer") with the rates of one timed run of ``steps``
+steps, "finish" with its peak memory.  Warm-up steps are excluded; the device
+is synchronised only at the end of each timed run.  :mod:`.sessions` runs the
+processes, :mod:`.formatting` turns their answers into ratios and a table.
 """
 
 from __future__ import annotations
 
 import contextlib
-import importlib.metadata
 import json
 import os
-import platform
 import resource
-import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -57,9 +44,7 @@ from ...training.step import compiles
 from ...training.train import LayerSteps
 from ..export import torch_twin
 
-THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 PHASES = ("train", "infer")
-RATIO_SPREAD = "min and max of the per-pair ratios"
 
 
 @dataclass(frozen=True)
@@ -317,236 +302,6 @@ def serve(case: Case, settings: Settings, commands: Iterable[str], reply: Callab
     reply({"peak_rss_mib": own_peak_rss_mib(), "device_peak_mib": session.device_peak_mib()})
 
 
-class CaseFailed(Exception):
-    """A case's process ended early; the message is the last line it wrote to stderr."""
-
-
-class Worker:
-    """A case in its own interpreter, with the thread count fixed before any library loads, serving requests."""
-
-    def __init__(self, case: Case, settings: Settings):
-        self.case = case
-        env = dict(os.environ, **{name: str(settings.threads) for name in THREAD_VARIABLES})
-        self._stderr = tempfile.TemporaryFile("w+")  # a file, not a pipe: a chatty library cannot block the child
-        command = [sys.executable, "-m", "xpcnn.apps.bench.cases", case.label, json.dumps(asdict(settings))]
-        self._process = subprocess.Popen(
-            command, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stderr, text=True
-        )
-        try:
-            hello = self._answer()
-        except CaseFailed:
-            self.close()
-            raise
-        self.device, self.compiled = hello["device"], hello["compiled"]
-
-    def ask(self, command: str) -> dict:
-        """Send one command and wait for its answer."""
-        try:
-            self._process.stdin.write(command + "\n")
-            self._process.stdin.flush()
-        except BrokenPipeError:
-            pass  # it has ended: reading says why
-        return self._answer()
-
-    def _answer(self) -> dict:
-        line = self._process.stdout.readline()
-        if not line:
-            self._process.wait()
-            self._stderr.seek(0)
-            raise CaseFailed((self._stderr.read().strip().splitlines() or ["no output"])[-1])
-        return json.loads(line)
-
-    def close(self) -> None:
-        with contextlib.suppress(BrokenPipeError):
-            self._process.stdin.close()
-        if self._process.poll() is None:
-            self._process.kill()
-        self._process.wait()
-        self._process.stdout.close()
-        self._stderr.close()
-
-
-def xpcnn_cases(backends: list[str], models: list[str]) -> list[Case]:
-    """xpcnn on each backend (on the device ``get_backend`` picks for it), for each model."""
-    return [Case("xpcnn", backend, model) for model in models for backend in backends]
-
-
-def twin_case(case: Case, device: str) -> Case:
-    """torch eager on the kind of device (cpu or cuda) the xpcnn ``case`` ran on, same model.
-
-    Chosen from the device the case's own process reports: which device torch or
-    JAX picks is known only there (asking JAX in the parent would initialise it
-    on the GPU and hold memory that the cases need).
-    """
-    return Case("torch", device.split(":")[0], case.model)
-
-
-def pair_ratios(xpcnn_runs: list[float], torch_runs: list[float]) -> list[float]:
-    """xpcnn / torch for each pair of interleaved timed runs."""
-    return [mine / theirs for mine, theirs in zip(xpcnn_runs, torch_runs, strict=True)]
-
-
-def add_ratios(row: dict, twin: dict) -> None:
-    """Set the xpcnn ``row``'s per-pair ratios against its ``twin``, their median and spread (min, max)."""
-    for phase in PHASES:
-        ratios = pair_ratios(row[f"{phase}_runs"], twin[f"{phase}_runs"])
-        row[f"{phase}_ratios"] = ratios
-        row[f"{phase}_ratio"] = statistics.median(ratios)
-        row[f"{phase}_ratio_min"], row[f"{phase}_ratio_max"] = min(ratios), max(ratios)
-
-
-def add_epoch_ratios(row: dict) -> None:
-    """A compiled row's epoch-program rate (median) and its ratio to the step programs' in the same timed run."""
-    epoch_runs = row["train_epoch_runs"]
-    row["train_epoch_images_per_second"] = statistics.median(epoch_runs)
-    ratios = pair_ratios(epoch_runs, row["train_runs"])
-    row["epoch_vs_step_ratios"] = ratios
-    row["epoch_vs_step"], row["epoch_vs_step_min"], row["epoch_vs_step_max"] = (
-        statistics.median(ratios),
-        min(ratios),
-        max(ratios),
-    )
-
-
-def run_pair(case: Case, settings: Settings, with_torch: bool) -> list[dict]:
-    """Run the xpcnn ``case`` and, ``with_torch``, its twin, timed runs interleaved; a row for each.
-
-    A case that fails gets a row with a one-line ``error``; its partner goes on alone.
-    """
-    rows, workers = {}, {}
-    try:
-        for label in ("xpcnn", "torch") if with_torch else ("xpcnn",):
-            this = case if label == "xpcnn" else twin_case(case, workers["xpcnn"].device)
-            rows[label] = asdict(this) | ({"paired_with": case.label} if label == "torch" else {})
-            try:
-                workers[label] = Worker(this, settings)
-            except CaseFailed as exc:
-                rows[label]["error"] = str(exc)
-                if label == "xpcnn":
-                    return [rows[label]]
-        for phase in PHASES:
-            for _ in range(settings.repeats):
-                for label, worker in list(workers.items()):  # xpcnn, torch, xpcnn, torch, ...
-                    try:
-                        answer = worker.ask(phase)
-                        rows[label].setdefault(f"{phase}_runs", []).append(answer["rate"])
-                        if "epoch_rate" in answer:
-                            rows[label].setdefault("train_epoch_runs", []).append(answer["epoch_rate"])
-                    except CaseFailed as exc:
-                        rows[label]["error"] = str(exc)
-                        workers.pop(label).close()
-        for label, worker in workers.items():
-            try:
-                final = worker.ask("finish")
-            except CaseFailed as exc:
-                rows[label]["error"] = str(exc)
-                continue
-            rows[label].update(
-                device=worker.device,
-                compiled=worker.compiled,
-                train_images_per_second=statistics.median(rows[label]["train_runs"]),
-                infer_images_per_second=statistics.median(rows[label]["infer_runs"]),
-                **final,
-            )
-            if "train_epoch_runs" in rows[label]:
-                add_epoch_ratios(rows[label])
-    finally:
-        for worker in workers.values():
-            worker.close()
-    if with_torch and not any("error" in row for row in rows.values()):
-        add_ratios(rows["xpcnn"], rows["torch"])
-        if "train_epoch_runs" in rows["xpcnn"]:
-            ratios = pair_ratios(rows["xpcnn"]["train_epoch_runs"], rows["torch"]["train_runs"])
-            rows["xpcnn"]["train_epoch_ratios"] = ratios
-            rows["xpcnn"]["train_epoch_ratio"] = statistics.median(ratios)
-            rows["xpcnn"]["train_epoch_ratio_min"], rows["xpcnn"]["train_epoch_ratio_max"] = min(ratios), max(ratios)
-    return list(rows.values())
-
-
-def _ratio(row: dict, phase: str) -> str:
-    """``median (min-max)`` of a row's per-pair ratios for ``phase``, or "" where it has none."""
-    if f"{phase}_ratio" not in row:
-        return ""
-    return f"{row[f'{phase}_ratio']:.2f} ({row[f'{phase}_ratio_min']:.2f}-{row[f'{phase}_ratio_max']:.2f})"
-
-
-def format_progress(result: dict) -> str:
-    """One line for a finished case, printed as the benchmark goes (a run cut short keeps them)."""
-    label = Case(result["framework"], result["backend"], result["model"]).label
-    if "paired_with" in result:
-        label += f" (beside {result['paired_with']})"
-    if "error" in result:
-        return f"{label}: failed: {result['error']}"
-    line = (
-        f"{label} on {result['device']}: train {result['train_images_per_second']:,.0f} img/s, "
-        f"infer {result['infer_images_per_second']:,.0f} img/s"
-    )
-    if "train_ratio" in result:
-        line += f"; vs torch: train {_ratio(result, 'train')}, infer {_ratio(result, 'infer')}"
-    if "train_epoch_images_per_second" in result:
-        line += (
-            f"; epoch program: train {result['train_epoch_images_per_second']:,.0f} img/s, vs the step programs "
-            f"{result['epoch_vs_step']:.2f} ({result['epoch_vs_step_min']:.2f}-{result['epoch_vs_step_max']:.2f})"
-        )
-        if "train_epoch_ratio" in result:
-            line += f", vs torch {_ratio(result, 'train_epoch')}"
-    return line
-
-
-def format_table(results: list[dict]) -> str:
-    """A plain-text table of the results: medians, and xpcnn / torch as the median (min-max) of per-pair ratios."""
-    header = f"{'model':<10} {'framework':<9} {'backend':<17} {'device':<7} {'compiled':<8} "
-    header += f"{'train img/s':>12} {'vs torch':>16} "
-    header += f"{'infer img/s':>12} {'vs torch':>16} {'peak RSS MiB':>13} {'device MiB':>11}"
-    lines = [header, "-" * len(header)]
-    for r in results:
-        if "error" in r:
-            lines.append(f"{r['model']:<10} {r['framework']:<9} {r['backend']:<17} failed: {r['error']}")
-            continue
-        device = f"{r['device_peak_mib']:.0f}" if r.get("device_peak_mib") is not None else "-"
-        compiled = "yes" if r.get("compiled") else "no"
-        lines.append(
-            f"{r['model']:<10} {r['framework']:<9} {r['backend']:<17} {r['device']:<7} "
-            f"{compiled:<8} {r['train_images_per_second']:>12,.0f} {_ratio(r, 'train'):>16} "
-            f"{r['infer_images_per_second']:>12,.0f} {_ratio(r, 'infer'):>16} "
-            f"{r['peak_rss_mib']:>13,.0f} {device:>11}"
-        )
-    return "\n".join(lines)
-
-
-def machine_description(threads: int) -> dict:
-    """What the figures were measured on."""
-    import numpy
-
-    from ... import __version__
-    from ...backends.diagnostics import gpu_names
-
-    info = {
-        "xpcnn": __version__,
-        "python": platform.python_version(),
-        "numpy": numpy.__version__,
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "threads": threads,
-        "gpus": gpu_names(),
-    }
-    for package in ("torch", "jax"):
-        try:
-            info[package] = importlib.metadata.version(package)
-        except importlib.metadata.PackageNotFoundError:
-            info[package] = None
-    return info
-
-
-def torch_available() -> bool:
-    try:
-        import torch  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def own_peak_rss_mib() -> float:
     """Peak resident memory of this process's own program, in MiB.
 
@@ -565,43 +320,8 @@ def own_peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-# Runs the xpcnn command line, then writes its own peak memory to the file named first.
-_TRAIN_AND_REPORT_PEAK = """
-import sys
-from xpcnn.apps.bench.cases import own_peak_rss_mib
-from xpcnn.apps.cli import main
-try:
-    main(sys.argv[2:], prog_name="xpcnn")
-finally:
-    with open(sys.argv[1], "w") as peak:
-        peak.write(str(own_peak_rss_mib()))
-"""
-
-
-def full_run(data_dir: str, model: str, device: str, threads: int, tf32: bool = False) -> dict:
-    """Train ``model`` for one epoch on the MNIST files in ``data_dir`` in a child process.
-
-    Returns the child's own peak resident memory, wall time and final history record.
-    """
-    import tempfile
-
-    env = dict(os.environ, **{name: str(threads) for name in THREAD_VARIABLES})
-    with tempfile.TemporaryDirectory() as out:
-        command = [sys.executable, "-c", _TRAIN_AND_REPORT_PEAK, f"{out}/peak"]
-        command += ["train", "--model", model, "--epochs", "1", "--device", device]
-        command += ["--data-dir", data_dir, "--out", f"{out}/run"] + (["--tf32"] if tf32 else [])
-        start = time.perf_counter()
-        done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
-        seconds = time.perf_counter() - start
-        if done.returncode != 0:
-            return {"model": model, "error": (done.stderr.strip().splitlines() or ["no output"])[-1]}
-        record = json.loads(open(f"{out}/run/history.json").read())[-1]
-        peak = float(open(f"{out}/peak").read())
-    return {"model": model, "device": device, "peak_rss_mib": peak, "wall_seconds": seconds, **record}
-
-
 def main_worker(argv: list[str]) -> None:
-    """Entry point of a case's process: ``python -m xpcnn.bench CASE SETTINGS_JSON``, commands on stdin.
+    """Entry point of a case's process: ``python -m xpcnn.apps.bench.cases CASE SETTINGS_JSON``, commands on stdin.
 
     Answers go to the original stdout, one JSON line each; anything a library prints goes to stderr.
     """

@@ -46,7 +46,7 @@ def run(command: list[str], timeout: float = TIMEOUT, environ: dict | None = Non
 
 def launched(world_size: int, command: list[str]) -> list[str]:
     """``command`` run as ``world_size`` ranks by xpcnn's launcher."""
-    launcher = f"import sys; from xpcnn.launch import launch; sys.exit(launch({world_size}, {command!r}))"
+    launcher = f"import sys; from xpcnn.apps.launch import launch; sys.exit(launch({world_size}, {command!r}))"
     return [sys.executable, "-c", launcher]
 
 

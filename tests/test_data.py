@@ -1,4 +1,4 @@
-"""Tests for xpcnn.data: IDX files, lookup order, downloads from a local server, splits.
+"""Tests for xpcnn.data.data: IDX files, lookup order, downloads from a local server, splits.
 
 Everything runs on files written into tmp_path and on a local HTTP server on
 127.0.0.1; only `test_real_mnist` reads the offline MNIST copy, when present.

@@ -1,4 +1,4 @@
-"""Tests for xpcnn.images: user pictures and arrays -> MNIST-style (28, 28) inputs."""
+"""Tests for xpcnn.data.images: user pictures and arrays -> MNIST-style (28, 28) inputs."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The stateless core (xpcnn/step.py): nested containers on every path, and steps that leave their inputs alone."""
+"""The stateless core (training/step.py): nested containers on every path, and steps that leave their inputs alone."""
 
 import numpy as np
 import pytest

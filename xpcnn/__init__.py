@@ -2,7 +2,7 @@
 
 The layers (:mod:`xpcnn.nn`), optimisers (:mod:`xpcnn.optim`) and models
 (:mod:`xpcnn.models`) run on any backend from :func:`get_backend`;
-:func:`fit`, :func:`evaluate` and :func:`save` (:mod:`xpcnn.fitting`) train,
+:func:`fit`, :func:`evaluate` and :func:`save` (:mod:`xpcnn.training.fitting`) train,
 test and store a model in one call each.  See docs/library.md.
 """
 

@@ -118,7 +118,7 @@ class Optimizer:
         live slot (:meth:`flat_state`).  ``lr`` and ``steps`` (the count including this step) are arguments,
         not read from ``self``, so that a compiled step can pass them as traced values: a Python number would
         be baked into the trace.  Pure, except where a backend has a fused kernel for the rule (CuPy,
-        :func:`xpcnn.fastpath.optimizer_kernels`): that one writes into ``param`` and ``slots``' buffers and
+        :func:`xpcnn.ops.fastpath.optimizer_kernels`): that one writes into ``param`` and ``slots``' buffers and
         returns them.
         """
         fused = optimizer_kernels(param)

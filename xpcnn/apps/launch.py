@@ -2,7 +2,7 @@
 
 The ranks meet through a file in a private temporary directory (no port is fixed: gloo's connections
 take free ones on 127.0.0.1), each with ``XPCNN_RANK``, ``XPCNN_WORLD_SIZE`` and ``XPCNN_RENDEZVOUS`` set
-(read by :func:`xpcnn.distributed.rank_from_environment`) and an even share of the CPU threads.  When a
+(read by :func:`xpcnn.backends.distributed.rank_from_environment`) and an even share of the CPU threads.  When a
 rank ends with a failure, the others get :data:`GRACE` seconds to stop by themselves (they notice a dead
 peer at their next collective, a hung one after ``XPCNN_DIST_TIMEOUT``), then are killed; the launcher
 says which rank failed in one line and exits with status 1.
@@ -64,8 +64,8 @@ def launch(world_size: int, command: list[str], say=None) -> int:
     """Run ``command`` (e.g. ``[python, "-m", "xpcnn", "train", ...]``) as ranks 0..world_size-1 here; the exit
     status for the whole.
 
-    0 when every rank succeeded, 130 when Ctrl-C stopped them (143: SIGTERM, passed on to every rank), else 1 after ``say`` (a function of
-    one line, stderr by default) named the first rank that failed.
+    0 when every rank succeeded, 130 when Ctrl-C stopped them (143: SIGTERM, passed on to every rank), else 1
+    after ``say`` (a function of one line, stderr by default) named the first rank that failed.
     """
     say = say or (lambda line: print(line, file=sys.stderr, flush=True))
     with tempfile.TemporaryDirectory(prefix="xpcnn-ranks-") as folder:

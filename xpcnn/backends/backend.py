@@ -193,7 +193,7 @@ class Backend:
         return to_host(array)
 
     def generator(self, *seed: int):
-        """A random generator adapter (:mod:`xpcnn.rng`) seeded by ``seed`` (e.g. run seed, epoch, step)."""
+        """A random generator adapter (:mod:`xpcnn.base.rng`) seeded by ``seed`` (e.g. run seed, epoch, step)."""
         return self.library.generator(self, seed)
 
     def activate(self):

@@ -55,7 +55,7 @@ class JaxCommunicator(Communicator):
         if jax.process_count() != placement.world_size:
             raise DistributedError(
                 f"rank {placement.rank}: JAX sees {jax.process_count()} process(es) of {placement.world_size}: "
-                "call xpcnn.ranks.prepare('jax') before anything uses JAX"
+                "call xpcnn.backends.ranks.prepare('jax') before anything uses JAX"
             )
         self._utils = multihost_utils
         self.rank, self.world_size = placement.rank, placement.world_size
@@ -101,7 +101,7 @@ class InStep(Communicator):
 
 
 class DataParallelStep:
-    """``step(state, images, labels, batch, key, step, lr, count)`` of :class:`xpcnn.compiled.CompiledSteps`
+    """``step(state, images, labels, batch, key, step, lr, count)`` of :class:`xpcnn.training.compiled.CompiledSteps`
     over every process's device.
 
     Each process gives its local arrays (its shard of the global batch as ``batch``); they are wrapped

@@ -1,4 +1,4 @@
-"""This process among the ranks: the engine the environment asks for, started once (:mod:`xpcnn.distributed`).
+"""This process among the ranks: the engine the environment asks for, started once (:mod:`xpcnn.backends.distributed`).
 
 ``prepare(backend_name)`` before the backend is made (JAX's processes must meet before JAX does anything),
 ``join(backend)`` after: torch.distributed (gloo) for NumPy and torch, jax.distributed for JAX.
@@ -19,7 +19,7 @@ def join(backend: Backend) -> Communicator:
     """This process's communicator, from the environment (:func:`rank_from_environment`), made once per process.
 
     One rank alone gets :class:`Local`; several need ``backend`` to be NumPy, torch or JAX on the CPU
-    (:func:`xpcnn.distributed.check_backend`).
+    (:func:`xpcnn.backends.distributed.check_backend`).
     """
     global _JOINED
     placement = rank_from_environment()

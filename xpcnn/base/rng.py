@@ -1,6 +1,6 @@
 """Seeded random-number adapters, one per array library: the Array API standard has no random module.
 
-Every adapter takes a backend (an :class:`xpcnn.backend.Backend`) and a seed tuple (run seed,
+Every adapter takes a backend (an :class:`xpcnn.backends.backend.Backend`) and a seed tuple (run seed,
 epoch, step...) and offers ``random(shape, dtype)`` (uniform in [0, 1)), ``normal(shape, dtype)``
 and ``permutation(n)`` (int64), drawn on the backend's device.
 """

@@ -10,7 +10,7 @@ Three layers, lowest first:
   scale, shear and shift; :func:`elastic_displacement` builds smooth random
   displacement fields (Simard et al., 2003) from uniform noise;
 * :class:`Augmentation` draws the per-image parameters from a
-  :meth:`xpcnn.backend.Backend.generator` and applies them: the warp first,
+  :meth:`xpcnn.backends.backend.Backend.generator` and applies them: the warp first,
   then the flip and the crop.
 
 Conventions
@@ -217,7 +217,7 @@ class Augmentation:
     padded by ``crop`` pixels of background and cropped back at a uniformly
     drawn offset (torchvision's ``RandomHorizontalFlip()`` and
     ``RandomCrop(size, padding=crop)``; see :func:`flip_and_crop`).  Call it on
-    a batch with a generator from :meth:`xpcnn.backend.Backend.generator`::
+    a batch with a generator from :meth:`xpcnn.backends.backend.Backend.generator`::
 
         augment = Augmentation(max_shift=2, max_rotation=10, max_scale=0.1)
         images = augment(images, backend.generator(seed, epoch, step), fill=background)

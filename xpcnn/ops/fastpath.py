@@ -3,8 +3,8 @@
 Layers get their math from :func:`kernels`: the Array API reference
 (:mod:`xpcnn.functional`) for every backend, with a few functions replaced by
 NumPy-specific versions for NumPy arrays, by fused kernels for CuPy arrays
-(:mod:`xpcnn.fastpath_cupy`, imported at the first CuPy array) and by XLA's
-convolutions for JAX arrays (:mod:`xpcnn.fastpath_jax`, which also chooses
+(:mod:`xpcnn.ops.fastpath_cupy`, imported at the first CuPy array) and by XLA's
+convolutions for JAX arrays (:mod:`xpcnn.ops.fastpath_jax`, which also chooses
 the XLA options of JAX's compiled steps, :func:`compiler_options`).  Each
 replacement must give the same result as the reference (tests compare them on
 random inputs, ties included), and exists because a measurement showed it
@@ -264,7 +264,7 @@ def optimizer_kernels(param):
 
 
 def compiler_options(device) -> dict:
-    """XLA options for JAX's compiled steps on ``device`` (see :func:`xpcnn.fastpath_jax.compiler_options`).
+    """XLA options for JAX's compiled steps on ``device`` (see :func:`xpcnn.ops.fastpath_jax.compiler_options`).
 
     Empty with fast paths off: XLA's defaults.
     """

@@ -1,4 +1,4 @@
-"""JAX's convolution kernels for :mod:`xpcnn.fastpath`: XLA's own convolutions instead of patch matrices.
+"""JAX's convolution kernels for :mod:`xpcnn.ops.fastpath`: XLA's own convolutions instead of patch matrices.
 
 Inside a compiled step the reference convolution's im2col (a stack of KH*KW
 strided slices, then one product) is what XLA runs as written, and it pays

@@ -1,11 +1,11 @@
 """The JAX training and evaluation steps as compiled XLA programs: the core's steps (step.py), as they are.
 
-:class:`CompiledSteps` compiles :meth:`xpcnn.step.Step.train` (gather the batch,
+:class:`CompiledSteps` compiles :meth:`xpcnn.training.step.Step.train` (gather the batch,
 augmentation and dropout draws, forward, loss, backward, optimiser update) and
-:meth:`xpcnn.step.Step.evaluate` with ``jax.jit``: there is no second copy of
+:meth:`xpcnn.training.step.Step.evaluate` with ``jax.jit``: there is no second copy of
 any layer's math, and the steps are pure functions of their arguments:
 
-* in: the :class:`xpcnn.step.TrainState` (flat parameters, optimiser slots, batch
+* in: the :class:`xpcnn.training.step.TrainState` (flat parameters, optimiser slots, batch
   norm's running statistics; donated: their buffers are reused for the results),
   the device dataset and the batch's indices, the epoch's key, the step, the
   learning rate and the optimiser's step count (traced values, so a new learning
@@ -30,7 +30,7 @@ whole epoch) runs the one program; the last short batch of an epoch runs as one 
 
 Each distinct argument signature (the full batch, the last short one, an
 evaluation batch, an epoch program's batch size) is compiled once, ahead of time, with the XLA options of
-:func:`xpcnn.fastpath.compiler_options`, and its compile time is
+:func:`xpcnn.ops.fastpath.compiler_options`, and its compile time is
 counted in :attr:`CompiledSteps.compile_seconds`, apart from the steps' own.
 With ``compile=False`` the same step functions run eagerly, one dispatch per
 operation (for debugging: breakpoints and prints inside layers work).
@@ -82,7 +82,7 @@ class _AheadOfTime:
 class CompiledSteps:
     """Training and evaluation steps of ``model`` with ``loss_fn`` and ``optimizer`` on the JAX backend.
 
-    The runner the :class:`xpcnn.train.Trainer` asks to run each batch.  ``compile=False`` runs the same
+    The runner the :class:`xpcnn.training.train.Trainer` asks to run each batch.  ``compile=False`` runs the same
     steps eagerly.
     """
 
@@ -99,7 +99,8 @@ class CompiledSteps:
         communicator=None,
     ):
         """With a ``communicator`` of several ranks the step runs over all their devices
-        (:mod:`xpcnn.distributed_jax`): batch norm's statistics and the gradient are summed with ``psum`` inside it."""
+        (:mod:`xpcnn.backends.distributed_jax`): batch norm's statistics and the gradient are summed with ``psum``
+        inside it."""
         import jax
 
         self._ranks = (communicator or Local()).world_size

@@ -1,6 +1,6 @@
 """Training progress for people: a tqdm bar per epoch on a terminal, plain log lines elsewhere.
 
-The :class:`~xpcnn.train.Trainer` calls ``start_epoch``, then ``update`` at each log
+The :class:`~xpcnn.training.train.Trainer` calls ``start_epoch``, then ``update`` at each log
 interval (the only host reads inside an epoch), then ``end_epoch`` with the epoch's record.
 
 * On a terminal: one bar per epoch, redrawn in place and never wider than the terminal

@@ -5,7 +5,7 @@ Arrays: images of shape (N, H, W) or (N, 1, H, W), either uint8 in 0..255 or flo
 the images to zero mean and unit variance with the training images' statistics, as
 ``xpcnn train`` does, and returns that normalisation in its :class:`History`:
 ``evaluate`` needs it to see images as training did.  Both are built on
-:class:`xpcnn.train.Trainer` and :class:`xpcnn.config.TrainConfig`.
+:class:`xpcnn.training.train.Trainer` and :class:`xpcnn.training.config.TrainConfig`.
 """
 
 from __future__ import annotations
@@ -71,10 +71,10 @@ def fit(
     ``(images, labels)``; evaluated after each epoch.  ``callbacks``: objects with
     ``on_step(step, loss)`` and/or ``on_epoch_end(record)``; returning True stops training.
     ``optimizer``: a name (``"sgd"``, ``"adam"``, ``"adamw"``) or an optimiser over ``model``.
-    ``settings``: any other :class:`~xpcnn.config.TrainConfig` field (``epochs``, ``batch_size``,
+    ``settings``: any other :class:`~xpcnn.training.config.TrainConfig` field (``epochs``, ``batch_size``,
     ``lr``, ``schedule``, ``momentum``, ``weight_decay``, ``seed``, ``augment``, ...).
     ``verbose`` prints one line per epoch to stderr.
-    ``communicator``: the ranks to train with (:mod:`xpcnn.distributed`); by default the ones the
+    ``communicator``: the ranks to train with (:mod:`xpcnn.backends.distributed`); by default the ones the
     environment names (a process started by torchrun, mpiexec, srun or ``xpcnn train --nproc``), else
     this process alone.  Every rank then calls ``fit`` alike and gets the same model and history
     (``batch_size`` is the global batch); see docs/distributed.md.
@@ -147,7 +147,7 @@ def evaluate(model: Sequential, images, labels, *, normalization: Normalization,
 
 
 def save(path: str | os.PathLike, model: Sequential, history: History) -> None:
-    """Write a checkpoint of ``model`` and its optimiser (atomically) that :mod:`xpcnn.checkpoint` reads.
+    """Write a checkpoint of ``model`` and its optimiser (atomically) that :mod:`xpcnn.data.checkpoint` reads.
 
     For a named architecture (trained from a model name, or built by :func:`xpcnn.models.build`)
     the command line's ``xpcnn evaluate`` and ``predict`` read it too.

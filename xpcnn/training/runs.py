@@ -275,7 +275,7 @@ def train_run(
     communicator: Communicator | None = None,
     **options,
 ) -> RunState:
-    """Train ``config`` on ``dataset`` (an :class:`xpcnn.data.Dataset`) into the run directory ``out``.
+    """Train ``config`` on ``dataset`` (an :class:`xpcnn.data.data.Dataset`) into the run directory ``out``.
 
     The directory is created if need be and claimed for the whole run (:func:`files.locked_directory`,
     :func:`claim_run_dir`): a second run into it is refused at once, and files xpcnn did not write are
@@ -310,7 +310,7 @@ def _train_in(
 
     Resuming on training or test files other than those the run recorded (their SHA-256) is an
     error unless ``allow_other_data``.  ``eager`` turns off JAX's compiled steps, ``epoch_program=False``
-    its epoch programs (each step is then one program: :class:`xpcnn.train.Trainer`).
+    its epoch programs (each step is then one program: :class:`xpcnn.training.train.Trainer`).
 
     Writes ``config.json`` once training is about to start, then after every epoch
     ``checkpoint.npz`` and ``history.json``, all atomically.  The checkpoint is the commit

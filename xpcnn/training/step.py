@@ -15,8 +15,8 @@ computation (traced arrays, caches) outlives it:
 ``train(state, images, labels, batch, generator, lr, count) -> (new state, metrics)``,
 where the state is the pytree :class:`TrainState` (the optimiser's flat parameters and
 slots, the model's buffers), and the one evaluation step.  Both are pure functions of
-their arguments on JAX: :mod:`xpcnn.compiled` compiles them as they are; the eager runner
-(:class:`xpcnn.train.LayerSteps`) wraps them in place, reading the state from the model and
+their arguments on JAX: :mod:`xpcnn.training.compiled` compiles them as they are; the eager runner
+(:class:`xpcnn.training.train.LayerSteps`) wraps them in place, reading the state from the model and
 optimiser (:meth:`Step.state`) and writing it back (:meth:`Step.adopt`).  On NumPy, CuPy and
 torch the update writes into the flat buffer the model's parameters view (see
 :mod:`xpcnn.optim`).
@@ -106,7 +106,7 @@ class Step:
     """The training and evaluation steps of ``model`` with ``loss_fn`` and ``optimizer``'s update rule.
 
     ``augmentation(x, generator, fill=background)`` (or None) transforms each training batch.
-    With a ``communicator`` of several ranks (:mod:`xpcnn.distributed`) each step's gradient is the mean of
+    With a ``communicator`` of several ranks (:mod:`xpcnn.backends.distributed`) each step's gradient is the mean of
     the ranks' (batch norm's statistics are the model's layers' business: ``model.set_communicator``).
     The model and optimiser hold the state between steps; the steps themselves only read their settings
     (layer shapes, hyperparameters, the flat buffer's layout).

@@ -10,7 +10,7 @@ after every step.
 Randomness is a pure function of (seed, epoch, step): epoch ``e`` shuffles
 with NumPy's generator seeded ``[seed, e]`` and draws dropout noise from
 ``backend.generator(seed, e, s)`` where ``s`` is the step the epoch (re)started
-at (on JAX, each step ``s`` from its own key, see :mod:`xpcnn.compiled`).  A
+at (on JAX, each step ``s`` from its own key, see :mod:`xpcnn.training.compiled`).  A
 checkpoint therefore only needs the seed and the position, and resuming at an
 epoch boundary continues bit for bit.
 """
@@ -103,10 +103,10 @@ class Trainer:
         and recorded over the steps it ran.
 
         On JAX each chunk of ``config.log_every`` full-batch steps is one compiled program, the epoch
-        program (:mod:`xpcnn.compiled`), or with ``epoch_program=False`` each step is one; ``eager`` runs
+        program (:mod:`xpcnn.training.compiled`), or with ``epoch_program=False`` each step is one; ``eager`` runs
         the steps uncompiled.  Step callbacks, and several ranks, run step by step.
 
-        With a ``communicator`` of several ranks (:mod:`xpcnn.distributed`) each rank trains on its shard of
+        With a ``communicator`` of several ranks (:mod:`xpcnn.backends.distributed`) each rank trains on its shard of
         every global batch of ``config.batch_size``, batch norm uses the global batch's statistics and the
         gradients are averaged before each update: the ranks train one model, the one a single process
         would.  Only rank 0 shows progress; every rank's history is the global batch's.
@@ -153,7 +153,7 @@ class Trainer:
 
         After each epoch, evaluates every split in ``evals`` (e.g. ``{"val": ..., "test": ...}``),
         appends a record to ``state.history`` and calls ``on_epoch_end(state)``.
-        Raises TrainingInterrupted on Ctrl-C or SIGTERM (:mod:`xpcnn.stopping`), with ``state`` at the
+        Raises TrainingInterrupted on Ctrl-C or SIGTERM (:mod:`xpcnn.base.stopping`), with ``state`` at the
         next step to run (the caller checkpoints it), and TrainingDiverged on a non-finite loss.
         """
         state = state or RunState()
@@ -182,7 +182,7 @@ class Trainer:
 
     def _usable(self, train: DeviceSplit) -> int:
         """How many of the epoch's shuffled images are trained on (all of them, but for a short last batch
-        that does not split evenly over the ranks: see :func:`xpcnn.distributed.usable_count`)."""
+        that does not split evenly over the ranks: see :func:`xpcnn.backends.distributed.usable_count`)."""
         return usable_count(len(train), self.config.batch_size, self.communicator.world_size)
 
     def _agree(self, flag: dict, totals: Sequence[float] = ()) -> list[float]:
@@ -368,11 +368,12 @@ def start_training(
 
 
 class LayerSteps:
-    """The core's training step (:class:`xpcnn.step.Step`) run eagerly on any backend, one dispatch per operation.
+    """The core's training step (:class:`xpcnn.training.step.Step`) run eagerly on any backend, one dispatch
+    per operation.
 
     Wraps it in place: each step reads the state from the model and optimiser and writes it back.  Noise
     for epoch ``e`` (re)started at step ``s`` comes from ``backend.generator(seed, e, s)``.  The runner a
-    :class:`Trainer` asks to run each batch (:class:`xpcnn.compiled.CompiledSteps` on compiled runs).
+    :class:`Trainer` asks to run each batch (:class:`xpcnn.training.compiled.CompiledSteps` on compiled runs).
     """
 
     compiles = False

@@ -182,7 +182,7 @@ def _steps(backend, model, loss_fn, optimizer, train_data, infer_data, position,
     """The training runs' own steps over the same batches: (train_step, infer_step, epoch_program or None).
 
     The training batches become one device dataset that each step gathers its batch from, as in training;
-    the runner is the trainer's (:class:`xpcnn.train.LayerSteps`, or JAX's compiled steps and epoch program).
+    the runner is the trainer's (:class:`xpcnn.training.train.LayerSteps`, or JAX's compiled steps and epoch program).
     """
     xp = backend.xp
     if compiled:

@@ -4,7 +4,7 @@
 python scripts/bench.py --output bench.json --full-run ../shared/data/mnist
 """
 
-from xpcnn.cli import bench
+from xpcnn.apps.cli import bench
 
 if __name__ == "__main__":
     bench(prog_name="scripts/bench.py")

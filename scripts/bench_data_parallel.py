@@ -22,15 +22,15 @@ import time
 
 import numpy as np
 
-from xpcnn import distributed
-from xpcnn.backend import get_backend
-from xpcnn.config import TrainConfig, make_optimizer
-from xpcnn.device_data import DeviceSplit, Normalization
-from xpcnn.launch import launch
+from xpcnn.apps.launch import launch
+from xpcnn.backends import distributed
+from xpcnn.backends.backend import get_backend
+from xpcnn.backends.ranks import join
+from xpcnn.data.device_data import DeviceSplit, Normalization
 from xpcnn.models import MODELS, build
 from xpcnn.nn import CrossEntropyLoss, _BatchNorm
-from xpcnn.ranks import join
-from xpcnn.train import LayerSteps
+from xpcnn.training.config import TrainConfig, make_optimizer
+from xpcnn.training.train import LayerSteps
 
 # ---------------------------------------------------------------- the model
 

@@ -33,10 +33,10 @@ def main() -> None:
     for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ[name] = str(args.threads)
 
-    from xpcnn.backend import get_backend
-    from xpcnn.config import TrainConfig
-    from xpcnn.data import load_dataset
-    from xpcnn.runs import train_run
+    from xpcnn.backends.backend import get_backend
+    from xpcnn.data.data import load_dataset
+    from xpcnn.training.config import TrainConfig
+    from xpcnn.training.runs import train_run
 
     dataset = load_dataset("mnist", args.data_dir)
     config = TrainConfig(epochs=1)

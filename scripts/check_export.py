@@ -18,13 +18,13 @@ from pathlib import Path
 import numpy as np
 import onnxruntime
 
-from xpcnn.backend import get_backend
-from xpcnn.checkpoint import load_checkpoint
-from xpcnn.data import load_dataset
-from xpcnn.device_data import normalize_images
-from xpcnn.export import export
-from xpcnn.runs import checkpoint_config, model_from_checkpoint
-from xpcnn.train import predict_probabilities
+from xpcnn.apps.export import export
+from xpcnn.backends.backend import get_backend
+from xpcnn.data.checkpoint import load_checkpoint
+from xpcnn.data.data import load_dataset
+from xpcnn.data.device_data import normalize_images
+from xpcnn.training.runs import checkpoint_config, model_from_checkpoint
+from xpcnn.training.train import predict_probabilities
 
 TOLERANCE = 1e-5
 

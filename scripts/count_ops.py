@@ -20,8 +20,8 @@ import numpy as np
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from xpcnn import export
-from xpcnn.backend import get_backend
+from xpcnn.apps import export
+from xpcnn.backends.backend import get_backend
 from xpcnn.models import MODELS, build
 from xpcnn.nn import CrossEntropyLoss, _BatchNorm, update_running_statistics
 from xpcnn.optim import SGD

@@ -22,10 +22,10 @@ import statistics
 import numpy as np
 from cupyx.profiler import benchmark
 
-from xpcnn import fastpath
-from xpcnn.backend import get_backend
+from xpcnn.backends.backend import get_backend
 from xpcnn.models import MODELS, build
 from xpcnn.nn import CrossEntropyLoss
+from xpcnn.ops import fastpath
 from xpcnn.optim import SGD
 
 

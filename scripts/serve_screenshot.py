@@ -18,9 +18,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from browser import SEVEN, browser_problem, draw, start_chromium, wait_for_prediction  # noqa: E402
 
-from xpcnn.backend import get_backend  # noqa: E402
-from xpcnn.checkpoint import load_checkpoint  # noqa: E402
-from xpcnn.serve import make_server  # noqa: E402
+from xpcnn.apps.serve import make_server  # noqa: E402
+from xpcnn.backends.backend import get_backend  # noqa: E402
+from xpcnn.data.checkpoint import load_checkpoint  # noqa: E402
 
 
 def main():

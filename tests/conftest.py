@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 from helpers import MNIST_DIR, write_synthetic_mnist
 
-from xpcnn import backend as backend_module
-from xpcnn.backend import Backend, BackendError, cuda_problem, get_backend
+from xpcnn.backends import backend as backend_module
+from xpcnn.backends.backend import Backend, BackendError, cuda_problem, get_backend
 
 # The CPU backends run everywhere their package is installed; the GPU ones where a GPU is visible.
 # JAX dispatches each operation eagerly at a few milliseconds apiece: its cases are slow (`pytest -m "not slow"`).
@@ -66,7 +66,7 @@ def synthetic_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def synthetic(synthetic_dir):
     """The synthetic MNIST look-alike of ``synthetic_dir``, loaded as a ``Dataset``."""
-    from xpcnn.data import load_dataset
+    from xpcnn.data.data import load_dataset
 
     return load_dataset("mnist", synthetic_dir)
 

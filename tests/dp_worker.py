@@ -9,12 +9,12 @@ import sys
 
 import numpy as np
 
-from xpcnn import ranks
-from xpcnn.backend import get_backend
-from xpcnn.config import TrainConfig, make_optimizer
-from xpcnn.device_data import DeviceSplit, Normalization
+from xpcnn.backends import ranks
+from xpcnn.backends.backend import get_backend
+from xpcnn.data.device_data import DeviceSplit, Normalization
 from xpcnn.nn import BatchNorm1d, BatchNorm2d, Conv2d, Flatten, Linear, MaxPool2d, ReLU, Sequential
-from xpcnn.train import Trainer
+from xpcnn.training.config import TrainConfig, make_optimizer
+from xpcnn.training.train import Trainer
 
 IMAGES = 100  # a short last batch of 4 images with batch 32: it splits evenly over 2 ranks
 BATCH = 32

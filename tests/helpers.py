@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 
 from xpcnn import nn
-from xpcnn.data import write_idx
-from xpcnn.display import Progress
+from xpcnn.data.data import write_idx
+from xpcnn.training.display import Progress
 
 # The offline MNIST copy beside the repository (tests that need it skip without it).
 MNIST_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"

@@ -4,8 +4,8 @@ statistics."""
 import numpy as np
 import pytest
 
-from xpcnn.augment import Augmentation, affine_matrices, affine_sample, elastic_displacement, flip_and_crop
-from xpcnn.backend import get_backend, to_host
+from xpcnn.backends.backend import get_backend, to_host
+from xpcnn.data.augment import Augmentation, affine_matrices, affine_sample, elastic_displacement, flip_and_crop
 
 FLOATS = ["float32", "float64"]
 
@@ -520,7 +520,7 @@ def test_flip_and_crop_arguments_are_checked():
 def test_flips_and_crops_in_a_compiled_jax_function_equal_eager():
     """Under jax.jit the draws come from a traced key: the same images as the same key run eagerly."""
     jax = pytest.importorskip("jax")
-    from xpcnn.rng import JaxGenerator
+    from xpcnn.base.rng import JaxGenerator
 
     backend = get_backend("jax", "cpu")
     images = to_backend(backend, random_images((6, 1, 9, 9)), "float32")

@@ -5,8 +5,9 @@ import importlib
 import numpy as np
 import pytest
 
-from xpcnn import backend as B
-from xpcnn import diagnostics, models, nn, optim
+from xpcnn import models, nn, optim
+from xpcnn.backends import backend as B
+from xpcnn.backends import diagnostics
 
 
 def test_cpu_names_select_numpy():
@@ -248,7 +249,7 @@ def test_to_host_copies_where_arrays_are_updated_in_place(backend):
 def test_namespace_lookup_by_type_agrees_with_array_api_compat(backend):
     import array_api_compat
 
-    from xpcnn.backend import namespace
+    from xpcnn.backends.backend import namespace
 
     a, b = backend.asarray(np.zeros(3)), backend.asarray(np.ones(2))
     assert namespace(a) is array_api_compat.array_namespace(a)
@@ -257,7 +258,7 @@ def test_namespace_lookup_by_type_agrees_with_array_api_compat(backend):
 
 def test_namespace_of_mixed_libraries_is_an_error():
     torch = pytest.importorskip("torch")
-    from xpcnn.backend import namespace
+    from xpcnn.backends.backend import namespace
 
     with pytest.raises(TypeError):
         namespace(np.zeros(2), torch.zeros(2))

@@ -5,11 +5,13 @@ import pytest
 from conftest import make_backend
 from helpers import write_synthetic_mnist
 
-from xpcnn import device_data, models, runs
-from xpcnn.backend import to_host
-from xpcnn.checkpoint import load_checkpoint
-from xpcnn.config import TrainConfig
-from xpcnn.data import load_dataset
+from xpcnn import models
+from xpcnn.backends.backend import to_host
+from xpcnn.data import device_data
+from xpcnn.data.checkpoint import load_checkpoint
+from xpcnn.data.data import load_dataset
+from xpcnn.training import runs
+from xpcnn.training.config import TrainConfig
 
 CPU_BACKENDS = ["numpy", "array-api-strict", "torch", "jax"]
 PAIRS = [

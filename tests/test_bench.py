@@ -5,30 +5,31 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from xpcnn import backend, bench
-from xpcnn.cli import main
+from xpcnn.apps.bench import cases, formatting, sessions
+from xpcnn.apps.cli import main
+from xpcnn.backends import backend
 
 
 def test_each_xpcnn_case_gets_a_torch_twin_on_the_device_it_ran_on():
-    assert [case.label for case in bench.xpcnn_cases(["numpy", "jax"], ["seed", "lenet"])] == [
+    assert [case.label for case in sessions.xpcnn_cases(["numpy", "jax"], ["seed", "lenet"])] == [
         "xpcnn:numpy:seed",
         "xpcnn:jax:seed",
         "xpcnn:numpy:lenet",
         "xpcnn:jax:lenet",
     ]
-    assert bench.twin_case(bench.Case("xpcnn", "numpy", "seed"), "cpu").label == "torch:cpu:seed"
-    assert bench.twin_case(bench.Case("xpcnn", "jax", "seed"), "cuda:0").label == "torch:cuda:seed"
-    assert bench.twin_case(bench.Case("xpcnn", "cupy", "lenet"), "cuda:1").label == "torch:cuda:lenet"
+    assert sessions.twin_case(cases.Case("xpcnn", "numpy", "seed"), "cpu").label == "torch:cpu:seed"
+    assert sessions.twin_case(cases.Case("xpcnn", "jax", "seed"), "cuda:0").label == "torch:cuda:seed"
+    assert sessions.twin_case(cases.Case("xpcnn", "cupy", "lenet"), "cuda:1").label == "torch:cuda:lenet"
 
 
 def test_ratios_are_per_pair_of_interleaved_runs_with_their_median_and_spread():
     # A slow spell in the second pair slows both sides: the per-pair ratio does not move.
-    assert bench.pair_ratios([100.0, 50.0, 90.0], [100.0, 50.0, 60.0]) == [1.0, 1.0, 1.5]
+    assert formatting.pair_ratios([100.0, 50.0, 90.0], [100.0, 50.0, 60.0]) == [1.0, 1.0, 1.5]
     with pytest.raises(ValueError):
-        bench.pair_ratios([1.0, 2.0], [1.0])
+        formatting.pair_ratios([1.0, 2.0], [1.0])
     row = {"train_runs": [100.0, 50.0, 90.0], "infer_runs": [10.0, 40.0, 10.0]}
     twin = {"train_runs": [100.0, 50.0, 60.0], "infer_runs": [20.0, 10.0, 10.0]}
-    bench.add_ratios(row, twin)
+    formatting.add_ratios(row, twin)
     assert row["train_ratios"] == [1.0, 1.0, 1.5] and row["train_ratio"] == 1.0
     assert (row["train_ratio_min"], row["train_ratio_max"]) == (1.0, 1.5)
     assert row["infer_ratios"] == [0.5, 4.0, 1.0] and row["infer_ratio"] == 1.0
@@ -55,15 +56,15 @@ def test_table_and_progress_show_the_median_ratio_and_its_spread():
         row("torch", "cuda", "cuda", compiled=False, paired_with="xpcnn:jax:seed"),
         {"framework": "xpcnn", "backend": "cupy", "model": "seed", "error": "out of memory"},
     ]
-    lines = bench.format_table(results).splitlines()
+    lines = formatting.format_table(results).splitlines()
     assert lines[0].split()[4] == "compiled"
     assert lines[2].split()[:8] == ["seed", "xpcnn", "jax", "cuda:0", "yes", "500", "0.50", "(0.25-0.75)"]
     assert lines[2].split()[9:11] == ["2.00", "(1.50-2.50)"]
     assert lines[3].split()[:7] == ["seed", "torch", "cuda", "cuda", "no", "500", "20,000"]
     assert lines[4].endswith("failed: out of memory")
-    assert bench.format_progress(results[0]).endswith("vs torch: train 0.50 (0.25-0.75), infer 2.00 (1.50-2.50)")
-    assert bench.format_progress(results[1]).startswith("torch:cuda:seed (beside xpcnn:jax:seed) on cuda:")
-    assert bench.format_progress(results[2]) == "xpcnn:cupy:seed: failed: out of memory"
+    assert formatting.format_progress(results[0]).endswith("vs torch: train 0.50 (0.25-0.75), infer 2.00 (1.50-2.50)")
+    assert formatting.format_progress(results[1]).startswith("torch:cuda:seed (beside xpcnn:jax:seed) on cuda:")
+    assert formatting.format_progress(results[2]) == "xpcnn:cupy:seed: failed: out of memory"
 
 
 @pytest.mark.parametrize(
@@ -77,10 +78,10 @@ def test_table_and_progress_show_the_median_ratio_and_its_spread():
 def test_a_case_serves_timed_runs_on_torch_and_jax(name, eager, restore_tf32):
     """On JAX the steps are the compiled ones unless eager, and the first reply says which."""
     pytest.importorskip(name)
-    settings = bench.Settings(train_batch=8, infer_batch=16, steps=1, repeats=2, warmup=1, tf32=True, eager=eager)
+    settings = cases.Settings(train_batch=8, infer_batch=16, steps=1, repeats=2, warmup=1, tf32=True, eager=eager)
     replies = []
-    bench.serve(
-        bench.Case("xpcnn", name, "seed"), settings, ["train\n", "train\n", "infer\n", "finish\n"], replies.append
+    cases.serve(
+        cases.Case("xpcnn", name, "seed"), settings, ["train\n", "train\n", "infer\n", "finish\n"], replies.append
     )
     assert backend._tf32  # the math mode is set for every case, xpcnn's and torch's
     assert replies[0]["device"] in ("cpu", "cuda:0")
@@ -96,11 +97,13 @@ def test_a_compiled_row_gets_its_epoch_programs_ratio_to_the_step_programs_per_p
     row = {"framework": "xpcnn", "backend": "jax", "model": "seed", "device": "cpu"}
     row |= {"train_images_per_second": 100.0, "infer_images_per_second": 50.0}
     row |= {"train_runs": [100.0, 50.0, 80.0], "train_epoch_runs": [110.0, 60.0, 120.0]}
-    bench.add_epoch_ratios(row)
+    formatting.add_epoch_ratios(row)
     assert row["train_epoch_images_per_second"] == 110.0
     assert row["epoch_vs_step_ratios"] == [1.1, 1.2, 1.5] and row["epoch_vs_step"] == 1.2
     assert (row["epoch_vs_step_min"], row["epoch_vs_step_max"]) == (1.1, 1.5)
-    assert bench.format_progress(row).endswith("epoch program: train 110 img/s, vs the step programs 1.20 (1.10-1.50)")
+    assert formatting.format_progress(row).endswith(
+        "epoch program: train 110 img/s, vs the step programs 1.20 (1.10-1.50)"
+    )
 
 
 @pytest.mark.slow
@@ -112,7 +115,7 @@ def test_bench_pairs_numpy_with_torch_end_to_end(tmp_path):
     assert result.exit_code == 0, result.output
     assert "torch:cpu:seed (beside xpcnn:numpy:seed) on cpu" in result.output
     report = json.loads((tmp_path / "bench.json").read_text())
-    assert report["ratio_spread"] == bench.RATIO_SPREAD and report["settings"]["repeats"] == 2
+    assert report["ratio_spread"] == formatting.RATIO_SPREAD and report["settings"]["repeats"] == 2
     mine, twin = report["results"]
     assert (twin["framework"], twin["backend"], twin["paired_with"]) == ("torch", "cpu", "xpcnn:numpy:seed")
     for row in (mine, twin):
@@ -124,8 +127,8 @@ def test_bench_pairs_numpy_with_torch_end_to_end(tmp_path):
 
 
 def test_a_failing_case_is_one_line_and_runs_no_twin():
-    settings = bench.Settings(train_batch=8, infer_batch=16, steps=1, repeats=1, warmup=1, threads=1)
-    (row,) = bench.run_pair(bench.Case("xpcnn", "numpy", "no-such-model"), settings, with_torch=True)
+    settings = cases.Settings(train_batch=8, infer_batch=16, steps=1, repeats=1, warmup=1, threads=1)
+    (row,) = sessions.run_pair(cases.Case("xpcnn", "numpy", "no-such-model"), settings, with_torch=True)
     assert "unknown model" in row["error"] and "\n" not in row["error"]
 
 
@@ -140,19 +143,19 @@ def test_full_run_reports_its_own_peak_memory_not_its_parents_or_an_earlier_chil
     # ... and ru_maxrss counts the parent's memory at spawn time: make this (the parent) big too.
     ballast = bytearray(big * 2**20)
     ballast[::4096] = b"x" * len(ballast[::4096])
-    run = bench.full_run(str(synthetic_dir), "seed", "cpu", threads=1)
+    run = sessions.full_run(str(synthetic_dir), "seed", "cpu", threads=1)
     assert "error" not in run, run
     assert 0 < run["peak_rss_mib"] < big, run
     assert run["epoch"] == 1 and 0 <= run["test_accuracy"] <= 1 and run["wall_seconds"] > 0
 
 
 def test_full_run_failure_is_one_line(tmp_path):
-    run = bench.full_run(str(tmp_path), "seed", "cpu", threads=1)
+    run = sessions.full_run(str(tmp_path), "seed", "cpu", threads=1)
     assert "error" in run and "\n" not in run["error"]
 
 
 def test_the_command_exits_1_when_a_case_failed_and_keeps_the_others(monkeypatch, tmp_path):
-    from xpcnn.cli import main
+    from xpcnn.apps.cli import main
 
     def run_pair(case, settings, with_torch):
         if case.model == "seed":
@@ -169,7 +172,7 @@ def test_the_command_exits_1_when_a_case_failed_and_keeps_the_others(monkeypatch
             }
         ]
 
-    monkeypatch.setattr(bench, "run_pair", run_pair)
+    monkeypatch.setattr(sessions, "run_pair", run_pair)
     args = ["bench", "--backend", "numpy", "--model", "seed", "--model", "lenet", "--no-torch"]
     result = CliRunner().invoke(main, [*args, "--output", str(tmp_path / "bench.json")])
     assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
@@ -178,11 +181,11 @@ def test_the_command_exits_1_when_a_case_failed_and_keeps_the_others(monkeypatch
 
 
 def test_json_flag_prints_the_report_alone_on_stdout(monkeypatch, tmp_path):
-    from xpcnn.cli import main
+    from xpcnn.apps.cli import main
 
     row = {"framework": "xpcnn", "backend": "numpy", "model": "seed", "device": "cpu"}
     row |= {"train_images_per_second": 1.0, "infer_images_per_second": 2.0, "peak_rss_mib": 3.0}
-    monkeypatch.setattr(bench, "run_pair", lambda case, settings, with_torch: [row])
+    monkeypatch.setattr(sessions, "run_pair", lambda case, settings, with_torch: [row])
     args = ["bench", "--backend", "numpy", "--model", "seed", "--no-torch", "--json"]
     result = CliRunner().invoke(main, [*args, "--output", str(tmp_path / "bench.json")])
     assert result.exit_code == 0, result.output

@@ -10,11 +10,11 @@ import pytest
 from browser import ONE, SEVEN, browser_problem, draw, start_chromium, wait_for_prediction
 from click.testing import CliRunner
 
-from xpcnn.backend import get_backend
-from xpcnn.checkpoint import load_checkpoint
-from xpcnn.cli import main
-from xpcnn.data import read_idx, write_idx
-from xpcnn.serve import make_server
+from xpcnn.apps.cli import main
+from xpcnn.apps.serve import make_server
+from xpcnn.backends.backend import get_backend
+from xpcnn.data.checkpoint import load_checkpoint
+from xpcnn.data.data import read_idx, write_idx
 
 pytestmark = [
     pytest.mark.browser,

@@ -9,8 +9,8 @@ from click.testing import CliRunner
 from PIL import Image, ImageDraw
 
 from xpcnn import __version__
-from xpcnn.cli import main
-from xpcnn.data import read_idx
+from xpcnn.apps.cli import main
+from xpcnn.data.data import read_idx
 
 FAST = [
     "--model",
@@ -87,7 +87,7 @@ def test_evaluate_agrees_with_history(trained_run, synthetic_dir):
 
 def test_evaluate_states_where_a_stopped_run_stands(trained_run, tmp_path):
     """A checkpoint that a stop (Ctrl-C, SIGTERM) wrote mid-epoch is not "epoch 0": its weights are 3 steps in."""
-    from xpcnn.checkpoint import load_checkpoint, save_checkpoint
+    from xpcnn.data.checkpoint import load_checkpoint, save_checkpoint
 
     checkpoint = load_checkpoint(trained_run)
     meta = {**checkpoint.meta, "state": {**checkpoint.meta["state"], "epoch": 0, "step": 3, "history": []}}
@@ -117,11 +117,11 @@ def test_predict_pictures_and_arrays(trained_run, synthetic_dir, tmp_path):
 
 def library_probabilities(run, images_uint8):
     """What the library computes for uint8 images (N, 28, 28) with the run's model."""
-    from xpcnn.backend import get_backend
-    from xpcnn.checkpoint import load_checkpoint
-    from xpcnn.device_data import normalize_images
-    from xpcnn.runs import model_from_checkpoint
-    from xpcnn.train import predict_probabilities
+    from xpcnn.backends.backend import get_backend
+    from xpcnn.data.checkpoint import load_checkpoint
+    from xpcnn.data.device_data import normalize_images
+    from xpcnn.training.runs import model_from_checkpoint
+    from xpcnn.training.train import predict_probabilities
 
     numpy = get_backend("numpy")
     model, norm = model_from_checkpoint(load_checkpoint(run), numpy)
@@ -186,7 +186,7 @@ def test_ctrl_c_writes_a_checkpoint_and_exits_130(synthetic_dir, tmp_path, monke
     import os
     import signal
 
-    from xpcnn import display
+    from xpcnn.training import display
 
     real_update = display.Progress.update
 
@@ -229,7 +229,7 @@ def test_nan_loss_exits_with_a_clear_message(synthetic_dir, tmp_path):
 def test_bad_data_files_give_one_line_naming_the_file(synthetic_dir, tmp_path, breakage, pattern):
     import shutil
 
-    from xpcnn.data import write_idx
+    from xpcnn.data.data import write_idx
 
     data = tmp_path / "data"
     shutil.copytree(synthetic_dir, data)
@@ -275,7 +275,7 @@ def test_user_errors_are_one_line(tmp_path, args, pattern, code):
 
 
 def test_cuda_without_cuda_is_one_line(synthetic_dir):
-    from xpcnn.backend import cuda_problem
+    from xpcnn.backends.backend import cuda_problem
 
     if cuda_problem() is None:
         pytest.skip("CUDA works here")
@@ -308,7 +308,7 @@ def test_predict_bad_image_is_one_line(trained_run, tmp_path):
 
 
 def test_recipe_sets_values_and_flags_override_it(synthetic_dir, tmp_path):
-    from xpcnn.config import RECIPES
+    from xpcnn.training.config import RECIPES
 
     run = tmp_path / "run"
     invoke("train", "--recipe", "fast", "--epochs", "1", "--device", "cpu", "--data-dir", synthetic_dir, "--out", run)
@@ -336,7 +336,7 @@ def test_plots_from_train_and_evaluate(trained_run, synthetic_dir, tmp_path, res
 
 
 def test_plot_without_matplotlib_fails_before_training(synthetic_dir, tmp_path, monkeypatch):
-    from xpcnn import plots
+    from xpcnn.apps import plots
 
     def missing():
         raise plots.PlotError(plots.PLOT_HINT)
@@ -355,7 +355,7 @@ def test_a_setting_out_of_range_names_its_flag(synthetic_dir):
 
 
 def test_a_bug_shows_its_traceback_and_asks_for_a_report(monkeypatch):
-    from xpcnn import cli, exits
+    from xpcnn.apps import cli, exits
 
     def broken():
         raise ZeroDivisionError("a bug")

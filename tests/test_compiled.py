@@ -4,15 +4,17 @@ import numpy as np
 import pytest
 from helpers import InterruptAt
 
-from xpcnn import device_data, display, models, nn, runs, train
-from xpcnn.checkpoint import load_checkpoint
-from xpcnn.config import TrainConfig, make_optimizer
-from xpcnn.data import load_dataset
+from xpcnn import models, nn
+from xpcnn.data import device_data
+from xpcnn.data.checkpoint import load_checkpoint
+from xpcnn.data.data import load_dataset
+from xpcnn.training import display, runs, train
+from xpcnn.training.config import TrainConfig, make_optimizer
 
 pytest.importorskip("jax")
 pytestmark = pytest.mark.slow  # compiling, and the eager runs compared with it
 
-from xpcnn.backend import get_backend  # noqa: E402
+from xpcnn.backends.backend import get_backend  # noqa: E402
 
 
 def tiny(seed: int = 0) -> nn.Sequential:
@@ -171,7 +173,7 @@ def test_the_progress_line_shows_compile_time_apart():
 def test_the_eager_flag_reaches_the_trainer(synthetic_dir, tmp_path, monkeypatch, flags, compiled):
     from click.testing import CliRunner
 
-    from xpcnn import cli
+    from xpcnn.apps import cli
 
     seen = {}
 

@@ -12,11 +12,11 @@ import pytest
 from click.testing import CliRunner
 
 import xpcnn
-from xpcnn import config as config_module
-from xpcnn.augment import Augmentation
-from xpcnn.cli import main
-from xpcnn.config import MAX_CROP, RECIPES, TrainConfig, make_augmentation, recipe_backend
-from xpcnn.errors import ConfigError
+from xpcnn.apps.cli import main
+from xpcnn.base.errors import ConfigError
+from xpcnn.data.augment import Augmentation
+from xpcnn.training import config as config_module
+from xpcnn.training.config import MAX_CROP, RECIPES, TrainConfig, make_augmentation, recipe_backend
 
 
 @pytest.mark.parametrize(

@@ -1,4 +1,4 @@
-"""Tests for xpcnn.data: IDX files, lookup order, downloads from a local server, splits.
+"""Tests for xpcnn.data.data: IDX files, lookup order, downloads from a local server, splits.
 
 Everything runs on files written into tmp_path and on a local HTTP server on
 127.0.0.1; only `test_real_mnist` reads the offline MNIST copy, when present.
@@ -14,8 +14,9 @@ import numpy as np
 import pytest
 from helpers import write_synthetic_mnist
 
-from xpcnn import data, files
-from xpcnn.data import (
+from xpcnn.base import files
+from xpcnn.data import data
+from xpcnn.data.data import (
     FILES,
     DataError,
     DatasetSpec,

@@ -20,8 +20,8 @@ pytest.importorskip("torch.distributed")
 
 from dp_worker import train  # noqa: E402 - after the skip
 
-from xpcnn.checkpoint import load_checkpoint  # noqa: E402
-from xpcnn.distributed import Local  # noqa: E402
+from xpcnn.backends.distributed import Local  # noqa: E402
+from xpcnn.data.checkpoint import load_checkpoint  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKER = Path(__file__).resolve().parent / "dp_worker.py"
@@ -46,7 +46,7 @@ def run(command: list[str], timeout: float = TIMEOUT, environ: dict | None = Non
 
 def launched(world_size: int, command: list[str]) -> list[str]:
     """``command`` run as ``world_size`` ranks by xpcnn's launcher."""
-    launcher = f"import sys; from xpcnn.launch import launch; sys.exit(launch({world_size}, {command!r}))"
+    launcher = f"import sys; from xpcnn.apps.launch import launch; sys.exit(launch({world_size}, {command!r}))"
     return [sys.executable, "-c", launcher]
 
 

@@ -4,7 +4,7 @@ import re
 
 import pytest
 
-from xpcnn.display import Progress, fit_to_width, terminal_width
+from xpcnn.training.display import Progress, fit_to_width, terminal_width
 
 RECORD = {
     "train_loss": 0.1234,

@@ -11,12 +11,12 @@ import time
 import numpy as np
 import pytest
 
-from xpcnn import distributed as D
 from xpcnn import functional as F
-from xpcnn.backend import get_backend
-from xpcnn.errors import ConfigError
-from xpcnn.launch import GRACE, child_arguments, launch, rank_environment
-from xpcnn.ranks import join
+from xpcnn.apps.launch import GRACE, child_arguments, launch, rank_environment
+from xpcnn.backends import distributed as D
+from xpcnn.backends.backend import get_backend
+from xpcnn.backends.ranks import join
+from xpcnn.base.errors import ConfigError
 from xpcnn.nn import BatchNorm2d, Conv2d, Flatten, Linear, ReLU, Sequential
 
 
@@ -244,7 +244,7 @@ def test_a_training_step_over_thread_ranks_equals_the_step_over_the_whole_batch(
     """Step.train with the ranks' communicator (batch norm's sums, the gradient's mean): one process's step."""
     from xpcnn.nn import CrossEntropyLoss
     from xpcnn.optim import SGD
-    from xpcnn.step import Step
+    from xpcnn.training.step import Step
 
     rng = np.random.default_rng(3)
     x, labels = rng.normal(size=(8, 1, 6, 6)), rng.integers(0, 5, 8)
@@ -322,7 +322,7 @@ def test_ranks_all_interrupted_are_interrupted():
 def test_nproc_checks_the_data_once_before_starting_ranks(tmp_path):
     from click.testing import CliRunner
 
-    from xpcnn.cli import main
+    from xpcnn.apps.cli import main
 
     arguments = ["train", "--data-dir", str(tmp_path), "--nproc", "2", "--out", str(tmp_path / "r")]
     result = CliRunner().invoke(main, arguments)

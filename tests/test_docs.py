@@ -13,8 +13,8 @@ from pathlib import Path
 import click
 import pytest
 
-from xpcnn.cli import main
-from xpcnn.data import DATASETS
+from xpcnn.apps.cli import main
+from xpcnn.data.data import DATASETS
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCUMENTS = ["README.md", "docs/library.md"]

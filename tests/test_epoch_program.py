@@ -8,14 +8,16 @@ import pytest
 from helpers import InterruptAt
 from test_compiled import relative_difference, tiny
 
-from xpcnn import device_data, models, runs, train
-from xpcnn.checkpoint import load_checkpoint
-from xpcnn.config import TrainConfig, make_optimizer
+from xpcnn import models
+from xpcnn.data import device_data
+from xpcnn.data.checkpoint import load_checkpoint
+from xpcnn.training import runs, train
+from xpcnn.training.config import TrainConfig, make_optimizer
 
 pytest.importorskip("jax")
 pytestmark = pytest.mark.slow  # compiling
 
-from xpcnn.backend import get_backend  # noqa: E402
+from xpcnn.backends.backend import get_backend  # noqa: E402
 
 
 @pytest.fixture
@@ -103,7 +105,7 @@ def test_the_epoch_program_trains_as_the_compiled_steps_one_by_one(
 def test_an_epoch_is_a_few_dispatches_and_compiles_once_for_the_whole_run(jax_backend, tiny_model, data, monkeypatch):
     """Three epochs of 6 full steps (chunks of 4 and 2) and a short one: 2 training programs, 1 evaluation."""
     calls = {"train_steps": [], "train_step": 0}
-    from xpcnn.compiled import CompiledSteps
+    from xpcnn.training.compiled import CompiledSteps
 
     chunk, single = CompiledSteps.train_steps, CompiledSteps.train_step
 

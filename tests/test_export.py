@@ -12,9 +12,9 @@ from click.testing import CliRunner
 from helpers import small_resnet
 
 from xpcnn import nn
-from xpcnn.backend import get_backend
-from xpcnn.device_data import Normalization, normalize_images
-from xpcnn.export import ExportError, export, onnx_model
+from xpcnn.apps.export import ExportError, export, onnx_model
+from xpcnn.backends.backend import get_backend
+from xpcnn.data.device_data import Normalization, normalize_images
 from xpcnn.functional import softmax
 from xpcnn.models import MODELS, build
 
@@ -109,7 +109,7 @@ def test_safetensors_load_strictly_into_the_torch_twin(name, tmp_path):
     safetensors_torch = pytest.importorskip("safetensors.torch")
     from safetensors import safe_open
 
-    from xpcnn.export import torch_twin
+    from xpcnn.apps.export import torch_twin
 
     model = model_case(name)
     path = tmp_path / "model.safetensors"
@@ -152,7 +152,7 @@ def test_softmax_is_refused_for_safetensors(tmp_path):
 
 
 def invoke(*args, expect=0):
-    from xpcnn.cli import main
+    from xpcnn.apps.cli import main
 
     result = CliRunner().invoke(main, [str(a) for a in args])
     assert result.exit_code == expect, result.output
@@ -175,9 +175,9 @@ def trained_run(synthetic_dir, tmp_path_factory):
 
 def test_export_onnx_from_a_run_predicts_what_xpcnn_predicts(trained_run, tmp_path):
     pytest.importorskip("onnx")
-    from xpcnn.checkpoint import load_checkpoint
-    from xpcnn.runs import model_from_checkpoint
-    from xpcnn.train import predict_probabilities
+    from xpcnn.data.checkpoint import load_checkpoint
+    from xpcnn.training.runs import model_from_checkpoint
+    from xpcnn.training.train import predict_probabilities
 
     output = tmp_path / "model.onnx"
     text = invoke("export", trained_run, "--format", "onnx", "--output", output, "--softmax").output
@@ -194,7 +194,7 @@ def test_export_safetensors_records_the_model_classes_and_normalisation(trained_
     pytest.importorskip("safetensors")
     from safetensors import safe_open
 
-    from xpcnn.checkpoint import load_checkpoint
+    from xpcnn.data.checkpoint import load_checkpoint
 
     output = tmp_path / "model.safetensors"
     text = invoke("export", trained_run / "checkpoint.npz", "--format", "safetensors", "--output", output).output

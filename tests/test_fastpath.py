@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from xpcnn import fastpath
 from xpcnn import functional as F
+from xpcnn.ops import fastpath
 
 
 def channels_last(shape, seed=0, quantise=False):
@@ -137,7 +137,7 @@ def test_batchnorm_fast_paths_match(shape, dtype, rtol):
 def test_jax_convolution_fast_path_matches(n, c, h, w, o, kernel, stride, padding, dtype, rtol):
     """XLA's convolutions, forward and all three gradients, against the reference (padding >= kernel included)."""
     pytest.importorskip("jax")
-    from xpcnn.backend import get_backend
+    from xpcnn.backends.backend import get_backend
 
     backend = get_backend("jax", "cpu")
     rng = np.random.default_rng(4)
@@ -162,8 +162,8 @@ def test_jax_convolution_fast_path_matches(n, c, h, w, o, kernel, stride, paddin
 def test_jax_compiler_options_give_xla_kernels_the_same_results(monkeypatch):
     """On the CPU the compiled steps run XLA's own kernels, not YNNPACK's, and compute the same as XLA's defaults."""
     jax = pytest.importorskip("jax")
-    from xpcnn import fastpath_jax
-    from xpcnn.backend import get_backend
+    from xpcnn.backends.backend import get_backend
+    from xpcnn.ops import fastpath_jax
 
     backend = get_backend("jax", "cpu")
     options = fastpath.compiler_options(backend.device)

@@ -3,15 +3,16 @@
 import numpy as np
 import pytest
 
-from xpcnn import fastpath, models, nn, optim
 from xpcnn import functional as F
-from xpcnn.backend import cuda_problem, get_backend, to_host
+from xpcnn import models, nn, optim
+from xpcnn.backends.backend import cuda_problem, get_backend, to_host
+from xpcnn.ops import fastpath
 
 if cuda_problem() is not None:
     pytest.skip(cuda_problem(), allow_module_level=True)
 
 cupy = pytest.importorskip("cupy")
-fused = pytest.importorskip("xpcnn.fastpath_cupy")
+fused = pytest.importorskip("xpcnn.ops.fastpath_cupy")
 
 DTYPES = ["float32", "float64"]
 

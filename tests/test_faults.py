@@ -10,12 +10,14 @@ import pytest
 from click.testing import CliRunner
 from helpers import write_synthetic_mnist
 
-from xpcnn import device_data, display, files, runs
-from xpcnn.backend import get_backend
-from xpcnn.checkpoint import CheckpointError, load_checkpoint
-from xpcnn.cli import main
-from xpcnn.config import TrainConfig
-from xpcnn.errors import XpcnnError
+from xpcnn.apps.cli import main
+from xpcnn.backends.backend import get_backend
+from xpcnn.base import files
+from xpcnn.base.errors import XpcnnError
+from xpcnn.data import device_data
+from xpcnn.data.checkpoint import CheckpointError, load_checkpoint
+from xpcnn.training import display, runs
+from xpcnn.training.config import TrainConfig
 
 
 def config():
@@ -186,7 +188,7 @@ def test_a_damaged_checkpoint_says_how_to_start_afresh(synthetic_dir, tmp_path):
 def test_archives_and_arrays_that_are_not_ours_are_named_as_such(tmp_path):
     import zipfile
 
-    from xpcnn.images import ImageError, load_image
+    from xpcnn.data.images import ImageError, load_image
 
     with zipfile.ZipFile(tmp_path / "other.npz", "w") as archive:
         archive.writestr("hello.txt", "hi")

@@ -5,11 +5,11 @@ import pytest
 
 import xpcnn
 from xpcnn import models
-from xpcnn.checkpoint import load_checkpoint
-from xpcnn.config import TrainConfig
-from xpcnn.data import load_dataset
-from xpcnn.errors import XpcnnError
-from xpcnn.runs import model_from_checkpoint, train_run
+from xpcnn.base.errors import XpcnnError
+from xpcnn.data.checkpoint import load_checkpoint
+from xpcnn.data.data import load_dataset
+from xpcnn.training.config import TrainConfig
+from xpcnn.training.runs import model_from_checkpoint, train_run
 
 
 def blobs(n=240, seed=0):

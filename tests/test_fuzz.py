@@ -7,11 +7,11 @@ import zipfile
 import numpy as np
 import pytest
 
-from xpcnn import runs
-from xpcnn.backend import get_backend
-from xpcnn.checkpoint import CheckpointError, load_checkpoint
-from xpcnn.config import TrainConfig
-from xpcnn.data import DataError, load_dataset, read_idx, write_idx
+from xpcnn.backends.backend import get_backend
+from xpcnn.data.checkpoint import CheckpointError, load_checkpoint
+from xpcnn.data.data import DataError, load_dataset, read_idx, write_idx
+from xpcnn.training import runs
+from xpcnn.training.config import TrainConfig
 
 hypothesis = pytest.importorskip("hypothesis")
 st = hypothesis.strategies

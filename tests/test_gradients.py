@@ -6,7 +6,7 @@ from helpers import RESIDUAL_CASES, numerical_gradient, relative_error, residual
 
 from xpcnn import functional as F
 from xpcnn import nn
-from xpcnn.backend import to_host
+from xpcnn.backends.backend import to_host
 
 TOLERANCE = 1e-6
 

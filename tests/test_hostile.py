@@ -19,15 +19,16 @@ from click.testing import CliRunner
 from PIL import Image
 
 import xpcnn
-from xpcnn import display, files, runs
-from xpcnn.backend import get_backend
-from xpcnn.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from xpcnn.cli import main
-from xpcnn.config import TrainConfig
-from xpcnn.data import DataError, read_idx
-from xpcnn.device_data import Normalization
-from xpcnn.errors import ConfigError, XpcnnError
-from xpcnn.images import ImageError, load_image
+from xpcnn.apps.cli import main
+from xpcnn.backends.backend import get_backend
+from xpcnn.base import files
+from xpcnn.base.errors import ConfigError, XpcnnError
+from xpcnn.data.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from xpcnn.data.data import DataError, read_idx
+from xpcnn.data.device_data import Normalization
+from xpcnn.data.images import ImageError, load_image
+from xpcnn.training import display, runs
+from xpcnn.training.config import TrainConfig
 
 REPOSITORY = Path(__file__).resolve().parents[1]
 needs_fifos = pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs")
@@ -229,8 +230,8 @@ def test_a_checkpoint_is_checked_before_it_is_inflated(run, tmp_path):
 
 
 def test_evaluate_json_never_writes_nan(run, synthetic_dir, monkeypatch):
-    from xpcnn import cli
-    from xpcnn.device_data import EvalResult
+    from xpcnn.apps import cli
+    from xpcnn.data.device_data import EvalResult
 
     def infinite(model, split, backend):
         return EvalResult(float("nan"), 0.1, np.zeros(len(split), np.int64))

@@ -1,4 +1,4 @@
-"""Tests for xpcnn.images: user pictures and arrays -> MNIST-style (28, 28) inputs."""
+"""Tests for xpcnn.data.images: user pictures and arrays -> MNIST-style (28, 28) inputs."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from xpcnn.images import ImageError, decode_picture, load_image, load_images
+from xpcnn.data.images import ImageError, decode_picture, load_image, load_images
 
 # ---------------------------------------------------------------- drawing helpers
 

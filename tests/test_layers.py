@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 from helpers import residual_block, small_resnet
 
-from xpcnn import models, nn, step
-from xpcnn.backend import get_backend, to_host
+from xpcnn import models, nn
+from xpcnn.backends.backend import get_backend, to_host
+from xpcnn.training import step
 
 
 def as_backend(backend, array):

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from xpcnn import models, nn, optim
-from xpcnn.backend import to_host
+from xpcnn.backends.backend import to_host
 
 
 def small_model(backend):

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from xpcnn import nn, optim
-from xpcnn.backend import get_backend, to_host
+from xpcnn.backends.backend import get_backend, to_host
 
 STEPS = 4
 

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from xpcnn import files
-from xpcnn.plots import PlotError, plot_confusion, plot_history, plot_worst, worst_indices
+from xpcnn.apps.plots import PlotError, plot_confusion, plot_history, plot_worst, worst_indices
+from xpcnn.base import files
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 DIGITS = [str(d) for d in range(10)]

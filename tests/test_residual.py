@@ -6,10 +6,12 @@ import pytest
 from helpers import small_resnet
 
 import xpcnn
-from xpcnn import device_data, models, runs, train
-from xpcnn.backend import get_backend
-from xpcnn.checkpoint import load_checkpoint
-from xpcnn.config import TrainConfig, make_optimizer
+from xpcnn import models
+from xpcnn.backends.backend import get_backend
+from xpcnn.data import device_data
+from xpcnn.data.checkpoint import load_checkpoint
+from xpcnn.training import runs, train
+from xpcnn.training.config import TrainConfig, make_optimizer
 
 CLASSES = 4
 

@@ -3,10 +3,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from xpcnn.checkpoint import Checkpoint
-from xpcnn.config import TrainConfig
-from xpcnn.errors import ConfigError
-from xpcnn.runs import confusion_matrix, per_class_accuracy, resumed_config
+from xpcnn.base.errors import ConfigError
+from xpcnn.data.checkpoint import Checkpoint
+from xpcnn.training.config import TrainConfig
+from xpcnn.training.runs import confusion_matrix, per_class_accuracy, resumed_config
 
 
 def checkpoint_after(epochs_done, **config):

@@ -21,10 +21,10 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image, ImageDraw
 
-from xpcnn.backend import get_backend
-from xpcnn.checkpoint import load_checkpoint
-from xpcnn.cli import main
-from xpcnn.serve import MAX_BODY_BYTES, MAX_PIXELS, make_server
+from xpcnn.apps.cli import main
+from xpcnn.apps.serve import MAX_BODY_BYTES, MAX_PIXELS, make_server
+from xpcnn.backends.backend import get_backend
+from xpcnn.data.checkpoint import load_checkpoint
 
 BODY_TIMEOUT = 1.0  # seconds: short, so the slow-client tests are quick
 REPOSITORY = Path(__file__).resolve().parents[1]

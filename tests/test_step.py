@@ -1,12 +1,12 @@
-"""The stateless core (xpcnn/step.py): nested containers on every path, and steps that leave their inputs alone."""
+"""The stateless core (training/step.py): nested containers on every path, and steps that leave their inputs alone."""
 
 import numpy as np
 import pytest
 
 import xpcnn
 from xpcnn import nn, optim
-from xpcnn.backend import get_backend
-from xpcnn.step import Step, lent, stateless_forward
+from xpcnn.backends.backend import get_backend
+from xpcnn.training.step import Step, lent, stateless_forward
 
 
 def nested_model():
@@ -42,7 +42,7 @@ def test_fit_trains_a_nested_sequential(backend):
 def test_jax_eager_steps_train_a_nested_sequential():
     """The uncompiled JAX runner (--eager) runs the same step on a nested Sequential."""
     pytest.importorskip("jax")
-    from xpcnn.compiled import CompiledSteps
+    from xpcnn.training.compiled import CompiledSteps
 
     backend = get_backend("jax", "cpu")
     model = nested_model().to(backend)

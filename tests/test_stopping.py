@@ -16,14 +16,15 @@ from click.testing import CliRunner
 from helpers import InterruptAt
 
 import xpcnn
-from xpcnn import cli, runs
-from xpcnn.backend import get_backend
-from xpcnn.checkpoint import load_checkpoint
-from xpcnn.cli import main
-from xpcnn.config import TrainConfig
-from xpcnn.files import atomic_output
-from xpcnn.stopping import Terminated, sigterm_interrupts, stop_on_signals
-from xpcnn.train import TrainingInterrupted
+from xpcnn.apps import cli
+from xpcnn.apps.cli import main
+from xpcnn.backends.backend import get_backend
+from xpcnn.base.files import atomic_output
+from xpcnn.base.stopping import Terminated, sigterm_interrupts, stop_on_signals
+from xpcnn.data.checkpoint import load_checkpoint
+from xpcnn.training import runs
+from xpcnn.training.config import TrainConfig
+from xpcnn.training.train import TrainingInterrupted
 
 REPOSITORY = Path(__file__).resolve().parents[1]
 

@@ -5,7 +5,7 @@ import pytest
 from helpers import RESIDUAL_CASES, relative_error, residual_block, small_resnet
 
 from xpcnn import nn
-from xpcnn.backend import to_host
+from xpcnn.backends.backend import to_host
 
 torch = pytest.importorskip("torch")
 F = torch.nn.functional

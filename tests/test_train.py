@@ -8,11 +8,13 @@ import numpy as np
 import pytest
 from helpers import InterruptAt
 
-from xpcnn import augment, device_data, models, nn, optim, runs, train
-from xpcnn.backend import get_backend
-from xpcnn.checkpoint import load_checkpoint
-from xpcnn.config import TrainConfig, make_augmentation, make_optimizer
-from xpcnn.data import load_dataset
+from xpcnn import models, nn, optim
+from xpcnn.backends.backend import get_backend
+from xpcnn.data import augment, device_data
+from xpcnn.data.checkpoint import load_checkpoint
+from xpcnn.data.data import load_dataset
+from xpcnn.training import runs, train
+from xpcnn.training.config import TrainConfig, make_augmentation, make_optimizer
 
 
 def config(**overrides):

@@ -7,7 +7,7 @@ NumPy, CuPy, PyTorch, JAX, array-api-strict or any other conforming library.
 Only arrays created here are ever updated: through :func:`_add_into` (in place
 where the backend's arrays are writeable, ``array_api_extra.at`` where they are
 not) and with in-place operators such as ``+=``, which rebind on immutable
-arrays.  :mod:`xpcnn.fastpath` replaces a few of these functions on NumPy.
+arrays.  :mod:`xpcnn.ops.fastpath` replaces a few of these functions on NumPy.
 
 Notation:
     N batch, C input channels, H, W input height and width,
@@ -27,7 +27,7 @@ import itertools
 import array_api_extra as xpx
 from array_api_compat import device, is_writeable_array
 
-from .backend import namespace
+from .backends.backend import namespace
 
 
 def _add_into(x, index, values):

@@ -13,7 +13,7 @@ none, so the next backward assigns instead of adding: no extra operation in
 a training step), so gradients of several micro-batches accumulate.
 
 Parameters are created on the host as NumPy float32 arrays;
-``layer.to(backend, dtype)`` moves them (see :mod:`xpcnn.backend`).
+``layer.to(backend, dtype)`` moves them (see :mod:`xpcnn.backends.backend`).
 
 One job, though long: the layers, the containers and the loss all implement
 the one ``Layer`` contract (forward, backward, parameters, modes), and each
@@ -28,8 +28,8 @@ from collections.abc import Iterable, Iterator
 import numpy as np
 
 from . import functional as F
-from .backend import Backend, backend_of, get_backend, namespace, to_host
-from .fastpath import kernels
+from .backends.backend import Backend, backend_of, get_backend, namespace, to_host
+from .ops.fastpath import kernels
 
 RELU_GAIN = math.sqrt(2.0)
 OUTPUT_GAIN = 1.0
@@ -92,7 +92,7 @@ class Layer:
         """Give the layer a random generator adapter (only stochastic layers use it)."""
 
     def set_communicator(self, communicator) -> None:
-        """Give the layer the ranks' :class:`xpcnn.distributed.Communicator` (only batch norm uses it)."""
+        """Give the layer the ranks' :class:`xpcnn.backends.distributed.Communicator` (only batch norm uses it)."""
 
     def zero_cache(self) -> None:
         """Drop what forward kept for backward."""

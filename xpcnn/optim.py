@@ -29,8 +29,8 @@ import numpy as np
 from array_api_compat import device, is_cupy_array, is_numpy_array, is_torch_array
 
 from . import functional as F
-from .backend import backend_of, namespace, to_host
-from .fastpath import optimizer_kernels
+from .backends.backend import backend_of, namespace, to_host
+from .ops.fastpath import optimizer_kernels
 
 
 def updates_in_place(array) -> bool:
@@ -118,7 +118,7 @@ class Optimizer:
         live slot (:meth:`flat_state`).  ``lr`` and ``steps`` (the count including this step) are arguments,
         not read from ``self``, so that a compiled step can pass them as traced values: a Python number would
         be baked into the trace.  Pure, except where a backend has a fused kernel for the rule (CuPy,
-        :func:`xpcnn.fastpath.optimizer_kernels`): that one writes into ``param`` and ``slots``' buffers and
+        :func:`xpcnn.ops.fastpath.optimizer_kernels`): that one writes into ``param`` and ``slots``' buffers and
         returns them.
         """
         fused = optimizer_kernels(param)

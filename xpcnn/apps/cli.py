@@ -1,0 +1,631 @@
+"""The ``xpcnn`` command line: parsing and messages only, the work happens in the library.
+
+One job, though long: each command declares its options here, and its messages.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import platform
+import sys
+from pathlib import Path
+
+import click
+import numpy as np
+
+from .. import __version__
+from ..backends.backend import BACKEND_NAMES, cuda_problem, get_backend, set_tf32
+from ..backends.diagnostics import available_backends, gpu_names
+from ..backends.distributed import check_backend, rank_from_environment
+from ..backends.ranks import join, prepare
+from ..base.errors import ConfigError
+from ..base.files import check_writable
+from ..data.checkpoint import CHECKPOINT_NAME, CheckpointError, checkpoint_path, load_checkpoint
+from ..data.data import DATASETS, TEST_FILES, find_data_dir, get_spec, load_dataset
+from ..data.device_data import DeviceSplit, normalize_images
+from ..data.images import ImageError, load_image
+from ..models import MODELS
+from ..optim import OPTIMIZERS, SCHEDULES
+from ..training.config import RECIPES, TrainConfig, recipe, recipe_backend
+from ..training.display import Progress
+from ..training.runs import (
+    check_same_data,
+    checkpoint_config,
+    confusion_matrix,
+    default_run_dir,
+    model_from_checkpoint,
+    per_class_accuracy,
+    recorded_data_dir,
+    resumed_config,
+    run_dir_has_run,
+    summary,
+    train_run,
+)
+from ..training.step import compiles
+from ..training.train import RunState, predict_probabilities
+from ..training.train import evaluate as evaluate_model
+from . import export as exporting
+from . import plots
+from .exits import friendly_errors, user_message
+
+allow_other_data_option = click.option(
+    "--allow-other-data",
+    is_flag=True,
+    help="Go on although the data files differ from those the run was trained on (their SHA-256).",
+)
+
+
+def device_options(command):
+    """--device and --backend, shared by the commands that compute."""
+    command = click.option(
+        "--backend",
+        type=click.Choice(BACKEND_NAMES),
+        default=None,
+        help="Array library (default: from --device: cupy for CUDA, numpy for the CPU).",
+    )(command)
+    return click.option(
+        "--device",
+        default="auto",
+        show_default=True,
+        metavar="auto|cpu|cuda|cuda:N",
+        help="Where to compute; auto uses a CUDA GPU when the backend (CuPy by default) can, else the CPU.",
+    )(command)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="xpcnn")
+def main():
+    """xpcnn: train convolutional networks on handwritten digits, on NumPy, CuPy, PyTorch or JAX.
+
+    \b
+    Quick start:
+      xpcnn train                      # convnet on MNIST, GPU if there is one
+      xpcnn evaluate runs/<run>        # accuracy, per-class accuracy, confusion matrix
+      xpcnn predict runs/<run> digit.png
+      xpcnn export runs/<run> --format onnx --output model.onnx
+      xpcnn serve runs/<run>           # draw digits in the browser
+    """
+
+
+BENCH_MODELS = ("seed", "lenet", "convnet")
+TF32_HELP = "Let float32 matrix products on NVIDIA GPUs use TF32 tensor cores (10-bit mantissas): faster, less exact."
+EAGER_HELP = "JAX: run each operation as it comes instead of one compiled program per step (for debugging)."
+
+
+@main.command()
+@click.option(
+    "--recipe",
+    "recipe_name",
+    type=click.Choice(list(RECIPES)),
+    help="Start from a named recipe (quick: 99% in seconds on a CPU; fast: 99% in 2 epochs; best: 99.6%).",
+)
+@click.option("--dataset", type=click.Choice(sorted(DATASETS)), default="mnist", show_default=True)
+@click.option("--data-dir", type=click.Path(file_okay=False), help="Directory holding the four IDX .gz files.")
+@click.option("--model", type=click.Choice(list(MODELS)), default=TrainConfig.model, show_default=True)
+@device_options
+@click.option("--epochs", type=click.IntRange(min=1), default=TrainConfig.epochs, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=TrainConfig.batch_size, show_default=True)
+@click.option("--lr", type=float, default=TrainConfig.lr, show_default=True, help="Peak learning rate.")
+@click.option("--optimizer", type=click.Choice(list(OPTIMIZERS)), default=TrainConfig.optimizer, show_default=True)
+@click.option(
+    "--momentum", type=float, default=TrainConfig.momentum, show_default=True, help="SGD (Nesterov) momentum."
+)
+@click.option("--weight-decay", type=float, default=TrainConfig.weight_decay, show_default=True)
+@click.option("--schedule", type=click.Choice(SCHEDULES), default=TrainConfig.schedule, show_default=True)
+@click.option("--seed", type=click.IntRange(min=0), default=TrainConfig.seed, show_default=True)
+@click.option(
+    "--validation",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    help="Training images held out for validation.",
+)
+@click.option(
+    "--label-smoothing",
+    type=click.FloatRange(0.0, 1.0, max_open=True),
+    default=TrainConfig.label_smoothing,
+    show_default=True,
+    help="Train against (1 - e) * one-hot + e / classes.",
+)
+@click.option(
+    "--augment/--no-augment",
+    default=TrainConfig.augment,
+    show_default=True,
+    help="Random shifts, rotations and scaling of the training images, on the device.",
+)
+@click.option(
+    "--elastic",
+    type=click.FloatRange(min=0.0),
+    default=TrainConfig.elastic,
+    show_default=True,
+    metavar="ALPHA",
+    help="Elastic distortion of the training images (Simard et al. 2003), ALPHA pixels strong; 0 is off.",
+)
+@click.option(
+    "--elastic-sigma",
+    type=click.FloatRange(min=0.0, min_open=True),
+    default=TrainConfig.elastic_sigma,
+    show_default=True,
+    help="Smoothness of the elastic distortion: the Gaussian's standard deviation in pixels.",
+)
+@click.option(
+    "--flip/--no-flip",
+    default=TrainConfig.flip,
+    show_default=True,
+    help="Mirror each training image left to right with probability 1/2 (for clothing, not digits).",
+)
+@click.option(
+    "--crop",
+    type=click.IntRange(min=0),
+    default=TrainConfig.crop,
+    show_default=True,
+    metavar="PIXELS",
+    help="Pad each training image by PIXELS of background and crop it back at a random offset; 0 is off.",
+)
+@click.option(
+    "--recalibrate-bn/--no-recalibrate-bn",
+    default=TrainConfig.recalibrate_bn,
+    show_default=True,
+    help="After the last epoch, re-estimate batch-norm statistics on the training images without augmentation.",
+)
+@click.option(
+    "--log-every",
+    type=click.IntRange(min=1),
+    default=TrainConfig.log_every,
+    show_default=True,
+    help="Steps between progress updates (the only host syncs inside an epoch).",
+)
+@click.option("--out", type=click.Path(file_okay=False), help="Run directory [default: runs/<model>-<time>].")
+@click.option("--resume", type=click.Path(exists=True, file_okay=False), help="Continue the run in this directory.")
+@click.option("--tf32", is_flag=True, help=TF32_HELP)
+@click.option("--plot", is_flag=True, help="Also write the training curves to history.png in the run directory.")
+@click.option("--eager", is_flag=True, help=EAGER_HELP)
+@click.option(
+    "--nproc",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Train data-parallel over this many processes on this machine (--batch-size is the global batch; "
+    "under torchrun, mpiexec or srun leave it out: their ranks are read from the environment).",
+)
+@click.option(
+    "--quiet", "-q", is_flag=True, help="No progress: print only errors and the final summary (and --plot's file)."
+)
+@allow_other_data_option
+@click.pass_context
+@friendly_errors
+def train(
+    ctx,
+    recipe_name,
+    data_dir,
+    device,
+    backend,
+    out,
+    resume,
+    tf32,
+    plot,
+    eager,
+    nproc,
+    quiet,
+    allow_other_data,
+    **options,
+):
+    """Train a model, saving config, history and checkpoints to a run directory."""
+    if plot:
+        plots.require_matplotlib()
+    placement = rank_from_environment()
+    if nproc and nproc > 1 and placement.world_size > 1:
+        raise click.UsageError(
+            f"--nproc starts its own ranks: leave it out under {placement.launcher}, which started "
+            f"{placement.world_size} already"
+        )
+    given = {name for name in options if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE}
+    if resume is not None:
+        if recipe_name:
+            raise click.UsageError("--recipe cannot change when resuming")
+        if not run_dir_has_run(Path(resume)):
+            killed = " (its run was killed before it wrote one)" if (Path(resume) / "config.json").exists() else ""
+            raise click.UsageError(
+                f"{resume} holds no {CHECKPOINT_NAME} to continue{killed}: start it afresh with --out {resume}"
+            )
+        checkpoint = load_checkpoint(resume)
+        if out is not None and Path(out).resolve() != Path(resume).resolve():
+            raise click.UsageError("--out and --resume name different directories")
+        try:
+            config = resumed_config(checkpoint, Path(resume), {k: options[k] for k in given})
+        except ConfigError as exc:
+            raise click.UsageError(str(exc)) from None  # names its flags, and the run's own values
+        out = Path(resume)
+        data_dir = data_dir or recorded_data_dir(checkpoint, out)
+    else:
+        checkpoint = None
+        if recipe_name:
+            options.update({k: v for k, v in recipe(recipe_name).items() if k not in given})
+        config = TrainConfig.from_dict(options)
+        out = Path(out) if out else default_run_dir(config)
+        if run_dir_has_run(out):
+            try:
+                existing = load_checkpoint(out)
+                done, planned = existing.meta["state"]["epoch"], checkpoint_config(existing).epochs
+            except CheckpointError as exc:
+                raise click.UsageError(
+                    f"{out} holds a checkpoint that cannot be continued ({exc}): remove "
+                    f"{checkpoint_path(out)} to train afresh there, or pick another --out"
+                ) from None
+            more = f" --epochs {done + 1}" if done >= planned else ""
+            raise click.UsageError(
+                f"{out} already holds a run ({done} of its {planned} epoch(s) trained): continue it with "
+                f"--resume {out}{more}, or pick another --out"
+            )
+
+    set_tf32(tf32)
+    backend = backend or recipe_backend(recipe_name, device)
+    if not (nproc and nproc > 1):
+        prepare(backend)  # JAX's ranks meet before JAX does anything
+    chosen = get_backend(backend, device)
+    if nproc and nproc > 1:
+        from ..backends.distributed import check_batch_size
+        from .launch import child_arguments, launch
+
+        check_backend(chosen, nproc)
+        check_batch_size(config.batch_size, nproc)
+        # Once, here: a bad data directory is one line, not one per rank, and a download happens once.
+        load_dataset(config.dataset, data_dir, progress=not quiet)
+        if sys.argv[1:2] != ["train"]:  # the ranks rerun this command line
+            raise click.UsageError("--nproc works from the command line (xpcnn train ... --nproc N)")
+        command = [sys.executable, "-m", "xpcnn", "train", *child_arguments(sys.argv[2:], str(out))]
+        sys.exit(launch(nproc, command))
+    communicator = join(chosen)
+    quiet = quiet or not communicator.is_root  # one rank speaks for all
+    dataset = load_dataset(config.dataset, data_dir, progress=not quiet)
+    if not quiet:
+        click.echo(
+            f"training {config.model} on {config.dataset} ({len(dataset.train_labels):,} train / "
+            f"{len(dataset.test_labels):,} test images) with {chosen}, {config.epochs} epoch(s)"
+            + (f", resuming {RunState(**checkpoint.meta['state']).position()}" if checkpoint else ""),
+            err=True,
+        )
+    environment = {
+        "data_dir": dataset.record()["directory"],
+        "backend": chosen.describe(),
+        "tf32": tf32,
+        "recipe": recipe_name,
+        "compiled": compiles(chosen.name, eager),
+    }
+    state = train_run(
+        config,
+        chosen,
+        dataset,
+        out,
+        resume=checkpoint,
+        progress=Progress(sys.stderr, quiet=quiet),
+        environment=environment,
+        allow_other_data=allow_other_data,
+        eager=eager,
+        communicator=communicator,
+    )
+    communicator.close()
+    if not communicator.is_root:
+        return
+    if plot:
+        click.echo(f"training curves: {plots.plot_history(state.history, out / 'history.png')}", err=True)
+    result = summary(state)
+    click.echo(
+        f"best test accuracy {result['best_test_accuracy']:.2%} (epoch {result['best_epoch']}), "
+        f"{result['train_seconds']:.1f} s of training; run saved to {out}"
+    )
+
+
+@main.command()
+@click.argument("run", metavar="RUN_OR_CHECKPOINT", type=click.Path(exists=True))
+@click.option("--data-dir", type=click.Path(file_okay=False), help="Directory holding the four IDX .gz files.")
+@device_options
+@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
+@click.option(
+    "--plot",
+    is_flag=True,
+    help="Also write confusion.png and worst.png (the most confident mistakes) beside the checkpoint.",
+)
+@allow_other_data_option
+@friendly_errors
+def evaluate(run, data_dir, device, backend, as_json, plot, allow_other_data):
+    """Accuracy, per-class accuracy and confusion matrix of a trained model on its test set."""
+    if plot:
+        plots.require_matplotlib()
+    checkpoint = load_checkpoint(run)
+    chosen = get_backend(backend, device)
+    config = checkpoint_config(checkpoint)
+    run_dir = checkpoint_path(run).parent
+    dataset = load_dataset(config.dataset, data_dir or recorded_data_dir(checkpoint, run_dir))
+    try:
+        check_same_data(checkpoint, dataset, allow_other_data, TEST_FILES)
+    except ConfigError as exc:
+        raise click.UsageError(user_message(exc)) from None
+    model, norm = model_from_checkpoint(checkpoint, chosen)
+    with chosen.activate():
+        split = DeviceSplit.from_host(chosen, dataset.test_images, dataset.test_labels, norm)
+        result = evaluate_model(model, split, chosen)
+        probabilities = predict_probabilities(model, split.images) if plot else None
+    labels = dataset.test_labels.astype(np.int64)
+    classes = checkpoint.meta["classes"]
+    k = len(classes)
+    confusion = confusion_matrix(labels, result.predictions, k)
+    per_class = per_class_accuracy(confusion)
+    report = {
+        "checkpoint": str(checkpoint_path(run)),
+        "dataset": config.dataset,
+        "epoch": checkpoint.meta["state"]["epoch"],  # completed; a checkpoint written by a stop is "step" further
+        "step": checkpoint.meta["state"]["step"],
+        "images": int(len(labels)),
+        "loss": result.loss if math.isfinite(result.loss) else None,  # NaN and infinity are not JSON
+        "accuracy": result.accuracy,
+        "per_class_accuracy": {name: float(a) for name, a in zip(classes, per_class, strict=False)},
+        "confusion_matrix": confusion.tolist(),
+        "classes": classes,
+    }
+    if plot:
+        title = f"{config.model} on the {config.dataset} test set"
+        report["plots"] = [
+            str(plots.plot_confusion(confusion, classes, run_dir / "confusion.png", title=title)),
+            str(
+                plots.plot_worst(
+                    dataset.test_images, labels, result.predictions, probabilities, classes, run_dir / "worst.png"
+                )
+            ),
+        ]
+    if as_json:
+        click.echo(json.dumps(report, indent=2, allow_nan=False))
+        return
+    if plot:
+        click.echo("plots: " + ", ".join(report["plots"]))
+    click.echo(
+        f"{report['checkpoint']} ({RunState(**checkpoint.meta['state']).position()}) on the {config.dataset} "
+        f"test set, {len(labels):,} images"
+    )
+    click.echo(f"accuracy {result.accuracy:.2%}  loss {result.loss:.4f}\n")
+    click.echo("per-class accuracy:")
+    for name, accuracy, count in zip(classes, per_class, confusion.sum(axis=1), strict=False):
+        click.echo(f"  {name:>12}  {accuracy:7.2%}  ({count} images)")
+    click.echo("\nconfusion matrix (rows: true class, columns: predicted):")
+    width = max(5, len(str(confusion.max())) + 1)
+    click.echo(" " * 5 + "".join(f"{j:>{width}}" for j in range(k)))
+    for i, row in enumerate(confusion):
+        click.echo(f"{i:>4} " + "".join(f"{v:>{width}}" for v in row))
+
+
+@main.command()
+@click.argument("run", metavar="RUN_OR_CHECKPOINT", type=click.Path(exists=True))
+@click.argument("images", nargs=-1, required=True, type=click.Path())
+@device_options
+@click.option("--top-k", type=click.IntRange(min=1), default=1, show_default=True, help="How many classes to show.")
+@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
+@friendly_errors
+def predict(run, images, device, backend, top_k, as_json):
+    """Class and probability for digit pictures (PNG, JPEG...) or .npy arrays.
+
+    A file that cannot be read is reported on its own line and the others are
+    still predicted; the exit status is 1 if any failed.
+    """
+    checkpoint = load_checkpoint(run)
+    rows, loaded = [], []  # loaded: (row index, image (28, 28)) of every file that could be read
+    for path in images:
+        try:
+            loaded.append((len(rows), load_image(path)))
+            rows.append({"image": path})
+        except ImageError as exc:
+            rows.append({"image": path, "error": str(exc)})
+    probabilities = []
+    if loaded:
+        chosen = get_backend(backend, device)
+        model, norm = model_from_checkpoint(checkpoint, chosen)
+        with chosen.activate():
+            batch = normalize_images(chosen, np.stack([image for _, image in loaded])[:, None], norm)
+            probabilities = predict_probabilities(model, batch)
+    labels = checkpoint.meta["classes"]
+    for (index, _), p in zip(loaded, probabilities, strict=True):
+        ranked = [int(i) for i in np.argsort(-p, kind="stable")[:top_k]]
+        top = [{"class": i, "label": labels[i], "probability": float(p[i])} for i in ranked]
+        rows[index].update(top[0], top=top)
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+    else:
+        for row in rows:
+            if "error" in row:
+                click.echo(f"Error: {row['error']}", err=True)
+            else:
+                shown = ", ".join(f"{t['label']} ({t['probability']:.1%})" for t in row["top"])
+                click.echo(f"{row['image']}: {shown}")
+    if len(loaded) < len(rows):
+        sys.exit(1)
+
+
+@main.command()
+@click.argument("run", metavar="RUN_OR_CHECKPOINT", type=click.Path(exists=True))
+@click.option("--format", "format_", type=click.Choice(exporting.FORMATS), required=True, help="What to write.")
+@click.option("--output", type=click.Path(dir_okay=False), required=True, help="The file to write.")
+@click.option("--softmax", is_flag=True, help="ONNX only: output class probabilities instead of logits.")
+@click.option("--force", is_flag=True, help="Replace --output if it exists.")
+@friendly_errors
+def export(run, format_, output, softmax, force):
+    """Export a trained model: ONNX with the input normalisation built in, or safetensors weights for PyTorch.
+
+    \b
+    onnx:        input "images" (N, 1, 28, 28) float32 in [0, 1], output "logits" (N, classes)
+                 ("probabilities" with --softmax)
+    safetensors: the weights under PyTorch's key names, the input mean and std in its metadata
+    """
+    if softmax and format_ != "onnx":
+        raise click.UsageError("--softmax applies to --format onnx only (safetensors holds weights)")
+    output = Path(output)
+    if output.exists() and os.path.samefile(output, checkpoint_path(run)):
+        raise click.UsageError(f"{output} is the checkpoint being exported: pick another --output")
+    if output.exists() and not force:
+        raise click.UsageError(f"{output} exists: pass --force to replace it")
+    if not output.parent.is_dir():
+        raise click.UsageError(f"{output.parent} is not a directory: create it first")
+    check_writable(output)
+    exporting.require(format_)
+    checkpoint = load_checkpoint(run)
+    model, norm = model_from_checkpoint(checkpoint, get_backend("numpy", "cpu"))
+    metadata = {"model": checkpoint_config(checkpoint).model, "classes": json.dumps(checkpoint.meta["classes"])}
+    exporting.export(model, norm, format_, output, softmax=softmax, metadata=metadata)
+    if format_ == "onnx":
+        result = "probabilities" if softmax else "logits"
+        shape = f"images (N, 1, 28, 28) in [0, 1] -> {result} (N, {len(checkpoint.meta['classes'])})"
+    else:
+        shape = f"PyTorch key names; normalise inputs with mean {norm.mean:.6g}, std {norm.std:.6g}"
+    click.echo(f"wrote {output} ({format_}: {shape})")
+
+
+@main.command()
+@click.argument("run", metavar="RUN_OR_CHECKPOINT", type=click.Path(exists=True))
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (0.0.0.0: every network).")
+@click.option(
+    "--port", type=click.IntRange(0, 65535), default=8000, show_default=True, help="Port to listen on (0: a free one)."
+)
+@device_options
+@click.option("--quiet", is_flag=True, help="No access log (one line per request on stderr).")
+@friendly_errors
+def serve(run, host, port, device, backend, quiet):
+    """A local web page to draw digits on and see the model's probabilities, with POST /predict (a PNG in, JSON out).
+
+    Stop it with Ctrl-C.
+    """
+    from .serve import make_server
+
+    checkpoint = load_checkpoint(run)
+    server = make_server(checkpoint, get_backend(backend, device), host, port, quiet)
+    click.echo(f"serving {checkpoint_path(run)} at {server.url} (Ctrl-C stops)")
+    sys.stdout.flush()  # the address is needed now, also where stdout is a pipe
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        click.echo("stopped", err=True)
+    finally:
+        server.server_close()
+
+
+@main.command()
+@click.option(
+    "--model",
+    "models",
+    multiple=True,
+    type=click.Choice(list(MODELS)),
+    help=f"Repeatable [default: {', '.join(BENCH_MODELS)}].",
+)
+@click.option(
+    "--backend",
+    "backends",
+    multiple=True,
+    type=click.Choice(BACKEND_NAMES),
+    help="Repeatable [default: numpy, and cupy where a GPU works].",
+)
+@click.option("--threads", type=click.IntRange(min=1), default=2, show_default=True, help="CPU threads for every case.")
+@click.option("--steps", type=click.IntRange(min=1), default=20, show_default=True, help="Steps per timed run.")
+@click.option(
+    "--repeats",
+    type=click.IntRange(min=1),
+    default=5,
+    show_default=True,
+    help="Timed runs per case (median reported), interleaved with its PyTorch twin's.",
+)
+@click.option("--train-batch", type=click.IntRange(min=1), default=128, show_default=True)
+@click.option("--infer-batch", type=click.IntRange(min=1), default=1000, show_default=True)
+@click.option("--no-torch", is_flag=True, help="Skip the PyTorch comparison.")
+@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON instead of the table.")
+@click.option(
+    "--output",
+    "output_path",
+    type=click.Path(dir_okay=False),
+    metavar="FILE",
+    help="Also write the results here as JSON.",
+)
+@click.option("--tf32", is_flag=True, help=TF32_HELP)
+@click.option("--eager", is_flag=True, help="JAX: time the steps run eagerly instead of compiled.")
+@click.option(
+    "--full-run",
+    "full_run_dir",
+    type=click.Path(exists=True, file_okay=False),
+    help="Also train convnet for one epoch on the MNIST files here and report its peak memory and time.",
+)
+@friendly_errors
+def bench(
+    models,
+    backends,
+    threads,
+    steps,
+    repeats,
+    train_batch,
+    infer_batch,
+    no_torch,
+    as_json,
+    output_path,
+    tf32,
+    eager,
+    full_run_dir,
+):
+    """Training and inference images/s and peak memory, beside PyTorch eager with timed runs interleaved."""
+    from ..base.files import write_json
+    from .bench import cases, formatting, sessions
+
+    if output_path:
+        check_writable(output_path)  # before the benchmark, not after it
+    models = list(models) or list(BENCH_MODELS)
+    backends = list(backends) or (["numpy", "cupy"] if cuda_problem() is None else ["numpy"])
+    with_torch = not no_torch and sessions.torch_available()
+    settings = cases.Settings(train_batch, infer_batch, steps, repeats, 3, threads, tf32, eager)
+    machine = sessions.machine_description(threads)
+    click.echo(
+        f"{machine['processor']}, {machine['cpu_count']} CPUs ({threads} threads), GPUs: {machine['gpus'] or 'none'}",
+        err=True,
+    )
+    results = []
+    for case in sessions.xpcnn_cases(backends, models):
+        for row in sessions.run_pair(case, settings, with_torch):
+            results.append(row)
+            click.echo(f"  {formatting.format_progress(row)}", err=True)
+    say = (lambda text: None) if as_json else click.echo  # with --json, stdout holds the JSON only
+    say(formatting.format_table(results))
+    report = {"machine": machine, "settings": dataclasses.asdict(settings), "results": results}
+    if with_torch:
+        say(f"vs torch: xpcnn / PyTorch eager, median ({formatting.RATIO_SPREAD}) of {repeats} interleaved runs")
+        report["ratio_spread"] = formatting.RATIO_SPREAD
+    if full_run_dir:
+        device = "cuda" if "cupy" in backends else "cpu"
+        click.echo(f"  running one epoch of convnet on {device} ...", err=True)
+        run = sessions.full_run(full_run_dir, "convnet", device, threads, tf32)
+        report["full_run"] = run
+        if "error" in run:
+            click.echo(f"full MNIST epoch failed: {run['error']}", err=as_json)
+        else:
+            say(
+                f"full MNIST epoch of convnet on {device}: {run['seconds']:.1f} s training "
+                f"({run['images_per_second']:,.0f} img/s), {run['wall_seconds']:.1f} s wall, "
+                f"test accuracy {run['test_accuracy']:.2%}, peak RSS {run['peak_rss_mib']:,.0f} MiB"
+            )
+    if output_path:
+        write_json(output_path, report)
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+    failed = [row for row in results if "error" in row] + ([run] if full_run_dir and "error" in run else [])
+    if failed:
+        sys.exit(1)  # each failure was reported on its line; the figures that could be measured are kept
+
+
+@main.command()
+@friendly_errors
+def info():
+    """Backends available here, their versions, the GPUs visible, and where data is found."""
+    click.echo(f"xpcnn {__version__}, Python {platform.python_version()} on {platform.platform()}")
+    click.echo("\nbackends:")
+    for row in available_backends():
+        click.echo(f"  {row['backend']:<17} {row['version']:<10} {row['status']}")
+    gpus = gpu_names()
+    click.echo("\nGPUs: " + (", ".join(gpus) if gpus else "none visible"))
+    click.echo(f"auto device picks: {get_backend('auto')}")
+    click.echo("\ndatasets:")
+    for name in sorted(DATASETS):
+        found = find_data_dir(get_spec(name))
+        click.echo(f"  {name:<14} {found if found else 'not found locally (downloaded on first use)'}")

@@ -1,0 +1,73 @@
+"""How a command ends: one line and exit status 1 for an error a user can fix, 128 + N for signal N,
+a traceback and exit status 70 for a bug (:func:`friendly_errors`, wrapped around each command)."""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+import traceback
+
+import click
+
+from ..base.errors import ConfigError, XpcnnError
+from ..base.stopping import Terminated, sigterm_interrupts
+from ..training.train import TrainingInterrupted
+
+EXIT_INTERRUPTED = 130  # 128 + SIGINT
+EXIT_TERMINATED = 143  # 128 + SIGTERM
+EXIT_BUG = 70  # sysexits' EX_SOFTWARE: an internal error
+BUG_REPORT = "This is a bug in xpcnn: please report it, with the traceback above and the command that gave it."
+
+
+def friendly_errors(command):
+    """Show the errors a user can fix as one line with exit status 1 (128 + N for signal N), and bugs as bugs.
+
+    User errors are xpcnn's own (:class:`XpcnnError`; a setting's error names its flag) and the
+    operating system's (a full disk, a missing permission).  Any other exception is a bug: its
+    traceback, a request to report it, exit status 70.  ``XPCNN_DEBUG=1`` shows the traceback of
+    user errors too.
+    """
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        debug = os.environ.get("XPCNN_DEBUG", "") not in ("", "0")
+        try:
+            with sigterm_interrupts():
+                return command(*args, **kwargs)
+        except (click.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+            raise
+        except TrainingInterrupted as exc:  # stopped at a step boundary, checkpointed: 130 for Ctrl-C, 143 for SIGTERM
+            click.echo(f"\nxpcnn: {exc}", err=True)
+            sys.exit(128 + exc.signum)
+        except Terminated:
+            click.echo("\nxpcnn: stopped by SIGTERM", err=True)
+            sys.exit(EXIT_TERMINATED)
+        except KeyboardInterrupt:
+            click.echo("\ninterrupted", err=True)
+            sys.exit(EXIT_INTERRUPTED)
+        except (XpcnnError, OSError) as exc:
+            if debug:
+                traceback.print_exc()
+            raise click.ClickException(user_message(exc)) from None
+        except Exception:
+            traceback.print_exc()
+            click.echo(BUG_REPORT, err=True)
+            sys.exit(EXIT_BUG)
+
+    return wrapper
+
+
+def user_message(exc: Exception) -> str:
+    """One line for a user error: a setting's flag first, an OS error's file and reason."""
+    if isinstance(exc, ConfigError) and exc.setting:
+        return f"--{exc.setting.replace('_', '-')}: {_first_line(exc)}"
+    if isinstance(exc, OSError) and exc.strerror:
+        target = f"{exc.filename}: " if exc.filename else ""
+        return f"{target}{exc.strerror}"
+    return _first_line(exc)
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -1,0 +1,309 @@
+"""``xpcnn serve``: a local web page to draw digits on, and ``POST /predict`` behind it.
+
+The page (``static/index.html``) sends the canvas as a PNG; ``/predict``
+prepares it exactly as ``xpcnn predict`` prepares a picture file
+(:func:`images.decode_picture`) and answers ``{"class": int, "probabilities":
+[K floats]}``.  Every error is a JSON ``{"error": "..."}`` with a 4xx status
+(a 500 only for a bug in xpcnn).  The standard library's threading HTTP
+server is enough for one person's browser and a few scripts.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import socket
+import sys
+import threading
+import time
+import traceback
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from importlib import resources
+from urllib.parse import urlsplit
+
+import numpy as np
+
+from ..backends.backend import Backend
+from ..base.errors import XpcnnError
+from ..data.checkpoint import Checkpoint
+from ..data.device_data import normalize_images
+from ..data.images import MAX_PIXELS, ImageError, decode_picture
+from ..training.runs import model_from_checkpoint
+from ..training.train import predict_probabilities
+
+MAX_BODY_BYTES = 1024 * 1024  # a 280x280 canvas is a few kB; anything over 1 MiB is refused before it is read
+BODY_TIMEOUT_S = 10.0  # default limit for a whole body to arrive, and for a connection to idle
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+ROUTES = {"/": "GET", "/index.html": "GET", "/predict": "POST"}  # path -> its one method (and HEAD for GET)
+
+
+class RequestError(Exception):
+    """A request the server refuses: an HTTP status and a one-line reason for the JSON body."""
+
+    def __init__(self, status: HTTPStatus, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+class DigitReader:
+    """A checkpoint's model behind a lock: PNG bytes in, class probabilities out."""
+
+    def __init__(self, checkpoint: Checkpoint, backend: Backend):
+        self.backend = backend
+        self.model, self.norm = model_from_checkpoint(checkpoint, backend)
+        # One picture at a time: the layers keep per-call state (their mode, what forward saves), CuPy's current
+        # device is per thread (hence activate() inside), and it bounds memory to one decoded picture however
+        # many clients post at once.  A 280x280 drawing takes a few milliseconds.
+        self._lock = threading.Lock()
+
+    def read(self, png: bytes) -> dict:
+        """PNG bytes -> {"class": int, "probabilities": [K floats]}; RequestError for pictures it cannot use."""
+        if not png.startswith(PNG_SIGNATURE):
+            raise RequestError(HTTPStatus.UNSUPPORTED_MEDIA_TYPE, "the body is not a PNG image")
+        with self._lock, self.backend.activate():
+            try:
+                image = decode_picture(png, "the PNG", formats=("PNG",), max_pixels=MAX_PIXELS)
+            except ImageError as exc:
+                raise RequestError(HTTPStatus.BAD_REQUEST, str(exc)) from None
+            batch = normalize_images(self.backend, image[None, None], self.norm)
+            probabilities = predict_probabilities(self.model, batch)[0]
+        return {"class": int(np.argmax(probabilities)), "probabilities": [float(p) for p in probabilities]}
+
+
+class DeadlineReader(io.RawIOBase):
+    """A socket's input that raises TimeoutError once ``deadline`` (``time.monotonic()`` seconds) has passed.
+
+    A socket timeout alone bounds each wait, so a client that sends a byte now and then would keep a thread
+    forever; the deadline bounds a whole phase of a request (its request line and headers, or its body).
+    """
+
+    def __init__(self, connection: socket.socket, timeout: float):
+        self.connection, self.timeout = connection, timeout
+        self.deadline: float | None = None
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        left = self.timeout if self.deadline is None else self.deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("the deadline passed")
+        self.connection.settimeout(left)
+        try:
+            return self.connection.recv_into(buffer)
+        finally:
+            self.connection.settimeout(self.timeout)  # answers are written with the plain timeout
+
+
+class Handler(BaseHTTPRequestHandler):
+    """GET / (the page), POST /predict; JSON errors for everything else, each with a status line.
+
+    Each request's line and headers must arrive within the server's ``body_timeout`` of the request's
+    start (idle time on a kept-alive connection included), and its body within as long again.
+    """
+
+    server_version = "xpcnn"
+    protocol_version = "HTTP/1.1"  # keep-alive, so the page's requests reuse one connection
+    default_request_version = "HTTP/1.0"  # never answer without a status line (HTTP/0.9), even a garbled request
+    server: DigitServer
+
+    def setup(self):
+        self.timeout = self.server.body_timeout  # the socket's timeout: a client that goes quiet frees its thread
+        super().setup()
+        self.reader = DeadlineReader(self.connection, self.timeout)
+        self.rfile = io.BufferedReader(self.reader)
+
+    def handle_one_request(self):
+        self.reader.deadline = time.monotonic() + self.timeout  # for the request line and the headers
+        super().handle_one_request()
+
+    def parse_request(self) -> bool:
+        try:
+            return super().parse_request()
+        except TimeoutError:
+            self._send_json_error(
+                HTTPStatus.REQUEST_TIMEOUT, f"the request's headers did not arrive within {self.timeout:g} s"
+            )
+            return False
+
+    def handle_expect_100(self) -> bool:
+        """Send ``100 Continue`` only for a body that will be read: a POST to /predict whose headers pass."""
+        if self.command != "POST" or self._path() != "/predict":
+            return True  # the final answer (404, 405) comes instead
+        try:
+            self._declared_length()
+        except RequestError as exc:
+            self._send_json_error(exc.status, str(exc))
+            return False
+        return super().handle_expect_100()
+
+    def do_GET(self):
+        if self._route_allows("GET"):
+            self._send(HTTPStatus.OK, self.server.page, "text/html; charset=utf-8")
+
+    def do_POST(self):
+        if not self._route_allows("POST"):
+            return
+        try:
+            answer = self.server.reader.read(self._read_body())
+        except RequestError as exc:
+            self._send_json_error(exc.status, str(exc))
+            return
+        except Exception:  # a bug: the client gets a 500, the console the traceback, the server goes on
+            traceback.print_exc()
+            self._send_json_error(HTTPStatus.INTERNAL_SERVER_ERROR, "internal error in xpcnn (see the server's log)")
+            return
+        self._send(HTTPStatus.OK, json.dumps(answer).encode(), "application/json")
+
+    def do_OTHER(self):
+        self._route_allows(None)
+
+    do_HEAD = do_GET
+    do_PUT = do_DELETE = do_PATCH = do_OPTIONS = do_OTHER
+
+    def _path(self) -> str | None:
+        """The path of the request's target, None where it is not a URL (``http://[bad/``)."""
+        try:
+            return urlsplit(self.path).path
+        except ValueError:
+            return None
+
+    def _route_allows(self, method: str | None) -> bool:
+        """True if the path takes this method; else answer 400 (not a URL), 404 (no such path) or 405 (another
+        method) and False."""
+        path = self._path()
+        if path is None:
+            self._send_json_error(HTTPStatus.BAD_REQUEST, f"not a valid request target: {self.path[:200]!r}")
+            return False
+        allowed = ROUTES.get(path)
+        if allowed is None:
+            self._send_json_error(HTTPStatus.NOT_FOUND, f"no such page: {path}")
+        elif method != allowed:
+            self._send_json_error(
+                HTTPStatus.METHOD_NOT_ALLOWED, f"{self.command} is not allowed on {path}", {"Allow": allowed}
+            )
+        return allowed is not None and method == allowed
+
+    def _read_body(self) -> bytes:
+        """The request body, checked before it is read (:meth:`_declared_length`).
+
+        The whole body must arrive within the server's ``body_timeout``, so a client that sends less than it
+        announced (or trickles it) cannot hold a thread.
+        """
+        length = self._declared_length()
+        self.reader.deadline = time.monotonic() + self.timeout
+        chunks, received = [], 0
+        try:
+            while received < length:
+                chunk = self.rfile.read1(length - received)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                received += len(chunk)
+        except TimeoutError:
+            raise RequestError(
+                HTTPStatus.REQUEST_TIMEOUT, f"only {received:,} of {length:,} bytes arrived in {self.timeout:g} s"
+            ) from None
+        if received < length:
+            raise RequestError(HTTPStatus.BAD_REQUEST, f"the body ended after {received:,} of {length:,} bytes")
+        return b"".join(chunks)
+
+    def _declared_length(self) -> int:
+        """The body's length, from headers checked first: a Content-Length within MAX_BODY_BYTES, an image type."""
+        if "Transfer-Encoding" in self.headers or "Content-Length" not in self.headers:
+            raise RequestError(HTTPStatus.LENGTH_REQUIRED, "Content-Length is required")
+        declared = self.headers.get_all("Content-Length")
+        if len(declared) != 1 or not (declared[0].strip().isascii() and declared[0].strip().isdigit()):
+            raise RequestError(HTTPStatus.BAD_REQUEST, f"invalid Content-Length: {', '.join(declared)!r}")
+        length = int(declared[0])
+        if length > MAX_BODY_BYTES:
+            raise RequestError(
+                HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+                f"the body is {length:,} bytes, over the limit of {MAX_BODY_BYTES:,}",
+            )
+        kind = self.headers.get_content_type() if "Content-Type" in self.headers else None
+        if kind is not None and not (kind.startswith("image/") or kind == "application/octet-stream"):
+            raise RequestError(HTTPStatus.UNSUPPORTED_MEDIA_TYPE, f"expected a PNG image, got Content-Type {kind}")
+        if length == 0:
+            raise RequestError(HTTPStatus.BAD_REQUEST, "the body is empty: expected a PNG image")
+        return length
+
+    def send_error(self, code, message=None, explain=None):
+        """http.server's own errors (a bad request line, an unknown method...) as JSON too, with a status line:
+        a malformed request gets a 4xx (an HTTP/2 request line 400: HTTP/2 has none), an unknown method 501."""
+        status = HTTPStatus(code)
+        if status == HTTPStatus.HTTP_VERSION_NOT_SUPPORTED:
+            status, message = HTTPStatus.BAD_REQUEST, f"{message}: xpcnn serves HTTP/1.1"
+        self._send_json_error(status, message or status.phrase)
+
+    def _send_json_error(self, status: HTTPStatus, message: str, headers: dict | None = None):
+        # An error may leave an unread body on the connection, which would be taken for the next request.
+        self.close_connection = True
+        body = json.dumps({"error": message}).encode()
+        self._send(status, body, "application/json", {"Connection": "close", **(headers or {})})
+
+    def _send(self, status: HTTPStatus, body: bytes, content_type: str, headers: dict | None = None):
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Cache-Control", "no-store")
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def log_message(self, format, *args):  # noqa: A002 (the base class's name)
+        if not self.server.quiet:
+            super().log_message(format, *args)
+
+
+class DigitServer(ThreadingHTTPServer):
+    """A thread per connection (daemon threads: Ctrl-C does not wait for idle keep-alive clients)."""
+
+    daemon_threads = True
+    request_queue_size = 128  # the listen backlog; socketserver's 5 makes a burst of clients see resets
+
+    def __init__(self, address: tuple[str, int], reader: DigitReader, quiet: bool, body_timeout: float):
+        if ":" in address[0]:  # an IPv6 address such as ::1
+            self.address_family = socket.AF_INET6
+        self.reader = reader
+        self.body_timeout = body_timeout
+        self.page = resources.files("xpcnn.apps").joinpath("static/index.html").read_bytes()
+        self.quiet = quiet
+        super().__init__(address, Handler)
+
+    @property
+    def url(self) -> str:
+        """The page's address, e.g. http://127.0.0.1:8000/ (IPv6 hosts in brackets)."""
+        host, port = self.server_address[:2]
+        return f"http://[{host}]:{port}/" if ":" in host else f"http://{host}:{port}/"
+
+    def handle_error(self, request, client_address):
+        """A client that hangs up mid-answer is normal; anything else is a bug worth its traceback."""
+        if isinstance(sys.exc_info()[1], ConnectionError):
+            return
+        super().handle_error(request, client_address)
+
+
+def make_server(
+    checkpoint: Checkpoint,
+    backend: Backend,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    quiet: bool = False,
+    body_timeout: float = BODY_TIMEOUT_S,
+) -> DigitServer:
+    """A server bound to host:port (port 0: a free one, see ``server.url``), not yet serving.
+
+    ``quiet`` turns off the access log; ``body_timeout`` (seconds) is how long a request's body may take to
+    arrive, and how long a connection may idle between requests.
+
+    XpcnnError (one line) where the address cannot be bound, e.g. a port already in use.
+    """
+    reader = DigitReader(checkpoint, backend)
+    try:
+        return DigitServer((host, port), reader, quiet, body_timeout)
+    except OSError as exc:
+        raise XpcnnError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None

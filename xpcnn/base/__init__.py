@@ -1,0 +1,1 @@
+"""The base layer: errors, files, signals and seeded generators; imports nothing else of xpcnn's."""

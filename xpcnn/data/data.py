@@ -1,0 +1,497 @@
+"""Datasets on the host: IDX files, the MNIST / Fashion-MNIST registry, lookup, download.
+
+One job, though long: datasets from disk or the network into checked host arrays;
+each file format and source has its own one-line errors.
+
+Everything here works on plain NumPy arrays.  A loaded `Dataset` holds
+images as (N, 28, 28) uint8 and labels as (N,) uint8 class indices.
+
+Files are looked for, in order, in an explicit ``data_dir``, in
+``$XPCNN_DATA_DIR/<name>``, in the cache directory (``$XDG_CACHE_HOME/xpcnn/<name>``
+or ``~/.cache/xpcnn/<name>``) and in system directories (Debian's
+``/usr/share/datasets/fashion-mnist``).  Files found on disk are read as they
+are; only downloads are checked against the canonical SHA-256 sums, because a
+user's copy may legitimately differ from the canonical release.
+
+Every problem with the data raises `DataError` with a one-line message that
+names the file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import hashlib
+import http.client
+import math
+import os
+import struct
+import sys
+import urllib.request
+import zlib
+from collections.abc import Mapping
+from pathlib import Path
+
+import click
+import numpy as np
+
+from ..base.errors import ConfigError, XpcnnError
+from ..base.files import NotRegularFileError, atomic_output, open_regular
+
+__all__ = [
+    "DATASETS",
+    "FILES",
+    "DataError",
+    "Dataset",
+    "DatasetSpec",
+    "DownloadError",
+    "cache_dir",
+    "download_files",
+    "find_data_dir",
+    "get_spec",
+    "load_dataset",
+    "read_idx",
+    "split_validation",
+    "write_idx",
+]
+
+
+class DataError(XpcnnError, ValueError):
+    """A data file is missing, malformed or inconsistent (one-line message naming the file)."""
+
+
+class DownloadError(DataError):
+    """No mirror delivered a file with the expected checksum."""
+
+
+# ---------------------------------------------------------------------------
+# IDX files (http://yann.lecun.com/exdb/mnist/): two zero bytes, a dtype code,
+# a dimension count, then one big-endian uint32 per dimension, then the data.
+
+_IDX_DTYPES = {
+    0x08: np.dtype("u1"),
+    0x09: np.dtype("i1"),
+    0x0B: np.dtype(">i2"),
+    0x0C: np.dtype(">i4"),
+    0x0D: np.dtype(">f4"),
+    0x0E: np.dtype(">f8"),
+}
+_MAX_IDX_DIMS = 4
+_GZIP_MAGIC = b"\x1f\x8b"
+
+
+def _one_line(text: object) -> str:
+    """Collapse whitespace (newlines included) so that messages stay on one line."""
+    return " ".join(str(text).split())
+
+
+# An IDX file declares its size in its header: files declaring more than this are refused before any
+# decompression, and a gzip stream is never decompressed past what the header declares (plus a little, to
+# count trailing bytes), so a gzip bomb stops early.
+MAX_IDX_BYTES = 2**31
+_TRAILING_COUNTED = 2**20
+
+
+def read_idx(path: str | os.PathLike) -> np.ndarray:
+    """Read an IDX file, gzip-compressed (detected by its magic bytes) or raw.
+
+    Returns a new, writable, native-endian array of the file's shape and
+    dtype (uint8, int8, int16, int32, float32 or float64).  Reads (and
+    decompresses) no more than the header declares, which may be at most
+    ``MAX_IDX_BYTES``.
+    """
+    path = Path(path)
+    try:
+        with open_regular(path) as raw:
+            if raw.read(2) == _GZIP_MAGIC:
+                raw.seek(0)
+                with gzip.GzipFile(fileobj=raw) as stream:
+                    return _read_idx_stream(stream, path)
+            raw.seek(0)
+            return _read_idx_stream(raw, path)
+    except (EOFError, zlib.error, gzip.BadGzipFile) as error:
+        raise DataError(f"{path}: corrupt gzip stream: {_one_line(error)}") from error
+    except NotRegularFileError as error:
+        raise DataError(str(error)) from None
+    except OSError as error:
+        raise DataError(f"{path}: cannot read: {_one_line(error.strerror or error)}") from error
+
+
+def _read_idx_stream(stream, path: Path) -> np.ndarray:
+    """The IDX array in ``stream`` (a file or a gzip stream), reading no further than its header declares."""
+    start = stream.read(4)
+    if len(start) < 4:
+        raise DataError(f"{path}: not an IDX file: only {len(start)} bytes")
+    if start[:2] != b"\0\0":
+        raise DataError(f"{path}: not an IDX file: bad magic number 0x{start.hex()}")
+    code, ndim = start[2], start[3]
+    if code not in _IDX_DTYPES:
+        raise DataError(f"{path}: unknown IDX data type code 0x{code:02x}")
+    if not 1 <= ndim <= _MAX_IDX_DIMS:
+        raise DataError(f"{path}: unsupported IDX dimension count {ndim} (expected 1 to {_MAX_IDX_DIMS})")
+    dims = stream.read(4 * ndim)
+    if len(dims) < 4 * ndim:
+        raise DataError(f"{path}: truncated IDX header: {4 + len(dims)} of {4 + 4 * ndim} bytes")
+    shape = struct.unpack(f">{ndim}I", dims)
+    dtype = _IDX_DTYPES[code]
+    count = math.prod(shape)
+    size = count * dtype.itemsize
+    if size > MAX_IDX_BYTES:
+        raise DataError(f"{path}: the IDX header declares {shape} items, {size:,} bytes: more than xpcnn reads")
+    data = stream.read(size + _TRAILING_COUNTED)
+    if len(data) < size:
+        raise DataError(f"{path}: truncated IDX file: expected {count} items, found {len(data) // dtype.itemsize}")
+    if len(data) > size:
+        extra = len(data) - size
+        more = "at least " if extra == _TRAILING_COUNTED else ""
+        raise DataError(f"{path}: {more}{extra} trailing bytes after the {count} items of the IDX file")
+    array = np.frombuffer(data, dtype=dtype, count=count).reshape(shape)
+    return array.astype(dtype.newbyteorder("="))
+
+
+def write_idx(path: str | os.PathLike, array: np.ndarray) -> None:
+    """Write `array` (1 to 4 dims; uint8, int8, int16, int32, float32 or float64) as IDX.
+
+    Gzip-compressed when `path` ends in ``.gz``, raw otherwise.  The file is
+    written to a temporary file and renamed into place, so `path` either keeps
+    its old content or gets the complete new one.
+    """
+    path = Path(path)
+    array = np.asarray(array)
+    big_endian = array.dtype.newbyteorder(">")
+    codes = [code for code, dtype in _IDX_DTYPES.items() if dtype == big_endian]
+    if not codes:
+        raise DataError(f"{path}: cannot store dtype {array.dtype} in an IDX file")
+    if not 1 <= array.ndim <= _MAX_IDX_DIMS:
+        raise DataError(f"{path}: cannot store a {array.ndim}-D array in an IDX file (1 to {_MAX_IDX_DIMS})")
+    if max(array.shape) >= 2**32:
+        raise DataError(f"{path}: dimension too large for an IDX file: {array.shape}")
+
+    header = bytes([0, 0, codes[0], array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
+    payload = np.ascontiguousarray(array, dtype=big_endian).tobytes()
+    with atomic_output(path) as out:
+        if path.suffix == ".gz":
+            with gzip.GzipFile(filename=path.stem, mode="wb", fileobj=out, mtime=0) as compressed:
+                compressed.write(header)
+                compressed.write(payload)
+        else:
+            out.write(header)
+            out.write(payload)
+
+
+# ---------------------------------------------------------------------------
+# Registry.
+
+TRAIN_IMAGES = "train-images-idx3-ubyte.gz"
+TRAIN_LABELS = "train-labels-idx1-ubyte.gz"
+TEST_IMAGES = "t10k-images-idx3-ubyte.gz"
+TEST_LABELS = "t10k-labels-idx1-ubyte.gz"
+FILES = (TRAIN_IMAGES, TRAIN_LABELS, TEST_IMAGES, TEST_LABELS)
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetSpec:
+    """Where a dataset comes from: its four `FILES`, class names, mirrors, checksums.
+
+    `mirrors` are base URLs tried in turn (file name appended); `sha256` maps
+    each file name to the hex SHA-256 that a download must have;
+    `system_dirs` are extra directories searched after the cache.
+    """
+
+    name: str
+    classes: tuple[str, ...]
+    mirrors: tuple[str, ...]
+    sha256: Mapping[str, str]
+    system_dirs: tuple[Path, ...] = ()
+
+
+# SHA-256 sums of the .gz files, from tensorflow/datasets
+# tensorflow_datasets/url_checksums/mnist.txt and fashion_mnist.txt.  They
+# agree with keras (keras/src/datasets/fashion_mnist.py, FILE_HASHES) and
+# torchvision's prototype datasets (_CHECKSUMS for MNIST and FashionMNIST).
+# Mirrors: torchvision.datasets.MNIST / FashionMNIST (ossci-datasets, the
+# fashion-mnist S3 website), TFDS (cvdf-datasets) and keras (tf-keras-datasets).
+DATASETS: dict[str, DatasetSpec] = {
+    "mnist": DatasetSpec(
+        name="mnist",
+        classes=tuple(str(digit) for digit in range(10)),
+        mirrors=(
+            "https://ossci-datasets.s3.amazonaws.com/mnist/",
+            "https://storage.googleapis.com/cvdf-datasets/mnist/",
+        ),
+        sha256={
+            TRAIN_IMAGES: "440fcabf73cc546fa21475e81ea370265605f56be210a4024d2ca8f203523609",
+            TRAIN_LABELS: "3552534a0a558bbed6aed32b30c495cca23d567ec52cac8be1a0730e8010255c",
+            TEST_IMAGES: "8d422c7b0a1c1c79245a5bcf07fe86e33eeafee792b84584aec276f5a2dbc4e6",
+            TEST_LABELS: "f7ae60f92e00ec6debd23a6088c31dbd2371eca3ffa0defaefb259924204aec6",
+        },
+    ),
+    "fashion-mnist": DatasetSpec(
+        name="fashion-mnist",
+        classes=(
+            "T-shirt/top",
+            "Trouser",
+            "Pullover",
+            "Dress",
+            "Coat",
+            "Sandal",
+            "Shirt",
+            "Sneaker",
+            "Bag",
+            "Ankle boot",
+        ),
+        mirrors=(
+            "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",
+            "https://storage.googleapis.com/tensorflow/tf-keras-datasets/",
+        ),
+        sha256={
+            TRAIN_IMAGES: "3aede38d61863908ad78613f6a32ed271626dd12800ba2636569512369268a84",
+            TRAIN_LABELS: "a04f17134ac03560a47e3764e11b92fc97de4d1bfaf8ba1a3aa29af54cc90845",
+            TEST_IMAGES: "346e55b948d973a97e58d2351dde16a484bd415d4595297633bb08f03db6a073",
+            TEST_LABELS: "67da17c76eaffca5446c3361aaab5c3cd6d1c2608764d35dfb1850b086bf8dd5",
+        },
+        system_dirs=(Path("/usr/share/datasets/fashion-mnist"),),
+    ),
+}
+
+
+def get_spec(name: str) -> DatasetSpec:
+    """Return the registered `DatasetSpec` called `name`."""
+    try:
+        return DATASETS[name]
+    except KeyError:
+        raise DataError(f"unknown dataset {name!r}; known datasets: {', '.join(DATASETS)}") from None
+
+
+# ---------------------------------------------------------------------------
+# Lookup and download.
+
+DOWNLOAD_TIMEOUT = 30.0  # seconds, per connection attempt and per read
+_CHUNK = 1 << 16
+
+
+def cache_dir(name: str) -> Path:
+    """Where dataset `name` is downloaded: ``$XDG_CACHE_HOME/xpcnn/<name>`` or ``~/.cache/xpcnn/<name>``."""
+    xdg = os.environ.get("XDG_CACHE_HOME", "")
+    base = Path(xdg) if os.path.isabs(xdg) else Path.home() / ".cache"
+    return base / "xpcnn" / name
+
+
+def _missing(directory: Path) -> list[str]:
+    return [file for file in FILES if not (directory / file).exists()]  # a FIFO there is refused when read
+
+
+def holds_dataset(directory: str | os.PathLike) -> bool:
+    """Whether ``directory`` holds the four files of a dataset."""
+    return not _missing(Path(directory))
+
+
+def find_data_dir(spec: DatasetSpec, data_dir: str | os.PathLike | None = None) -> Path | None:
+    """The first directory that holds all four files, or None.
+
+    With an explicit `data_dir`, only that directory counts, and missing files
+    raise `DataError`.  Otherwise: ``$XPCNN_DATA_DIR/<name>`` (a root with one
+    folder per dataset, as torchvision's ``root``), then `cache_dir`, then
+    ``spec.system_dirs``.
+    """
+    if data_dir is not None:
+        directory = Path(data_dir)
+        missing = _missing(directory)
+        if missing:
+            raise DataError(f"{directory}: missing {spec.name} files: {', '.join(missing)}")
+        return directory
+    candidates = []
+    env_dir = os.environ.get("XPCNN_DATA_DIR")
+    if env_dir:
+        candidates.append(Path(env_dir) / spec.name)
+    candidates += [cache_dir(spec.name), *spec.system_dirs]
+    return next((directory for directory in candidates if not _missing(directory)), None)
+
+
+def _fetch(url: str, dest: Path, sha256: str, *, progress: bool, timeout: float) -> None:
+    """Download `url` into `dest` atomically; raise DataError when the SHA-256 differs."""
+    digest = hashlib.sha256()
+    with urllib.request.urlopen(url, timeout=timeout) as response, atomic_output(dest) as out:
+        length = response.headers.get("Content-Length")
+        bar = click.progressbar(
+            length=int(length) if length else 1,
+            label=f"Downloading {url}",
+            hidden=not (progress and length),
+            file=sys.stderr,
+        )
+        with bar:
+            while chunk := response.read(_CHUNK):
+                digest.update(chunk)
+                out.write(chunk)
+                bar.update(len(chunk))
+        if digest.hexdigest() != sha256:
+            raise DataError(f"SHA-256 mismatch (got {digest.hexdigest()[:16]}..., expected {sha256[:16]}...)")
+
+
+def download_files(
+    spec: DatasetSpec,
+    directory: str | os.PathLike,
+    *,
+    progress: bool = True,
+    timeout: float = DOWNLOAD_TIMEOUT,
+) -> Path:
+    """Download the files missing from `directory`, trying ``spec.mirrors`` in turn.
+
+    Each file is checked against ``spec.sha256`` and renamed into place only
+    when it matches.  Raises `DownloadError` when every mirror fails for a
+    file.  Returns `directory` as a Path.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    mirrors = list(spec.mirrors)
+    for file in _missing(directory):
+        failures = []
+        for mirror in mirrors:
+            url = mirror.rstrip("/") + "/" + file
+            try:
+                _fetch(url, directory / file, spec.sha256[file], progress=progress, timeout=timeout)
+            except (OSError, http.client.HTTPException, ValueError) as error:
+                failures.append(f"{url}: {_one_line(error) or type(error).__name__}")
+                continue
+            mirrors.remove(mirror)
+            mirrors.insert(0, mirror)  # a mirror that worked is tried first for the next file
+            break
+        else:
+            raise DownloadError(
+                f"{file}: could not download {spec.name} ({'; '.join(failures) or 'no mirrors'}); "
+                f"put the four files {', '.join(FILES)} in a directory and pass --data-dir DIR, "
+                f"or put them in $XPCNN_DATA_DIR/{spec.name}, or in {directory}"
+            )
+    return directory
+
+
+# ---------------------------------------------------------------------------
+# Loading.
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Dataset:
+    """A loaded dataset: images (N, 28, 28) uint8, labels (N,) uint8 in range(len(classes)).
+
+    ``directory`` is where its files were read, ``sha256`` each file's digest (file name -> hex),
+    so that a run can record which data it used.
+    """
+
+    name: str
+    classes: tuple[str, ...]
+    train_images: np.ndarray
+    train_labels: np.ndarray
+    test_images: np.ndarray
+    test_labels: np.ndarray
+    directory: Path | None = None
+    sha256: dict = dataclasses.field(default_factory=dict)
+
+    def record(self) -> dict:
+        """What a run stores of its data: the dataset, the directory (absolute) and the files' SHA-256."""
+        directory = str(self.directory.resolve()) if self.directory else None
+        return {"dataset": self.name, "directory": directory, "sha256": dict(self.sha256)}
+
+
+TEST_FILES = (TEST_IMAGES, TEST_LABELS)
+
+
+def other_files(recorded: dict | None, dataset: Dataset, files=FILES) -> list[str]:
+    """The ``files`` whose SHA-256 differs from a run's ``recorded`` data (``Dataset.record``); [] if none was."""
+    if not recorded or not recorded.get("sha256"):
+        return []
+    return [name for name in files if recorded["sha256"].get(name) != dataset.sha256.get(name)]
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open_regular(path) as file:
+        while chunk := file.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+IMAGE_SIZE = (28, 28)  # what every model takes
+
+
+def _read_split(images_path: Path, labels_path: Path, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """Read and check one split: at least one image, images (N, 28, 28) uint8 and labels (N,) uint8 < num_classes."""
+    images = read_idx(images_path)
+    labels = read_idx(labels_path)
+    if images.ndim != 3 or images.dtype != np.uint8:
+        raise DataError(f"{images_path}: expected 3-D uint8 images, found {images.ndim}-D {images.dtype}")
+    if images.shape[1:] != IMAGE_SIZE:
+        raise DataError(f"{images_path}: expected 28x28 images, found {images.shape[1]}x{images.shape[2]}")
+    if len(images) == 0:
+        raise DataError(f"{images_path}: holds no images")
+    if labels.ndim != 1 or labels.dtype != np.uint8:
+        raise DataError(f"{labels_path}: expected 1-D uint8 labels, found {labels.ndim}-D {labels.dtype}")
+    if len(images) != len(labels):
+        raise DataError(f"{images_path} has {len(images)} images but {labels_path} has {len(labels)} labels")
+    if labels.size and labels.max() >= num_classes:
+        raise DataError(
+            f"{labels_path}: label {labels.max()} out of range for {num_classes} classes (images in {images_path})"
+        )
+    return images, labels
+
+
+def load_dataset(
+    name: str | DatasetSpec,
+    data_dir: str | os.PathLike | None = None,
+    *,
+    download: bool = True,
+    progress: bool = True,
+) -> Dataset:
+    """Find (or download into the cache) and load a dataset.
+
+    `name` is a registered name (see `DATASETS`) or a `DatasetSpec`.  See
+    `find_data_dir` for where files are looked for; when none is found and
+    `download` is true, the files are downloaded into `cache_dir`.
+    """
+    spec = get_spec(name) if isinstance(name, str) else name
+    directory = find_data_dir(spec, data_dir)
+    if directory is None:
+        cache = cache_dir(spec.name)
+        if not download:
+            raise DataError(
+                f"{spec.name} not found (downloads disabled); put {', '.join(FILES)} in a directory "
+                f"and pass --data-dir DIR, or put them in $XPCNN_DATA_DIR/{spec.name}, or in {cache}"
+            )
+        directory = download_files(spec, cache, progress=progress)
+
+    train_images, train_labels = _read_split(directory / TRAIN_IMAGES, directory / TRAIN_LABELS, len(spec.classes))
+    test_images, test_labels = _read_split(directory / TEST_IMAGES, directory / TEST_LABELS, len(spec.classes))
+    if train_images.min() == train_images.max():
+        raise DataError(f"{directory / TRAIN_IMAGES}: every pixel is {train_images.min()}: nothing to learn from")
+    sha256 = {name: file_sha256(directory / name) for name in FILES}
+    return Dataset(spec.name, spec.classes, train_images, train_labels, test_images, test_labels, directory, sha256)
+
+
+def split_validation(
+    images: np.ndarray, labels: np.ndarray, size: int | float, seed: int | None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Hold out `size` examples, chosen by ``np.random.default_rng(seed)``.
+
+    `size` is a count in 1..N-1 or a fraction in (0, 1) of N = len(images).
+    Returns new arrays ``(train_images, train_labels, val_images, val_labels)``,
+    each part in its original order.
+    """
+    n = len(images)
+    if len(labels) != n:
+        raise ValueError(f"{n} images but {len(labels)} labels")
+    if isinstance(size, (bool, np.bool_)):
+        raise ConfigError(f"validation size must be a count or a fraction, not {size!r}", "validation")
+    if isinstance(size, (int, np.integer)):
+        count = int(size)
+    elif isinstance(size, (float, np.floating)) and 0 < size < 1:
+        count = round(float(size) * n)
+    else:
+        raise ConfigError(f"validation size must be a count or a fraction in (0, 1), not {size!r}", "validation")
+    if not 0 < count < n:
+        raise ConfigError(
+            f"validation size {size!r} holds out {count} of {n} examples; need 1 to {n - 1}", "validation"
+        )
+
+    order = np.random.default_rng(seed).permutation(n)
+    val = np.sort(order[:count])
+    train = np.sort(order[count:])
+    return images[train], labels[train], images[val], labels[val]

@@ -1,0 +1,254 @@
+"""Turn a user's image file into an MNIST-style input.
+
+:func:`load_image` reads a picture (anything Pillow opens) or a ``.npy`` array
+and returns a float32 array of shape (28, 28) with values in [0, 1]: bright
+ink on a dark background, prepared the way the MNIST creators prepared their
+digits:
+
+1. reduce to lightness in [0, 1]; transparent pixels are composited onto a
+   backdrop that contrasts with the opaque ink (white behind dark ink, black
+   behind light ink);
+2. find the background from the image border (median of the border pixels)
+   and invert if the ink is darker than the background;
+3. subtract the background, estimate the noise from the border and crop to
+   the bounding box of the pixels that are clearly ink;
+4. scale so that the longer side is 20 px (antialiased, aspect kept);
+5. paste into a 28x28 canvas with the ink's centre of mass at (14, 14);
+6. stretch the intensities so the strongest ink is 1.
+
+A 28x28 ``.npy`` array that already has a dark background is taken as is.
+:func:`decode_picture` does the same for a picture's bytes (``xpcnn serve``).
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+import warnings
+from collections.abc import Iterable
+from typing import BinaryIO
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from ..base.errors import XpcnnError
+from ..base.files import NotRegularFileError, open_regular
+
+SIZE = 28  # side of the output canvas
+DIGIT_SIZE = 20  # longer side of the digit's bounding box inside the canvas
+CENTRE = 14.0  # where the centre of mass goes (row and column index)
+
+MIN_CONTRAST = 0.08  # ink must stand out from the background by this much (of the full range)
+NOISE_SIGMAS = 3.0  # noise floor = this many standard deviations of the border; ink must exceed twice it
+INK_FRACTION = 0.25  # pixels above this fraction of the strongest ink count for the bounding box
+
+MAX_PIXELS = 2048 * 2048  # bigger pictures are refused from their header, before decoding (predict and serve)
+LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)  # ITU-R 601, as Pillow's "L"
+
+
+class ImageError(XpcnnError, ValueError):
+    """An input file that cannot be turned into a digit image."""
+
+
+def load_image(path: str | os.PathLike) -> np.ndarray:
+    """Read one image file (picture or ``.npy``) as an MNIST-style digit.
+
+    Returns float32 of shape (28, 28), values in [0, 1], background 0 and ink
+    up to 1.  Raises :class:`ImageError` (one line, naming the file) for files
+    that cannot be read, unsupported arrays and blank images.
+    """
+    name = os.fspath(path)
+    try:
+        file = open_regular(name)
+    except NotRegularFileError as error:
+        raise ImageError(str(error)) from None
+    except OSError as error:
+        raise ImageError(f"{name}: cannot open: {error.strerror or _one_line(error)}") from None
+    with file:
+        if name.lower().endswith(".npy"):
+            lightness = _read_npy(file, name)
+            if lightness.shape == (SIZE, SIZE) and not _light_background(lightness):
+                if lightness.max() < MIN_CONTRAST:
+                    raise ImageError(f"{name}: the image is blank (no ink found)")
+                return lightness
+        else:
+            lightness = _read_picture(file, name, max_pixels=MAX_PIXELS)
+    return _to_mnist(lightness, name)
+
+
+def decode_picture(
+    data: bytes, name: str, formats: tuple[str, ...] | None = None, max_pixels: int | None = None
+) -> np.ndarray:
+    """A picture file's content as an MNIST-style digit, prepared exactly as :func:`load_image` prepares a file.
+
+    ``formats`` limits the Pillow formats tried (e.g. ``("PNG",)``); ``max_pixels``
+    refuses larger pictures before their pixels are decoded.  ``name`` stands
+    for the picture in messages.  Returns float32 (28, 28) in [0, 1].
+    """
+    return _to_mnist(_read_picture(io.BytesIO(data), name, formats, max_pixels), name)
+
+
+def load_images(paths: Iterable[str | os.PathLike]) -> np.ndarray:
+    """Read several image files with :func:`load_image`.
+
+    Returns float32 of shape (N, 1, 28, 28), values in [0, 1].
+    """
+    images = [load_image(path)[None] for path in paths]
+    if not images:
+        return np.zeros((0, 1, SIZE, SIZE), dtype=np.float32)
+    return np.stack(images)
+
+
+def _read_picture(
+    source: BinaryIO, name: str, formats: tuple[str, ...] | None = None, max_pixels: int | None = None
+) -> np.ndarray:
+    """Open a picture (a file object) with Pillow; return its lightness, float32 (H, W) in [0, 1].
+
+    Float pictures (mode F, e.g. a TIFF) are taken as [0, 1] lightness, or 0..255 if any value is above 1.
+    """
+    try:
+        with warnings.catch_warnings():  # over Pillow's own limit: refused below, from the header, in one line
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            opened = Image.open(source, formats=formats)
+        with opened as img:
+            if max_pixels is not None and img.width * img.height > max_pixels:
+                # Opening reads only the header: refuse before a small file inflates to gigabytes.
+                raise ImageError(f"{name}: {img.width}x{img.height} pixels is over the limit of {max_pixels:,}")
+            img = ImageOps.exif_transpose(img)
+            if img.mode.startswith("I"):  # 16- or 32-bit integer grey
+                return np.clip(np.asarray(img, dtype=np.float32) / 65535, 0, 1)
+            if img.mode == "F":  # 32-bit float grey: converting to "L" would clip [0, 1] to black
+                return _float_lightness(np.asarray(img, dtype=np.float32), name)
+            if img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info:
+                rgba = np.asarray(img.convert("RGBA"), dtype=np.float32) / 255
+                return _composite(rgba[..., :3], rgba[..., 3])
+            return np.asarray(img.convert("L"), dtype=np.float32) / 255
+    except ImageError:
+        raise
+    except Exception as error:  # Pillow raises many kinds (OSError, SyntaxError, struct.error...)
+        raise ImageError(f"{name}: cannot read as an image ({_one_line(error)})") from None
+
+
+def _float_lightness(values: np.ndarray, name: str) -> np.ndarray:
+    """Float grey values as lightness in [0, 1]: taken as [0, 1], or as 0..255 if any is above 1."""
+    if not np.isfinite(values).all():
+        raise ImageError(f"{name}: contains NaN or infinity")
+    low, high = float(values.min()), float(values.max())
+    if low < 0 or high > 255:
+        raise ImageError(f"{name}: values span {low:g}..{high:g}; expected floats in [0, 1] or 0..255")
+    return values / 255 if high > 1 else values
+
+
+def _read_npy(file: BinaryIO, name: str) -> np.ndarray:
+    """Load a ``.npy`` array; return its lightness, float32 (H, W) in [0, 1].
+
+    Accepts (H, W), (1, H, W), (H, W, 1) grey and (H, W, 3) RGB / (H, W, 4)
+    RGBA; integers in 0..255, floats in [0, 1] (or in 0..255 if any value is
+    above 1).
+    """
+    expected = (
+        "expected a 2-D (H, W), (1, H, W), (H, W, 1), (H, W, 3) or (H, W, 4) array "
+        "of uint8 in 0..255 or floats in [0, 1]"
+    )
+    try:
+        array = np.load(file, allow_pickle=False)
+    except ValueError as error:
+        if "allow_pickle" in str(error):  # NumPy's message would suggest unpickling it
+            raise ImageError(f"{name}: holds pickled Python objects, not an array of numbers") from None
+        raise ImageError(f"{name}: cannot read as a .npy array ({_one_line(error)})") from None
+    except Exception as error:  # OSError, EOFError... from a bad file
+        raise ImageError(f"{name}: cannot read as a .npy array ({_one_line(error)})") from None
+    if not isinstance(array, np.ndarray):  # an .npz archive renamed .npy
+        raise ImageError(f"{name}: not a single array; {expected}")
+    if array.ndim == 3 and array.shape[0] == 1:
+        array = array[0]
+    if array.ndim == 3 and array.shape[2] == 1:
+        array = array[..., 0]
+    if not (array.ndim == 2 or (array.ndim == 3 and array.shape[2] in (3, 4))) or array.size == 0:
+        raise ImageError(f"{name}: got shape {array.shape}; {expected}")
+    if array.dtype.kind not in "uif":
+        raise ImageError(f"{name}: got dtype {array.dtype}; {expected}")
+
+    values = array.astype(np.float32)
+    if not np.isfinite(values).all():
+        raise ImageError(f"{name}: contains NaN or infinity; {expected}")
+    low, high = values.min(), values.max()
+    if array.dtype.kind in "ui" or high > 1:
+        if low < 0 or high > 255:
+            raise ImageError(f"{name}: values span {low:g}..{high:g}; {expected}")
+        values /= 255
+    elif low < 0:
+        raise ImageError(f"{name}: values span {low:g}..{high:g}; {expected}")
+
+    if values.ndim == 2:
+        return values
+    alpha = values[..., 3] if values.shape[2] == 4 else np.ones(values.shape[:2], np.float32)
+    return _composite(values[..., :3], alpha)
+
+
+def _composite(rgb: np.ndarray, alpha: np.ndarray) -> np.ndarray:
+    """Flatten RGB (H, W, 3) with alpha (H, W), both in [0, 1], to lightness (H, W).
+
+    If most of the border is transparent the backdrop contrasts with the
+    opaque content: white behind dark ink, black behind light ink.  Otherwise
+    (an opaque picture with a few holes) the backdrop is white.
+    """
+    luma = rgb @ LUMA
+    backdrop = 1.0
+    if np.median(_border(alpha)) < 0.5 and alpha.sum() > 0:
+        ink_lightness = (luma * alpha).sum() / alpha.sum()
+        backdrop = 1.0 if ink_lightness < 0.5 else 0.0
+    return (alpha * luma + (1 - alpha) * backdrop).astype(np.float32)
+
+
+def _to_mnist(lightness: np.ndarray, name: str) -> np.ndarray:
+    """Lightness (H, W) in [0, 1] -> MNIST-style float32 (28, 28) in [0, 1]."""
+    ink = 1 - lightness if _light_background(lightness) else lightness
+    border = _border(ink)
+    background = np.median(border)
+    noise = NOISE_SIGMAS * 1.4826 * np.median(np.abs(border - background))  # robust sigma from the MAD
+    contrast = ink - background
+    peak = contrast.max()
+    if peak <= max(MIN_CONTRAST, 2 * noise):
+        raise ImageError(f"{name}: the image is blank (no ink found)")
+
+    rows, cols = np.nonzero(contrast > max(INK_FRACTION * peak, 2 * noise))
+    crop = contrast[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1]
+    crop = np.clip(crop - noise, 0, None)
+
+    height, width = crop.shape
+    scale = DIGIT_SIZE / max(height, width)
+    new_size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    # BILINEAR in Pillow widens its filter when shrinking, so it antialiases; it never overshoots.
+    digit = np.asarray(Image.fromarray(crop.astype(np.float32)).resize(new_size, Image.Resampling.BILINEAR))
+
+    total = digit.sum()
+    centre_row = digit.sum(axis=1) @ np.arange(digit.shape[0]) / total
+    centre_col = digit.sum(axis=0) @ np.arange(digit.shape[1]) / total
+    top = min(max(math.floor(CENTRE - centre_row + 0.5), 0), SIZE - digit.shape[0])
+    left = min(max(math.floor(CENTRE - centre_col + 0.5), 0), SIZE - digit.shape[1])
+    canvas = np.zeros((SIZE, SIZE), dtype=np.float32)
+    canvas[top : top + digit.shape[0], left : left + digit.shape[1]] = digit
+    return canvas / canvas.max()
+
+
+def _light_background(lightness: np.ndarray) -> bool:
+    """True if the ink is darker than the background (the border's median).
+
+    Compares how far the darkest and the lightest pixels lie from the
+    background, so dim photos of paper (grey background) count as light too.
+    """
+    background = np.median(_border(lightness))
+    return bool(background - lightness.min() > lightness.max() - background)
+
+
+def _border(array: np.ndarray) -> np.ndarray:
+    """The outermost ring of pixels of a 2-D array, flattened."""
+    return np.concatenate([array[0], array[-1], array[1:-1, 0], array[1:-1, -1]])
+
+
+def _one_line(error: Exception) -> str:
+    """An exception as one short line: its first line of text, or its type."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__

@@ -1,0 +1,240 @@
+"""What a training run computes: ``TrainConfig``, the optimiser and augmentation it names, and the named recipes."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import math
+import numbers
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..backends.backend import cuda_problem
+from ..base.errors import ConfigError
+from ..data.augment import Augmentation
+from ..models import MODELS
+from ..nn import Sequential
+from ..optim import OPTIMIZERS, SCHEDULES, SGD, Adam, Optimizer
+
+ELASTIC_SIGMA = (0.1, 100.0)  # pixels; outside, the Gaussian underflows, overflows or is meaningless on 28 pixels
+MAX_ELASTIC = 1000.0  # pixels: a larger displacement moves every pixel off the image
+MAX_CROP = 14  # pixels of padding: a larger shift leaves less than half of a 28-pixel image
+
+
+@dataclass
+class TrainConfig:
+    """Everything that decides what a training run computes.
+
+    Checked when made, for the command line and the library alike: each value's type (an integer
+    setting takes an integer, not 1.5, "2" or True) and range; ConfigError names the setting.
+    """
+
+    dataset: str = "mnist"
+    model: str = "convnet"
+    epochs: int = 1
+    batch_size: int = 64
+    optimizer: str = "sgd"
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    schedule: str = "onecycle"
+    seed: int = 0
+    validation: int | float = 0  # a count of training images, or a fraction in (0, 1) of them
+    augment: bool = False
+    elastic: float = 0.0
+    elastic_sigma: float = 4.0
+    flip: bool = False  # mirror each training image left to right with probability 1/2 (clothing, not digits)
+    crop: int = 0  # pad each training image by this many pixels of background, crop back at a random offset
+    label_smoothing: float = 0.0
+    recalibrate_bn: bool = False
+    log_every: int = 50
+
+    def __post_init__(self):
+        for field in dataclasses.fields(self):
+            setattr(self, field.name, _typed(field.name, field.type, getattr(self, field.name)))
+        low, high = ELASTIC_SIGMA
+        checks = [  # (holds, the setting, what it must be)
+            (self.model in MODELS, "model", f"unknown model {self.model!r}: expected one of {', '.join(MODELS)}"),
+            (
+                self.optimizer in OPTIMIZERS,
+                "optimizer",
+                f"unknown optimizer {self.optimizer!r}: expected one of {', '.join(OPTIMIZERS)}",
+            ),
+            (
+                self.schedule in SCHEDULES,
+                "schedule",
+                f"unknown schedule {self.schedule!r}: expected one of {', '.join(SCHEDULES)}",
+            ),
+            (self.epochs >= 1, "epochs", f"epochs must be >= 1, got {self.epochs}"),
+            (self.batch_size >= 1, "batch_size", f"batch size must be >= 1, got {self.batch_size}"),
+            (
+                self.lr > 0 and math.isfinite(self.lr),
+                "lr",
+                f"learning rate must be a positive number, got {self.lr}",
+            ),
+            (0 <= self.momentum < 1, "momentum", f"momentum must be in [0, 1), got {self.momentum}"),
+            (
+                0 <= self.weight_decay < math.inf,
+                "weight_decay",
+                f"weight decay must be a number >= 0, got {self.weight_decay}",
+            ),
+            (self.seed >= 0, "seed", f"seed must be >= 0, got {self.seed}"),
+            (
+                self.validation >= 0 and (isinstance(self.validation, int) or self.validation < 1),
+                "validation",
+                f"validation must be a count >= 0 or a fraction in (0, 1), got {self.validation}",
+            ),
+            (self.log_every >= 1, "log_every", f"log interval must be >= 1, got {self.log_every}"),
+            (
+                0 <= self.label_smoothing < 1,
+                "label_smoothing",
+                f"label smoothing must be in [0, 1), got {self.label_smoothing}",
+            ),
+            (
+                0 <= self.elastic <= MAX_ELASTIC,
+                "elastic",
+                f"elastic distortion scale must be in [0, {MAX_ELASTIC:g}] pixels, got {self.elastic}",
+            ),
+            (
+                0 <= self.crop <= MAX_CROP,
+                "crop",
+                f"crop padding must be in [0, {MAX_CROP}] pixels, got {self.crop}",
+            ),
+            (
+                low <= self.elastic_sigma <= high,
+                "elastic_sigma",
+                f"elastic sigma must be in [{low:g}, {high:g}] pixels, got {self.elastic_sigma}",
+            ),
+        ]
+        for ok, setting, message in checks:
+            if not ok:
+                raise ConfigError(message, setting)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> TrainConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(f"unknown configuration keys {unknown}")
+        return cls(**values)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def make_optimizer(config: TrainConfig, model: Sequential) -> Optimizer:
+    """The optimiser named by the config, over ``model``'s parameters."""
+    if config.optimizer == "sgd":
+        return SGD(
+            model, config.lr, momentum=config.momentum, nesterov=config.momentum > 0, weight_decay=config.weight_decay
+        )
+    kind: type[Adam] = OPTIMIZERS[config.optimizer]
+    return kind(model, config.lr, weight_decay=config.weight_decay)
+
+
+def make_augmentation(config: TrainConfig) -> Augmentation | None:
+    """The training-time augmentation the config asks for: affine (``augment``), elastic, flips, crops, any
+    of them together (the warp first), or none."""
+    if not (config.augment or config.elastic or config.flip or config.crop):
+        return None
+    affine = {} if config.augment else {"max_shift": 0, "max_rotation": 0, "max_scale": 0, "max_shear": 0}
+    return Augmentation(
+        **affine,
+        elastic_alpha=config.elastic,
+        elastic_sigma=config.elastic_sigma,
+        flip=config.flip,
+        crop=config.crop,
+    )
+
+
+def _typed(name: str, kind: str, value):
+    """``value`` as the setting ``name`` of annotation ``kind`` takes it (NumPy scalars become Python's);
+    ConfigError naming the setting where it is of another type.  bool is not a number here."""
+    integer = isinstance(value, numbers.Integral) and not isinstance(value, bool | np.bool_)
+    real = isinstance(value, numbers.Real) and not isinstance(value, bool | np.bool_)
+    if kind == "int" and integer:
+        return int(value)
+    if kind == "float" and real:
+        return float(value)
+    if kind == "int | float" and real:
+        return int(value) if integer else float(value)
+    if kind == "bool" and isinstance(value, bool | np.bool_):
+        return bool(value)
+    if kind == "str" and isinstance(value, str):
+        return value
+    expected = {"int": "an integer", "float": "a number", "int | float": "a number", "bool": "True or False"}
+    raise ConfigError(f"{name} must be {expected.get(kind, 'a string')}, got {value!r}", name)
+
+
+def positive_int(name: str, value) -> int:
+    """A setting outside ``TrainConfig`` that counts something (``evaluate``'s ``batch_size``), checked as it is."""
+    value = _typed(name, "int", value)
+    if value < 1:
+        raise ConfigError(f"{name.replace('_', ' ')} must be >= 1, got {value}", name)
+    return value
+
+
+# Named training recipes: settings chosen on a validation split, never on the test set.  A recipe is a set of
+# TrainConfig values; flags given on the command line override it.  How each was chosen, and what it reaches,
+# is in docs/results.md.
+RECIPES: dict[str, dict] = {
+    # >= 99.0% test accuracy in the fewest seconds on a laptop's CPU (on JAX's compiled steps where installed).
+    "quick": {
+        "model": "lenet-bn",
+        "epochs": 2,
+        "batch_size": 128,
+        "optimizer": "sgd",
+        "lr": 0.2,
+        "momentum": 0.9,
+        "schedule": "onecycle",
+    },
+    # >= 99.0% test accuracy in as little training as possible.
+    "fast": {
+        "model": "convnet-bn",
+        "epochs": 2,
+        "batch_size": 64,
+        "optimizer": "sgd",
+        "lr": 0.1,
+        "momentum": 0.9,
+        "schedule": "onecycle",
+    },
+    # The most accurate single model we can train: >= 99.6% on MNIST.
+    "best": {
+        "model": "deepnet",
+        "epochs": 15,
+        "batch_size": 64,
+        "optimizer": "sgd",
+        "lr": 0.1,
+        "momentum": 0.9,
+        "weight_decay": 5e-4,
+        "schedule": "onecycle",
+        "augment": True,
+        "recalibrate_bn": True,
+    },
+}
+
+
+# The backend a recipe's seconds were measured on, taken on the CPU when the command line names none.
+RECIPE_BACKENDS = {"quick": "jax"}
+
+
+def recipe_backend(name: str | None, device: str | None) -> str | None:
+    """The backend a run of recipe ``name`` on ``device`` takes when none is named, or None for the default.
+
+    The preferred backend where it is installed and the run is on the CPU (``device`` "cpu", or "auto"
+    without a usable GPU); on a GPU, or without it, the default backend.
+    """
+    preferred = RECIPE_BACKENDS.get(name or "")
+    if preferred is None or importlib.util.find_spec(preferred) is None:
+        return None
+    on_cpu = device == "cpu" or (device in (None, "auto") and cuda_problem() is not None)
+    return preferred if on_cpu else None
+
+
+def recipe(name: str) -> dict:
+    """The configuration values of recipe ``name``."""
+    try:
+        return dict(RECIPES[name])
+    except KeyError:
+        raise ValueError(f"unknown recipe {name!r}: expected one of {', '.join(RECIPES)}") from None

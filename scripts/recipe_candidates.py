@@ -88,6 +88,8 @@ CANDIDATES = {
     },
     "fashion": {
         "deepnet": (lambda s: models.build("deepnet", s), {}),
+        "widenet-dropout0.4": (lambda s: models.widenet(s, dropout=0.4), {}),
+        "widenet": (lambda s: models.build("widenet", s), {}),
     },
 }
 FASHION = {"batch_size": 64, "lr": 0.1, "flip": True, "crop": 2}

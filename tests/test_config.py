@@ -106,6 +106,8 @@ def test_the_command_line_flags_reach_the_run_configuration(synthetic_dir, tmp_p
         ("quick", "cuda", True, True, None),
         ("quick", "cuda:1", True, True, None),
         ("quick", "cpu", False, False, None),  # JAX not installed: NumPy, the default
+        ("fashion", "cpu", False, True, "jax"),
+        ("fashion", "cuda", True, True, None),
         ("fast", "cpu", False, True, None),
         ("best", "cpu", False, True, None),
         (None, "cpu", False, True, None),
@@ -148,3 +150,18 @@ def test_every_recipe_candidate_builds_a_ten_class_model_and_unknown_names_are_r
         [sys.executable, str(path), str(tmp_path), "quick", "lenet-bn", "resnet-9000"], capture_output=True, text=True
     )
     assert result.returncode == 2 and "unknown candidates resnet-9000" in result.stderr, result.stderr
+
+
+@pytest.mark.slow
+def test_the_fashion_recipe_picks_its_dataset_flips_and_crops_unless_flags_say_otherwise(synthetic_dir, tmp_path):
+    common = ["--recipe", "fashion", "--model", "seed", "--epochs", "1", "--backend", "numpy", "--quiet"]
+    run = tmp_path / "fashion"
+    result = run_cli("train", *common, "--data-dir", synthetic_dir, "--out", run)
+    assert result.exit_code == 0, result.output
+    config = json.loads((run / "config.json").read_text())
+    assert (config["dataset"], config["flip"], config["crop"], config["model"]) == ("fashion-mnist", True, 2, "seed")
+    run = tmp_path / "digits"
+    result = run_cli("train", *common, "--dataset", "mnist", "--no-flip", "--data-dir", synthetic_dir, "--out", run)
+    assert result.exit_code == 0, result.output
+    config = json.loads((run / "config.json").read_text())
+    assert (config["dataset"], config["flip"], config["crop"]) == ("mnist", False, 2)

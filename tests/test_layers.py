@@ -140,6 +140,7 @@ def test_params_are_assignable(backend):
         ("lenet", 6 * 25 + 6 + 16 * 6 * 25 + 16 + 400 * 120 + 120 + 120 * 84 + 84 + 84 * 10 + 10),
         ("lenet-bn", 16 * 25 + 2 * 16 + 32 * 16 * 25 + 2 * 32 + 512 * 10 + 10),
         ("convnet", 32 * 9 + 32 + 64 * 32 * 9 + 64 + 1600 * 10 + 10),
+        ("widenet", 32 * 9 + 2 * 32 + 64 * 32 * 9 + 2 * 64 + 128 * 64 * 9 + 2 * 128 + 4608 * 10 + 10),
     ],
 )
 def test_named_models(backend, name, parameters):

@@ -136,29 +136,30 @@ def deepnet(seed: int = 0, width: int = 32) -> Sequential:
     )
 
 
-def widenet(seed: int = 0, dropout: float = 0.1) -> Sequential:
-    """Three 3x3 convolutions of 32, 64 and 128 channels with batch normalisation, for the fashion recipe.
+def widenet(seed: int = 0, dropout: float = 0.1, width: int = 32) -> Sequential:
+    """Three 3x3 convolutions of width, 2*width and 4*width channels with batch normalisation, for the fashion recipe.
 
-    conv 32@3x3, pool 2, conv 64@3x3 pad 1, pool 2, conv 128@3x3 pad 1, dropout 0.1, linear 4608 -> 10;
-    each convolution is followed by batch normalisation (after its pooling) and ReLU.  The padded
-    convolutions keep the 13x13 and 6x6 maps whole: the edges of clothing carry the class.
+    conv width@3x3, pool 2, conv 2*width@3x3 pad 1, pool 2, conv 4*width@3x3 pad 1, dropout,
+    linear 4*width*36 -> 10; each convolution is followed by batch normalisation (after its pooling)
+    and ReLU.  The padded convolutions keep the 13x13 and 6x6 maps whole: the edges of clothing carry
+    the class.
     """
     rng = np.random.default_rng(seed)
     return Sequential(
-        Conv2d(1, 32, 3, bias=False, rng=rng),  # 28 -> 26
+        Conv2d(1, width, 3, bias=False, rng=rng),  # 28 -> 26
         MaxPool2d(2),  # -> 13
-        BatchNorm2d(32),
+        BatchNorm2d(width),
         ReLU(),
-        Conv2d(32, 64, 3, padding=1, bias=False, rng=rng),  # -> 13
+        Conv2d(width, 2 * width, 3, padding=1, bias=False, rng=rng),  # -> 13
         MaxPool2d(2),  # -> 6
-        BatchNorm2d(64),
+        BatchNorm2d(2 * width),
         ReLU(),
-        Conv2d(64, 128, 3, padding=1, bias=False, rng=rng),  # -> 6
-        BatchNorm2d(128),
+        Conv2d(2 * width, 4 * width, 3, padding=1, bias=False, rng=rng),  # -> 6
+        BatchNorm2d(4 * width),
         ReLU(),
         Flatten(),
         Dropout(dropout),
-        Linear(128 * 6 * 6, 10, rng=rng, gain=OUTPUT_GAIN),
+        Linear(4 * width * 6 * 6, 10, rng=rng, gain=OUTPUT_GAIN),
     )
 
 

@@ -15,12 +15,16 @@
 #   GPU_CHECK_TEST_SECONDS, GPU_CHECK_BENCH_SECONDS, GPU_CHECK_RECIPE_SECONDS: time limits per step
 #   with --quick: GPU_CHECK_BENCH_RUNS (default "float32"), GPU_CHECK_LATER_RUNS (default "tf32 reference"),
 #   GPU_CHECK_BATCHES (default "128 512"), GPU_CHECK_BENCH_MODELS (default "--model convnet --model seed"),
-#   GPU_CHECK_BACKENDS (default "jax cupy"), GPU_CHECK_DEFAULT_EPOCHS (default 1)
+#   GPU_CHECK_BACKENDS (default "jax cupy"), GPU_CHECK_DEFAULT_EPOCHS (default 1),
+#   GPU_CHECK_RECIPE_RUNS (default "quick": recipes timed alone on the first backend; "best" may join),
+#   GPU_CHECK_SEARCH=1 (the Fashion-MNIST recipe search, scripts/gpu_recipes.sh, beside the tests)
 #
 # --quick: what matters most first, all within GPU_CHECK_QUICK_SECONDS (default 300) on a fresh machine with
 # no network: (1) convnet and seed on jax-cuda (the step programs and the epoch program, timed in turn) and on
 # CuPy, each interleaved with torch eager on the same GPU, batch 128 and 512; (2) one default MNIST epoch and the
-# fast recipe on each of cupy and jax; (3) the GPU cases of the test suite (-k "cupy or cuda"); then, with what
+# fast recipe on each of cupy and jax, the recipes of GPU_CHECK_RECIPE_RUNS on jax, and two warm default epochs
+# of each of jax's programs (scripts/bench_epoch_program.py); (3) the GPU cases of the test suite
+# (-k "cupy or cuda"), with GPU_CHECK_SEARCH=1 beside the Fashion-MNIST recipe search; then, with what
 # time is left, the benchmark with TF32 and with every fast path off (XPCNN_FASTPATH=0, batch 128 only) and a
 # profile of a CuPy step (scripts/profile_step.py).  Installs nothing but the wheels in .whl/ (array-api-compat,
 # -extra, -strict) into /tmp/site, and imports xpcnn from this checkout; MNIST_DIR defaults to .data/mnist where
@@ -75,6 +79,8 @@ if [ "$quick" = 1 ]; then
     elif [ -z "${2:-}" ] && [ -d .data/mnist ]; then
         mnist=.data/mnist
     fi
+    [ -z "${3:-}" ] && [ -d .data/fashion-mnist ] && fashion=.data/fashion-mnist
+    [ "$dry" = 1 ] && [ -z "${3:-}" ] && fashion=$mnist  # the synthetic images stand in for clothing
     site=/tmp/site
     [ "$dry" = 1 ] && site=$out/site  # not the shared /tmp of a CPU machine
     log "xpcnn GPU check, quick$([ "$dry" = 1 ] && echo ', dry run on the CPU'): budget $budget s, data $mnist"
@@ -102,7 +108,7 @@ if [ "$quick" = 1 ]; then
                 [ "$run" = reference ] && [ "$batch" != "${batches[0]}" ] && continue  # the reference at one batch
                 name=bench-b$batch$([ "$run" = float32 ] || echo "-$run")
                 XPCNN_FASTPATH=$([ "$run" = reference ] && echo 0 || echo 1) \
-                step "$name" 75 "$python" -m xpcnn bench "${backends[@]/#/--backend=}" \
+                step "$name" 120 "$python" -m xpcnn bench "${backends[@]/#/--backend=}" \
                     ${GPU_CHECK_BENCH_MODELS:---model convnet --model seed} --train-batch "$batch" "${bench_size[@]}" \
                     --threads 2 $([ "$run" = tf32 ] && echo --tf32) --output "$out/$name.json"
                 [ -f "$out/$name.json" ] && "$python" - "$out/$name.json" <<'EOF' | tee -a "$out/steps.txt"
@@ -152,13 +158,38 @@ EOF
             --data-dir "$mnist" --out "$out/runs/fast-$backend" && summarize_run "$out/runs/fast-$backend"
     done
 
-    # 3. The GPU cases of the test suite, CuPy's fused kernels first.
+    for recipe in ${GPU_CHECK_RECIPE_RUNS:-quick}; do
+        step "train-$recipe-${backends[0]}" 90 "$python" -m xpcnn train --backend "${backends[0]}" --recipe "$recipe" \
+            --device "$device" --data-dir "$mnist" --out "$out/runs/$recipe-${backends[0]}" \
+            && summarize_run "$out/runs/$recipe-${backends[0]}"
+    done
+    # Warm default epochs: both of jax's programs in turn, twice, in one process (compiling counted apart).
+    if [ "${backends[0]}" = jax ]; then
+        step epoch-warm 90 "$python" scripts/bench_epoch_program.py "$mnist" --device "$device" --repeats 2 \
+            --no-numpy --output "$out/epoch-warm.json"
+        [ -f "$out/epoch-warm.log" ] && grep -E "median|x \(per pair" "$out/epoch-warm.log" | sed 's/^/  /' \
+            | tee -a "$out/steps.txt"
+    fi
+
+    # 3. The GPU cases of the test suite, CuPy's fused kernels first; beside them, the recipe search.
+    search=
+    if [ "${GPU_CHECK_SEARCH:-0}" = 1 ] && [ $((budget - SECONDS)) -ge 30 ]; then
+        log "search: started beside the tests (scripts/gpu_recipes.sh, data $fashion)"
+        GPU_RECIPES_DEVICE=$device timeout $((budget - SECONDS)) scripts/gpu_recipes.sh "$out/search" "$fashion" \
+            > "$out/search.log" 2>&1 &
+        search=$!
+    fi
     [ "$dry" = 1 ] || step fused-tests 60 "$python" -m pytest -q -rfEs -p no:cacheprovider tests/test_fastpath_cupy.py
     [ -f "$out/fused-tests.log" ] && log "fused-tests: $(tail -n 1 "$out/fused-tests.log")"
     workers=()
     "$python" -c "import xdist" 2>/dev/null && workers=(-n 8)
     step tests 120 "$python" -m pytest -q -rfEs -p no:cacheprovider "${workers[@]}" "${tests[@]}"
     log "tests: $(tail -n 1 "$out/tests.log")"
+    if [ -n "$search" ]; then
+        wait "$search"
+        log "search: exit $?"
+        sed 's/^/  /' "$out/search.log" | tee -a "$out/steps.txt"
+    fi
 
     # 4. With what time is left: TF32 and the reference, and where a CuPy step's time goes.
     bench_runs ${GPU_CHECK_LATER_RUNS:-tf32 reference}

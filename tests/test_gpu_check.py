@@ -25,6 +25,10 @@ def test_the_quick_gpu_check_runs_every_step_in_order_on_the_cpu(tmp_path):
         GPU_CHECK_BATCHES="16",
         GPU_CHECK_LATER_RUNS="reference",
         GPU_CHECK_DEFAULT_EPOCHS="1",
+        GPU_CHECK_SEARCH="1",
+        GPU_RECIPES_CANDIDATES="widenet-30-epochs resnet",
+        GPU_RECIPES_SEEDS="0",
+        GPU_RECIPES_OPTIONS="--validation 100 --epochs-cap 1",
     )
     out = tmp_path / "check"
     done = subprocess.run(
@@ -36,11 +40,15 @@ def test_the_quick_gpu_check_runs_every_step_in_order_on_the_cpu(tmp_path):
     names = re.findall(r"^# \S+ (\S+): exit (\d+)", steps, flags=re.MULTILINE)
     expected = [
         "info", "bench-b16", "train-default-jax", "train-fast-jax", "train-default-numpy", "train-fast-numpy",
-        "tests", "bench-b16-reference",
+        "train-quick-jax", "epoch-warm", "tests", "search", "bench-b16-reference",
     ]  # fmt: skip
     assert [name for name, _ in names] == expected, steps
     assert all(status == "0" for _, status in names), steps
     # The jax row has the step programs, the epoch program and torch; every run says its accuracy.
     assert re.search(r"seed on jax \(cpu\): train .* epoch program: train .* x the step programs \d", steps), steps
-    assert len(re.findall(r"\d+ epoch\(s\): .* test accuracy", steps)) == 2 * 2, steps
+    assert len(re.findall(r"\d+ epoch\(s\): .* test accuracy", steps)) == 2 * 2 + 1, steps
+    # Warm epochs of both programs; a candidate chosen on validation, then its three seeds on the test set.
+    assert re.search(r"epoch program / step programs: [\d.]+x", steps), steps
+    assert re.search(r"chosen on validation: (widenet-30-epochs|resnet)\n", steps), steps
+    assert re.search(r"mean test accuracy [\d.]+% over 3 finished seed\(s\)", steps), steps
     assert "done" in steps.splitlines()[-1]

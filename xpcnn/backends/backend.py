@@ -141,6 +141,18 @@ def _jax_synchronize(backend: Backend) -> None:
     jax.block_until_ready(jax.live_arrays())
 
 
+def _jax_to_device(host_array: np.ndarray, backend: Backend):
+    import jax
+
+    # A transfer: jnp.asarray(..., device=) would compile two one-operation programs per new shape.
+    return jax.device_put(host_array, backend.device)
+
+
+def _to_device(host_array: np.ndarray, backend: Backend):
+    with backend.activate():
+        return backend.xp.asarray(host_array, device=backend.device)
+
+
 @dataclass(frozen=True)
 class Library:
     """What differs between array libraries behind the one :class:`Backend` interface."""
@@ -150,6 +162,7 @@ class Library:
     synchronize: Callable[[Backend], None] = lambda backend: None  # nothing queued: NumPy, array-api-strict
     # torch would share the NumPy memory on the CPU, and it refuses negative strides: it gets a private C copy.
     needs_private_copy: bool = False
+    to_device: Callable[[np.ndarray, Backend], Any] = _to_device  # a host array onto the backend's device
 
 
 LIBRARIES = {
@@ -157,7 +170,7 @@ LIBRARIES = {
     "array-api-strict": Library(),
     "cupy": Library(CupyGenerator, _cupy_activate, _cupy_synchronize),
     "torch": Library(TorchGenerator, _torch_activate, _torch_synchronize, needs_private_copy=True),
-    "jax": Library(JaxGenerator, _jax_activate, _jax_synchronize),
+    "jax": Library(JaxGenerator, _jax_activate, _jax_synchronize, to_device=_jax_to_device),
 }
 
 
@@ -185,8 +198,7 @@ class Backend:
             host_array = host_array.astype(host_dtype(dtype), copy=False)
         if self.library.needs_private_copy:
             host_array = np.array(host_array, order="C")
-        with self.activate():
-            return self.xp.asarray(host_array, device=self.device)
+        return self.library.to_device(host_array, self)
 
     def to_host(self, array) -> np.ndarray:
         """Copy an array of this backend to a NumPy array on the host."""

@@ -101,8 +101,8 @@ class InStep(Communicator):
 
 
 class DataParallelStep:
-    """``step(state, images, labels, batch, key, step, lr, count)`` of :class:`xpcnn.training.compiled.CompiledSteps`
-    over every process's device.
+    """``step(state, images, labels, batch, epoch_seed, step, lr, count)`` of
+    :class:`xpcnn.training.compiled.CompiledSteps` over every process's device.
 
     Each process gives its local arrays (its shard of the global batch as ``batch``); they are wrapped
     as global arrays (replicated, the batch sharded) without a copy, the step runs under ``shard_map``,
@@ -129,11 +129,6 @@ class DataParallelStep:
         self._compiled = wrap(mapped)
 
     @property
-    def seconds(self) -> float:
-        """Seconds spent compiling (the wrapped program's count)."""
-        return self._compiled.seconds
-
-    @property
     def compilations(self) -> int:
         return self._compiled.compilations
 
@@ -141,7 +136,7 @@ class DataParallelStep:
         shape = (local.shape[0] * scale, *local.shape[1:]) if scale > 1 else local.shape
         return self._jax.make_array_from_single_device_arrays(shape, sharding, [local])
 
-    def __call__(self, state, images, labels, batch, key, step, lr, count):
+    def __call__(self, state, images, labels, batch, epoch_seed, step, lr, count):
         jax, device = self._jax, batch.devices().pop()
         # As arrays: a global array's scalars must be arrays too; lr in the parameters' dtype, as the Python
         # number of the one-process step is (JAX's weak typing: it does not promote float32 parameters).
@@ -150,7 +145,7 @@ class DataParallelStep:
         out = self._compiled(
             *replicated,
             self._global(batch, self._sharded, self._count),
-            self._global(key, self._replicated),
+            self._global(epoch_seed, self._replicated),
             *(self._global(s, self._replicated) for s in scalars),
         )
         state, parameters, metrics = jax.tree.map(lambda a: a.addressable_data(0), out)

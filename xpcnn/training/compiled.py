@@ -7,7 +7,7 @@ any layer's math, and the steps are pure functions of their arguments:
 
 * in: the :class:`xpcnn.training.step.TrainState` (flat parameters, optimiser slots, batch
   norm's running statistics; donated: their buffers are reused for the results),
-  the device dataset and the batch's indices, the epoch's key, the step, the
+  the device dataset and the batch's indices, the epoch's seed, the step, the
   learning rate and the optimiser's step count (traced values, so a new learning
   rate neither recompiles nor is baked in);
 * out: the new state, the model's parameters cut from the new flat buffer (cut
@@ -16,7 +16,10 @@ any layer's math, and the steps are pure functions of their arguments:
 
 Randomness: step ``s`` of epoch ``e`` draws from ``fold_in(key(seed, e), s)``,
 so a run is a pure function of (seed, epoch, step) and resuming anywhere,
-even mid-epoch, continues exactly as a straight run.
+even mid-epoch, continues exactly as a straight run.  The key is made inside
+the programs from the epoch's seed number, a device scalar put there by a
+transfer: made outside, by eager calls, it would cost two one-operation
+programs compiled in the first epoch.
 
 The epoch program (:meth:`CompiledSteps.train_steps`): the full-batch steps of an
 epoch from one step to another, as one program: a ``lax.fori_loop`` over
@@ -30,8 +33,10 @@ whole epoch) runs the one program; the last short batch of an epoch runs as one 
 
 Each distinct argument signature (the full batch, the last short one, an
 evaluation batch, an epoch program's batch size) is compiled once, ahead of time, with the XLA options of
-:func:`xpcnn.ops.fastpath.compiler_options`, and its compile time is
-counted in :attr:`CompiledSteps.compile_seconds`, apart from the steps' own.
+:func:`xpcnn.ops.fastpath.compiler_options`.  :attr:`CompiledSteps.compile_seconds` counts, by JAX's
+monitoring events, every second JAX spends tracing, lowering and compiling: these programs', and
+those of the one-operation programs that eager calls (the first gathering of the flat parameters,
+say) compile on first use; the trainer counts them apart from the steps' own time.
 With ``compile=False`` the same step functions run eagerly, one dispatch per
 operation (for debugging: breakpoints and prints inside layers work).
 """
@@ -39,7 +44,6 @@ operation (for debugging: breakpoints and prints inside layers work).
 from __future__ import annotations
 
 import functools
-import time
 
 import numpy as np
 
@@ -52,9 +56,38 @@ from ..nn import CrossEntropyLoss, Sequential
 from ..ops import fastpath
 from .step import Metrics, Step, lent
 
+# JAX's monitoring events for the three stages of making a program (jax._src.dispatch).
+_COMPILE_EVENTS = frozenset(
+    {
+        "/jax/core/compile/jaxpr_trace_duration",
+        "/jax/core/compile/jaxpr_to_mlir_module_duration",
+        "/jax/core/compile/backend_compile_duration",
+    }
+)
+
+
+class _CompileClock:
+    """Seconds this process's JAX has spent making programs, summed from its monitoring events."""
+
+    seconds = 0.0
+    _listening = False
+
+    @classmethod
+    def start(cls) -> None:
+        if not cls._listening:
+            import jax
+
+            jax.monitoring.register_event_duration_secs_listener(cls._record)
+            cls._listening = True
+
+    @classmethod
+    def _record(cls, event: str, duration: float, **_) -> None:
+        if event in _COMPILE_EVENTS:
+            cls.seconds += duration
+
 
 class _AheadOfTime:
-    """``jax.jit(function)``, compiled with XLA options ``options`` once per argument signature, each timed."""
+    """``jax.jit(function)``, compiled with XLA options ``options`` once per argument signature."""
 
     def __init__(self, function, options: dict, donate_argnums=()):
         import jax
@@ -64,17 +97,14 @@ class _AheadOfTime:
         self._options = options
         self._executables: dict = {}
         self.compilations = 0
-        self.seconds = 0.0
 
     def __call__(self, *args):
         leaves, tree = self._jax.tree.flatten(args)
         signature = (tree, *((getattr(a, "shape", None), getattr(a, "dtype", type(a))) for a in leaves))
         executable = self._executables.get(signature)
         if executable is None:
-            started = time.perf_counter()
             executable = self._jitted.lower(*args).compile(compiler_options=self._options)
             self._executables[signature] = executable
-            self.seconds += time.perf_counter() - started
             self.compilations += 1
         return executable(*args)
 
@@ -111,8 +141,10 @@ class CompiledSteps:
         self.step = Step(model, loss_fn, optimizer, augmentation, background, communicator=in_step)
         self.compiles = compile
         self._jax = jax
-        self._epoch_key = None
+        self._epoch_seed = None
         if compile:
+            _CompileClock.start()
+            self._clock_start = _CompileClock.seconds
             options = fastpath.compiler_options(backend.device)
 
             def compiled(function):
@@ -134,10 +166,11 @@ class CompiledSteps:
 
     @property
     def compile_seconds(self) -> float:
-        """Seconds spent compiling so far, training and evaluation steps and epoch programs together."""
+        """Seconds JAX has spent making programs since these steps were made: the training and evaluation
+        steps, the epoch programs, and the one-operation programs of eager calls (the module docstring)."""
         if not self.compiles:
             return 0.0
-        return sum(program.seconds for program in (self._train, self._evaluate, *self._programs.values()))
+        return _CompileClock.seconds - self._clock_start
 
     @property
     def compilations(self) -> int:
@@ -147,16 +180,15 @@ class CompiledSteps:
         return sum(program.compilations for program in (self._train, self._evaluate, *self._programs.values()))
 
     def start_epoch(self, epoch: int, step: int) -> None:
-        """Set the key that epoch ``epoch`` draws from (step ``s`` folds in ``s``, so ``step`` needs no part)."""
-        with self.backend.activate():
-            self._epoch_key = self._jax.device_put(
-                self._jax.random.key(seed_to_int((self.seed, epoch))), self.backend.device
-            )
+        """Set the seed of the key that epoch ``epoch`` draws from (step ``s`` folds in ``s``, so ``step`` needs
+        no part)."""
+        self._epoch_seed = self.backend.asarray(np.int64(seed_to_int((self.seed, epoch))))
 
     def train_step(self, images, labels, batch, step: int):
         """One optimiser step on ``images[batch]`` (B, 1, 28, 28), ``labels[batch]``: (mean loss, correct) 0-d."""
+        optimizer = self.optimizer
         state, parameters, metrics = self._train(
-            self.step.state(), images, labels, batch, self._epoch_key, step, self.optimizer.lr, self.optimizer.steps + 1
+            self.step.state(), images, labels, batch, self._epoch_seed, step, optimizer.lr, optimizer.steps + 1
         )
         self.step.adopt(state, parameters)
         return metrics
@@ -185,7 +217,7 @@ class CompiledSteps:
             labels,
             order,
             learning_rates,
-            self._epoch_key,
+            self._epoch_seed,
             first,
             end,
             self.optimizer.steps + 1 - first,
@@ -203,8 +235,8 @@ class CompiledSteps:
         """(float64 sum of the losses, predictions (N,)) for ``x`` (N, 1, 28, 28), ``y`` (N,), evaluation mode."""
         return self._evaluate(dict(self.model.named_parameters()), dict(self.model.named_buffers()), x, y)
 
-    def _train_step(self, state, images, labels, batch, epoch_key, step, lr, count):
-        key = self._jax.random.fold_in(epoch_key, step)
+    def _train_step(self, state, images, labels, batch, epoch_seed, step, lr, count):
+        key = self._jax.random.fold_in(self._jax.random.key(epoch_seed), step)
         if self._ranks == 1:
             state, metrics = self.step.train(state, images, labels, batch, JaxGenerator.from_key(key), lr, count)
         else:  # each rank its own noise, (seed, epoch, step, rank); batch norm's sums over the ranks
@@ -217,10 +249,11 @@ class CompiledSteps:
         return state, parameters, metrics
 
     def _epoch_program(
-        self, batch_size, state, images, labels, order, lrs, epoch_key, first, end, count0, loss_sum, correct
+        self, batch_size, state, images, labels, order, lrs, epoch_seed, first, end, count0, loss_sum, correct
     ):
         """Steps ``first`` .. ``end - 1`` (traced) in a loop: step ``s`` is optimiser step ``count0 + s``."""
         jax = self._jax
+        epoch_key = jax.random.key(epoch_seed)
 
         def step(s, carry):
             state, loss_sum, correct = carry

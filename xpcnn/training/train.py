@@ -207,7 +207,7 @@ class Trainer:
 
         False if a stop signal or a callback stopped it (``state`` then points at the next step).
         """
-        xp, cfg = self.backend.xp, self.config
+        cfg = self.config
         steps, usable = self.steps_per_epoch(train), self._usable(train)
         comm = self.communicator
         alone = comm.world_size == 1
@@ -220,8 +220,8 @@ class Trainer:
 
         # The sums so far (global: a checkpoint's) start on rank 0; every rank adds its own batches.
         partial = state.partial if comm.is_root else RunState().partial
-        loss_sum = xp.asarray(partial["loss_sum"], dtype=xp.float64, device=self.backend.device)
-        correct = xp.asarray(partial["correct"], dtype=xp.int64, device=self.backend.device)
+        loss_sum = self.backend.asarray(np.float64(partial["loss_sum"]))
+        correct = self.backend.asarray(np.int64(partial["correct"]))
         seen, seconds = partial["seen"], state.partial["seconds"]
         self._compiled_before_epoch = compiled_before = self.step_runner.compile_seconds
         started = time.perf_counter()
@@ -305,12 +305,10 @@ class Trainer:
         }
         started = time.perf_counter()
         epoch = state.epoch + 1
-        bad = [
-            name
-            for name, value in self.model.named_parameters()
-            if not bool(self.backend.xp.all(self.backend.xp.isfinite(value)))
-        ]
-        if bad:
+        xp = self.backend.xp
+        flat, _ = self.optimizer.flat_state()  # one check of every weight: a program or two, not two per weight
+        if flat is not None and not bool(xp.all(xp.isfinite(flat))):
+            bad = [name for name, value in self.model.named_parameters() if not bool(xp.all(xp.isfinite(value)))]
             raise TrainingDiverged(f"weights became non-finite ({', '.join(bad)}) in epoch {epoch}")
         if self.config.recalibrate_bn and epoch == self.config.epochs:
             recalibrate_batchnorm(self.model, (images for images, _ in train.batches(1000)))

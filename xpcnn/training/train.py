@@ -18,7 +18,6 @@ epoch boundary continues bit for bit.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 import signal
 import time
@@ -30,7 +29,6 @@ import numpy as np
 from ..backends.backend import Backend, to_host
 from ..backends.distributed import (
     Communicator,
-    DistributedError,
     Local,
     check_backend,
     check_batch_size,
@@ -129,12 +127,7 @@ class Trainer:
         self.augmentation = make_augmentation(config)
         self.background = background
         self._compiled_before_epoch = 0.0
-        runner = LayerSteps
-        if backend.name == "jax":  # compiled unless eager; eager JAX runs the same step functions uncompiled
-            from .compiled import CompiledSteps
-
-            runner = functools.partial(CompiledSteps, compile=compiles(backend.name, eager))
-        self.step_runner = runner(
+        self.step_runner = step_runner(
             model,
             self.loss_fn,
             optimizer,
@@ -142,6 +135,7 @@ class Trainer:
             config.seed,
             self.augmentation,
             background,
+            eager=eager,
             communicator=self.communicator,
         )
         self.epoch_programs = epoch_program and getattr(self.step_runner, "runs_epoch_programs", False)
@@ -365,13 +359,37 @@ def start_training(
     return trainer, train_split, eval_splits
 
 
+def step_runner(
+    model: Sequential,
+    loss_fn: CrossEntropyLoss,
+    optimizer: Optimizer,
+    backend: Backend,
+    seed: int,
+    augmentation=None,
+    background: float = 0.0,
+    *,
+    eager: bool = False,
+    communicator: Communicator | None = None,
+):
+    """The runner that runs each training batch, for the trainer and the benchmark alike.
+
+    On JAX :class:`xpcnn.training.compiled.CompiledSteps`, compiled unless ``eager`` (then the same step functions
+    run uncompiled); elsewhere :class:`LayerSteps`.
+    """
+    if backend.name != "jax":
+        return LayerSteps(model, loss_fn, optimizer, backend, seed, augmentation, background, communicator)
+    from .compiled import CompiledSteps
+
+    compile = compiles(backend.name, eager)
+    return CompiledSteps(model, loss_fn, optimizer, backend, seed, augmentation, background, compile, communicator)
+
+
 class LayerSteps:
-    """The core's training step (:class:`xpcnn.training.step.Step`) run eagerly on any backend, one dispatch
-    per operation.
+    """The core's training step (:class:`xpcnn.training.step.Step`) run eagerly, one dispatch per operation:
+    the runner of every backend but JAX (:func:`step_runner`).
 
     Wraps it in place: each step reads the state from the model and optimiser and writes it back.  Noise
-    for epoch ``e`` (re)started at step ``s`` comes from ``backend.generator(seed, e, s)``.  The runner a
-    :class:`Trainer` asks to run each batch (:class:`xpcnn.training.compiled.CompiledSteps` on compiled runs).
+    for epoch ``e`` (re)started at step ``s`` comes from ``backend.generator(seed, e, s)``.
     """
 
     compiles = False
@@ -381,8 +399,6 @@ class LayerSteps:
         """``communicator``: the ranks whose gradients each step averages (one process alone by default)."""
         self.model, self.optimizer, self.backend, self.seed = model, optimizer, backend, seed
         self.communicator = communicator or Local()
-        if self.communicator.world_size > 1 and backend.name == "jax":
-            raise DistributedError("data-parallel training on the jax backend runs compiled: leave out --eager")
         self.step = Step(model, loss_fn, optimizer, augmentation, background, communicator=self.communicator)
         self._noise = None
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
-import math
 import time
 from pathlib import Path
 
@@ -13,7 +12,7 @@ import numpy as np
 
 from .. import __version__
 from ..backends.backend import Backend
-from ..backends.distributed import Communicator, Local, broadcast_state
+from ..backends.distributed import Communicator, Local, broadcast_state, steps_per_epoch
 from ..base.errors import ConfigError, XpcnnError
 from ..base.files import check_writable, locked_directory, read_regular, remove_temporaries, write_json
 from ..base.stopping import stop_on_signals
@@ -326,6 +325,7 @@ def _train_in(
     """
     from ..data.data import split_validation
 
+    communicator = communicator or Local()
     images, labels = dataset.train_images, dataset.train_labels
     evals_host = {}
     if config.validation:
@@ -336,7 +336,7 @@ def _train_in(
     if resume is not None:
         check_same_data(resume, dataset, allow_other_data)
         norm = checkpoint_normalization(resume)
-        check_position(resume, config, math.ceil(len(labels) / config.batch_size))
+        check_position(resume, config, steps_per_epoch(len(labels), config.batch_size, communicator.world_size))
         state = RunState(**resume.meta["state"])
     else:
         norm = Normalization.of(images)
@@ -346,7 +346,6 @@ def _train_in(
     optimizer = make_optimizer(config, model)
     if resume is not None:
         restore(resume, model, optimizer)
-    communicator = communicator or Local()
     broadcast_state(model, communicator)
     writes = communicator.is_root
 

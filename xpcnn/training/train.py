@@ -33,6 +33,7 @@ from ..backends.distributed import (
     check_backend,
     check_batch_size,
     shard_bounds,
+    steps_per_epoch,
     usable_count,
 )
 from ..base.errors import ConfigError, XpcnnError
@@ -171,9 +172,6 @@ class Trainer:
                     break
         return state
 
-    def steps_per_epoch(self, train: DeviceSplit) -> int:
-        return math.ceil(self._usable(train) / self.config.batch_size)
-
     def _usable(self, train: DeviceSplit) -> int:
         """How many of the epoch's shuffled images are trained on (all of them, but for a short last batch
         that does not split evenly over the ranks: see :func:`xpcnn.backends.distributed.usable_count`)."""
@@ -202,8 +200,8 @@ class Trainer:
         False if a stop signal or a callback stopped it (``state`` then points at the next step).
         """
         cfg = self.config
-        steps, usable = self.steps_per_epoch(train), self._usable(train)
         comm = self.communicator
+        steps, usable = steps_per_epoch(len(train), cfg.batch_size, comm.world_size), self._usable(train)
         alone = comm.world_size == 1
         total_steps = steps * cfg.epochs
         epoch = state.epoch  # 0-based index of the running epoch

@@ -5,7 +5,7 @@ import pytest
 
 from xpcnn.backends.backend import get_backend
 from xpcnn.backends.distributed import Communicator
-from xpcnn.base.errors import ConfigError
+from xpcnn.base.errors import ConfigError, XpcnnError
 from xpcnn.data.checkpoint import Checkpoint, CheckpointError
 from xpcnn.data.data import Dataset
 from xpcnn.training.config import TrainConfig
@@ -83,3 +83,10 @@ def test_a_resume_past_the_end_of_an_epoch_over_several_ranks_is_refused(tmp_pat
     second_rank.rank, second_rank.world_size = 1, 2
     with pytest.raises(CheckpointError, match="step 1 is past the end of an epoch of 1 steps"):
         train_run(config, get_backend("numpy"), dataset, tmp_path, resume=checkpoint, communicator=second_rank)
+
+
+def test_training_images_of_one_value_are_refused_as_fit_refuses_them(tmp_path):
+    images = np.full((10, 28, 28), 255, np.uint8)
+    dataset = Dataset("mnist", tuple("0123456789"), images, np.arange(10), images[:2], np.arange(2))
+    with pytest.raises(XpcnnError, match=r"every pixel of the training images is 1 \(in \[0, 1\]\): nothing to learn"):
+        train_run(TrainConfig(model="seed"), get_backend("numpy"), dataset, tmp_path / "run")

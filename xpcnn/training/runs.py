@@ -12,7 +12,7 @@ import numpy as np
 
 from .. import __version__
 from ..backends.backend import Backend
-from ..backends.distributed import Communicator, Local, broadcast_state, steps_per_epoch
+from ..backends.distributed import Communicator, Local, steps_per_epoch
 from ..base.errors import ConfigError, XpcnnError
 from ..base.files import check_writable, locked_directory, read_regular, remove_temporaries, write_json
 from ..base.stopping import stop_on_signals
@@ -24,7 +24,7 @@ from ..nn import Sequential
 from ..optim import Optimizer
 from .config import TrainConfig, make_optimizer
 from .display import Progress
-from .train import RunState, TrainingDiverged, TrainingInterrupted, start_training
+from .train import RunState, TrainingDiverged, TrainingInterrupted, host_splits, start_training
 
 
 def checkpoint_config(checkpoint: Checkpoint) -> TrainConfig:
@@ -323,16 +323,11 @@ def _train_in(
     With a ``communicator`` of several ranks every rank calls this with the same arguments: all train
     (starting from rank 0's model), only rank 0 writes to ``out``; the files are those of one process.
     """
-    from ..data.data import split_validation
-
     communicator = communicator or Local()
-    images, labels = dataset.train_images, dataset.train_labels
-    evals_host = {}
-    if config.validation:
-        images, labels, val_images, val_labels = split_validation(images, labels, config.validation, config.seed)
-        evals_host["val"] = (val_images, val_labels)
-    evals_host["test"] = (dataset.test_images, dataset.test_labels)
-
+    test = (dataset.test_images, dataset.test_labels)
+    (images, labels), evals_host = host_splits(
+        dataset.train_images, dataset.train_labels, config.validation, config.seed, test
+    )
     if resume is not None:
         check_same_data(resume, dataset, allow_other_data)
         norm = checkpoint_normalization(resume)
@@ -346,7 +341,6 @@ def _train_in(
     optimizer = make_optimizer(config, model)
     if resume is not None:
         restore(resume, model, optimizer)
-    broadcast_state(model, communicator)
     writes = communicator.is_root
 
     # The trainer's stop scope (Ctrl-C, SIGTERM), opened here to stay open while a stopped run is checkpointed.

@@ -30,6 +30,7 @@ from ..backends.backend import Backend, to_host
 from ..backends.distributed import (
     Communicator,
     Local,
+    broadcast_state,
     check_backend,
     check_batch_size,
     shard_bounds,
@@ -38,6 +39,7 @@ from ..backends.distributed import (
 )
 from ..base.errors import ConfigError, XpcnnError
 from ..base.stopping import stop_on_signals
+from ..data.data import split_validation
 from ..data.device_data import DeviceSplit, EvalResult, Normalization, evaluate_batches
 from ..functional import softmax
 from ..nn import CrossEntropyLoss, Sequential, recalibrate_batchnorm
@@ -327,6 +329,23 @@ class Trainer:
         return self.step_runner.evaluate(split)
 
 
+def host_splits(images, labels, validation, seed: int, test: tuple | None) -> tuple[tuple, dict]:
+    """The training pair (images, labels) and the evaluation splits ``{"val": pair, "test": pair}`` on the host.
+
+    ``validation``: a count or a fraction of the training images to hold out (chosen by ``seed``), 0 for none,
+    or a pair of its own; ``test``: a pair, or None for none.
+    """
+    evals = {}
+    if isinstance(validation, tuple):
+        evals["val"] = validation
+    elif validation:
+        images, labels, val_images, val_labels = split_validation(images, labels, validation, seed)
+        evals["val"] = (val_images, val_labels)
+    if test is not None:
+        evals["test"] = test
+    return (images, labels), evals
+
+
 def start_training(
     model: Sequential,
     optimizer: Optimizer,
@@ -342,12 +361,15 @@ def start_training(
     communicator: Communicator | None = None,
     epoch_program: bool = True,
 ) -> tuple[Trainer, DeviceSplit, dict[str, DeviceSplit]]:
-    """The set-up ``xpcnn train`` and ``xpcnn.fit`` share: host splits on the device, and their trainer.
+    """The set-up ``xpcnn train`` and ``xpcnn.fit`` share: rank 0's model on every rank, host splits on the
+    device, and their trainer.
 
-    ``train`` is a pair (images, labels) of host arrays and ``evals`` maps a split's name to one; the
-    images are normalised with ``norm`` on the device, and augmentation fills in the normalised blank
-    pixel.  Call it inside ``backend.activate()``.  Returns (trainer, train split, evaluation splits).
+    ``train`` is a pair (images, labels) of host arrays and ``evals`` maps a split's name to one
+    (:func:`host_splits` makes both); the images are normalised with ``norm`` on the device, and augmentation
+    fills in the normalised blank pixel.  Call it inside ``backend.activate()``.  Returns (trainer, train
+    split, evaluation splits).
     """
+    broadcast_state(model, communicator or Local())
     train_split = DeviceSplit.from_host(backend, *train, norm)
     eval_splits = {name: DeviceSplit.from_host(backend, *split, norm) for name, split in evals.items()}
     background = -norm.mean / norm.std

@@ -169,13 +169,32 @@ def claim_run_dir(out: Path, resume: Checkpoint | None) -> None:
     check_writable(out / CONFIG_NAME)  # a read-only directory is found before the data goes to the device
     on_disk = out / CHECKPOINT_NAME
     if resume is None:
-        if on_disk.exists():
-            raise XpcnnError(f"{out} already holds a run: continue it with --resume {out}, or pick another --out")
+        check_no_run(out)
         written = [name for name in (CONFIG_NAME, HISTORY_NAME) if (out / name).exists()]
         if written and not _xpcnn_config(out / CONFIG_NAME):
             raise XpcnnError(f"{out} holds {', '.join(written)} that xpcnn did not write: pick another --out")
     elif on_disk.exists() and load_checkpoint(on_disk).meta["state"] != resume.meta["state"]:
         raise XpcnnError(f"{on_disk} changed since it was read (another run continued it): resume again")
+
+
+def check_no_run(out: Path) -> None:
+    """XpcnnError if ``out`` holds a run (:func:`run_dir_has_run`) that a new run would overwrite: how far it
+    trained and how to continue it, or how to start afresh where its checkpoint cannot be read."""
+    if not run_dir_has_run(out):
+        return
+    try:
+        existing = load_checkpoint(out)
+        done, planned = existing.meta["state"]["epoch"], checkpoint_config(existing).epochs
+    except CheckpointError as exc:
+        raise XpcnnError(
+            f"{out} holds a checkpoint that cannot be continued ({exc}): remove {out / CHECKPOINT_NAME} "
+            "to train afresh there, or pick another --out"
+        ) from None
+    more = f" --epochs {done + 1}" if done >= planned else ""
+    raise XpcnnError(
+        f"{out} already holds a run ({done} of its {planned} epoch(s) trained): continue it with "
+        f"--resume {out}{more}, or pick another --out"
+    )
 
 
 def _xpcnn_config(path: Path) -> bool:

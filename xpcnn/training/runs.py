@@ -22,7 +22,7 @@ from ..data.device_data import Normalization
 from ..models import build
 from ..nn import Sequential
 from ..optim import Optimizer
-from .config import TrainConfig, make_optimizer
+from .config import TrainConfig, flag, make_optimizer
 from .display import Progress
 from .train import RunState, TrainingDiverged, TrainingInterrupted, host_splits, start_training
 
@@ -111,9 +111,9 @@ def resumed_config(checkpoint: Checkpoint, run: Path, overrides: dict) -> TrainC
     fixed = sorted(changed - RESUMABLE)
     if fixed:
         trained = ", ".join(_given(name, recorded[name]) for name in fixed)
-        resumable = " and ".join(_flag(name) for name in sorted(RESUMABLE))
+        resumable = " and ".join(flag(name) for name in sorted(RESUMABLE))
         raise ConfigError(
-            f"{', '.join(map(_flag, fixed))} cannot change when resuming: {run} was trained with {trained} "
+            f"{', '.join(map(flag, fixed))} cannot change when resuming: {run} was trained with {trained} "
             f"(of a run's settings only {resumable} can change)",
             fixed[0],
         )
@@ -128,16 +128,11 @@ def resumed_config(checkpoint: Checkpoint, run: Path, overrides: dict) -> TrainC
     return config
 
 
-def _flag(setting: str) -> str:
-    """The command line's flag of a TrainConfig setting: ``log_every`` -> ``--log-every``."""
-    return "--" + setting.replace("_", "-")
-
-
 def _given(setting: str, value) -> str:
     """How the command line gives ``setting`` this value: ``--lr 0.01``, ``--augment`` / ``--no-augment``."""
     if isinstance(value, bool):
-        return _flag(setting) if value else _flag(f"no_{setting}")
-    return f"{_flag(setting)} {value}"
+        return flag(setting) if value else flag(f"no_{setting}")
+    return f"{flag(setting)} {value}"
 
 
 def default_run_dir(config: TrainConfig, root: Path = Path("runs")) -> Path:

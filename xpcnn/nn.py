@@ -144,13 +144,6 @@ class Layer:
             prefix, _, name = key.rpartition(".")
             holders[prefix + "." if prefix else ""].params[name] = value
 
-    def set_gradients(self, values: dict) -> None:
-        """Assign gradients from a dict named as :meth:`named_parameters` (the arrays are used as given)."""
-        holders = dict(self._holders())
-        for key, value in values.items():
-            prefix, _, name = key.rpartition(".")
-            holders[prefix + "." if prefix else ""].grads[name] = value
-
     def set_buffers(self, values: dict) -> None:
         """Assign buffers from a dict named as :meth:`named_buffers` (the arrays are used as given)."""
         holders = dict(self._holders())

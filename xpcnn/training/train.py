@@ -285,7 +285,6 @@ class Trainer:
                 )
                 if (flag["stop"].requested or flag["callback"]) and not last:  # a signal may come during the update
                     return False
-        self.model.zero_cache()
         return True
 
     def _end_epoch(self, train: DeviceSplit, evals: dict[str, DeviceSplit], state: RunState) -> dict:

@@ -160,14 +160,10 @@ def _xpcnn_session(case: Case, settings: Settings) -> Session:
         backend, model, runner, train_data, infer_data, position, settings.steps
     )
 
-    def to_eval():
-        model.zero_cache()
-        model.eval()
-
     return Session(
         backend.device_name,
         {"train": train_step, "infer": infer_step},
-        {"train": model.train, "infer": to_eval},
+        {"train": model.train, "infer": model.eval},
         backend.synchronize,
         lambda: device_peak_mib(backend),
         settings,

@@ -1,4 +1,7 @@
-"""Layers with hand-written backward passes, PyTorch's layouts.
+"""Layers, containers and the loss, with hand-written backward passes and PyTorch's layouts.
+
+All implement the one ``Layer`` contract (forward, backward, parameters, modes); each layer is a
+thin wrapper over its math in :mod:`xpcnn.functional`.
 
 Each layer has ``forward(x) -> y`` and ``backward(grad_y) -> grad_x``;
 ``params`` and ``grads`` are dicts name -> array (``"weight"``, ``"bias"``)
@@ -14,10 +17,6 @@ a training step), so gradients of several micro-batches accumulate.
 
 Parameters are created on the host as NumPy float32 arrays;
 ``layer.to(backend, dtype)`` moves them (see :mod:`xpcnn.backends.backend`).
-
-One job, though long: the layers, the containers and the loss all implement
-the one ``Layer`` contract (forward, backward, parameters, modes), and each
-layer is a thin wrapper over its math in :mod:`xpcnn.functional`.
 """
 
 from __future__ import annotations

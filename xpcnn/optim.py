@@ -1,7 +1,5 @@
-"""Optimisers over a model's parameters, with PyTorch's update rules.
-
-One job, though long: the update rules over one flat buffer, and the learning-rate
-schedules that drive them.
+"""Optimisers (SGD, Adam, AdamW) with PyTorch's update rules over one flat parameter buffer, and the
+learning-rate schedules that drive them.
 
 An optimiser keeps all of a model's parameters in one flat 1-D buffer (in
 ``model.named_parameters()`` order) and its state in flat buffers of the same

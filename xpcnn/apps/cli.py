@@ -1,7 +1,4 @@
-"""The ``xpcnn`` command line: parsing and messages only, the work happens in the library.
-
-One job, though long: each command declares its options here, and its messages.
-"""
+"""The ``xpcnn`` command line: each command's options and messages; the work happens in the library."""
 
 from __future__ import annotations
 

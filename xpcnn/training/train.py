@@ -1,6 +1,5 @@
-"""The training loop: fit, evaluate and predict on device-resident data (run directories: runs.py).
-
-One job, though long: the loop over epochs and steps, on one rank or as one of several.
+"""The training loop over epochs and steps on device-resident data, on one rank or as one of several: its
+set-up, its step runners, evaluation and prediction (run directories: runs.py).
 
 Splits are copied to the device once (device_data.py); batches are gathered there
 with ``take`` from a per-epoch permutation.  The host reads values back only at

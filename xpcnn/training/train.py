@@ -45,7 +45,7 @@ from ..nn import CrossEntropyLoss, Sequential, recalibrate_batchnorm
 from ..optim import Optimizer, scheduled_lr
 from .config import TrainConfig, make_augmentation
 from .display import Progress
-from .step import Step, compiles
+from .step import Step, compiles, stateless_forward
 
 
 @dataclass
@@ -445,10 +445,12 @@ def evaluate(model: Sequential, split: DeviceSplit, backend: Backend, batch_size
 
 
 def predict_probabilities(model: Sequential, images, batch_size: int = 1000) -> np.ndarray:
-    """Softmax probabilities (N, K) on the host for device images (N, 1, 28, 28), evaluation mode."""
-    model.eval()
-    chunks = [
-        to_host(softmax(model.forward(images[i : min(i + batch_size, images.shape[0]), ...]), axis=1))
-        for i in range(0, images.shape[0], batch_size)
-    ]
+    """Softmax probabilities (N, K) on the host for device images (N, 1, 28, 28), in evaluation mode (the
+    model's own mode is left as it was)."""
+    parameters, buffers = dict(model.named_parameters()), dict(model.named_buffers())
+    chunks = []
+    for i in range(0, images.shape[0], batch_size):
+        batch = images[i : min(i + batch_size, images.shape[0]), ...]
+        logits, _ = stateless_forward(model, parameters, buffers, batch, training=False)
+        chunks.append(to_host(softmax(logits, axis=1)))
     return np.concatenate(chunks)

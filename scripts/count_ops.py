@@ -1,14 +1,17 @@
 #!/usr/bin/env python3
-"""Count the array operations in one training step, per layer: a GPU's kernel launches, measured on a CPU.
+"""Count the array operations in the trainer's training step: a GPU's kernel launches, measured on a CPU.
 
 On a GPU a small network's training step is bound by how many kernels Python
-launches, not by arithmetic.  This runs xpcnn's reference path on the torch
-backend (CPU) under torch's profiler and counts the operations that would each
-launch at least one kernel on a GPU, layer by layer, beside PyTorch eager's
-count for the same step.  An operation is counted once, at its outermost ATen
-call (a multiplication by a Python scalar is one operation, though torch's CPU
-code copies the scalar first); a view-making call (a reshape, a permute) counts
-only the copies it makes inside.
+launches, not by arithmetic.  This runs the step the trainer runs (the core's
+``Step.train`` through the eager runner, :func:`xpcnn.training.train.step_runner`:
+gather the batch, forward, loss, backward, optimiser update, correct predictions)
+on the torch backend (CPU) under torch's profiler and counts the operations that
+would each launch at least one kernel on a GPU, beside PyTorch eager's count for
+a plain step (forward, loss, backward, update).  Where they go: the same math
+called layer by layer, and what the trainer's step does besides.  An operation
+is counted once, at its outermost ATen call (a multiplication by a Python scalar
+is one operation, though torch's CPU code copies the scalar first); a
+view-making call (a reshape, a permute) counts only the copies it makes inside.
 
     python scripts/count_ops.py [--model convnet [--model seed ...] | --model all] [--batch 128]
 """
@@ -24,7 +27,8 @@ from xpcnn.apps import export
 from xpcnn.backends.backend import get_backend
 from xpcnn.models import MODELS, build
 from xpcnn.nn import CrossEntropyLoss, _BatchNorm, update_running_statistics
-from xpcnn.optim import SGD
+from xpcnn.training.config import TrainConfig, make_optimizer
+from xpcnn.training.train import step_runner
 
 # Operations that only make a view, read metadata or allocate: no kernel.
 NO_KERNEL = {
@@ -56,27 +60,31 @@ def launches(fn) -> tuple[object, collections.Counter]:
     return result, ops
 
 
-def count_model(name: str, batch: int) -> tuple[list[tuple[str, collections.Counter]], int]:
-    """Per-layer counts of one xpcnn training step of model ``name``, and PyTorch eager's total for the same step."""
+def count_model(name: str, batch: int) -> tuple[collections.Counter, list, int]:
+    """The trainer's training step of model ``name`` (its operations by name), the same math counted layer by
+    layer (rows of (what, operations)), and PyTorch eager's total for a plain step."""
     backend = get_backend("torch", "cpu")
     rng = np.random.default_rng(0)
-    x = backend.asarray(rng.normal(size=(batch, 1, 28, 28)), backend.xp.float32)
-    y = backend.asarray(rng.integers(0, 10, batch))
+    images = backend.asarray(rng.normal(size=(2 * batch, 1, 28, 28)), backend.xp.float32)
+    labels = backend.asarray(rng.integers(0, 10, 2 * batch))
+    batches = [backend.asarray(np.arange(i * batch, (i + 1) * batch)) for i in range(2)]
+    x, y = images[:batch, ...], labels[:batch]
 
+    config = TrainConfig(model=name)  # the training defaults: SGD with Nesterov momentum and weight decay
     model = build(name, seed=0).to(backend)
-    model.set_generator(backend.generator(0))
+    optimizer = make_optimizer(config, model)
     loss_fn = CrossEntropyLoss(check_labels=False)
-    optimizer = SGD(model, 0.01, momentum=0.9, nesterov=True, weight_decay=5e-4)  # the training default
-    for _ in range(2):  # warm up, so that one-time set-up is not counted
-        optimizer.zero_grad()
-        loss_fn.forward(model.forward(x), y)
-        model.backward(loss_fn.backward(), input_grad=False)
-        optimizer.step()
+    runner = step_runner(model, loss_fn, optimizer, backend, config.seed)
+    runner.start_epoch(0, 0)
+    for step in range(2):  # warm up, so that one-time set-up is not counted
+        runner.train_step(images, labels, batches[step], step)
+    _, trainer_step = launches(lambda: runner.train_step(images, labels, batches[0], 2))
 
-    rows = [("optimizer zero_grad", launches(optimizer.zero_grad)[1])]
+    model.set_generator(backend.generator(0))
+    model.zero_grad()
     _, whole_forward = launches(lambda: model.forward(x))
     # Layer by layer as Sequential.forward runs them: batch norm's running statistics in one update at the end.
-    h, batch_statistics = x, []
+    rows, h, batch_statistics = [], x, []
     for layer in model:
         if isinstance(layer, _BatchNorm):
             (h, statistics), ops = launches(lambda layer=layer, h=h: layer.normalize(h))
@@ -98,7 +106,7 @@ def count_model(name: str, batch: int) -> tuple[list[tuple[str, collections.Coun
         options = {"input_grad": False} if index == 0 else {}
         grad, ops = launches(lambda layer=layer, grad=grad, options=options: layer.backward(grad, **options))
         rows.append((f"backward {layer!r}", ops))
-    rows.append(("optimizer step (SGD, Nesterov, weight decay)", launches(optimizer.step)[1]))
+    rows.append(("optimizer update (SGD, Nesterov, weight decay)", launches(optimizer.step)[1]))
 
     twin = export.torch_twin(build(name, seed=0))
     twin_optimizer = torch.optim.SGD(twin.parameters(), lr=0.01, momentum=0.9, nesterov=True, weight_decay=5e-4)
@@ -111,7 +119,7 @@ def count_model(name: str, batch: int) -> tuple[list[tuple[str, collections.Coun
 
     twin_step()
     _, twin_ops = launches(twin_step)
-    return rows, sum(twin_ops.values())
+    return trainer_step, rows, sum(twin_ops.values())
 
 
 def main() -> None:
@@ -128,17 +136,21 @@ def main() -> None:
     torch.set_num_threads(1)
     totals = []
     for name in names:
-        rows, twin_total = count_model(name, args.batch)
-        total = sum(sum(ops.values()) for _, ops in rows)
+        trainer_step, rows, twin_total = count_model(name, args.batch)
+        counted = sum((ops for _, ops in rows), collections.Counter())
+        rows.append(("the trainer's step besides (batch gather, correct predictions)", trainer_step - counted))
+        total = sum(trainer_step.values())
         totals.append((name, total, twin_total))
         width = max(len(row) for row, _ in rows)
-        print(f"== {name}, one training step, batch {args.batch}")
+        print(f"== {name}, the trainer's training step, batch {args.batch}")
         for row, ops in rows:
             detail = ", ".join(f"{op} {count}" for op, count in ops.most_common())
             print(f"{row:<{width}}  {sum(ops.values()):4d}  {detail}")
+        if counted - trainer_step:  # the layer-by-layer math holds operations the trainer's step does not run
+            print(f"counted layer by layer but not in the trainer's step: {dict(counted - trainer_step)}")
         print(f"{name.upper()}: xpcnn {total}, PyTorch eager {twin_total}\n")
     width = max(len("model"), *(len(name) for name in names))
-    print(f"== all models, operations in one training step, batch {args.batch}")
+    print(f"== all models, operations in the trainer's training step, batch {args.batch}")
     print(f"{'model':<{width}}  {'xpcnn':>6}  {'torch eager':>11}  {'ratio':>6}")
     for name, total, twin_total in totals:
         print(f"{name:<{width}}  {total:>6}  {twin_total:>11}  {total / twin_total:>6.2f}")

@@ -119,7 +119,7 @@ def test_cross_entropy_kernel_propagates_nan():
 
 @pytest.mark.parametrize("model_name", ["convnet", "convnet-bn", "seed"])
 def test_a_training_step_with_and_without_the_fused_kernels(monkeypatch, model_name):
-    """The same loss, gradients and updated weights from a whole step, fused kernels on and off."""
+    """The same loss and gradients from a whole forward and backward pass, fused kernels on and off."""
     backend = get_backend("cupy")
     rng = np.random.default_rng(0)
     x = backend.asarray(rng.standard_normal((16, 1, 28, 28)), backend.xp.float64)

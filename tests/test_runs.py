@@ -3,10 +3,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from xpcnn.base.errors import ConfigError
-from xpcnn.data.checkpoint import Checkpoint
+from xpcnn.backends.backend import get_backend
+from xpcnn.backends.distributed import Communicator
+from xpcnn.base.errors import ConfigError, XpcnnError
+from xpcnn.data.checkpoint import Checkpoint, CheckpointError
+from xpcnn.data.data import Dataset
 from xpcnn.training.config import TrainConfig
-from xpcnn.training.runs import confusion_matrix, per_class_accuracy, resumed_config
+from xpcnn.training.runs import confusion_matrix, per_class_accuracy, resumed_config, train_run
 
 
 def checkpoint_after(epochs_done, **config):
@@ -63,3 +66,27 @@ def test_confusion_matrix_rows_are_true_classes():
     confusion = confusion_matrix(labels, predictions, 4)
     assert confusion.tolist() == [[1, 1, 0, 0], [0, 1, 0, 0], [1, 0, 2, 0], [0, 0, 0, 0]]
     np.testing.assert_allclose(per_class_accuracy(confusion), [0.5, 1.0, 2 / 3, 0.0])
+
+
+def test_a_resume_past_the_end_of_an_epoch_over_several_ranks_is_refused(tmp_path):
+    """129 images in global batches of 128 over 2 ranks: the last image does not split over them, so an epoch
+    is one step, and a checkpoint at step 1 (128 images seen) points past its end."""
+    rng = np.random.default_rng(0)
+    images, labels = rng.integers(0, 256, (129, 28, 28), dtype=np.uint8), rng.integers(0, 10, 129)
+    dataset = Dataset("mnist", tuple("0123456789"), images, labels, images[:2], labels[:2])
+    config = TrainConfig(model="seed", batch_size=128)
+    partial = {"loss_sum": 256.0, "correct": 13, "seen": 128, "seconds": 1.0}
+    state = {"epoch": 0, "step": 1, "global_step": 1, "partial": partial, "history": []}
+    meta = {"config": config.to_dict(), "state": state, "normalization": {"mean": 0.5, "std": 0.3}}
+    checkpoint = Checkpoint(meta, model_state={}, optimizer_state=None, path=tmp_path / "checkpoint.npz")
+    second_rank = Communicator()  # rank 1 of 2: claims no directory; refused before its first collective
+    second_rank.rank, second_rank.world_size = 1, 2
+    with pytest.raises(CheckpointError, match="step 1 is past the end of an epoch of 1 steps"):
+        train_run(config, get_backend("numpy"), dataset, tmp_path, resume=checkpoint, communicator=second_rank)
+
+
+def test_training_images_of_one_value_are_refused_as_fit_refuses_them(tmp_path):
+    images = np.full((10, 28, 28), 255, np.uint8)
+    dataset = Dataset("mnist", tuple("0123456789"), images, np.arange(10), images[:2], np.arange(2))
+    with pytest.raises(XpcnnError, match=r"every pixel of the training images is 1 \(in \[0, 1\]\): nothing to learn"):
+        train_run(TrainConfig(model="seed"), get_backend("numpy"), dataset, tmp_path / "run")

@@ -58,6 +58,29 @@ def test_jax_eager_steps_train_a_nested_sequential():
     assert_trained(before, model.state_dict())
 
 
+def test_one_rule_picks_the_runner_that_train_and_bench_run():
+    """JAX runs CompiledSteps, compiled unless eager (--eager of train and bench alike); the other backends
+    LayerSteps; and several JAX ranks refuse to run eagerly."""
+    pytest.importorskip("jax")
+    from xpcnn.backends.distributed import Communicator, DistributedError
+    from xpcnn.training.compiled import CompiledSteps
+    from xpcnn.training.train import LayerSteps, step_runner
+
+    def runner(name, eager, communicator=None):
+        backend = get_backend(name, "cpu")
+        model = nested_model().to(backend)
+        optimizer = optim.SGD(model, lr=0.1)
+        return step_runner(model, nn.CrossEntropyLoss(), optimizer, backend, 0, eager=eager, communicator=communicator)
+
+    assert type(runner("numpy", eager=True)) is LayerSteps
+    compiled, eager = runner("jax", eager=False), runner("jax", eager=True)
+    assert type(compiled) is type(eager) is CompiledSteps and compiled.compiles and not eager.compiles
+    two_ranks = Communicator()
+    two_ranks.world_size = 2
+    with pytest.raises(DistributedError, match="on the jax backend runs compiled: leave out --eager"):
+        runner("jax", eager=True, communicator=two_ranks)
+
+
 def test_lent_restores_every_layer_of_nested_containers():
     model = nested_model()
     inner = model[0][2]

@@ -226,6 +226,15 @@ def test_evaluate_on_an_empty_split_and_predict():
     np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, rtol=1e-6)
 
 
+def test_predict_leaves_the_models_mode_as_it_was():
+    model = models.build("convnet")  # dropout: evaluation mode must hold while predicting
+    images = np.random.default_rng(0).standard_normal((3, 1, 28, 28)).astype(np.float32)
+    probabilities = train.predict_probabilities(model, images)
+    assert model.training and all(layer.training for layer in model.modules())
+    np.testing.assert_array_equal(probabilities, train.predict_probabilities(model.eval(), images))
+    assert not model.training
+
+
 @pytest.mark.parametrize(
     "values, message",
     [

@@ -1,6 +1,4 @@
-"""Stateless layer math on the Array API standard: the reference path.
-
-One job, though long: the reference math of every layer, forward and backward.
+"""Stateless layer math on the Array API standard, every layer's forward and backward: the reference path.
 
 Every function takes arrays and gets ``xp`` from them, so the same code runs on
 NumPy, CuPy, PyTorch, JAX, array-api-strict or any other conforming library.

@@ -1,4 +1,7 @@
-"""Layers with hand-written backward passes, PyTorch's layouts.
+"""Layers, containers and the loss, with hand-written backward passes and PyTorch's layouts.
+
+All implement the one ``Layer`` contract (forward, backward, parameters, modes); each layer is a
+thin wrapper over its math in :mod:`xpcnn.functional`.
 
 Each layer has ``forward(x) -> y`` and ``backward(grad_y) -> grad_x``;
 ``params`` and ``grads`` are dicts name -> array (``"weight"``, ``"bias"``)
@@ -14,10 +17,6 @@ a training step), so gradients of several micro-batches accumulate.
 
 Parameters are created on the host as NumPy float32 arrays;
 ``layer.to(backend, dtype)`` moves them (see :mod:`xpcnn.backends.backend`).
-
-One job, though long: the layers, the containers and the loss all implement
-the one ``Layer`` contract (forward, backward, parameters, modes), and each
-layer is a thin wrapper over its math in :mod:`xpcnn.functional`.
 """
 
 from __future__ import annotations
@@ -143,13 +142,6 @@ class Layer:
         for key, value in values.items():
             prefix, _, name = key.rpartition(".")
             holders[prefix + "." if prefix else ""].params[name] = value
-
-    def set_gradients(self, values: dict) -> None:
-        """Assign gradients from a dict named as :meth:`named_parameters` (the arrays are used as given)."""
-        holders = dict(self._holders())
-        for key, value in values.items():
-            prefix, _, name = key.rpartition(".")
-            holders[prefix + "." if prefix else ""].grads[name] = value
 
     def set_buffers(self, values: dict) -> None:
         """Assign buffers from a dict named as :meth:`named_buffers` (the arrays are used as given)."""

@@ -1,7 +1,5 @@
-"""Optimisers over a model's parameters, with PyTorch's update rules.
-
-One job, though long: the update rules over one flat buffer, and the learning-rate
-schedules that drive them.
+"""Optimisers (SGD, Adam, AdamW) with PyTorch's update rules over one flat parameter buffer, and the
+learning-rate schedules that drive them.
 
 An optimiser keeps all of a model's parameters in one flat 1-D buffer (in
 ``model.named_parameters()`` order) and its state in flat buffers of the same
@@ -333,11 +331,11 @@ class SGD(Optimizer):
         return ((wd * (1 + m), 1 + m, m * m) if self.nesterov else velocity, velocity)
 
     def _operands(self, param, grads: list, state: dict) -> list:
-        """The 1-d operands (p, grad pieces...[, v]) of the update; v is zeros before the first step."""
+        """The 1-d operands (p, grad pieces...[, v]) of the update (v: zeros before the first step, see
+        :meth:`flat_state`)."""
         if not self.momentum:
             return [param, *grads]
-        velocity = state.get("momentum")
-        return [param, *grads, namespace(param).zeros_like(param) if velocity is None else velocity]
+        return [param, *grads, state["momentum"]]
 
     def _directions(self, operands):
         """(direction, new velocity or None) from the (2 or 3, P) operands (p, grad[, v]): one product."""

@@ -1,7 +1,4 @@
-"""The ``xpcnn`` command line: parsing and messages only, the work happens in the library.
-
-One job, though long: each command declares its options here, and its messages.
-"""
+"""The ``xpcnn`` command line: each command's options and messages; the work happens in the library."""
 
 from __future__ import annotations
 
@@ -21,9 +18,9 @@ from ..backends.backend import BACKEND_NAMES, cuda_problem, get_backend, set_tf3
 from ..backends.diagnostics import available_backends, gpu_names
 from ..backends.distributed import check_backend, rank_from_environment
 from ..backends.ranks import join, prepare
-from ..base.errors import ConfigError
+from ..base.errors import ConfigError, XpcnnError
 from ..base.files import check_writable
-from ..data.checkpoint import CHECKPOINT_NAME, CheckpointError, checkpoint_path, load_checkpoint
+from ..data.checkpoint import CHECKPOINT_NAME, checkpoint_path, load_checkpoint
 from ..data.data import DATASETS, TEST_FILES, find_data_dir, get_spec, load_dataset
 from ..data.device_data import DeviceSplit, normalize_images
 from ..data.images import ImageError, load_image
@@ -32,6 +29,7 @@ from ..optim import OPTIMIZERS, SCHEDULES
 from ..training.config import RECIPES, TrainConfig, recipe, recipe_backend
 from ..training.display import Progress
 from ..training.runs import (
+    check_no_run,
     check_same_data,
     checkpoint_config,
     confusion_matrix,
@@ -245,20 +243,10 @@ def train(
             options.update({k: v for k, v in recipe(recipe_name).items() if k not in given})
         config = TrainConfig.from_dict(options)
         out = Path(out) if out else default_run_dir(config)
-        if run_dir_has_run(out):
-            try:
-                existing = load_checkpoint(out)
-                done, planned = existing.meta["state"]["epoch"], checkpoint_config(existing).epochs
-            except CheckpointError as exc:
-                raise click.UsageError(
-                    f"{out} holds a checkpoint that cannot be continued ({exc}): remove "
-                    f"{checkpoint_path(out)} to train afresh there, or pick another --out"
-                ) from None
-            more = f" --epochs {done + 1}" if done >= planned else ""
-            raise click.UsageError(
-                f"{out} already holds a run ({done} of its {planned} epoch(s) trained): continue it with "
-                f"--resume {out}{more}, or pick another --out"
-            )
+        try:
+            check_no_run(out)  # before the data is loaded or any rank starts; train_run checks again, holding the lock
+        except XpcnnError as exc:
+            raise click.UsageError(str(exc)) from None
 
     set_tf32(tf32)
     backend = backend or recipe_backend(recipe_name, device)

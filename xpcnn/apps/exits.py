@@ -12,6 +12,7 @@ import click
 
 from ..base.errors import ConfigError, XpcnnError
 from ..base.stopping import Terminated, sigterm_interrupts
+from ..training.config import flag
 from ..training.train import TrainingInterrupted
 
 EXIT_INTERRUPTED = 130  # 128 + SIGINT
@@ -61,7 +62,7 @@ def friendly_errors(command):
 def user_message(exc: Exception) -> str:
     """One line for a user error: a setting's flag first, an OS error's file and reason."""
     if isinstance(exc, ConfigError) and exc.setting:
-        return f"--{exc.setting.replace('_', '-')}: {_first_line(exc)}"
+        return f"{flag(exc.setting)}: {_first_line(exc)}"
     if isinstance(exc, OSError) and exc.strerror:
         target = f"{exc.filename}: " if exc.filename else ""
         return f"{target}{exc.strerror}"

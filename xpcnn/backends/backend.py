@@ -1,7 +1,5 @@
-"""Choose and describe an array backend.
-
-One job, though long: turning a backend and device request into a :class:`Backend`;
-the length is one constructor and one set of clear errors per library.
+"""Choose and describe an array backend: a backend and device request turned into a :class:`Backend`, with
+clear errors for each library.
 
 This module, with its two helpers, is where array-library names (``numpy``,
 ``cupy``, ``array_api_strict``, ``torch``, ``jax``) are known: ``rng.py`` holds

@@ -270,3 +270,8 @@ def usable_count(n: int, batch_size: int, world_size: int) -> int:
     """
     last = n % batch_size or batch_size
     return n - last % world_size
+
+
+def steps_per_epoch(n: int, batch_size: int, world_size: int) -> int:
+    """An epoch's optimiser steps: one per global batch of the :func:`usable_count` images it trains on."""
+    return math.ceil(usable_count(n, batch_size, world_size) / batch_size)

@@ -1,7 +1,5 @@
-"""Datasets on the host: IDX files, the MNIST / Fashion-MNIST registry, lookup, download.
-
-One job, though long: datasets from disk or the network into checked host arrays;
-each file format and source has its own one-line errors.
+"""Datasets from disk or the network into checked host arrays: IDX files, the MNIST / Fashion-MNIST
+registry, lookup, download, the validation split.
 
 Everything here works on plain NumPy arrays.  A loaded `Dataset` holds
 images as (N, 28, 28) uint8 and labels as (N,) uint8 class indices.

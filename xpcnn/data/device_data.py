@@ -33,16 +33,24 @@ class Normalization:
 
     @classmethod
     def of(cls, images: np.ndarray) -> Normalization:
-        """Mean and standard deviation of uint8 images, in [0, 1] units.
+        """Mean and standard deviation of training images, uint8 (0..255) or floats in [0, 1], in [0, 1] units.
 
-        Computed exactly from the histogram of the 256 pixel values, without a
-        float copy of the images (which would be 376 MB for MNIST in float64).
+        XpcnnError where every pixel has one value: nothing to learn from.  uint8 images are measured
+        exactly from the histogram of the 256 pixel values, without a float copy of the images (which
+        would be 376 MB for MNIST in float64).
         """
-        counts = np.bincount(images.reshape(-1), minlength=256).astype(np.float64)
-        values = np.arange(256) / 255.0
-        mean = counts @ values / counts.sum()
-        variance = counts @ (values - mean) ** 2 / counts.sum()
-        return cls(float(mean), float(np.sqrt(variance)))
+        if images.dtype == np.uint8:
+            counts = np.bincount(images.reshape(-1), minlength=256).astype(np.float64)
+            values = np.arange(256) / 255.0
+            mean = counts @ values / counts.sum()
+            std = np.sqrt(counts @ (values - mean) ** 2 / counts.sum())
+            constant = np.count_nonzero(counts) == 1
+        else:
+            mean, std = np.mean(images, dtype=np.float64), np.std(images, dtype=np.float64)
+            constant = std < MIN_STD
+        if constant:
+            raise XpcnnError(f"every pixel of the training images is {mean:g} (in [0, 1]): nothing to learn from")
+        return cls(float(mean), float(std))
 
 
 @dataclass

@@ -1,11 +1,12 @@
-"""CuPy replacements behind the fast-path seam: one fused kernel where the Array API spells several.
-
-One job, though long: the CuPy kernels, each one's CUDA source beside its launcher.
+"""CuPy's fused kernels behind the fast-path seam, each one's CUDA source beside its launcher: one kernel
+where the Array API spells several.
 
 On a GPU a small network's training step is bound by kernel launches (each
 costs ~10 us of Python and driver time), not by arithmetic.  Each function
-here gives the same result as the :mod:`xpcnn.functional` function it
-replaces (tests compare them on the GPU, ties included), in one launch:
+here gives the same result as the reference code it replaces, in one launch:
+an :mod:`xpcnn.functional` function, or for the two optimiser updates an
+optimiser's update rule in :mod:`xpcnn.optim` (tests compare them on the GPU,
+ties included):
 
 * the convolution's patch matrix (a pad and a stack of KH*KW slices: up to
   11 launches, CuPy copying each stacked slice on its own), forward and for

@@ -123,6 +123,12 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
+def flag(setting: str) -> str:
+    """The command line's flag of a setting (a TrainConfig field, or another a ConfigError names): ``log_every``
+    -> ``--log-every``."""
+    return "--" + setting.replace("_", "-")
+
+
 def make_optimizer(config: TrainConfig, model: Sequential) -> Optimizer:
     """The optimiser named by the config, over ``model``'s parameters."""
     if config.optimizer == "sgd":

@@ -18,19 +18,19 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..backends.backend import Backend, backend_of, get_backend
-from ..backends.distributed import Communicator, broadcast_state
+from ..backends.distributed import Communicator
 from ..backends.ranks import join, prepare
 from ..base.errors import ConfigError, XpcnnError
 from ..data.checkpoint import save_checkpoint
-from ..data.data import Dataset, load_dataset, split_validation
-from ..data.device_data import MIN_STD, DeviceSplit, EvalResult, Normalization
+from ..data.data import Dataset, load_dataset
+from ..data.device_data import DeviceSplit, EvalResult, Normalization
 from ..models import MODELS, build
 from ..nn import Sequential
 from ..optim import Optimizer
 from .config import TrainConfig, make_optimizer, positive_int
 from .display import Progress
 from .runs import checkpoint_meta
-from .train import RunState, start_training
+from .train import RunState, host_splits, start_training
 from .train import evaluate as evaluate_split
 
 ARRAYS = "arrays"  # the dataset name fit records for data given as arrays
@@ -110,8 +110,7 @@ def fit(
     else:
         optimizer = make_optimizer(config, model)
     communicator = communicator or join(backend)
-    broadcast_state(model, communicator)
-    norm = _normalization(train[0])
+    norm = Normalization.of(train[0])
     with backend.activate():
         progress = Progress(sys.stderr if verbose else None)
         trainer, train_split, eval_splits = start_training(
@@ -173,7 +172,7 @@ def _training_data(data, validation, model: Sequential, seed: int, data_dir) -> 
         if outputs is not None and outputs != len(dataset.classes):
             raise XpcnnError(f"the model has {outputs} outputs but {data} has {len(dataset.classes)} classes")
         images, labels = dataset.train_images, dataset.train_labels
-        evals = {"test": (dataset.test_images, dataset.test_labels)}
+        test = (dataset.test_images, dataset.test_labels)
     else:
         if not (isinstance(data, tuple | list) and len(data) == 2):
             raise XpcnnError(
@@ -182,13 +181,11 @@ def _training_data(data, validation, model: Sequential, seed: int, data_dir) -> 
         images, labels = _checked_arrays(*data, outputs, "fit's data")
         classes = tuple(str(k) for k in range(outputs or int(labels.max()) + 1))
         dataset = Dataset(ARRAYS, classes, images, labels, images[:0], labels[:0])
-        evals = {}
+        test = None
     if isinstance(validation, tuple | list):
-        evals = {"val": _checked_arrays(*validation, len(dataset.classes), "the validation data"), **evals}
-    elif validation:
-        images, labels, val_images, val_labels = split_validation(images, labels, validation, seed)
-        evals = {"val": (val_images, val_labels), **evals}
-    return dataset, (images, labels), evals
+        validation = _checked_arrays(*validation, len(dataset.classes), "the validation data")
+    train, evals = host_splits(images, labels, validation, seed, test)
+    return dataset, train, evals
 
 
 def _checked_arrays(images, labels, classes: int | None, what: str) -> tuple[np.ndarray, np.ndarray]:
@@ -214,18 +211,6 @@ def _checked_arrays(images, labels, classes: int | None, what: str) -> tuple[np.
     if low < 0 or (classes is not None and high >= classes):
         raise XpcnnError(f"{what}: labels must lie in [0, {top}] (the model's outputs), got values in [{low}, {high}]")
     return images, labels.astype(np.int64, copy=False)
-
-
-def _normalization(images: np.ndarray) -> Normalization:
-    """The training images' mean and std in [0, 1] units (uint8 images are divided by 255)."""
-    if images.dtype == np.uint8:
-        low, high = int(images.min()), int(images.max())
-        mean, spread = low / 255, (high - low) / 255
-    else:
-        mean, spread = float(np.mean(images, dtype=np.float64)), float(np.std(images, dtype=np.float64))
-    if spread < MIN_STD:
-        raise XpcnnError(f"every pixel of the training images is {mean:g} (in [0, 1]): nothing to learn from")
-    return Normalization.of(images) if images.dtype == np.uint8 else Normalization(mean, spread)
 
 
 def _outputs(model: Sequential) -> int | None:

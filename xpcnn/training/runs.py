@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
-import math
 import time
 from pathlib import Path
 
@@ -13,7 +12,7 @@ import numpy as np
 
 from .. import __version__
 from ..backends.backend import Backend
-from ..backends.distributed import Communicator, Local, broadcast_state
+from ..backends.distributed import Communicator, Local, steps_per_epoch
 from ..base.errors import ConfigError, XpcnnError
 from ..base.files import check_writable, locked_directory, read_regular, remove_temporaries, write_json
 from ..base.stopping import stop_on_signals
@@ -23,9 +22,9 @@ from ..data.device_data import Normalization
 from ..models import build
 from ..nn import Sequential
 from ..optim import Optimizer
-from .config import TrainConfig, make_optimizer
+from .config import TrainConfig, flag, make_optimizer
 from .display import Progress
-from .train import RunState, TrainingDiverged, TrainingInterrupted, start_training
+from .train import RunState, TrainingDiverged, TrainingInterrupted, host_splits, start_training
 
 
 def checkpoint_config(checkpoint: Checkpoint) -> TrainConfig:
@@ -112,9 +111,9 @@ def resumed_config(checkpoint: Checkpoint, run: Path, overrides: dict) -> TrainC
     fixed = sorted(changed - RESUMABLE)
     if fixed:
         trained = ", ".join(_given(name, recorded[name]) for name in fixed)
-        resumable = " and ".join(_flag(name) for name in sorted(RESUMABLE))
+        resumable = " and ".join(flag(name) for name in sorted(RESUMABLE))
         raise ConfigError(
-            f"{', '.join(map(_flag, fixed))} cannot change when resuming: {run} was trained with {trained} "
+            f"{', '.join(map(flag, fixed))} cannot change when resuming: {run} was trained with {trained} "
             f"(of a run's settings only {resumable} can change)",
             fixed[0],
         )
@@ -129,16 +128,11 @@ def resumed_config(checkpoint: Checkpoint, run: Path, overrides: dict) -> TrainC
     return config
 
 
-def _flag(setting: str) -> str:
-    """The command line's flag of a TrainConfig setting: ``log_every`` -> ``--log-every``."""
-    return "--" + setting.replace("_", "-")
-
-
 def _given(setting: str, value) -> str:
     """How the command line gives ``setting`` this value: ``--lr 0.01``, ``--augment`` / ``--no-augment``."""
     if isinstance(value, bool):
-        return _flag(setting) if value else _flag(f"no_{setting}")
-    return f"{_flag(setting)} {value}"
+        return flag(setting) if value else flag(f"no_{setting}")
+    return f"{flag(setting)} {value}"
 
 
 def default_run_dir(config: TrainConfig, root: Path = Path("runs")) -> Path:
@@ -170,13 +164,32 @@ def claim_run_dir(out: Path, resume: Checkpoint | None) -> None:
     check_writable(out / CONFIG_NAME)  # a read-only directory is found before the data goes to the device
     on_disk = out / CHECKPOINT_NAME
     if resume is None:
-        if on_disk.exists():
-            raise XpcnnError(f"{out} already holds a run: continue it with --resume {out}, or pick another --out")
+        check_no_run(out)
         written = [name for name in (CONFIG_NAME, HISTORY_NAME) if (out / name).exists()]
         if written and not _xpcnn_config(out / CONFIG_NAME):
             raise XpcnnError(f"{out} holds {', '.join(written)} that xpcnn did not write: pick another --out")
     elif on_disk.exists() and load_checkpoint(on_disk).meta["state"] != resume.meta["state"]:
         raise XpcnnError(f"{on_disk} changed since it was read (another run continued it): resume again")
+
+
+def check_no_run(out: Path) -> None:
+    """XpcnnError if ``out`` holds a run (:func:`run_dir_has_run`) that a new run would overwrite: how far it
+    trained and how to continue it, or how to start afresh where its checkpoint cannot be read."""
+    if not run_dir_has_run(out):
+        return
+    try:
+        existing = load_checkpoint(out)
+        done, planned = existing.meta["state"]["epoch"], checkpoint_config(existing).epochs
+    except CheckpointError as exc:
+        raise XpcnnError(
+            f"{out} holds a checkpoint that cannot be continued ({exc}): remove {out / CHECKPOINT_NAME} "
+            "to train afresh there, or pick another --out"
+        ) from None
+    more = f" --epochs {done + 1}" if done >= planned else ""
+    raise XpcnnError(
+        f"{out} already holds a run ({done} of its {planned} epoch(s) trained): continue it with "
+        f"--resume {out}{more}, or pick another --out"
+    )
 
 
 def _xpcnn_config(path: Path) -> bool:
@@ -324,19 +337,15 @@ def _train_in(
     With a ``communicator`` of several ranks every rank calls this with the same arguments: all train
     (starting from rank 0's model), only rank 0 writes to ``out``; the files are those of one process.
     """
-    from ..data.data import split_validation
-
-    images, labels = dataset.train_images, dataset.train_labels
-    evals_host = {}
-    if config.validation:
-        images, labels, val_images, val_labels = split_validation(images, labels, config.validation, config.seed)
-        evals_host["val"] = (val_images, val_labels)
-    evals_host["test"] = (dataset.test_images, dataset.test_labels)
-
+    communicator = communicator or Local()
+    test = (dataset.test_images, dataset.test_labels)
+    (images, labels), evals_host = host_splits(
+        dataset.train_images, dataset.train_labels, config.validation, config.seed, test
+    )
     if resume is not None:
         check_same_data(resume, dataset, allow_other_data)
         norm = checkpoint_normalization(resume)
-        check_position(resume, config, math.ceil(len(labels) / config.batch_size))
+        check_position(resume, config, steps_per_epoch(len(labels), config.batch_size, communicator.world_size))
         state = RunState(**resume.meta["state"])
     else:
         norm = Normalization.of(images)
@@ -346,8 +355,6 @@ def _train_in(
     optimizer = make_optimizer(config, model)
     if resume is not None:
         restore(resume, model, optimizer)
-    communicator = communicator or Local()
-    broadcast_state(model, communicator)
     writes = communicator.is_root
 
     # The trainer's stop scope (Ctrl-C, SIGTERM), opened here to stay open while a stopped run is checkpointed.

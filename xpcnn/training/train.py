@@ -1,6 +1,5 @@
-"""The training loop: fit, evaluate and predict on device-resident data (run directories: runs.py).
-
-One job, though long: the loop over epochs and steps, on one rank or as one of several.
+"""The training loop over epochs and steps on device-resident data, on one rank or as one of several: its
+set-up, its step runners, evaluation and prediction (run directories: runs.py).
 
 Splits are copied to the device once (device_data.py); batches are gathered there
 with ``take`` from a per-epoch permutation.  The host reads values back only at
@@ -18,7 +17,6 @@ epoch boundary continues bit for bit.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 import signal
 import time
@@ -30,22 +28,24 @@ import numpy as np
 from ..backends.backend import Backend, to_host
 from ..backends.distributed import (
     Communicator,
-    DistributedError,
     Local,
+    broadcast_state,
     check_backend,
     check_batch_size,
     shard_bounds,
+    steps_per_epoch,
     usable_count,
 )
 from ..base.errors import ConfigError, XpcnnError
 from ..base.stopping import stop_on_signals
+from ..data.data import split_validation
 from ..data.device_data import DeviceSplit, EvalResult, Normalization, evaluate_batches
 from ..functional import softmax
 from ..nn import CrossEntropyLoss, Sequential, recalibrate_batchnorm
 from ..optim import Optimizer, scheduled_lr
 from .config import TrainConfig, make_augmentation
 from .display import Progress
-from .step import Step, compiles
+from .step import Step, compiles, stateless_forward
 
 
 @dataclass
@@ -129,12 +129,7 @@ class Trainer:
         self.augmentation = make_augmentation(config)
         self.background = background
         self._compiled_before_epoch = 0.0
-        runner = LayerSteps
-        if backend.name == "jax":  # compiled unless eager; eager JAX runs the same step functions uncompiled
-            from .compiled import CompiledSteps
-
-            runner = functools.partial(CompiledSteps, compile=compiles(backend.name, eager))
-        self.step_runner = runner(
+        self.step_runner = step_runner(
             model,
             self.loss_fn,
             optimizer,
@@ -142,6 +137,7 @@ class Trainer:
             config.seed,
             self.augmentation,
             background,
+            eager=eager,
             communicator=self.communicator,
         )
         self.epoch_programs = epoch_program and getattr(self.step_runner, "runs_epoch_programs", False)
@@ -177,9 +173,6 @@ class Trainer:
                     break
         return state
 
-    def steps_per_epoch(self, train: DeviceSplit) -> int:
-        return math.ceil(self._usable(train) / self.config.batch_size)
-
     def _usable(self, train: DeviceSplit) -> int:
         """How many of the epoch's shuffled images are trained on (all of them, but for a short last batch
         that does not split evenly over the ranks: see :func:`xpcnn.backends.distributed.usable_count`)."""
@@ -208,8 +201,8 @@ class Trainer:
         False if a stop signal or a callback stopped it (``state`` then points at the next step).
         """
         cfg = self.config
-        steps, usable = self.steps_per_epoch(train), self._usable(train)
         comm = self.communicator
+        steps, usable = steps_per_epoch(len(train), cfg.batch_size, comm.world_size), self._usable(train)
         alone = comm.world_size == 1
         total_steps = steps * cfg.epochs
         epoch = state.epoch  # 0-based index of the running epoch
@@ -291,7 +284,6 @@ class Trainer:
                 )
                 if (flag["stop"].requested or flag["callback"]) and not last:  # a signal may come during the update
                     return False
-        self.model.zero_cache()
         return True
 
     def _end_epoch(self, train: DeviceSplit, evals: dict[str, DeviceSplit], state: RunState) -> dict:
@@ -335,6 +327,23 @@ class Trainer:
         return self.step_runner.evaluate(split)
 
 
+def host_splits(images, labels, validation, seed: int, test: tuple | None) -> tuple[tuple, dict]:
+    """The training pair (images, labels) and the evaluation splits ``{"val": pair, "test": pair}`` on the host.
+
+    ``validation``: a count or a fraction of the training images to hold out (chosen by ``seed``), 0 for none,
+    or a pair of its own; ``test``: a pair, or None for none.
+    """
+    evals = {}
+    if isinstance(validation, tuple):
+        evals["val"] = validation
+    elif validation:
+        images, labels, val_images, val_labels = split_validation(images, labels, validation, seed)
+        evals["val"] = (val_images, val_labels)
+    if test is not None:
+        evals["test"] = test
+    return (images, labels), evals
+
+
 def start_training(
     model: Sequential,
     optimizer: Optimizer,
@@ -350,12 +359,15 @@ def start_training(
     communicator: Communicator | None = None,
     epoch_program: bool = True,
 ) -> tuple[Trainer, DeviceSplit, dict[str, DeviceSplit]]:
-    """The set-up ``xpcnn train`` and ``xpcnn.fit`` share: host splits on the device, and their trainer.
+    """The set-up ``xpcnn train`` and ``xpcnn.fit`` share: rank 0's model on every rank, host splits on the
+    device, and their trainer.
 
-    ``train`` is a pair (images, labels) of host arrays and ``evals`` maps a split's name to one; the
-    images are normalised with ``norm`` on the device, and augmentation fills in the normalised blank
-    pixel.  Call it inside ``backend.activate()``.  Returns (trainer, train split, evaluation splits).
+    ``train`` is a pair (images, labels) of host arrays and ``evals`` maps a split's name to one
+    (:func:`host_splits` makes both); the images are normalised with ``norm`` on the device, and augmentation
+    fills in the normalised blank pixel.  Call it inside ``backend.activate()``.  Returns (trainer, train
+    split, evaluation splits).
     """
+    broadcast_state(model, communicator or Local())
     train_split = DeviceSplit.from_host(backend, *train, norm)
     eval_splits = {name: DeviceSplit.from_host(backend, *split, norm) for name, split in evals.items()}
     background = -norm.mean / norm.std
@@ -365,13 +377,37 @@ def start_training(
     return trainer, train_split, eval_splits
 
 
+def step_runner(
+    model: Sequential,
+    loss_fn: CrossEntropyLoss,
+    optimizer: Optimizer,
+    backend: Backend,
+    seed: int,
+    augmentation=None,
+    background: float = 0.0,
+    *,
+    eager: bool = False,
+    communicator: Communicator | None = None,
+):
+    """The runner that runs each training batch, for the trainer and the benchmark alike.
+
+    On JAX :class:`xpcnn.training.compiled.CompiledSteps`, compiled unless ``eager`` (then the same step functions
+    run uncompiled); elsewhere :class:`LayerSteps`.
+    """
+    if backend.name != "jax":
+        return LayerSteps(model, loss_fn, optimizer, backend, seed, augmentation, background, communicator)
+    from .compiled import CompiledSteps
+
+    compile = compiles(backend.name, eager)
+    return CompiledSteps(model, loss_fn, optimizer, backend, seed, augmentation, background, compile, communicator)
+
+
 class LayerSteps:
-    """The core's training step (:class:`xpcnn.training.step.Step`) run eagerly on any backend, one dispatch
-    per operation.
+    """The core's training step (:class:`xpcnn.training.step.Step`) run eagerly, one dispatch per operation:
+    the runner of every backend but JAX (:func:`step_runner`).
 
     Wraps it in place: each step reads the state from the model and optimiser and writes it back.  Noise
-    for epoch ``e`` (re)started at step ``s`` comes from ``backend.generator(seed, e, s)``.  The runner a
-    :class:`Trainer` asks to run each batch (:class:`xpcnn.training.compiled.CompiledSteps` on compiled runs).
+    for epoch ``e`` (re)started at step ``s`` comes from ``backend.generator(seed, e, s)``.
     """
 
     compiles = False
@@ -381,8 +417,6 @@ class LayerSteps:
         """``communicator``: the ranks whose gradients each step averages (one process alone by default)."""
         self.model, self.optimizer, self.backend, self.seed = model, optimizer, backend, seed
         self.communicator = communicator or Local()
-        if self.communicator.world_size > 1 and backend.name == "jax":
-            raise DistributedError("data-parallel training on the jax backend runs compiled: leave out --eager")
         self.step = Step(model, loss_fn, optimizer, augmentation, background, communicator=self.communicator)
         self._noise = None
 
@@ -411,10 +445,12 @@ def evaluate(model: Sequential, split: DeviceSplit, backend: Backend, batch_size
 
 
 def predict_probabilities(model: Sequential, images, batch_size: int = 1000) -> np.ndarray:
-    """Softmax probabilities (N, K) on the host for device images (N, 1, 28, 28), evaluation mode."""
-    model.eval()
-    chunks = [
-        to_host(softmax(model.forward(images[i : min(i + batch_size, images.shape[0]), ...]), axis=1))
-        for i in range(0, images.shape[0], batch_size)
-    ]
+    """Softmax probabilities (N, K) on the host for device images (N, 1, 28, 28), in evaluation mode (the
+    model's own mode is left as it was)."""
+    parameters, buffers = dict(model.named_parameters()), dict(model.named_buffers())
+    chunks = []
+    for i in range(0, images.shape[0], batch_size):
+        batch = images[i : min(i + batch_size, images.shape[0]), ...]
+        logits, _ = stateless_forward(model, parameters, buffers, batch, training=False)
+        chunks.append(to_host(softmax(logits, axis=1)))
     return np.concatenate(chunks)

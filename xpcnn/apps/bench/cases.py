@@ -40,8 +40,7 @@ import numpy as np
 
 from ...backends.diagnostics import device_peak_mib
 from ...models import build
-from ...training.step import compiles
-from ...training.train import LayerSteps
+from ...training.train import step_runner
 from ..export import torch_twin
 
 PHASES = ("train", "infer")
@@ -156,41 +155,31 @@ def _xpcnn_session(case: Case, settings: Settings) -> Session:
         train_data = [(backend.asarray(x), backend.asarray(y)) for x, y in _batches(rng, settings.train_batch)]
         infer_data = [backend.asarray(x) for x, _ in _batches(rng, settings.infer_batch, 2)]
     position = {"train": 0, "infer": 0}
-    compiled = compiles(backend.name, settings.eager)
+    runner = step_runner(model, loss_fn, optimizer, backend, seed=0, eager=settings.eager)
     train_step, infer_step, epoch_program = _steps(
-        backend, model, loss_fn, optimizer, train_data, infer_data, position, compiled, settings.steps
+        backend, model, runner, train_data, infer_data, position, settings.steps
     )
-
-    def to_eval():
-        model.zero_cache()
-        model.eval()
 
     return Session(
         backend.device_name,
         {"train": train_step, "infer": infer_step},
-        {"train": model.train, "infer": to_eval},
+        {"train": model.train, "infer": model.eval},
         backend.synchronize,
         lambda: device_peak_mib(backend),
         settings,
         backend.activate,
-        compiled,
+        runner.compiles,
         epoch_program,
     )
 
 
-def _steps(backend, model, loss_fn, optimizer, train_data, infer_data, position, compiled: bool, steps: int):
+def _steps(backend, model, runner, train_data, infer_data, position, steps: int):
     """The training runs' own steps over the same batches: (train_step, infer_step, epoch_program or None).
 
     The training batches become one device dataset that each step gathers its batch from, as in training;
-    the runner is the trainer's (:class:`xpcnn.training.train.LayerSteps`, or JAX's compiled steps and epoch program).
+    ``runner`` is the trainer's (:func:`xpcnn.training.train.step_runner`), and compiled, its epoch program.
     """
-    xp = backend.xp
-    if compiled:
-        from ...training.compiled import CompiledSteps
-
-        runner = CompiledSteps(model, loss_fn, optimizer, backend, seed=0)
-    else:
-        runner = LayerSteps(model, loss_fn, optimizer, backend, seed=0)
+    xp, compiled = backend.xp, runner.compiles
     with backend.activate():
         images, labels = xp.concat([x for x, _ in train_data]), xp.concat([y for _, y in train_data])
         size = int(train_data[0][1].shape[0])
@@ -204,7 +193,7 @@ def _steps(backend, model, loss_fn, optimizer, train_data, infer_data, position,
         turns = steps // len(batches) + 2
         with backend.activate():
             order = xp.concat(batches * turns)
-            learning_rates = runner.learning_rates([optimizer.lr] * len(batches) * turns)
+            learning_rates = runner.learning_rates([runner.optimizer.lr] * len(batches) * turns)
             sums = [
                 xp.zeros((), dtype=xp.float64, device=backend.device),
                 xp.zeros((), dtype=xp.int64, device=backend.device),

@@ -22,18 +22,7 @@ import numpy as np
 import xpcnn
 from xpcnn import models
 from xpcnn.backends.backend import get_backend
-from xpcnn.nn import (
-    OUTPUT_GAIN,
-    BatchNorm2d,
-    Conv2d,
-    Dropout,
-    Flatten,
-    Linear,
-    MaxPool2d,
-    ReLU,
-    Residual,
-    Sequential,
-)
+from xpcnn.nn import OUTPUT_GAIN, BatchNorm2d, Conv2d, Dropout, Flatten, Linear, MaxPool2d, ReLU, Sequential
 
 
 def convnet_bn(seed: int, second: int = 64, dropout: float = 0.0, hidden: int = 0) -> Sequential:
@@ -81,46 +70,6 @@ def lenet_bn(seed: int, first: int = 16, second: int = 32, hidden: int = 0) -> S
     )
 
 
-def fashion_resnet(seed: int, width: int = 32, dropout: float = 0.1) -> Sequential:
-    """A small ResNet for clothing: 28x28 stem, a residual block at 14x14 and at 7x7, unpooled head.
-
-    conv width@3x3 pad 1, BN, ReLU, pool 2; residual block of width; conv 2*width@3x3 pad 1, pool 2,
-    BN, ReLU; residual block of 2*width; dropout; linear 2*width*49 -> 10.  About 2.4x widenet's
-    arithmetic at width 32.
-    """
-    rng = np.random.default_rng(seed)
-
-    def block(channels: int) -> Sequential:
-        return Sequential(
-            Residual(
-                Sequential(
-                    Conv2d(channels, channels, 3, padding=1, bias=False, rng=rng),
-                    BatchNorm2d(channels),
-                    ReLU(),
-                    Conv2d(channels, channels, 3, padding=1, bias=False, rng=rng),
-                    BatchNorm2d(channels),
-                )
-            ),
-            ReLU(),
-        )
-
-    return Sequential(
-        Conv2d(1, width, 3, padding=1, bias=False, rng=rng),  # 28
-        BatchNorm2d(width),
-        ReLU(),
-        MaxPool2d(2),  # -> 14
-        block(width),
-        Conv2d(width, 2 * width, 3, padding=1, bias=False, rng=rng),
-        MaxPool2d(2),  # -> 7
-        BatchNorm2d(2 * width),
-        ReLU(),
-        block(2 * width),
-        Flatten(),
-        Dropout(dropout),
-        Linear(2 * width * 7 * 7, 10, rng=rng, gain=OUTPUT_GAIN),
-    )
-
-
 QUICK = {"epochs": 1, "batch_size": 128, "lr": 0.2}
 TWO = {**QUICK, "epochs": 2}
 # name: (model builder of a seed, the settings it changes)
@@ -149,9 +98,9 @@ CANDIDATES = {
         "widenet-30-epochs": (lambda s: models.build("widenet", s), {"epochs": 30}),
         "widenet-48-30-epochs": (lambda s: models.widenet(s, width=48), {"epochs": 30}),
         "widenet-64-20-epochs": (lambda s: models.widenet(s, width=64), {"epochs": 20}),
-        "resnet": (fashion_resnet, {}),
-        "resnet-30-epochs": (fashion_resnet, {"epochs": 30}),
-        "resnet-30-epochs-smoothing": (fashion_resnet, {"epochs": 30, "label_smoothing": 0.1}),
+        "resnet": (models.resnet_small, {}),
+        "resnet-30-epochs": (models.resnet_small, {"epochs": 30}),
+        "resnet-30-epochs-smoothing": (models.resnet_small, {"epochs": 30, "label_smoothing": 0.1}),
     },
 }
 FASHION = {"batch_size": 64, "lr": 0.1, "flip": True, "crop": 2}

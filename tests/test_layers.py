@@ -141,6 +141,18 @@ def test_params_are_assignable(backend):
         ("lenet-bn", 16 * 25 + 2 * 16 + 32 * 16 * 25 + 2 * 32 + 512 * 10 + 10),
         ("convnet", 32 * 9 + 32 + 64 * 32 * 9 + 64 + 1600 * 10 + 10),
         ("widenet", 32 * 9 + 2 * 32 + 64 * 32 * 9 + 2 * 64 + 128 * 64 * 9 + 2 * 128 + 4608 * 10 + 10),
+        # stem, a block of two 32-channel convolutions, 32 -> 64, a block of two 64-channel ones, the head
+        (
+            "resnet-small",
+            32 * 9
+            + 2 * 32
+            + 2 * (32 * 32 * 9 + 2 * 32)
+            + 64 * 32 * 9
+            + 2 * 64
+            + 2 * (64 * 64 * 9 + 2 * 64)
+            + 64 * 49 * 10
+            + 10,
+        ),
     ],
 )
 def test_named_models(backend, name, parameters):

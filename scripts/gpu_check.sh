@@ -17,14 +17,14 @@
 #   GPU_CHECK_BATCHES (default "128 512"), GPU_CHECK_BENCH_MODELS (default "--model convnet --model seed"),
 #   GPU_CHECK_BACKENDS (default "jax cupy"), GPU_CHECK_DEFAULT_EPOCHS (default 1),
 #   GPU_CHECK_RECIPE_RUNS (default "quick": recipes timed alone on the first backend; "best" may join),
-#   GPU_CHECK_SEARCH=1 (the Fashion-MNIST recipe search, scripts/gpu_recipes.sh, beside the tests)
+#   GPU_CHECK_SEARCH=1 (the Fashion-MNIST recipe search, scripts/gpu_recipes.sh, after the tests)
 #
 # --quick: what matters most first, all within GPU_CHECK_QUICK_SECONDS (default 300) on a fresh machine with
 # no network: (1) convnet and seed on jax-cuda (the step programs and the epoch program, timed in turn) and on
 # CuPy, each interleaved with torch eager on the same GPU, batch 128 and 512; (2) one default MNIST epoch and the
 # fast recipe on each of cupy and jax, the recipes of GPU_CHECK_RECIPE_RUNS on jax, and two warm default epochs
 # of each of jax's programs (scripts/bench_epoch_program.py); (3) the GPU cases of the test suite
-# (-k "cupy or cuda"), with GPU_CHECK_SEARCH=1 beside the Fashion-MNIST recipe search; then, with what
+# (-k "cupy or cuda"), with GPU_CHECK_SEARCH=1 then the Fashion-MNIST recipe search; then, with what
 # time is left, the benchmark with TF32 and with every fast path off (XPCNN_FASTPATH=0, batch 128 only) and a
 # profile of a CuPy step (scripts/profile_step.py).  Installs nothing but the wheels in .whl/ (array-api-compat,
 # -extra, -strict) into /tmp/site, and imports xpcnn from this checkout; MNIST_DIR defaults to .data/mnist where
@@ -171,24 +171,17 @@ EOF
             | tee -a "$out/steps.txt"
     fi
 
-    # 3. The GPU cases of the test suite, CuPy's fused kernels first; beside them, the recipe search.
-    search=
-    if [ "${GPU_CHECK_SEARCH:-0}" = 1 ] && [ $((budget - SECONDS)) -ge 30 ]; then
-        log "search: started beside the tests (scripts/gpu_recipes.sh, data $fashion)"
-        GPU_RECIPES_DEVICE=$device timeout $((budget - SECONDS)) scripts/gpu_recipes.sh "$out/search" "$fashion" \
-            > "$out/search.log" 2>&1 &
-        search=$!
-    fi
+    # 3. The GPU cases of the test suite, CuPy's fused kernels first; then the recipe search, alone (beside the
+    # tests, on 2026-12-04, each starved the other).
     [ "$dry" = 1 ] || step fused-tests 60 "$python" -m pytest -q -rfEs -p no:cacheprovider tests/test_fastpath_cupy.py
     [ -f "$out/fused-tests.log" ] && log "fused-tests: $(tail -n 1 "$out/fused-tests.log")"
     workers=()
     "$python" -c "import xdist" 2>/dev/null && workers=(-n 8)
     step tests 120 "$python" -m pytest -q -rfEs -p no:cacheprovider "${workers[@]}" "${tests[@]}"
     log "tests: $(tail -n 1 "$out/tests.log")"
-    if [ -n "$search" ]; then
-        wait "$search"
-        log "search: exit $?"
-        sed 's/^/  /' "$out/search.log" | tee -a "$out/steps.txt"
+    if [ "${GPU_CHECK_SEARCH:-0}" = 1 ]; then
+        GPU_RECIPES_DEVICE=$device step search 480 scripts/gpu_recipes.sh "$out/search" "$fashion"
+        [ -f "$out/search.log" ] && sed 's/^/  /' "$out/search.log" | tee -a "$out/steps.txt"
     fi
 
     # 4. With what time is left: TF32 and the reference, and where a CuPy step's time goes.

@@ -139,7 +139,7 @@ def main() -> None:
     backend = get_backend("jax", args.device)
     for name in args.names or candidates:
         build, changes = candidates[name]
-        settings = changes if args.recipe == "quick" else {**FASHION, "epochs": args.epochs, **changes}
+        settings = {**changes} if args.recipe == "quick" else {**FASHION, "epochs": args.epochs, **changes}
         if args.epochs_cap:
             settings["epochs"] = min(settings.get("epochs", 1), args.epochs_cap)
         xpcnn.fit(

@@ -85,6 +85,16 @@ def test_evaluate_agrees_with_history(trained_run, synthetic_dir):
     assert f"accuracy {report['accuracy']:.2%}" in text and "confusion matrix" in text and "per-class" in text
 
 
+def test_evaluate_with_test_time_augmentation(trained_run):
+    plain = json.loads(invoke("evaluate", trained_run, "--json").output)
+    report = json.loads(invoke("evaluate", trained_run, "--tta", "--json").output)
+    assert report["tta"]["views"] == 5 and 0 <= report["tta"]["accuracy"] <= 1 and report["tta"]["loss"] > 0
+    assert {k: v for k, v in report.items() if k != "tta"} == plain  # the plain figures stay as they are
+    text = invoke("evaluate", trained_run, "--tta").output
+    assert f"with test-time augmentation (5 views): accuracy {report['tta']['accuracy']:.2%}" in text
+    assert "test-time" not in invoke("evaluate", trained_run).output
+
+
 def test_evaluate_states_where_a_stopped_run_stands(trained_run, tmp_path):
     """A checkpoint that a stop (Ctrl-C, SIGTERM) wrote mid-epoch is not "epoch 0": its weights are 3 steps in."""
     from xpcnn.data.checkpoint import load_checkpoint, save_checkpoint

@@ -45,6 +45,8 @@ from ..training.runs import (
 from ..training.step import compiles
 from ..training.train import RunState, predict_probabilities
 from ..training.train import evaluate as evaluate_model
+from ..training.tta import evaluate_tta
+from ..training.tta import views as test_time_views
 from . import export as exporting
 from . import plots
 from .exits import friendly_errors, user_message
@@ -316,9 +318,15 @@ def train(
     is_flag=True,
     help="Also write confusion.png and worst.png (the most confident mistakes) beside the checkpoint.",
 )
+@click.option(
+    "--tta",
+    is_flag=True,
+    help="Also the accuracy with test-time augmentation: the softmax averaged over the image and its 1-pixel "
+    "shifts (and their mirror images, for a model trained with flips). Reported apart.",
+)
 @allow_other_data_option
 @friendly_errors
-def evaluate(run, data_dir, device, backend, as_json, plot, allow_other_data):
+def evaluate(run, data_dir, device, backend, as_json, plot, tta, allow_other_data):
     """Accuracy, per-class accuracy and confusion matrix of a trained model on its test set."""
     if plot:
         plots.require_matplotlib()
@@ -336,6 +344,8 @@ def evaluate(run, data_dir, device, backend, as_json, plot, allow_other_data):
         split = DeviceSplit.from_host(chosen, dataset.test_images, dataset.test_labels, norm)
         result = evaluate_model(model, split, chosen)
         probabilities = predict_probabilities(model, split.images) if plot else None
+        views = test_time_views(flip=config.flip)
+        augmented = evaluate_tta(model, split, chosen, views, fill=-norm.mean / norm.std) if tta else None
     labels = dataset.test_labels.astype(np.int64)
     classes = checkpoint.meta["classes"]
     k = len(classes)
@@ -353,6 +363,9 @@ def evaluate(run, data_dir, device, backend, as_json, plot, allow_other_data):
         "confusion_matrix": confusion.tolist(),
         "classes": classes,
     }
+    if augmented is not None:
+        loss = augmented.loss if math.isfinite(augmented.loss) else None
+        report["tta"] = {"views": len(views), "loss": loss, "accuracy": augmented.accuracy}
     if plot:
         title = f"{config.model} on the {config.dataset} test set"
         report["plots"] = [
@@ -372,8 +385,13 @@ def evaluate(run, data_dir, device, backend, as_json, plot, allow_other_data):
         f"{report['checkpoint']} ({RunState(**checkpoint.meta['state']).position()}) on the {config.dataset} "
         f"test set, {len(labels):,} images"
     )
-    click.echo(f"accuracy {result.accuracy:.2%}  loss {result.loss:.4f}\n")
-    click.echo("per-class accuracy:")
+    click.echo(f"accuracy {result.accuracy:.2%}  loss {result.loss:.4f}")
+    if augmented is not None:
+        click.echo(
+            f"with test-time augmentation ({len(views)} views): accuracy {augmented.accuracy:.2%}  "
+            f"loss {augmented.loss:.4f}"
+        )
+    click.echo("\nper-class accuracy:")
     for name, accuracy, count in zip(classes, per_class, confusion.sum(axis=1), strict=False):
         click.echo(f"  {name:>12}  {accuracy:7.2%}  ({count} images)")
     click.echo("\nconfusion matrix (rows: true class, columns: predicted):")

@@ -2,9 +2,10 @@
 
     python scripts/recipe_candidates.py DATA_DIR quick [--seed 1] [NAME ...]
     python scripts/recipe_candidates.py DATA_DIR fashion [--seed 0] [--epochs 15] [NAME ...]
+    python scripts/recipe_candidates.py DATA_DIR best [--seed 0] [NAME ...]
     python scripts/recipe_candidates.py DATA_DIR fashion --test --seed 2 NAME   # a chosen one's test figures
 
-DATA_DIR holds the dataset's four IDX files (MNIST for quick, Fashion-MNIST for fashion). Every
+DATA_DIR holds the dataset's four IDX files (MNIST for quick and best, Fashion-MNIST for fashion). Every
 candidate holds out 5,000 training images drawn with --seed and trains on JAX's compiled steps;
 the test set is never looked at, except with --test, for the candidate chosen. The figures are
 those of docs/results.md's "How the recipes were chosen". Limit a run to one core with
@@ -23,6 +24,7 @@ import xpcnn
 from xpcnn import models
 from xpcnn.backends.backend import get_backend
 from xpcnn.nn import OUTPUT_GAIN, BatchNorm2d, Conv2d, Dropout, Flatten, Linear, MaxPool2d, ReLU, Sequential
+from xpcnn.training.config import recipe
 
 
 def convnet_bn(seed: int, second: int = 64, dropout: float = 0.0, hidden: int = 0) -> Sequential:
@@ -102,8 +104,13 @@ CANDIDATES = {
         "resnet-30-epochs": (models.resnet_small, {"epochs": 30}),
         "resnet-30-epochs-smoothing": (models.resnet_small, {"epochs": 30, "label_smoothing": 0.1}),
     },
+    "best": {  # MNIST; each changes one thing of the best recipe
+        "deepnet": (lambda s: models.build("deepnet", s), {}),
+        "resnet": (models.resnet_small, {}),
+    },
 }
 FASHION = {"batch_size": 64, "lr": 0.1, "flip": True, "crop": 2}
+BEST = {key: value for key, value in recipe("best").items() if key != "model"}
 
 
 class EpochLine:
@@ -135,11 +142,14 @@ def main() -> None:
     unknown = sorted(set(args.names) - set(candidates))
     if unknown:
         parser.error(f"unknown candidates {', '.join(unknown)}: expected some of {', '.join(candidates)}")
-    dataset = "mnist" if args.recipe == "quick" else "fashion-mnist"
+    dataset = "fashion-mnist" if args.recipe == "fashion" else "mnist"
     backend = get_backend("jax", args.device)
     for name in args.names or candidates:
         build, changes = candidates[name]
-        settings = {**changes} if args.recipe == "quick" else {**FASHION, "epochs": args.epochs, **changes}
+        if args.recipe == "fashion":
+            settings = {**FASHION, "epochs": args.epochs, **changes}
+        else:
+            settings = {**(BEST if args.recipe == "best" else {}), **changes}
         if args.epochs_cap:
             settings["epochs"] = min(settings.get("epochs", 1), args.epochs_cap)
         xpcnn.fit(

@@ -109,7 +109,8 @@ def test_the_command_line_flags_reach_the_run_configuration(synthetic_dir, tmp_p
         ("fashion", "cpu", False, True, "jax"),
         ("fashion", "cuda", True, True, None),
         ("fast", "cpu", False, True, None),
-        ("best", "cpu", False, True, None),
+        ("best", "cpu", False, True, "jax"),
+        ("best", "cuda", True, True, None),
         (None, "cpu", False, True, None),
     ],
 )

@@ -3,6 +3,8 @@
 import dataclasses
 import json
 import math
+import os
+import signal
 
 import numpy as np
 import pytest
@@ -312,3 +314,36 @@ def test_augmentation_options_build_the_transform():
     for bad in ({"elastic": -1.0}, {"elastic": float("nan")}, {"elastic_sigma": 0.0}):
         with pytest.raises(ValueError, match="elastic"):
             config(**bad)
+
+
+def test_a_signal_after_an_all_reduce_waits_for_the_next_so_that_no_rank_stops_alone(synthetic):
+    """Rank 0 of two gets Ctrl-C just after an all-reduce the other rank agreed in without it: it must not stop at
+    that boundary (the other would wait for it at the next collective), but where the next all-reduce carries it."""
+    from xpcnn.backends.distributed import Communicator
+
+    class SignalAfterCall(Communicator):
+        """Rank 0 of 2 whose partner adds nothing; Ctrl-C reaches this process just after all-reduce ``at``."""
+
+        def __init__(self, at: int):
+            self.rank, self.world_size, self.at, self.wishes = 0, 2, at, []
+
+        def all_reduce_sum(self, array):
+            if array.dtype == np.float64 and array.size <= 6:  # the trainer's agreement, not a gradient
+                self.wishes.append(bool(array[-3] > 0))  # the Ctrl-C wish of [..., sigint, sigterm, callback]
+                if len(self.wishes) == self.at:
+                    os.kill(os.getpid(), signal.SIGINT)
+            return array
+
+        def broadcast(self, array):
+            return array
+
+    numpy = get_backend("numpy")
+    cfg = config(model="seed", epochs=2, batch_size=50, log_every=2)
+    norm = device_data.Normalization.of(synthetic.train_images)
+    split = device_data.DeviceSplit.from_host(numpy, synthetic.train_images, synthetic.train_labels, norm)
+    communicator = SignalAfterCall(at=3)
+    model = models.build("seed", seed=0)
+    trainer = train.Trainer(model, make_optimizer(cfg, model), numpy, cfg, communicator=communicator)
+    with pytest.raises(train.TrainingInterrupted, match="stopped by Ctrl-C"):
+        trainer.fit(split, {})
+    assert communicator.wishes == [False, False, False, True], communicator.wishes

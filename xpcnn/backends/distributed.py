@@ -257,9 +257,7 @@ def shard_bounds(start: int, stop: int, rank: int, world_size: int) -> tuple[int
 def check_batch_size(batch_size: int, world_size: int) -> None:
     """ConfigError unless the global batch splits evenly over the ranks."""
     if batch_size % world_size:
-        raise ConfigError(
-            f"a global batch of {batch_size} does not split evenly over {world_size} ranks", "batch_size"
-        )
+        raise ConfigError(f"a global batch of {batch_size} does not split evenly over {world_size} ranks", "batch_size")
 
 
 def usable_count(n: int, batch_size: int, world_size: int) -> int:

@@ -124,9 +124,7 @@ def _read_arrays(file) -> dict[str, np.ndarray]:
             raise ValueError(f"{len(members):,} arrays, more than a checkpoint holds")
         declared = sum(info.file_size for info in members)
         if declared > MAX_CHECKPOINT_BYTES:
-            raise ValueError(
-                f"its arrays declare {declared:,} bytes, over the limit of {MAX_CHECKPOINT_BYTES:,}"
-            )
+            raise ValueError(f"its arrays declare {declared:,} bytes, over the limit of {MAX_CHECKPOINT_BYTES:,}")
         arrays = {}
         for info in members:
             if not info.filename.endswith(".npy") or info.is_dir():

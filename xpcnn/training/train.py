@@ -155,10 +155,11 @@ class Trainer:
         state = state or RunState()
         errors = np.errstate(over="ignore", invalid="ignore", divide="ignore")
         with stop_on_signals() as stop, errors, self.communicator.failures():
-            flag = {"stop": stop, "callback": False}  # Ctrl-C or SIGTERM; a callback's request to stop
+            # Ctrl-C or SIGTERM; a callback's request to stop; the signal as the ranks last agreed on it
+            flag = {"stop": stop, "callback": False, "agreed": False}
             while state.epoch < self.config.epochs:
                 self._agree(flag)
-                if stop.requested:
+                if self._signalled(flag):
                     raise TrainingInterrupted(f"stopped by {stop.name} {state.position()}", stop.signum)
                 finished = self._train_epoch(train, state, flag)
                 if not finished and not flag["callback"]:
@@ -178,6 +179,11 @@ class Trainer:
         that does not split evenly over the ranks: see :func:`xpcnn.backends.distributed.usable_count`)."""
         return usable_count(len(train), self.config.batch_size, self.communicator.world_size)
 
+    def _signalled(self, flag: dict) -> bool:
+        """Whether a stop signal stops the run here: on several ranks, only as the last all-reduce agreed, for
+        a signal that came after it would stop this rank alone; the next all-reduce carries it to all."""
+        return flag["stop"].requested if self.communicator.world_size == 1 else flag["agreed"]
+
     def _agree(self, flag: dict, totals: Sequence[float] = ()) -> list[float]:
         """``totals`` summed over the ranks, and ``flag`` made every rank's, in one all-reduce.
 
@@ -192,7 +198,7 @@ class Trainer:
         sigint, sigterm, callback = (value > 0 for value in summed[len(totals) :])
         if not stop.requested and (sigint or sigterm):
             stop.signum = signal.SIGTERM if sigterm else signal.SIGINT
-        flag["callback"] = callback
+        flag["callback"], flag["agreed"] = callback, sigint or sigterm
         return summed[: len(totals)]
 
     def _train_epoch(self, train: DeviceSplit, state: RunState, flag: dict) -> bool:
@@ -282,7 +288,7 @@ class Trainer:
                     partial["correct"] / partial["seen"],
                     partial["seen"] / max(partial["seconds"], 1e-9),
                 )
-                if (flag["stop"].requested or flag["callback"]) and not last:  # a signal may come during the update
+                if (self._signalled(flag) or flag["callback"]) and not last:
                     return False
         return True
 

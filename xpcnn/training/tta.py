@@ -18,9 +18,8 @@ from array_api_compat import array_namespace, device
 from ..backends.backend import Backend
 from ..data.augment import flip_and_crop
 from ..data.device_data import DeviceSplit, EvalResult
-from ..functional import softmax
 from ..nn import Sequential
-from .step import stateless_forward
+from .train import predict_probabilities
 
 
 @dataclass(frozen=True)
@@ -67,14 +66,10 @@ def evaluate_tta(
     labels = backend.to_host(split.labels).astype(np.int64)
     if labels.size == 0:
         return EvalResult(0.0, 0.0, np.zeros(0, np.int64))
-    parameters, buffers = dict(model.named_parameters()), dict(model.named_buffers())
     chunks = []
     for x, _ in split.batches(batch_size):
-        total = 0.0
-        for view in views:
-            logits, _ = stateless_forward(model, parameters, buffers, apply_view(x, view, fill), training=False)
-            total = total + backend.to_host(softmax(logits, axis=1)).astype(np.float64)
-        chunks.append(total / len(views))
+        views_of_x = [predict_probabilities(model, apply_view(x, view, fill), batch_size) for view in views]
+        chunks.append(sum(p.astype(np.float64) for p in views_of_x) / len(views))
     mean = np.concatenate(chunks)
     predictions = np.argmax(mean, axis=1).astype(np.int64)
     with np.errstate(divide="ignore"):

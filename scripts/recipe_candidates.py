@@ -107,6 +107,8 @@ CANDIDATES = {
     "best": {  # MNIST; each changes one thing of the best recipe
         "deepnet": (lambda s: models.build("deepnet", s), {}),
         "resnet": (models.resnet_small, {}),
+        "resnet-20-epochs": (models.resnet_small, {"epochs": 20}),
+        "resnet-weight-decay-1e-3": (models.resnet_small, {"weight_decay": 1e-3}),
     },
 }
 FASHION = {"batch_size": 64, "lr": 0.1, "flip": True, "crop": 2}

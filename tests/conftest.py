@@ -1,5 +1,6 @@
 """Shared fixtures: one backend fixture that every backend-agnostic test runs on."""
 
+import signal
 import sys
 from pathlib import Path
 
@@ -20,6 +21,21 @@ BACKEND_PARAMS = [
     "torch-cuda",
     pytest.param("jax-cuda", marks=pytest.mark.slow),
 ]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def signals_as_in_a_terminal():
+    """Ctrl-C and SIGTERM delivered as in a terminal, however pytest was started.
+
+    A shell starts a background job (`cmd &` in a script, `nohup`) with SIGINT ignored, and xpcnn keeps an
+    ignored signal ignored, as it should; the stop tests, and the ranks they launch, need them delivered.
+    """
+    previous = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    yield
+    for signum, handler in previous.items():
+        signal.signal(signum, handler)
 
 
 def make_backend(name: str) -> Backend:

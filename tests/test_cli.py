@@ -95,6 +95,49 @@ def test_evaluate_with_test_time_augmentation(trained_run):
     assert "test-time" not in invoke("evaluate", trained_run).output
 
 
+@pytest.fixture(scope="module")
+def second_run(synthetic_dir, tmp_path_factory):
+    run = tmp_path_factory.mktemp("runs") / "seed-1"
+    invoke("train", *FAST, "--seed", "1", "--model", "lenet-bn", "--data-dir", synthetic_dir, "--out", run)
+    return run
+
+
+def test_evaluate_an_ensemble(trained_run, second_run, synthetic_dir):
+    plain = json.loads(invoke("evaluate", trained_run, "--json").output)
+    report = json.loads(invoke("evaluate", trained_run, "--ensemble", second_run, "--json").output)
+    assert {k: v for k, v in report.items() if k != "ensemble"} == plain  # the plain figures stay as they are
+    assert report["ensemble"]["checkpoints"] == [
+        str(trained_run / "checkpoint.npz"),
+        str(second_run / "checkpoint.npz"),
+    ]
+    images = read_idx(synthetic_dir / "t10k-images-idx3-ubyte.gz")
+    labels = read_idx(synthetic_dir / "t10k-labels-idx1-ubyte.gz").astype(np.int64)
+    mean = (library_probabilities(trained_run, images) + library_probabilities(second_run, images)) / 2
+    expected_loss = np.mean(-np.log(mean[np.arange(len(labels)), labels]))
+    assert report["ensemble"]["accuracy"] == pytest.approx(np.mean(mean.argmax(axis=1) == labels), abs=1e-3)
+    assert report["ensemble"]["loss"] == pytest.approx(expected_loss, rel=1e-5)
+    text = invoke("evaluate", trained_run, "--ensemble", second_run).output
+    assert f"ensemble of 2 models (softmax averaged): accuracy {report['ensemble']['accuracy']:.2%}" in text
+    assert "ensemble" not in invoke("evaluate", trained_run).output
+
+
+def test_an_ensemble_of_one_model_with_itself_is_that_model(trained_run):
+    report = json.loads(invoke("evaluate", trained_run, "--ensemble", trained_run, "--json").output)
+    assert report["ensemble"]["accuracy"] == report["accuracy"]
+    assert report["ensemble"]["loss"] == pytest.approx(report["loss"], rel=1e-5)
+
+
+def test_an_ensemble_needs_models_of_one_dataset(trained_run, synthetic_dir, tmp_path):
+    other = tmp_path / "fashion"  # the same files under another dataset's name: other classes
+    invoke("train", *FAST, "--dataset", "fashion-mnist", "--data-dir", synthetic_dir, "--out", other)
+    result = invoke("evaluate", trained_run, "--ensemble", other, expect=2)
+    assert_one_line_error(result, r"fashion.*checkpoint.npz: trained on fashion-mnist, not on mnist as .* was")
+    (tmp_path / "junk.npz").write_bytes(b"not a zip")
+    result = invoke("evaluate", trained_run, "--ensemble", tmp_path / "junk.npz", expect=1)  # as for RUN itself
+    assert_one_line_error(result, r"junk.npz: not an xpcnn checkpoint")
+    invoke("evaluate", trained_run, "--ensemble", tmp_path / "missing", expect=2)
+
+
 def test_evaluate_states_where_a_stopped_run_stands(trained_run, tmp_path):
     """A checkpoint that a stop (Ctrl-C, SIGTERM) wrote mid-epoch is not "epoch 0": its weights are 3 steps in."""
     from xpcnn.data.checkpoint import load_checkpoint, save_checkpoint

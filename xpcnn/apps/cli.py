@@ -28,9 +28,11 @@ from ..models import MODELS
 from ..optim import OPTIMIZERS, SCHEDULES
 from ..training.config import RECIPES, TrainConfig, recipe, recipe_backend
 from ..training.display import Progress
+from ..training.ensemble import evaluate_ensemble
 from ..training.runs import (
     check_no_run,
     check_same_data,
+    check_same_task,
     checkpoint_config,
     confusion_matrix,
     default_run_dir,
@@ -324,19 +326,31 @@ def train(
     help="Also the accuracy with test-time augmentation: the softmax averaged over the image and its 1-pixel "
     "shifts (and their mirror images, for a model trained with flips). Reported apart.",
 )
+@click.option(
+    "--ensemble",
+    "members",
+    multiple=True,
+    metavar="RUN_OR_CHECKPOINT",
+    type=click.Path(exists=True),
+    help="Also the accuracy of an ensemble: this model's softmax averaged with that of each run named "
+    "(repeat the option), trained on the same dataset. Reported apart.",
+)
 @allow_other_data_option
 @friendly_errors
-def evaluate(run, data_dir, device, backend, as_json, plot, tta, allow_other_data):
+def evaluate(run, data_dir, device, backend, as_json, plot, tta, members, allow_other_data):
     """Accuracy, per-class accuracy and confusion matrix of a trained model on its test set."""
     if plot:
         plots.require_matplotlib()
     checkpoint = load_checkpoint(run)
+    others = [load_checkpoint(member) for member in members]
     chosen = get_backend(backend, device)
     config = checkpoint_config(checkpoint)
     run_dir = checkpoint_path(run).parent
     dataset = load_dataset(config.dataset, data_dir or recorded_data_dir(checkpoint, run_dir))
     try:
-        check_same_data(checkpoint, dataset, allow_other_data, TEST_FILES)
+        for each in (checkpoint, *others):
+            check_same_task(each, checkpoint)
+            check_same_data(each, dataset, allow_other_data, TEST_FILES)
     except ConfigError as exc:
         raise click.UsageError(user_message(exc)) from None
     model, norm = model_from_checkpoint(checkpoint, chosen)
@@ -346,6 +360,9 @@ def evaluate(run, data_dir, device, backend, as_json, plot, tta, allow_other_dat
         probabilities = predict_probabilities(model, split.images) if plot else None
         views = test_time_views(flip=config.flip)
         augmented = evaluate_tta(model, split, chosen, views, fill=-norm.mean / norm.std) if tta else None
+        if others:
+            ensemble_members = [(model, norm), *(model_from_checkpoint(other, chosen) for other in others)]
+            ensembled = evaluate_ensemble(ensemble_members, dataset.test_images, dataset.test_labels, chosen)
     labels = dataset.test_labels.astype(np.int64)
     classes = checkpoint.meta["classes"]
     k = len(classes)
@@ -366,6 +383,10 @@ def evaluate(run, data_dir, device, backend, as_json, plot, tta, allow_other_dat
     if augmented is not None:
         loss = augmented.loss if math.isfinite(augmented.loss) else None
         report["tta"] = {"views": len(views), "loss": loss, "accuracy": augmented.accuracy}
+    if others:
+        loss = ensembled.loss if math.isfinite(ensembled.loss) else None
+        runs = [str(other.path) for other in (checkpoint, *others)]
+        report["ensemble"] = {"checkpoints": runs, "loss": loss, "accuracy": ensembled.accuracy}
     if plot:
         title = f"{config.model} on the {config.dataset} test set"
         report["plots"] = [
@@ -390,6 +411,11 @@ def evaluate(run, data_dir, device, backend, as_json, plot, tta, allow_other_dat
         click.echo(
             f"with test-time augmentation ({len(views)} views): accuracy {augmented.accuracy:.2%}  "
             f"loss {augmented.loss:.4f}"
+        )
+    if others:
+        click.echo(
+            f"ensemble of {len(others) + 1} models (softmax averaged): accuracy {ensembled.accuracy:.2%}  "
+            f"loss {ensembled.loss:.4f}"
         )
     click.echo("\nper-class accuracy:")
     for name, accuracy, count in zip(classes, per_class, confusion.sum(axis=1), strict=False):

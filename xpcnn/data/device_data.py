@@ -104,6 +104,17 @@ class EvalResult:
     predictions: np.ndarray
 
 
+def averaged_result(probabilities: np.ndarray, labels: np.ndarray) -> EvalResult:
+    """The figures of averaged class probabilities (N, K) float64 against host ``labels`` (N,) int64: the loss is
+    ``mean(-log(p[true class]))``, the prediction the most probable class."""
+    if labels.size == 0:
+        return EvalResult(0.0, 0.0, np.zeros(0, np.int64))
+    predictions = np.argmax(probabilities, axis=1).astype(np.int64)
+    with np.errstate(divide="ignore"):
+        loss = float(np.mean(-np.log(probabilities[np.arange(len(labels)), labels])))
+    return EvalResult(loss, float(np.mean(predictions == labels)), predictions)
+
+
 def evaluate_batches(split: DeviceSplit, backend: Backend, batch_step, batch_size: int = 1000) -> EvalResult:
     """Run ``batch_step(x, y) -> (float64 sum of the losses, predictions (n,))`` over ``split`` and summarise it."""
     xp = backend.xp

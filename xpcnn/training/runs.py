@@ -99,6 +99,18 @@ def check_same_data(checkpoint: Checkpoint, dataset: Dataset, allow: bool, files
         )
 
 
+def check_same_task(checkpoint: Checkpoint, reference: Checkpoint) -> None:
+    """ConfigError (naming ``ensemble``) unless ``checkpoint`` was trained on ``reference``'s dataset with the same
+    class names: only then can their predictions be averaged."""
+    dataset, expected = checkpoint_config(checkpoint).dataset, checkpoint_config(reference).dataset
+    if dataset != expected:
+        raise ConfigError(
+            f"{checkpoint.path}: trained on {dataset}, not on {expected} as {reference.path} was", "ensemble"
+        )
+    if checkpoint.meta["classes"] != reference.meta["classes"]:
+        raise ConfigError(f"{checkpoint.path}: its class names differ from those of {reference.path}", "ensemble")
+
+
 def resumed_config(checkpoint: Checkpoint, run: Path, overrides: dict) -> TrainConfig:
     """The configuration the run in ``run`` continues with: its checkpoint's, with ``overrides``
     (settings in :data:`RESUMABLE` only) applied; ConfigError when it has nothing left to train.

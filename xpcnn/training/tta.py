@@ -17,7 +17,7 @@ from array_api_compat import array_namespace, device
 
 from ..backends.backend import Backend
 from ..data.augment import flip_and_crop
-from ..data.device_data import DeviceSplit, EvalResult
+from ..data.device_data import DeviceSplit, EvalResult, averaged_result
 from ..nn import Sequential
 from .train import predict_probabilities
 
@@ -65,13 +65,9 @@ def evaluate_tta(
         raise ValueError("evaluate_tta: no views")
     labels = backend.to_host(split.labels).astype(np.int64)
     if labels.size == 0:
-        return EvalResult(0.0, 0.0, np.zeros(0, np.int64))
+        return averaged_result(np.zeros((0, 0)), labels)
     chunks = []
     for x, _ in split.batches(batch_size):
         views_of_x = [predict_probabilities(model, apply_view(x, view, fill), batch_size) for view in views]
         chunks.append(sum(p.astype(np.float64) for p in views_of_x) / len(views))
-    mean = np.concatenate(chunks)
-    predictions = np.argmax(mean, axis=1).astype(np.int64)
-    with np.errstate(divide="ignore"):
-        loss = float(np.mean(-np.log(mean[np.arange(len(labels)), labels])))
-    return EvalResult(loss, float(np.mean(predictions == labels)), predictions)
+    return averaged_result(np.concatenate(chunks), labels)

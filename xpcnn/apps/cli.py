@@ -52,6 +52,7 @@ from ..training.tta import views as test_time_views
 from . import export as exporting
 from . import plots
 from .exits import friendly_errors, user_message
+from .report import evaluation_lines
 
 allow_other_data_option = click.option(
     "--allow-other-data",
@@ -400,31 +401,7 @@ def evaluate(run, data_dir, device, backend, as_json, plot, tta, members, allow_
     if as_json:
         click.echo(json.dumps(report, indent=2, allow_nan=False))
         return
-    if plot:
-        click.echo("plots: " + ", ".join(report["plots"]))
-    click.echo(
-        f"{report['checkpoint']} ({RunState(**checkpoint.meta['state']).position()}) on the {config.dataset} "
-        f"test set, {len(labels):,} images"
-    )
-    click.echo(f"accuracy {result.accuracy:.2%}  loss {result.loss:.4f}")
-    if augmented is not None:
-        click.echo(
-            f"with test-time augmentation ({len(views)} views): accuracy {augmented.accuracy:.2%}  "
-            f"loss {augmented.loss:.4f}"
-        )
-    if others:
-        click.echo(
-            f"ensemble of {len(others) + 1} models (softmax averaged): accuracy {ensembled.accuracy:.2%}  "
-            f"loss {ensembled.loss:.4f}"
-        )
-    click.echo("\nper-class accuracy:")
-    for name, accuracy, count in zip(classes, per_class, confusion.sum(axis=1), strict=False):
-        click.echo(f"  {name:>12}  {accuracy:7.2%}  ({count} images)")
-    click.echo("\nconfusion matrix (rows: true class, columns: predicted):")
-    width = max(5, len(str(confusion.max())) + 1)
-    click.echo(" " * 5 + "".join(f"{j:>{width}}" for j in range(k)))
-    for i, row in enumerate(confusion):
-        click.echo(f"{i:>4} " + "".join(f"{v:>{width}}" for v in row))
+    click.echo("\n".join(evaluation_lines(report, RunState(**checkpoint.meta["state"]).position())))
 
 
 @main.command()

@@ -39,6 +39,10 @@ def test_the_average_of_the_members_written_out(backend):
     np.testing.assert_array_equal(result.predictions, mean.argmax(axis=1))
     assert result.accuracy == np.mean(mean.argmax(axis=1) == labels)
     assert result.loss == pytest.approx(np.mean(-np.log(mean[np.arange(40), labels])), rel=1e-5)
+    with backend.activate():  # the first member's probabilities given as computed, not its model
+        joined = evaluate_ensemble(members[1:], images, labels, backend, computed=[expected[0]], batch_size=16)
+    np.testing.assert_array_equal(joined.predictions, result.predictions)
+    assert joined.loss == pytest.approx(result.loss, rel=1e-5)
 
 
 def test_one_member_is_plain_evaluation(backend):

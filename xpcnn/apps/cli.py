@@ -358,12 +358,12 @@ def evaluate(run, data_dir, device, backend, as_json, plot, tta, members, allow_
     with chosen.activate():
         split = DeviceSplit.from_host(chosen, dataset.test_images, dataset.test_labels, norm)
         result = evaluate_model(model, split, chosen)
-        probabilities = predict_probabilities(model, split.images) if plot else None
+        probabilities = predict_probabilities(model, split.images) if plot or others else None
         views = test_time_views(flip=config.flip)
         augmented = evaluate_tta(model, split, chosen, views, fill=-norm.mean / norm.std) if tta else None
-        if others:
-            ensemble_members = [(model, norm), *(model_from_checkpoint(other, chosen) for other in others)]
-            ensembled = evaluate_ensemble(ensemble_members, dataset.test_images, dataset.test_labels, chosen)
+        if others:  # this model's probabilities are in hand: the others' join them
+            trained = [model_from_checkpoint(other, chosen) for other in others]
+            ensembled = evaluate_ensemble(trained, dataset.test_images, dataset.test_labels, chosen, [probabilities])
     labels = dataset.test_labels.astype(np.int64)
     classes = checkpoint.meta["classes"]
     k = len(classes)

@@ -20,23 +20,24 @@ def evaluate_ensemble(
     images: np.ndarray,
     labels: np.ndarray,
     backend: Backend,
+    computed: Sequence[np.ndarray] = (),
     batch_size: int = 1000,
 ) -> EvalResult:
     """Mean loss and accuracy of ``members`` (model, the normalisation it expects) with their softmax averaged.
 
     ``images``: host (N, H, W), uint8 or floats in [0, 1], as a dataset holds them; ``labels``: host (N,).
+    ``computed``: the host probabilities (N, K) of members already evaluated on these images, averaged in.
     The loss is ``mean(-log(mean over members of p(true class)))``; the probabilities are summed in float64
     on the host, one member at a time, so the device holds one copy of the images at once.
     """
-    if not members:
+    if not members and not computed:
         raise ValueError("evaluate_ensemble: no members")
     labels = np.asarray(labels).astype(np.int64)
     if labels.size == 0:
         return averaged_result(np.zeros((0, 0)), labels)
-    total = None
+    total = sum(np.asarray(p, np.float64) for p in computed)
     for model, normalization in members:
         split = DeviceSplit.from_host(backend, images, labels, normalization)
-        probabilities = predict_probabilities(model, split.images, batch_size).astype(np.float64)
-        total = probabilities if total is None else total + probabilities
+        total = total + predict_probabilities(model, split.images, batch_size).astype(np.float64)
         del split
-    return averaged_result(total / len(members), labels)
+    return averaged_result(total / (len(members) + len(computed)), labels)

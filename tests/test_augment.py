@@ -1,11 +1,18 @@
-"""Random affine and elastic augmentation, flips and crops: exact special cases, independent oracles, seeding and
-statistics."""
+"""Random affine and elastic augmentation, flips and crops, erasing: exact special cases, independent oracles, seeding
+and statistics."""
 
 import numpy as np
 import pytest
 
 from xpcnn.backends.backend import get_backend, to_host
-from xpcnn.data.augment import Augmentation, affine_matrices, affine_sample, elastic_displacement, flip_and_crop
+from xpcnn.data.augment import (
+    Augmentation,
+    affine_matrices,
+    affine_sample,
+    elastic_displacement,
+    erase,
+    flip_and_crop,
+)
 
 FLOATS = ["float32", "float64"]
 
@@ -528,6 +535,7 @@ def test_flips_and_crops_in_a_compiled_jax_function_equal_eager():
     for augment, tolerance in (
         (Augmentation(0, 0, 0, 0, flip=True, crop=2), 0),
         (Augmentation(1, flip=True, crop=2), 1e-5),
+        (Augmentation(0, 0, 0, 0, flip=True, crop=2, erase=0.5), 0),
     ):
 
         def run(x, key, augment=augment):
@@ -536,3 +544,93 @@ def test_flips_and_crops_in_a_compiled_jax_function_equal_eager():
         compiled = to_host(jax.jit(run)(images, key))
         np.testing.assert_allclose(compiled, to_host(run(images, key)), rtol=0, atol=tolerance)  # XLA's warp rounds
         assert not np.array_equal(compiled, to_host(jax.jit(run)(images, jax.random.key(4))))
+
+
+# --- random erasing ---
+
+
+def erased(host, tops, lefts, heights, widths, fill):
+    """Oracle, torchvision's ``F.erase`` way: each image's rectangle set by slicing, in every channel."""
+    out = host.copy()
+    for image, top, left, height, width in zip(out, tops, lefts, heights, widths, strict=True):
+        image[:, top : top + height, left : left + width] = fill
+    return out
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+def test_erase_matches_slicing(backend, dtype):
+    """Every position of several sizes on a 5 x 6 image, edges, the whole image, and empty rectangles."""
+    sizes = ((1, 1), (2, 3), (5, 1), (3, 6))
+    boxes = [(top, left, h, w) for h, w in sizes for top in range(6 - h) for left in range(7 - w)]
+    boxes += [(0, 0, 5, 6), (2, 3, 0, 2), (1, 1, 3, 0)]
+    host = random_images((len(boxes), 2, 5, 6))
+    columns = [np.array(values) for values in zip(*boxes, strict=True)]
+    out = erase(to_backend(backend, host, dtype), *(int_array(backend, c) for c in columns), fill=-0.42)
+    assert out.dtype == getattr(backend.xp, dtype)
+    np.testing.assert_array_equal(to_host(out), erased(host.astype(dtype), *columns, np.asarray(-0.42, dtype)))
+
+
+def test_erase_boxes_map_one_uniform_call_to_rectangles(backend):
+    """u0 < p erases; the area fraction and log aspect ratio are linear in u1, u2; sides are rounded and clipped to
+    the image; the corner is floor(u * (free + 1)) of the free positions, never past the last."""
+    u = [
+        [0.0, 0.0, 0.5, 0.0, 0.0],  # 2% of 28 x 28 = 15.68 px at ratio 1 (log-midpoint of 0.3, 3.3): 4 x 4
+        [0.4999, 1.0, 1.0, 0.9999999, 0.9999999],  # 33% at ratio 3.3: 29 x 9, clipped to 28 x 9, placed last
+        [0.5, 0.5, 0.5, 0.5, 0.5],  # not erased (p = 0.5): height 0
+        [0.2, 1.0, 0.0, 0.5, 0.5],  # 33% at ratio 0.3: 9 x 29 clipped to 9 x 28
+    ]
+    generator = FixedDraws(backend, u)
+    tops, lefts, heights, widths = (
+        to_host(a).tolist()
+        for a in Augmentation(0, 0, 0, 0, erase=0.5).erase_boxes((28, 28), 4, generator, backend.xp.float64)
+    )
+    assert generator.shapes == [(4, 5)]
+    # 17.5% at ratio 1: 11.7 -> 12 px a side, at floor(0.5 * 17) = 8 of the 17 positions; 9 rows: 10 of 20
+    assert heights == [4, 28, 0, 9] and widths == [4, 9, 12, 28]
+    assert tops == [0, 0, 8, 10] and lefts == [0, 19, 8, 0]
+
+
+def test_erased_rectangles_are_fair_and_inside_the_image():
+    """Over many images: erased with probability p, the area fraction uniform in 2-33% where nothing is clipped,
+    the aspect ratio log-uniform, every rectangle inside the image."""
+    backend = get_backend("numpy")
+    n, size = 50_000, (28, 24)
+    tops, lefts, heights, widths = Augmentation(0, 0, 0, 0, erase=0.3).erase_boxes(
+        size, n, backend.generator(0), np.float64
+    )
+    erased_ = heights > 0
+    assert abs(erased_.mean() - 0.3) < 0.01
+    assert (tops >= 0).all() and (lefts >= 0).all() and (tops + heights <= 28).all() and (lefts + widths <= 24).all()
+    assert (widths >= 1).all() and (heights[erased_] >= 1).all()
+    area = heights[erased_] * widths[erased_] / (28 * 24)
+    assert 0.01 < area.min() and area.max() < 0.4  # rounding moves the 2% and 33% bounds a little
+    ratio = np.log(heights[erased_] / widths[erased_])
+    assert abs(np.median(ratio)) < 0.05  # log-uniform on [log 0.3, log 3.3], about 0, before rounding
+    for corner, free in ((tops, 28 - heights), (lefts, 24 - widths)):  # uniform over the free + 1 positions
+        common = np.bincount(free[erased_]).argmax()  # the commonest number of free positions but one
+        chosen = corner[erased_ & (free == common)]
+        share, expected = np.bincount(chosen, minlength=common + 1) / chosen.size, 1 / (common + 1)
+        assert chosen.max() == common
+        np.testing.assert_allclose(share, expected, atol=4 * np.sqrt(expected / chosen.size))
+
+
+def test_augmentation_erases_last_from_the_same_generator(backend):
+    """Flips and crops draw first, then one (B, 5) call for the rectangles; the erased pixels are background."""
+    images = to_backend(backend, random_images((6, 2, 10, 10)), "float32")
+    augment = Augmentation(0, 0, 0, 0, flip=True, crop=2, erase=0.5)
+    out = to_host(augment(images, backend.generator(5, 2), fill=-0.42))
+    generator = backend.generator(5, 2)
+    flips, tops, lefts = augment.flips_and_crops(6, generator, backend.xp.float32)
+    boxes = [to_host(a) for a in augment.erase_boxes((10, 10), 6, generator, backend.xp.float32)]
+    cropped = padded_crop(to_host(images), to_host(flips), to_host(tops), to_host(lefts), 2, np.float32(-0.42))
+    np.testing.assert_array_equal(out, erased(cropped, *boxes, np.float32(-0.42)))
+    assert 0 < (boxes[2] > 0).sum() < 6  # some images erased, some not, by these draws
+    assert not Augmentation(0, 0, 0, 0, erase=0.1).is_identity
+
+
+def test_erase_arguments_are_checked():
+    with pytest.raises(ValueError, match=r"erase: expected images of shape \(B, C, H, W\)"):
+        erase(np.zeros((2, 5, 5)), *[np.zeros(2, np.int64)] * 4)
+    for value in (-0.1, 1.5, True, float("nan"), "0.5"):
+        with pytest.raises(ValueError, match="Augmentation: erase must be a probability"):
+            Augmentation(erase=value)

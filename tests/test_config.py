@@ -1,4 +1,5 @@
-"""TrainConfig's flip and crop settings (their checks, the augmentation they build, their flags) and the recipes."""
+"""TrainConfig's flip, crop and erase settings (their checks, the augmentation they build, their flags) and the
+recipes."""
 
 import importlib.util
 import json
@@ -29,6 +30,11 @@ from xpcnn.training.config import MAX_CROP, RECIPES, TrainConfig, make_augmentat
         ("crop", 1.5, r"crop must be an integer, got 1.5"),
         ("crop", True, r"crop must be an integer, got True"),
         ("crop", "4", r"crop must be an integer, got '4'"),
+        ("erase", -0.1, r"erase must be a probability in \[0, 1\], got -0.1"),
+        ("erase", 1.5, r"erase must be a probability in \[0, 1\], got 1.5"),
+        ("erase", float("nan"), r"erase must be a probability in \[0, 1\], got nan"),
+        ("erase", True, r"erase must be a number, got True"),
+        ("erase", "0.5", r"erase must be a number, got '0.5'"),
     ],
 )
 def test_bad_flip_and_crop_settings_are_a_config_error_naming_them(setting, value, message):
@@ -43,11 +49,12 @@ def test_bad_flip_and_crop_settings_are_a_config_error_naming_them(setting, valu
 
 
 def test_flip_and_crop_settings_keep_their_values_and_default_to_off():
-    config = TrainConfig(flip=np.bool_(True), crop=np.int64(MAX_CROP))
-    assert (config.flip, config.crop) == (True, MAX_CROP) and type(config.crop) is int
-    assert (TrainConfig().flip, TrainConfig().crop) == (False, 0)
+    config = TrainConfig(flip=np.bool_(True), crop=np.int64(MAX_CROP), erase=np.float32(0.25))
+    assert (config.flip, config.crop, config.erase) == (True, MAX_CROP, 0.25) and type(config.crop) is int
+    assert type(config.erase) is float and TrainConfig(erase=1).erase == 1.0
+    assert (TrainConfig().flip, TrainConfig().crop, TrainConfig().erase) == (False, 0, 0.0)
     # a checkpoint's configuration from before these settings reads as off
-    older = {k: v for k, v in TrainConfig().to_dict().items() if k not in ("flip", "crop")}
+    older = {k: v for k, v in TrainConfig().to_dict().items() if k not in ("flip", "crop", "erase")}
     assert TrainConfig.from_dict(older) == TrainConfig()
 
 
@@ -60,6 +67,10 @@ def test_flips_and_crops_build_the_augmentation_alone_or_with_the_warps():
     both = make_augmentation(TrainConfig(flip=True, crop=3, elastic=10.0, elastic_sigma=5.0))
     assert both == Augmentation(**identity, elastic_alpha=10.0, elastic_sigma=5.0, flip=True, crop=3)
     assert make_augmentation(TrainConfig(augment=True)) == Augmentation()  # digits keep their warps alone
+    assert make_augmentation(TrainConfig(erase=0.5)) == Augmentation(**identity, erase=0.5)
+    assert make_augmentation(TrainConfig(flip=True, crop=2, erase=1.0)) == Augmentation(
+        **identity, flip=True, crop=2, erase=1.0
+    )
 
 
 def run_cli(*args):
@@ -80,16 +91,22 @@ def test_the_command_line_refuses_a_crop_out_of_range_in_one_line():
     assert re.search(r"Invalid value for '--crop'", error_lines(result)[0])
     result = run_cli("train", "--crop", "two")
     assert result.exit_code == 2 and len(error_lines(result)) == 1, result.output
+    for value in ("1.5", "-0.5", "half"):
+        result = run_cli("train", "--erase", value)
+        assert result.exit_code == 2 and len(error_lines(result)) == 1, result.output
+        assert "Invalid value for '--erase'" in error_lines(result)[0]
     assert "--flip / --no-flip" in run_cli("train", "--help").output
+    assert "--erase P" in run_cli("train", "--help").output
 
 
 def test_the_command_line_flags_reach_the_run_configuration(synthetic_dir, tmp_path):
     fast = ["--model", "seed", "--epochs", "1", "--batch-size", "100", "--device", "cpu", "--quiet"]
     run = tmp_path / "run"
-    result = run_cli("train", *fast, "--flip", "--crop", "3", "--data-dir", synthetic_dir, "--out", run)
+    flags = ["--flip", "--crop", "3", "--erase", "0.5"]
+    result = run_cli("train", *fast, *flags, "--data-dir", synthetic_dir, "--out", run)
     assert result.exit_code == 0, result.output
     config = json.loads((run / "config.json").read_text())
-    assert (config["flip"], config["crop"]) == (True, 3)
+    assert (config["flip"], config["crop"], config["erase"]) == (True, 3, 0.5)
     result = run_cli("train", "--resume", run, "--crop", "2")
     assert result.exit_code == 2 and "--crop cannot change when resuming" in result.output, result.output
     assert "trained with --crop 3" in result.output

@@ -135,13 +135,13 @@ def test_the_compiled_jax_step_equals_numpys_on_a_resnet():
 
 
 @pytest.mark.slow
-def test_flips_and_crops_in_the_compiled_jax_step_equal_the_eager_step():
-    """The same keys draw the same warps, flips and crops inside the compiled step as eagerly; and the flips
-    and crops change what is learnt."""
+def test_flips_crops_and_erasing_in_the_compiled_jax_step_equal_the_eager_step():
+    """The same keys draw the same warps, flips, crops and rectangles inside the compiled step as eagerly; and
+    they change what is learnt."""
     pytest.importorskip("jax")
     jax_backend = get_backend("jax", "cpu")
     values = dict(model="seed", epochs=1, batch_size=32, optimizer="adam", lr=3e-3, seed=3, augment=True)
-    config = TrainConfig(**values, flip=True, crop=3)
+    config = TrainConfig(**values, flip=True, crop=3, erase=0.5)
     compiled = train_steps(jax_backend, config, "float64", n=64)
     assert compiled.optimizer.steps == 2
     assert_same_training(compiled, train_steps(jax_backend, config, "float64", eager=True, n=64), 1e-12)

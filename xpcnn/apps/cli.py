@@ -52,30 +52,8 @@ from ..training.tta import views as test_time_views
 from . import export as exporting
 from . import plots
 from .exits import friendly_errors, user_message
+from .options import allow_other_data_option, augmentation_options, device_options
 from .report import evaluation_lines
-
-allow_other_data_option = click.option(
-    "--allow-other-data",
-    is_flag=True,
-    help="Go on although the data files differ from those the run was trained on (their SHA-256).",
-)
-
-
-def device_options(command):
-    """--device and --backend, shared by the commands that compute."""
-    command = click.option(
-        "--backend",
-        type=click.Choice(BACKEND_NAMES),
-        default=None,
-        help="Array library (default: from --device: cupy for CUDA, numpy for the CPU).",
-    )(command)
-    return click.option(
-        "--device",
-        default="auto",
-        show_default=True,
-        metavar="auto|cpu|cuda|cuda:N",
-        help="Where to compute; auto uses a CUDA GPU when the backend (CuPy by default) can, else the CPU.",
-    )(command)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -133,41 +111,7 @@ EAGER_HELP = "JAX: run each operation as it comes instead of one compiled progra
     show_default=True,
     help="Train against (1 - e) * one-hot + e / classes.",
 )
-@click.option(
-    "--augment/--no-augment",
-    default=TrainConfig.augment,
-    show_default=True,
-    help="Random shifts, rotations and scaling of the training images, on the device.",
-)
-@click.option(
-    "--elastic",
-    type=click.FloatRange(min=0.0),
-    default=TrainConfig.elastic,
-    show_default=True,
-    metavar="ALPHA",
-    help="Elastic distortion of the training images (Simard et al. 2003), ALPHA pixels strong; 0 is off.",
-)
-@click.option(
-    "--elastic-sigma",
-    type=click.FloatRange(min=0.0, min_open=True),
-    default=TrainConfig.elastic_sigma,
-    show_default=True,
-    help="Smoothness of the elastic distortion: the Gaussian's standard deviation in pixels.",
-)
-@click.option(
-    "--flip/--no-flip",
-    default=TrainConfig.flip,
-    show_default=True,
-    help="Mirror each training image left to right with probability 1/2 (for clothing, not digits).",
-)
-@click.option(
-    "--crop",
-    type=click.IntRange(min=0),
-    default=TrainConfig.crop,
-    show_default=True,
-    metavar="PIXELS",
-    help="Pad each training image by PIXELS of background and crop it back at a random offset; 0 is off.",
-)
+@augmentation_options
 @click.option(
     "--recalibrate-bn/--no-recalibrate-bn",
     default=TrainConfig.recalibrate_bn,

@@ -155,6 +155,29 @@ def flip_and_crop(images, flips, tops, lefts, padding: int, fill: float = 0.0):
     return xp.where(inside[:, None, ...], out, float(fill))
 
 
+def erase(images, tops, lefts, heights, widths, fill: float = 0.0):
+    """Set one rectangle of each image of ``images`` (B, C, H, W) to ``fill``, in every channel.
+
+    Image ``b``'s rectangle has its top-left corner at row ``tops[b]``, column ``lefts[b]`` and is
+    ``heights[b]`` x ``widths[b]`` pixels ((B,) integers; a height or width of 0 erases nothing), as
+    torchvision's ``F.erase``.  One ``where`` over a (B, H, W) mask built from the four.
+    """
+    xp = array_namespace(images)
+    if images.ndim != 4:
+        raise ValueError(f"erase: expected images of shape (B, C, H, W), got {tuple(images.shape)}")
+    b, _, h, w = images.shape
+    dev = device(images)
+    rows = xp.reshape(xp.arange(h, dtype=xp.int64, device=dev), (1, h, 1))
+    cols = xp.reshape(xp.arange(w, dtype=xp.int64, device=dev), (1, 1, w))
+
+    def span(start, length, index):
+        start = xp.reshape(start, (b, 1, 1))
+        return (index >= start) & (index < start + xp.reshape(length, (b, 1, 1)))
+
+    inside = span(tops, heights, rows) & span(lefts, widths, cols)  # (B, H, W)
+    return xp.where(inside[:, None, ...], float(fill), images)
+
+
 def affine_matrices(rotation, scale, shear, shift_x, shift_y):
     """Sampling matrices (B, 2, 3) of per-image forward transforms, each argument a (B,) array.
 
@@ -216,13 +239,17 @@ class Augmentation:
     image is mirrored left to right with probability 1/2, and with ``crop`` > 0
     padded by ``crop`` pixels of background and cropped back at a uniformly
     drawn offset (torchvision's ``RandomHorizontalFlip()`` and
-    ``RandomCrop(size, padding=crop)``; see :func:`flip_and_crop`).  Call it on
+    ``RandomCrop(size, padding=crop)``; see :func:`flip_and_crop`).  Last, with
+    ``erase`` > 0, each image has one rectangle set to the background with
+    probability ``erase`` (torchvision's ``RandomErasing(p=erase)``, its
+    default area of 2-33% of the image and aspect ratio 0.3-3.3; see
+    :meth:`erase_boxes` and :func:`erase`).  Call it on
     a batch with a generator from :meth:`xpcnn.backends.backend.Backend.generator`::
 
         augment = Augmentation(max_shift=2, max_rotation=10, max_scale=0.1)
         images = augment(images, backend.generator(seed, epoch, step), fill=background)
 
-    With all ranges zero, no flip and no crop it returns its input unchanged
+    With all ranges zero, no flip, no crop and no erasing it returns its input unchanged
     (the same object) and draws nothing from the generator.
     """
 
@@ -234,6 +261,10 @@ class Augmentation:
     elastic_sigma: float = 4.0
     flip: bool = False
     crop: int = 0
+    erase: float = 0.0
+
+    ERASE_AREA = (0.02, 0.33)  # of the image, as torchvision's RandomErasing's scale
+    ERASE_RATIO = (0.3, 3.3)  # height / width, drawn uniformly in its logarithm
 
     def __post_init__(self):
         for name in ("max_shift", "max_rotation", "max_scale", "max_shear", "elastic_alpha", "elastic_sigma"):
@@ -250,6 +281,8 @@ class Augmentation:
             raise ValueError(f"Augmentation: flip must be True or False, got {self.flip!r}")
         if not (isinstance(self.crop, int) and not isinstance(self.crop, bool) and self.crop >= 0):
             raise ValueError(f"Augmentation: crop must be an int >= 0 (pixels of padding), got {self.crop!r}")
+        if not (isinstance(self.erase, int | float) and not isinstance(self.erase, bool) and 0 <= self.erase <= 1):
+            raise ValueError(f"Augmentation: erase must be a probability in [0, 1], got {self.erase!r}")
 
     @property
     def warps(self) -> bool:
@@ -258,7 +291,7 @@ class Augmentation:
 
     @property
     def is_identity(self) -> bool:
-        return not (self.warps or self.flip or self.crop)
+        return not (self.warps or self.flip or self.crop or self.erase)
 
     def matrices(self, n: int, generator, dtype):
         """Draw ``n`` sampling matrices (n, 2, 3): one ``generator.random((n, 5), dtype)`` call."""
@@ -282,12 +315,40 @@ class Augmentation:
         offsets = xp.clip(xp.astype(xp.floor(u[:, 1:] * float(positions)), xp.int64), 0, positions - 1)
         return flips, offsets[:, 0], offsets[:, 1]
 
+    def erase_boxes(self, size: tuple[int, int], n: int, generator, dtype):
+        """Draw ``n`` rectangles on an image of ``size`` (H, W) for :func:`erase`: (tops, lefts, heights,
+        widths), each (n,) int64; one ``generator.random((n, 5), dtype)`` call.
+
+        Image ``b`` is erased with probability ``erase`` (else its height is 0).  Its rectangle covers a
+        fraction of the image uniform in ``ERASE_AREA``, at an aspect ratio (height / width) log-uniform
+        in ``ERASE_RATIO``, each side rounded and clipped to the image (torchvision draws again instead,
+        up to 10 times), at a uniformly drawn position inside the image.
+        """
+        h, w = size
+        u = generator.random((n, 5), dtype)
+        xp = array_namespace(u)
+        (low, high), (narrow, wide) = self.ERASE_AREA, self.ERASE_RATIO
+        area = (low + u[:, 1] * (high - low)) * float(h * w)
+        ratio = xp.exp(math.log(narrow) + u[:, 2] * (math.log(wide) - math.log(narrow)))
+
+        def side(length, limit):
+            return xp.clip(xp.astype(xp.round(length), xp.int64), 1, limit)
+
+        heights, widths = side(xp.sqrt(area * ratio), h), side(xp.sqrt(area / ratio), w)
+
+        def position(v, free):  # uniform over the free + 1 positions
+            return xp.clip(xp.astype(xp.floor(v * xp.astype(free + 1, dtype)), xp.int64), 0, free)
+
+        tops, lefts = position(u[:, 3], h - heights), position(u[:, 4], w - widths)
+        return tops, lefts, xp.where(u[:, 0] < float(self.erase), heights, 0), widths
+
     def __call__(self, images, generator, fill: float = 0.0):
         """Augment ``images`` (B, C, H, W), each image with its own random transform.
 
         Draws the matrices first (when it warps), then (only when ``elastic_alpha`` > 0) the
         elastic noise with one ``generator.random((B, 2, H, W), dtype)`` call, then (with ``flip``
-        or ``crop``) the flips and crop offsets (:meth:`flips_and_crops`).
+        or ``crop``) the flips and crop offsets (:meth:`flips_and_crops`), then (with ``erase``) the
+        rectangles to erase (:meth:`erase_boxes`).
         """
         if self.is_identity:
             return images
@@ -301,4 +362,7 @@ class Augmentation:
         if self.flip or self.crop:
             flips, tops, lefts = self.flips_and_crops(images.shape[0], generator, images.dtype)
             images = flip_and_crop(images, flips, tops, lefts, self.crop, fill)
+        if self.erase:
+            boxes = self.erase_boxes(tuple(images.shape[-2:]), images.shape[0], generator, images.dtype)
+            images = erase(images, *boxes, fill)
         return images

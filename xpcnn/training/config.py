@@ -46,6 +46,7 @@ class TrainConfig:
     elastic_sigma: float = 4.0
     flip: bool = False  # mirror each training image left to right with probability 1/2 (clothing, not digits)
     crop: int = 0  # pad each training image by this many pixels of background, crop back at a random offset
+    erase: float = 0.0  # the probability that a training image has a random rectangle set to the background
     label_smoothing: float = 0.0
     recalibrate_bn: bool = False
     log_every: int = 50
@@ -101,6 +102,7 @@ class TrainConfig:
                 "crop",
                 f"crop padding must be in [0, {MAX_CROP}] pixels, got {self.crop}",
             ),
+            (0 <= self.erase <= 1, "erase", f"erase must be a probability in [0, 1], got {self.erase}"),
             (
                 low <= self.elastic_sigma <= high,
                 "elastic_sigma",
@@ -140,9 +142,9 @@ def make_optimizer(config: TrainConfig, model: Sequential) -> Optimizer:
 
 
 def make_augmentation(config: TrainConfig) -> Augmentation | None:
-    """The training-time augmentation the config asks for: affine (``augment``), elastic, flips, crops, any
-    of them together (the warp first), or none."""
-    if not (config.augment or config.elastic or config.flip or config.crop):
+    """The training-time augmentation the config asks for: affine (``augment``), elastic, flips, crops,
+    erasing, any of them together (the warp first, erasing last), or none."""
+    if not (config.augment or config.elastic or config.flip or config.crop or config.erase):
         return None
     affine = {} if config.augment else {"max_shift": 0, "max_rotation": 0, "max_scale": 0, "max_shear": 0}
     return Augmentation(
@@ -151,6 +153,7 @@ def make_augmentation(config: TrainConfig) -> Augmentation | None:
         elastic_sigma=config.elastic_sigma,
         flip=config.flip,
         crop=config.crop,
+        erase=config.erase,
     )
 
 

@@ -1,0 +1,86 @@
+"""Click options that several commands share, and the group of ``xpcnn train``'s augmentation options."""
+
+from __future__ import annotations
+
+import click
+
+from ..backends.backend import BACKEND_NAMES
+from ..training.config import TrainConfig
+
+allow_other_data_option = click.option(
+    "--allow-other-data",
+    is_flag=True,
+    help="Go on although the data files differ from those the run was trained on (their SHA-256).",
+)
+
+
+def device_options(command):
+    """--device and --backend, shared by the commands that compute."""
+    command = click.option(
+        "--backend",
+        type=click.Choice(BACKEND_NAMES),
+        default=None,
+        help="Array library (default: from --device: cupy for CUDA, numpy for the CPU).",
+    )(command)
+    return click.option(
+        "--device",
+        default="auto",
+        show_default=True,
+        metavar="auto|cpu|cuda|cuda:N",
+        help="Where to compute; auto uses a CUDA GPU when the backend (CuPy by default) can, else the CPU.",
+    )(command)
+
+
+AUGMENTATION_OPTIONS = [  # in the order of --help; applied to the images in the order of Augmentation
+    click.option(
+        "--augment/--no-augment",
+        default=TrainConfig.augment,
+        show_default=True,
+        help="Random shifts, rotations and scaling of the training images, on the device.",
+    ),
+    click.option(
+        "--elastic",
+        type=click.FloatRange(min=0.0),
+        default=TrainConfig.elastic,
+        show_default=True,
+        metavar="ALPHA",
+        help="Elastic distortion of the training images (Simard et al. 2003), ALPHA pixels strong; 0 is off.",
+    ),
+    click.option(
+        "--elastic-sigma",
+        type=click.FloatRange(min=0.0, min_open=True),
+        default=TrainConfig.elastic_sigma,
+        show_default=True,
+        help="Smoothness of the elastic distortion: the Gaussian's standard deviation in pixels.",
+    ),
+    click.option(
+        "--flip/--no-flip",
+        default=TrainConfig.flip,
+        show_default=True,
+        help="Mirror each training image left to right with probability 1/2 (for clothing, not digits).",
+    ),
+    click.option(
+        "--crop",
+        type=click.IntRange(min=0),
+        default=TrainConfig.crop,
+        show_default=True,
+        metavar="PIXELS",
+        help="Pad each training image by PIXELS of background and crop it back at a random offset; 0 is off.",
+    ),
+    click.option(
+        "--erase",
+        type=click.FloatRange(0.0, 1.0),
+        default=TrainConfig.erase,
+        show_default=True,
+        metavar="P",
+        help="With probability P, set a random rectangle of each training image (2-33% of it) to the background "
+        "(random erasing, torchvision's RandomErasing); 0 is off.",
+    ),
+]
+
+
+def augmentation_options(command):
+    """--augment, --elastic, --elastic-sigma, --flip, --crop and --erase: how training images are varied."""
+    for option in reversed(AUGMENTATION_OPTIONS):
+        command = option(command)
+    return command

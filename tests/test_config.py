@@ -183,3 +183,36 @@ def test_the_fashion_recipe_picks_its_dataset_flips_and_crops_unless_flags_say_o
     assert result.exit_code == 0, result.output
     config = json.loads((run / "config.json").read_text())
     assert (config["dataset"], config["flip"], config["crop"]) == ("mnist", False, 2)
+
+
+@pytest.mark.slow
+def test_a_recalibrated_candidate_prints_its_figures_before_and_after_as_the_flag_gives_them(synthetic_dir):
+    """recipe_candidates.py trains a candidate with recalibrate_bn without it, prints the last epoch, then
+    recalibrates: the second line is what fit(..., recalibrate_bn=True) records."""
+    pytest.importorskip("jax")
+    path = Path(__file__).resolve().parent.parent / "scripts" / "recipe_candidates.py"
+    options = ["--validation", "100", "--epochs-cap", "2", "--device", "cpu"]
+    name = "resnet-30-epochs-recalibrated"
+    done = subprocess.run(
+        [sys.executable, str(path), str(synthetic_dir), "fashion", name, *options], capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    lines = [json.loads(line) for line in done.stdout.splitlines()]
+    assert [line["epoch"] for line in lines] == [1, 2, 2] and lines[-1]["recalibrated"]
+    spec = importlib.util.spec_from_file_location("recipe_candidates", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    build, settings = script.CANDIDATES["fashion"][name]
+    flagged = xpcnn.fit(
+        build(0),
+        "fashion-mnist",
+        validation=100,
+        backend=xpcnn.get_backend("jax", "cpu"),
+        data_dir=synthetic_dir,
+        seed=0,
+        **{**script.FASHION, **settings, "epochs": 2},
+    ).records[-1]
+    assert flagged["bn_recalibrated"]
+    assert lines[-1]["val_accuracy"] == flagged["val_accuracy"]
+    assert lines[-1]["val_loss"] == pytest.approx(flagged["val_loss"], rel=1e-6)
+    assert lines[-2]["val_loss"] != pytest.approx(flagged["val_loss"], rel=1e-6)

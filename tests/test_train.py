@@ -5,17 +5,12 @@ import json
 import math
 import os
 import signal
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 from helpers import InterruptAt
 
 from xpcnn import models, nn, optim
-from xpcnn.apps.cli import main
 from xpcnn.backends.backend import get_backend
 from xpcnn.data import augment, device_data
 from xpcnn.data.checkpoint import load_checkpoint
@@ -352,33 +347,3 @@ def test_a_signal_after_an_all_reduce_waits_for_the_next_so_that_no_rank_stops_a
     with pytest.raises(train.TrainingInterrupted, match="stopped by Ctrl-C"):
         trainer.fit(split, {})
     assert communicator.wishes == [False, False, False, True], communicator.wishes
-
-
-@pytest.mark.parametrize("backend_name", ["numpy", "jax"])
-def test_the_recalibration_script_ends_a_run_as_the_flag_would(synthetic_dir, tmp_path, backend_name):
-    """scripts/recalibrate_run.py on a run trained without --recalibrate-bn gives the test figures of the same
-    run trained with it (training is deterministic for a seed); it refuses a run that has the flag."""
-    if backend_name == "jax":
-        pytest.importorskip("jax")
-    script = Path(__file__).resolve().parent.parent / "scripts" / "recalibrate_run.py"
-    common = ["--model", "convnet-bn", "--epochs", "1", "--batch-size", "100", "--flip", "--crop", "2"]
-    common += ["--backend", backend_name, "--device", "cpu", "--data-dir", str(synthetic_dir), "--quiet"]
-    runner = CliRunner()
-    for name, flag in (("plain", "--no-recalibrate-bn"), ("flag", "--recalibrate-bn")):
-        result = runner.invoke(main, ["train", *common, flag, "--out", str(tmp_path / name)])
-        assert result.exit_code == 0, result.output
-    arguments = ["--backend", backend_name, "--device", "cpu"]
-    done = subprocess.run(
-        [sys.executable, str(script), str(tmp_path / "plain"), *arguments], capture_output=True, text=True
-    )
-    assert done.returncode == 0, done.stderr
-    figures = json.loads(done.stdout)
-    plain, flagged = (json.loads((tmp_path / n / "history.json").read_text())[-1] for n in ("plain", "flag"))
-    assert figures["test_accuracy"] == pytest.approx(plain["test_accuracy"], abs=1e-12)
-    assert figures["recalibrated_test_accuracy"] == pytest.approx(flagged["test_accuracy"], abs=1e-12)
-    assert figures["recalibrated_test_loss"] == pytest.approx(flagged["test_loss"], rel=1e-6)
-    assert figures["recalibrated_test_loss"] != pytest.approx(plain["test_loss"], rel=1e-6)
-    refused = subprocess.run(
-        [sys.executable, str(script), str(tmp_path / "flag"), *arguments], capture_output=True, text=True
-    )
-    assert refused.returncode == 1 and refused.stderr.count("\n") == 1 and "--recalibrate-bn" in refused.stderr

@@ -424,3 +424,24 @@ def test_three_parallel_trains_without_out_each_get_a_directory(synthetic_dir, t
         assert process.returncode == 0
     made = sorted((tmp_path / "runs").iterdir())
     assert len(made) == 3 and all((path / "checkpoint.npz").exists() for path in made)
+
+
+@pytest.mark.parametrize("problem", ["no data", "a damaged file"])
+def test_a_run_that_fails_before_writing_leaves_no_default_directory(synthetic_dir, tmp_path, problem):
+    """The folder runs/<model>-<time> is made first (so parallel runs never share one); a run that stops
+    before writing anything removes it again, and the error is still one line with exit status 1."""
+    data = tmp_path / "data"
+    data.mkdir()
+    if problem == "a damaged file":
+        for source in Path(synthetic_dir).iterdir():
+            (data / source.name).write_bytes(source.read_bytes()[:100])
+    done = subprocess.run(
+        [sys.executable, "-m", "xpcnn", "train", "--model", "seed", "--device", "cpu", "--data-dir", str(data)],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(REPOSITORY)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 1 and done.stderr.count("\n") == 1 and done.stderr.startswith("Error"), done.stderr
+    assert list((tmp_path / "runs").iterdir()) == []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -39,6 +40,7 @@ from ..training.runs import (
     model_from_checkpoint,
     per_class_accuracy,
     recorded_data_dir,
+    remove_if_empty,
     resumed_config,
     run_dir_has_run,
     summary,
@@ -191,7 +193,10 @@ def train(
         if recipe_name:
             options.update({k: v for k, v in recipe(recipe_name).items() if k not in given})
         config = TrainConfig.from_dict(options)
-        out = Path(out) if out else default_run_dir(config)
+        if out is None:
+            out = default_run_dir(config)
+            ctx.call_on_close(functools.partial(remove_if_empty, out))  # a run that fails first leaves no folder
+        out = Path(out)
         try:
             check_no_run(out)  # before the data is loaded or any rank starts; train_run checks again, holding the lock
         except XpcnnError as exc:

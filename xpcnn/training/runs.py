@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import json
@@ -160,6 +161,13 @@ def default_run_dir(config: TrainConfig, root: Path = Path("runs")) -> Path:
         except FileExistsError:
             continue
     raise AssertionError("unreachable")
+
+
+def remove_if_empty(directory: Path) -> None:
+    """Remove ``directory`` if it is empty: the one :func:`default_run_dir` made for a run that stopped before
+    it wrote anything (bad data, Ctrl-C while loading), which would otherwise stay behind as a stray folder."""
+    with contextlib.suppress(OSError):  # not empty (the run wrote), or gone
+        directory.rmdir()
 
 
 CONFIG_NAME, HISTORY_NAME = "config.json", "history.json"

@@ -34,10 +34,9 @@ from xpcnn.nn import (
     MaxPool2d,
     ReLU,
     Sequential,
-    recalibrate_batchnorm,
 )
 from xpcnn.training.config import recipe
-from xpcnn.training.train import evaluate, host_splits
+from xpcnn.training.train import evaluate, host_splits, recalibrate_on
 
 
 def convnet_bn(seed: int, second: int = 64, dropout: float = 0.0, hidden: int = 0) -> Sequential:
@@ -138,16 +137,15 @@ BEST = {key: value for key, value in recipe("best").items() if key != "model"}
 
 def recalibrated_line(name: str, args, model, history, backend) -> dict:
     """The last epoch's figures after batch-norm recalibration, as ``recalibrate_bn`` gives them at the end of
-    ``fit`` (the plain training images of the split, 1,000 at a time in their order), for a candidate trained
-    without it: so that both the figures before and after are printed."""
+    ``fit`` (the same pass, on the plain training images of the split), for a candidate trained without it: so
+    that both the figures before and after are printed."""
     dataset, split = history.dataset, "test" if args.test else "val"
     test = (dataset.test_images, dataset.test_labels)
     train, evals = host_splits(
         dataset.train_images, dataset.train_labels, 0 if args.test else args.validation, args.seed, test
     )
     with backend.activate():
-        training = DeviceSplit.from_host(backend, *train, history.normalization)
-        recalibrate_batchnorm(model, (images for images, _ in training.batches(1000)))
+        recalibrate_on(model, DeviceSplit.from_host(backend, *train, history.normalization))
         result = evaluate(model, DeviceSplit.from_host(backend, *evals[split], history.normalization), backend)
     record = history.records[-1]
     figures = {

@@ -309,7 +309,7 @@ class Trainer:
             bad = [name for name, value in self.model.named_parameters() if not bool(xp.all(xp.isfinite(value)))]
             raise TrainingDiverged(f"weights became non-finite ({', '.join(bad)}) in epoch {epoch}")
         if self.config.recalibrate_bn and epoch == self.config.epochs:
-            recalibrate_batchnorm(self.model, (images for images, _ in train.batches(1000)))
+            recalibrate_on(self.model, train)
             record["bn_recalibrated"] = True
         compiled_before = self.step_runner.compile_seconds
         for name, split in evals.items():
@@ -440,6 +440,12 @@ class LayerSteps:
 
     def evaluate(self, split: DeviceSplit) -> EvalResult:
         return evaluate(self.model, split, self.backend)
+
+
+def recalibrate_on(model: Sequential, split: DeviceSplit) -> None:
+    """``recalibrate_bn``'s pass: ``model``'s batch-norm statistics re-estimated on ``split``'s images, 1,000 at a
+    time in their order (the order fixes the float sums, so a pass repeated elsewhere gives the same numbers)."""
+    recalibrate_batchnorm(model, (images for images, _ in split.batches(1000)))
 
 
 def evaluate(model: Sequential, split: DeviceSplit, backend: Backend, batch_size: int = 1000) -> EvalResult:

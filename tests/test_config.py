@@ -13,11 +13,19 @@ import pytest
 from click.testing import CliRunner
 
 import xpcnn
+from xpcnn.apps import cli as cli_module
 from xpcnn.apps.cli import main
 from xpcnn.base.errors import ConfigError
 from xpcnn.data.augment import Augmentation
 from xpcnn.training import config as config_module
-from xpcnn.training.config import MAX_CROP, RECIPES, TrainConfig, make_augmentation, recipe_backend
+from xpcnn.training.config import (
+    MAX_CROP,
+    RECIPES,
+    TrainConfig,
+    make_augmentation,
+    missing_recipe_backend,
+    recipe_backend,
+)
 
 
 @pytest.mark.parametrize(
@@ -137,6 +145,43 @@ def test_a_recipe_picks_its_backend_only_on_the_cpu_and_where_installed(
     monkeypatch.setattr(config_module, "cuda_problem", lambda: None if gpu else "no GPU here")
     monkeypatch.setattr(config_module.importlib.util, "find_spec", lambda name: object() if installed else None)
     assert recipe_backend(recipe, device) == expected
+
+
+@pytest.mark.parametrize(
+    "recipe, device, gpu, installed, expected",
+    [
+        ("quick", "cpu", False, False, "jax"),  # the run falls back to NumPy: the user is told
+        ("best", "auto", False, False, "jax"),
+        ("fashion", None, False, False, "jax"),
+        ("quick", "cpu", False, True, None),  # installed: nothing is missing
+        ("quick", "auto", True, False, None),  # on the GPU the recipe prefers nothing
+        ("fast", "cpu", False, False, None),
+        (None, "cpu", False, False, None),
+    ],
+)
+def test_a_recipe_names_its_backend_where_it_is_missing_on_the_cpu(
+    monkeypatch, recipe, device, gpu, installed, expected
+):
+    monkeypatch.setattr(config_module, "cuda_problem", lambda: None if gpu else "no GPU here")
+    monkeypatch.setattr(config_module.importlib.util, "find_spec", lambda name: object() if installed else None)
+    assert missing_recipe_backend(recipe, device) == expected
+
+
+def test_a_recipe_run_without_its_backend_says_so_and_trains_on_numpy(monkeypatch, synthetic_dir, tmp_path):
+    # As on a machine without JAX (patched where the command looks them up).
+    monkeypatch.setattr(cli_module, "missing_recipe_backend", lambda name, device: "jax")
+    monkeypatch.setattr(cli_module, "recipe_backend", lambda name, device: None)
+    run = tmp_path / "run"
+    common = ["--recipe", "quick", "--epochs", "1", "--device", "cpu", "--data-dir", synthetic_dir, "--out", run]
+    result = run_cli("train", *common)
+    assert result.exit_code == 0, result.output
+    note = "note: the quick recipe's seconds were measured on jax, which is not installed: this trains on numpy"
+    assert note in result.output, result.output
+    assert json.loads((run / "config.json").read_text())["backend"].startswith("numpy")
+    quiet = run_cli("train", *common[:-1], tmp_path / "quiet", "--quiet")
+    assert quiet.exit_code == 0 and "note:" not in quiet.output, quiet.output
+    named = run_cli("train", *common[:-1], tmp_path / "named", "--backend", "numpy")
+    assert named.exit_code == 0 and "note:" not in named.output, named.output
 
 
 @pytest.mark.slow

@@ -242,17 +242,30 @@ RECIPES: dict[str, dict] = {
 RECIPE_BACKENDS = {"quick": "jax", "fashion": "jax", "best": "jax"}
 
 
-def recipe_backend(name: str | None, device: str | None) -> str | None:
-    """The backend a run of recipe ``name`` on ``device`` takes when none is named, or None for the default.
-
-    The preferred backend where it is installed and the run is on the CPU (``device`` "cpu", or "auto"
-    without a usable GPU); on a GPU, or without it, the default backend.
-    """
+def _preferred_backend(name: str | None, device: str | None) -> str | None:
+    """The backend recipe ``name`` prefers when a run on ``device`` is on the CPU (``device`` "cpu", or "auto"
+    without a usable GPU), else None."""
     preferred = RECIPE_BACKENDS.get(name or "")
-    if preferred is None or importlib.util.find_spec(preferred) is None:
+    if preferred is None:
         return None
     on_cpu = device == "cpu" or (device in (None, "auto") and cuda_problem() is not None)
     return preferred if on_cpu else None
+
+
+def recipe_backend(name: str | None, device: str | None) -> str | None:
+    """The backend a run of recipe ``name`` on ``device`` takes when none is named, or None for the default.
+
+    The preferred backend where it is installed and the run is on the CPU; on a GPU, or without it, the
+    default backend.
+    """
+    preferred = _preferred_backend(name, device)
+    return preferred if preferred is not None and importlib.util.find_spec(preferred) is not None else None
+
+
+def missing_recipe_backend(name: str | None, device: str | None) -> str | None:
+    """The backend recipe ``name`` would take on ``device`` were it installed, where it is not; else None."""
+    preferred = _preferred_backend(name, device)
+    return preferred if preferred is not None and importlib.util.find_spec(preferred) is None else None
 
 
 def recipe(name: str) -> dict:

@@ -1,5 +1,10 @@
 """The NumPy and JAX fast paths against the Array API reference path they replace."""
 
+import os
+import platform
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
@@ -184,3 +189,42 @@ def test_jax_compiler_options_give_xla_kernels_the_same_results(monkeypatch):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5 * np.abs(np.asarray(b)).max())
     monkeypatch.setattr(fastpath, "ENABLED", False)
     assert fastpath.compiler_options(backend.device) == {}
+
+
+# A child process that frees three 8 MB arrays a round (more than glibc keeps by default), after a
+# convolution on NumPy arrays has or has not picked NumPy's fast paths, and prints the minor page faults
+# of a round: every page of the three, refaulted, where the memory goes back to the OS.
+FAULTS_A_ROUND = """
+import resource
+import numpy as np
+from xpcnn.ops import fastpath
+
+x, weight = np.ones((2, 1, 8, 8)), np.ones((4, 1, 3, 3))
+fastpath.kernels(x).conv2d_forward(x, weight, None)
+
+def faults(rounds):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(rounds):
+        arrays = [np.ones(2_000_000, np.float32) for _ in range(3)]
+        del arrays
+    return (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / rounds
+
+faults(3)
+print(faults(20))
+"""
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's malloc only")
+@pytest.mark.parametrize("enabled", [True, False])
+def test_numpy_fast_paths_keep_freed_memory_for_the_next_arrays(enabled):
+    environment = {**os.environ, "XPCNN_FASTPATH": "1" if enabled else "0"}
+    result = subprocess.run(
+        [sys.executable, "-c", FAULTS_A_ROUND], env=environment, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    faults = float(result.stdout)
+    pages = 3 * 8_000_000 / 4096
+    if enabled:
+        assert faults < pages / 20, faults  # the freed pages are reused, not faulted in again
+    else:
+        assert faults > pages / 20, faults  # glibc's default, which the switch leaves alone

@@ -36,7 +36,7 @@ a GPU; on NumPy's one thread per ufunc these still pay):
   its weight gradient as a product and a column sum (see :func:`_column_dot`);
 * the process's allocator: the first use of NumPy's fast paths has glibc's malloc keep freed
   memory for the next step's arrays rather than hand it back to the OS (see
-  :func:`keep_freed_memory`; 1.5x the images per second of deepnet and resnet-small).
+  :func:`keep_freed_memory`; 1.1-1.6x the training images per second, by model).
 """
 
 from __future__ import annotations
@@ -231,9 +231,10 @@ def keep_freed_memory() -> bool:
     batch norm's centred inputs: megabytes each).  By default glibc hands them back to the OS (blocks
     over its mmap threshold are unmapped when freed, and the heap's free top is trimmed), so the next
     step faults every page in again: 390,000 minor page faults in 40 steps of deepnet at batch 128.
-    Taking blocks up to 32 MiB from the heap and never trimming it: 24,000, and 1.5x the images per
-    second for deepnet and resnet-small, 1.1x for convnet, on 2 cores.  The price is that the process
-    keeps its largest heap until it exits.  Nothing happens off glibc (macOS, musl), where it is False.
+    Taking blocks up to 32 MiB from the heap and never trimming it: 24,000, and in ``xpcnn bench`` on
+    2 cores 1.4x the training images per second for convnet, 1.6x for deepnet, 1.1-1.25x for
+    resnet-small (docs/benchmarks.md).  The price is that the process keeps its largest heap until it
+    exits.  Nothing happens off glibc (macOS, musl), where it is False.
     """
     if platform.libc_ver()[0] != "glibc":
         return False

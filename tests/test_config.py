@@ -121,50 +121,36 @@ def test_the_command_line_flags_reach_the_run_configuration(synthetic_dir, tmp_p
 
 
 @pytest.mark.parametrize(
-    "recipe, device, gpu, installed, expected",
+    "recipe, device, gpu, installed, taken, missing",
     [
-        ("quick", "cpu", False, True, "jax"),
-        ("quick", "auto", False, True, "jax"),
-        ("quick", None, False, True, "jax"),
-        ("quick", "cpu", True, True, "jax"),
-        ("quick", "auto", True, True, None),  # auto picks the GPU, and the default backend there
-        ("quick", "cuda", True, True, None),
-        ("quick", "cuda:1", True, True, None),
-        ("quick", "cpu", False, False, None),  # JAX not installed: NumPy, the default
-        ("fashion", "cpu", False, True, "jax"),
-        ("fashion", "cuda", True, True, None),
-        ("fast", "cpu", False, True, None),
-        ("best", "cpu", False, True, "jax"),
-        ("best", "cuda", True, True, None),
-        (None, "cpu", False, True, None),
+        ("quick", "cpu", False, True, "jax", None),
+        ("quick", "auto", False, True, "jax", None),
+        ("quick", None, False, True, "jax", None),
+        ("quick", "cpu", True, True, "jax", None),
+        ("quick", "auto", True, True, None, None),  # auto picks the GPU, and the default backend there
+        ("quick", "auto", True, False, None, None),  # so nothing is missing there either
+        ("quick", "cuda", True, True, None, None),
+        ("quick", "cuda:1", True, True, None, None),
+        ("quick", "cpu", False, False, None, "jax"),  # JAX not installed: NumPy, the default, and a note
+        ("best", "auto", False, False, None, "jax"),
+        ("fashion", None, False, False, None, "jax"),
+        ("fashion", "cpu", False, True, "jax", None),
+        ("fashion", "cuda", True, True, None, None),
+        ("fast", "cpu", False, True, None, None),
+        ("fast", "cpu", False, False, None, None),
+        ("best", "cpu", False, True, "jax", None),
+        ("best", "cuda", True, True, None, None),
+        (None, "cpu", False, True, None, None),
+        (None, "cpu", False, False, None, None),
     ],
 )
-def test_a_recipe_picks_its_backend_only_on_the_cpu_and_where_installed(
-    monkeypatch, recipe, device, gpu, installed, expected
+def test_a_recipe_picks_its_backend_only_on_the_cpu_and_names_it_where_it_is_missing(
+    monkeypatch, recipe, device, gpu, installed, taken, missing
 ):
     monkeypatch.setattr(config_module, "cuda_problem", lambda: None if gpu else "no GPU here")
     monkeypatch.setattr(config_module.importlib.util, "find_spec", lambda name: object() if installed else None)
-    assert recipe_backend(recipe, device) == expected
-
-
-@pytest.mark.parametrize(
-    "recipe, device, gpu, installed, expected",
-    [
-        ("quick", "cpu", False, False, "jax"),  # the run falls back to NumPy: the user is told
-        ("best", "auto", False, False, "jax"),
-        ("fashion", None, False, False, "jax"),
-        ("quick", "cpu", False, True, None),  # installed: nothing is missing
-        ("quick", "auto", True, False, None),  # on the GPU the recipe prefers nothing
-        ("fast", "cpu", False, False, None),
-        (None, "cpu", False, False, None),
-    ],
-)
-def test_a_recipe_names_its_backend_where_it_is_missing_on_the_cpu(
-    monkeypatch, recipe, device, gpu, installed, expected
-):
-    monkeypatch.setattr(config_module, "cuda_problem", lambda: None if gpu else "no GPU here")
-    monkeypatch.setattr(config_module.importlib.util, "find_spec", lambda name: object() if installed else None)
-    assert missing_recipe_backend(recipe, device) == expected
+    assert recipe_backend(recipe, device) == taken
+    assert missing_recipe_backend(recipe, device) == missing
 
 
 def test_a_recipe_run_without_its_backend_says_so_and_trains_on_numpy(monkeypatch, synthetic_dir, tmp_path):

@@ -131,6 +131,8 @@ CANDIDATES = {
         "resnet": (models.resnet_small, {}),
         "resnet-20-epochs": (models.resnet_small, {"epochs": 20}),
         "resnet-weight-decay-1e-3": (models.resnet_small, {"weight_decay": 1e-3}),
+        # Half the peak learning rate, which won on Fashion-MNIST's splits for the same model and batch.
+        "resnet-lr0.05": (models.resnet_small, {"lr": 0.05}),
     },
 }
 FASHION = {"batch_size": 64, "lr": 0.1, "flip": True, "crop": 2}

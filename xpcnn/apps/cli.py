@@ -27,7 +27,7 @@ from ..data.device_data import DeviceSplit, normalize_images
 from ..data.images import ImageError, load_image
 from ..models import MODELS
 from ..optim import OPTIMIZERS, SCHEDULES
-from ..training.config import RECIPES, TrainConfig, missing_recipe_backend, recipe, recipe_backend
+from ..training.config import RECIPES, TrainConfig, recipe, recipe_backend
 from ..training.display import Progress
 from ..training.ensemble import evaluate_ensemble
 from ..training.runs import (
@@ -203,8 +203,8 @@ def train(
             raise click.UsageError(str(exc)) from None
 
     set_tf32(tf32)
-    missing = None if backend else missing_recipe_backend(recipe_name, device)
-    backend = backend or recipe_backend(recipe_name, device)
+    taken, missing = (None, None) if backend else recipe_backend(recipe_name, device)
+    backend = backend or taken
     if not (nproc and nproc > 1):
         prepare(backend)  # JAX's ranks meet before JAX does anything
     chosen = get_backend(backend, device)

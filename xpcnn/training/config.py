@@ -242,30 +242,22 @@ RECIPES: dict[str, dict] = {
 RECIPE_BACKENDS = {"quick": "jax", "fashion": "jax", "best": "jax"}
 
 
-def _preferred_backend(name: str | None, device: str | None) -> str | None:
-    """The backend recipe ``name`` prefers when a run on ``device`` is on the CPU (``device`` "cpu", or "auto"
-    without a usable GPU), else None."""
+def recipe_backend(name: str | None, device: str | None) -> tuple[str | None, str | None]:
+    """The backend a run of recipe ``name`` on ``device`` takes when none is named (None for the default), and
+    the one it would take were it installed (None unless it is missing).
+
+    A recipe's preferred backend (``RECIPE_BACKENDS``) is taken only on the CPU (``device`` "cpu", or "auto"
+    without a usable GPU) and only where it is installed; on a GPU, or without it, the default backend.
+    """
     preferred = RECIPE_BACKENDS.get(name or "")
     if preferred is None:
-        return None
+        return None, None
     on_cpu = device == "cpu" or (device in (None, "auto") and cuda_problem() is not None)
-    return preferred if on_cpu else None
-
-
-def recipe_backend(name: str | None, device: str | None) -> str | None:
-    """The backend a run of recipe ``name`` on ``device`` takes when none is named, or None for the default.
-
-    The preferred backend where it is installed and the run is on the CPU; on a GPU, or without it, the
-    default backend.
-    """
-    preferred = _preferred_backend(name, device)
-    return preferred if preferred is not None and importlib.util.find_spec(preferred) is not None else None
-
-
-def missing_recipe_backend(name: str | None, device: str | None) -> str | None:
-    """The backend recipe ``name`` would take on ``device`` were it installed, where it is not; else None."""
-    preferred = _preferred_backend(name, device)
-    return preferred if preferred is not None and importlib.util.find_spec(preferred) is None else None
+    if not on_cpu:
+        return None, None
+    if importlib.util.find_spec(preferred) is None:
+        return None, preferred
+    return preferred, None
 
 
 def recipe(name: str) -> dict:

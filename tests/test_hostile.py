@@ -426,12 +426,16 @@ def test_three_parallel_trains_without_out_each_get_a_directory(synthetic_dir, t
     assert len(made) == 3 and all((path / "checkpoint.npz").exists() for path in made)
 
 
+@pytest.mark.parametrize("runs_before", [False, True], ids=["without runs/", "with runs/"])
 @pytest.mark.parametrize("problem", ["no data", "a damaged file"])
-def test_a_run_that_fails_before_writing_leaves_no_default_directory(synthetic_dir, tmp_path, problem):
+def test_a_run_that_fails_before_writing_leaves_no_default_directory(synthetic_dir, tmp_path, problem, runs_before):
     """The folder runs/<model>-<time> is made first (so parallel runs never share one); a run that stops
-    before writing anything removes it again, and the error is still one line with exit status 1."""
+    before writing anything removes it again, and runs/ too if it made that, and the error is still one line
+    with exit status 1."""
     data = tmp_path / "data"
     data.mkdir()
+    if runs_before:
+        (tmp_path / "runs").mkdir()
     if problem == "a damaged file":
         for source in Path(synthetic_dir).iterdir():
             (data / source.name).write_bytes(source.read_bytes()[:100])
@@ -444,4 +448,5 @@ def test_a_run_that_fails_before_writing_leaves_no_default_directory(synthetic_d
         timeout=120,
     )
     assert done.returncode == 1 and done.stderr.count("\n") == 1 and done.stderr.startswith("Error"), done.stderr
-    assert list((tmp_path / "runs").iterdir()) == []
+    assert sorted(path.name for path in tmp_path.iterdir()) == (["data", "runs"] if runs_before else ["data"])
+    assert not runs_before or list((tmp_path / "runs").iterdir()) == []

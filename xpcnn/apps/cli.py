@@ -194,8 +194,10 @@ def train(
             options.update({k: v for k, v in recipe(recipe_name).items() if k not in given})
         config = TrainConfig.from_dict(options)
         if out is None:
-            out = default_run_dir(config)
-            ctx.call_on_close(functools.partial(remove_if_empty, out))  # a run that fails first leaves no folder
+            root = Path("runs")
+            made = () if root.exists() else (root,)  # removed again with the run's own if the run fails first
+            out = default_run_dir(config, root)
+            ctx.call_on_close(functools.partial(remove_if_empty, out, *made))  # a run that fails first leaves no folder
         out = Path(out)
         try:
             check_no_run(out)  # before the data is loaded or any rank starts; train_run checks again, holding the lock

@@ -151,23 +151,26 @@ def _given(setting: str, value) -> str:
 def default_run_dir(config: TrainConfig, root: Path = Path("runs")) -> Path:
     """A new, empty ``runs/<model>-<local time>`` directory, created here (``-2``, ``-3``... after the time
     where runs start in the same second): where a run goes when no directory is named."""
-    root.mkdir(parents=True, exist_ok=True)
     stem = f"{config.model}-{time.strftime('%Y%m%d-%H%M%S')}"
     for number in itertools.count(1):
         path = root / (stem if number == 1 else f"{stem}-{number}")
         try:
-            path.mkdir()  # atomic: of several processes, exactly one creates each name
+            # Atomic: of several processes, exactly one creates each name. ``parents`` (re)makes ``root``, which
+            # a failed run beside this one may have removed (remove_if_empty).
+            path.mkdir(parents=True)
             return path
         except FileExistsError:
             continue
     raise AssertionError("unreachable")
 
 
-def remove_if_empty(directory: Path) -> None:
-    """Remove ``directory`` if it is empty: the one :func:`default_run_dir` made for a run that stopped before
-    it wrote anything (bad data, Ctrl-C while loading), which would otherwise stay behind as a stray folder."""
-    with contextlib.suppress(OSError):  # not empty (the run wrote), or gone
-        directory.rmdir()
+def remove_if_empty(*directories: Path) -> None:
+    """Remove each of ``directories`` in turn if it is empty: the one :func:`default_run_dir` made for a run that
+    stopped before it wrote anything (bad data, Ctrl-C while loading), then ``runs/`` if that run made it,
+    which would otherwise stay behind as stray folders."""
+    for directory in directories:
+        with contextlib.suppress(OSError):  # not empty (a run wrote there), or gone
+            directory.rmdir()
 
 
 CONFIG_NAME, HISTORY_NAME = "config.json", "history.json"

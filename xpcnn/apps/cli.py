@@ -31,6 +31,7 @@ from ..training.config import RECIPES, TrainConfig, recipe, recipe_backend
 from ..training.display import Progress
 from ..training.ensemble import evaluate_ensemble
 from ..training.runs import (
+    RUNS_ROOT,
     check_no_run,
     check_same_data,
     check_same_task,
@@ -194,9 +195,8 @@ def train(
             options.update({k: v for k, v in recipe(recipe_name).items() if k not in given})
         config = TrainConfig.from_dict(options)
         if out is None:
-            root = Path("runs")
-            made = () if root.exists() else (root,)  # removed again with the run's own if the run fails first
-            out = default_run_dir(config, root)
+            made = () if RUNS_ROOT.exists() else (RUNS_ROOT,)  # removed with the run's own if the run fails first
+            out = default_run_dir(config)
             ctx.call_on_close(functools.partial(remove_if_empty, out, *made))  # a run that fails first leaves no folder
         out = Path(out)
         try:

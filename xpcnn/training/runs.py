@@ -148,7 +148,10 @@ def _given(setting: str, value) -> str:
     return f"{flag(setting)} {value}"
 
 
-def default_run_dir(config: TrainConfig, root: Path = Path("runs")) -> Path:
+RUNS_ROOT = Path("runs")  # where runs go when no directory is named, relative to the working directory
+
+
+def default_run_dir(config: TrainConfig, root: Path = RUNS_ROOT) -> Path:
     """A new, empty ``runs/<model>-<local time>`` directory, created here (``-2``, ``-3``... after the time
     where runs start in the same second): where a run goes when no directory is named."""
     stem = f"{config.model}-{time.strftime('%Y%m%d-%H%M%S')}"

@@ -215,7 +215,7 @@ RECIPES: dict[str, dict] = {
         "epochs": 30,
         "batch_size": 64,
         "optimizer": "sgd",
-        "lr": 0.05,
+        "lr": 0.025,
         "momentum": 0.9,
         "weight_decay": 5e-4,
         "schedule": "onecycle",

@@ -1,5 +1,5 @@
-"""TrainConfig's flip, crop and erase settings (their checks, the augmentation they build, their flags) and the
-recipes."""
+"""TrainConfig's flip, crop, erase and dropout settings (their checks, the augmentation and model they build,
+their flags) and the recipes."""
 
 import importlib.util
 import json
@@ -17,12 +17,15 @@ from xpcnn.apps import cli as cli_module
 from xpcnn.apps.cli import main
 from xpcnn.base.errors import ConfigError
 from xpcnn.data.augment import Augmentation
+from xpcnn.models import build
+from xpcnn.nn import Dropout
 from xpcnn.training import config as config_module
 from xpcnn.training.config import (
     MAX_CROP,
     RECIPES,
     TrainConfig,
     make_augmentation,
+    make_model,
     recipe_backend,
 )
 
@@ -42,6 +45,11 @@ from xpcnn.training.config import (
         ("erase", float("nan"), r"erase must be a probability in \[0, 1\], got nan"),
         ("erase", True, r"erase must be a number, got True"),
         ("erase", "0.5", r"erase must be a number, got '0.5'"),
+        ("dropout", -0.1, r"dropout must be a probability in \[0, 1\), got -0.1"),
+        ("dropout", 1.0, r"dropout must be a probability in \[0, 1\), got 1.0"),
+        ("dropout", float("nan"), r"dropout must be a probability in \[0, 1\), got nan"),
+        ("dropout", False, r"dropout must be a number or None, got False"),
+        ("dropout", "0.1", r"dropout must be a number or None, got '0.1'"),
     ],
 )
 def test_bad_flip_and_crop_settings_are_a_config_error_naming_them(setting, value, message):
@@ -80,6 +88,48 @@ def test_flips_and_crops_build_the_augmentation_alone_or_with_the_warps():
     )
 
 
+def dropouts(model) -> list[float]:
+    return [layer.p for layer in model.modules() if isinstance(layer, Dropout)]
+
+
+def test_dropout_defaults_to_the_models_own_and_sets_every_dropout_layer_when_named():
+    assert TrainConfig().dropout is None and type(TrainConfig(dropout=np.float32(0.5)).dropout) is float
+    older = {k: v for k, v in TrainConfig().to_dict().items() if k != "dropout"}  # a run from before the setting
+    assert TrainConfig.from_dict(older) == TrainConfig()
+    own = make_model(TrainConfig(model="resnet-small", seed=3))
+    assert dropouts(own) == [0.1] and repr(own) == repr(build("resnet-small", seed=3))
+    for name, p in [("resnet-small", 0.0), ("deepnet", 0.2), ("convnet", 0.5)]:
+        model = make_model(TrainConfig(model=name, seed=3, dropout=p))
+        assert dropouts(model) and set(dropouts(model)) == {p}, name
+        same_weights = build(name, seed=3).state_dict()  # the setting changes no initial weight
+        assert all(np.array_equal(value, same_weights[key]) for key, value in model.state_dict().items())
+    assert dropouts(make_model(TrainConfig(model="lenet-bn", dropout=0.0))) == []  # none asked, none there
+    with pytest.raises(ConfigError, match="dropout 0.3 asked for, but model lenet-bn has no dropout layer") as error:
+        TrainConfig(model="lenet-bn", dropout=0.3)
+    assert error.value.setting == "dropout"
+
+
+def test_fit_trains_with_the_dropout_setting_as_with_the_layers_set_by_hand():
+    rng = np.random.default_rng(0)
+    images, labels = rng.integers(0, 256, (64, 28, 28), dtype=np.uint8), np.arange(64) % 10
+    common = {"backend": "numpy", "epochs": 1, "batch_size": 16, "seed": 2}
+    by_setting = xpcnn.fit("convnet", (images, labels), dropout=0.0, **common)
+    by_hand = build("convnet", seed=2)
+    for layer in by_hand.modules():
+        if isinstance(layer, Dropout):
+            layer.p = 0.0
+    xpcnn.fit(by_hand, (images, labels), **common)
+    trained = by_setting.optimizer.model
+    assert by_setting.config.dropout == 0.0 and dropouts(trained) == [0.0]
+    for key, value in trained.state_dict().items():
+        np.testing.assert_array_equal(value, by_hand.state_dict()[key], err_msg=key)
+    with_own = xpcnn.fit("convnet", (images, labels), **common).optimizer.model
+    assert not np.array_equal(with_own.state_dict()["8.weight"], trained.state_dict()["8.weight"])
+    with pytest.raises(ConfigError, match="dropout applies to a model given by name") as error:
+        xpcnn.fit(build("convnet"), (images, labels), dropout=0.0, **common)
+    assert error.value.setting == "dropout"
+
+
 def run_cli(*args):
     return CliRunner().invoke(main, [str(a) for a in args])
 
@@ -103,20 +153,30 @@ def test_the_command_line_refuses_a_crop_out_of_range_in_one_line():
         assert result.exit_code == 2 and len(error_lines(result)) == 1, result.output
         assert "Invalid value for '--erase'" in error_lines(result)[0]
     assert "--flip / --no-flip" in run_cli("train", "--help").output
-    assert "--erase P" in run_cli("train", "--help").output
+    assert "--erase P" in run_cli("train", "--help").output and "--dropout P" in run_cli("train", "--help").output
+    for value in ("1", "-0.1", "none"):
+        result = run_cli("train", "--dropout", value)
+        assert result.exit_code == 2 and len(error_lines(result)) == 1, result.output
+        assert "Invalid value for '--dropout'" in error_lines(result)[0]
+    result = run_cli("train", "--model", "lenet-bn", "--dropout", "0.3", "--device", "cpu")
+    assert result.exit_code == 1 and error_lines(result) == [
+        "Error: --dropout: dropout 0.3 asked for, but model lenet-bn has no dropout layer"
+    ], result.output
 
 
 def test_the_command_line_flags_reach_the_run_configuration(synthetic_dir, tmp_path):
     fast = ["--model", "seed", "--epochs", "1", "--batch-size", "100", "--device", "cpu", "--quiet"]
     run = tmp_path / "run"
-    flags = ["--flip", "--crop", "3", "--erase", "0.5"]
+    flags = ["--flip", "--crop", "3", "--erase", "0.5", "--dropout", "0"]
     result = run_cli("train", *fast, *flags, "--data-dir", synthetic_dir, "--out", run)
     assert result.exit_code == 0, result.output
     config = json.loads((run / "config.json").read_text())
-    assert (config["flip"], config["crop"], config["erase"]) == (True, 3, 0.5)
+    assert (config["flip"], config["crop"], config["erase"], config["dropout"]) == (True, 3, 0.5, 0.0)
     result = run_cli("train", "--resume", run, "--crop", "2")
     assert result.exit_code == 2 and "--crop cannot change when resuming" in result.output, result.output
     assert "trained with --crop 3" in result.output
+    result = run_cli("train", "--resume", run, "--dropout", "0.3")
+    assert result.exit_code == 2 and "--dropout cannot change when resuming" in result.output, result.output
 
 
 @pytest.mark.parametrize(
@@ -191,8 +251,8 @@ def test_every_recipe_candidate_builds_a_ten_class_model_and_unknown_names_are_r
     spec.loader.exec_module(script)
     images = np.zeros((2, 1, 28, 28), np.float32)
     for recipe, candidates in script.CANDIDATES.items():
-        for name, (build, settings) in candidates.items():
-            assert build(0).forward(images).shape == (2, 10), (recipe, name)
+        for name, (builder, settings) in candidates.items():
+            assert builder(0).forward(images).shape == (2, 10), (recipe, name)
             TrainConfig.from_dict({**script.FASHION, **settings} if recipe == "fashion" else settings)
     result = subprocess.run(
         [sys.executable, str(path), str(tmp_path), "quick", "lenet-bn", "resnet-9000"], capture_output=True, text=True

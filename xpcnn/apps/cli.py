@@ -114,6 +114,13 @@ EAGER_HELP = "JAX: run each operation as it comes instead of one compiled progra
     show_default=True,
     help="Train against (1 - e) * one-hot + e / classes.",
 )
+@click.option(
+    "--dropout",
+    type=click.FloatRange(0.0, 1.0, max_open=True),
+    default=None,
+    metavar="P",
+    help="Set every dropout layer of the model to drop with probability P  [default: the model's own]",
+)
 @augmentation_options
 @click.option(
     "--recalibrate-bn/--no-recalibrate-bn",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib.util
 import math
 import numbers
@@ -13,8 +14,8 @@ import numpy as np
 from ..backends.backend import cuda_problem
 from ..base.errors import ConfigError
 from ..data.augment import Augmentation
-from ..models import MODELS
-from ..nn import Sequential
+from ..models import MODELS, build
+from ..nn import Dropout, Sequential
 from ..optim import OPTIMIZERS, SCHEDULES, SGD, Adam, Optimizer
 
 ELASTIC_SIGMA = (0.1, 100.0)  # pixels; outside, the Gaussian underflows, overflows or is meaningless on 28 pixels
@@ -48,6 +49,7 @@ class TrainConfig:
     crop: int = 0  # pad each training image by this many pixels of background, crop back at a random offset
     erase: float = 0.0  # the probability that a training image has a random rectangle set to the background
     label_smoothing: float = 0.0
+    dropout: float | None = None  # every dropout layer's probability; None keeps the model's own
     recalibrate_bn: bool = False
     log_every: int = 50
 
@@ -104,6 +106,16 @@ class TrainConfig:
             ),
             (0 <= self.erase <= 1, "erase", f"erase must be a probability in [0, 1], got {self.erase}"),
             (
+                self.dropout is None or 0 <= self.dropout < 1,
+                "dropout",
+                f"dropout must be a probability in [0, 1), got {self.dropout}",
+            ),
+            (
+                not self.dropout or self.model not in MODELS or _has_dropout(self.model),
+                "dropout",
+                f"dropout {self.dropout} asked for, but model {self.model} has no dropout layer",
+            ),
+            (
                 low <= self.elastic_sigma <= high,
                 "elastic_sigma",
                 f"elastic sigma must be in [{low:g}, {high:g}] pixels, got {self.elastic_sigma}",
@@ -129,6 +141,26 @@ def flag(setting: str) -> str:
     """The command line's flag of a setting (a TrainConfig field, or another a ConfigError names): ``log_every``
     -> ``--log-every``."""
     return "--" + setting.replace("_", "-")
+
+
+def make_model(config: TrainConfig) -> Sequential:
+    """The config's named model with weights drawn from its seed, every dropout layer at the config's ``dropout``
+    where it names one."""
+    model = build(config.model, seed=config.seed)
+    if config.dropout is not None:
+        for layer in _dropout_layers(model):
+            layer.p = config.dropout
+    return model
+
+
+def _dropout_layers(model: Sequential) -> list[Dropout]:
+    return [layer for layer in model.modules() if isinstance(layer, Dropout)]
+
+
+@functools.cache
+def _has_dropout(name: str) -> bool:
+    """Whether the named model has a dropout layer (a nonzero ``dropout`` setting would change nothing else)."""
+    return bool(_dropout_layers(build(name)))
 
 
 def make_optimizer(config: TrainConfig, model: Sequential) -> Optimizer:
@@ -168,11 +200,19 @@ def _typed(name: str, kind: str, value):
         return float(value)
     if kind == "int | float" and real:
         return int(value) if integer else float(value)
+    if kind == "float | None" and (real or value is None):
+        return None if value is None else float(value)
     if kind == "bool" and isinstance(value, bool | np.bool_):
         return bool(value)
     if kind == "str" and isinstance(value, str):
         return value
-    expected = {"int": "an integer", "float": "a number", "int | float": "a number", "bool": "True or False"}
+    expected = {
+        "int": "an integer",
+        "float": "a number",
+        "int | float": "a number",
+        "float | None": "a number or None",
+        "bool": "True or False",
+    }
     raise ConfigError(f"{name} must be {expected.get(kind, 'a string')}, got {value!r}", name)
 
 

@@ -27,7 +27,7 @@ from ..data.device_data import DeviceSplit, EvalResult, Normalization
 from ..models import MODELS, build
 from ..nn import Sequential
 from ..optim import Optimizer
-from .config import TrainConfig, make_optimizer, positive_int
+from .config import TrainConfig, make_model, make_optimizer, positive_int
 from .display import Progress
 from .runs import checkpoint_meta
 from .train import RunState, host_splits, start_training
@@ -94,7 +94,9 @@ def fit(
         }
     )
     if isinstance(model, str):
-        model = build(name, seed=config.seed)
+        model = make_model(config)
+    elif config.dropout is not None:
+        raise ConfigError("dropout applies to a model given by name: set your model's Dropout layers' p", "dropout")
     dataset, train, evals = _training_data(data, validation, model, config.seed, data_dir)
     if not isinstance(backend, Backend):
         prepare(backend)  # several JAX ranks meet before JAX does anything

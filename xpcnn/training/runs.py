@@ -23,7 +23,7 @@ from ..data.device_data import Normalization
 from ..models import build
 from ..nn import Sequential
 from ..optim import Optimizer
-from .config import TrainConfig, flag, make_optimizer
+from .config import TrainConfig, flag, make_model, make_optimizer
 from .display import Progress
 from .train import RunState, TrainingDiverged, TrainingInterrupted, host_splits, start_training
 
@@ -377,7 +377,7 @@ def _train_in(
         norm = Normalization.of(images)
         state = RunState()
 
-    model = build(config.model, seed=config.seed).to(backend)
+    model = make_model(config).to(backend)
     optimizer = make_optimizer(config, model)
     if resume is not None:
         restore(resume, model, optimizer)

@@ -159,7 +159,7 @@ def _dropout_layers(model: Sequential) -> list[Dropout]:
 
 @functools.cache
 def _has_dropout(name: str) -> bool:
-    """Whether the named model has a dropout layer (a nonzero ``dropout`` setting would change nothing else)."""
+    """Whether the named model has a dropout layer for a nonzero ``dropout`` setting to change."""
     return bool(_dropout_layers(build(name)))
 
 

@@ -261,6 +261,7 @@ RECIPES: dict[str, dict] = {
         "schedule": "onecycle",
         "flip": True,
         "crop": 2,
+        "dropout": 0.0,
     },
     # The most accurate single model we can train on MNIST (docs/results.md).
     "best": {

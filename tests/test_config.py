@@ -158,6 +158,11 @@ def test_the_command_line_refuses_a_crop_out_of_range_in_one_line():
         result = run_cli("train", "--dropout", value)
         assert result.exit_code == 2 and len(error_lines(result)) == 1, result.output
         assert "Invalid value for '--dropout'" in error_lines(result)[0]
+    assert "--ema DECAY" in run_cli("train", "--help").output
+    for value in ("1", "-0.1", "fast"):
+        result = run_cli("train", "--ema", value)
+        assert result.exit_code == 2 and len(error_lines(result)) == 1, result.output
+        assert "Invalid value for '--ema'" in error_lines(result)[0]
     result = run_cli("train", "--model", "lenet-bn", "--dropout", "0.3", "--device", "cpu")
     assert result.exit_code == 1 and error_lines(result) == [
         "Error: --dropout: dropout 0.3 asked for, but model lenet-bn has no dropout layer"
@@ -167,16 +172,19 @@ def test_the_command_line_refuses_a_crop_out_of_range_in_one_line():
 def test_the_command_line_flags_reach_the_run_configuration(synthetic_dir, tmp_path):
     fast = ["--model", "seed", "--epochs", "1", "--batch-size", "100", "--device", "cpu", "--quiet"]
     run = tmp_path / "run"
-    flags = ["--flip", "--crop", "3", "--erase", "0.5", "--dropout", "0"]
+    flags = ["--flip", "--crop", "3", "--erase", "0.5", "--dropout", "0", "--ema", "0.99"]
     result = run_cli("train", *fast, *flags, "--data-dir", synthetic_dir, "--out", run)
     assert result.exit_code == 0, result.output
     config = json.loads((run / "config.json").read_text())
     assert (config["flip"], config["crop"], config["erase"], config["dropout"]) == (True, 3, 0.5, 0.0)
+    assert config["ema"] == 0.99
     result = run_cli("train", "--resume", run, "--crop", "2")
     assert result.exit_code == 2 and "--crop cannot change when resuming" in result.output, result.output
     assert "trained with --crop 3" in result.output
     result = run_cli("train", "--resume", run, "--dropout", "0.3")
     assert result.exit_code == 2 and "--dropout cannot change when resuming" in result.output, result.output
+    result = run_cli("train", "--resume", run, "--ema", "0")
+    assert result.exit_code == 2 and "--ema cannot change when resuming" in result.output, result.output
 
 
 @pytest.mark.parametrize(

@@ -102,6 +102,19 @@ def test_the_epoch_program_trains_as_the_compiled_steps_one_by_one(
     assert all(not np.array_equal(value, initial[key]) for key, value in programs.model.state_dict().items())
 
 
+def test_the_epoch_program_keeps_the_moving_average_as_the_steps_one_by_one(jax_backend, tiny_model, data):
+    """The average is one more slot of the state the program carries; the model ends holding it."""
+    cfg = config(optimizer="sgd", schedule="onecycle", lr=0.05, momentum=0.9, weight_decay=5e-4, ema=0.8)
+    programs, programs_state = fit(jax_backend, data, cfg, "float64")
+    steps, steps_state = fit(jax_backend, data, cfg, "float64", epoch_program=False)
+    assert programs.epoch_programs and not steps.epoch_programs
+    assert all(set(slots) == {"momentum", "ema"} for slots in programs.optimizer.state_dict()["state"].values())
+    assert_same_training(programs, steps, programs_state, steps_state, 1e-12)
+    averaged = programs.optimizer.averaged_parameters()
+    assert all(np.array_equal(np.asarray(value), np.asarray(averaged[name])) for name, value in
+               programs.model.named_parameters())  # fmt: skip
+
+
 def test_an_epoch_is_a_few_dispatches_and_compiles_once_for_the_whole_run(jax_backend, tiny_model, data, monkeypatch):
     """Three epochs of 6 full steps (chunks of 4 and 2) and a short one: 2 training programs, 1 evaluation."""
     calls = {"train_steps": [], "train_step": 0}

@@ -151,6 +151,8 @@ ROUND_TRIP = {
     "adam": lambda m, lr: optim.Adam(m, lr=lr),
     "adamw": lambda m, lr: optim.AdamW(m, lr=lr, weight_decay=0.1),
     "nesterov+wd": lambda m, lr: optim.SGD(m, lr=lr, momentum=0.8, nesterov=True, weight_decay=0.01),
+    "sgd+ema": lambda m, lr: optim.SGD(m, lr=lr, ema=0.9),
+    "adamw+ema": lambda m, lr: optim.AdamW(m, lr=lr, weight_decay=0.1, ema=0.5),
 }
 
 
@@ -159,7 +161,8 @@ def test_state_dict_round_trip_continues_identically(backend, case):
     make = ROUND_TRIP[case]
     grads = gradient_sequence()
     straight = fresh_model(backend)
-    apply(backend, straight, make(straight, 0.01), grads)
+    opt_straight = make(straight, 0.01)
+    apply(backend, straight, opt_straight, grads)
 
     first = fresh_model(backend)
     opt_first = make(first, 0.01)
@@ -172,6 +175,9 @@ def test_state_dict_round_trip_continues_identically(backend, case):
     apply(backend, second, opt_second, grads[2:])
     for key, value in host_params(straight).items():
         assert np.array_equal(value, host_params(second)[key])
+    averaged = opt_second.averaged_parameters()
+    for key, value in opt_straight.averaged_parameters().items():
+        assert np.array_equal(to_host(value), to_host(averaged[key]))
 
 
 def test_state_dict_keeps_the_per_parameter_format(backend):
@@ -417,6 +423,9 @@ def test_step_without_gradients_is_an_error():
         (lambda m: optim.Adam(m, eps=0.0), "eps must be a number > 0"),
         (lambda m: optim.AdamW(m, weight_decay=-1), "weight_decay must be a number >= 0"),
         (lambda m: optim.AdamW(m, weight_decay=float("inf")), "weight_decay must be a number >= 0"),
+        (lambda m: optim.SGD(m, lr=0.1, ema=1.0), "ema must be a decay in"),
+        (lambda m: optim.Adam(m, ema=-0.1), "ema must be a decay in"),
+        (lambda m: optim.AdamW(m, ema=float("nan")), "ema must be a decay in"),
     ],
 )
 def test_bad_hyperparameters(make, message):
@@ -434,3 +443,74 @@ def test_adam_first_step_moves_each_weight_by_lr():
     optim.Adam(model, lr=0.01).step()
     moved = to_host(model[0].params["weight"]) - initial_params()["0.weight"]
     np.testing.assert_allclose(moved, -0.01 * np.sign(first["0.weight"]), rtol=1e-5)
+
+
+def averaged_reference(decay: float, snapshots: list[dict]) -> dict:
+    """The debiased moving average in float64 NumPy: step t weighs the parameters after step i by
+    (1 - d) d^(t - i) / (1 - d^t)."""
+    t = len(snapshots)
+    weights = [(1 - decay) * decay ** (t - i) / (1 - decay**t) for i in range(1, t + 1)]
+    return {key: sum(w * p[key] for w, p in zip(weights, snapshots, strict=True)) for key in snapshots[0]}
+
+
+EMA_CASES = {
+    "momentum": (
+        lambda m, ema: optim.SGD(m, lr=0.1, momentum=0.9, ema=ema),
+        lambda sequence: sgd_reference(0.1, 0.9, sequence=sequence),
+    ),
+    "adamw": (
+        lambda m, ema: optim.AdamW(m, lr=0.01, weight_decay=0.1, ema=ema),
+        lambda sequence: adam_reference(0.01, 0.9, 0.999, 1e-8, 0.1, decoupled=True, sequence=sequence),
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(EMA_CASES))
+def test_the_moving_average_of_the_weights_matches_its_formula(backend, case):
+    make, reference = EMA_CASES[case]
+    grads = gradient_sequence()
+    snapshots = [reference(grads[:t]) for t in range(1, STEPS + 1)]
+    model = fresh_model(backend)
+    opt = make(model, 0.7)
+    assert opt.averaged_parameters().keys() == initial_params().keys()  # before a step: the weights themselves
+    assert all(np.array_equal(to_host(v), initial_params()[k]) for k, v in opt.averaged_parameters().items())
+    apply(backend, model, opt, grads)
+    expected = averaged_reference(0.7, snapshots)
+    for key, value in opt.averaged_parameters().items():
+        np.testing.assert_allclose(to_host(value), expected[key], rtol=1e-12, atol=1e-14)
+        assert not np.allclose(to_host(value), snapshots[-1][key])  # an average, not the last weights
+    # The average changes nothing of training: the weights are those of the optimiser without it.
+    plain = fresh_model(backend)
+    apply(backend, plain, make(plain, 0.0), grads)
+    assert all(np.array_equal(v, host_params(plain)[k]) for k, v in host_params(model).items())
+    # The checkpoint's form of the same average.
+    saved = opt.state_dict()
+    assert all("ema" in slots for slots in saved["state"].values())
+    for key, value in optim.averaged_weights(saved, 0.7).items():
+        np.testing.assert_allclose(value, expected[key], rtol=1e-12, atol=1e-14)
+
+
+def test_without_ema_there_is_no_average_slot():
+    model = fresh_model(get_backend("numpy"))
+    opt = optim.SGD(model, lr=0.1, momentum=0.9)
+    apply(get_backend("numpy"), model, opt, gradient_sequence()[:1])
+    assert all(list(slots) == ["momentum"] for slots in opt.state_dict()["state"].values())
+    assert all(v is p for (_, p), v in zip(model.named_parameters(), opt.averaged_parameters().values(), strict=True))
+    with pytest.raises(ValueError, match="holds no moving average of the weights"):
+        optim.averaged_weights(opt.state_dict(), 0.9)
+
+
+def test_the_average_of_a_state_and_an_optimiser_must_agree():
+    numpy = get_backend("numpy")
+    model = fresh_model(numpy)
+    with_average = optim.SGD(model, lr=0.1, ema=0.9)
+    apply(numpy, model, with_average, gradient_sequence()[:1])
+    with pytest.raises(ValueError, match=r"unexpected slots \['ema'\] \(it was made with ema"):
+        optim.SGD(fresh_model(numpy), lr=0.1).load_state_dict(with_average.state_dict())
+    model = fresh_model(numpy)
+    without = optim.SGD(model, lr=0.1, momentum=0.9)
+    apply(numpy, model, without, gradient_sequence()[:1])
+    with pytest.raises(ValueError, match="holds no moving average of the weights"):
+        optim.SGD(fresh_model(numpy), lr=0.1, momentum=0.9, ema=0.9).load_state_dict(without.state_dict())
+    # Before any step there is nothing to average yet: a fresh state loads.
+    optim.SGD(fresh_model(numpy), lr=0.1, ema=0.9).load_state_dict({"steps": 0, "lr": 0.1, "state": {}})

@@ -247,6 +247,8 @@ def test_predict_leaves_the_models_mode_as_it_was():
         (dict(lr=float("nan")), "learning rate must be a positive number"),
         (dict(weight_decay=float("inf")), "weight decay must be a number >= 0"),
         (dict(weight_decay=float("nan")), "weight decay must be a number >= 0"),
+        (dict(ema=1.0), r"ema must be a decay in \[0, 1\), got 1.0"),
+        (dict(ema=float("nan")), "ema must be a decay in"),
         (dict(colour="blue"), r"unknown configuration keys \['colour'\]"),
     ],
 )

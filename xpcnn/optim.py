@@ -17,6 +17,13 @@ A parameter replaced behind the optimiser's back (``load_state_dict``,
 ``Layer.to``, ``set_parameters``) is noticed at the next step, by identity, and
 the flat buffer is gathered again.  ``lr`` is a plain attribute that
 learning-rate schedules set before each step.
+
+With ``ema`` (a decay d in (0, 1), as Keras' ``use_ema``/``ema_momentum``) every
+step also updates an exponential moving average of the weights, one more slot:
+``a = d * a + (1 - d) * p`` from zeros, read debiased as ``a / (1 - d**steps)``
+(as Adam's moments), so that step t weighs the parameters after step i by
+``(1 - d) * d**(t - i) / (1 - d**t)``.  :meth:`Optimizer.averaged_parameters`
+gives the average; the trainer evaluates and keeps it (docs/library.md).
 """
 
 from __future__ import annotations
@@ -56,21 +63,39 @@ def _scale(param, factor):
     return param * factor
 
 
+AVERAGE = "ema"  # the slot of the weights' moving average
+
+
+def averaged_weights(state_dict: dict, decay: float) -> dict[str, np.ndarray]:
+    """``{name: array}``: the debiased moving average of the weights that an optimiser's :meth:`Optimizer.state_dict`
+    holds, taken with ``ema`` ``decay``; ValueError where it holds none (no step yet, or no average kept)."""
+    steps, state = state_dict["steps"], state_dict["state"]
+    lacking = [name for name, slots in state.items() if AVERAGE not in slots]
+    if steps < 1 or not state or lacking:
+        raise ValueError("the optimiser state holds no moving average of the weights")
+    correction = 1.0 - decay**steps  # a Python float: the arrays keep their dtype
+    return {name: np.asarray(slots[AVERAGE]) / correction for name, slots in state.items()}
+
+
 class Optimizer:
     """Base class: the flat buffers, the step, the per-parameter state view and (de)serialisation.
 
     Subclasses give ``slots`` (the names of their state buffers) and their one update rule over
     flat (P,) arrays, P the total number of parameter elements (:meth:`update`: ``_rule``, and
-    ``_fused`` for a backend's fused kernel of the same rule).
+    ``_fused`` for a backend's fused kernel of the same rule).  ``ema`` (0 for none) keeps a moving
+    average of the weights with that decay in one more slot (the module docstring).
     """
 
     slots: tuple[str, ...] = ()
 
-    def __init__(self, model, lr: float):
+    def __init__(self, model, lr: float, ema: float = 0.0):
         if not 0 < lr < math.inf:
             raise ValueError(f"{type(self).__name__}: lr must be a number > 0, got {lr}")
+        if not 0 <= ema < 1:
+            raise ValueError(f"{type(self).__name__}: ema must be a decay in [0, 1), got {ema}")
         self.model = model
         self.lr = float(lr)
+        self.ema = float(ema)
         self.steps = 0
         # The layout of the flat buffers, set by _gather: parameter names, shapes and [start, stop) offsets.
         self._names: tuple[str, ...] = ()
@@ -121,8 +146,12 @@ class Optimizer:
         """
         fused = optimizer_kernels(param)
         if fused is not None:
-            return self._fused(fused, param, namespace(param).concat(pieces), dict(slots), lr, steps)
-        return self._rule(param, pieces, dict(slots), lr, steps)
+            param, slots = self._fused(fused, param, namespace(param).concat(pieces), dict(slots), lr, steps)
+        else:
+            param, slots = self._rule(param, pieces, dict(slots), lr, steps)
+        if self.ema:
+            slots[AVERAGE] = self.ema * slots[AVERAGE] + (1.0 - self.ema) * param
+        return param, slots
 
     def _rule(self, param, pieces: list, slots: dict, lr, steps) -> tuple:
         """The Array API update (see :meth:`update`); ``slots`` is the caller's copy, free to assign to."""
@@ -187,8 +216,20 @@ class Optimizer:
     # --- the state a training step reads and writes ---
 
     def live_slots(self) -> tuple[str, ...]:
-        """The state buffers :meth:`update` keeps with this optimiser's settings."""
+        """The state buffers :meth:`update` keeps with this optimiser's settings: the rule's, then the average's."""
+        return self._rule_slots() + ((AVERAGE,) if self.ema else ())
+
+    def _rule_slots(self) -> tuple[str, ...]:
+        """The slots the update rule keeps with this optimiser's settings."""
         return self.slots
+
+    def averaged_parameters(self) -> dict:
+        """``{name: parameter}``: the debiased moving average of the weights after the steps so far (``ema``),
+        on the parameters' backend; the parameters themselves without ``ema`` or before the first step."""
+        flat, slots = self.flat_state()
+        if not self.ema or flat is None or self.steps == 0:
+            return dict(self.model.named_parameters())
+        return self.split(slots[AVERAGE] / (1.0 - self.ema**self.steps))
 
     def flat_state(self) -> tuple:
         """(flat parameters (P,), state ``{slot: (P,)}``): what :meth:`update` reads.
@@ -248,7 +289,7 @@ class Optimizer:
     def load_state_dict(self, state_dict: dict) -> None:
         """Restore :meth:`state_dict`, moving arrays to the backend and dtype of the model's parameters.
 
-        Every slot must be given for every parameter, in its shape.
+        Every slot must be given for every parameter, in its shape; with ``ema``, after a step, the average too.
         """
         params = dict(self.model.named_parameters())
         state = state_dict["state"]
@@ -256,9 +297,13 @@ class Optimizer:
         if unknown:
             raise ValueError(f"optimiser state does not fit this model: unexpected {unknown}")
         slots = list(dict.fromkeys(slot for entry in state.values() for slot in entry))
-        foreign = [slot for slot in slots if slot not in self.slots]
+        known = self.slots + ((AVERAGE,) if self.ema else ())
+        foreign = [slot for slot in slots if slot not in known]
         if foreign:
-            raise ValueError(f"optimiser state does not fit {type(self).__name__}: unexpected slots {foreign}")
+            kept = " (it was made with ema, a moving average of the weights)" if AVERAGE in foreign else ""
+            raise ValueError(f"optimiser state does not fit {type(self).__name__}: unexpected slots {foreign}{kept}")
+        if self.ema and int(state_dict["steps"]) > 0 and AVERAGE not in slots:
+            raise ValueError("optimiser state holds no moving average of the weights (it was made without ema)")
         host: dict[str, list[np.ndarray]] = {}
         for slot in slots:
             lacking = [name for name in params if slot not in state.get(name, {})]
@@ -304,9 +349,15 @@ class SGD(Optimizer):
     slots = ("momentum",)
 
     def __init__(
-        self, model, lr: float = 0.01, momentum: float = 0.0, nesterov: bool = False, weight_decay: float = 0.0
+        self,
+        model,
+        lr: float = 0.01,
+        momentum: float = 0.0,
+        nesterov: bool = False,
+        weight_decay: float = 0.0,
+        ema: float = 0.0,
     ):
-        super().__init__(model, lr)
+        super().__init__(model, lr, ema)
         if not 0.0 <= momentum < 1.0:
             raise ValueError(f"SGD: momentum must be in [0, 1), got {momentum}")
         if nesterov and momentum == 0.0:
@@ -315,7 +366,7 @@ class SGD(Optimizer):
             raise ValueError(f"SGD: weight_decay must be a number >= 0, got {weight_decay}")
         self.momentum, self.nesterov, self.weight_decay = float(momentum), nesterov, float(weight_decay)
 
-    def live_slots(self):
+    def _rule_slots(self):
         return self.slots if self.momentum else ()
 
     def coefficients(self) -> tuple:
@@ -362,8 +413,16 @@ class Adam(Optimizer):
     decoupled = False
     slots = ("exp_avg", "exp_avg_sq")
 
-    def __init__(self, model, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0):
-        super().__init__(model, lr)
+    def __init__(
+        self,
+        model,
+        lr: float = 1e-3,
+        betas=(0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        ema: float = 0.0,
+    ):
+        super().__init__(model, lr, ema)
         if not all(0.0 <= b < 1.0 for b in betas):
             raise ValueError(f"{type(self).__name__}: betas must be in [0, 1), got {betas}")
         if not 0 <= weight_decay < math.inf:
@@ -410,8 +469,16 @@ class AdamW(Adam):
 
     decoupled = True
 
-    def __init__(self, model, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.01):
-        super().__init__(model, lr, betas, eps, weight_decay)
+    def __init__(
+        self,
+        model,
+        lr: float = 1e-3,
+        betas=(0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.01,
+        ema: float = 0.0,
+    ):
+        super().__init__(model, lr, betas, eps, weight_decay, ema)
 
 
 OPTIMIZERS = {"sgd": SGD, "adam": Adam, "adamw": AdamW}

@@ -121,6 +121,14 @@ EAGER_HELP = "JAX: run each operation as it comes instead of one compiled progra
     metavar="P",
     help="Set every dropout layer of the model to drop with probability P  [default: the model's own]",
 )
+@click.option(
+    "--ema",
+    type=click.FloatRange(0.0, 1.0, max_open=True),
+    default=TrainConfig.ema,
+    metavar="DECAY",
+    help="Keep a moving average of the weights with this decay (e.g. 0.999), evaluate it and keep it; 0 for none.",
+    show_default=True,
+)
 @augmentation_options
 @click.option(
     "--recalibrate-bn/--no-recalibrate-bn",

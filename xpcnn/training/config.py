@@ -50,6 +50,7 @@ class TrainConfig:
     erase: float = 0.0  # the probability that a training image has a random rectangle set to the background
     label_smoothing: float = 0.0
     dropout: float | None = None  # every dropout layer's probability; None keeps the model's own
+    ema: float = 0.0  # the decay of a moving average of the weights, evaluated and kept (0: none)
     recalibrate_bn: bool = False
     log_every: int = 50
 
@@ -115,6 +116,7 @@ class TrainConfig:
                 "dropout",
                 f"dropout {self.dropout} asked for, but model {self.model} has no dropout layer",
             ),
+            (0 <= self.ema < 1, "ema", f"ema must be a decay in [0, 1), got {self.ema}"),
             (
                 low <= self.elastic_sigma <= high,
                 "elastic_sigma",
@@ -167,10 +169,15 @@ def make_optimizer(config: TrainConfig, model: Sequential) -> Optimizer:
     """The optimiser named by the config, over ``model``'s parameters."""
     if config.optimizer == "sgd":
         return SGD(
-            model, config.lr, momentum=config.momentum, nesterov=config.momentum > 0, weight_decay=config.weight_decay
+            model,
+            config.lr,
+            momentum=config.momentum,
+            nesterov=config.momentum > 0,
+            weight_decay=config.weight_decay,
+            ema=config.ema,
         )
     kind: type[Adam] = OPTIMIZERS[config.optimizer]
-    return kind(model, config.lr, weight_decay=config.weight_decay)
+    return kind(model, config.lr, weight_decay=config.weight_decay, ema=config.ema)
 
 
 def make_augmentation(config: TrainConfig) -> Augmentation | None:

@@ -109,6 +109,8 @@ def fit(
     if isinstance(optimizer, Optimizer):
         if optimizer.model is not model:
             raise ConfigError("the optimiser given to fit() must be over the model given to fit()", "optimizer")
+        if config.ema:
+            raise ConfigError("ema applies to an optimiser given by name: give yours ema=", "ema")
     else:
         optimizer = make_optimizer(config, model)
     communicator = communicator or join(backend)

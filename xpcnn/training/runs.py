@@ -22,7 +22,7 @@ from ..data.data import Dataset, holds_dataset, other_files
 from ..data.device_data import Normalization
 from ..models import build
 from ..nn import Sequential
-from ..optim import Optimizer
+from ..optim import Optimizer, averaged_weights
 from .config import TrainConfig, flag, make_model, make_optimizer
 from .display import Progress
 from .train import RunState, TrainingDiverged, TrainingInterrupted, host_splits, start_training
@@ -45,20 +45,33 @@ def checkpoint_normalization(checkpoint: Checkpoint) -> Normalization:
 
 
 def model_from_checkpoint(checkpoint: Checkpoint, backend: Backend) -> tuple[Sequential, Normalization]:
-    """The trained model of a checkpoint on ``backend``, and the input normalisation it expects."""
+    """The trained model of a checkpoint on ``backend``, and the input normalisation it expects: with ``ema``, the
+    moving average of the weights (which the run evaluated), else the weights themselves."""
     name = checkpoint_config(checkpoint).model
     model = build(name).to(backend)
-    restore(checkpoint, model)
+    restore(checkpoint, model, averaged=True)
     return model, checkpoint_normalization(checkpoint)
 
 
-def restore(checkpoint: Checkpoint, model: Sequential, optimizer: Optimizer | None = None) -> None:
+def restore(
+    checkpoint: Checkpoint, model: Sequential, optimizer: Optimizer | None = None, averaged: bool = False
+) -> None:
     """Load a checkpoint's weights into ``model`` (and its optimiser state into ``optimizer``), checked:
     CheckpointError naming the file where they do not fit (another model's, a missing or misshapen
-    weight, a foreign optimiser slot, class names that do not match the outputs)."""
-    name = checkpoint_config(checkpoint).model
+    weight, a foreign optimiser slot, class names that do not match the outputs).
+
+    ``averaged``: for a run trained with ``ema``, load the moving average of the weights (what the run evaluated
+    and the trainer ends with) in place of the weights it trains."""
+    config = checkpoint_config(checkpoint)
+    name, weights = config.model, checkpoint.model_state
+    if averaged and config.ema:
+        try:
+            average = averaged_weights(checkpoint.optimizer_state or {"steps": 0, "state": {}}, config.ema)
+        except ValueError as exc:
+            raise CheckpointError(f"{checkpoint.path}: {exc}, although its run was trained with ema") from None
+        weights = {**weights, **average}
     try:
-        model.load_state_dict(checkpoint.model_state)
+        model.load_state_dict(weights)
     except ValueError as exc:
         raise CheckpointError(f"{checkpoint.path}: checkpoint does not fit model {name!r}: {exc}") from None
     outputs, classes = model[-1].out_features, len(checkpoint.meta["classes"])

@@ -16,6 +16,7 @@ epoch boundary continues bit for bit.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import signal
@@ -151,6 +152,9 @@ class Trainer:
         appends a record to ``state.history`` and calls ``on_epoch_end(state)``.
         Raises TrainingInterrupted on Ctrl-C or SIGTERM (:mod:`xpcnn.base.stopping`), with ``state`` at the
         next step to run (the caller checkpoints it), and TrainingDiverged on a non-finite loss.
+
+        With the optimiser's ``ema`` each epoch evaluates the moving average of the weights, and the model
+        ends holding it (as Keras' ``use_ema``); the optimiser's state keeps the weights it trains.
         """
         state = state or RunState()
         errors = np.errstate(over="ignore", invalid="ignore", divide="ignore")
@@ -172,6 +176,8 @@ class Trainer:
                 self._agree(flag)
                 if flag["callback"]:
                     break
+        if self.optimizer.ema:
+            self.model.set_parameters(self.optimizer.averaged_parameters())
         return state
 
     def _usable(self, train: DeviceSplit) -> int:
@@ -308,15 +314,16 @@ class Trainer:
         if flat is not None and not bool(xp.all(xp.isfinite(flat))):
             bad = [name for name, value in self.model.named_parameters() if not bool(xp.all(xp.isfinite(value)))]
             raise TrainingDiverged(f"weights became non-finite ({', '.join(bad)}) in epoch {epoch}")
-        if self.config.recalibrate_bn and epoch == self.config.epochs:
-            recalibrate_on(self.model, train)
-            record["bn_recalibrated"] = True
         compiled_before = self.step_runner.compile_seconds
-        for name, split in evals.items():
-            result = self.evaluate(split)
-            if not math.isfinite(result.loss):
-                raise TrainingDiverged(f"the {name} loss became {result.loss} after epoch {epoch}")
-            record[f"{name}_loss"], record[f"{name}_accuracy"] = result.loss, result.accuracy
+        with self._averaged_weights():
+            if self.config.recalibrate_bn and epoch == self.config.epochs:
+                recalibrate_on(self.model, train)
+                record["bn_recalibrated"] = True
+            for name, split in evals.items():
+                result = self.evaluate(split)
+                if not math.isfinite(result.loss):
+                    raise TrainingDiverged(f"the {name} loss became {result.loss} after epoch {epoch}")
+                record[f"{name}_loss"], record[f"{name}_accuracy"] = result.loss, result.accuracy
         eval_compiling = self.step_runner.compile_seconds - compiled_before
         record["seconds"] = partial["seconds"]
         record["images_per_second"] = partial["seen"] / max(partial["seconds"], 1e-9)
@@ -331,6 +338,20 @@ class Trainer:
 
     def evaluate(self, split: DeviceSplit) -> EvalResult:
         return self.step_runner.evaluate(split)
+
+    @contextlib.contextmanager
+    def _averaged_weights(self):
+        """Inside, the model holds the optimiser's moving average of its weights (with ``ema``); after, the very
+        arrays it trains again (so the optimiser's flat buffer stays theirs)."""
+        if not self.optimizer.ema:
+            yield
+            return
+        trained = dict(self.model.named_parameters())
+        self.model.set_parameters(self.optimizer.averaged_parameters())
+        try:
+            yield
+        finally:
+            self.model.set_parameters(trained)
 
 
 def host_splits(images, labels, validation, seed: int, test: tuple | None) -> tuple[tuple, dict]:

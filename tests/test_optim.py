@@ -512,5 +512,7 @@ def test_the_average_of_a_state_and_an_optimiser_must_agree():
     apply(numpy, model, without, gradient_sequence()[:1])
     with pytest.raises(ValueError, match="holds no moving average of the weights"):
         optim.SGD(fresh_model(numpy), lr=0.1, momentum=0.9, ema=0.9).load_state_dict(without.state_dict())
-    # Before any step there is nothing to average yet: a fresh state loads.
-    optim.SGD(fresh_model(numpy), lr=0.1, ema=0.9).load_state_dict({"steps": 0, "lr": 0.1, "state": {}})
+    # Before any step there is nothing to average yet: a fresh state loads, and the weights are their own average.
+    fresh = {"steps": 0, "lr": 0.1, "state": {}}
+    optim.SGD(fresh_model(numpy), lr=0.1, ema=0.9).load_state_dict(fresh)
+    assert optim.averaged_weights(fresh, 0.9) == {}

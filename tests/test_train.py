@@ -15,7 +15,7 @@ from xpcnn.backends.backend import get_backend
 from xpcnn.data import augment, device_data
 from xpcnn.data.checkpoint import load_checkpoint
 from xpcnn.data.data import load_dataset
-from xpcnn.training import runs, train
+from xpcnn.training import runs, schedules, train
 from xpcnn.training.config import TrainConfig, make_augmentation, make_optimizer
 
 
@@ -257,9 +257,9 @@ def test_bad_config(values, message):
         TrainConfig.from_dict(values)
 
 
-@pytest.mark.parametrize("schedule", optim.SCHEDULES)
+@pytest.mark.parametrize("schedule", schedules.SCHEDULES)
 def test_schedules_shape(schedule):
-    lrs = [optim.scheduled_lr(schedule, 0.1, step, 100) for step in range(100)]
+    lrs = [schedules.scheduled_lr(schedule, 0.1, step, 100) for step in range(100)]
     assert max(lrs) == pytest.approx(0.1, rel=1e-3)
     if schedule == "constant":
         assert set(lrs) == {0.1}

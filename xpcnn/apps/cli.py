@@ -26,7 +26,7 @@ from ..data.data import DATASETS, TEST_FILES, find_data_dir, get_spec, load_data
 from ..data.device_data import DeviceSplit, normalize_images
 from ..data.images import ImageError, load_image
 from ..models import MODELS
-from ..optim import OPTIMIZERS, SCHEDULES
+from ..optim import OPTIMIZERS
 from ..training.config import RECIPES, TrainConfig, recipe, recipe_backend
 from ..training.display import Progress
 from ..training.ensemble import evaluate_ensemble
@@ -47,6 +47,7 @@ from ..training.runs import (
     summary,
     train_run,
 )
+from ..training.schedules import SCHEDULES
 from ..training.step import compiles
 from ..training.train import RunState, predict_probabilities
 from ..training.train import evaluate as evaluate_model

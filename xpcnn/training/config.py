@@ -16,7 +16,8 @@ from ..base.errors import ConfigError
 from ..data.augment import Augmentation
 from ..models import MODELS, build
 from ..nn import Dropout, Sequential
-from ..optim import OPTIMIZERS, SCHEDULES, SGD, Adam, Optimizer
+from ..optim import OPTIMIZERS, SGD, Adam, Optimizer
+from .schedules import SCHEDULES
 
 ELASTIC_SIGMA = (0.1, 100.0)  # pixels; outside, the Gaussian underflows, overflows or is meaningless on 28 pixels
 MAX_ELASTIC = 1000.0  # pixels: a larger displacement moves every pixel off the image

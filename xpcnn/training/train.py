@@ -43,9 +43,10 @@ from ..data.data import split_validation
 from ..data.device_data import DeviceSplit, EvalResult, Normalization, evaluate_batches
 from ..functional import softmax
 from ..nn import CrossEntropyLoss, Sequential, recalibrate_batchnorm
-from ..optim import Optimizer, scheduled_lr
+from ..optim import Optimizer
 from .config import TrainConfig, make_augmentation
 from .display import Progress
+from .schedules import scheduled_lr
 from .step import Step, compiles, stateless_forward
 
 

@@ -63,7 +63,8 @@ def test_a_run_trains_the_same_weights_and_its_checkpoint_gives_the_average_it_e
     assert state.history[-1]["test_loss"] != plain.history[-1]["test_loss"]
 
     model, norm = runs.model_from_checkpoint(ema, numpy)
-    average = optim.averaged_weights(ema.optimizer_state, DECAY)
+    steps, slots = ema.optimizer_state["steps"], ema.optimizer_state["state"]
+    average = {name: np.asarray(slot["ema"]) / (1 - DECAY**steps) for name, slot in slots.items()}
     parameters = dict(model.named_parameters())
     assert parameters.keys() == average.keys()
     assert all(np.array_equal(value, average[key]) for key, value in parameters.items())
@@ -96,5 +97,28 @@ def test_a_checkpoint_of_a_run_with_ema_but_without_the_average_is_refused(synth
     runs.train_run(config(model="seed", epochs=1, optimizer="sgd", lr=0.01), numpy, synthetic, tmp_path / "run")
     checkpoint = load_checkpoint(tmp_path / "run")
     checkpoint.meta["config"]["ema"] = DECAY  # as if trained with it, the average lost
-    with pytest.raises(CheckpointError, match="holds no moving average of the weights, although its run"):
+    with pytest.raises(CheckpointError, match=r"run/checkpoint\.npz: optimiser state holds no moving average"):
         runs.model_from_checkpoint(checkpoint, numpy)
+    checkpoint.optimizer_state = None  # no optimiser state at all: nowhere to take the average from
+    with pytest.raises(CheckpointError, match="holds no optimiser state, which keeps the moving average"):
+        runs.model_from_checkpoint(checkpoint, numpy)
+
+
+@pytest.fixture(scope="module")
+def ema_checkpoint(synthetic, tmp_path_factory):
+    """The checkpoint of a short NumPy run trained with ``ema``."""
+    run = tmp_path_factory.mktemp("ema") / "run"
+    settings = {"model": "seed", "epochs": 1, "optimizer": "sgd", "lr": 0.01, "ema": DECAY}
+    runs.train_run(config(**settings), get_backend("numpy"), synthetic, run)
+    return load_checkpoint(run)
+
+
+def test_a_checkpoint_gives_the_average_on_every_backend(backend, ema_checkpoint):
+    steps, slots = ema_checkpoint.optimizer_state["steps"], ema_checkpoint.optimizer_state["state"]
+    average = {name: np.asarray(slot["ema"]) / (1 - DECAY**steps) for name, slot in slots.items()}
+    model, _ = runs.model_from_checkpoint(ema_checkpoint, backend)
+    parameters = {name: to_host(value) for name, value in model.named_parameters()}
+    assert parameters.keys() == average.keys()
+    for name, value in parameters.items():
+        np.testing.assert_allclose(value, average[name], rtol=1e-6, atol=1e-7, err_msg=name)
+        assert not np.allclose(value, ema_checkpoint.model_state[name])  # the average, not the trained weights

@@ -66,20 +66,6 @@ def _scale(param, factor):
 AVERAGE = "ema"  # the slot of the weights' moving average
 
 
-def averaged_weights(state_dict: dict, decay: float) -> dict[str, np.ndarray]:
-    """``{name: array}``: the debiased moving average of the weights that an optimiser's :meth:`Optimizer.state_dict`
-    holds, taken with ``ema`` ``decay``; empty before the first step (the weights are their own average then);
-    ValueError where a state after steps holds none."""
-    steps, state = state_dict["steps"], state_dict["state"]
-    if steps == 0:
-        return {}
-    lacking = [name for name, slots in state.items() if AVERAGE not in slots]
-    if not state or lacking:
-        raise ValueError("the optimiser state holds no moving average of the weights")
-    correction = 1.0 - decay**steps  # a Python float: the arrays keep their dtype
-    return {name: np.asarray(slots[AVERAGE]) / correction for name, slots in state.items()}
-
-
 class Optimizer:
     """Base class: the flat buffers, the step, the per-parameter state view and (de)serialisation.
 

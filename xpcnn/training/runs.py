@@ -22,7 +22,7 @@ from ..data.data import Dataset, holds_dataset, other_files
 from ..data.device_data import Normalization
 from ..models import build
 from ..nn import Sequential
-from ..optim import Optimizer, averaged_weights
+from ..optim import Optimizer
 from .config import TrainConfig, flag, make_model, make_optimizer
 from .display import Progress
 from .train import RunState, TrainingDiverged, TrainingInterrupted, host_splits, start_training
@@ -46,30 +46,28 @@ def checkpoint_normalization(checkpoint: Checkpoint) -> Normalization:
 
 def model_from_checkpoint(checkpoint: Checkpoint, backend: Backend) -> tuple[Sequential, Normalization]:
     """The trained model of a checkpoint on ``backend``, and the input normalisation it expects: with ``ema``, the
-    moving average of the weights (which the run evaluated), else the weights themselves."""
-    name = checkpoint_config(checkpoint).model
-    model = build(name).to(backend)
-    restore(checkpoint, model, averaged=True)
+    moving average of the weights (which the run evaluated), which its optimiser state keeps; else the weights."""
+    config = checkpoint_config(checkpoint)
+    model = build(config.model).to(backend)
+    if not config.ema:
+        restore(checkpoint, model)
+        return model, checkpoint_normalization(checkpoint)
+    if checkpoint.optimizer_state is None:
+        raise CheckpointError(
+            f"{checkpoint.path}: holds no optimiser state, which keeps the moving average of the weights "
+            "its run was trained with (ema)"
+        )
+    optimizer = make_optimizer(config, model)
+    restore(checkpoint, model, optimizer)
+    model.set_parameters(optimizer.averaged_parameters())
     return model, checkpoint_normalization(checkpoint)
 
 
-def restore(
-    checkpoint: Checkpoint, model: Sequential, optimizer: Optimizer | None = None, averaged: bool = False
-) -> None:
+def restore(checkpoint: Checkpoint, model: Sequential, optimizer: Optimizer | None = None) -> None:
     """Load a checkpoint's weights into ``model`` (and its optimiser state into ``optimizer``), checked:
     CheckpointError naming the file where they do not fit (another model's, a missing or misshapen
-    weight, a foreign optimiser slot, class names that do not match the outputs).
-
-    ``averaged``: for a run trained with ``ema``, load the moving average of the weights (what the run evaluated
-    and the trainer ends with) in place of the weights it trains."""
-    config = checkpoint_config(checkpoint)
-    name, weights = config.model, checkpoint.model_state
-    if averaged and config.ema:
-        try:
-            average = averaged_weights(checkpoint.optimizer_state or {"steps": 0, "state": {}}, config.ema)
-        except ValueError as exc:
-            raise CheckpointError(f"{checkpoint.path}: {exc}, although its run was trained with ema") from None
-        weights = {**weights, **average}
+    weight, a foreign optimiser slot, class names that do not match the outputs)."""
+    name, weights = checkpoint_config(checkpoint).model, checkpoint.model_state
     try:
         model.load_state_dict(weights)
     except ValueError as exc:

@@ -283,6 +283,7 @@ RECIPES: dict[str, dict] = {
         "schedule": "onecycle",
         "augment": True,
         "recalibrate_bn": True,
+        "label_smoothing": 0.1,
     },
 }
 

@@ -17,6 +17,12 @@ from xpcnn.training import runs, train
 DECAY = 0.9
 
 
+def saved_average(checkpoint) -> dict[str, np.ndarray]:
+    """The debiased moving average a checkpoint's optimiser state keeps, by its formula (``ema`` = DECAY)."""
+    steps, slots = checkpoint.optimizer_state["steps"], checkpoint.optimizer_state["state"]
+    return {name: np.asarray(slot["ema"]) / (1 - DECAY**steps) for name, slot in slots.items()}
+
+
 def test_fit_evaluates_the_average_and_leaves_it_in_the_model(backend):
     images, labels = blobs()
     validation = blobs(60, seed=1)
@@ -63,8 +69,7 @@ def test_a_run_trains_the_same_weights_and_its_checkpoint_gives_the_average_it_e
     assert state.history[-1]["test_loss"] != plain.history[-1]["test_loss"]
 
     model, norm = runs.model_from_checkpoint(ema, numpy)
-    steps, slots = ema.optimizer_state["steps"], ema.optimizer_state["state"]
-    average = {name: np.asarray(slot["ema"]) / (1 - DECAY**steps) for name, slot in slots.items()}
+    average = saved_average(ema)
     parameters = dict(model.named_parameters())
     assert parameters.keys() == average.keys()
     assert all(np.array_equal(value, average[key]) for key, value in parameters.items())
@@ -114,8 +119,7 @@ def ema_checkpoint(synthetic, tmp_path_factory):
 
 
 def test_a_checkpoint_gives_the_average_on_every_backend(backend, ema_checkpoint):
-    steps, slots = ema_checkpoint.optimizer_state["steps"], ema_checkpoint.optimizer_state["state"]
-    average = {name: np.asarray(slot["ema"]) / (1 - DECAY**steps) for name, slot in slots.items()}
+    average = saved_average(ema_checkpoint)
     model, _ = runs.model_from_checkpoint(ema_checkpoint, backend)
     parameters = {name: to_host(value) for name, value in model.named_parameters()}
     assert parameters.keys() == average.keys()

@@ -27,6 +27,7 @@ from xpcnn.training.config import (
     make_augmentation,
     make_model,
     recipe_backend,
+    recipes_for,
 )
 
 
@@ -266,6 +267,26 @@ def test_every_recipe_candidate_builds_a_ten_class_model_and_unknown_names_are_r
         [sys.executable, str(path), str(tmp_path), "quick", "lenet-bn", "resnet-9000"], capture_output=True, text=True
     )
     assert result.returncode == 2 and "unknown candidates resnet-9000" in result.stderr, result.stderr
+
+
+def test_each_dataset_has_the_recipes_chosen_on_it():
+    assert recipes_for("mnist") == ["quick", "fast", "best"]
+    assert recipes_for("fashion-mnist") == ["fashion"]
+    assert recipes_for("kmnist") == []
+
+
+def test_a_recipe_run_on_another_dataset_than_its_own_says_so(synthetic_dir, tmp_path):
+    common = ["--model", "seed", "--epochs", "1", "--backend", "numpy", "--data-dir", synthetic_dir]
+    result = run_cli("train", "--recipe", "fast", "--dataset", "fashion-mnist", *common, "--out", tmp_path / "a")
+    assert result.exit_code == 0, result.output
+    note = "note: the fast recipe was chosen on mnist, not fashion-mnist (for fashion-mnist: --recipe fashion)"
+    assert note in result.output, result.output
+    result = run_cli("train", "--recipe", "fast", *common, "--out", tmp_path / "b")
+    assert result.exit_code == 0 and "chosen on" not in result.output, result.output
+    result = run_cli(
+        "train", "--recipe", "fast", "--dataset", "fashion-mnist", *common, "--quiet", "--out", tmp_path / "c"
+    )
+    assert result.exit_code == 0 and "note:" not in result.output, result.output
 
 
 @pytest.mark.slow

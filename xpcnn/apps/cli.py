@@ -27,7 +27,7 @@ from ..data.device_data import DeviceSplit, normalize_images
 from ..data.images import ImageError, load_image
 from ..models import MODELS
 from ..optim import OPTIMIZERS
-from ..training.config import RECIPES, TrainConfig, recipe, recipe_backend
+from ..training.config import RECIPES, TrainConfig, recipe, recipe_backend, recipes_for
 from ..training.display import Progress
 from ..training.ensemble import evaluate_ensemble
 from ..training.runs import (
@@ -248,6 +248,14 @@ def train(
             + (f", resuming {RunState(**checkpoint.meta['state']).position()}" if checkpoint else ""),
             err=True,
         )
+        if recipe_name and recipe_name not in recipes_for(config.dataset):
+            chosen_on = recipe(recipe_name).get("dataset", "mnist")
+            own = "|".join(recipes_for(config.dataset))
+            click.echo(
+                f"note: the {recipe_name} recipe was chosen on {chosen_on}, not {config.dataset}"
+                + (f" (for {config.dataset}: --recipe {own})" if own else ""),
+                err=True,
+            )
         if missing:
             click.echo(
                 f"note: the {recipe_name} recipe's seconds were measured on {missing}, which is not installed: "

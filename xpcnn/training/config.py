@@ -310,6 +310,11 @@ def recipe_backend(name: str | None, device: str | None) -> tuple[str | None, st
     return preferred, None
 
 
+def recipes_for(dataset: str) -> list[str]:
+    """The recipes chosen on ``dataset`` (a recipe names its dataset; MNIST where it names none)."""
+    return [name for name, values in RECIPES.items() if values.get("dataset", "mnist") == dataset]
+
+
 def recipe(name: str) -> dict:
     """The configuration values of recipe ``name``."""
     try:

@@ -27,6 +27,7 @@ from xpcnn.training.config import (
     make_augmentation,
     make_model,
     recipe_backend,
+    recipe_dataset,
     recipes_for,
 )
 
@@ -270,6 +271,12 @@ def test_every_recipe_candidate_builds_a_ten_class_model_and_unknown_names_are_r
 
 
 def test_each_dataset_has_the_recipes_chosen_on_it():
+    assert [recipe_dataset(name) for name in ("quick", "fast", "fashion", "best")] == [
+        "mnist",
+        "mnist",
+        "fashion-mnist",
+        "mnist",
+    ]
     assert recipes_for("mnist") == ["quick", "fast", "best"]
     assert recipes_for("fashion-mnist") == ["fashion"]
     assert recipes_for("kmnist") == []

@@ -27,7 +27,7 @@ from ..data.device_data import DeviceSplit, normalize_images
 from ..data.images import ImageError, load_image
 from ..models import MODELS
 from ..optim import OPTIMIZERS
-from ..training.config import RECIPES, TrainConfig, recipe, recipe_backend, recipes_for
+from ..training.config import RECIPES, TrainConfig, recipe, recipe_backend, recipe_dataset, recipes_for
 from ..training.display import Progress
 from ..training.ensemble import evaluate_ensemble
 from ..training.runs import (
@@ -249,10 +249,9 @@ def train(
             err=True,
         )
         if recipe_name and recipe_name not in recipes_for(config.dataset):
-            chosen_on = recipe(recipe_name).get("dataset", "mnist")
             own = "|".join(recipes_for(config.dataset))
             click.echo(
-                f"note: the {recipe_name} recipe was chosen on {chosen_on}, not {config.dataset}"
+                f"note: the {recipe_name} recipe was chosen on {recipe_dataset(recipe_name)}, not {config.dataset}"
                 + (f" (for {config.dataset}: --recipe {own})" if own else ""),
                 err=True,
             )

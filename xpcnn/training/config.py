@@ -310,9 +310,14 @@ def recipe_backend(name: str | None, device: str | None) -> tuple[str | None, st
     return preferred, None
 
 
+def recipe_dataset(name: str) -> str:
+    """The dataset recipe ``name`` was chosen on: the one it names, else the default dataset."""
+    return recipe(name).get("dataset", TrainConfig.dataset)
+
+
 def recipes_for(dataset: str) -> list[str]:
-    """The recipes chosen on ``dataset`` (a recipe names its dataset; MNIST where it names none)."""
-    return [name for name, values in RECIPES.items() if values.get("dataset", "mnist") == dataset]
+    """The recipes chosen on ``dataset``, in ``RECIPES``' order."""
+    return [name for name in RECIPES if recipe_dataset(name) == dataset]
 
 
 def recipe(name: str) -> dict:

@@ -248,11 +248,11 @@ def train(
             + (f", resuming {RunState(**checkpoint.meta['state']).position()}" if checkpoint else ""),
             err=True,
         )
-        if recipe_name and recipe_name not in recipes_for(config.dataset):
-            own = "|".join(recipes_for(config.dataset))
+        own = recipes_for(config.dataset)
+        if recipe_name and recipe_name not in own:
             click.echo(
                 f"note: the {recipe_name} recipe was chosen on {recipe_dataset(recipe_name)}, not {config.dataset}"
-                + (f" (for {config.dataset}: --recipe {own})" if own else ""),
+                + (f" (for {config.dataset}: --recipe {'|'.join(own)})" if own else ""),
                 err=True,
             )
         if missing:

@@ -154,6 +154,12 @@ CANDIDATES = {
             lambda s: models.resnet_small(s, dropout=0.0),
             {"epochs": 30, "lr": 0.025, "weight_decay": 1e-3},
         ),
+        # Crops of 3 pixels for 2: crops of 1 fitted the augmented images better (96.8% against 95.9%) and lost on
+        # both splits, so the bracket's other side, more translation, is the one left; it costs no seconds.
+        "resnet-30-epochs-lr0.025-no-dropout-crop3": (
+            lambda s: models.resnet_small(s, dropout=0.0),
+            {"epochs": 30, "lr": 0.025, "crop": 3},
+        ),
     },
     "best": {  # MNIST; each changes one thing of the best recipe
         "deepnet": (lambda s: models.build("deepnet", s), {}),

@@ -344,16 +344,23 @@ def test_a_recalibrated_candidate_prints_its_figures_before_and_after_as_the_fla
     assert lines[-2]["val_loss"] != pytest.approx(flagged["val_loss"], rel=1e-6)
 
 
-def test_the_fashion_recipe_trains_the_candidate_that_won_its_last_round():
-    """docs/bench/fashion-candidates-2026-12-06: the recipe is the script's candidate, model and settings alike."""
+@pytest.mark.parametrize(
+    ("name", "candidate_name", "base"),
+    [
+        ("fashion", "resnet-30-epochs-lr0.025-no-dropout", "FASHION"),  # docs/bench/fashion-candidates-2026-12-06
+        ("best", "resnet-no-dropout", "BEST"),  # docs/bench/best-candidates-2026-12-06c
+    ],
+)
+def test_a_recipe_trains_the_candidate_that_won_its_last_round(name, candidate_name, base):
+    """The recipe is the script's candidate, model and settings alike."""
     path = Path(__file__).resolve().parent.parent / "scripts" / "recipe_candidates.py"
     spec = importlib.util.spec_from_file_location("recipe_candidates", path)
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
-    builder, settings = script.CANDIDATES["fashion"]["resnet-30-epochs-lr0.025-no-dropout"]
-    config = TrainConfig.from_dict(RECIPES["fashion"])
+    builder, settings = script.CANDIDATES[name][candidate_name]
+    config = TrainConfig.from_dict(RECIPES[name])
     model, candidate = make_model(config), builder(config.seed)
     assert repr(model) == repr(candidate) and dropouts(model) == [0.0]
     assert all(np.array_equal(value, candidate.state_dict()[key]) for key, value in model.state_dict().items())
-    chosen = {**script.FASHION, **settings}
+    chosen = {**getattr(script, base), **settings}
     assert {key: getattr(config, key) for key in chosen} == chosen

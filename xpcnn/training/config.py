@@ -284,6 +284,7 @@ RECIPES: dict[str, dict] = {
         "augment": True,
         "recalibrate_bn": True,
         "label_smoothing": 0.1,
+        "dropout": 0.0,
     },
 }
 

@@ -160,6 +160,12 @@ CANDIDATES = {
             lambda s: models.resnet_small(s, dropout=0.0),
             {"epochs": 30, "lr": 0.025, "crop": 3},
         ),
+        # The recipe (no dropout) with a cosine decay from the peak for one-cycle's warm-up and decay: its schedule is
+        # the one setting of the training never varied on clothing; every other one is bracketed on both sides.
+        "resnet-30-epochs-lr0.025-no-dropout-cosine": (
+            lambda s: models.resnet_small(s, dropout=0.0),
+            {"epochs": 30, "lr": 0.025, "schedule": "cosine"},
+        ),
     },
     "best": {  # MNIST; each changes one thing of the best recipe
         "deepnet": (lambda s: models.build("deepnet", s), {}),

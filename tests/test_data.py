@@ -21,6 +21,7 @@ from xpcnn.data.data import (
     DataError,
     DatasetSpec,
     DownloadError,
+    find_data_dir,
     load_dataset,
     read_idx,
     split_validation,
@@ -294,6 +295,36 @@ def test_explicit_data_dir_missing_files(tmp_path):
         load_dataset(spec_for({}), tmp_path / "d")
     message = assert_one_line_naming(error, str(tmp_path / "d"), data.TRAIN_LABELS, data.TEST_IMAGES)
     assert data.TRAIN_IMAGES not in message
+
+
+@pytest.mark.parametrize("uncompressed", [[data.TRAIN_IMAGES], list(FILES)])
+def test_uncompressed_files_are_found_and_read(tmp_path, uncompressed):
+    arrays = make_dataset_dir(tmp_path / "d")
+    for file in uncompressed:
+        write_idx(tmp_path / "d" / file.removesuffix(".gz"), arrays[file])
+        (tmp_path / "d" / file).unlink()
+    spec = spec_for({})
+    assert find_data_dir(spec, tmp_path / "d") == tmp_path / "d"
+    dataset = load_dataset(spec, tmp_path / "d")
+    np.testing.assert_array_equal(dataset.train_images, arrays[data.TRAIN_IMAGES])
+    np.testing.assert_array_equal(dataset.test_labels, arrays[data.TEST_LABELS])
+    raw = (tmp_path / "d" / data.TRAIN_IMAGES.removesuffix(".gz")).read_bytes()
+    assert dataset.sha256[data.TRAIN_IMAGES] == hashlib.sha256(raw).hexdigest()
+
+
+def test_a_gzipped_file_is_read_before_an_uncompressed_one(tmp_path):
+    arrays = make_dataset_dir(tmp_path / "d")
+    write_idx(tmp_path / "d" / data.TRAIN_LABELS.removesuffix(".gz"), arrays[data.TRAIN_LABELS][:3])
+    dataset = load_dataset(spec_for({}), tmp_path / "d")
+    np.testing.assert_array_equal(dataset.train_labels, arrays[data.TRAIN_LABELS])
+
+
+def test_a_missing_file_names_both_forms(tmp_path):
+    make_dataset_dir(tmp_path / "d")
+    (tmp_path / "d" / data.TEST_LABELS).unlink()
+    with pytest.raises(DataError) as error:
+        load_dataset(spec_for({}), tmp_path / "d")
+    assert "uncompressed without .gz" in assert_one_line_naming(error, data.TEST_LABELS)
 
 
 def test_nothing_found_without_download(tmp_path):

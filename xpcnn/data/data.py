@@ -7,7 +7,8 @@ images as (N, 28, 28) uint8 and labels as (N,) uint8 class indices.
 Files are looked for, in order, in an explicit ``data_dir``, in
 ``$XPCNN_DATA_DIR/<name>``, in the cache directory (``$XDG_CACHE_HOME/xpcnn/<name>``
 or ``~/.cache/xpcnn/<name>``) and in system directories (Debian's
-``/usr/share/datasets/fashion-mnist``).  Files found on disk are read as they
+``/usr/share/datasets/fashion-mnist``), each file gzipped as in `FILES` or
+uncompressed without its ``.gz``.  Files found on disk are read as they
 are; only downloads are checked against the canonical SHA-256 sums, because a
 user's copy may legitimately differ from the canonical release.
 
@@ -275,8 +276,17 @@ def cache_dir(name: str) -> Path:
     return base / "xpcnn" / name
 
 
+def _locate(directory: Path, file: str) -> Path | None:
+    """Where ``directory`` holds ``file``: as named (gzipped), else uncompressed without ``.gz`` (as the original
+    site's files unpack and torchvision's raw folders keep them); None if neither. `read_idx` reads both forms."""
+    for path in (directory / file, directory / file.removesuffix(".gz")):
+        if path.exists():  # a FIFO there is refused when read
+            return path
+    return None
+
+
 def _missing(directory: Path) -> list[str]:
-    return [file for file in FILES if not (directory / file).exists()]  # a FIFO there is refused when read
+    return [file for file in FILES if _locate(directory, file) is None]
 
 
 def holds_dataset(directory: str | os.PathLike) -> bool:
@@ -296,7 +306,9 @@ def find_data_dir(spec: DatasetSpec, data_dir: str | os.PathLike | None = None) 
         directory = Path(data_dir)
         missing = _missing(directory)
         if missing:
-            raise DataError(f"{directory}: missing {spec.name} files: {', '.join(missing)}")
+            raise DataError(
+                f"{directory}: missing {spec.name} files: {', '.join(missing)} (gzipped, or uncompressed without .gz)"
+            )
         return directory
     candidates = []
     env_dir = os.environ.get("XPCNN_DATA_DIR")
@@ -371,8 +383,8 @@ def download_files(
 class Dataset:
     """A loaded dataset: images (N, 28, 28) uint8, labels (N,) uint8 in range(len(classes)).
 
-    ``directory`` is where its files were read, ``sha256`` each file's digest (file name -> hex),
-    so that a run can record which data it used.
+    ``directory`` is where its files were read, ``sha256`` each file's digest as stored, gzipped or not (the
+    name in `FILES` -> hex), so that a run can record which data it used.
     """
 
     name: str
@@ -456,11 +468,14 @@ def load_dataset(
             )
         directory = download_files(spec, cache, progress=progress)
 
-    train_images, train_labels = _read_split(directory / TRAIN_IMAGES, directory / TRAIN_LABELS, len(spec.classes))
-    test_images, test_labels = _read_split(directory / TEST_IMAGES, directory / TEST_LABELS, len(spec.classes))
+    paths = {file: _locate(directory, file) for file in FILES}
+    if None in paths.values():  # removed since it was found
+        raise DataError(f"{directory}: missing {spec.name} files: {', '.join(_missing(directory))}")
+    train_images, train_labels = _read_split(paths[TRAIN_IMAGES], paths[TRAIN_LABELS], len(spec.classes))
+    test_images, test_labels = _read_split(paths[TEST_IMAGES], paths[TEST_LABELS], len(spec.classes))
     if train_images.min() == train_images.max():
-        raise DataError(f"{directory / TRAIN_IMAGES}: every pixel is {train_images.min()}: nothing to learn from")
-    sha256 = {name: file_sha256(directory / name) for name in FILES}
+        raise DataError(f"{paths[TRAIN_IMAGES]}: every pixel is {train_images.min()}: nothing to learn from")
+    sha256 = {name: file_sha256(path) for name, path in paths.items()}
     return Dataset(spec.name, spec.classes, train_images, train_labels, test_images, test_labels, directory, sha256)
 
 

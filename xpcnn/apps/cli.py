@@ -88,7 +88,7 @@ EAGER_HELP = "JAX: run each operation as it comes instead of one compiled progra
     help="Start from a named recipe (quick: 99% in seconds on a CPU; fast: 99% in 2 epochs; best; fashion).",
 )
 @click.option("--dataset", type=click.Choice(sorted(DATASETS)), default="mnist", show_default=True)
-@click.option("--data-dir", type=click.Path(file_okay=False), help="Directory holding the four IDX .gz files.")
+@click.option("--data-dir", type=click.Path(file_okay=False), help="Directory of the four IDX files (.gz or not).")
 @click.option("--model", type=click.Choice(list(MODELS)), default=TrainConfig.model, show_default=True)
 @device_options
 @click.option("--epochs", type=click.IntRange(min=1), default=TrainConfig.epochs, show_default=True)
@@ -294,7 +294,7 @@ def train(
 
 @main.command()
 @click.argument("run", metavar="RUN_OR_CHECKPOINT", type=click.Path(exists=True))
-@click.option("--data-dir", type=click.Path(file_okay=False), help="Directory holding the four IDX .gz files.")
+@click.option("--data-dir", type=click.Path(file_okay=False), help="Directory of the four IDX files (.gz or not).")
 @device_options
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
 @click.option(

@@ -1,6 +1,7 @@
 """Run directories survive a failed write at any point: a crash or a full disk leaves a run to resume or restart."""
 
 import errno
+import gzip
 import json
 import os
 import stat
@@ -16,6 +17,7 @@ from xpcnn.base import files
 from xpcnn.base.errors import XpcnnError
 from xpcnn.data import device_data
 from xpcnn.data.checkpoint import CheckpointError, load_checkpoint
+from xpcnn.data.data import FILES, load_dataset, other_files
 from xpcnn.training import display, runs
 from xpcnn.training.config import TrainConfig
 
@@ -161,6 +163,27 @@ def test_a_run_records_its_data_and_other_files_need_a_flag(synthetic_dir, tmp_p
     assert resumed.exit_code == 1 and "--allow-other-data:" in resumed.output
     assert resumed.exception is None or isinstance(resumed.exception, SystemExit)
     assert load_checkpoint(out).meta["state"]["epoch"] == 1
+
+
+def test_the_same_data_unpacked_is_the_same_data_and_old_records_compare_files(synthetic_dir, tmp_path):
+    unpacked = tmp_path / "unpacked"
+    unpacked.mkdir()
+    for path in synthetic_dir.glob("*.gz"):
+        (unpacked / path.stem).write_bytes(gzip.decompress(path.read_bytes()))
+    out = tmp_path / "run"
+    runner = CliRunner()
+    args = ["train", "--model", "seed", "--device", "cpu", "--epochs", "1", "--data-dir", str(synthetic_dir)]
+    assert runner.invoke(main, [*args, "--out", str(out)]).exit_code == 0
+    record = load_checkpoint(out).meta["data"]
+    evaluated = runner.invoke(main, ["evaluate", str(out), "--data-dir", str(unpacked)])
+    assert evaluated.exit_code == 0, evaluated.output
+    resumed = runner.invoke(main, ["train", "--resume", str(out), "--epochs", "2", "--data-dir", str(unpacked)])
+    assert resumed.exit_code == 0, resumed.output
+
+    assert other_files(record, load_dataset("mnist", unpacked)) == []
+    del record["content_sha256"]  # as runs recorded their data before content digests: the files' digests count
+    assert other_files(record, load_dataset("mnist", synthetic_dir)) == []
+    assert other_files(record, load_dataset("mnist", unpacked)) == list(FILES)
 
 
 def test_a_run_found_through_xpcnn_data_dir_resumes_without_it(synthetic_dir, tmp_path):

@@ -226,7 +226,9 @@ def _check_meta(meta, path: Path) -> None:
             and isinstance(data.get("dataset"), str)
             and isinstance(data.get("directory"), str | None)
             and isinstance(data.get("sha256"), dict)
-            and all(isinstance(k, str) and isinstance(v, str) for k, v in data["sha256"].items()),
+            and all(isinstance(k, str) and isinstance(v, str) for k, v in data["sha256"].items())
+            and isinstance(data.get("content_sha256", {}), dict)
+            and all(isinstance(k, str) and isinstance(v, str) for k, v in data.get("content_sha256", {}).items()),
             "'data' must name the dataset, its directory and its files' SHA-256",
         )
     if "optimizer_state" in meta:

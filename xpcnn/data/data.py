@@ -383,8 +383,9 @@ def download_files(
 class Dataset:
     """A loaded dataset: images (N, 28, 28) uint8, labels (N,) uint8 in range(len(classes)).
 
-    ``directory`` is where its files were read, ``sha256`` each file's digest as stored, gzipped or not (the
-    name in `FILES` -> hex), so that a run can record which data it used.
+    ``directory`` is where its files were read, ``sha256`` each file's digest as stored (the name in `FILES` ->
+    hex) and ``content_sha256`` the digest of the array it holds (`array_sha256`), the same whether the file is
+    gzipped or not: so that a run can record which data it used.
     """
 
     name: str
@@ -395,21 +396,39 @@ class Dataset:
     test_labels: np.ndarray
     directory: Path | None = None
     sha256: dict = dataclasses.field(default_factory=dict)
+    content_sha256: dict = dataclasses.field(default_factory=dict)
 
     def record(self) -> dict:
-        """What a run stores of its data: the dataset, the directory (absolute) and the files' SHA-256."""
+        """What a run stores of its data: the dataset, the directory (absolute) and the files' SHA-256, as
+        stored and of their content."""
         directory = str(self.directory.resolve()) if self.directory else None
-        return {"dataset": self.name, "directory": directory, "sha256": dict(self.sha256)}
+        return {
+            "dataset": self.name,
+            "directory": directory,
+            "sha256": dict(self.sha256),
+            "content_sha256": dict(self.content_sha256),
+        }
 
 
 TEST_FILES = (TEST_IMAGES, TEST_LABELS)
 
 
 def other_files(recorded: dict | None, dataset: Dataset, files=FILES) -> list[str]:
-    """The ``files`` whose SHA-256 differs from a run's ``recorded`` data (``Dataset.record``); [] if none was."""
-    if not recorded or not recorded.get("sha256"):
+    """The ``files`` whose content differs from a run's ``recorded`` data (``Dataset.record``); [] if none was.
+
+    Runs recorded before content digests compare the files' digests as stored."""
+    key = "content_sha256" if recorded and recorded.get("content_sha256") else "sha256"
+    if not recorded or not recorded.get(key):
         return []
-    return [name for name in files if recorded["sha256"].get(name) != dataset.sha256.get(name)]
+    ours = getattr(dataset, key)
+    return [name for name in files if recorded[key].get(name) != ours.get(name)]
+
+
+def array_sha256(array: np.ndarray) -> str:
+    """SHA-256 of an array's dtype, shape and bytes (C order): the same for an IDX file gzipped or not."""
+    digest = hashlib.sha256(f"{array.dtype.str} {array.shape}".encode())
+    digest.update(np.ascontiguousarray(array).tobytes())
+    return digest.hexdigest()
 
 
 def file_sha256(path: Path) -> str:
@@ -476,7 +495,11 @@ def load_dataset(
     if train_images.min() == train_images.max():
         raise DataError(f"{paths[TRAIN_IMAGES]}: every pixel is {train_images.min()}: nothing to learn from")
     sha256 = {name: file_sha256(path) for name, path in paths.items()}
-    return Dataset(spec.name, spec.classes, train_images, train_labels, test_images, test_labels, directory, sha256)
+    arrays = zip(FILES, (train_images, train_labels, test_images, test_labels), strict=True)
+    content_sha256 = {name: array_sha256(array) for name, array in arrays}
+    return Dataset(
+        spec.name, spec.classes, train_images, train_labels, test_images, test_labels, directory, sha256, content_sha256
+    )
 
 
 def split_validation(

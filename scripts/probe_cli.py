@@ -25,7 +25,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from helpers import write_synthetic_mnist  # noqa: E402
 
-from xpcnn.data.data import write_idx  # noqa: E402
+from xpcnn.data.idx import write_idx  # noqa: E402
 
 TRAIN_IMAGES, TRAIN_LABELS, TEST_LABELS = (
     "train-images-idx3-ubyte.gz",

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from xpcnn import nn
-from xpcnn.data.data import write_idx
+from xpcnn.data.idx import write_idx
 from xpcnn.training.display import Progress
 
 # The offline MNIST copy beside the repository (tests that need it skip without it).

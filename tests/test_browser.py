@@ -14,7 +14,7 @@ from xpcnn.apps.cli import main
 from xpcnn.apps.serve import make_server
 from xpcnn.backends.backend import get_backend
 from xpcnn.data.checkpoint import load_checkpoint
-from xpcnn.data.data import read_idx, write_idx
+from xpcnn.data.idx import read_idx, write_idx
 
 pytestmark = [
     pytest.mark.browser,

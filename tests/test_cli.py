@@ -10,7 +10,7 @@ from PIL import Image, ImageDraw
 
 from xpcnn import __version__
 from xpcnn.apps.cli import main
-from xpcnn.data.data import read_idx
+from xpcnn.data.idx import read_idx
 
 FAST = [
     "--model",
@@ -282,7 +282,7 @@ def test_nan_loss_exits_with_a_clear_message(synthetic_dir, tmp_path):
 def test_bad_data_files_give_one_line_naming_the_file(synthetic_dir, tmp_path, breakage, pattern):
     import shutil
 
-    from xpcnn.data.data import write_idx
+    from xpcnn.data.idx import write_idx
 
     data = tmp_path / "data"
     shutil.copytree(synthetic_dir, data)

@@ -18,15 +18,13 @@ from xpcnn.base import files
 from xpcnn.data import data
 from xpcnn.data.data import (
     FILES,
-    DataError,
     DatasetSpec,
     DownloadError,
     find_data_dir,
     load_dataset,
-    read_idx,
     split_validation,
-    write_idx,
 )
+from xpcnn.data.idx import DataError, read_idx, write_idx
 
 CLASSES = tuple("0123456789")
 

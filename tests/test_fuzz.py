@@ -9,7 +9,8 @@ import pytest
 
 from xpcnn.backends.backend import get_backend
 from xpcnn.data.checkpoint import CheckpointError, load_checkpoint
-from xpcnn.data.data import DataError, load_dataset, read_idx, write_idx
+from xpcnn.data.data import load_dataset
+from xpcnn.data.idx import DataError, read_idx, write_idx
 from xpcnn.training import runs
 from xpcnn.training.config import TrainConfig
 

@@ -24,8 +24,8 @@ from xpcnn.backends.backend import get_backend
 from xpcnn.base import files
 from xpcnn.base.errors import ConfigError, XpcnnError
 from xpcnn.data.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from xpcnn.data.data import DataError, read_idx
 from xpcnn.data.device_data import Normalization
+from xpcnn.data.idx import DataError, read_idx
 from xpcnn.data.images import ImageError, load_image
 from xpcnn.training import display, runs
 from xpcnn.training.config import TrainConfig

@@ -24,3 +24,8 @@ class ConfigError(XpcnnError, ValueError):
     def __init__(self, message: str, setting: str | None = None):
         super().__init__(message)
         self.setting = setting
+
+
+def one_line(text: object) -> str:
+    """``text`` with its whitespace (newlines included) collapsed, so that a message stays on one line."""
+    return " ".join(str(text).split())

@@ -151,17 +151,18 @@ def cache_dir(name: str) -> Path:
     return base / "xpcnn" / name
 
 
-def _locate(directory: Path, file: str) -> Path | None:
+def _locate(directory: Path, file: str) -> Path:
     """Where ``directory`` holds ``file``: as named (gzipped), else uncompressed without ``.gz`` (as the original
-    site's files unpack and torchvision's raw folders keep them); None if neither. `read_idx` reads both forms."""
-    for path in (directory / file, directory / file.removesuffix(".gz")):
-        if path.exists():  # a FIFO there is refused when read
-            return path
-    return None
+    site's files unpack and torchvision's raw folders keep them), else the path as named, which does not exist.
+    `read_idx` reads both forms."""
+    unpacked = directory / file.removesuffix(".gz")
+    if unpacked.exists() and not (directory / file).exists():  # a FIFO there is refused when read
+        return unpacked
+    return directory / file
 
 
 def _missing(directory: Path) -> list[str]:
-    return [file for file in FILES if _locate(directory, file) is None]
+    return [file for file in FILES if not _locate(directory, file).exists()]
 
 
 def holds_dataset(directory: str | os.PathLike) -> bool:
@@ -292,11 +293,10 @@ def other_files(recorded: dict | None, dataset: Dataset, files=FILES) -> list[st
     """The ``files`` whose content differs from a run's ``recorded`` data (``Dataset.record``); [] if none was.
 
     Runs recorded before content digests compare the files' digests as stored."""
-    key = "content_sha256" if recorded and recorded.get("content_sha256") else "sha256"
-    if not recorded or not recorded.get(key):
-        return []
-    ours = getattr(dataset, key)
-    return [name for name in files if recorded[key].get(name) != ours.get(name)]
+    recorded = recorded or {}
+    key = "content_sha256" if recorded.get("content_sha256") else "sha256"
+    digests, ours = recorded.get(key), getattr(dataset, key)
+    return [name for name in files if digests.get(name) != ours.get(name)] if digests else []
 
 
 def array_sha256(array: np.ndarray) -> str:
@@ -363,8 +363,6 @@ def load_dataset(
         directory = download_files(spec, cache, progress=progress)
 
     paths = {file: _locate(directory, file) for file in FILES}
-    if None in paths.values():  # removed since it was found
-        raise DataError(f"{directory}: missing {spec.name} files: {', '.join(_missing(directory))}")
     train_images, train_labels = _read_split(paths[TRAIN_IMAGES], paths[TRAIN_LABELS], len(spec.classes))
     test_images, test_labels = _read_split(paths[TEST_IMAGES], paths[TEST_LABELS], len(spec.classes))
     if train_images.min() == train_images.max():

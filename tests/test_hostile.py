@@ -160,6 +160,8 @@ CHECKPOINT_LIES = {
     "zero-std": (lambda m, s, o: m["normalization"].update(std=0.0), "std"),
     "tiny-std": (lambda m, s, o: m["normalization"].update(std=1e-300), "std"),
     "string-epochs": (lambda m, s, o: m["config"].update(epochs="2"), "epochs must be an integer"),
+    "content-digests-not-a-map": (lambda m, s, o: m["data"].update(content_sha256=[1]), "'data' must name"),
+    "file-digest-not-text": (lambda m, s, o: m["data"]["sha256"].update(x=1), "'data' must name"),
 }
 
 

@@ -169,6 +169,11 @@ def _finite(value) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
+def _digests(value) -> bool:
+    """Whether ``value`` maps names to hex digests (strings to strings)."""
+    return isinstance(value, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in value.items())
+
+
 def _check_meta(meta, path: Path) -> None:
     """Raise CheckpointError naming ``path`` unless the metadata has every key a run needs, of the right type.
 
@@ -225,10 +230,8 @@ def _check_meta(meta, path: Path) -> None:
             isinstance(data, dict)
             and isinstance(data.get("dataset"), str)
             and isinstance(data.get("directory"), str | None)
-            and isinstance(data.get("sha256"), dict)
-            and all(isinstance(k, str) and isinstance(v, str) for k, v in data["sha256"].items())
-            and isinstance(data.get("content_sha256", {}), dict)
-            and all(isinstance(k, str) and isinstance(v, str) for k, v in data.get("content_sha256", {}).items()),
+            and _digests(data.get("sha256"))
+            and _digests(data.get("content_sha256", {})),  # absent from runs recorded before content digests
             "'data' must name the dataset, its directory and its files' SHA-256",
         )
     if "optimizer_state" in meta:

@@ -151,6 +151,10 @@ def cache_dir(name: str) -> Path:
     return base / "xpcnn" / name
 
 
+# How the messages that ask for the files name their two forms (`_locate`).
+BOTH_FORMS = "gzipped, or uncompressed without .gz"
+
+
 def _locate(directory: Path, file: str) -> Path:
     """Where ``directory`` holds ``file``: as named (gzipped), else uncompressed without ``.gz`` (as the original
     site's files unpack and torchvision's raw folders keep them), else the path as named, which does not exist.
@@ -182,9 +186,7 @@ def find_data_dir(spec: DatasetSpec, data_dir: str | os.PathLike | None = None) 
         directory = Path(data_dir)
         missing = _missing(directory)
         if missing:
-            raise DataError(
-                f"{directory}: missing {spec.name} files: {', '.join(missing)} (gzipped, or uncompressed without .gz)"
-            )
+            raise DataError(f"{directory}: missing {spec.name} files: {', '.join(missing)} ({BOTH_FORMS})")
         return directory
     candidates = []
     env_dir = os.environ.get("XPCNN_DATA_DIR")
@@ -245,7 +247,7 @@ def download_files(
         else:
             raise DownloadError(
                 f"{file}: could not download {spec.name} ({'; '.join(failures) or 'no mirrors'}); "
-                f"put the four files {', '.join(FILES)} in a directory and pass --data-dir DIR, "
+                f"put the four files {', '.join(FILES)} ({BOTH_FORMS}) in a directory and pass --data-dir DIR, "
                 f"or put them in $XPCNN_DATA_DIR/{spec.name}, or in {directory}"
             )
     return directory
@@ -357,7 +359,7 @@ def load_dataset(
         cache = cache_dir(spec.name)
         if not download:
             raise DataError(
-                f"{spec.name} not found (downloads disabled); put {', '.join(FILES)} in a directory "
+                f"{spec.name} not found (downloads disabled); put {', '.join(FILES)} ({BOTH_FORMS}) in a directory "
                 f"and pass --data-dir DIR, or put them in $XPCNN_DATA_DIR/{spec.name}, or in {cache}"
             )
         directory = download_files(spec, cache, progress=progress)

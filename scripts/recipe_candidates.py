@@ -181,7 +181,8 @@ CANDIDATES = {
         # at gamma 0. A change of the initial weights only; it costs no seconds.
         "resnet-30-epochs-lr0.025-no-dropout-zero-init": (resnet_zero_init, {"epochs": 30, "lr": 0.025}),
         # The recipe (no dropout) at half its batch, 32, with half its peak rate (the linear scaling rule, so that each
-        # epoch moves the weights and decays them as far): twice the steps an epoch for a model that underfits.
+        # epoch moves the weights and decays them as far): twice the steps an epoch for a model that underfits. It lost
+        # on both splits (94.21%).
         "resnet-30-epochs-lr0.0125-no-dropout-batch32": (
             lambda s: models.resnet_small(s, dropout=0.0),
             {"epochs": 30, "lr": 0.0125, "batch_size": 32},

@@ -165,6 +165,15 @@ def _locate(directory: Path, file: str) -> Path:
     return directory / file
 
 
+def _where_to_put(spec: DatasetSpec, cache: Path, files: str = "") -> str:
+    """The end of the messages that ask for the files: where `find_data_dir` looks, ``cache`` the download folder;
+    ``files`` goes before their names."""
+    return (
+        f"put {files}{', '.join(FILES)} ({BOTH_FORMS}) in a directory and pass --data-dir DIR, "
+        f"or put them in $XPCNN_DATA_DIR/{spec.name}, or in {cache}"
+    )
+
+
 def _missing(directory: Path) -> list[str]:
     return [file for file in FILES if not _locate(directory, file).exists()]
 
@@ -247,8 +256,7 @@ def download_files(
         else:
             raise DownloadError(
                 f"{file}: could not download {spec.name} ({'; '.join(failures) or 'no mirrors'}); "
-                f"put the four files {', '.join(FILES)} ({BOTH_FORMS}) in a directory and pass --data-dir DIR, "
-                f"or put them in $XPCNN_DATA_DIR/{spec.name}, or in {directory}"
+                f"{_where_to_put(spec, directory, 'the four files ')}"
             )
     return directory
 
@@ -358,10 +366,7 @@ def load_dataset(
     if directory is None:
         cache = cache_dir(spec.name)
         if not download:
-            raise DataError(
-                f"{spec.name} not found (downloads disabled); put {', '.join(FILES)} ({BOTH_FORMS}) in a directory "
-                f"and pass --data-dir DIR, or put them in $XPCNN_DATA_DIR/{spec.name}, or in {cache}"
-            )
+            raise DataError(f"{spec.name} not found (downloads disabled); {_where_to_put(spec, cache)}")
         directory = download_files(spec, cache, progress=progress)
 
     paths = {file: _locate(directory, file) for file in FILES}

@@ -153,6 +153,18 @@ def test_params_are_assignable(backend):
             + 64 * 49 * 10
             + 10,
         ),
+        # the same at 48 and 96 channels
+        (
+            "resnet-wide",
+            48 * 9
+            + 2 * 48
+            + 2 * (48 * 48 * 9 + 2 * 48)
+            + 96 * 48 * 9
+            + 2 * 96
+            + 2 * (96 * 96 * 9 + 2 * 96)
+            + 96 * 49 * 10
+            + 10,
+        ),
     ],
 )
 def test_named_models(backend, name, parameters):

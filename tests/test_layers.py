@@ -133,6 +133,22 @@ def test_params_are_assignable(backend):
     assert y.tolist() == [[5.0, 12.0]]
 
 
+def resnet_parameters(width: int) -> int:
+    """resnet_small's parameters: the stem, a block of two width-channel convolutions, width -> 2*width, a block of two
+    2*width-channel ones (each convolution with its batch norm's two vectors), the head."""
+    wide = 2 * width
+    stem = width * 9 + 2 * width
+    return (
+        stem
+        + 2 * (width * width * 9 + 2 * width)
+        + wide * width * 9
+        + 2 * wide
+        + 2 * (wide * wide * 9 + 2 * wide)
+        + wide * 49 * 10
+        + 10
+    )
+
+
 @pytest.mark.parametrize(
     "name, parameters",
     [
@@ -141,30 +157,8 @@ def test_params_are_assignable(backend):
         ("lenet-bn", 16 * 25 + 2 * 16 + 32 * 16 * 25 + 2 * 32 + 512 * 10 + 10),
         ("convnet", 32 * 9 + 32 + 64 * 32 * 9 + 64 + 1600 * 10 + 10),
         ("widenet", 32 * 9 + 2 * 32 + 64 * 32 * 9 + 2 * 64 + 128 * 64 * 9 + 2 * 128 + 4608 * 10 + 10),
-        # stem, a block of two 32-channel convolutions, 32 -> 64, a block of two 64-channel ones, the head
-        (
-            "resnet-small",
-            32 * 9
-            + 2 * 32
-            + 2 * (32 * 32 * 9 + 2 * 32)
-            + 64 * 32 * 9
-            + 2 * 64
-            + 2 * (64 * 64 * 9 + 2 * 64)
-            + 64 * 49 * 10
-            + 10,
-        ),
-        # the same at 48 and 96 channels
-        (
-            "resnet-wide",
-            48 * 9
-            + 2 * 48
-            + 2 * (48 * 48 * 9 + 2 * 48)
-            + 96 * 48 * 9
-            + 2 * 96
-            + 2 * (96 * 96 * 9 + 2 * 96)
-            + 96 * 49 * 10
-            + 10,
-        ),
+        ("resnet-small", resnet_parameters(32)),
+        ("resnet-wide", resnet_parameters(48)),
     ],
 )
 def test_named_models(backend, name, parameters):

@@ -62,4 +62,6 @@ for w in which:
     if w == "p5": time_model("+block14 (5 layers)", prefix(5, 32, 14), True)
     if w == "p8": time_model("+conv 32->64, pool, BN, ReLU (9 layers)", prefix(9, 64, 7), True)
     if w == "p9": time_model("+block7 (10 layers)", prefix(10, 64, 7), True)
+    if w.startswith("w"):  # added 2026-12-06, night: w48 is resnet-small at width 48 (fashion-candidates-2026-12-06j)
+        time_model(w, models.resnet_small(0, width=int(w[1:]), dropout=0.0), True)
 report()

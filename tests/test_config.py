@@ -347,7 +347,7 @@ def test_a_recalibrated_candidate_prints_its_figures_before_and_after_as_the_fla
 @pytest.mark.parametrize(
     ("name", "candidate_name", "base"),
     [
-        ("fashion", "resnet-30-epochs-lr0.025-no-dropout", "FASHION"),  # docs/bench/fashion-candidates-2026-12-06
+        ("fashion", "resnet-48-30-epochs-lr0.025-no-dropout", "FASHION"),  # docs/bench/fashion-candidates-2026-12-06j
         ("best", "resnet-no-dropout", "BEST"),  # docs/bench/best-candidates-2026-12-06c
     ],
 )

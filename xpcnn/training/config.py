@@ -256,8 +256,8 @@ RECIPES: dict[str, dict] = {
         "momentum": 0.9,
         "schedule": "onecycle",
     },
-    # Fashion-MNIST: clothing gets flips and crops, not rotations; about 22 minutes on 2 cores of an AMD EPYC, where
-    # the 30 minutes were measured, and nearer 45 on the slower 2-core Xeon of earlier rounds (docs/results.md).
+    # Fashion-MNIST: clothing gets flips and crops, not rotations; 18-20 minutes of training on 2 cores of an AMD EPYC,
+    # where its 30-minute limit was measured, nearer 45 on the slower 2-core Xeon of earlier rounds (docs/results.md).
     "fashion": {
         "dataset": "fashion-mnist",
         "model": "resnet-wide",

@@ -97,6 +97,7 @@ def test_cuda_problem_names_the_missing_package(monkeypatch):
         ("numpy", "cuda", "numpy backend runs on the CPU only"),
         ("cpu", "cuda", "conflicting devices"),
         (None, "cuda:x", "unknown device 'cuda:x'"),
+        (None, "cuda:\u00b2", "unknown device 'cuda:\u00b2'"),  # a digit to str.isdigit, not to int()
     ],
 )
 def test_bad_requests(backend, device, message):

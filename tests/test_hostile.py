@@ -162,6 +162,20 @@ CHECKPOINT_LIES = {
     "string-epochs": (lambda m, s, o: m["config"].update(epochs="2"), "epochs must be an integer"),
     "content-digests-not-a-map": (lambda m, s, o: m["data"].update(content_sha256=[1]), "'data' must name"),
     "file-digest-not-text": (lambda m, s, o: m["data"]["sha256"].update(x=1), "'data' must name"),
+    # Integers beyond a float's range overflow the checks that read them as numbers.
+    "huge-integer-count": (lambda m, s, o: m["state"]["partial"].update(loss_sum=10**400), "integer of 401 digits"),
+    "huge-integer-setting": (lambda m, s, o: m["config"].update(lr=-(10**400)), "integer of 401 digits"),
+    # Finite in float64, infinite once cast to the model's float32.
+    "weight-beyond-float32": (
+        lambda m, s, o: s.update({_first(s): np.full(s[_first(s)].shape, 1e300)}),
+        "too large for float32",
+    ),
+    "slot-beyond-float32": (
+        lambda m, s, o: o["state"][_first(o["state"])].update(
+            {slot: np.full(v.shape, -1e300) for slot, v in o["state"][_first(o["state"])].items()}
+        ),
+        "too large for its dtype",
+    ),
 }
 
 
@@ -186,7 +200,7 @@ def test_every_reader_of_a_checkpoint_refuses_one_that_lies_in_one_line(lie, run
         ["evaluate", str(target), "--data-dir", str(synthetic_dir)],
         ["export", str(target), "--format", "safetensors", "--output", str(tmp_path / "out.safetensors")],
     ]
-    resume_only = lie in ("foreign-slot", "step-past-epoch", "inf-slot")
+    resume_only = lie in ("foreign-slot", "step-past-epoch", "inf-slot", "slot-beyond-float32")
     for args in readers[:1] if resume_only else readers:
         result = runner.invoke(main, args)
         assert result.exit_code in (1, 2) and isinstance(result.exception, SystemExit), (args, result.output)
@@ -299,6 +313,40 @@ def test_predict_refuses_a_huge_picture_from_its_header(run, tmp_path):
     assert result.exit_code == 1 and "over the limit" in result.output
 
 
+def test_a_closed_output_pipe_ends_the_command_quietly_with_141(run, tmp_path):
+    picture = tmp_path / "digit.png"
+    digit = np.zeros((28, 28), np.uint8)
+    digit[6:22, 12:16] = 255  # a 1
+    Image.fromarray(digit).save(picture)
+    env = {**os.environ, "PYTHONPATH": str(REPOSITORY)}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "xpcnn", "predict", str(run), str(picture), "--device", "cpu"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+    )
+    process.stdout.close()  # the reader went away, as `xpcnn predict ... | head -0` would
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 141 and stderr == b"", (process.returncode, stderr.decode())
+
+
+def test_out_of_memory_is_one_line_not_a_bug():
+    import click
+
+    from xpcnn.apps.exits import friendly_errors
+
+    @click.command()
+    @friendly_errors
+    def allocate():
+        raise MemoryError("Unable to allocate 2.00 GiB for an array with shape (2147483648,)")
+
+    result = CliRunner().invoke(allocate)
+    assert result.exit_code == 1, result.output
+    assert result.output.strip().splitlines() == [
+        "Error: out of memory: Unable to allocate 2.00 GiB for an array with shape (2147483648,)"
+    ]
+
+
 def test_a_float_tiff_in_0_1_is_read_as_a_digit(tmp_path):
     digit = np.zeros((28, 28), np.float32)
     digit[6:22, 12:16] = 1.0  # a bright 1 on black, floats in [0, 1]
@@ -327,6 +375,7 @@ def test_a_float_tiff_in_0_1_is_read_as_a_digit(tmp_path):
         ("elastic_sigma", 1e300),
         ("elastic", 1e300),
         ("validation", -0.5),
+        ("lr", 10**400),  # beyond a float's range: float() of it overflows
     ],
 )
 def test_settings_of_the_wrong_type_or_range_are_a_config_error_naming_them(setting, value):
@@ -407,6 +456,17 @@ def test_two_runs_into_one_directory_one_wins_the_other_is_refused(synthetic, tm
 def test_default_run_names_never_collide(tmp_path):
     names = {runs.default_run_dir(quick_config(), tmp_path / "runs") for _ in range(3)}
     assert len(names) == 3 and all(path.is_dir() for path in names)
+
+
+@pytest.mark.parametrize("holder", ["a dangling link", "a file"])
+def test_a_runs_folder_name_held_by_something_else_is_an_error_not_a_hang(tmp_path, holder):
+    root = tmp_path / "runs"
+    if holder == "a file":
+        root.write_text("not a folder")
+    else:
+        root.symlink_to(tmp_path / "unmounted")
+    with pytest.raises((XpcnnError, OSError), match="not a directory|Not a directory"):
+        runs.default_run_dir(quick_config(), root)
 
 
 def test_three_parallel_trains_without_out_each_get_a_directory(synthetic_dir, tmp_path):

@@ -27,7 +27,8 @@ from collections.abc import Iterable, Iterator
 import numpy as np
 
 from . import functional as F
-from .backends.backend import Backend, backend_of, get_backend, namespace, to_host
+from .backends.backend import Backend, backend_of, beyond_range, get_backend, namespace, to_host
+from .base.rng import host_dtype
 from .ops.fastpath import kernels
 
 RELU_GAIN = math.sqrt(2.0)
@@ -180,6 +181,8 @@ class Layer:
                 raise ValueError(
                     f"state does not fit this model: {key} has shape {new.shape}, expected {tuple(current.shape)}"
                 )
+            if beyond_range(new, current.dtype):
+                raise ValueError(f"{key} holds values too large for {host_dtype(current.dtype)}")
         for key, (store, name) in expected.items():
             current = store[name]
             store[name] = backend_of(current).asarray(np.asarray(state[key]), current.dtype)

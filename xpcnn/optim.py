@@ -34,7 +34,7 @@ import numpy as np
 from array_api_compat import device, is_cupy_array, is_numpy_array, is_torch_array
 
 from . import functional as F
-from .backends.backend import backend_of, namespace, to_host
+from .backends.backend import backend_of, beyond_range, namespace, to_host
 from .ops.fastpath import optimizer_kernels
 
 
@@ -305,6 +305,8 @@ class Optimizer:
                         f"optimiser state does not fit this model: {slot!r} of {name} has shape {value.shape}, "
                         f"expected {tuple(params[name].shape)}"
                     )
+                if beyond_range(value, params[name].dtype):
+                    raise ValueError(f"optimiser state: {slot!r} of {name} holds values too large for its dtype")
         self._state = {}
         self._sync(params)
         if self._names:

@@ -1,5 +1,6 @@
-"""How a command ends: one line and exit status 1 for an error a user can fix, 128 + N for signal N,
-a traceback and exit status 70 for a bug (:func:`friendly_errors`, wrapped around each command)."""
+"""How a command ends: one line and exit status 1 for an error a user can fix, 128 + N for signal N
+(141, quietly, when the reader of its output goes away), a traceback and exit status 70 for a bug
+(:func:`friendly_errors`, wrapped around each command)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from ..training.train import TrainingInterrupted
 
 EXIT_INTERRUPTED = 130  # 128 + SIGINT
 EXIT_TERMINATED = 143  # 128 + SIGTERM
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE: the reader of the output went away (``xpcnn predict ... | head -1``)
 EXIT_BUG = 70  # sysexits' EX_SOFTWARE: an internal error
 BUG_REPORT = "This is a bug in xpcnn: please report it, with the traceback above and the command that gave it."
 
@@ -47,6 +49,13 @@ def friendly_errors(command):
         except KeyboardInterrupt:
             click.echo("\ninterrupted", err=True)
             sys.exit(EXIT_INTERRUPTED)
+        except BrokenPipeError:  # quietly, as a command killed by SIGPIPE would end
+            _silence_stdout()
+            sys.exit(EXIT_BROKEN_PIPE)
+        except MemoryError as exc:  # the machine's limit, not xpcnn's bug: a smaller batch or dataset may fit
+            if debug:
+                traceback.print_exc()
+            raise click.ClickException(f"out of memory: {_first_line(exc)}") from None
         except (XpcnnError, OSError) as exc:
             if debug:
                 traceback.print_exc()
@@ -57,6 +66,14 @@ def friendly_errors(command):
             sys.exit(EXIT_BUG)
 
     return wrapper
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null, so that Python's flush at exit does not fail on a closed pipe a second time."""
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError):  # stdout is no file (captured in tests, or closed): nothing to flush there
+        pass
 
 
 def user_message(exc: Exception) -> str:

@@ -262,6 +262,15 @@ def to_host(array) -> np.ndarray:
     return np.array(array)
 
 
+def beyond_range(host_array, dtype) -> bool:
+    """Whether a float host array holds values too large for the float ``dtype`` (any namespace's) it is to be
+    cast to, which the cast would turn into infinities (a float64 checkpoint's 1e300 loaded as float32)."""
+    host_array, target = np.asarray(host_array), host_dtype(dtype)
+    if host_array.dtype.kind != "f" or target.kind != "f" or host_array.size == 0:
+        return False
+    return bool(np.max(np.abs(host_array)) > np.finfo(target).max)
+
+
 def _is_strict_array(array) -> bool:
     return type(array).__module__.startswith("array_api_strict")
 
@@ -391,7 +400,7 @@ def _parse_cuda_index(device: str) -> int:
     if device == "cuda":
         return 0
     index = device.removeprefix("cuda:")
-    if not index.isdigit():
+    if not (index.isascii() and index.isdigit()):
         raise BackendError(f"unknown device {device!r}: expected one of {', '.join(DEVICE_NAMES)}")
     return int(index)
 

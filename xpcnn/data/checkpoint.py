@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -81,7 +82,7 @@ def load_checkpoint(run_or_file: str | os.PathLike) -> Checkpoint:
             if not zipfile.is_zipfile(file):  # before NumPy, whose errors for other files suggest unsafe loading
                 raise CheckpointError(f"{path}: not an xpcnn checkpoint (not an .npz archive)")
             arrays = _read_arrays(file)
-        meta = json.loads(arrays.pop("meta.json").tobytes().decode())
+        meta = json.loads(arrays.pop("meta.json").tobytes().decode(), parse_int=_json_int)
     except NotRegularFileError as exc:
         raise CheckpointError(str(exc)) from None
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, UnicodeDecodeError, RuntimeError) as exc:
@@ -159,6 +160,15 @@ def _read_npy_member(member, info: zipfile.ZipInfo) -> np.ndarray:
 _STATE_KEYS = {"epoch", "step", "global_step", "partial", "history"}
 _PARTIAL_KEYS = {"loss_sum", "correct", "seen", "seconds"}
 _HISTORY_KEYS = {"epoch", "train_loss", "train_accuracy", "lr", "seconds"}
+
+
+def _json_int(text: str) -> int:
+    """An integer of meta.json; ValueError beyond a float's range, where the checks of a number would overflow
+    (OverflowError) rather than name the checkpoint."""
+    value = int(text)
+    if abs(value) > sys.float_info.max:
+        raise ValueError(f"an integer of {len(text.lstrip('-'))} digits in meta.json")
+    return value
 
 
 def _count(value) -> bool:

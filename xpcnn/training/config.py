@@ -7,6 +7,7 @@ import functools
 import importlib.util
 import math
 import numbers
+import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -202,6 +203,8 @@ def _typed(name: str, kind: str, value):
     ConfigError naming the setting where it is of another type.  bool is not a number here."""
     integer = isinstance(value, numbers.Integral) and not isinstance(value, bool | np.bool_)
     real = isinstance(value, numbers.Real) and not isinstance(value, bool | np.bool_)
+    if integer and kind != "int" and abs(int(value)) > sys.float_info.max:  # float() of it would overflow
+        raise ConfigError(f"{name} is too large, got an integer of {int(value).bit_length()} bits", name)
     if kind == "int" and integer:
         return int(value)
     if kind == "float" and real:

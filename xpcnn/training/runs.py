@@ -174,6 +174,8 @@ def default_run_dir(config: TrainConfig, root: Path = RUNS_ROOT) -> Path:
             path.mkdir(parents=True)
             return path
         except FileExistsError:
+            if not root.is_dir():  # a file or a dangling link holds the name: no number would do
+                raise XpcnnError(f"cannot make a run directory in {root}: it is not a directory") from None
             continue
     raise AssertionError("unreachable")
 

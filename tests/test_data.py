@@ -326,6 +326,22 @@ def test_a_missing_file_names_both_forms(tmp_path):
     assert data.BOTH_FORMS in assert_one_line_naming(error, data.TEST_LABELS)
 
 
+def test_without_a_home_the_cache_is_skipped_and_a_download_is_refused_in_one_line(tmp_path, monkeypatch):
+    def no_home():
+        raise RuntimeError("Could not determine home directory.")
+
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setattr(Path, "home", no_home)  # no HOME and no user entry: a container's arbitrary user id
+    assert data.cache_dir("tiny") is None
+    make_dataset_dir(tmp_path / "env" / "tiny")
+    monkeypatch.setenv("XPCNN_DATA_DIR", str(tmp_path / "env"))
+    assert find_data_dir(spec_for({})) == tmp_path / "env" / "tiny"
+    monkeypatch.delenv("XPCNN_DATA_DIR")
+    with pytest.raises(DataError) as error:
+        load_dataset(spec_for({}))
+    assert_one_line_naming(error, "tiny not found", "HOME", "--data-dir", "XPCNN_DATA_DIR")
+
+
 def test_nothing_found_without_download(tmp_path):
     with pytest.raises(DataError) as error:
         load_dataset(spec_for({}), download=False)
@@ -338,6 +354,15 @@ def test_count_mismatch(tmp_path):
     with pytest.raises(DataError) as error:
         load_dataset(spec_for({}), tmp_path)
     assert_one_line_naming(error, data.TEST_IMAGES, data.TEST_LABELS, "5 images", "4 labels")
+
+
+def test_a_labels_header_that_declares_more_labels_than_images_is_refused_before_reading(tmp_path):
+    make_dataset_dir(tmp_path)
+    # A million labels declared, four bytes there: refused on the header's count, not read as a truncated file.
+    (tmp_path / data.TEST_LABELS).write_bytes(gzip.compress(idx_bytes(8, (10**6,), bytes(4))))
+    with pytest.raises(DataError) as error:
+        load_dataset(spec_for({}), tmp_path)
+    assert_one_line_naming(error, data.TEST_IMAGES, data.TEST_LABELS, "5 images", "1000000 labels")
 
 
 def test_label_out_of_range(tmp_path):

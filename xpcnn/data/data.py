@@ -144,11 +144,16 @@ DOWNLOAD_TIMEOUT = 30.0  # seconds, per connection attempt and per read
 _CHUNK = 1 << 16
 
 
-def cache_dir(name: str) -> Path:
-    """Where dataset `name` is downloaded: ``$XDG_CACHE_HOME/xpcnn/<name>`` or ``~/.cache/xpcnn/<name>``."""
+def cache_dir(name: str) -> Path | None:
+    """Where dataset `name` is downloaded: ``$XDG_CACHE_HOME/xpcnn/<name>`` or ``~/.cache/xpcnn/<name>``; None
+    where there is no home (no HOME and no user entry: a container run as an arbitrary user id)."""
     xdg = os.environ.get("XDG_CACHE_HOME", "")
-    base = Path(xdg) if os.path.isabs(xdg) else Path.home() / ".cache"
-    return base / "xpcnn" / name
+    if os.path.isabs(xdg):
+        return Path(xdg) / "xpcnn" / name
+    try:
+        return Path.home() / ".cache" / "xpcnn" / name
+    except RuntimeError:
+        return None
 
 
 # How the messages that ask for the files name their two forms (`_locate`).
@@ -202,7 +207,7 @@ def find_data_dir(spec: DatasetSpec, data_dir: str | os.PathLike | None = None) 
     if env_dir:
         candidates.append(Path(env_dir) / spec.name)
     candidates += [cache_dir(spec.name), *spec.system_dirs]
-    return next((directory for directory in candidates if not _missing(directory)), None)
+    return next((directory for directory in candidates if directory is not None and not _missing(directory)), None)
 
 
 def _fetch(url: str, dest: Path, sha256: str, *, progress: bool, timeout: float) -> None:
@@ -328,20 +333,29 @@ IMAGE_SIZE = (28, 28)  # what every model takes
 
 
 def _read_split(images_path: Path, labels_path: Path, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
-    """Read and check one split: at least one image, images (N, 28, 28) uint8 and labels (N,) uint8 < num_classes."""
-    images = read_idx(images_path)
-    labels = read_idx(labels_path)
-    if images.ndim != 3 or images.dtype != np.uint8:
-        raise DataError(f"{images_path}: expected 3-D uint8 images, found {images.ndim}-D {images.dtype}")
-    if images.shape[1:] != IMAGE_SIZE:
-        raise DataError(f"{images_path}: expected 28x28 images, found {images.shape[1]}x{images.shape[2]}")
-    if len(images) == 0:
-        raise DataError(f"{images_path}: holds no images")
-    if labels.ndim != 1 or labels.dtype != np.uint8:
-        raise DataError(f"{labels_path}: expected 1-D uint8 labels, found {labels.ndim}-D {labels.dtype}")
-    if len(images) != len(labels):
-        raise DataError(f"{images_path} has {len(images)} images but {labels_path} has {len(labels)} labels")
-    if labels.size and labels.max() >= num_classes:
+    """Read and check one split: at least one image, images (N, 28, 28) uint8 and labels (N,) uint8 < num_classes.
+
+    The shapes and dtypes are checked on each file's header, before its data is read: a header that declares
+    a billion labels is refused without inflating them.
+    """
+
+    def check_images(dtype: np.dtype, shape: tuple[int, ...]) -> None:
+        if len(shape) != 3 or dtype != np.uint8:
+            raise DataError(f"{images_path}: expected 3-D uint8 images, found {len(shape)}-D {dtype}")
+        if shape[1:] != IMAGE_SIZE:
+            raise DataError(f"{images_path}: expected 28x28 images, found {shape[1]}x{shape[2]}")
+        if shape[0] == 0:
+            raise DataError(f"{images_path}: holds no images")
+
+    def check_labels(dtype: np.dtype, shape: tuple[int, ...]) -> None:
+        if len(shape) != 1 or dtype != np.uint8:
+            raise DataError(f"{labels_path}: expected 1-D uint8 labels, found {len(shape)}-D {dtype}")
+        if shape[0] != len(images):
+            raise DataError(f"{images_path} has {len(images)} images but {labels_path} has {shape[0]} labels")
+
+    images = read_idx(images_path, check_images)
+    labels = read_idx(labels_path, check_labels)
+    if labels.max() >= num_classes:
         raise DataError(
             f"{labels_path}: label {labels.max()} out of range for {num_classes} classes (images in {images_path})"
         )
@@ -365,6 +379,11 @@ def load_dataset(
     directory = find_data_dir(spec, data_dir)
     if directory is None:
         cache = cache_dir(spec.name)
+        if cache is None:
+            raise DataError(
+                f"{spec.name} not found, and no home folder to download it into (set HOME or XDG_CACHE_HOME); "
+                "or give --data-dir, or set XPCNN_DATA_DIR"
+            )
         if not download:
             raise DataError(f"{spec.name} not found (downloads disabled); {_where_to_put(spec, cache)}")
         directory = download_files(spec, cache, progress=progress)

@@ -11,6 +11,7 @@ import math
 import os
 import struct
 import zlib
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -44,13 +45,16 @@ MAX_IDX_BYTES = 2**31
 _TRAILING_COUNTED = 2**20
 
 
-def read_idx(path: str | os.PathLike) -> np.ndarray:
+def read_idx(path: str | os.PathLike, check: Callable[[np.dtype, tuple[int, ...]], None] | None = None) -> np.ndarray:
     """Read an IDX file, gzip-compressed (detected by its magic bytes) or raw.
 
     Returns a new, writable, native-endian array of the file's shape and
     dtype (uint8, int8, int16, int32, float32 or float64).  Reads (and
     decompresses) no more than the header declares, which may be at most
-    ``MAX_IDX_BYTES``.
+    ``MAX_IDX_BYTES``.  ``check(dtype, shape)``, given, sees the header's
+    (native-endian) dtype and shape before the data is read, and raises
+    DataError for a file the caller cannot use, so that such a file is
+    refused from its header alone.
     """
     path = Path(path)
     try:
@@ -58,9 +62,9 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
             if raw.read(2) == _GZIP_MAGIC:
                 raw.seek(0)
                 with gzip.GzipFile(fileobj=raw) as stream:
-                    return _read_idx_stream(stream, path)
+                    return _read_idx_stream(stream, path, check)
             raw.seek(0)
-            return _read_idx_stream(raw, path)
+            return _read_idx_stream(raw, path, check)
     except (EOFError, zlib.error, gzip.BadGzipFile) as error:
         raise DataError(f"{path}: corrupt gzip stream: {one_line(error)}") from error
     except NotRegularFileError as error:
@@ -69,7 +73,7 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
         raise DataError(f"{path}: cannot read: {one_line(error.strerror or error)}") from error
 
 
-def _read_idx_stream(stream, path: Path) -> np.ndarray:
+def _read_idx_stream(stream, path: Path, check) -> np.ndarray:
     """The IDX array in ``stream`` (a file or a gzip stream), reading no further than its header declares."""
     start = stream.read(4)
     if len(start) < 4:
@@ -90,6 +94,8 @@ def _read_idx_stream(stream, path: Path) -> np.ndarray:
     size = count * dtype.itemsize
     if size > MAX_IDX_BYTES:
         raise DataError(f"{path}: the IDX header declares {shape} items, {size:,} bytes: more than xpcnn reads")
+    if check is not None:
+        check(dtype.newbyteorder("="), shape)
     data = stream.read(size + _TRAILING_COUNTED)
     if len(data) < size:
         raise DataError(f"{path}: truncated IDX file: expected {count} items, found {len(data) // dtype.itemsize}")

@@ -123,6 +123,15 @@ def test_confusion_perfect_long_names_and_bad_shape(tmp_path):
     assert not (tmp_path / "bad.png").exists()
 
 
+def test_class_names_are_shown_literally_not_as_mathematics(tmp_path):
+    needs_matplotlib()
+    names = ["$\\nope$", "$", "a$b$c", "plain"]  # malformed mathtext would fail the whole figure
+    check_png(plot_confusion(np.diag([5, 4, 3, 2]) + 1, names, tmp_path / "confusion.png"))
+    images = np.zeros((4, 28, 28), np.uint8)
+    probabilities = np.full((4, 4), 0.25)
+    check_png(plot_worst(images, np.arange(4), np.array([1, 0, 3, 2]), probabilities, names, tmp_path / "worst.png"))
+
+
 def test_worst_indices_order_and_count():
     labels = np.array([0, 1, 2, 3, 4, 5])
     predictions = np.array([1, 1, 0, 3, 0, 0])  # wrong at 0, 2, 4, 5

@@ -116,6 +116,12 @@ def _one_two_five(top: int) -> list[int]:
     return ticks
 
 
+def _literal(names: list[str]) -> list[str]:
+    """Class names as matplotlib shows them literally: a checkpoint's "$x$" would be parsed as mathematics,
+    and malformed mathematics fails the whole figure."""
+    return [name.replace("$", r"\$") for name in names]
+
+
 def plot_confusion(
     confusion: np.ndarray, classes: list[str], path: str | os.PathLike, title: str | None = None
 ) -> Path:
@@ -126,7 +132,7 @@ def plot_confusion(
     shows.  ``title`` replaces the heading "confusion matrix"; overall accuracy follows it.
     """
     matrix = np.asarray(confusion)
-    k = len(classes)
+    classes, k = _literal(classes), len(classes)
     if matrix.shape != (k, k):
         raise ValueError(f"confusion matrix of shape {matrix.shape} does not match {k} classes")
     total = int(matrix.sum())
@@ -217,7 +223,7 @@ def plot_worst(
     ``labels`` and ``predictions`` (N,) class indices; ``probabilities`` (N, K) with
     K = len(classes).  Each image is captioned "true X / pred Y (p%)".
     """
-    images = np.asarray(images)
+    images, classes = np.asarray(images), _literal(classes)
     n = images.shape[0]
     if images.ndim != 3:
         raise ValueError(f"images must be (N, H, W), got shape {images.shape}")

@@ -287,6 +287,17 @@ class DigitServer(ThreadingHTTPServer):
         super().handle_error(request, client_address)
 
 
+def _host_name(host: str) -> bool:
+    """Whether the socket module can encode ``host`` (no NUL; a non-ASCII name through IDNA)."""
+    if "\0" in host:
+        return False
+    try:
+        host.encode("ascii" if host.isascii() else "idna")
+    except UnicodeError:
+        return False
+    return True
+
+
 def make_server(
     checkpoint: Checkpoint,
     backend: Backend,
@@ -302,6 +313,8 @@ def make_server(
 
     XpcnnError (one line) where the address cannot be bound, e.g. a port already in use.
     """
+    if not _host_name(host):  # the socket would raise TypeError, not the OSError of an address it cannot bind
+        raise XpcnnError(f"cannot listen on {host!r}: not a host name or address")
     reader = DigitReader(checkpoint, backend)
     try:
         return DigitServer((host, port), reader, quiet, body_timeout)

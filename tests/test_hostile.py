@@ -313,6 +313,24 @@ def test_predict_refuses_a_huge_picture_from_its_header(run, tmp_path):
     assert result.exit_code == 1 and "over the limit" in result.output
 
 
+@pytest.mark.parametrize("version", [(1, 0), (2, 0)])
+def test_predict_refuses_a_huge_array_from_its_header(tmp_path, version):
+    import io
+
+    header = io.BytesIO()
+    write = np.lib.format.write_array_header_1_0 if version == (1, 0) else np.lib.format.write_array_header_2_0
+    write(header, {"descr": "<f8", "fortran_order": False, "shape": (4096, 4096, 3)})
+    path = tmp_path / "huge.npy"
+    path.write_bytes(header.getvalue() + bytes(1024))  # 400 MB declared, a small file
+    with pytest.raises(ImageError, match="an array of 50,331,648 values is over the limit"):
+        load_image(path)
+    small = tmp_path / "small.npy"
+    digit = np.zeros((28, 28), np.float32)
+    digit[6:22, 12:16] = 1.0
+    np.save(small, digit)
+    assert load_image(small).shape == (28, 28)  # the header was read and the file rewound
+
+
 def test_a_closed_output_pipe_ends_the_command_quietly_with_141(run, tmp_path):
     picture = tmp_path / "digit.png"
     digit = np.zeros((28, 28), np.uint8)

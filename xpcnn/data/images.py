@@ -140,6 +140,20 @@ def _float_lightness(values: np.ndarray, name: str) -> np.ndarray:
     return values / 255 if high > 1 else values
 
 
+def _declared_values(file: BinaryIO) -> int | None:
+    """How many values a ``.npy`` header declares (None where it cannot tell: np.load then says why), read
+    before the data as pictures' sizes are; the file is left where it was."""
+    start = file.tell()
+    readers = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+    try:
+        reader = readers.get(np.lib.format.read_magic(file))
+        return None if reader is None else math.prod(reader(file)[0])
+    except (ValueError, TypeError, EOFError, OSError, SyntaxError):
+        return None
+    finally:
+        file.seek(start)
+
+
 def _read_npy(file: BinaryIO, name: str) -> np.ndarray:
     """Load a ``.npy`` array; return its lightness, float32 (H, W) in [0, 1].
 
@@ -151,6 +165,9 @@ def _read_npy(file: BinaryIO, name: str) -> np.ndarray:
         "expected a 2-D (H, W), (1, H, W), (H, W, 1), (H, W, 3) or (H, W, 4) array "
         "of uint8 in 0..255 or floats in [0, 1]"
     )
+    declared = _declared_values(file)
+    if declared is not None and declared > 4 * MAX_PIXELS:  # (H, W, 4) at most
+        raise ImageError(f"{name}: an array of {declared:,} values is over the limit of {4 * MAX_PIXELS:,}")
     try:
         array = np.load(file, allow_pickle=False)
     except ValueError as error:

@@ -116,8 +116,44 @@ def test_bad_launcher_variables_are_one_clear_error(environ, words):
 def test_the_timeout_comes_from_the_environment():
     assert D.timeout_seconds({}) == D.DEFAULT_TIMEOUT
     assert D.timeout_seconds({"XPCNN_DIST_TIMEOUT": "7.5"}) == 7.5
-    with pytest.raises(ConfigError, match="XPCNN_DIST_TIMEOUT"):
-        D.timeout_seconds({"XPCNN_DIST_TIMEOUT": "-1"})
+    for bad in ("-1", "0.0001", "1e15", "inf", "nan", "soon"):  # torch reads 0 ms as none; 1e15 s overflows
+        with pytest.raises(ConfigError, match="XPCNN_DIST_TIMEOUT"):
+            D.timeout_seconds({"XPCNN_DIST_TIMEOUT": bad})
+
+
+@pytest.mark.parametrize("address", ["host0", ":1234", "host0:", "host0:http", "host0:0", "host0:70000", "h:\u00b2"])
+def test_a_coordinator_address_without_a_usable_port_is_one_clear_error(monkeypatch, address):
+    from xpcnn.backends import distributed_jax
+
+    monkeypatch.setenv("XPCNN_COORDINATOR", address)
+    with pytest.raises(D.DistributedError, match="XPCNN_COORDINATOR must be rank 0's host:port"):
+        distributed_jax.initialize(D.Placement(0, 2, None, "torchrun"), 5.0)
+
+
+def test_fewer_training_images_than_ranks_is_a_config_error():
+    from xpcnn.data.device_data import Normalization
+    from xpcnn.training.config import TrainConfig, make_optimizer
+    from xpcnn.training.train import start_training
+
+    class TwoRanks(D.Communicator):
+        world_size = 2
+
+    from xpcnn.models import build
+
+    model = build("seed")
+    config = TrainConfig(model="seed", batch_size=2)
+    one = (np.zeros((1, 28, 28), np.uint8), np.zeros(1, np.uint8))
+    with pytest.raises(ConfigError, match="1 training image"):
+        start_training(
+            model,
+            make_optimizer(config, model),
+            get_backend("numpy"),
+            config,
+            Normalization(0.1, 0.3),
+            one,
+            {},
+            communicator=TwoRanks(),
+        )
 
 
 def test_several_ranks_on_a_backend_without_collectives_are_refused(monkeypatch):
@@ -335,3 +371,15 @@ def test_without_torch_several_ranks_are_one_line_naming_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "torch.distributed", None)
     with pytest.raises(D.DistributedError, match=r"pip install 'xpcnn\[distributed\]'"):
         D.TorchCommunicator(D.Placement(0, 2, "file:///nonexistent/r", "xpcnn"), 1.0)
+
+
+def test_eager_jax_over_several_ranks_is_refused_once_up_front(tmp_path):
+    pytest.importorskip("jax")
+    from click.testing import CliRunner
+
+    from xpcnn.apps.cli import main
+
+    args = ["train", "--nproc", "2", "--backend", "jax", "--eager", "--device", "cpu", "--out", str(tmp_path / "r")]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 2, result.output
+    assert "runs compiled: leave out --eager" in result.output and "rank" not in result.output

@@ -348,6 +348,19 @@ def test_a_closed_output_pipe_ends_the_command_quietly_with_141(run, tmp_path):
     assert process.returncode == 141 and stderr == b"", (process.returncode, stderr.decode())
 
 
+def test_output_the_terminal_cannot_encode_is_escaped_not_a_traceback(run, tmp_path):
+    target = tmp_path / "surrogate"
+    target.mkdir()
+    rewrite(run, target / "checkpoint.npz", lambda m, s, o: m["classes"].__setitem__(slice(None), ["\ud800"] * 10))
+    picture = tmp_path / "digit.png"
+    digit = np.zeros((28, 28), np.uint8)
+    digit[6:22, 12:16] = 255
+    Image.fromarray(digit).save(picture)
+    result = xpcnn_process("predict", target, picture, "--device", "cpu")
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
+    assert "\\ud800" in result.stdout, result.stdout
+
+
 def test_out_of_memory_is_one_line_not_a_bug():
     import click
 
@@ -394,6 +407,8 @@ def test_a_float_tiff_in_0_1_is_read_as_a_digit(tmp_path):
         ("elastic", 1e300),
         ("validation", -0.5),
         ("lr", 10**400),  # beyond a float's range: float() of it overflows
+        ("seed", 10**400),  # an integer setting too: its checkpoint could not be read back
+        ("epochs", 10**400),
     ],
 )
 def test_settings_of_the_wrong_type_or_range_are_a_config_error_naming_them(setting, value):

@@ -55,7 +55,7 @@ from ..training.tta import evaluate_tta
 from ..training.tta import views as test_time_views
 from . import export as exporting
 from . import plots
-from .exits import friendly_errors, user_message
+from .exits import escape_unencodable_output, friendly_errors, user_message
 from .options import allow_other_data_option, augmentation_options, device_options
 from .report import evaluation_lines
 
@@ -73,6 +73,7 @@ def main():
       xpcnn export runs/<run> --format onnx --output model.onnx
       xpcnn serve runs/<run>           # draw digits in the browser
     """
+    escape_unencodable_output()
 
 
 BENCH_MODELS = ("seed", "lenet", "convnet")
@@ -232,6 +233,8 @@ def train(
 
         check_backend(chosen, nproc)
         check_batch_size(config.batch_size, nproc)
+        if eager and chosen.name == "jax":  # here once, not by each rank after loading the data
+            raise click.UsageError("data-parallel training on the jax backend runs compiled: leave out --eager")
         # Once, here: a bad data directory is one line, not one per rank, and a download happens once.
         load_dataset(config.dataset, data_dir, progress=not quiet)
         if sys.argv[1:2] != ["train"]:  # the ranks rerun this command line

@@ -68,6 +68,17 @@ def friendly_errors(command):
     return wrapper
 
 
+def escape_unencodable_output() -> None:
+    """Let stdout write what its encoding cannot as backslash escapes, as stderr does: a file name in a legacy
+    encoding or a checkpoint's class name with a lone surrogate would otherwise fail a command at its output."""
+    reconfigure = getattr(sys.stdout, "reconfigure", None)
+    if reconfigure is not None:
+        try:
+            reconfigure(errors="backslashreplace")
+        except (ValueError, OSError):  # detached or closed
+            pass
+
+
 def _silence_stdout() -> None:
     """Point stdout at /dev/null, so that Python's flush at exit does not fail on a closed pipe a second time."""
     try:

@@ -94,6 +94,9 @@ def _init_method(environ, launcher: str) -> str:
     )
 
 
+MIN_TIMEOUT, MAX_TIMEOUT = 1.0, 7 * 24 * 3600.0  # XPCNN_DIST_TIMEOUT's range, in seconds
+
+
 def timeout_seconds(environ=None) -> float:
     """``XPCNN_DIST_TIMEOUT`` (seconds a collective waits for the other ranks), else :data:`DEFAULT_TIMEOUT`."""
     environ = os.environ if environ is None else environ
@@ -104,8 +107,11 @@ def timeout_seconds(environ=None) -> float:
         value = float(text)
     except ValueError:
         value = math.nan
-    if not 0 < value < math.inf:
-        raise ConfigError(f"XPCNN_DIST_TIMEOUT must be a number of seconds > 0, got {text!r}")
+    if not MIN_TIMEOUT <= value <= MAX_TIMEOUT:  # torch reads 0 ms as no timeout at all; a huge one overflows
+        raise ConfigError(
+            f"XPCNN_DIST_TIMEOUT must be a number of seconds from {MIN_TIMEOUT:g} to {MAX_TIMEOUT:g} (a week), "
+            f"got {text!r}"
+        )
     return value
 
 

@@ -23,15 +23,18 @@ def initialize(placement: Placement, timeout: float) -> None:
     """``jax.distributed.initialize`` for ``placement``, at ``XPCNN_COORDINATOR``; DistributedError without it."""
     import os
 
-    import jax
-
     address = os.environ.get("XPCNN_COORDINATOR")
     if not address:
         raise DistributedError(
             f"{placement.launcher} started {placement.world_size} ranks on the jax backend but named no "
             "coordinator: set XPCNN_COORDINATOR to rank 0's host:port (xpcnn train --nproc sets it)"
         )
+    host, colon, port = address.rpartition(":")
+    if not (colon and host and port.isascii() and port.isdigit() and 0 < int(port) < 65536):
+        raise DistributedError(f"XPCNN_COORDINATOR must be rank 0's host:port (a port 1 to 65535), got {address!r}")
     seconds = max(1, round(timeout))
+    import jax
+
     try:
         jax.distributed.initialize(
             coordinator_address=address,

@@ -203,7 +203,8 @@ def _typed(name: str, kind: str, value):
     ConfigError naming the setting where it is of another type.  bool is not a number here."""
     integer = isinstance(value, numbers.Integral) and not isinstance(value, bool | np.bool_)
     real = isinstance(value, numbers.Real) and not isinstance(value, bool | np.bool_)
-    if integer and kind != "int" and abs(int(value)) > sys.float_info.max:  # float() of it would overflow
+    # Beyond a float's range: float() of it overflows, and a checkpoint recording it could not be read back.
+    if integer and abs(int(value)) > sys.float_info.max:
         raise ConfigError(f"{name} is too large, got an integer of {int(value).bit_length()} bits", name)
     if kind == "int" and integer:
         return int(value)

@@ -22,6 +22,21 @@ def test_each_xpcnn_case_gets_a_torch_twin_on_the_device_it_ran_on():
     assert sessions.twin_case(cases.Case("xpcnn", "cupy", "lenet"), "cuda:1").label == "torch:cuda:lenet"
 
 
+@pytest.mark.parametrize("reply", ['{"device": "cpu", "comp', "a library's own print"])
+def test_a_reply_that_is_not_json_is_a_failed_case_not_a_traceback(reply, monkeypatch):
+    import subprocess
+    import sys
+
+    real_popen = subprocess.Popen
+
+    def case_that_prints(command, **kwargs):  # in place of the case's process: one line that is not a reply
+        return real_popen([sys.executable, "-c", f"print({reply!r})"], **kwargs)
+
+    monkeypatch.setattr(sessions.subprocess, "Popen", case_that_prints)
+    with pytest.raises(sessions.CaseFailed, match="not a reply from the case's process"):
+        sessions.Worker(cases.Case("xpcnn", "numpy", "seed"), cases.Settings(8, 8, 1, 1, 1, 1, False, False))
+
+
 def test_ratios_are_per_pair_of_interleaved_runs_with_their_median_and_spread():
     # A slow spell in the second pair slows both sides: the per-pair ratio does not move.
     assert formatting.pair_ratios([100.0, 50.0, 90.0], [100.0, 50.0, 60.0]) == [1.0, 1.0, 1.5]

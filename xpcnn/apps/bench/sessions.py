@@ -71,7 +71,10 @@ class Worker:
             self._process.wait()
             self._stderr.seek(0)
             raise CaseFailed((self._stderr.read().strip().splitlines() or ["no output"])[-1])
-        return json.loads(line)
+        try:
+            return json.loads(line)
+        except json.JSONDecodeError:  # cut short (a killed process) or a library's own print: the case is lost
+            raise CaseFailed(f"not a reply from the case's process: {line.strip()[:80]!r}") from None
 
     def close(self) -> None:
         with contextlib.suppress(BrokenPipeError):

@@ -27,7 +27,7 @@ def friendly_errors(command):
     """Show the errors a user can fix as one line with exit status 1 (128 + N for signal N), and bugs as bugs.
 
     User errors are xpcnn's own (:class:`XpcnnError`; a setting's error names its flag) and the
-    operating system's (a full disk, a missing permission).  Any other exception is a bug: its
+    operating system's (a full disk, a missing permission, memory run out).  Any other exception is a bug: its
     traceback, a request to report it, exit status 70.  ``XPCNN_DEBUG=1`` shows the traceback of
     user errors too.
     """
@@ -52,11 +52,7 @@ def friendly_errors(command):
         except BrokenPipeError:  # quietly, as a command killed by SIGPIPE would end
             _silence_stdout()
             sys.exit(EXIT_BROKEN_PIPE)
-        except MemoryError as exc:  # the machine's limit, not xpcnn's bug: a smaller batch or dataset may fit
-            if debug:
-                traceback.print_exc()
-            raise click.ClickException(f"out of memory: {_first_line(exc)}") from None
-        except (XpcnnError, OSError) as exc:
+        except (XpcnnError, OSError, MemoryError) as exc:
             if debug:
                 traceback.print_exc()
             raise click.ClickException(user_message(exc)) from None
@@ -91,6 +87,8 @@ def user_message(exc: Exception) -> str:
     """One line for a user error: a setting's flag first, an OS error's file and reason."""
     if isinstance(exc, ConfigError) and exc.setting:
         return f"{flag(exc.setting)}: {_first_line(exc)}"
+    if isinstance(exc, MemoryError):  # the machine's limit, not xpcnn's bug: a smaller batch or dataset may fit
+        return f"out of memory: {_first_line(exc)}"
     if isinstance(exc, OSError) and exc.strerror:
         target = f"{exc.filename}: " if exc.filename else ""
         return f"{target}{exc.strerror}"

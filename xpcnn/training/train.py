@@ -395,10 +395,12 @@ def start_training(
     fills in the normalised blank pixel.  Call it inside ``backend.activate()``.  Returns (trainer, train
     split, evaluation splits).
     """
-    world_size = (communicator or Local()).world_size
-    if usable_count(len(train[1]), config.batch_size, world_size) == 0:
-        raise ConfigError(f"{len(train[1])} training image(s) for {world_size} ranks: each rank needs one at least")
-    broadcast_state(model, communicator or Local())
+    ranks = communicator or Local()
+    if usable_count(len(train[1]), config.batch_size, ranks.world_size) == 0:
+        raise ConfigError(
+            f"{len(train[1])} training image(s) for {ranks.world_size} ranks: each rank needs one at least"
+        )
+    broadcast_state(model, ranks)
     train_split = DeviceSplit.from_host(backend, *train, norm)
     eval_splits = {name: DeviceSplit.from_host(backend, *split, norm) for name, split in evals.items()}
     background = -norm.mean / norm.std

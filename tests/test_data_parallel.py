@@ -6,6 +6,7 @@ process with batch B (float64, batch norm synchronised), the run directory of a 
 rank and back, and a rank killed mid-epoch stops the others with one line and a usable checkpoint.
 """
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -157,36 +158,158 @@ def test_a_rank_that_dies_or_hangs_stops_the_others_with_one_line(tmp_path, data
     assert resumed.returncode == 0, resumed.stderr
 
 
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
-def test_a_stop_signal_stops_every_rank_together_and_the_run_resumes(tmp_path, data_dir, signum):
-    """Ctrl-C reaches every process of the terminal's group; a scheduler's SIGTERM, the launcher alone
-    (it passes it on). Both: every rank stops at the same step, rank 0 checkpoints, 128 + the signal."""
-    out = tmp_path / "run"
+def _end_everything(process: subprocess.Popen, ranks: list[int]) -> None:
+    """After a failed test: kill the launcher's process group and its ranks (each in a session of its own)."""
+    for pid in ranks:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGKILL)
+    process.communicate()
+
+
+def _state(pid: int) -> str:
+    """A process's state letter from /proc (R, S, T for stopped, ...); "gone" once it has ended."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return "gone"
+
+
+def _wait_until(condition, what: str, seconds: float = 30) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.05)
+
+
+def _started(out: Path, epochs: int, *, new_group: bool = False) -> subprocess.Popen:
+    """``xpcnn train --nproc 2`` of ``epochs`` short epochs into ``out``, once its first checkpoint is written."""
     command = xpcnn(
-        "train", "--data-dir", data_dir, "--model", "seed", "--batch-size", 8, "--epochs", 50, "--out", out,
-        "--device", "cpu", "--nproc", 2, "--log-every", 5, "-q",
+        "train", "--data-dir", os.environ["XPCNN_TEST_DATA"], "--model", "seed", "--batch-size", 8,
+        "--epochs", epochs, "--out", out, "--device", "cpu", "--nproc", 2, "--log-every", 5, "-q",
     )  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(ROOT), "XPCNN_DIST_TIMEOUT": "20"}
-    process = subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        deadline = time.monotonic() + TIMEOUT
-        while not (out / "checkpoint.npz").exists():
-            assert process.poll() is None and time.monotonic() < deadline, "the run ended before its first epoch"
-            time.sleep(0.1)
-        if signum == signal.SIGINT:
-            os.killpg(process.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: every process of the group
-        else:
-            process.send_signal(signal.SIGTERM)
-        _, err = process.communicate(timeout=60)
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.communicate()
-    assert process.returncode == 128 + signum, err
-    assert "; continue with: xpcnn train --resume" in err and "Traceback" not in err, err
+    # A process group in the test's session, or a session of its own (as a terminal's job is, or not)
+    where = {"process_group": 0} if new_group else {"start_new_session": True}
+    process = subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True, **where)
+    deadline = time.monotonic() + TIMEOUT
+    while not (out / "checkpoint.npz").exists():  # an epoch is done: the ranks are training
+        if process.poll() is not None or time.monotonic() > deadline:
+            _end_everything(process, [])
+            pytest.fail("the run ended or stalled before its first epoch")
+        time.sleep(0.1)
+    return process
+
+
+@pytest.fixture
+def data_env(data_dir, monkeypatch):
+    monkeypatch.setenv("XPCNN_TEST_DATA", str(data_dir))
+
+
+def _resumes(out: Path) -> None:
     state = load_checkpoint(out).meta["state"]
     resumed = run(xpcnn("train", "--resume", out, "--epochs", state["epoch"] + 1, "-q"))
     assert resumed.returncode == 0, resumed.stderr
+
+
+@pytest.mark.parametrize("how", ["terminal-ctrl-c", "ctrl-c-to-the-launcher", "sigterm"])
+def test_a_stop_signal_stops_every_rank_together_and_the_run_resumes(tmp_path, data_env, how):
+    """A terminal's Ctrl-C (to the launcher's process group), a ``kill -INT`` of the launcher alone (an IDE's
+    stop button), a scheduler's SIGTERM: the launcher passes each on once, every rank stops at the same step,
+    rank 0 checkpoints, 128 + the signal."""
+    out = tmp_path / "run"
+    process = _started(out, 50)
+    ranks = _children(process.pid)
+    try:
+        if how == "terminal-ctrl-c":
+            os.killpg(process.pid, signal.SIGINT)
+        else:
+            process.send_signal(signal.SIGINT if how == "ctrl-c-to-the-launcher" else signal.SIGTERM)
+        _, err = process.communicate(timeout=60)
+    finally:
+        _end_everything(process, ranks)
+    signum = signal.SIGTERM if how == "sigterm" else signal.SIGINT
+    assert process.returncode == 128 + signum, err
+    assert "; continue with: xpcnn train --resume" in err and "Traceback" not in err, err
+    assert all(_state(pid) == "gone" for pid in ranks)
+    _resumes(out)
+
+
+def test_a_second_ctrl_c_kills_the_ranks_that_do_not_stop(tmp_path, data_env):
+    """Rank 1 stopped (SIGSTOP) cannot stop by itself, and rank 0 waits for it in a collective: a second Ctrl-C
+    kills both GRACE seconds later, well inside the 20 s XPCNN_DIST_TIMEOUT, and says so."""
+    from xpcnn.apps.launch import GRACE
+
+    out = tmp_path / "run"
+    process = _started(out, 500)
+    ranks = _children(process.pid)
+    try:
+        os.kill(ranks[1], signal.SIGSTOP)
+        process.send_signal(signal.SIGINT)
+        time.sleep(0.5)
+        started = time.monotonic()
+        process.send_signal(signal.SIGINT)
+        _, err = process.communicate(timeout=60)
+        took = time.monotonic() - started
+    finally:
+        _end_everything(process, ranks)
+    assert process.returncode == 130, err
+    assert GRACE <= took < GRACE + 5, took
+    assert err.strip().splitlines()[-1] == "xpcnn: ranks still running 5 s after the second Ctrl-C were killed", err
+    assert load_checkpoint(out).meta["state"]["epoch"] >= 1  # the last checkpoint is whole
+    _resumes(out)
+
+
+def test_ranks_stop_and_checkpoint_when_the_launcher_is_killed(tmp_path, data_env):
+    """SIGKILL leaves the launcher no time to pass anything on: Linux signals each rank (SIGTERM) as its parent
+    ends, and the ranks stop together, rank 0 saying where to continue."""
+    if not sys.platform.startswith("linux"):
+        pytest.skip("a parent-death signal is Linux's")
+    out = tmp_path / "run"
+    process = _started(out, 500)
+    ranks = _children(process.pid)
+    try:
+        process.kill()
+        _, err = process.communicate(timeout=60)  # the ranks hold stderr open until they end
+    finally:
+        _end_everything(process, ranks)
+    _wait_until(lambda: all(_state(pid) in ("gone", "Z") for pid in ranks), "the ranks did not end")
+    assert "stopped by SIGTERM" in err and "; continue with: xpcnn train --resume" in err, err
+    assert "Traceback" not in err, err
+    _resumes(out)
+
+
+def test_ctrl_z_suspends_the_ranks_with_the_launcher_and_fg_resumes_them(tmp_path, data_env):
+    out = tmp_path / "run"
+    process = _started(out, 500, new_group=True)  # not an orphaned group: a shell's job, which Ctrl-Z can stop
+    ranks = _children(process.pid)
+    try:
+        process.send_signal(signal.SIGTSTP)
+        _wait_until(lambda: [_state(pid) for pid in [process.pid, *ranks]] == ["T"] * 3, "not all suspended")
+        process.send_signal(signal.SIGCONT)
+        _wait_until(lambda: "T" not in [_state(pid) for pid in [process.pid, *ranks]], "not all continued")
+        process.send_signal(signal.SIGINT)
+        _, err = process.communicate(timeout=60)
+    finally:
+        _end_everything(process, ranks)
+    assert process.returncode == 130, err
+    _resumes(out)
+
+
+def test_a_hangup_ends_the_ranks_with_the_launcher(tmp_path, data_env):
+    """A closed terminal's SIGHUP ends the ranks as it ends the launcher (no rank 'failed'): 128 + 1."""
+    out = tmp_path / "run"
+    process = _started(out, 500)
+    ranks = _children(process.pid)
+    try:
+        process.send_signal(signal.SIGHUP)
+        _, err = process.communicate(timeout=60)
+    finally:
+        _end_everything(process, ranks)
+    assert process.returncode == 128 + signal.SIGHUP, err
+    assert "Error" not in err, err
+    assert all(_state(pid) in ("gone", "Z") for pid in ranks)
 
 
 FIT = """

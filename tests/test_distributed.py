@@ -4,6 +4,9 @@ Ranks are threads here (:class:`ThreadRanks`, collectives over a barrier), so th
 processes; tests/test_data_parallel.py runs real ranks through torch.distributed.
 """
 
+import os
+import signal
+import subprocess
 import sys
 import threading
 import time
@@ -12,7 +15,7 @@ import numpy as np
 import pytest
 
 from xpcnn import functional as F
-from xpcnn.apps.launch import GRACE, child_arguments, launch, rank_environment
+from xpcnn.apps.launch import GRACE, child_arguments, end_with_launcher, launch, rank_environment
 from xpcnn.backends import distributed as D
 from xpcnn.backends.backend import get_backend
 from xpcnn.backends.ranks import join
@@ -353,6 +356,60 @@ def test_a_failed_rank_stops_the_others_within_the_grace_period_with_one_line():
 
 def test_ranks_all_interrupted_are_interrupted():
     assert launch(2, _ranks_exit("sys.exit(130)", "sys.exit(130)"), lambda line: None) == 130
+
+
+def test_each_rank_has_a_session_of_its_own_and_knows_its_launcher():
+    rank = "sys.exit(0 if os.getsid(0) == os.getpid() and os.environ['XPCNN_LAUNCHER_PID'] == str(os.getppid()) else 5)"
+    assert launch(2, _ranks_exit(rank, rank), lambda line: None) == 0
+
+
+def test_a_ctrl_c_to_the_launcher_reaches_every_rank_and_is_no_failure():
+    """Rank 1 sends the launcher Ctrl-C; both ranks get it from the launcher and end by it (Python's default
+    for an uncaught KeyboardInterrupt: killed by SIGINT), which is a stop, not a failed rank."""
+    lines = []
+    ctrl_c = "os.kill(os.getppid(), signal.SIGINT); time.sleep(60)"
+    started = time.monotonic()
+    assert launch(2, _ranks_exit(f"import signal; {ctrl_c}", "time.sleep(60)"), lines.append) == 130
+    assert time.monotonic() - started < 30 and lines == []
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the launcher's handler is gone
+
+
+def test_a_failure_before_a_ctrl_c_is_still_the_failure():
+    lines = []
+    ctrl_c_later = "time.sleep(1); import signal; os.kill(os.getppid(), signal.SIGINT); time.sleep(60)"
+    assert launch(2, _ranks_exit("sys.exit(3)", ctrl_c_later), lines.append) == 1
+    statuses = "rank 0: signal 2 (SIGINT), rank 1: exit status 3"
+    assert lines == [f"Error: rank 1 of 2 failed; every rank has stopped ({statuses})"]
+
+
+def test_a_second_ctrl_c_kills_ranks_that_keep_running_after_the_grace_period():
+    deaf = "import signal; signal.signal(signal.SIGINT, signal.SIG_IGN)"
+    twice = f"{deaf}; [os.kill(os.getppid(), signal.SIGINT) or time.sleep(0.2) for _ in range(2)]; time.sleep(60)"
+    lines = []
+    started = time.monotonic()
+    assert launch(2, _ranks_exit(twice, f"{deaf}; time.sleep(60)"), lines.append) == 130
+    assert GRACE <= time.monotonic() - started < GRACE + 5
+    assert lines == [f"xpcnn: ranks still running {GRACE:g} s after the second Ctrl-C were killed"]
+
+
+def test_a_rank_asks_linux_for_sigterm_when_its_launcher_ends():
+    read_back = (
+        "import ctypes, os, sys; from xpcnn.apps.launch import end_with_launcher; "
+        "end_with_launcher({'XPCNN_LAUNCHER_PID': sys.argv[1]}); "
+        "value = ctypes.c_int(); ctypes.CDLL(None).prctl(2, ctypes.byref(value), 0, 0, 0); print(value.value)"
+    )  # 2: PR_GET_PDEATHSIG
+    if not sys.platform.startswith("linux"):
+        pytest.skip("a parent-death signal is Linux's")
+    launcher = subprocess.run([sys.executable, "-c", read_back, str(os.getpid())], capture_output=True, text=True)
+    assert launcher.stdout.strip() == str(int(signal.SIGTERM)), launcher.stderr
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()  # a launcher that ended before its rank asked: the rank stops at once
+    assert subprocess.run([sys.executable, "-c", read_back, str(gone.pid)]).returncode == -signal.SIGTERM
+
+
+@pytest.mark.parametrize("launcher", ["", "x", "-1", "99999999999999999999"])
+def test_without_a_launcher_pid_a_process_is_left_alone(launcher):
+    end_with_launcher({"XPCNN_LAUNCHER_PID": launcher} if launcher else {})
 
 
 def test_nproc_checks_the_data_once_before_starting_ranks(tmp_path):

@@ -183,6 +183,10 @@ def train(
     if plot:
         plots.require_matplotlib()
     placement = rank_from_environment()
+    if placement.launcher == "xpcnn":
+        from .launch import end_with_launcher
+
+        end_with_launcher()
     if nproc and nproc > 1 and placement.world_size > 1:
         raise click.UsageError(
             f"--nproc starts its own ranks: leave it out under {placement.launcher}, which started "

@@ -6,10 +6,16 @@ take free ones on 127.0.0.1), each with ``XPCNN_RANK``, ``XPCNN_WORLD_SIZE`` and
 rank ends with a failure, the others get :data:`GRACE` seconds to stop by themselves (they notice a dead
 peer at their next collective, a hung one after ``XPCNN_DIST_TIMEOUT``), then are killed; the launcher
 says which rank failed in one line and exits with status 1.
+
+Each rank runs in a session of its own and gets signals from the launcher alone: Ctrl-C, SIGTERM, SIGHUP and
+SIGQUIT are passed on to every rank once, so a ``kill -INT`` of the launcher stops the ranks as a terminal's
+Ctrl-C does; Ctrl-Z suspends them with it; and a rank ends with SIGTERM (stopping at a step boundary) when its
+launcher is killed outright.
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
 import socket
@@ -17,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 GRACE = 5.0  # seconds the other ranks get to end by themselves after one failed
@@ -24,6 +31,9 @@ POLL = 0.1  # seconds between looks at the ranks
 EXIT_INTERRUPTED = 130  # a rank stopped by Ctrl-C
 EXIT_TERMINATED = 143  # a rank stopped by SIGTERM
 STOPPED = (EXIT_INTERRUPTED, EXIT_TERMINATED)
+PASSED_ON = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)  # to every rank, as they came
+LAUNCHER_PID = "XPCNN_LAUNCHER_PID"  # in each rank's environment: the launcher's process id
+PR_SET_PDEATHSIG = 1  # from linux/prctl.h
 
 
 def free_port() -> int:
@@ -50,6 +60,23 @@ def rank_environment(rank: int, world_size: int, rendezvous: Path, environ=None,
     return environ
 
 
+def end_with_launcher(environ=None) -> None:
+    """In a rank of :func:`launch`: have Linux send this process SIGTERM when the launcher ends (killed with
+    SIGKILL, say), so that the ranks stop together at a step boundary and checkpoint instead of training on
+    unwatched.  Nothing on other systems, or where ``XPCNN_LAUNCHER_PID`` is not a process id."""
+    environ = os.environ if environ is None else environ
+    launcher = environ.get(LAUNCHER_PID, "")
+    if not (launcher.isdigit() and sys.platform.startswith("linux")):
+        return
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    try:
+        os.kill(int(launcher), 0)  # it may have ended before prctl: then no signal would come
+    except ProcessLookupError:
+        os.kill(os.getpid(), signal.SIGTERM)
+    except (OSError, OverflowError):  # not ours to signal, or no process id at all: it is not the launcher
+        pass
+
+
 def describe_status(status: int) -> str:
     """``exit status 1`` or ``signal 9 (SIGKILL)`` for a ``Popen.returncode``."""
     if status < 0:
@@ -60,34 +87,43 @@ def describe_status(status: int) -> str:
     return f"exit status {status}"
 
 
+@dataclass
+class Stopping:
+    """The signals the launcher received and passed on to the ranks, in order, and when it kills ranks that are
+    still running (set by a second Ctrl-C: a person who does not want to wait)."""
+
+    passed_on: list[int] = field(default_factory=list)
+    kill_at: float | None = None
+    killed: bool = False
+
+
 def launch(world_size: int, command: list[str], say=None) -> int:
     """Run ``command`` (e.g. ``[python, "-m", "xpcnn", "train", ...]``) as ranks 0..world_size-1 here; the exit
     status for the whole.
 
-    0 when every rank succeeded, 130 when Ctrl-C stopped them (143: SIGTERM, passed on to every rank), else 1
-    after ``say`` (a function of one line, stderr by default) named the first rank that failed.
+    0 when every rank succeeded; 128 + N when signal N (Ctrl-C, SIGTERM, SIGHUP, SIGQUIT), sent to the launcher,
+    was passed on to every rank and stopped them; else 1 after ``say`` (a function of one line, stderr by
+    default) named the first rank that failed.  Each rank runs in a session of its own, so a signal reaches it
+    only through the launcher, once: a terminal's Ctrl-C and a ``kill -INT`` of the launcher alone (an IDE's
+    stop button) stop the ranks alike, at a step boundary; a second Ctrl-C stops them at once, and kills those
+    still running :data:`GRACE` seconds later.  Ctrl-Z suspends the ranks with the launcher.
     """
     say = say or (lambda line: print(line, file=sys.stderr, flush=True))
     with tempfile.TemporaryDirectory(prefix="xpcnn-ranks-") as folder:
         rendezvous = Path(folder) / "rendezvous"
-        ranks = []
-
-        def stop_ranks(signum, frame):
-            # Ctrl-C reaches every rank from the terminal by itself; a SIGTERM (a scheduler's, a container's)
-            # is passed on.  Either way the launcher waits for the ranks to stop at a step boundary.
-            if signum == signal.SIGTERM:
-                for process in ranks:
-                    if process.poll() is None:
-                        process.send_signal(signal.SIGTERM)
-
-        # A handler, not SIG_IGN: the ranks inherit an ignored signal, but not a handler.
-        previous = {signum: signal.signal(signum, stop_ranks) for signum in (signal.SIGINT, signal.SIGTERM)}
+        ranks: list[subprocess.Popen] = []
+        stopping = Stopping()
+        previous = _pass_signals_on(ranks, stopping)
         try:
             coordinator = f"127.0.0.1:{free_port()}"
             for rank in range(world_size):
                 environ = rank_environment(rank, world_size, rendezvous, coordinator=coordinator)
-                ranks.append(subprocess.Popen(command, env=environ))
-            return _watch(ranks, say)
+                environ[LAUNCHER_PID] = str(os.getpid())
+                process = subprocess.Popen(command, env=environ, start_new_session=True)
+                ranks.append(process)
+                for signum in stopping.passed_on:  # what came while the ranks started
+                    process.send_signal(signum)
+            return _watch(ranks, say, stopping)
         finally:
             for process in ranks:
                 if process.poll() is None:
@@ -97,27 +133,86 @@ def launch(world_size: int, command: list[str], say=None) -> int:
                 signal.signal(signum, signal.SIG_DFL if handler is None else handler)
 
 
-def _watch(ranks: list[subprocess.Popen], say) -> int:
-    """Wait for every rank; after the first failure, :data:`GRACE` seconds for the rest, then kill them."""
+def _pass_signals_on(ranks: list[subprocess.Popen], stopping: Stopping) -> dict:
+    """Handle the launcher's signals by passing them on to the live ``ranks``; the handlers they replace.
+
+    A signal the launcher was started to ignore (Ctrl-C in a shell's background job, SIGHUP under nohup) is left
+    ignored, and the ranks inherit that; they do not inherit a handler.
+    """
+
+    def live():
+        return [process for process in ranks if process.poll() is None]
+
+    def pass_on(signum, frame):
+        if signum == signal.SIGINT and stopping.passed_on and stopping.kill_at is None:
+            stopping.kill_at = time.monotonic() + GRACE
+        stopping.passed_on.append(signum)
+        for process in live():
+            process.send_signal(signum)
+
+    def suspend(signum, frame):
+        # SIGSTOP, not SIGTSTP: the ranks' process groups are orphaned (their parent is in another session),
+        # and the kernel discards a terminal stop signal sent to such a group.
+        stopped = live()
+        for process in stopped:
+            process.send_signal(signal.SIGSTOP)
+        signal.signal(signal.SIGTSTP, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTSTP)  # returns once the shell continues the launcher (fg, bg)
+        signal.signal(signal.SIGTSTP, suspend)
+        for process in stopped:
+            process.send_signal(signal.SIGCONT)
+
+    handlers = {signum: pass_on for signum in PASSED_ON} | {signal.SIGTSTP: suspend}
+    previous = {}
+    for signum, handler in handlers.items():
+        if signal.getsignal(signum) is not signal.SIG_IGN:
+            previous[signum] = signal.signal(signum, handler)
+    return previous
+
+
+def _watch(ranks: list[subprocess.Popen], say, stopping: Stopping) -> int:
+    """Wait for every rank; after the first failure, :data:`GRACE` seconds for the rest, then kill them (and
+    likewise when ``stopping.kill_at`` has passed).  A failure seen before a signal was passed on is reported
+    even if one comes during the grace period."""
     first, failed_at = None, None  # the rank that failed first, and when it was seen
     while None in [process.poll() for process in ranks]:  # a list: poll every rank, each look
         if first is None:
-            first = next((r for r, p in enumerate(ranks) if p.returncode not in (None, 0, *STOPPED)), None)
+            first = next((r for r, p in enumerate(ranks) if not _stopped_well(p.returncode, stopping)), None)
             failed_at = time.monotonic()
         elif time.monotonic() - failed_at > GRACE:
-            for process in ranks:
-                if process.poll() is None:
-                    process.kill()
-                process.wait()
+            _kill(ranks)
+        if stopping.kill_at is not None and time.monotonic() > stopping.kill_at:
+            stopping.killed = True
+            _kill(ranks)
         time.sleep(POLL)
     statuses = [process.returncode for process in ranks]
-    failed = [rank for rank, status in enumerate(statuses) if status not in (0, *STOPPED)]
-    if not failed:
-        return next((status for status in STOPPED if status in statuses), 0)
-    first = failed[0] if first is None else first  # None: the failures came after the last look
+    failed = [rank for rank, status in enumerate(statuses) if not _stopped_well(status, stopping)]
+    first = failed[0] if first is None and failed else first  # a failure after the last look, or none
+    if first is None:
+        if stopping.killed:
+            say(f"xpcnn: ranks still running {GRACE:g} s after the second Ctrl-C were killed")
+        if not any(statuses):
+            return 0
+        if stopping.passed_on:
+            return 128 + stopping.passed_on[0]
+        return next(status for status in STOPPED if status in statuses)
     shown = ", ".join(f"rank {rank}: {describe_status(status)}" for rank, status in enumerate(statuses))
     say(f"Error: rank {first} of {len(ranks)} failed; every rank has stopped ({shown})")
     return 1
+
+
+def _stopped_well(status: int | None, stopping: Stopping) -> bool:
+    """Whether a rank's exit status (None: running) is no failure: a success, 130 or 143 (a rank stopped by
+    Ctrl-C or SIGTERM), or any end after a signal was passed on, which is the stop's doing (a rank that got
+    Ctrl-C while it started ends with a traceback, and its partners with a lost peer)."""
+    return status is None or status in (0, *STOPPED) or bool(stopping.passed_on)
+
+
+def _kill(ranks: list[subprocess.Popen]) -> None:
+    for process in ranks:
+        if process.poll() is None:
+            process.kill()
+        process.wait()
 
 
 def child_arguments(arguments: list[str], out: str) -> list[str]:

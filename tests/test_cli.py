@@ -181,6 +181,26 @@ def library_probabilities(run, images_uint8):
     return predict_probabilities(model, normalize_images(numpy, images_uint8[:, None] / 255.0, norm))
 
 
+def test_a_checkpoint_fit_trained_on_arrays_predicts_but_is_not_evaluated_or_resumed(tmp_path):
+    import xpcnn
+
+    rng = np.random.default_rng(0)
+    images, labels = rng.integers(0, 256, (64, 28, 28), dtype=np.uint8), rng.integers(0, 10, 64)
+    history = xpcnn.fit("seed", (images, labels), epochs=1, batch_size=32, backend="numpy")
+    run = tmp_path / "run"
+    run.mkdir()
+    xpcnn.save(run / "checkpoint.npz", history.optimizer.model, history)
+    stroke = np.zeros((28, 28), np.uint8)
+    stroke[6:22, 12:16] = 255  # a 1
+    np.save(tmp_path / "digit.npy", stroke)
+    predicted = CliRunner().invoke(main, ["predict", str(run), str(tmp_path / "digit.npy")])
+    assert predicted.exit_code == 0, predicted.output
+    refusal = f"Error: {run} was trained by xpcnn.fit on arrays, not on a dataset's files: use it from Python"
+    for command in (["evaluate", str(run)], ["train", "--resume", str(run), "--epochs", "2"]):
+        result = CliRunner().invoke(main, command)
+        assert (result.exit_code, result.output.strip().splitlines()[-1]) == (1, refusal), result.output
+
+
 def test_info_lists_backends():
     output = invoke("info").output
     assert "numpy" in output and "array-api-strict" in output and "cupy" in output and "GPUs" in output

@@ -24,12 +24,14 @@ from ..base.files import check_writable
 from ..data.checkpoint import CHECKPOINT_NAME, checkpoint_path, load_checkpoint
 from ..data.data import DATASETS, TEST_FILES, find_data_dir, get_spec, load_dataset
 from ..data.device_data import DeviceSplit, normalize_images
+from ..data.idx import DataError
 from ..data.images import ImageError, load_image
 from ..models import MODELS
 from ..optim import OPTIMIZERS
 from ..training.config import RECIPES, TrainConfig, recipe, recipe_backend, recipe_dataset, recipes_for
 from ..training.display import Progress
 from ..training.ensemble import evaluate_ensemble
+from ..training.fitting import ARRAYS
 from ..training.runs import (
     RUNS_ROOT,
     check_no_run,
@@ -78,7 +80,13 @@ def main():
 
 BENCH_MODELS = ("seed", "lenet", "convnet")
 TF32_HELP = "Let float32 matrix products on NVIDIA GPUs use TF32 tensor cores (10-bit mantissas): faster, less exact."
-EAGER_HELP = "JAX: run each operation as it comes instead of one compiled program per step (for debugging)."
+EAGER_HELP = "JAX: run each operation as it comes instead of compiled programs (for debugging)."
+
+
+def require_named_dataset(config: TrainConfig, run) -> None:
+    """Refuse a run that ``xpcnn.fit`` trained on arrays: the command line has no such data to load."""
+    if config.dataset == ARRAYS:
+        raise DataError(f"{run} was trained by xpcnn.fit on arrays, not on a dataset's files: use it from Python")
 
 
 @main.command()
@@ -209,6 +217,7 @@ def train(
         except ConfigError as exc:
             raise click.UsageError(str(exc)) from None  # names its flags, and the run's own values
         out = Path(resume)
+        require_named_dataset(config, resume)
         data_dir = data_dir or recorded_data_dir(checkpoint, out)
     else:
         checkpoint = None
@@ -335,6 +344,7 @@ def evaluate(run, data_dir, device, backend, as_json, plot, tta, members, allow_
     chosen = get_backend(backend, device)
     config = checkpoint_config(checkpoint)
     run_dir = checkpoint_path(run).parent
+    require_named_dataset(config, run)
     dataset = load_dataset(config.dataset, data_dir or recorded_data_dir(checkpoint, run_dir))
     try:
         for each in (checkpoint, *others):

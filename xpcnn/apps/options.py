@@ -20,7 +20,8 @@ def device_options(command):
         "--backend",
         type=click.Choice(BACKEND_NAMES),
         default=None,
-        help="Array library (default: from --device: cupy for CUDA, numpy for the CPU).",
+        help="Array library (default: from --device: cupy for CUDA, numpy for the CPU; train's recipes quick, best "
+        "and fashion take jax on the CPU where it is installed).",
     )(command)
     return click.option(
         "--device",

@@ -153,7 +153,8 @@ def save(path: str | os.PathLike, model: Sequential, history: History) -> None:
     """Write a checkpoint of ``model`` and its optimiser (atomically) that :mod:`xpcnn.data.checkpoint` reads.
 
     For a named architecture (trained from a model name, or built by :func:`xpcnn.models.build`)
-    the command line's ``xpcnn evaluate`` and ``predict`` read it too.
+    the command line's ``xpcnn predict``, ``export`` and ``serve`` read it too, and ``xpcnn evaluate`` where it
+    was trained on a named dataset.
     """
     meta = checkpoint_meta(history.config, history.state, history.normalization, history.dataset, _backend(model))
     save_checkpoint(path, meta, model.state_dict(), history.optimizer.state_dict())

@@ -41,7 +41,8 @@ def friendly_errors(command):
         except (click.ClickException, click.exceptions.Exit, click.exceptions.Abort):
             raise
         except TrainingInterrupted as exc:  # stopped at a step boundary, checkpointed: 130 for Ctrl-C, 143 for SIGTERM
-            click.echo(f"\nxpcnn: {exc}", err=True)
+            if exc.speak:
+                click.echo(f"\nxpcnn: {exc}", err=True)
             sys.exit(128 + exc.signum)
         except Terminated:
             click.echo("\nxpcnn: stopped by SIGTERM", err=True)

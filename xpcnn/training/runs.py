@@ -429,7 +429,7 @@ def _train_in(
         except TrainingInterrupted as exc:
             save(state)
             message = f"{exc}; checkpoint written to {out}; continue with: xpcnn train --resume {out}"
-            raise TrainingInterrupted(message, exc.signum) from None
+            raise TrainingInterrupted(message, exc.signum, speak=communicator.is_root) from None
         except TrainingDiverged as exc:
             kept = (
                 f"the last good checkpoint (epoch {state.epoch}) is kept in {out}"

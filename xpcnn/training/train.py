@@ -73,11 +73,13 @@ class TrainingDiverged(XpcnnError, RuntimeError):
 
 
 class TrainingInterrupted(RuntimeError):
-    """Ctrl-C or SIGTERM stopped the run at a step boundary; ``signum`` is the signal's number."""
+    """Ctrl-C or SIGTERM stopped the run at a step boundary; ``signum`` is the signal's number, and ``speak``
+    whether this process tells the user (of several ranks only rank 0, which writes the checkpoint, does)."""
 
-    def __init__(self, message: str, signum: int):
+    def __init__(self, message: str, signum: int, speak: bool = True):
         super().__init__(message)
         self.signum = signum
+        self.speak = speak
 
 
 class Trainer:

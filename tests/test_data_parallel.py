@@ -165,7 +165,9 @@ def _end_everything(process: subprocess.Popen, ranks: list[int]) -> None:
             os.kill(pid, signal.SIGKILL)
     if process.poll() is None:
         os.killpg(process.pid, signal.SIGKILL)
-    process.communicate()
+    if process.stderr is not None and not process.stderr.closed:
+        process.communicate()
+    process.wait()
 
 
 def _state(pid: int) -> str:
@@ -183,11 +185,11 @@ def _wait_until(condition, what: str, seconds: float = 30) -> None:
         time.sleep(0.05)
 
 
-def _started(out: Path, epochs: int, *, new_group: bool = False) -> subprocess.Popen:
+def _started(out: Path, epochs: int, *, new_group: bool = False, quiet: bool = True) -> subprocess.Popen:
     """``xpcnn train --nproc 2`` of ``epochs`` short epochs into ``out``, once its first checkpoint is written."""
     command = xpcnn(
         "train", "--data-dir", os.environ["XPCNN_TEST_DATA"], "--model", "seed", "--batch-size", 8,
-        "--epochs", epochs, "--out", out, "--device", "cpu", "--nproc", 2, "--log-every", 5, "-q",
+        "--epochs", epochs, "--out", out, "--device", "cpu", "--nproc", 2, "--log-every", 5, *["-q"] * quiet,
     )  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(ROOT), "XPCNN_DIST_TIMEOUT": "20"}
     # A process group in the test's session, or a session of its own (as a terminal's job is, or not)
@@ -294,6 +296,22 @@ def test_ctrl_z_suspends_the_ranks_with_the_launcher_and_fg_resumes_them(tmp_pat
     finally:
         _end_everything(process, ranks)
     assert process.returncode == 130, err
+    _resumes(out)
+
+
+def test_a_closed_progress_pipe_stops_every_rank_with_a_checkpoint(tmp_path, data_env):
+    """Rank 0 alone writes progress; when its reader goes away, the ranks agree to stop as on SIGTERM, rank 0
+    checkpoints, and the launcher ends as rank 0 does, 141 (SIGPIPE's status)."""
+    out = tmp_path / "run"
+    process = _started(out, 500, quiet=False)
+    ranks = _children(process.pid)
+    try:
+        process.stderr.close()
+        process.wait(timeout=60)
+    finally:
+        _end_everything(process, ranks)
+    assert process.returncode == 141
+    assert all(_state(pid) in ("gone", "Z") for pid in ranks)
     _resumes(out)
 
 

@@ -1,9 +1,11 @@
 import io
 import os
 import re
+import signal
 
 import pytest
 
+from xpcnn.base.stopping import stop_on_signals
 from xpcnn.training.display import Progress, fit_to_width, terminal_width
 
 RECORD = {
@@ -129,3 +131,18 @@ def _read_available(fd):
     import select
 
     return os.read(fd, 65536) if select.select([fd], [], [], 0.2)[0] else b""
+
+
+class ClosedPipe(io.StringIO):
+    def write(self, text):
+        raise BrokenPipeError(32, "Broken pipe")
+
+
+@pytest.mark.parametrize("stream", [ClosedPipe(), type("ClosedTerminal", (ClosedPipe, FakeTerminal), {})()])
+def test_a_reader_that_goes_away_ends_the_progress_and_asks_the_run_to_stop(stream):
+    progress = Progress(stream)
+    with stop_on_signals() as stop:
+        show_an_epoch(progress)
+        assert stop.signum == signal.SIGPIPE
+    assert progress.stream is None
+    show_an_epoch(progress)  # writes nothing more, raises nothing

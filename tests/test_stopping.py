@@ -1,5 +1,6 @@
 """Stopping at a step boundary on Ctrl-C or a scheduler's SIGTERM: the scope, the library, a real `xpcnn train`."""
 
+import gc
 import json
 import os
 import re
@@ -7,6 +8,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 import urllib.request
 from pathlib import Path
 
@@ -20,7 +22,7 @@ from xpcnn.apps import cli
 from xpcnn.apps.cli import main
 from xpcnn.backends.backend import get_backend
 from xpcnn.base.files import atomic_output
-from xpcnn.base.stopping import Terminated, sigterm_interrupts, stop_on_signals
+from xpcnn.base.stopping import Terminated, request_stop, sigterm_interrupts, stop_on_signals
 from xpcnn.data.checkpoint import load_checkpoint
 from xpcnn.training import runs
 from xpcnn.training.config import TrainConfig
@@ -189,6 +191,69 @@ def test_outside_training_a_sigterm_interrupts_as_ctrl_c_does(sigterm_raises):
     with pytest.raises(Terminated), sigterm_interrupts():
         os.kill(os.getpid(), signal.SIGTERM)
     assert signal.getsignal(signal.SIGTERM) is sigterm_raises
+
+
+def test_an_interrupt_python_drops_inside_a_gc_callback_is_raised_again(sigterm_raises):
+    """JAX's garbage-collector callback: a SIGTERM's handler that runs inside it raises where Python can only print
+    "Exception ignored" and go on; the scope raises it again a moment later, in the command's own code."""
+    fired = []
+
+    def callback(phase, info):
+        if phase == "start" and not fired:
+            fired.append(phase)
+            os.kill(os.getpid(), signal.SIGTERM)
+            sum(range(100))  # bytecodes: the handler runs here, inside the callback
+
+    gc.callbacks.append(callback)
+    try:
+        with pytest.raises(Terminated), sigterm_interrupts():
+            gc.collect()
+            assert fired
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:
+                time.sleep(0.001)
+    finally:
+        gc.callbacks.remove(callback)
+    assert signal.getsignal(signal.SIGTERM) is sigterm_raises
+
+
+def test_request_stop_asks_the_open_scope_only_and_never_overrides_a_signal():
+    assert not request_stop(signal.SIGPIPE)
+    with stop_on_signals() as stop:
+        assert request_stop(signal.SIGPIPE) and (stop.signum, stop.name) == (signal.SIGPIPE, "a closed output pipe")
+    with stop_on_signals() as stop:
+        os.kill(os.getpid(), signal.SIGINT)
+        assert request_stop(signal.SIGPIPE) and stop.signum == signal.SIGINT
+
+
+def test_a_closed_progress_pipe_stops_xpcnn_train_with_a_checkpoint_and_status_141(synthetic_dir, tmp_path):
+    """``xpcnn train 2>&1 | head``, or a ``tee`` that the same Ctrl-C killed first: the run stops at its next step
+    boundary and checkpoints there, quietly, as SIGPIPE would end it; then it resumes."""
+    run = tmp_path / "run"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "xpcnn", *TRAIN, "--data-dir", str(synthetic_dir), "--out", str(run)],
+        cwd=REPOSITORY,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPOSITORY)},
+    )
+    watchdog = threading.Timer(120, process.kill)
+    watchdog.start()
+    try:
+        for line in process.stderr:
+            if line.startswith("epoch 1/2 step 2/"):
+                break
+        process.stderr.close()  # the reader goes away
+        process.wait(timeout=120)
+    finally:
+        watchdog.cancel()
+        process.kill()
+        process.wait()
+    assert process.returncode == 141
+    state = load_checkpoint(run).meta["state"]
+    assert 2 <= state["global_step"] < 2 * 60 and not list(run.glob(".*.part"))
+    assert CliRunner().invoke(main, ["train", "--resume", str(run), "--quiet"]).exit_code == 0
 
 
 def test_a_sigterm_before_training_ends_the_command_in_one_line_and_leaves_no_temporary_file(

@@ -30,7 +30,8 @@ GRACE = 5.0  # seconds the other ranks get to end by themselves after one failed
 POLL = 0.1  # seconds between looks at the ranks
 EXIT_INTERRUPTED = 130  # a rank stopped by Ctrl-C
 EXIT_TERMINATED = 143  # a rank stopped by SIGTERM
-STOPPED = (EXIT_INTERRUPTED, EXIT_TERMINATED)
+EXIT_BROKEN_PIPE = 141  # a rank stopped by the reader of its output going away (rank 0's progress)
+STOPPED = (EXIT_INTERRUPTED, EXIT_BROKEN_PIPE, EXIT_TERMINATED)  # the first present is the launcher's status
 PASSED_ON = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)  # to every rank, as they came
 LAUNCHER_PID = "XPCNN_LAUNCHER_PID"  # in each rank's environment: the launcher's process id
 PR_SET_PDEATHSIG = 1  # from linux/prctl.h
@@ -203,8 +204,9 @@ def _watch(ranks: list[subprocess.Popen], say, stopping: Stopping) -> int:
 
 def _stopped_well(status: int | None, stopping: Stopping) -> bool:
     """Whether a rank's exit status (None: running) is no failure: a success, 130 or 143 (a rank stopped by
-    Ctrl-C or SIGTERM), or any end after a signal was passed on, which is the stop's doing (a rank that got
-    Ctrl-C while it started ends with a traceback, and its partners with a lost peer)."""
+    Ctrl-C or SIGTERM), 141 (rank 0 lost the reader of its progress), or any end after a signal was passed on,
+    which is the stop's doing (a rank that got Ctrl-C while it started ends with a traceback, and its partners
+    with a lost peer)."""
     return status is None or status in (0, *STOPPED) or bool(stopping.passed_on)
 
 

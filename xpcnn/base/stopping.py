@@ -7,19 +7,22 @@ checkpoints its exact position.  Each process of a run (each rank of a multi-pro
 opens the same scope; a scheduler signals every rank, not necessarily at the same step, so ranks
 that step together must agree on ``requested`` (any rank's) at a step boundary before they stop.
 Outside the scope, :func:`sigterm_interrupts` makes SIGTERM end a command the way Ctrl-C does,
-with an exception (:class:`Terminated`), so that atomic writes clean up after themselves.
+with an exception (:class:`Terminated`), so that atomic writes clean up after themselves.  A reader of the
+progress that goes away (a closed pipe) stops a run as a signal does (:func:`request_stop` with SIGPIPE).
 """
 
 from __future__ import annotations
 
 import contextlib
 import signal
+import sys
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
-SIGNAL_NAMES = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM"}
+SIGNAL_NAMES = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM", signal.SIGPIPE: "a closed output pipe"}
+REDELIVERY_DELAY = 0.01  # seconds: an interrupt Python had to drop is raised again this much later
 
 
 @dataclass
@@ -86,10 +89,24 @@ def stop_on_signals() -> Iterator[StopRequest]:
             signal.signal(signum, signal.SIG_DFL if old is None else old)  # None: a handler not set from Python
 
 
+def request_stop(signum: int) -> bool:
+    """Have the open stop scope stop the run as signal ``signum`` would (unless a signal came first); False
+    where no scope is open."""
+    if _active is None:
+        return False
+    if _active.signum is None:
+        _active.signum = signum
+    return True
+
+
 @contextlib.contextmanager
 def sigterm_interrupts() -> Iterator[None]:
     """While open, SIGTERM raises :class:`Terminated` (as SIGINT raises KeyboardInterrupt); restored after.
 
+    Python runs a signal's handler between any two bytecodes, also inside a garbage-collector callback or a
+    ``__del__`` (JAX has both), where it cannot propagate the exception: it prints it as "Exception ignored"
+    and goes on, and the command would finish as if no signal had come.  While open, such a dropped
+    interrupt is raised again :data:`REDELIVERY_DELAY` seconds later, by when that code has returned.
     Outside the main thread, where Python delivers no signals, or where it is ignored, SIGTERM is left alone.
     """
     if threading.current_thread() is not threading.main_thread():
@@ -99,11 +116,22 @@ def sigterm_interrupts() -> Iterator[None]:
     def handler(signum, frame):
         raise Terminated
 
-    if signal.getsignal(signal.SIGTERM) is signal.SIG_IGN:  # as stop_on_signals: an ignored signal stays ignored
-        yield
-        return
-    previous = signal.signal(signal.SIGTERM, handler)
+    def redeliver(unraisable):
+        if not isinstance(unraisable.exc_value, KeyboardInterrupt):  # Terminated is one
+            previous_hook(unraisable)
+            return
+        signum = signal.SIGTERM if isinstance(unraisable.exc_value, Terminated) else signal.SIGINT
+        # From a thread, later: raised here, the signal's handler would run inside this hook, and be dropped too.
+        threading.Timer(REDELIVERY_DELAY, signal.raise_signal, (signum,)).start()
+
+    previous_hook = sys.unraisablehook
+    previous = signal.getsignal(signal.SIGTERM)
+    if previous is not signal.SIG_IGN:  # as stop_on_signals: an ignored signal stays ignored
+        signal.signal(signal.SIGTERM, handler)
+    sys.unraisablehook = redeliver
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+        sys.unraisablehook = previous_hook
+        if previous is not signal.SIG_IGN:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)

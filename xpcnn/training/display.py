@@ -8,17 +8,25 @@ interval (the only host reads inside an epoch), then ``end_epoch`` with the epoc
   the epoch's summary, wrapped to the terminal's width.
 * Elsewhere (a pipe, a log file): one line per update and one summary line per epoch.
 * ``quiet`` (or no stream): nothing; errors and the command's final summary are not progress.
+
+A reader that goes away (``xpcnn train 2>&1 | head``, a ``tee`` killed by the same Ctrl-C) ends the progress,
+not the run: the run stops at its next step boundary with a checkpoint, as SIGPIPE would stop it
+(:func:`xpcnn.base.stopping.request_stop`).
 """
 
 from __future__ import annotations
 
+import functools
 import io
 import os
+import signal
 import sys
 import time
 from typing import TextIO
 
 from tqdm import tqdm
+
+from ..base.stopping import request_stop
 
 # The figures come first so that a narrow terminal trims the bar, not them.
 BAR_FORMAT = "{desc} {elapsed}<{remaining} |{bar}|"
@@ -55,6 +63,19 @@ def fit_to_width(parts: list[str], width: int) -> list[str]:
     return lines + [line]
 
 
+def _until_the_reader_goes(method):
+    """``method`` of a Progress, after which a closed pipe ends the progress (see the module's docstring)."""
+
+    @functools.wraps(method)
+    def guarded(self, *args, **kwargs):
+        try:
+            method(self, *args, **kwargs)
+        except BrokenPipeError:
+            self._reader_gone()
+
+    return guarded
+
+
 class Progress:
     """Per-epoch progress on ``stream``: a live bar where it is a terminal, log lines elsewhere."""
 
@@ -66,6 +87,7 @@ class Progress:
         self._bar: tqdm | None = None
         self._start_step, self._started = 0, 0.0
 
+    @_until_the_reader_goes
     def start_epoch(self, epoch: int, epochs: int, steps: int, start_step: int = 0) -> None:
         """Epoch ``epoch`` of ``epochs`` (1-based) begins, or resumes after ``start_step`` of its ``steps``."""
         self.epoch, self._steps, self._start_step = epoch, steps, start_step
@@ -85,6 +107,7 @@ class Progress:
                 leave=False,
             )
 
+    @_until_the_reader_goes
     def update(self, step: int, loss: float, accuracy: float, images_per_second: float) -> None:
         """``step`` steps of ``steps`` done; running mean loss and accuracy (0-1) and images/s of the epoch."""
         if self.stream is None:
@@ -103,6 +126,7 @@ class Progress:
         )
         self.stream.flush()
 
+    @_until_the_reader_goes
     def end_epoch(self, record: dict) -> None:
         """Print the finished epoch's summary (``record``: a ``RunState.history`` entry)."""
         if self.stream is None:
@@ -118,6 +142,20 @@ class Progress:
         lines = fit_to_width(parts, terminal_width(self.stream)) if self.live else ["  ".join(parts)]
         self.stream.write("\n".join(lines) + "\n")
         self.stream.flush()
+
+    def _reader_gone(self) -> None:
+        """Write no more; point the stream's file at /dev/null (where later messages and Python's flush at exit
+        go without failing again); and stop the run as SIGPIPE would."""
+        stream, self.stream, self._bar = self.stream, None, None
+        try:
+            null = os.open(os.devnull, os.O_WRONLY)
+            try:
+                os.dup2(null, stream.fileno())
+            finally:
+                os.close(null)
+        except (AttributeError, OSError, ValueError, io.UnsupportedOperation):  # no file behind it (captured)
+            pass
+        request_stop(signal.SIGPIPE)
 
     def _close_bar(self) -> None:
         if self._bar is not None:

@@ -202,7 +202,8 @@ class Trainer:
         if self.communicator.world_size == 1:
             return list(totals)
         stop = flag["stop"]
-        wishes = [stop.signum == signal.SIGINT, stop.signum == signal.SIGTERM, flag["callback"]]
+        # Any stop but Ctrl-C (SIGTERM, rank 0's closed output pipe) stops the others as SIGTERM would.
+        wishes = [stop.signum == signal.SIGINT, stop.requested and stop.signum != signal.SIGINT, flag["callback"]]
         summed = self.communicator.all_reduce_sum(np.array([*totals, *wishes], dtype=np.float64)).tolist()
         sigint, sigterm, callback = (value > 0 for value in summed[len(totals) :])
         if not stop.requested and (sigint or sigterm):

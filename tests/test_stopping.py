@@ -310,3 +310,23 @@ def test_an_ignored_sigterm_stays_ignored(scope):
         assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+@pytest.mark.parametrize("rank, said", [("0", ["xpcnn: stopped by SIGTERM"]), ("1", [])])
+def test_of_several_ranks_stopped_by_a_signal_only_rank_0_says_so(monkeypatch, rank, said):
+    """A launcher signals every rank and they stop alike: one line for the run, not one per rank."""
+    import click
+
+    from xpcnn.apps.exits import friendly_errors
+
+    @click.command()
+    @friendly_errors
+    def stopped():
+        raise Terminated
+
+    monkeypatch.setenv("XPCNN_RANK", rank)
+    monkeypatch.setenv("XPCNN_WORLD_SIZE", "2")
+    monkeypatch.setenv("XPCNN_RENDEZVOUS", "/nonexistent/rendezvous")
+    result = CliRunner().invoke(stopped)
+    assert result.exit_code == 143
+    assert result.output.strip().splitlines() == said

@@ -11,6 +11,7 @@ import traceback
 
 import click
 
+from ..backends.distributed import rank_from_environment
 from ..base.errors import ConfigError, XpcnnError
 from ..base.stopping import Terminated, sigterm_interrupts
 from ..training.config import flag
@@ -45,10 +46,12 @@ def friendly_errors(command):
                 click.echo(f"\nxpcnn: {exc}", err=True)
             sys.exit(128 + exc.signum)
         except Terminated:
-            click.echo("\nxpcnn: stopped by SIGTERM", err=True)
+            if _speaks():
+                click.echo("\nxpcnn: stopped by SIGTERM", err=True)
             sys.exit(EXIT_TERMINATED)
         except KeyboardInterrupt:
-            click.echo("\ninterrupted", err=True)
+            if _speaks():
+                click.echo("\ninterrupted", err=True)
             sys.exit(EXIT_INTERRUPTED)
         except BrokenPipeError:  # quietly, as a command killed by SIGPIPE would end
             _silence_stdout()
@@ -63,6 +66,15 @@ def friendly_errors(command):
             sys.exit(EXIT_BUG)
 
     return wrapper
+
+
+def _speaks() -> bool:
+    """Whether this process says how a signal stopped it: a process alone, or rank 0 of several (a launcher
+    signals every rank, and they stop alike)."""
+    try:
+        return rank_from_environment().rank == 0
+    except XpcnnError:  # launcher variables that make no sense: this process is not one of several
+        return True
 
 
 def escape_unencodable_output() -> None:

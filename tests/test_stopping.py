@@ -1,5 +1,6 @@
 """Stopping at a step boundary on Ctrl-C or a scheduler's SIGTERM: the scope, the library, a real `xpcnn train`."""
 
+import errno
 import gc
 import json
 import os
@@ -23,7 +24,7 @@ from xpcnn.apps.cli import main
 from xpcnn.backends.backend import get_backend
 from xpcnn.base.files import atomic_output
 from xpcnn.base.stopping import Terminated, request_stop, sigterm_interrupts, stop_on_signals
-from xpcnn.data.checkpoint import load_checkpoint
+from xpcnn.data.checkpoint import CheckpointError, load_checkpoint
 from xpcnn.training import runs
 from xpcnn.training.config import TrainConfig
 from xpcnn.training.train import TrainingInterrupted
@@ -127,6 +128,39 @@ def test_a_second_sigterm_while_the_stopped_run_is_checkpointed_does_not_stop_th
         runs.train_run(config, get_backend("numpy"), synthetic, run, progress=InterruptAt(1, 4, signal.SIGTERM))
     assert written == [4] and load_checkpoint(run).meta["state"]["step"] == 4
     assert signal.getsignal(signal.SIGTERM) is sigterm_raises
+
+
+@pytest.mark.parametrize("epochs_before", [0, 1])
+def test_a_stop_whose_checkpoint_cannot_be_written_says_it_stopped_and_what_is_kept(
+    synthetic, tmp_path, monkeypatch, sigterm_raises, epochs_before
+):
+    """A full disk (or a directory made read-only) just as the stop's checkpoint is written: one error that says
+    the run stopped, why its position is lost, and whether an earlier checkpoint is there to continue from."""
+    real_save = runs.save_checkpoint
+
+    def full_disk_when_stopping(path, meta, *args):
+        if meta["state"]["step"]:
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        real_save(path, meta, *args)
+
+    monkeypatch.setattr(runs, "save_checkpoint", full_disk_when_stopping)
+    config = TrainConfig(model="seed", epochs=2, batch_size=50, optimizer="adam", lr=5e-3, log_every=1)
+    run = tmp_path / "run"
+    with pytest.raises(CheckpointError) as failed:
+        progress = InterruptAt(epochs_before + 1, 2, signal.SIGTERM)
+        runs.train_run(config, get_backend("numpy"), synthetic, run, progress=progress)
+    where = f"at epoch {epochs_before + 1}, step 2"
+    expected = f"stopped by SIGTERM {where}, but its checkpoint could not be written ({run / 'checkpoint.npz'}: "
+    expected += "No space left on device)"
+    expected += f"; continue from its last with: xpcnn train --resume {run}" if epochs_before else ""
+    assert str(failed.value) == expected
+
+
+def test_a_stop_before_the_first_step_says_so(sigterm_raises):
+    with stop_on_signals():
+        os.kill(os.getpid(), signal.SIGTERM)  # as one that came while the run was set up
+        with pytest.raises(TrainingInterrupted, match=r"^stopped by SIGTERM before its first step$"):
+            xpcnn.fit("seed", blobs(), epochs=1, batch_size=20, backend="numpy")
 
 
 TRAIN = ["train", "--model", "lenet", "--epochs", "2", "--batch-size", "10", "--optimizer", "adam", "--lr", "0.002"]

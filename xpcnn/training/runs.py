@@ -427,7 +427,12 @@ def _train_in(
         try:
             trainer.fit(train, evals, state, on_epoch_end=save)
         except TrainingInterrupted as exc:
-            save(state)
+            try:
+                save(state)
+            except OSError as error:  # a full disk, a directory made read-only: say the run stopped all the same
+                reason = f"{error.filename}: {error.strerror}" if error.filename and error.strerror else str(error)
+                kept = f"; continue from its last with: xpcnn train --resume {out}" if run_dir_has_run(out) else ""
+                raise CheckpointError(f"{exc}, but its checkpoint could not be written ({reason}){kept}") from None
             message = f"{exc}; checkpoint written to {out}; continue with: xpcnn train --resume {out}"
             raise TrainingInterrupted(message, exc.signum, speak=communicator.is_root) from None
         except TrainingDiverged as exc:

@@ -64,8 +64,11 @@ class RunState:
         return dataclasses.asdict(self)
 
     def position(self) -> str:
-        """Where the run stands, for messages: "after epoch 2", or "at epoch 3, step 117" inside one."""
-        return f"at epoch {self.epoch + 1}, step {self.step}" if self.step else f"after epoch {self.epoch}"
+        """Where the run stands, for messages: "after epoch 2", "at epoch 3, step 117" inside one, or "before its
+        first step"."""
+        if self.step:
+            return f"at epoch {self.epoch + 1}, step {self.step}"
+        return f"after epoch {self.epoch}" if self.epoch else "before its first step"
 
 
 class TrainingDiverged(XpcnnError, RuntimeError):

@@ -89,7 +89,10 @@ def check_position(checkpoint: Checkpoint, config: TrainConfig, steps_per_epoch:
     state = checkpoint.meta["state"]
     step, seen = state["step"], state["partial"]["seen"]
     if step >= steps_per_epoch:
-        raise CheckpointError(f"{checkpoint.path}: step {step} is past the end of an epoch of {steps_per_epoch} steps")
+        raise CheckpointError(
+            f"{checkpoint.path}: stopped at step {step} of an epoch, past the end of an epoch of {steps_per_epoch} "
+            "steps of these training images: resume it on the data it was trained on"
+        )
     if seen != step * config.batch_size:
         raise CheckpointError(f"{checkpoint.path}: {seen} images seen at step {step} of batches of {config.batch_size}")
 
@@ -104,8 +107,9 @@ def check_same_data(checkpoint: Checkpoint, dataset: Dataset, allow: bool, files
     changed = other_files(checkpoint.meta.get("data"), dataset, *(() if files is None else (files,)))
     if changed and not allow:
         which = "files" if files is None else "test files"
+        names = ", ".join(name.removesuffix(".gz") for name in changed)  # the same file gzipped or not
         raise ConfigError(
-            f"{dataset.directory}: {', '.join(changed)} differ from the {which} the run recorded "
+            f"{dataset.directory}: {names} differ from the {which} the run recorded "
             f"(in {checkpoint.meta['data']['directory']}); allow_other_data uses them anyway",
             "allow_other_data",
         )

@@ -17,6 +17,7 @@ from xpcnn.apps import cli as cli_module
 from xpcnn.apps.cli import main
 from xpcnn.base.errors import ConfigError
 from xpcnn.data.augment import Augmentation
+from xpcnn.data.checkpoint import load_checkpoint, save_checkpoint
 from xpcnn.models import build
 from xpcnn.nn import Dropout
 from xpcnn.training import config as config_module
@@ -29,6 +30,7 @@ from xpcnn.training.config import (
     recipe_backend,
     recipe_dataset,
     recipes_for,
+    resumed_backend,
 )
 
 
@@ -225,7 +227,7 @@ def test_a_recipe_picks_its_backend_only_on_the_cpu_and_names_it_where_it_is_mis
 
 def test_a_recipe_run_without_its_backend_says_so_and_trains_on_numpy(monkeypatch, synthetic_dir, tmp_path):
     # As on a machine without JAX (patched where the command looks them up).
-    monkeypatch.setattr(cli_module, "recipe_backend", lambda name, device: (None, "jax"))
+    monkeypatch.setattr(cli_module, "preferred_backend", lambda name, trained_on, device: (None, "jax"))
     run = tmp_path / "run"
     common = ["--recipe", "quick", "--epochs", "1", "--device", "cpu", "--data-dir", synthetic_dir, "--out", run]
     result = run_cli("train", *common)
@@ -252,6 +254,60 @@ def test_the_quick_recipe_trains_on_jax_unless_a_backend_is_named(synthetic_dir,
         assert {k: config[k] for k in RECIPES["quick"] if k != "epochs"} == {
             k: v for k, v in RECIPES["quick"].items() if k != "epochs"
         }
+
+
+@pytest.mark.parametrize(
+    "trained_on, device, gpu, installed, expected",
+    [
+        ("jax on cpu", "auto", False, True, ("jax", None)),
+        ("jax on cpu", "cpu", True, True, ("jax", None)),
+        ("jax on cpu", "auto", False, False, (None, "jax")),
+        ("jax on cpu", "cuda", True, True, (None, None)),  # another device: its default
+        ("numpy on cpu", "cuda:1", True, True, (None, None)),
+        ("cupy on cuda:0 (NVIDIA H100 80GB HBM3)", "auto", True, True, ("cupy", None)),
+        ("cupy on cuda:0 (NVIDIA H100 80GB HBM3)", "cuda:1", True, True, ("cupy", None)),
+        ("cupy on cuda:0 (NVIDIA H100 80GB HBM3)", "auto", False, True, (None, "cupy")),
+        ("cupy on cuda:0 (NVIDIA H100 80GB HBM3)", "cpu", False, True, (None, None)),
+        ("array-api-strict on cpu", "auto", False, True, ("array-api-strict", None)),
+        ("", "auto", False, True, (None, None)),  # a checkpoint from before it was recorded
+        ("abacus on cpu", "auto", False, True, (None, None)),
+    ],
+)
+def test_a_resumed_run_continues_on_the_backend_it_trained_on_where_it_can(
+    monkeypatch, trained_on, device, gpu, installed, expected
+):
+    monkeypatch.setattr(config_module, "cuda_problem", lambda: None if gpu else "no GPU here")
+    monkeypatch.setattr(config_module.importlib.util, "find_spec", lambda name: object() if installed else None)
+    assert resumed_backend(trained_on, device) == expected
+
+
+@pytest.mark.slow
+def test_a_jax_run_resumes_on_jax_unless_a_backend_is_named(synthetic_dir, tmp_path):
+    """As the printed "continue with: xpcnn train --resume RUN" runs it: where JAX continues exactly."""
+    pytest.importorskip("jax")
+    run = tmp_path / "run"
+    common = ["--model", "seed", "--device", "cpu", "--data-dir", synthetic_dir, "--quiet"]
+    assert run_cli("train", *common, "--backend", "jax", "--epochs", "1", "--out", run).exit_code == 0
+    resumed = run_cli("train", "--resume", run, "--epochs", "2")
+    assert resumed.exit_code == 0, resumed.output
+    assert "with jax on cpu, 2 epoch(s), resuming after epoch 1" in resumed.output
+    assert json.loads((run / "config.json").read_text())["backend"] == "jax on cpu"
+    named = run_cli("train", "--resume", run, "--epochs", "3", "--backend", "numpy", "--quiet")
+    assert named.exit_code == 0 and json.loads((run / "config.json").read_text())["backend"] == "numpy on cpu"
+
+
+def test_a_resumed_run_whose_backend_cannot_run_here_says_so(monkeypatch, synthetic_dir, tmp_path):
+    run = tmp_path / "run"
+    common = ["--model", "seed", "--device", "cpu", "--data-dir", synthetic_dir, "--quiet"]
+    assert run_cli("train", *common, "--epochs", "1", "--out", run).exit_code == 0
+    checkpoint = load_checkpoint(run)  # as if trained on a GPU, and resumed on this machine
+    gpu = "cupy on cuda:0 (NVIDIA H100 80GB HBM3)"
+    meta = {**checkpoint.meta, "trained_on": gpu}
+    save_checkpoint(run / "checkpoint.npz", meta, checkpoint.model_state, checkpoint.optimizer_state)
+    monkeypatch.setattr(config_module, "cuda_problem", lambda: "no GPU here")
+    resumed = run_cli("train", "--resume", run, "--epochs", "2")
+    assert resumed.exit_code == 0, resumed.output
+    assert f"note: the run trained on {gpu}, which cannot run here: it continues on numpy on cpu" in resumed.output
 
 
 def test_every_recipe_candidate_builds_a_ten_class_model_and_unknown_names_are_refused(tmp_path):

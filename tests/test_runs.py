@@ -81,7 +81,7 @@ def test_a_resume_past_the_end_of_an_epoch_over_several_ranks_is_refused(tmp_pat
     checkpoint = Checkpoint(meta, model_state={}, optimizer_state=None, path=tmp_path / "checkpoint.npz")
     second_rank = Communicator()  # rank 1 of 2: claims no directory; refused before its first collective
     second_rank.rank, second_rank.world_size = 1, 2
-    with pytest.raises(CheckpointError, match="step 1 of an epoch, past the end of an epoch of 1 steps"):
+    with pytest.raises(CheckpointError, match="step 1 is past the end of an epoch of 1 steps"):
         train_run(config, get_backend("numpy"), dataset, tmp_path, resume=checkpoint, communicator=second_rank)
 
 

@@ -24,14 +24,13 @@ from ..base.files import check_writable
 from ..data.checkpoint import CHECKPOINT_NAME, checkpoint_path, load_checkpoint
 from ..data.data import DATASETS, TEST_FILES, find_data_dir, get_spec, load_dataset
 from ..data.device_data import DeviceSplit, normalize_images
-from ..data.idx import DataError
 from ..data.images import ImageError, load_image
 from ..models import MODELS
 from ..optim import OPTIMIZERS
-from ..training.config import RECIPES, TrainConfig, recipe, recipe_backend, recipe_dataset, recipes_for
+from ..training.config import RECIPES, TrainConfig, preferred_backend, recipe, recipe_dataset, recipes_for
 from ..training.display import Progress
 from ..training.ensemble import evaluate_ensemble
-from ..training.fitting import ARRAYS
+from ..training.fitting import require_named_dataset
 from ..training.runs import (
     RUNS_ROOT,
     check_no_run,
@@ -81,12 +80,6 @@ def main():
 BENCH_MODELS = ("seed", "lenet", "convnet")
 TF32_HELP = "Let float32 matrix products on NVIDIA GPUs use TF32 tensor cores (10-bit mantissas): faster, less exact."
 EAGER_HELP = "JAX: run each operation as it comes instead of compiled programs (for debugging)."
-
-
-def require_named_dataset(config: TrainConfig, run) -> None:
-    """Refuse a run that ``xpcnn.fit`` trained on arrays: the command line has no such data to load."""
-    if config.dataset == ARRAYS:
-        raise DataError(f"{run} was trained by xpcnn.fit on arrays, not on a dataset's files: use it from Python")
 
 
 @main.command()
@@ -235,7 +228,8 @@ def train(
             raise click.UsageError(str(exc)) from None
 
     set_tf32(tf32)
-    taken, missing = (None, None) if backend else recipe_backend(recipe_name, device)
+    trained_on = str(checkpoint.meta.get("trained_on", "")) if checkpoint else ""
+    taken, missing = (None, None) if backend else preferred_backend(recipe_name, trained_on, device)
     backend = backend or taken
     if not (nproc and nproc > 1):
         prepare(backend)  # JAX's ranks meet before JAX does anything
@@ -271,9 +265,11 @@ def train(
                 + (f" (for {config.dataset}: --recipe {'|'.join(own)})" if own else ""),
                 err=True,
             )
-        if missing:
+        if missing:  # a resumed run's backend, or a recipe's
             click.echo(
-                f"note: the {recipe_name} recipe's seconds were measured on {missing}, which is not installed: "
+                f"note: the run trained on {trained_on}, which cannot run here: it continues on {chosen}"
+                if checkpoint
+                else f"note: the {recipe_name} recipe's seconds were measured on {missing}, which is not installed: "
                 f"this trains on {chosen.name}, about twice as long (pip install {missing})",
                 err=True,
             )

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..backends.backend import cuda_problem
+from ..backends.backend import BACKEND_NAMES, cuda_problem
 from ..base.errors import ConfigError
 from ..data.augment import Augmentation
 from ..models import MODELS, build
@@ -314,6 +314,28 @@ def recipe_backend(name: str | None, device: str | None) -> tuple[str | None, st
     if importlib.util.find_spec(preferred) is None:
         return None, preferred
     return preferred, None
+
+
+def resumed_backend(trained_on: str, device: str | None) -> tuple[str | None, str | None]:
+    """The backend a resumed run continues on when the command line names none (None for the default), and
+    the one it trained on where that cannot run here (None unless so).
+
+    ``trained_on`` is its checkpoint's "jax on cpu" or "cupy on cuda:0 (...)": the run continues on that backend
+    (a JAX run continues exactly only on JAX) where it is installed and ``device`` is "auto" or of its kind, the
+    CPU or CUDA; on another ``device``, on that device's default.
+    """
+    name, _, where = trained_on.partition(" on ")
+    kind = "cuda" if where.startswith("cuda") else "cpu"
+    if name not in BACKEND_NAMES or (device not in (None, "auto") and not device.startswith(kind)):
+        return None, None
+    if importlib.util.find_spec(name.replace("-", "_")) is None or (kind == "cuda" and cuda_problem() is not None):
+        return None, name
+    return name, None
+
+
+def preferred_backend(recipe_name: str | None, trained_on: str, device: str | None) -> tuple[str | None, str | None]:
+    """:func:`resumed_backend` for a resumed run (``trained_on`` its checkpoint's), else :func:`recipe_backend`."""
+    return resumed_backend(trained_on, device) if trained_on else recipe_backend(recipe_name, device)
 
 
 def recipe_dataset(name: str) -> str:

@@ -24,6 +24,7 @@ from ..base.errors import ConfigError, XpcnnError
 from ..data.checkpoint import save_checkpoint
 from ..data.data import Dataset, load_dataset
 from ..data.device_data import DeviceSplit, EvalResult, Normalization
+from ..data.idx import DataError
 from ..models import MODELS, build
 from ..nn import Sequential
 from ..optim import Optimizer
@@ -147,6 +148,12 @@ def evaluate(model: Sequential, images, labels, *, normalization: Normalization,
     backend = _backend(model)
     with backend.activate():
         return evaluate_split(model, DeviceSplit.from_host(backend, images, labels, normalization), backend, batch_size)
+
+
+def require_named_dataset(config: TrainConfig, run) -> None:
+    """DataError for a run :func:`fit` trained on arrays (``run`` names it): the command line cannot load them."""
+    if config.dataset == ARRAYS:
+        raise DataError(f"{run} was trained by xpcnn.fit on arrays, not on a dataset's files: use it from Python")
 
 
 def save(path: str | os.PathLike, model: Sequential, history: History) -> None:

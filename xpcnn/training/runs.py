@@ -90,8 +90,8 @@ def check_position(checkpoint: Checkpoint, config: TrainConfig, steps_per_epoch:
     step, seen = state["step"], state["partial"]["seen"]
     if step >= steps_per_epoch:
         raise CheckpointError(
-            f"{checkpoint.path}: stopped at step {step} of an epoch, past the end of an epoch of {steps_per_epoch} "
-            "steps of these training images: resume it on the data it was trained on"
+            f"{checkpoint.path}: step {step} is past the end of an epoch of {steps_per_epoch} steps of these "
+            "training images (a damaged checkpoint, or fewer images than the run trained on)"
         )
     if seen != step * config.batch_size:
         raise CheckpointError(f"{checkpoint.path}: {seen} images seen at step {step} of batches of {config.batch_size}")

@@ -64,8 +64,7 @@ class RunState:
         return dataclasses.asdict(self)
 
     def position(self) -> str:
-        """Where the run stands, for messages: "after epoch 2", "at epoch 3, step 117" inside one, or "before its
-        first step"."""
+        """Where the run stands, for messages: "after epoch 2", "at epoch 3, step 117", "before its first step"."""
         if self.step:
             return f"at epoch {self.epoch + 1}, step {self.step}"
         return f"after epoch {self.epoch}" if self.epoch else "before its first step"

@@ -117,6 +117,22 @@ def test_bad_data_is_one_clear_error(data, message):
     assert "\n" not in str(info.value)
 
 
+def test_images_the_model_does_not_take_are_refused_before_training_wherever_they_are_given():
+    padded = np.pad(IMAGES[:5], ((0, 0), (2, 2), (2, 2)))  # 32x32
+    steps = []
+
+    class Count:
+        def on_step(self, step, loss):
+            steps.append(step)
+
+    with pytest.raises(XpcnnError, match=r"^the val images: the model does not take images of shape \(32, 32\)"):
+        xpcnn.fit("seed", (IMAGES, LABELS), validation=(padded, LABELS[:5]), callbacks=[Count()])
+    assert steps == []  # refused before the first step, not after the first epoch
+    history = xpcnn.fit("seed", (IMAGES, LABELS), epochs=1)
+    with pytest.raises(XpcnnError, match=r"^evaluate's data: the model does not take images of shape \(32, 32\)"):
+        xpcnn.evaluate(history.optimizer.model, padded, LABELS[:5], normalization=history.normalization)
+
+
 def test_bad_settings_are_config_errors():
     with pytest.raises(XpcnnError, match="neither an on_step nor an on_epoch_end method"):
         xpcnn.fit("seed", (IMAGES, LABELS), callbacks=[print])

@@ -103,10 +103,11 @@ def fit(
         prepare(backend)  # several JAX ranks meet before JAX does anything
         backend = get_backend(backend)
     model.to(backend)
-    try:
-        model.output_shapes((1, *train[0].shape[1:]))
-    except ValueError as exc:
-        raise XpcnnError(f"the model does not take images of shape {train[0].shape[1:]}: {exc}") from None
+    for what, (images, _) in [
+        ("the training images", train),
+        *((f"the {name} images", s) for name, s in evals.items()),
+    ]:
+        _check_takes(model, images, what)  # before the first epoch, not at its end
     if isinstance(optimizer, Optimizer):
         if optimizer.model is not model:
             raise ConfigError("the optimiser given to fit() must be over the model given to fit()", "optimizer")
@@ -145,6 +146,7 @@ def evaluate(model: Sequential, images, labels, *, normalization: Normalization,
         raise ConfigError(f"normalization must be an xpcnn Normalization, got {type(normalization).__name__}")
     outputs = _outputs(model)
     images, labels = _checked_arrays(images, labels, outputs, "evaluate's data")
+    _check_takes(model, images, "evaluate's data")
     backend = _backend(model)
     with backend.activate():
         return evaluate_split(model, DeviceSplit.from_host(backend, images, labels, normalization), backend, batch_size)
@@ -223,6 +225,14 @@ def _checked_arrays(images, labels, classes: int | None, what: str) -> tuple[np.
     if low < 0 or (classes is not None and high >= classes):
         raise XpcnnError(f"{what}: labels must lie in [0, {top}] (the model's outputs), got values in [{low}, {high}]")
     return images, labels.astype(np.int64, copy=False)
+
+
+def _check_takes(model: Sequential, images: np.ndarray, what: str) -> None:
+    """XpcnnError naming ``what`` unless ``model`` takes images of the shape of ``images`` (N, H, W)."""
+    try:
+        model.output_shapes((1, *images.shape[1:]))
+    except ValueError as exc:
+        raise XpcnnError(f"{what}: the model does not take images of shape {images.shape[1:]}: {exc}") from None
 
 
 def _outputs(model: Sequential) -> int | None:

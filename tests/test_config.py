@@ -143,10 +143,12 @@ def error_lines(result):
 
 
 def test_the_command_line_refuses_a_crop_out_of_range_in_one_line():
-    result = run_cli("train", "--crop", "15", "--device", "cpu")
-    assert result.exit_code == 1 and error_lines(result) == [
-        "Error: --crop: crop padding must be in [0, 14] pixels, got 15"
+    result = run_cli("train", "--crop", "15", "--device", "cpu")  # the range --help shows, checked by click
+    assert result.exit_code == 2 and error_lines(result) == [
+        "Error: Invalid value for '--crop': 15 is not in the range 0<=x<=14."
     ], result.output
+    with pytest.raises(ConfigError, match=r"crop padding must be in \[0, 14\] pixels, got 15"):
+        TrainConfig(crop=15)  # the library's own check
     result = run_cli("train", "--crop", "-1")
     assert result.exit_code == 2 and len(error_lines(result)) == 1, result.output
     assert re.search(r"Invalid value for '--crop'", error_lines(result)[0])

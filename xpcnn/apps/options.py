@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from ..backends.backend import BACKEND_NAMES
-from ..training.config import TrainConfig
+from ..training.config import ELASTIC_SIGMA, MAX_CROP, MAX_ELASTIC, TrainConfig
 
 allow_other_data_option = click.option(
     "--allow-other-data",
@@ -41,7 +41,7 @@ AUGMENTATION_OPTIONS = [  # in the order of --help; applied to the images in the
     ),
     click.option(
         "--elastic",
-        type=click.FloatRange(min=0.0),
+        type=click.FloatRange(0.0, MAX_ELASTIC),
         default=TrainConfig.elastic,
         show_default=True,
         metavar="ALPHA",
@@ -49,7 +49,7 @@ AUGMENTATION_OPTIONS = [  # in the order of --help; applied to the images in the
     ),
     click.option(
         "--elastic-sigma",
-        type=click.FloatRange(min=0.0, min_open=True),
+        type=click.FloatRange(*ELASTIC_SIGMA),
         default=TrainConfig.elastic_sigma,
         show_default=True,
         help="Smoothness of the elastic distortion: the Gaussian's standard deviation in pixels.",
@@ -62,7 +62,7 @@ AUGMENTATION_OPTIONS = [  # in the order of --help; applied to the images in the
     ),
     click.option(
         "--crop",
-        type=click.IntRange(min=0),
+        type=click.IntRange(0, MAX_CROP),
         default=TrainConfig.crop,
         show_default=True,
         metavar="PIXELS",

@@ -563,6 +563,11 @@ def test_split_validation_bad_size(size):
         split_validation(np.zeros((50, 2, 2)), np.zeros(50), size, seed=0)
 
 
+def test_one_example_has_none_to_hold_out():
+    with pytest.raises(ValueError, match=r"holds out 1 of 1 examples; one example leaves none to hold out$"):
+        split_validation(np.zeros((1, 2, 2)), np.zeros(1), 1, seed=0)
+
+
 def test_split_validation_length_mismatch():
     with pytest.raises(ValueError):
         split_validation(np.zeros((50, 2, 2)), np.zeros(49), 5, seed=0)

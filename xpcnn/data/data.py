@@ -422,9 +422,8 @@ def split_validation(
     else:
         raise ConfigError(f"validation size must be a count or a fraction in (0, 1), not {size!r}", "validation")
     if not 0 < count < n:
-        raise ConfigError(
-            f"validation size {size!r} holds out {count} of {n} examples; need 1 to {n - 1}", "validation"
-        )
+        need = f"need 1 to {n - 1}" if n > 1 else "one example leaves none to hold out"
+        raise ConfigError(f"validation size {size!r} holds out {count} of {n} examples; {need}", "validation")
 
     order = np.random.default_rng(seed).permutation(n)
     val = np.sort(order[:count])

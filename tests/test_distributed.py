@@ -423,6 +423,25 @@ def test_nproc_checks_the_data_once_before_starting_ranks(tmp_path):
     assert result.output.count("Error:") == 1 and "missing mnist files" in result.output
 
 
+@pytest.mark.parametrize("images, validation", [(1, "0"), (5, "4")])
+def test_nproc_refuses_too_few_training_images_for_its_ranks_once_before_starting_them(
+    tmp_path, monkeypatch, images, validation
+):
+    from click.testing import CliRunner
+    from helpers import write_synthetic_mnist
+
+    from xpcnn.apps import launch as launch_module
+    from xpcnn.apps.cli import main
+
+    monkeypatch.setattr(launch_module, "launch", lambda *args: pytest.fail("ranks were started"))
+    data = write_synthetic_mnist(tmp_path / "data", n_train=images, n_test=5)
+    arguments = ["train", "--data-dir", str(data), "--batch-size", "2", "--validation", validation]
+    result = CliRunner().invoke(main, [*arguments, "--nproc", "2", "--out", str(tmp_path / "r")])
+    assert result.exit_code == 1
+    refusal = "Error: 1 training image(s) for 2 ranks: each rank needs one at least"
+    assert result.output.strip().splitlines()[-1] == refusal, result.output
+
+
 def test_without_torch_several_ranks_are_one_line_naming_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "torch", None)  # import torch now raises ImportError
     monkeypatch.setitem(sys.modules, "torch.distributed", None)

@@ -266,6 +266,12 @@ def check_batch_size(batch_size: int, world_size: int) -> None:
         raise ConfigError(f"a global batch of {batch_size} does not split evenly over {world_size} ranks", "batch_size")
 
 
+def check_images_per_rank(n: int, batch_size: int, world_size: int) -> None:
+    """ConfigError unless ``world_size`` ranks with global batch ``batch_size`` each get one of ``n`` images."""
+    if usable_count(n, batch_size, world_size) == 0:
+        raise ConfigError(f"{n} training image(s) for {world_size} ranks: each rank needs one at least")
+
+
 def usable_count(n: int, batch_size: int, world_size: int) -> int:
     """How many of an epoch's ``n`` shuffled images ``world_size`` ranks train on with global batch ``batch_size``.
 

@@ -13,7 +13,7 @@ import numpy as np
 
 from .. import __version__
 from ..backends.backend import Backend
-from ..backends.distributed import Communicator, Local, steps_per_epoch
+from ..backends.distributed import Communicator, Local, check_images_per_rank, steps_per_epoch
 from ..base.errors import ConfigError, XpcnnError
 from ..base.files import check_writable, locked_directory, read_regular, remove_temporaries, write_json
 from ..base.stopping import stop_on_signals
@@ -99,6 +99,13 @@ def check_position(checkpoint: Checkpoint, config: TrainConfig, steps_per_epoch:
 
 # Settings a resumed run may change: neither alters what the finished epochs computed.
 RESUMABLE = frozenset({"epochs", "log_every"})
+
+
+def check_ranks_get_images(config: TrainConfig, dataset: Dataset, world_size: int) -> None:
+    """Before the ranks start: ConfigError unless ``config``'s training split of ``dataset`` gives each of
+    ``world_size`` ranks an image (else every rank would refuse it, a line apiece)."""
+    (_, labels), _ = host_splits(dataset.train_images, dataset.train_labels, config.validation, config.seed, None)
+    check_images_per_rank(len(labels), config.batch_size, world_size)
 
 
 def check_same_data(checkpoint: Checkpoint, dataset: Dataset, allow: bool, files=None) -> None:

@@ -33,6 +33,7 @@ from ..backends.distributed import (
     broadcast_state,
     check_backend,
     check_batch_size,
+    check_images_per_rank,
     shard_bounds,
     steps_per_epoch,
     usable_count,
@@ -401,10 +402,7 @@ def start_training(
     split, evaluation splits).
     """
     ranks = communicator or Local()
-    if usable_count(len(train[1]), config.batch_size, ranks.world_size) == 0:
-        raise ConfigError(
-            f"{len(train[1])} training image(s) for {ranks.world_size} ranks: each rank needs one at least"
-        )
+    check_images_per_rank(len(train[1]), config.batch_size, ranks.world_size)
     broadcast_state(model, ranks)
     train_split = DeviceSplit.from_host(backend, *train, norm)
     eval_splits = {name: DeviceSplit.from_host(backend, *split, norm) for name, split in evals.items()}

@@ -236,6 +236,14 @@ def test_mnist_like_npy_is_used_as_is(tmp_path, form):
     np.testing.assert_allclose(a, raw / 255, atol=1e-6)  # not re-centred
 
 
+@pytest.mark.parametrize("past", [np.float32(1.0000001), -1e-7], ids=["above-1", "below-0"])
+def test_floats_rounded_just_past_the_unit_range_are_that_range(tmp_path, past):
+    raw = mnist_like_array() / 255.0
+    raw[raw == (1.0 if past > 0 else 0.0)] = past  # as arithmetic in float32 leaves them
+    np.save(tmp_path / "digit.npy", raw.astype(np.float32))
+    np.testing.assert_allclose(load_image(tmp_path / "digit.npy"), np.clip(raw, 0, 1), atol=1e-6)
+
+
 def test_npy_of_another_size_goes_through_the_pipeline(tmp_path, reference):
     path = tmp_path / "big.npy"
     np.save(path, np.asarray(draw_zero()))

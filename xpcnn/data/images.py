@@ -43,6 +43,7 @@ MIN_CONTRAST = 0.08  # ink must stand out from the background by this much (of t
 NOISE_SIGMAS = 3.0  # noise floor = this many standard deviations of the border; ink must exceed twice it
 INK_FRACTION = 0.25  # pixels above this fraction of the strongest ink count for the bounding box
 
+UNIT_SLACK = 1e-3  # floats this far outside [0, 1] are its rounding (1.0000001), not 0..255 or an error
 MAX_PIXELS = 2048 * 2048  # bigger pictures are refused from their header, before decoding (predict and serve)
 LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)  # ITU-R 601, as Pillow's "L"
 
@@ -131,13 +132,14 @@ def _read_picture(
 
 
 def _float_lightness(values: np.ndarray, name: str) -> np.ndarray:
-    """Float grey values as lightness in [0, 1]: taken as [0, 1], or as 0..255 if any is above 1."""
+    """Float grey values as lightness in [0, 1]: taken as [0, 1] (rounding just past it clipped), or as 0..255
+    if any is above 1."""
     if not np.isfinite(values).all():
         raise ImageError(f"{name}: contains NaN or infinity")
     low, high = float(values.min()), float(values.max())
-    if low < 0 or high > 255:
+    if low < -UNIT_SLACK or high > 255:
         raise ImageError(f"{name}: values span {low:g}..{high:g}; expected floats in [0, 1] or 0..255")
-    return values / 255 if high > 1 else values
+    return values / 255 if high > 1 + UNIT_SLACK else np.clip(values, 0, 1)
 
 
 def _declared_values(file: BinaryIO) -> int | None:
@@ -191,12 +193,14 @@ def _read_npy(file: BinaryIO, name: str) -> np.ndarray:
     if not np.isfinite(values).all():
         raise ImageError(f"{name}: contains NaN or infinity; {expected}")
     low, high = values.min(), values.max()
-    if array.dtype.kind in "ui" or high > 1:
+    if array.dtype.kind in "ui" or high > 1 + UNIT_SLACK:
         if low < 0 or high > 255:
             raise ImageError(f"{name}: values span {low:g}..{high:g}; {expected}")
         values /= 255
-    elif low < 0:
+    elif low < -UNIT_SLACK:
         raise ImageError(f"{name}: values span {low:g}..{high:g}; {expected}")
+    else:
+        values = np.clip(values, 0, 1)
 
     if values.ndim == 2:
         return values

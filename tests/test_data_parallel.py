@@ -324,8 +324,8 @@ def test_a_closed_progress_pipe_stops_every_rank_with_a_checkpoint(tmp_path, dat
     _resumes(out)
 
 
-def test_a_hangup_ends_the_ranks_with_the_launcher(tmp_path, data_env):
-    """A closed terminal's SIGHUP ends the ranks as it ends the launcher (no rank 'failed'): 128 + 1."""
+def test_a_hangup_stops_the_ranks_with_a_checkpoint(tmp_path, data_env):
+    """A closed terminal's SIGHUP (an ssh connection that dropped) stops the ranks as SIGTERM does: 128 + 1."""
     out = tmp_path / "run"
     process = _started(out, 500)
     ranks = _children(process.pid)
@@ -335,8 +335,9 @@ def test_a_hangup_ends_the_ranks_with_the_launcher(tmp_path, data_env):
     finally:
         _end_everything(process, ranks)
     assert process.returncode == 128 + signal.SIGHUP, err
-    assert "Error" not in err, err
+    assert err.count("stopped by SIGHUP (its terminal closed) at epoch") == 1 and "Error" not in err, err
     assert all(_state(pid) in ("gone", "Z") for pid in ranks)
+    _resumes(out)
 
 
 FIT = """

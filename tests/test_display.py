@@ -1,3 +1,4 @@
+import errno
 import io
 import os
 import re
@@ -135,10 +136,19 @@ def _read_available(fd):
 
 class ClosedPipe(io.StringIO):
     def write(self, text):
-        raise BrokenPipeError(32, "Broken pipe")
+        raise BrokenPipeError(errno.EPIPE, "Broken pipe")
 
 
-@pytest.mark.parametrize("stream", [ClosedPipe(), type("ClosedTerminal", (ClosedPipe, FakeTerminal), {})()])
+class HungUpTerminal(FakeTerminal):
+    def write(self, text):
+        raise OSError(errno.EIO, "Input/output error")
+
+
+@pytest.mark.parametrize(
+    "stream",
+    [ClosedPipe(), type("ClosedTerminal", (ClosedPipe, FakeTerminal), {})(), HungUpTerminal()],
+    ids=["pipe", "pipe-as-terminal", "hung-up-terminal"],
+)
 def test_a_reader_that_goes_away_ends_the_progress_and_asks_the_run_to_stop(stream):
     progress = Progress(stream)
     with stop_on_signals() as stop:
@@ -146,3 +156,12 @@ def test_a_reader_that_goes_away_ends_the_progress_and_asks_the_run_to_stop(stre
         assert stop.signum == signal.SIGPIPE
     assert progress.stream is None
     show_an_epoch(progress)  # writes nothing more, raises nothing
+
+
+def test_another_error_of_the_stream_is_not_taken_for_a_reader_that_went_away():
+    class FullDisk(io.StringIO):
+        def write(self, text):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(OSError, match="No space left"):
+        show_an_epoch(Progress(FullDisk()))

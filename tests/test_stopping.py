@@ -62,6 +62,15 @@ def test_the_first_signal_is_recorded_a_second_sigterm_ignored_a_second_ctrl_c_i
     assert signal.getsignal(signal.SIGINT) is sigint_before
 
 
+def test_a_hang_up_stops_as_sigterm_does(sigterm_raises):
+    """A closed terminal (an ssh connection that dropped): the run stops at a step boundary and checkpoints."""
+    with stop_on_signals() as stop:
+        os.kill(os.getpid(), signal.SIGHUP)
+        assert (stop.signum, stop.name) == (signal.SIGHUP, "SIGHUP (its terminal closed)")
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.signum == signal.SIGHUP
+
+
 def test_a_nested_scope_shares_the_request_and_only_the_outer_restores(sigterm_raises):
     with stop_on_signals() as outer:
         with stop_on_signals() as inner:
@@ -288,6 +297,33 @@ def test_a_closed_progress_pipe_stops_xpcnn_train_with_a_checkpoint_and_status_1
     state = load_checkpoint(run).meta["state"]
     assert 2 <= state["global_step"] < 2 * 60 and not list(run.glob(".*.part"))
     assert CliRunner().invoke(main, ["train", "--resume", str(run), "--quiet"]).exit_code == 0
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="a pseudo-terminal's hang-up as Linux gives it")
+def test_a_terminal_that_hangs_up_stops_xpcnn_train_with_a_checkpoint_and_status_129(synthetic_dir, tmp_path):
+    """An ssh connection that drops: the kernel sends SIGHUP and writes to the terminal fail (EIO). Before, the
+    run died by the signal and lost everything since its last epoch."""
+    import pty
+
+    run = tmp_path / "run"
+    command = [sys.executable, "-m", "xpcnn", *TRAIN, "--data-dir", str(synthetic_dir), "--out", str(run)]
+    pid, terminal = pty.fork()
+    if pid == 0:  # the child: a session of its own, the pseudo-terminal as its controlling terminal
+        os.chdir(REPOSITORY)
+        os.execve(sys.executable, command, {**os.environ, "PYTHONPATH": str(REPOSITORY)})
+    watchdog = threading.Timer(120, os.kill, (pid, signal.SIGKILL))
+    watchdog.start()
+    try:
+        shown = b""
+        while b"epoch 1/2 2/60" not in shown:  # the live bar, two steps in
+            shown += os.read(terminal, 4096)
+        os.close(terminal)  # the terminal hangs up
+        _, status = os.waitpid(pid, 0)
+    finally:
+        watchdog.cancel()
+    assert os.waitstatus_to_exitcode(status) == 128 + signal.SIGHUP
+    state = load_checkpoint(run).meta["state"]
+    assert 2 <= state["global_step"] < 2 * 60 and not list(run.glob(".*.part"))
 
 
 def test_a_sigterm_before_training_ends_the_command_in_one_line_and_leaves_no_temporary_file(

@@ -41,17 +41,17 @@ def friendly_errors(command):
                 return command(*args, **kwargs)
         except (click.ClickException, click.exceptions.Exit, click.exceptions.Abort):
             raise
-        except TrainingInterrupted as exc:  # stopped at a step boundary, checkpointed: 130 for Ctrl-C, 143 for SIGTERM
+        except TrainingInterrupted as exc:  # stopped at a step boundary, checkpointed: 128 + the signal
             if exc.speak:
-                click.echo(f"\nxpcnn: {exc}", err=True)
+                _tell(f"\nxpcnn: {exc}")
             sys.exit(128 + exc.signum)
         except Terminated:
             if _speaks():
-                click.echo("\nxpcnn: stopped by SIGTERM", err=True)
+                _tell("\nxpcnn: stopped by SIGTERM")
             sys.exit(EXIT_TERMINATED)
         except KeyboardInterrupt:
             if _speaks():
-                click.echo("\ninterrupted", err=True)
+                _tell("\ninterrupted")
             sys.exit(EXIT_INTERRUPTED)
         except BrokenPipeError:  # quietly, as a command killed by SIGPIPE would end
             _silence_stdout()
@@ -66,6 +66,15 @@ def friendly_errors(command):
             sys.exit(EXIT_BUG)
 
     return wrapper
+
+
+def _tell(line: str) -> None:
+    """How a stopped command stopped, on stderr, where there is one still: after a closed pipe or a terminal that
+    hung up (the reasons a run may have stopped) it is gone, and the exit status says it."""
+    try:
+        click.echo(line, err=True)
+    except OSError:
+        pass
 
 
 def _speaks() -> bool:

@@ -1,7 +1,8 @@
-"""Stopping a run at a step boundary: Ctrl-C (SIGINT) and a scheduler's SIGTERM, in every process of a run.
+"""Stopping a run at a step boundary: Ctrl-C (SIGINT), a scheduler's SIGTERM and a closed terminal's SIGHUP (an
+ssh connection that dropped), in every process of a run.
 
 Batch schedulers (SLURM, Kubernetes, spot machines) stop a job with SIGTERM and kill it a little
-later.  Inside :func:`stop_on_signals` the first SIGINT or SIGTERM only records itself in a
+later.  Inside :func:`stop_on_signals` the first SIGINT, SIGTERM or SIGHUP only records itself in a
 :class:`StopRequest`; the training loop reads it at each step boundary, stops there, and the run
 checkpoints its exact position.  Each process of a run (each rank of a multi-process run)
 opens the same scope; a scheduler signals every rank, not necessarily at the same step, so ranks
@@ -20,8 +21,15 @@ import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
-SIGNAL_NAMES = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM", signal.SIGPIPE: "a closed output pipe"}
+SIGHUP = getattr(signal, "SIGHUP", None)  # POSIX's; Windows has none
+BROKEN_PIPE = getattr(signal, "SIGPIPE", 13)  # the stop a closed output pipe asks for (POSIX's SIGPIPE)
+STOP_SIGNALS = tuple(signum for signum in (signal.SIGINT, signal.SIGTERM, SIGHUP) if signum is not None)
+SIGNAL_NAMES = {
+    signal.SIGINT: "Ctrl-C",
+    signal.SIGTERM: "SIGTERM",
+    SIGHUP: "SIGHUP (its terminal closed)",
+    BROKEN_PIPE: "a closed output pipe",
+}
 REDELIVERY_DELAY = 0.01  # seconds: an interrupt Python had to drop is raised again this much later
 
 
@@ -50,10 +58,11 @@ _active: StopRequest | None = None  # the open scope's request: a nested scope s
 
 @contextlib.contextmanager
 def stop_on_signals() -> Iterator[StopRequest]:
-    """While open, turn the first SIGINT or SIGTERM into ``request.signum``; restore the previous handlers after.
+    """While open, turn the first SIGINT, SIGTERM or SIGHUP into ``request.signum``; restore the previous handlers
+    after.
 
     A second Ctrl-C interrupts at once (KeyboardInterrupt, for a person who does not want to wait).
-    A second SIGTERM is ignored: the run is already stopping, and its checkpoint is being written
+    A later SIGTERM or SIGHUP is ignored: the run is already stopping, and its checkpoint is being written
     (a scheduler that will not wait kills the process, and the atomic writes keep the files whole).
     A scope opened inside another shares its request, so that a caller can keep the handlers
     through the checkpoint it writes after the loop stopped.  Outside the main thread, where

@@ -9,25 +9,26 @@ interval (the only host reads inside an epoch), then ``end_epoch`` with the epoc
 * Elsewhere (a pipe, a log file): one line per update and one summary line per epoch.
 * ``quiet`` (or no stream): nothing; errors and the command's final summary are not progress.
 
-A reader that goes away (``xpcnn train 2>&1 | head``, a ``tee`` killed by the same Ctrl-C) ends the progress,
-not the run: the run stops at its next step boundary with a checkpoint, as SIGPIPE would stop it
-(:func:`xpcnn.base.stopping.request_stop`).
+A reader that goes away (``xpcnn train 2>&1 | head``, a ``tee`` killed by the same Ctrl-C, a terminal that hung
+up) ends the progress, not the run: the run stops at its next step boundary with a checkpoint, as SIGPIPE would stop
+it (:func:`xpcnn.base.stopping.request_stop`; after a hang-up, SIGHUP has asked first).
 """
 
 from __future__ import annotations
 
+import errno
 import functools
 import io
 import os
-import signal
 import sys
 import time
 from typing import TextIO
 
 from tqdm import tqdm
 
-from ..base.stopping import request_stop
+from ..base.stopping import BROKEN_PIPE, request_stop
 
+READER_GONE = (errno.EPIPE, errno.EIO)  # a closed pipe; a terminal that hung up (an ssh connection that dropped)
 # The figures come first so that a narrow terminal trims the bar, not them.
 BAR_FORMAT = "{desc} {elapsed}<{remaining} |{bar}|"
 DEFAULT_WIDTH = 80
@@ -64,13 +65,15 @@ def fit_to_width(parts: list[str], width: int) -> list[str]:
 
 
 def _until_the_reader_goes(method):
-    """``method`` of a Progress, after which a closed pipe ends the progress (see the module's docstring)."""
+    """``method`` of a Progress, after which a closed pipe or terminal ends the progress (the module's docstring)."""
 
     @functools.wraps(method)
     def guarded(self, *args, **kwargs):
         try:
             method(self, *args, **kwargs)
-        except BrokenPipeError:
+        except OSError as error:
+            if error.errno not in READER_GONE:
+                raise
             self._reader_gone()
 
     return guarded
@@ -155,7 +158,7 @@ class Progress:
                 os.close(null)
         except (AttributeError, OSError, ValueError, io.UnsupportedOperation):  # no file behind it (captured)
             pass
-        request_stop(signal.SIGPIPE)
+        request_stop(BROKEN_PIPE)
 
     def _close_bar(self) -> None:
         if self._bar is not None:

@@ -62,7 +62,16 @@ def test_the_first_signal_is_recorded_a_second_sigterm_ignored_a_second_ctrl_c_i
     assert signal.getsignal(signal.SIGINT) is sigint_before
 
 
-def test_a_hang_up_stops_as_sigterm_does(sigterm_raises):
+@pytest.fixture
+def hang_ups_at_their_default():
+    """SIGHUP as in a terminal, also where the tests run under nohup (which ignores it, and an ignored signal stays
+    ignored)."""
+    previous = signal.signal(signal.SIGHUP, signal.SIG_DFL)
+    yield
+    signal.signal(signal.SIGHUP, previous)
+
+
+def test_a_hang_up_stops_as_sigterm_does(sigterm_raises, hang_ups_at_their_default):
     """A closed terminal (an ssh connection that dropped): the run stops at a step boundary and checkpoints."""
     with stop_on_signals() as stop:
         os.kill(os.getpid(), signal.SIGHUP)
@@ -309,6 +318,7 @@ def test_a_terminal_that_hangs_up_stops_xpcnn_train_with_a_checkpoint_and_status
     command = [sys.executable, "-m", "xpcnn", *TRAIN, "--data-dir", str(synthetic_dir), "--out", str(run)]
     pid, terminal = pty.fork()
     if pid == 0:  # the child: a session of its own, the pseudo-terminal as its controlling terminal
+        signal.signal(signal.SIGHUP, signal.SIG_DFL)  # as in a terminal, also where the tests run under nohup
         os.chdir(REPOSITORY)
         os.execve(sys.executable, command, {**os.environ, "PYTHONPATH": str(REPOSITORY)})
     watchdog = threading.Timer(120, os.kill, (pid, signal.SIGKILL))

@@ -185,11 +185,13 @@ def _wait_until(condition, what: str, seconds: float = 30) -> None:
         time.sleep(0.05)
 
 
-def _signals_as_at_a_terminal() -> None:
-    """In the launcher's process before it starts: Ctrl-C and SIGHUP at their defaults, as in a terminal's job,
-    also where the tests run in the background or under nohup (which ignore them, and children inherit that)."""
-    for signum in (signal.SIGINT, signal.SIGHUP):
-        signal.signal(signum, signal.SIG_DFL)
+# Runs a command with Ctrl-C and SIGHUP at their defaults, as in a terminal's job, also where the tests run in the
+# background or under nohup (which ignore them, and an exec keeps that). Not a preexec_fn: this process has JAX's
+# threads, and Python code between fork and exec could deadlock on their locks.
+AS_AT_A_TERMINAL = (
+    "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
+    "signal.signal(signal.SIGHUP, signal.SIG_DFL); os.execv(sys.argv[1], sys.argv[1:])"
+)
 
 
 def _started(out: Path, epochs: int, *, new_group: bool = False, quiet: bool = True) -> subprocess.Popen:
@@ -201,9 +203,8 @@ def _started(out: Path, epochs: int, *, new_group: bool = False, quiet: bool = T
     env = {**os.environ, "PYTHONPATH": str(ROOT), "XPCNN_DIST_TIMEOUT": "20"}
     # A process group in the test's session, or a session of its own (as a terminal's job is, or not)
     where = {"process_group": 0} if new_group else {"start_new_session": True}
-    process = subprocess.Popen(
-        command, env=env, stderr=subprocess.PIPE, text=True, preexec_fn=_signals_as_at_a_terminal, **where
-    )
+    command = [sys.executable, "-c", AS_AT_A_TERMINAL, *map(str, command)]
+    process = subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True, **where)
     deadline = time.monotonic() + TIMEOUT
     while not (out / "checkpoint.npz").exists():  # an epoch is done: the ranks are training
         if process.poll() is not None or time.monotonic() > deadline:

@@ -312,26 +312,38 @@ def test_a_closed_progress_pipe_stops_xpcnn_train_with_a_checkpoint_and_status_1
 def test_a_terminal_that_hangs_up_stops_xpcnn_train_with_a_checkpoint_and_status_129(synthetic_dir, tmp_path):
     """An ssh connection that drops: the kernel sends SIGHUP and writes to the terminal fail (EIO). Before, the
     run died by the signal and lost everything since its last epoch."""
-    import pty
-
     run = tmp_path / "run"
     command = [sys.executable, "-m", "xpcnn", *TRAIN, "--data-dir", str(synthetic_dir), "--out", str(run)]
-    pid, terminal = pty.fork()
-    if pid == 0:  # the child: a session of its own, the pseudo-terminal as its controlling terminal
-        signal.signal(signal.SIGHUP, signal.SIG_DFL)  # as in a terminal, also where the tests run under nohup
-        os.chdir(REPOSITORY)
-        os.execve(sys.executable, command, {**os.environ, "PYTHONPATH": str(REPOSITORY)})
-    watchdog = threading.Timer(120, os.kill, (pid, signal.SIGKILL))
+    terminal, its_side = os.openpty()  # the side this test holds, and the side the child's terminal is
+    # The child: a session of its own (start_new_session) that takes the terminal as its controlling one by
+    # opening it, with SIGHUP at its default (as in a terminal, also under nohup), then xpcnn in its place.
+    # Not pty.fork or a preexec_fn: this process has JAX's threads, and Python code between fork and exec could
+    # deadlock on their locks.
+    take_the_terminal = (
+        "import os, signal, sys; fd = os.open(sys.argv[1], os.O_RDWR); [os.dup2(fd, i) for i in (0, 1, 2)]; "
+        "signal.signal(signal.SIGHUP, signal.SIG_DFL); os.execv(sys.argv[2], sys.argv[2:])"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPOSITORY)}
+    child = subprocess.Popen(
+        [sys.executable, "-c", take_the_terminal, os.ttyname(its_side), *command],
+        cwd=REPOSITORY,
+        env=env,
+        start_new_session=True,
+    )
+    watchdog = threading.Timer(120, child.kill)
     watchdog.start()
     try:
         shown = b""
         while b"epoch 1/2 2/60" not in shown:  # the live bar, two steps in
             shown += os.read(terminal, 4096)
         os.close(terminal)  # the terminal hangs up
-        _, status = os.waitpid(pid, 0)
+        child.wait()
     finally:
         watchdog.cancel()
-    assert os.waitstatus_to_exitcode(status) == 128 + signal.SIGHUP
+        child.kill()
+        child.wait()
+        os.close(its_side)  # held until now: with no side open, reading this test's side fails at once
+    assert child.returncode == 128 + signal.SIGHUP
     state = load_checkpoint(run).meta["state"]
     assert 2 <= state["global_step"] < 2 * 60 and not list(run.glob(".*.part"))
 

@@ -195,14 +195,7 @@ def test_a_sigterm_to_xpcnn_train_checkpoints_the_position_exits_143_and_resume_
     """A real SIGTERM (then a second, as an impatient scheduler sends) to a real process, mid-epoch; lenet has
     no dropout, so a mid-epoch resume continues bit for bit (with dropout, only the noise would differ)."""
     run = tmp_path / "stopped"
-    process = subprocess.Popen(
-        [sys.executable, "-m", "xpcnn", *TRAIN, "--data-dir", str(synthetic_dir), "--out", str(run)],
-        cwd=REPOSITORY,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "PYTHONPATH": str(REPOSITORY)},
-    )
+    process = started_training(synthetic_dir, run, stdout=subprocess.PIPE)
     watchdog = threading.Timer(120, process.kill)  # a hard limit, whatever happens
     watchdog.start()
     try:
@@ -233,6 +226,18 @@ def test_a_sigterm_to_xpcnn_train_checkpoints_the_position_exits_143_and_resume_
     assert resumed.optimizer_state["steps"] == expected.optimizer_state["steps"] == 2 * 60
     resumed_history, straight_history = (json.loads((path / "history.json").read_text()) for path in (run, straight))
     assert list(map(without_timings, resumed_history)) == list(map(without_timings, straight_history))
+
+
+def started_training(synthetic_dir: Path, run: Path, stdout) -> subprocess.Popen:
+    """A real ``xpcnn train`` of TRAIN into ``run``, its progress on a pipe (one plain line a step)."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "xpcnn", *TRAIN, "--data-dir", str(synthetic_dir), "--out", str(run)],
+        cwd=REPOSITORY,
+        stdout=stdout,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPOSITORY)},
+    )
 
 
 def without_timings(record: dict) -> dict:
@@ -282,14 +287,7 @@ def test_a_closed_progress_pipe_stops_xpcnn_train_with_a_checkpoint_and_status_1
     """``xpcnn train 2>&1 | head``, or a ``tee`` that the same Ctrl-C killed first: the run stops at its next step
     boundary and checkpoints there, quietly, as SIGPIPE would end it; then it resumes."""
     run = tmp_path / "run"
-    process = subprocess.Popen(
-        [sys.executable, "-m", "xpcnn", *TRAIN, "--data-dir", str(synthetic_dir), "--out", str(run)],
-        cwd=REPOSITORY,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "PYTHONPATH": str(REPOSITORY)},
-    )
+    process = started_training(synthetic_dir, run, stdout=subprocess.DEVNULL)
     watchdog = threading.Timer(120, process.kill)
     watchdog.start()
     try:

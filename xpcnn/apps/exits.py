@@ -13,6 +13,7 @@ import click
 
 from ..backends.distributed import rank_from_environment
 from ..base.errors import ConfigError, XpcnnError
+from ..base.files import point_at_devnull
 from ..base.stopping import Terminated, sigterm_interrupts
 from ..training.config import flag
 from ..training.train import TrainingInterrupted
@@ -42,7 +43,7 @@ def friendly_errors(command):
         except (click.ClickException, click.exceptions.Exit, click.exceptions.Abort):
             raise
         except TrainingInterrupted as exc:  # stopped at a step boundary, checkpointed: 128 + the signal
-            if exc.speak:
+            if _speaks():
                 _tell(f"\nxpcnn: {exc}")
             sys.exit(128 + exc.signum)
         except Terminated:
@@ -54,7 +55,7 @@ def friendly_errors(command):
                 _tell("\ninterrupted")
             sys.exit(EXIT_INTERRUPTED)
         except BrokenPipeError:  # quietly, as a command killed by SIGPIPE would end
-            _silence_stdout()
+            point_at_devnull(sys.stdout)  # Python's flush at exit would fail on the closed pipe a second time
             sys.exit(EXIT_BROKEN_PIPE)
         except (XpcnnError, OSError, MemoryError) as exc:
             if debug:
@@ -79,7 +80,7 @@ def _tell(line: str) -> None:
 
 def _speaks() -> bool:
     """Whether this process says how a signal stopped it: a process alone, or rank 0 of several (a launcher
-    signals every rank, and they stop alike)."""
+    signals every rank, and they stop alike; rank 0 writes the checkpoint its line names)."""
     try:
         return rank_from_environment().rank == 0
     except XpcnnError:  # launcher variables that make no sense: this process is not one of several
@@ -95,14 +96,6 @@ def escape_unencodable_output() -> None:
             reconfigure(errors="backslashreplace")
         except (ValueError, OSError):  # detached or closed
             pass
-
-
-def _silence_stdout() -> None:
-    """Point stdout at /dev/null, so that Python's flush at exit does not fail on a closed pipe a second time."""
-    try:
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-    except (OSError, ValueError):  # stdout is no file (captured in tests, or closed): nothing to flush there
-        pass
 
 
 def user_message(exc: Exception) -> str:

@@ -26,12 +26,12 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .exits import EXIT_BROKEN_PIPE, EXIT_INTERRUPTED, EXIT_TERMINATED
+
 GRACE = 5.0  # seconds the other ranks get to end by themselves after one failed
 POLL = 0.1  # seconds between looks at the ranks
-EXIT_INTERRUPTED = 130  # a rank stopped by Ctrl-C
-EXIT_TERMINATED = 143  # a rank stopped by SIGTERM
-EXIT_BROKEN_PIPE = 141  # a rank stopped by the reader of its output going away (rank 0's progress)
-STOPPED = (EXIT_INTERRUPTED, EXIT_BROKEN_PIPE, EXIT_TERMINATED)  # the first present is the launcher's status
+# A rank stopped by Ctrl-C, by rank 0's output reader going away, by SIGTERM; the first present is the launcher's.
+STOPPED = (EXIT_INTERRUPTED, EXIT_BROKEN_PIPE, EXIT_TERMINATED)
 PASSED_ON = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)  # to every rank, as they came
 LAUNCHER_PID = "XPCNN_LAUNCHER_PID"  # in each rank's environment: the launcher's process id
 PR_SET_PDEATHSIG = 1  # from linux/prctl.h
@@ -126,10 +126,7 @@ def launch(world_size: int, command: list[str], say=None) -> int:
                     process.send_signal(signum)
             return _watch(ranks, say, stopping)
         finally:
-            for process in ranks:
-                if process.poll() is None:
-                    process.kill()
-                    process.wait()
+            _kill(ranks)
             for signum, handler in previous.items():
                 signal.signal(signum, signal.SIG_DFL if handler is None else handler)
 

@@ -174,3 +174,16 @@ def write_json(path: str | os.PathLike, value: Any) -> None:
     text = json.dumps(value, indent=2) + "\n"
     with atomic_output(path) as out:
         out.write(text.encode())
+
+
+def point_at_devnull(stream) -> None:
+    """Point ``stream``'s file descriptor at /dev/null, so that later writes to it (a message, Python's flush at
+    exit) go nowhere instead of failing again on a reader that went away; nothing for a stream without one."""
+    try:
+        null = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(null, stream.fileno())
+        finally:
+            os.close(null)
+    except (AttributeError, OSError, ValueError):  # no descriptor behind it (captured in tests), or closed
+        pass

@@ -26,6 +26,7 @@ from typing import TextIO
 
 from tqdm import tqdm
 
+from ..base.files import point_at_devnull
 from ..base.stopping import BROKEN_PIPE, request_stop
 
 READER_GONE = (errno.EPIPE, errno.EIO)  # a closed pipe; a terminal that hung up (an ssh connection that dropped)
@@ -149,15 +150,8 @@ class Progress:
     def _reader_gone(self) -> None:
         """Write no more; point the stream's file at /dev/null (where later messages and Python's flush at exit
         go without failing again); and stop the run as SIGPIPE would."""
-        stream, self.stream, self._bar = self.stream, None, None
-        try:
-            null = os.open(os.devnull, os.O_WRONLY)
-            try:
-                os.dup2(null, stream.fileno())
-            finally:
-                os.close(null)
-        except (AttributeError, OSError, ValueError, io.UnsupportedOperation):  # no file behind it (captured)
-            pass
+        point_at_devnull(self.stream)
+        self.stream, self._bar = None, None
         request_stop(BROKEN_PIPE)
 
     def _close_bar(self) -> None:

@@ -445,7 +445,7 @@ def _train_in(
                 kept = f"; continue from its last with: xpcnn train --resume {out}" if run_dir_has_run(out) else ""
                 raise CheckpointError(f"{exc}, but its checkpoint could not be written ({reason}){kept}") from None
             message = f"{exc}; checkpoint written to {out}; continue with: xpcnn train --resume {out}"
-            raise TrainingInterrupted(message, exc.signum, speak=communicator.is_root) from None
+            raise TrainingInterrupted(message, exc.signum) from None
         except TrainingDiverged as exc:
             kept = (
                 f"the last good checkpoint (epoch {state.epoch}) is kept in {out}"

@@ -76,13 +76,11 @@ class TrainingDiverged(XpcnnError, RuntimeError):
 
 
 class TrainingInterrupted(RuntimeError):
-    """Ctrl-C or SIGTERM stopped the run at a step boundary; ``signum`` is the signal's number, and ``speak``
-    whether this process tells the user (of several ranks only rank 0, which writes the checkpoint, does)."""
+    """Ctrl-C or SIGTERM stopped the run at a step boundary; ``signum`` is the signal's number."""
 
-    def __init__(self, message: str, signum: int, speak: bool = True):
+    def __init__(self, message: str, signum: int):
         super().__init__(message)
         self.signum = signum
-        self.speak = speak
 
 
 class Trainer:

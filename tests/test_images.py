@@ -318,10 +318,33 @@ def test_fully_transparent_picture_raises(tmp_path):
     assert_one_line_error(save(img, tmp_path, "transparent.png"), match="blank")
 
 
-def test_blank_npy_raises(tmp_path):
-    for name, array in [("zeros.npy", np.zeros((28, 28), np.uint8)), ("ones.npy", np.ones((50, 40)))]:
-        np.save(tmp_path / name, array)
-        assert_one_line_error(tmp_path / name, match="blank")
+@pytest.mark.parametrize(
+    "array",
+    [
+        np.zeros((28, 28), np.uint8),
+        np.ones((50, 40)),
+        # Uniform 28x28 arrays of any level, in every layout: none is a digit taken as is.
+        np.full((28, 28), 255, np.uint8),
+        np.full((28, 28), 0.3, np.float32),
+        np.full((1, 28, 28), 255, np.uint8),
+        np.full((28, 28, 3), 255, np.uint8),
+        np.zeros((28, 28, 4), np.uint8),  # fully transparent
+        np.full((28, 28), 0.05, np.float32),  # dark, but no ink on it
+    ],
+    ids=lambda a: f"{a.shape}-{a.dtype}-{a.flat[0]}",
+)
+def test_blank_npy_raises(tmp_path, array):
+    np.save(tmp_path / "blank.npy", array)
+    assert_one_line_error(tmp_path / "blank.npy", match="blank")
+
+
+def test_28x28_npy_on_grey_is_not_taken_as_is(tmp_path):
+    """Only a black background is MNIST's: a digit on grey has its background taken off as a picture's is."""
+    grey = np.clip(mnist_like_array().astype(np.float32) / 255 * 0.7 + 0.3, 0, 1)
+    np.save(tmp_path / "grey.npy", grey)
+    a = load_image(tmp_path / "grey.npy")
+    assert_mnist_like(a)
+    assert np.median(a[0]) == 0
 
 
 def test_missing_file_raises(tmp_path):

@@ -20,9 +20,10 @@ from PIL import Image
 
 import xpcnn
 from xpcnn.apps.cli import main
+from xpcnn.apps.serve import DigitReader
 from xpcnn.backends.backend import get_backend
 from xpcnn.base import files
-from xpcnn.base.errors import ConfigError, XpcnnError
+from xpcnn.base.errors import ConfigError, NonFiniteOutputs, XpcnnError
 from xpcnn.data.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from xpcnn.data.device_data import Normalization
 from xpcnn.data.idx import DataError, read_idx
@@ -245,18 +246,35 @@ def test_a_checkpoint_is_checked_before_it_is_inflated(run, tmp_path):
         load_checkpoint(bomb)
 
 
-def test_evaluate_json_never_writes_nan(run, synthetic_dir, monkeypatch):
-    from xpcnn.apps import cli
-    from xpcnn.data.device_data import EvalResult
+def test_a_checkpoint_whose_outputs_overflow_is_refused_by_every_reader(run, synthetic_dir, tmp_path):
+    """Finite weights (each under float32's largest) whose products are not: NaN outputs, refused in one line
+    rather than predicted at "nan%", served as invalid JSON, evaluated at chance or exported."""
 
-    def infinite(model, split, backend):
-        return EvalResult(float("nan"), 0.1, np.zeros(len(split), np.int64))
+    def overflowing(meta, model_state, optimizer_state):
+        for key in model_state:
+            model_state[key] = np.full_like(model_state[key], 3e38)
 
-    monkeypatch.setattr(cli, "evaluate_model", infinite)
-    result = CliRunner().invoke(main, ["evaluate", str(run), "--json", "--data-dir", str(synthetic_dir)])
-    assert result.exit_code == 0, result.output
-    report = json.loads(result.output, parse_constant=lambda name: pytest.fail(f"{name} is not JSON"))
-    assert report["loss"] is None
+    target = tmp_path / "overflows"
+    target.mkdir()
+    rewrite(run, target / "checkpoint.npz", overflowing)
+    digit = np.zeros((28, 28), np.uint8)
+    digit[6:22, 12:16] = 255
+    np.save(tmp_path / "one.npy", digit)
+    readers = [
+        ["evaluate", str(target), "--data-dir", str(synthetic_dir)],
+        ["evaluate", str(target), "--json", "--data-dir", str(synthetic_dir)],
+        ["predict", str(target), str(tmp_path / "one.npy")],
+        ["predict", str(target), str(tmp_path / "one.npy"), "--json"],
+        ["export", str(target), "--format", "safetensors", "--output", str(tmp_path / "out.safetensors")],
+    ]
+    for args in readers:
+        result = CliRunner().invoke(main, args)
+        assert result.exit_code == 1 and isinstance(result.exception, SystemExit), (args, result.output)
+        assert "outputs are NaN or infinite" in result.output, (args, result.output)
+        assert len(result.output.strip().splitlines()) == 1 and "Warning" not in result.output, (args, result.output)
+    assert not (tmp_path / "out.safetensors").exists()
+    with pytest.raises(NonFiniteOutputs, match="overflows"):
+        DigitReader(load_checkpoint(target), get_backend("numpy", "cpu"))
 
 
 # ---------------------------------------------------------------- outputs and their names

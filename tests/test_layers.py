@@ -198,6 +198,17 @@ def test_load_state_dict_rejects_mismatches():
         model.load_state_dict({**state, "0.weight": np.zeros((8, 1, 3, 3), np.float32)})
 
 
+def test_load_state_dict_refuses_negative_running_variances():
+    model = models.build("lenet-bn")
+    state = model.state_dict()
+    key = next(k for k in state if k.endswith("running_var"))
+    damaged = state[key].copy()
+    damaged[0] = -1.0
+    with pytest.raises(ValueError, match=rf"{key} holds negative variances"):
+        model.load_state_dict({**state, key: damaged})
+    model.load_state_dict({**state, key: np.zeros_like(damaged)})  # a dead channel's zero variance is fine
+
+
 def test_numpy_and_strict_agree_on_a_training_step():
     """The same weights and data give the same loss and gradients on both CPU backends.
 

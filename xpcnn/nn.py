@@ -166,7 +166,8 @@ class Layer:
     def load_state_dict(self, state: dict) -> None:
         """Load host arrays from :meth:`state_dict`, keeping this model's backend and dtypes.
 
-        Raises ValueError on missing or unexpected keys and on shape mismatches.
+        Raises ValueError on missing or unexpected keys, shape mismatches, values too large for the dtype and
+        negative running variances.
         """
         expected = {}
         for prefix, layer in self._holders():
@@ -183,6 +184,8 @@ class Layer:
                 )
             if beyond_range(new, current.dtype):
                 raise ValueError(f"{key} holds values too large for {host_dtype(current.dtype)}")
+            if name == "running_var" and bool((new < 0).any()):  # a square's mean: negative only if damaged
+                raise ValueError(f"{key} holds negative variances")
         for key, (store, name) in expected.items():
             current = store[name]
             store[name] = backend_of(current).asarray(np.asarray(state[key]), current.dtype)

@@ -19,7 +19,7 @@ from ..backends.backend import BACKEND_NAMES, cuda_problem, get_backend, set_tf3
 from ..backends.diagnostics import available_backends, gpu_names
 from ..backends.distributed import check_backend, rank_from_environment
 from ..backends.ranks import join, prepare
-from ..base.errors import ConfigError, XpcnnError
+from ..base.errors import ConfigError, NonFiniteOutputs, XpcnnError
 from ..base.files import check_writable
 from ..data.checkpoint import CHECKPOINT_NAME, checkpoint_path, load_checkpoint
 from ..data.data import DATASETS, TEST_FILES, find_data_dir, get_spec, load_dataset
@@ -34,6 +34,7 @@ from ..training.fitting import require_named_dataset
 from ..training.runs import (
     RUNS_ROOT,
     check_no_run,
+    check_outputs,
     check_ranks_get_images,
     check_same_data,
     check_same_task,
@@ -353,6 +354,8 @@ def evaluate(run, data_dir, device, backend, as_json, plot, tta, members, allow_
     with chosen.activate():
         split = DeviceSplit.from_host(chosen, dataset.test_images, dataset.test_labels, norm)
         result = evaluate_model(model, split, chosen)
+        if not math.isfinite(result.loss):
+            raise NonFiniteOutputs(str(checkpoint.path))
         probabilities = predict_probabilities(model, split.images) if plot or others else None
         views = test_time_views(flip=config.flip)
         augmented = evaluate_tta(model, split, chosen, views, fill=-norm.mean / norm.std) if tta else None
@@ -370,7 +373,7 @@ def evaluate(run, data_dir, device, backend, as_json, plot, tta, members, allow_
         "epoch": checkpoint.meta["state"]["epoch"],  # completed; a checkpoint written by a stop is "step" further
         "step": checkpoint.meta["state"]["step"],
         "images": int(len(labels)),
-        "loss": result.loss if math.isfinite(result.loss) else None,  # NaN and infinity are not JSON
+        "loss": result.loss,
         "accuracy": result.accuracy,
         "per_class_accuracy": {name: float(a) for name, a in zip(classes, per_class, strict=False)},
         "confusion_matrix": confusion.tolist(),
@@ -433,7 +436,7 @@ def predict(run, images, device, backend, top_k, as_json):
         top = [{"class": i, "label": labels[i], "probability": float(p[i])} for i in ranked]
         rows[index].update(top[0], top=top)
     if as_json:
-        click.echo(json.dumps(rows, indent=2))
+        click.echo(json.dumps(rows, indent=2, allow_nan=False))
     else:
         for row in rows:
             if "error" in row:
@@ -473,6 +476,7 @@ def export(run, format_, output, softmax, force):
     exporting.require(format_)
     checkpoint = load_checkpoint(run)
     model, norm = model_from_checkpoint(checkpoint, get_backend("numpy", "cpu"))
+    check_outputs(model, norm, get_backend("numpy", "cpu"), str(checkpoint.path))
     metadata = {"model": checkpoint_config(checkpoint).model, "classes": json.dumps(checkpoint.meta["classes"])}
     exporting.export(model, norm, format_, output, softmax=softmax, metadata=metadata)
     if format_ == "onnx":

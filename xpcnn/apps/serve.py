@@ -25,11 +25,11 @@ from urllib.parse import urlsplit
 import numpy as np
 
 from ..backends.backend import Backend
-from ..base.errors import XpcnnError
+from ..base.errors import NonFiniteOutputs, XpcnnError
 from ..data.checkpoint import Checkpoint
 from ..data.device_data import normalize_images
 from ..data.images import MAX_PIXELS, ImageError, decode_picture
-from ..training.runs import model_from_checkpoint
+from ..training.runs import check_outputs, model_from_checkpoint
 from ..training.train import predict_probabilities
 
 MAX_BODY_BYTES = 1024 * 1024  # a 280x280 canvas is a few kB; anything over 1 MiB is refused before it is read
@@ -52,6 +52,7 @@ class DigitReader:
     def __init__(self, checkpoint: Checkpoint, backend: Backend):
         self.backend = backend
         self.model, self.norm = model_from_checkpoint(checkpoint, backend)
+        check_outputs(self.model, self.norm, backend, str(checkpoint.path))
         # One picture at a time: the layers keep per-call state (their mode, what forward saves), CuPy's current
         # device is per thread (hence activate() inside), and it bounds memory to one decoded picture however
         # many clients post at once.  A 280x280 drawing takes a few milliseconds.
@@ -67,7 +68,10 @@ class DigitReader:
             except ImageError as exc:
                 raise RequestError(HTTPStatus.BAD_REQUEST, str(exc)) from None
             batch = normalize_images(self.backend, image[None, None], self.norm)
-            probabilities = predict_probabilities(self.model, batch)[0]
+            try:
+                probabilities = predict_probabilities(self.model, batch)[0]
+            except NonFiniteOutputs as exc:  # the model's fault, not the picture's
+                raise RequestError(HTTPStatus.INTERNAL_SERVER_ERROR, str(exc)) from None
         return {"class": int(np.argmax(probabilities)), "probabilities": [float(p) for p in probabilities]}
 
 

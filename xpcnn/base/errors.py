@@ -26,6 +26,17 @@ class ConfigError(XpcnnError, ValueError):
         self.setting = setting
 
 
+class NonFiniteOutputs(XpcnnError, ValueError):
+    """A model whose outputs are NaN or infinite although its weights are finite: damaged weights (a negative
+    variance edited in) or weights so large that the arithmetic overflows float32."""
+
+    def __init__(self, where: str = ""):
+        lead = f"{where}: the model's" if where else "the model's"
+        super().__init__(
+            f"{lead} outputs are NaN or infinite: its weights are damaged, or so large that float32 overflows"
+        )
+
+
 def one_line(text: object) -> str:
     """``text`` with its whitespace (newlines included) collapsed, so that a message stays on one line."""
     return " ".join(str(text).split())

@@ -14,18 +14,18 @@ import numpy as np
 from .. import __version__
 from ..backends.backend import Backend
 from ..backends.distributed import Communicator, Local, check_images_per_rank, steps_per_epoch
-from ..base.errors import ConfigError, XpcnnError
+from ..base.errors import ConfigError, NonFiniteOutputs, XpcnnError
 from ..base.files import check_writable, locked_directory, read_regular, remove_temporaries, write_json
 from ..base.stopping import stop_on_signals
 from ..data.checkpoint import CHECKPOINT_NAME, Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
 from ..data.data import Dataset, holds_dataset, other_files
-from ..data.device_data import Normalization
+from ..data.device_data import Normalization, normalize_images
 from ..models import build
 from ..nn import Sequential
 from ..optim import Optimizer
 from .config import TrainConfig, flag, make_model, make_optimizer
 from .display import Progress
-from .train import RunState, TrainingDiverged, TrainingInterrupted, host_splits, start_training
+from .train import RunState, TrainingDiverged, TrainingInterrupted, host_splits, predict_probabilities, start_training
 
 
 def checkpoint_config(checkpoint: Checkpoint) -> TrainConfig:
@@ -61,6 +61,17 @@ def model_from_checkpoint(checkpoint: Checkpoint, backend: Backend) -> tuple[Seq
     restore(checkpoint, model, optimizer)
     model.set_parameters(optimizer.averaged_parameters())
     return model, checkpoint_normalization(checkpoint)
+
+
+def check_outputs(model: Sequential, norm: Normalization, backend: Backend, where: str) -> None:
+    """NonFiniteOutputs naming ``where`` unless the model's outputs for a blank picture and one all ink are
+    finite: a damaged checkpoint (finite weights, NaN outputs) is refused before it is served or exported."""
+    extremes = np.stack([np.zeros((1, 28, 28), np.float32), np.ones((1, 28, 28), np.float32)])
+    with backend.activate():
+        try:
+            predict_probabilities(model, normalize_images(backend, extremes, norm))
+        except NonFiniteOutputs:
+            raise NonFiniteOutputs(where) from None
 
 
 def restore(checkpoint: Checkpoint, model: Sequential, optimizer: Optimizer | None = None) -> None:

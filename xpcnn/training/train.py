@@ -38,7 +38,7 @@ from ..backends.distributed import (
     steps_per_epoch,
     usable_count,
 )
-from ..base.errors import ConfigError, XpcnnError
+from ..base.errors import ConfigError, NonFiniteOutputs, XpcnnError
 from ..base.stopping import stop_on_signals
 from ..data.data import split_validation
 from ..data.device_data import DeviceSplit, EvalResult, Normalization, evaluate_batches
@@ -486,11 +486,14 @@ def evaluate(model: Sequential, split: DeviceSplit, backend: Backend, batch_size
 
 def predict_probabilities(model: Sequential, images, batch_size: int = 1000) -> np.ndarray:
     """Softmax probabilities (N, K) on the host for device images (N, 1, 28, 28), in evaluation mode (the
-    model's own mode is left as it was)."""
+    model's own mode is left as it was).  NonFiniteOutputs where any is NaN (the model's arithmetic overflows)."""
     parameters, buffers = dict(model.named_parameters()), dict(model.named_buffers())
     chunks = []
     for i in range(0, images.shape[0], batch_size):
         batch = images[i : min(i + batch_size, images.shape[0]), ...]
-        logits, _ = stateless_forward(model, parameters, buffers, batch, training=False)
-        chunks.append(to_host(softmax(logits, axis=1)))
+        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):  # said once, below, not as warnings
+            logits, _ = stateless_forward(model, parameters, buffers, batch, training=False)
+            chunks.append(to_host(softmax(logits, axis=1)))
+    if not all(np.isfinite(chunk).all() for chunk in chunks):
+        raise NonFiniteOutputs()
     return np.concatenate(chunks)

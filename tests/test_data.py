@@ -4,10 +4,12 @@ Everything runs on files written into tmp_path and on a local HTTP server on
 127.0.0.1; only `test_real_mnist` reads the offline MNIST copy, when present.
 """
 
+import contextlib
 import gzip
 import hashlib
 import http.server
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -261,6 +263,21 @@ def test_lookup_order(tmp_path, monkeypatch):
     assert len(load_dataset(spec, download=False).train_labels) == 14
 
 
+def test_a_place_that_cannot_be_looked_at_is_passed_over(tmp_path, monkeypatch):
+    """A name too long (or, for a user other than root, a directory without search permission) is not where
+    the files are: the lookup goes on past it instead of stopping with the system's error."""
+    spec = spec_for({})
+    make_dataset_dir(tmp_path / "cache" / "xpcnn" / "tiny", n_train=14)
+    too_long = tmp_path / ("x" * 5000)
+    monkeypatch.setenv("XPCNN_DATA_DIR", str(too_long))
+    assert len(load_dataset(spec, download=False).train_labels) == 14
+    assert not data.holds_dataset(too_long)
+    with pytest.raises(DataError, match="no such directory"):
+        load_dataset(spec, too_long, download=False)
+    with pytest.raises(DataError, match="no such directory"):
+        load_dataset(spec, tmp_path / "nowhere", download=False)
+
+
 def test_one_datasets_files_are_not_served_as_another(tmp_path, monkeypatch):
     make_dataset_dir(tmp_path / "root" / "tiny")
     monkeypatch.setenv("XPCNN_DATA_DIR", str(tmp_path / "root"))
@@ -414,11 +431,16 @@ def test_bad_shapes(tmp_path, file, array, expected):
 # Downloads from a local HTTP server
 
 
+STREAMED = {"endless": None, "drip": None, "huge": str(10**12), "odd-length": "abc"}  # kind -> Content-Length
+
+
 class Mirrors:
     """A local HTTP server; GET /<kind>/<file> serves `files` according to kind.
 
     good: the file; missing: 404; corrupt: the file with one byte flipped;
-    short: the full Content-Length but only half the body.
+    short: the full Content-Length but only half the body; endless: zeros without end and no Content-Length;
+    huge: a Content-Length of a terabyte; drip: the file a few bytes at a time; odd-length: the file with a
+    Content-Length that is not a number.
     """
 
     def __init__(self):
@@ -436,6 +458,21 @@ class Mirrors:
                     return
                 if kind == "corrupt":
                     body = body[:-1] + bytes([body[-1] ^ 1])
+                if kind in STREAMED:
+                    self.send_response(200)
+                    if kind != "endless":
+                        self.send_header("Content-Length", STREAMED[kind] or str(len(body)))
+                    self.end_headers()
+                    with contextlib.suppress(OSError):  # the client hangs up
+                        while kind == "endless":
+                            self.wfile.write(bytes(1 << 16))
+                        step = 16 if kind == "drip" else len(body)
+                        for i in range(0, len(body), step):
+                            self.wfile.write(body[i : i + step])
+                            self.wfile.flush()
+                            time.sleep(0.01 if kind == "drip" else 0)
+                    self.close_connection = True
+                    return
                 self.send_response(200)
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
@@ -512,6 +549,25 @@ def test_download_unreachable_mirror(tmp_path, mirrors):
     spec = spec_for(mirrors.files, ("http://127.0.0.1:1/", mirrors.url("good")))
     load_dataset(spec, progress=False)
     assert len(cache_files(tmp_path)) == 4
+
+
+def test_a_mirror_that_sends_too_much_or_too_slowly_is_left_for_the_next(tmp_path, mirrors, monkeypatch):
+    """A broken mirror or a captive portal neither fills the disk nor hangs the run: each file has a byte
+    limit and a deadline, and whatever it sent is gone."""
+    monkeypatch.setattr(data, "MAX_DOWNLOAD_BYTES", 1 << 20)
+    monkeypatch.setattr(data, "DOWNLOAD_DEADLINE", 0.2)
+    spec = spec_for(mirrors.files, (mirrors.url("endless"), mirrors.url("huge"), mirrors.url("drip")))
+    with pytest.raises(DownloadError) as error:
+        load_dataset(spec, progress=False)
+    message = assert_one_line_naming(error, FILES[0])
+    assert "sent over 1,048,576 bytes" in message and "declares 1,000,000,000,000 bytes" in message
+    assert "took longer than 0.2 s" in message
+    assert cache_files(tmp_path) == []
+
+
+def test_a_content_length_that_is_not_a_number_does_not_stop_a_download(tmp_path, mirrors):
+    dataset = load_dataset(spec_for(mirrors.files, (mirrors.url("odd-length"),)), progress=True)
+    np.testing.assert_array_equal(dataset.train_images, mirrors.arrays[data.TRAIN_IMAGES])
 
 
 def test_download_fetches_only_missing_files(tmp_path, mirrors):

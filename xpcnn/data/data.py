@@ -23,6 +23,7 @@ import hashlib
 import http.client
 import os
 import sys
+import time
 import urllib.request
 from collections.abc import Mapping
 from pathlib import Path
@@ -141,6 +142,8 @@ def get_spec(name: str) -> DatasetSpec:
 # Lookup and download.
 
 DOWNLOAD_TIMEOUT = 30.0  # seconds, per connection attempt and per read
+DOWNLOAD_DEADLINE = 900.0  # seconds for a whole file: a mirror that drips a byte at a time does not hang a run
+MAX_DOWNLOAD_BYTES = 64 << 20  # a file's most: over twice the largest of a known dataset (Fashion-MNIST's 26 MB)
 _CHUNK = 1 << 16
 
 
@@ -165,9 +168,15 @@ def _locate(directory: Path, file: str) -> Path:
     site's files unpack and torchvision's raw folders keep them), else the path as named, which does not exist.
     `read_idx` reads both forms."""
     unpacked = directory / file.removesuffix(".gz")
-    if unpacked.exists() and not (directory / file).exists():  # a FIFO there is refused when read
+    if _exists(unpacked) and not _exists(directory / file):  # a FIFO there is refused when read
         return unpacked
     return directory / file
+
+
+def _exists(path: Path) -> bool:
+    """Whether ``path`` exists; False, not an error, where it cannot be looked at (a directory without search
+    permission, a name too long): such a place is not where the files are, and the lookup goes on."""
+    return os.path.exists(path)
 
 
 def _where_to_put(spec: DatasetSpec, cache: Path, files: str = "") -> str:
@@ -180,7 +189,7 @@ def _where_to_put(spec: DatasetSpec, cache: Path, files: str = "") -> str:
 
 
 def _missing(directory: Path) -> list[str]:
-    return [file for file in FILES if not _locate(directory, file).exists()]
+    return [file for file in FILES if not _exists(_locate(directory, file))]
 
 
 def holds_dataset(directory: str | os.PathLike) -> bool:
@@ -198,6 +207,8 @@ def find_data_dir(spec: DatasetSpec, data_dir: str | os.PathLike | None = None) 
     """
     if data_dir is not None:
         directory = Path(data_dir)
+        if not os.path.isdir(directory):
+            raise DataError(f"{directory}: no such directory (it should hold the {spec.name} files)")
         missing = _missing(directory)
         if missing:
             raise DataError(f"{directory}: missing {spec.name} files: {', '.join(missing)} ({BOTH_FORMS})")
@@ -211,23 +222,39 @@ def find_data_dir(spec: DatasetSpec, data_dir: str | os.PathLike | None = None) 
 
 
 def _fetch(url: str, dest: Path, sha256: str, *, progress: bool, timeout: float) -> None:
-    """Download `url` into `dest` atomically; raise DataError when the SHA-256 differs."""
+    """Download `url` into `dest` atomically; raise DataError when the SHA-256 differs, or when the file is
+    over `MAX_DOWNLOAD_BYTES` or takes longer than `DOWNLOAD_DEADLINE` (a broken mirror or a captive portal)."""
     digest = hashlib.sha256()
+    deadline, received = time.monotonic() + DOWNLOAD_DEADLINE, 0
     with urllib.request.urlopen(url, timeout=timeout) as response, atomic_output(dest) as out:
-        length = response.headers.get("Content-Length")
+        length = _declared_length(response.headers.get("Content-Length"))
+        if length is not None and length > MAX_DOWNLOAD_BYTES:
+            raise DataError(f"declares {length:,} bytes, over the {MAX_DOWNLOAD_BYTES:,} of any dataset file")
         bar = click.progressbar(
-            length=int(length) if length else 1,
+            length=length or 1,
             label=f"Downloading {url}",
             hidden=not (progress and length),
             file=sys.stderr,
         )
         with bar:
-            while chunk := response.read(_CHUNK):
+            while chunk := response.read1(_CHUNK):  # one recv at a time, so the deadline is seen
+                received += len(chunk)
+                if received > MAX_DOWNLOAD_BYTES:
+                    raise DataError(f"sent over {MAX_DOWNLOAD_BYTES:,} bytes, more than any dataset file")
+                if time.monotonic() > deadline:
+                    raise DataError(f"took longer than {DOWNLOAD_DEADLINE:g} s ({received:,} bytes received)")
                 digest.update(chunk)
                 out.write(chunk)
                 bar.update(len(chunk))
         if digest.hexdigest() != sha256:
             raise DataError(f"SHA-256 mismatch (got {digest.hexdigest()[:16]}..., expected {sha256[:16]}...)")
+
+
+def _declared_length(header: str | None) -> int | None:
+    """A Content-Length header's byte count; None where there is none or it is not a count (http.client reads
+    such a body to its end, so the download goes on without a progress bar)."""
+    text = (header or "").strip()
+    return int(text) if text.isascii() and text.isdigit() else None
 
 
 def download_files(

@@ -338,15 +338,6 @@ def test_blank_npy_raises(tmp_path, array):
     assert_one_line_error(tmp_path / "blank.npy", match="blank")
 
 
-def test_28x28_npy_on_grey_is_not_taken_as_is(tmp_path):
-    """Only a black background is MNIST's: a digit on grey has its background taken off as a picture's is."""
-    grey = np.clip(mnist_like_array().astype(np.float32) / 255 * 0.7 + 0.3, 0, 1)
-    np.save(tmp_path / "grey.npy", grey)
-    a = load_image(tmp_path / "grey.npy")
-    assert_mnist_like(a)
-    assert np.median(a[0]) == 0
-
-
 def test_missing_file_raises(tmp_path):
     assert_one_line_error(tmp_path / "missing.png")
     assert_one_line_error(tmp_path / "missing.npy")

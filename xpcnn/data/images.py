@@ -16,7 +16,7 @@ digits:
 5. paste into a 28x28 canvas with the ink's centre of mass at (14, 14);
 6. stretch the intensities so the strongest ink is 1.
 
-A 28x28 ``.npy`` array that already has a dark background is taken as is; any other goes through the steps.
+A 28x28 ``.npy`` array that already has a dark background is taken as is.
 :func:`decode_picture` does the same for a picture's bytes (``xpcnn serve``).
 """
 
@@ -69,8 +69,8 @@ def load_image(path: str | os.PathLike) -> np.ndarray:
     with file:
         if name.lower().endswith(".npy"):
             lightness = _read_npy(file, name)
-            if lightness.shape == (SIZE, SIZE) and _dark_background(lightness):  # already an MNIST digit
-                if lightness.max() - np.median(_border(lightness)) < MIN_CONTRAST:
+            if lightness.shape == (SIZE, SIZE) and not _light_background(lightness):  # a dataset's image
+                if lightness.max() - lightness.min() < MIN_CONTRAST:  # uniform: no level of it is ink
                     raise ImageError(f"{name}: the image is blank (no ink found)")
                 return lightness
         else:
@@ -252,11 +252,6 @@ def _to_mnist(lightness: np.ndarray, name: str) -> np.ndarray:
     canvas = np.zeros((SIZE, SIZE), dtype=np.float32)
     canvas[top : top + digit.shape[0], left : left + digit.shape[1]] = digit
     return canvas / canvas.max()
-
-
-def _dark_background(lightness: np.ndarray) -> bool:
-    """True if the background (the border's median) is black, to within MIN_CONTRAST, as MNIST's is."""
-    return bool(np.median(_border(lightness)) < MIN_CONTRAST)
 
 
 def _light_background(lightness: np.ndarray) -> bool:

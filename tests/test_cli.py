@@ -1,7 +1,9 @@
 """The command line through click's test runner: happy paths and every user error as one line."""
 
 import json
+import os
 import re
+import shutil
 
 import numpy as np
 import pytest
@@ -411,13 +413,53 @@ def test_plots_from_train_and_evaluate(trained_run, synthetic_dir, tmp_path, res
 def test_plot_without_matplotlib_fails_before_training(synthetic_dir, tmp_path, monkeypatch):
     from xpcnn.apps import plots
 
-    def missing():
+    def missing(*outputs):
         raise plots.PlotError(plots.PLOT_HINT)
 
     monkeypatch.setattr(plots, "require_matplotlib", missing)
     result = invoke("train", *FAST, "--plot", "--data-dir", synthetic_dir, "--out", tmp_path / "run", expect=1)
     assert_one_line_error(result, r'plotting needs matplotlib: pip install "xpcnn\[plot\]"')
     assert not (tmp_path / "run").exists()
+
+
+def test_plot_outputs_are_checked_before_the_work(trained_run, synthetic_dir, tmp_path):
+    """A folder in a picture's place is found before training or evaluating, and nothing is half written."""
+    pytest.importorskip("matplotlib")
+    run = tmp_path / "run"
+    (run / "history.png").mkdir(parents=True)
+    result = invoke("train", *FAST, "--plot", "--data-dir", synthetic_dir, "--out", run, expect=1)
+    assert_one_line_error(result, r"history.png exists and is not a regular file")
+    assert sorted(path.name for path in run.iterdir()) == ["history.png"]
+    evaluated = tmp_path / "evaluated"
+    shutil.copytree(trained_run, evaluated)
+    (evaluated / "worst.png").mkdir()
+    result = invoke("evaluate", evaluated, "--plot", "--data-dir", synthetic_dir, expect=1)
+    assert_one_line_error(result, r"worst.png exists and is not a regular file")
+    assert not (evaluated / "confusion.png").exists()
+
+
+def test_a_failed_resume_leaves_the_run_as_it_was(trained_run, synthetic_dir, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    (run / "history.json").unlink()
+    (run / "history.json").mkdir()
+    before = (run / "config.json").read_bytes()
+    result = invoke("train", "--resume", run, "--epochs", "2", "--data-dir", synthetic_dir, expect=1)
+    assert_one_line_error(result, r"history.json exists and is not a regular file")
+    assert (run / "config.json").read_bytes() == before
+
+
+def test_predict_leaves_unreadable_files_to_its_own_errors(trained_run, synthetic_dir, tmp_path, monkeypatch):
+    """A file the user may not read is one error line among the others' predictions (exit 1), not a usage
+    error that predicts nothing (exit 2). Root reads any file, so click's own check is made to fail."""
+    np.save(tmp_path / "digit.npy", read_idx(synthetic_dir / "t10k-images-idx3-ubyte.gz")[0])
+    (tmp_path / "locked.png").write_text("not a picture")
+    (tmp_path / "locked.png").chmod(0)
+    access = os.access
+    monkeypatch.setattr(os, "access", lambda path, *args, **kwargs: "locked" not in str(path) and access(path, *args))
+    result = invoke("predict", trained_run, tmp_path / "digit.npy", tmp_path / "locked.png", expect=1)
+    assert result.output.startswith(f"{tmp_path / 'digit.npy'}: ")
+    assert_one_line_error(result, r"locked.png: (cannot open: Permission denied|cannot read as an image)")
 
 
 def test_a_setting_out_of_range_names_its_flag(synthetic_dir):

@@ -183,8 +183,6 @@ def train(
     **options,
 ):
     """Train a model, saving config, history and checkpoints to a run directory."""
-    if plot:
-        plots.require_matplotlib()
     placement = rank_from_environment()
     if placement.launcher == "xpcnn":
         from .launch import end_with_launcher
@@ -228,7 +226,8 @@ def train(
             check_no_run(out)  # before the data is loaded or any rank starts; train_run checks again, holding the lock
         except XpcnnError as exc:
             raise click.UsageError(str(exc)) from None
-
+    if plot:
+        plots.require_matplotlib(out / "history.png")
     set_tf32(tf32)
     trained_on = str(checkpoint.meta.get("trained_on", "")) if checkpoint else ""
     taken, missing = (None, None) if backend else preferred_backend(recipe_name, trained_on, device)
@@ -335,13 +334,13 @@ def train(
 @friendly_errors
 def evaluate(run, data_dir, device, backend, as_json, plot, tta, members, allow_other_data):
     """Accuracy, per-class accuracy and confusion matrix of a trained model on its test set."""
+    run_dir = checkpoint_path(run).parent
     if plot:
-        plots.require_matplotlib()
+        plots.require_matplotlib(run_dir / "confusion.png", run_dir / "worst.png")
     checkpoint = load_checkpoint(run)
     others = [load_checkpoint(member) for member in members]
     chosen = get_backend(backend, device)
     config = checkpoint_config(checkpoint)
-    run_dir = checkpoint_path(run).parent
     require_named_dataset(config, run)
     dataset = load_dataset(config.dataset, data_dir or recorded_data_dir(checkpoint, run_dir))
     try:
@@ -404,7 +403,7 @@ def evaluate(run, data_dir, device, backend, as_json, plot, tta, members, allow_
 
 @main.command()
 @click.argument("run", metavar="RUN_OR_CHECKPOINT", type=click.Path(exists=True))
-@click.argument("images", nargs=-1, required=True, type=click.Path())
+@click.argument("images", nargs=-1, required=True, type=click.Path(readable=False))  # each file's error is its own
 @device_options
 @click.option("--top-k", type=click.IntRange(min=1), default=1, show_default=True, help="How many classes to show.")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ..base.errors import XpcnnError
-from ..base.files import atomic_output
+from ..base.files import atomic_output, check_writable
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -32,12 +32,17 @@ class PlotError(XpcnnError, RuntimeError):
     """Plotting is unavailable because matplotlib is not installed."""
 
 
-def require_matplotlib() -> None:
-    """Raise PlotError now (before a long run) if plots cannot be drawn here."""
+def require_matplotlib(*outputs: str | os.PathLike) -> None:
+    """Raise now (before a long run) if plots cannot be drawn here (PlotError), or written to ``outputs``: a
+    folder in a picture's place, a read-only directory.  A directory that does not exist yet (a new run's) is
+    made before they are written."""
     try:
         import matplotlib  # noqa: F401
     except ImportError:
         raise PlotError(PLOT_HINT) from None
+    for output in outputs:
+        if Path(output).parent.is_dir():
+            check_writable(output)
 
 
 def _figure(width: float, height: float) -> Figure:

@@ -222,7 +222,8 @@ def claim_run_dir(out: Path, resume: Checkpoint | None) -> None:
     (and ``history.json``) are xpcnn's if it has any; a resumed one, the very checkpoint it resumes from,
     if ``out`` has one: another process may have continued the run since it was read.
     """
-    check_writable(out / CONFIG_NAME)  # a read-only directory is found before the data goes to the device
+    for name in (CONFIG_NAME, HISTORY_NAME):  # a read-only directory, or a folder in a file's place, is found
+        check_writable(out / name)  # before the data goes to the device and before config.json is written
     on_disk = out / CHECKPOINT_NAME
     if resume is None:
         check_no_run(out)

@@ -311,6 +311,28 @@ def test_serve_prints_its_address_and_stops_on_ctrl_c(run):
     assert '"GET / HTTP/1.1" 200' in stderr  # the access log
 
 
+@pytest.mark.parametrize("attempt", range(4))
+def test_a_stop_right_after_the_address_line_is_a_stop(run, attempt):
+    """A supervisor that waits for the address and stops the server at once gets exit 0, as for any stop: the
+    signal used to land while the line was written, before the server's stop was handled (exit 143)."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "xpcnn", "serve", str(run), "--port", "0", "--device", "cpu", "--quiet"],
+        cwd=REPOSITORY,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPOSITORY)},
+    )
+    try:
+        assert process.stdout.readline().startswith("serving ")
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=10)
+    finally:
+        process.kill()
+        process.wait()
+    assert process.returncode == 0 and stderr.strip() == "stopped", stderr
+
+
 def whole_answer(server, data: bytes, then=None) -> bytes:
     """Send raw bytes, optionally call then(sock), and read until the server closes (hard 10 s timeout)."""
     with socket.create_connection(server.server_address[:2], timeout=10) as sock:

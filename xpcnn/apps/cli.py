@@ -504,9 +504,9 @@ def serve(run, host, port, device, backend, quiet):
 
     checkpoint = load_checkpoint(run)
     server = make_server(checkpoint, get_backend(backend, device), host, port, quiet)
-    click.echo(f"serving {checkpoint_path(run)} at {server.url} (Ctrl-C stops)")
-    sys.stdout.flush()  # the address is needed now, also where stdout is a pipe
-    try:
+    try:  # a stop as soon as the address is out (a supervisor that waited for it) is a stop, exit 0
+        click.echo(f"serving {checkpoint_path(run)} at {server.url} (Ctrl-C stops)")
+        sys.stdout.flush()  # the address is needed now, also where stdout is a pipe
         server.serve_forever()
     except KeyboardInterrupt:
         click.echo("stopped", err=True)

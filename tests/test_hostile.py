@@ -6,10 +6,12 @@ once, never waited on.
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
 import threading
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -156,6 +158,10 @@ CHECKPOINT_LIES = {
     "step-past-epoch": (lambda m, s, o: m["state"].update(step=10**6), "step 1000000 is past the end"),
     "history-not-records": (lambda m, s, o: m["state"].update(history=[1]), "'state.history'"),
     "history-missing-keys": (lambda m, s, o: m["state"]["history"][0].pop("seconds"), "'state.history' record 1"),
+    "history-flag-for-number": (
+        lambda m, s, o: m["state"]["history"][0].update(train_accuracy=True),
+        "'state.history' record 1",
+    ),
     "nan-weight": (lambda m, s, o: s[_first(s)].__setitem__((0,) * s[_first(s)].ndim, np.nan), "non-finite"),
     "inf-slot": (lambda m, s, o: next(iter(next(iter(o["state"].values())).values())).fill(np.inf), "non-finite"),
     "zero-std": (lambda m, s, o: m["normalization"].update(std=0.0), "std"),
@@ -220,6 +226,19 @@ def test_the_library_refuses_non_finite_checkpoints_too(run, tmp_path):
         Normalization(0.1, 0.0)
     with pytest.raises(XpcnnError, match="std"):
         Normalization(0.1, float("nan"))
+
+
+def test_a_checkpoint_holding_an_array_twice_is_refused(run, tmp_path):
+    """Which copy a zip reader takes is its choice (numpy's, the last): a checkpoint is never read by a guess."""
+    twice = tmp_path / "twice.npz"
+    shutil.copyfile(run / "checkpoint.npz", twice)
+    name = next(name for name in zipfile.ZipFile(twice).namelist() if name.startswith("model/"))
+    with warnings.catch_warnings(), zipfile.ZipFile(twice, "a") as archive:
+        warnings.simplefilter("ignore", UserWarning)  # zipfile's "Duplicate name"
+        with archive.open(name, "w") as member:
+            np.lib.format.write_array(member, np.zeros(load_checkpoint(run).model_state[name[6:-4]].shape, np.float32))
+    with pytest.raises(CheckpointError, match=f"holds {name} more than once"):
+        load_checkpoint(twice)
 
 
 def fake_npy_member(shape_text: str) -> bytes:

@@ -14,6 +14,7 @@ import math
 import os
 import sys
 import zipfile
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -123,6 +124,9 @@ def _read_arrays(file) -> dict[str, np.ndarray]:
             raise ValueError("an .npz archive without meta.json")
         if len(members) > MAX_MEMBERS:
             raise ValueError(f"{len(members):,} arrays, more than a checkpoint holds")
+        twice = sorted(name for name, count in Counter(archive.namelist()).items() if count > 1)
+        if twice:  # which copy a reader takes is the reader's choice: refuse to guess
+            raise ValueError(f"holds {', '.join(twice)} more than once")
         declared = sum(info.file_size for info in members)
         if declared > MAX_CHECKPOINT_BYTES:
             raise ValueError(f"its arrays declare {declared:,} bytes, over the limit of {MAX_CHECKPOINT_BYTES:,}")
@@ -160,6 +164,7 @@ def _read_npy_member(member, info: zipfile.ZipInfo) -> np.ndarray:
 _STATE_KEYS = {"epoch", "step", "global_step", "partial", "history"}
 _PARTIAL_KEYS = {"loss_sum", "correct", "seen", "seconds"}
 _HISTORY_KEYS = {"epoch", "train_loss", "train_accuracy", "lr", "seconds"}
+_HISTORY_FLAGS = {"bn_recalibrated"}  # the one value of a record that is true or false, not a number
 
 
 def _json_int(text: str) -> int:
@@ -219,9 +224,9 @@ def _check_meta(meta, path: Path) -> None:
             isinstance(record, dict)
             and _HISTORY_KEYS <= set(record)
             and record["epoch"] == number
-            and all(isinstance(v, bool) or _finite(v) for v in record.values()),
+            and all(isinstance(v, bool) if k in _HISTORY_FLAGS else _finite(v) for k, v in record.items()),
             f"'state.history' record {number} must hold epoch {number} and "
-            f"{', '.join(sorted(_HISTORY_KEYS - {'epoch'}))} as finite numbers",
+            f"{', '.join(sorted(_HISTORY_KEYS - {'epoch'}))} as finite numbers, {', '.join(_HISTORY_FLAGS)} as a flag",
         )
     norm = meta.get("normalization")
     require(

@@ -263,6 +263,26 @@ def test_lookup_order(tmp_path, monkeypatch):
     assert len(load_dataset(spec, download=False).train_labels) == 14
 
 
+def test_images_that_would_not_fit_in_memory_are_refused_from_the_header(tmp_path, monkeypatch):
+    """A small gzip may declare gigabytes of images: refused before they are inflated, not left to swap or to
+    the OOM killer."""
+    make_dataset_dir(tmp_path, n_train=300, n_test=5)
+    monkeypatch.setattr(data, "available_memory", lambda: 2**20)  # 300 images need 300 * 784 * 5 bytes
+    read = []
+    monkeypatch.setattr(data, "read_idx", lambda path, check=None: read.append(path) or read_idx(path, check))
+    with pytest.raises(DataError) as error:
+        load_dataset(spec_for({}), tmp_path, download=False)
+    assert_one_line_naming(error, data.TRAIN_IMAGES.removesuffix(".gz"), "300 images need about 0.0 GiB")
+    assert "1.0 GiB" not in str(error.value) and "0.0 GiB is free" in str(error.value)
+    monkeypatch.setattr(data, "available_memory", lambda: 2**21)
+    assert len(load_dataset(spec_for({}), tmp_path, download=False).train_labels) == 300
+
+
+@pytest.mark.skipif(not Path("/proc/meminfo").exists(), reason="Linux's /proc/meminfo")
+def test_available_memory_is_read_on_linux():
+    assert 0 < data.available_memory() < 2**50
+
+
 def test_a_place_that_cannot_be_looked_at_is_passed_over(tmp_path, monkeypatch):
     """A name too long (or, for a user other than root, a directory without search permission) is not where
     the files are: the lookup goes on past it instead of stopping with the system's error."""

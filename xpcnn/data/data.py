@@ -18,9 +18,11 @@ message that names the file.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import http.client
+import math
 import os
 import sys
 import time
@@ -357,6 +359,22 @@ def file_sha256(path: Path) -> str:
 
 
 IMAGE_SIZE = (28, 28)  # what every model takes
+BYTES_PER_PIXEL = 5  # a pixel's memory in training: the uint8 read here, and its float32 on the device or host
+
+
+def available_memory() -> int | None:
+    """Bytes this process can still take, by Linux's MemAvailable and a cgroup v2 limit where one is set;
+    None where neither can be read (another system)."""
+    found = []
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        with open("/proc/meminfo") as meminfo:
+            line = next(line for line in meminfo if line.startswith("MemAvailable:"))
+            found.append(int(line.split()[1]) * 1024)
+    with contextlib.suppress(OSError, ValueError):
+        limit, used = (Path("/sys/fs/cgroup", name).read_text().strip() for name in ("memory.max", "memory.current"))
+        if limit != "max":
+            found.append(int(limit) - int(used))
+    return min(found) if found else None
 
 
 def _read_split(images_path: Path, labels_path: Path, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
@@ -373,6 +391,12 @@ def _read_split(images_path: Path, labels_path: Path, num_classes: int) -> tuple
             raise DataError(f"{images_path}: expected 28x28 images, found {shape[1]}x{shape[2]}")
         if shape[0] == 0:
             raise DataError(f"{images_path}: holds no images")
+        needed, available = math.prod(shape) * BYTES_PER_PIXEL, available_memory()
+        if available is not None and needed > available:  # a small gzip may declare gigabytes: refuse, not swap
+            raise DataError(
+                f"{images_path}: its {shape[0]:,} images need about {needed / 2**30:.1f} GiB of memory to train on, "
+                f"and {available / 2**30:.1f} GiB is free"
+            )
 
     def check_labels(dtype: np.dtype, shape: tuple[int, ...]) -> None:
         if len(shape) != 1 or dtype != np.uint8:

@@ -96,15 +96,24 @@ def _read_idx_stream(stream, path: Path, check) -> np.ndarray:
         raise DataError(f"{path}: the IDX header declares {shape} items, {size:,} bytes: more than xpcnn reads")
     if check is not None:
         check(dtype.newbyteorder("="), shape)
-    data = stream.read(size + _TRAILING_COUNTED)
-    if len(data) < size:
-        raise DataError(f"{path}: truncated IDX file: expected {count} items, found {len(data) // dtype.itemsize}")
-    if len(data) > size:
-        extra = len(data) - size
+    data = bytearray(size)  # filled in place: the file's data is held once, not as bytes and then an array
+    filled = _read_into(stream, memoryview(data))
+    if filled < size:
+        raise DataError(f"{path}: truncated IDX file: expected {count} items, found {filled // dtype.itemsize}")
+    extra = len(stream.read(_TRAILING_COUNTED))
+    if extra:
         more = "at least " if extra == _TRAILING_COUNTED else ""
         raise DataError(f"{path}: {more}{extra} trailing bytes after the {count} items of the IDX file")
     array = np.frombuffer(data, dtype=dtype, count=count).reshape(shape)
-    return array.astype(dtype.newbyteorder("="))
+    return array.astype(dtype.newbyteorder("="), copy=False)
+
+
+def _read_into(stream, buffer: memoryview) -> int:
+    """Fill ``buffer`` from ``stream`` (which may give less than asked for at a time); the bytes read."""
+    filled = 0
+    while filled < len(buffer) and (got := stream.readinto(buffer[filled:])):
+        filled += got
+    return filled
 
 
 def write_idx(path: str | os.PathLike, array: np.ndarray) -> None:

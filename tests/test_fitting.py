@@ -4,10 +4,11 @@ import numpy as np
 import pytest
 
 import xpcnn
-from xpcnn import models
-from xpcnn.base.errors import XpcnnError
+from xpcnn import models, nn, optim
+from xpcnn.base.errors import ConfigError, XpcnnError
 from xpcnn.data.checkpoint import load_checkpoint
 from xpcnn.data.data import load_dataset
+from xpcnn.data.device_data import Normalization
 from xpcnn.training.config import TrainConfig
 from xpcnn.training.runs import model_from_checkpoint, train_run
 
@@ -144,3 +145,96 @@ def test_bad_settings_are_config_errors():
         xpcnn.fit("seed", (IMAGES, LABELS), dataset="fashion-mnist")
     with pytest.raises(XpcnnError, match="optimiser given to fit"):
         xpcnn.fit("seed", (IMAGES, LABELS), optimizer=xpcnn.optim.SGD(models.build("seed")))
+
+
+def test_an_optimiser_given_to_fit_trains_at_its_own_lr_and_the_history_records_it(tmp_path):
+    images, labels = blobs()
+    model = models.build("seed", seed=0)
+    given = optim.Adam(model, lr=1e-4, weight_decay=1e-3)
+    history = xpcnn.fit(model, (images, labels), optimizer=given, epochs=2, batch_size=32, schedule="constant")
+    assert [record["lr"] for record in history.records] == [1e-4, 1e-4]
+    assert given.lr == 1e-4  # its peak again: a second fit with it schedules from there too
+    recorded = (history.config.optimizer, history.config.lr, history.config.weight_decay, history.config.ema)
+    assert recorded == ("adam", 1e-4, 1e-3, 0.0)
+    xpcnn.save(tmp_path / "seed.npz", model, history)
+    assert load_checkpoint(tmp_path / "seed.npz").meta["config"]["optimizer"] == "adam"
+    sgd = optim.SGD(model, lr=0.02, momentum=0.5)
+    config = xpcnn.fit(model, (images, labels), optimizer=sgd, batch_size=32).config
+    assert (config.optimizer, config.lr, config.momentum, config.weight_decay) == ("sgd", 0.02, 0.5, 0.0)
+    assert xpcnn.fit(model, (images, labels), optimizer=optim.AdamW(model), batch_size=32).config.optimizer == "adamw"
+
+
+@pytest.mark.parametrize("setting, value", [("lr", 0.1), ("momentum", 0.5), ("weight_decay", 0.0), ("ema", 0.9)])
+def test_a_setting_the_given_optimiser_owns_is_refused_beside_it(setting, value):
+    model = models.build("seed")
+    with pytest.raises(ConfigError, match=f"^{setting} applies to an optimiser given by name") as error:
+        xpcnn.fit(model, (IMAGES, LABELS), optimizer=optim.SGD(model, lr=0.01), **{setting: value})
+    assert error.value.setting == setting and "\n" not in str(error.value)
+
+
+def test_an_optimiser_fit_cannot_record_is_refused():
+    class Custom(optim.Optimizer):
+        pass
+
+    model = models.build("seed")
+    with pytest.raises(ConfigError, match="an SGD, Adam or AdamW optimiser") as error:
+        xpcnn.fit(model, (IMAGES, LABELS), optimizer=Custom(model, lr=0.01))
+    assert error.value.setting == "optimizer"
+
+
+HEADS = {  # five outputs, the last layer not a Linear one
+    "nested": lambda: nn.Sequential(
+        nn.Sequential(nn.Flatten(), nn.Linear(784, 16, rng=0), nn.ReLU()), nn.Sequential(nn.Linear(16, 5, rng=1))
+    ),
+    "relu": lambda: nn.Sequential(nn.Flatten(), nn.Linear(784, 5, rng=0), nn.ReLU()),
+    "dropout": lambda: nn.Sequential(nn.Flatten(), nn.Linear(784, 5, rng=0), nn.Dropout(0.1)),
+}
+
+
+@pytest.mark.parametrize("head", HEADS)
+def test_labels_beyond_the_models_outputs_are_refused_whatever_its_last_layer(head, backend):
+    model = HEADS[head]().to(backend)
+    message = r"labels must lie in \[0, 4\] \(the model's outputs\), got values in \[0, 9\]"
+    with pytest.raises(ConfigError, match=message):
+        xpcnn.fit(model, (IMAGES, LABELS), backend=backend)
+    with pytest.raises(ConfigError, match=message):
+        xpcnn.evaluate(model, IMAGES, LABELS, normalization=Normalization(0.3, 0.4))
+    history = xpcnn.fit(model, (IMAGES, LABELS % 5), batch_size=10, backend=backend)
+    assert history.dataset.classes == ("0", "1", "2", "3", "4")
+
+
+def test_a_float64_model_fits_and_evaluates_on_float64_data():
+    model = models.build("seed", seed=0).to(xpcnn.get_backend("numpy"), np.float64)
+    history = xpcnn.fit(model, (IMAGES, LABELS), validation=(IMAGES, LABELS), batch_size=10, backend="numpy")
+    assert all(value.dtype == np.float64 for _, value in model.named_parameters())
+    result = xpcnn.evaluate(model, IMAGES, LABELS, normalization=history.normalization)
+    assert result.loss == pytest.approx(history.records[-1]["val_loss"], rel=1e-12)
+
+
+def test_save_refuses_a_model_its_history_did_not_train_and_no_history_before_writing(tmp_path):
+    history = xpcnn.fit("seed", (IMAGES, LABELS), batch_size=10)
+    with pytest.raises(ConfigError, match=r"^the model is not the one history trained \(seed"):
+        xpcnn.save(tmp_path / "lenet.npz", models.build("lenet"), history)
+    with pytest.raises(ConfigError, match="^history must be the History fit returned, got NoneType"):
+        xpcnn.save(tmp_path / "none.npz", history.optimizer.model, None)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("validation", [(IMAGES,), (IMAGES, LABELS, LABELS), []])
+def test_a_validation_sequence_that_is_not_images_and_labels_is_refused(validation):
+    with pytest.raises(ConfigError, match=r"validation must be a count, a fraction or a pair \(images, labels\)") as e:
+        xpcnn.fit("seed", (IMAGES, LABELS), validation=validation)
+    assert e.value.setting == "validation"
+
+
+def test_a_batch_of_one_the_models_batch_norm_cannot_train_on_is_refused_before_the_first_step():
+    model = nn.Sequential(nn.Flatten(), nn.Linear(784, 16, rng=0), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 10))
+    recorder = Recorder()
+    for batch_size in (7, 1):  # 8 images: a last batch of one; every batch of one
+        with pytest.raises(ConfigError, match="cannot train on .BatchNorm1d.*choose another batch_size$") as error:
+            xpcnn.fit(model, (IMAGES[:8], LABELS[:8]), batch_size=batch_size, callbacks=[recorder])
+        assert error.value.setting == "batch_size" and "\n" not in str(error.value)
+    assert recorder.steps == []
+    xpcnn.fit(model, (IMAGES[:8], LABELS[:8]), batch_size=4)
+    # Batch norm over more than one value per channel trains on a batch of one, as xpcnn train does.
+    assert len(xpcnn.fit("lenet-bn", (IMAGES[:8], LABELS[:8]), batch_size=7).records) == 1

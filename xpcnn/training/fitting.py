@@ -10,6 +10,7 @@ the images to zero mean and unit variance with the training images' statistics, 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from collections.abc import Sequence
@@ -27,14 +28,16 @@ from ..data.device_data import DeviceSplit, EvalResult, Normalization
 from ..data.idx import DataError
 from ..models import MODELS, build
 from ..nn import Sequential
-from ..optim import Optimizer
+from ..optim import OPTIMIZERS, SGD, Optimizer
 from .config import TrainConfig, make_model, make_optimizer, positive_int
 from .display import Progress
 from .runs import checkpoint_meta
+from .step import stateless_forward
 from .train import RunState, host_splits, start_training
 from .train import evaluate as evaluate_split
 
 ARRAYS = "arrays"  # the dataset name fit records for data given as arrays
+OWN_SETTINGS = ("lr", "momentum", "weight_decay", "ema")  # what an optimiser given to fit holds itself
 
 
 @dataclass
@@ -71,7 +74,9 @@ def fit(
     ``validation``: a count or fraction of the training data to hold out, or a pair
     ``(images, labels)``; evaluated after each epoch.  ``callbacks``: objects with
     ``on_step(step, loss)`` and/or ``on_epoch_end(record)``; returning True stops training.
-    ``optimizer``: a name (``"sgd"``, ``"adam"``, ``"adamw"``) or an optimiser over ``model``.
+    ``optimizer``: a name (``"sgd"``, ``"adam"``, ``"adamw"``) or an optimiser over ``model``; a given one's
+    own lr is the peak the schedule scales, and ``lr``, ``momentum``, ``weight_decay`` and ``ema`` beside
+    it are refused.  Either way the optimiser's lr is its peak again when ``fit`` returns.
     ``settings``: any other :class:`~xpcnn.training.config.TrainConfig` field (``epochs``, ``batch_size``,
     ``lr``, ``schedule``, ``momentum``, ``weight_decay``, ``seed``, ``augment``, ...).
     ``verbose`` prints one line per epoch to stderr.
@@ -85,11 +90,12 @@ def fit(
     if not isinstance(optimizer, str | Optimizer):
         raise ConfigError(f"optimizer must be a name or an xpcnn optimiser, got {type(optimizer).__name__}")
     name = model if isinstance(model, str) else _model_name(model)
+    own = _optimizer_settings(optimizer, settings) if isinstance(optimizer, Optimizer) else {"optimizer": optimizer}
     config = TrainConfig.from_dict(
         {
             **settings,
             "model": name or TrainConfig.model,
-            **({"optimizer": optimizer} if isinstance(optimizer, str) else {}),
+            **own,
             "dataset": data if isinstance(data, str) else ARRAYS,
             "validation": 0 if isinstance(validation, tuple | list) else validation,
         }
@@ -103,21 +109,18 @@ def fit(
         prepare(backend)  # several JAX ranks meet before JAX does anything
         backend = get_backend(backend)
     model.to(backend)
-    for what, (images, _) in [
-        ("the training images", train),
-        *((f"the {name} images", s) for name, s in evals.items()),
-    ]:
-        _check_takes(model, images, what)  # before the first epoch, not at its end
+    for split, (images, _) in evals.items():
+        _outputs(model, images, f"the {split} images")  # before the first epoch, not at its end
     if isinstance(optimizer, Optimizer):
         if optimizer.model is not model:
             raise ConfigError("the optimiser given to fit() must be over the model given to fit()", "optimizer")
-        if config.ema:
-            raise ConfigError("ema applies to an optimiser given by name: give yours ema=", "ema")
     else:
         optimizer = make_optimizer(config, model)
     communicator = communicator or join(backend)
     norm = Normalization.of(train[0])
-    with backend.activate():
+    with backend.activate(), _lr_restored(optimizer):
+        if communicator.world_size == 1:  # several ranks' batch norm sees the global batch: never a batch of one
+            _check_batch_of_one(model, backend, train[0], config.batch_size)
         progress = Progress(sys.stderr if verbose else None)
         trainer, train_split, eval_splits = start_training(
             model,
@@ -144,12 +147,12 @@ def evaluate(model: Sequential, images, labels, *, normalization: Normalization,
     batch_size = positive_int("batch_size", batch_size)
     if not isinstance(normalization, Normalization):
         raise ConfigError(f"normalization must be an xpcnn Normalization, got {type(normalization).__name__}")
-    outputs = _outputs(model)
-    images, labels = _checked_arrays(images, labels, outputs, "evaluate's data")
-    _check_takes(model, images, "evaluate's data")
+    images, labels = _checked_arrays(images, labels, "evaluate's data")
+    _check_labels(labels, _outputs(model, images, "evaluate's data"), "evaluate's data")
     backend = _backend(model)
     with backend.activate():
-        return evaluate_split(model, DeviceSplit.from_host(backend, images, labels, normalization), backend, batch_size)
+        split = DeviceSplit.from_host(backend, images, labels, normalization, _dtype(model))
+        return evaluate_split(model, split, backend, batch_size)
 
 
 def require_named_dataset(config: TrainConfig, run) -> None:
@@ -163,8 +166,14 @@ def save(path: str | os.PathLike, model: Sequential, history: History) -> None:
 
     For a named architecture (trained from a model name, or built by :func:`xpcnn.models.build`)
     the command line's ``xpcnn predict``, ``export`` and ``serve`` read it too, and ``xpcnn evaluate`` where it
-    was trained on a named dataset.
+    was trained on a named dataset.  ``model`` must be the one ``fit`` trained for ``history`` (or one of the same
+    layers); ConfigError, before anything is written, otherwise.
     """
+    if not isinstance(history, History):
+        raise ConfigError(f"history must be the History fit returned, got {type(history).__name__}")
+    if not isinstance(model, Sequential) or repr(model) != repr(history.optimizer.model):
+        trained = _model_name(history.optimizer.model) or "a model of your own layers"
+        raise ConfigError(f"the model is not the one history trained ({trained}): give save the model fit trained")
     meta = checkpoint_meta(history.config, history.state, history.normalization, history.dataset, _backend(model))
     save_checkpoint(path, meta, model.state_dict(), history.optimizer.state_dict())
 
@@ -175,15 +184,50 @@ def _backend(model: Sequential) -> Backend:
     return backend_of(first) if first is not None else get_backend("numpy")
 
 
+def _dtype(model: Sequential):
+    """The dtype of the model's parameters, which its inputs must have (None for a model without any: float32)."""
+    return next((value.dtype for value in model.parameters()), None)
+
+
+# ---------------------------------------------------------------- the optimiser
+
+
+def _optimizer_settings(optimizer: Optimizer, settings: dict) -> dict:
+    """The TrainConfig settings an optimiser given to fit holds (its kind, lr, momentum, weight decay, ema), for
+    the history to record what trained; ConfigError where one of them is given beside it as well."""
+    for setting in OWN_SETTINGS:
+        if setting in settings:
+            message = f"{setting} applies to an optimiser given by name: give yours {setting}= when you make it"
+            raise ConfigError(message, setting)
+    kind = next((name for cls in type(optimizer).__mro__ for name, k in OPTIMIZERS.items() if cls is k), None)
+    if kind is None:
+        name = type(optimizer).__name__
+        message = f"fit records the optimiser it trains with: give it an SGD, Adam or AdamW optimiser, not a {name}"
+        raise ConfigError(message, "optimizer")
+    own = {"optimizer": kind, "lr": optimizer.lr, "weight_decay": optimizer.weight_decay, "ema": optimizer.ema}
+    return {**own, "momentum": optimizer.momentum} if isinstance(optimizer, SGD) else own
+
+
+@contextlib.contextmanager
+def _lr_restored(optimizer: Optimizer):
+    """Inside, the schedule sets ``optimizer.lr`` each step; after, it is the peak it was, so that a later
+    fit with the same optimiser schedules from the same peak."""
+    peak = optimizer.lr
+    try:
+        yield
+    finally:
+        optimizer.lr = peak
+
+
 # ---------------------------------------------------------------- data
 
 
 def _training_data(data, validation, model: Sequential, seed: int, data_dir) -> tuple:
     """(dataset, (train images, labels), {split: (images, labels)}) on the host, checked."""
-    outputs = _outputs(model)
     if isinstance(data, str):
         dataset = load_dataset(data, data_dir)
-        if outputs is not None and outputs != len(dataset.classes):
+        outputs = _outputs(model, dataset.train_images, "the training images")
+        if outputs != len(dataset.classes):
             raise XpcnnError(f"the model has {outputs} outputs but {data} has {len(dataset.classes)} classes")
         images, labels = dataset.train_images, dataset.train_labels
         test = (dataset.test_images, dataset.test_labels)
@@ -192,17 +236,23 @@ def _training_data(data, validation, model: Sequential, seed: int, data_dir) -> 
             raise XpcnnError(
                 "fit's data must be a dataset name ('mnist', 'fashion-mnist') or a pair (images, labels) of arrays"
             )
-        images, labels = _checked_arrays(*data, outputs, "fit's data")
-        classes = tuple(str(k) for k in range(outputs or int(labels.max()) + 1))
+        images, labels = _checked_arrays(*data, "fit's data")
+        outputs = _outputs(model, images, "the training images")
+        _check_labels(labels, outputs, "fit's data")
+        classes = tuple(str(k) for k in range(outputs))
         dataset = Dataset(ARRAYS, classes, images, labels, images[:0], labels[:0])
         test = None
     if isinstance(validation, tuple | list):
-        validation = _checked_arrays(*validation, len(dataset.classes), "the validation data")
+        if len(validation) != 2:
+            message = f"validation must be a count, a fraction or a pair (images, labels), got {len(validation)} arrays"
+            raise ConfigError(message, "validation")
+        validation = _checked_arrays(*validation, "the validation data")
+        _check_labels(validation[1], outputs, "the validation data")
     train, evals = host_splits(images, labels, validation, seed, test)
     return dataset, train, evals
 
 
-def _checked_arrays(images, labels, classes: int | None, what: str) -> tuple[np.ndarray, np.ndarray]:
+def _checked_arrays(images, labels, what: str) -> tuple[np.ndarray, np.ndarray]:
     """Images as (N, H, W) uint8 or float32, labels as (N,) int64; XpcnnError naming ``what`` otherwise."""
     images, labels = np.asarray(images), np.asarray(labels)
     if not (images.ndim == 3 or (images.ndim == 4 and images.shape[1] == 1)) or images.shape[0] == 0:
@@ -220,24 +270,44 @@ def _checked_arrays(images, labels, classes: int | None, what: str) -> tuple[np.
             f"{what}: labels must be {images.shape[0]} integers, one per image, got shape {labels.shape} "
             f"of dtype {labels.dtype}"
         )
-    low, high = int(labels.min()), int(labels.max())
-    top = f"{classes - 1}" if classes is not None else "K-1"
-    if low < 0 or (classes is not None and high >= classes):
-        raise XpcnnError(f"{what}: labels must lie in [0, {top}] (the model's outputs), got values in [{low}, {high}]")
     return images, labels.astype(np.int64, copy=False)
 
 
-def _check_takes(model: Sequential, images: np.ndarray, what: str) -> None:
-    """XpcnnError naming ``what`` unless ``model`` takes images of the shape of ``images`` (N, H, W)."""
+def _check_labels(labels: np.ndarray, classes: int, what: str) -> None:
+    """ConfigError naming ``what`` unless every label (N,) lies in 0..classes-1."""
+    low, high = int(labels.min()), int(labels.max())
+    if low < 0 or high >= classes:
+        message = f"{what}: labels must lie in [0, {classes - 1}] (the model's outputs), got values in [{low}, {high}]"
+        raise ConfigError(message)
+
+
+def _outputs(model: Sequential, images: np.ndarray, what: str) -> int:
+    """The number of classes ``model`` predicts for images of the shape of ``images`` (N, H, W): K of its (N, K)
+    output, by its shape inference; XpcnnError naming ``what`` where it does not take them or gives no (N, K)."""
     try:
-        model.output_shapes((1, *images.shape[1:]))
+        shapes = model.output_shapes((1, *images.shape[1:]))
     except ValueError as exc:
         raise XpcnnError(f"{what}: the model does not take images of shape {images.shape[1:]}: {exc}") from None
+    shape = shapes[-1] if shapes else (1, 1, *images.shape[1:])
+    if len(shape) != 2:
+        raise XpcnnError(f"{what}: the model's output has shape {shape[1:]} per image, not one score per class")
+    return shape[1]
 
 
-def _outputs(model: Sequential) -> int | None:
-    """The number of classes the model predicts: its last layer's outputs, if it is a Linear layer."""
-    return getattr(model[-1], "out_features", None) if len(model) else None
+def _check_batch_of_one(model: Sequential, backend: Backend, images: np.ndarray, batch_size: int) -> None:
+    """ConfigError before the first step where an epoch of ``images`` (N, H, W) in batches of ``batch_size`` has a
+    batch of one that the model cannot train on (batch norm over one value per channel).  ``xpcnn train`` trains
+    on such a batch, as every named model can."""
+    n = len(images)
+    if (n % batch_size or batch_size) != 1:
+        return
+    x = backend.asarray(np.zeros((1, 1, *images.shape[1:]), np.float32), _dtype(model))
+    parameters, buffers = dict(model.named_parameters()), dict(model.named_buffers())
+    try:
+        stateless_forward(model, parameters, buffers, x, training=True, generator=backend.generator(0))
+    except ValueError as exc:
+        message = f"{n} training images in batches of {batch_size} give a batch of one, which the model cannot train on"
+        raise ConfigError(f"{message} ({exc}): choose another batch_size", "batch_size") from None
 
 
 def _model_name(model: Sequential) -> str | None:

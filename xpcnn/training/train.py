@@ -217,8 +217,7 @@ class Trainer:
 
         False if a stop signal or a callback stopped it (``state`` then points at the next step).
         """
-        cfg = self.config
-        comm = self.communicator
+        cfg, comm = self.config, self.communicator
         steps, usable = steps_per_epoch(len(train), cfg.batch_size, comm.world_size), self._usable(train)
         alone = comm.world_size == 1
         total_steps = steps * cfg.epochs
@@ -395,15 +394,16 @@ def start_training(
     device, and their trainer.
 
     ``train`` is a pair (images, labels) of host arrays and ``evals`` maps a split's name to one
-    (:func:`host_splits` makes both); the images are normalised with ``norm`` on the device, and augmentation
-    fills in the normalised blank pixel.  Call it inside ``backend.activate()``.  Returns (trainer, train
-    split, evaluation splits).
+    (:func:`host_splits` makes both); the images are normalised with ``norm`` on the device, in the parameters'
+    dtype, and augmentation fills in the normalised blank pixel.  Call it inside ``backend.activate()``.  Returns
+    (trainer, train split, evaluation splits).
     """
     ranks = communicator or Local()
     check_images_per_rank(len(train[1]), config.batch_size, ranks.world_size)
     broadcast_state(model, ranks)
-    train_split = DeviceSplit.from_host(backend, *train, norm)
-    eval_splits = {name: DeviceSplit.from_host(backend, *split, norm) for name, split in evals.items()}
+    dtype = next((value.dtype for value in model.parameters()), None)  # float32, or float64 for such a model
+    train_split = DeviceSplit.from_host(backend, *train, norm, dtype)
+    eval_splits = {name: DeviceSplit.from_host(backend, *split, norm, dtype) for name, split in evals.items()}
     background = -norm.mean / norm.std
     trainer = Trainer(
         model, optimizer, backend, config, progress, background, callbacks, eager, communicator, epoch_program

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 from PIL import Image, ImageDraw
@@ -297,6 +299,17 @@ def test_object_npy_and_npz_and_garbage_raise(tmp_path):
     (tmp_path / "garbage.npy").write_text("not an array\n")
     for name in ("object.npy", "archive.npy", "garbage.npy"):
         assert_one_line_error(tmp_path / name)
+    assert_one_line_error(tmp_path / "object.npy", match="pickled Python objects")
+    header = b"{'descr': '<f4', 'fortran_order': False, 'shape': (28, 28), " + b" " * 20000 + b"}\n"
+    (tmp_path / "wide.npy").write_bytes(b"\x93NUMPY\x02\x00" + len(header).to_bytes(4, "little") + header)
+    assert_one_line_error(tmp_path / "wide.npy", match="header is too large")
+
+
+def test_floats_beyond_float32_are_one_line_without_warnings(tmp_path):
+    np.save(tmp_path / "huge.npy", np.full((28, 28), 1e300))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert_one_line_error(tmp_path / "huge.npy", match="NaN or infinity")
 
 
 # ---------------------------------------------------------------- blank and unreadable files
@@ -365,8 +378,9 @@ def test_picture_bytes_are_prepared_as_the_file_is(tmp_path):
 def test_picture_bytes_limited_to_formats_and_pixels(tmp_path):
     jpeg = save(draw_zero(), tmp_path, "zero.jpg").read_bytes()
     decode_picture(jpeg, "zero")
-    with pytest.raises(ImageError, match="^a JPEG: cannot read as an image"):
+    with pytest.raises(ImageError, match="^a JPEG: cannot read as an image") as error:
         decode_picture(jpeg, "a JPEG", formats=("PNG",))
+    assert "_io" not in str(error.value) and "0x" not in str(error.value)  # Pillow names its file object
     png = save(draw_zero(size=(200, 300)), tmp_path, "zero.png").read_bytes()
     decode_picture(png, "zero", max_pixels=200 * 300)
     with pytest.raises(ImageError, match=r"^big: 200x300 pixels is over the limit of 59,999$"):

@@ -292,8 +292,9 @@ class DigitServer(ThreadingHTTPServer):
 
 
 def _host_name(host: str) -> bool:
-    """Whether the socket module can encode ``host`` (no NUL; a non-ASCII name through IDNA)."""
-    if "\0" in host:
+    """Whether the socket module can encode ``host`` (no NUL; a non-ASCII name through IDNA) and it names one:
+    an empty one (``--host "$UNSET"``) would listen on every interface, which only 0.0.0.0 asks for."""
+    if "\0" in host or not host.strip():
         return False
     try:
         host.encode("ascii" if host.isascii() else "idna")

@@ -25,6 +25,7 @@ from __future__ import annotations
 import io
 import math
 import os
+import re
 import warnings
 from collections.abc import Iterable
 from typing import BinaryIO
@@ -173,6 +174,8 @@ def _read_npy(file: BinaryIO, name: str) -> np.ndarray:
     try:
         array = np.load(file, allow_pickle=False)
     except ValueError as error:
+        if "max_header_size" in str(error):  # NumPy's message would suggest trusting the file
+            raise ImageError(f"{name}: its .npy header is too large for an array of numbers") from None
         if "allow_pickle" in str(error):  # NumPy's message would suggest unpickling it
             raise ImageError(f"{name}: holds pickled Python objects, not an array of numbers") from None
         raise ImageError(f"{name}: cannot read as a .npy array ({_one_line(error)})") from None
@@ -189,7 +192,8 @@ def _read_npy(file: BinaryIO, name: str) -> np.ndarray:
     if array.dtype.kind not in "uif":
         raise ImageError(f"{name}: got dtype {array.dtype}; {expected}")
 
-    values = array.astype(np.float32)
+    with np.errstate(over="ignore", invalid="ignore"):  # float64 beyond float32 becomes inf: refused below
+        values = array.astype(np.float32)
     if not np.isfinite(values).all():
         raise ImageError(f"{name}: contains NaN or infinity; {expected}")
     low, high = values.min(), values.max()
@@ -270,6 +274,7 @@ def _border(array: np.ndarray) -> np.ndarray:
 
 
 def _one_line(error: Exception) -> str:
-    """An exception as one short line: its first line of text, or its type."""
-    text = str(error).strip()
+    """An exception as one short line: its first line of text without the reprs of Python objects (Pillow's
+    "cannot identify image file <_io.BytesIO object at 0x7f...>"), or its type."""
+    text = re.sub(r"\s*<_io\.[^>]*>", "", str(error)).strip()
     return text.splitlines()[0] if text else type(error).__name__

@@ -158,6 +158,7 @@ CHECKPOINT_LIES = {
     "step-past-epoch": (lambda m, s, o: m["state"].update(step=10**6), "step 1000000 is past the end"),
     "history-not-records": (lambda m, s, o: m["state"].update(history=[1]), "'state.history'"),
     "history-missing-keys": (lambda m, s, o: m["state"]["history"][0].pop("seconds"), "'state.history' record 1"),
+    "class-name-on-two-lines": (lambda m, s, o: m["classes"].__setitem__(0, "zero\nError: fake"), "'classes'"),
     "history-flag-for-number": (
         lambda m, s, o: m["state"]["history"][0].update(train_accuracy=True),
         "'state.history' record 1",

@@ -590,6 +590,24 @@ def test_a_content_length_that_is_not_a_number_does_not_stop_a_download(tmp_path
     np.testing.assert_array_equal(dataset.train_images, mirrors.arrays[data.TRAIN_IMAGES])
 
 
+def test_a_killed_downloads_parts_are_removed_and_a_second_download_waits(tmp_path, mirrors):
+    cache = tmp_path / "cache" / "xpcnn" / "tiny"
+    cache.mkdir(parents=True)
+    stale = cache / f".{FILES[0]}.k1ll3d{files.TEMPORARY_SUFFIX}"
+    stale.write_bytes(b"half a file")
+    spec = spec_for(mirrors.files, (mirrors.url("good"),))
+    with files.locked_directory(cache):  # another download in progress: this one waits for it
+        waiting = threading.Thread(target=load_dataset, args=(spec,), kwargs={"progress": False})
+        waiting.start()
+        waiting.join(0.5)
+        assert waiting.is_alive() and mirrors.requests == [] and stale.exists()
+        for file in FILES:  # what the other download wrote
+            (cache / file).write_bytes(mirrors.files[file])
+    waiting.join(10)
+    assert not waiting.is_alive() and mirrors.requests == []  # the files were there once it had the lock
+    assert not stale.exists()
+
+
 def test_download_fetches_only_missing_files(tmp_path, mirrors):
     cache = tmp_path / "cache" / "xpcnn" / "tiny"
     cache.mkdir(parents=True)

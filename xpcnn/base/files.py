@@ -151,17 +151,17 @@ class DirectoryBusyError(XpcnnError):
 
 
 @contextlib.contextmanager
-def locked_directory(directory: str | os.PathLike) -> Iterator[Path]:
+def locked_directory(directory: str | os.PathLike, wait: bool = False) -> Iterator[Path]:
     """Hold an exclusive lock on ``directory`` itself (``flock`` on the directory) inside the block.
 
-    DirectoryBusyError at once where another process holds it.  No lock file is written, and the lock
-    goes with the process, so a killed run never leaves a directory locked.
+    DirectoryBusyError at once where another process holds it, or with ``wait`` once it lets go.  No lock
+    file is written, and the lock goes with the process, so a killed run never leaves a directory locked.
     """
     directory = Path(directory)
     fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | getattr(os, "O_CLOEXEC", 0))
     try:
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
         except BlockingIOError:
             raise DirectoryBusyError(f"{directory} is in use by another xpcnn run") from None
         yield directory

@@ -34,7 +34,7 @@ import click
 import numpy as np
 
 from ..base.errors import ConfigError, one_line
-from ..base.files import atomic_output, open_regular
+from ..base.files import atomic_output, locked_directory, open_regular, remove_temporaries
 from .idx import DataError, read_idx
 
 __all__ = [
@@ -270,10 +270,18 @@ def download_files(
 
     Each file is checked against ``spec.sha256`` and renamed into place only
     when it matches.  Raises `DownloadError` when every mirror fails for a
-    file.  Returns `directory` as a Path.
+    file.  Returns `directory` as a Path.  Another process downloading into
+    `directory` is waited for; a killed one's partial files are removed.
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
+    with locked_directory(directory, wait=True):  # one download at a time: a second finds the files there
+        remove_temporaries(directory, FILES)  # what a killed download left
+        return _download_missing(spec, directory, progress, timeout)
+
+
+def _download_missing(spec: DatasetSpec, directory: Path, progress: bool, timeout: float) -> Path:
+    """`download_files`' work, holding ``directory``'s lock."""
     mirrors = list(spec.mirrors)
     for file in _missing(directory):
         failures = []

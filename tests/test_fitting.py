@@ -21,6 +21,42 @@ def blobs(n=240, seed=0):
     return np.clip(prototypes[labels] + rng.normal(0, 40, (n, 28, 28)), 0, 255).astype(np.uint8), labels
 
 
+def test_predict_gives_the_probabilities_evaluate_scores(backend):
+    images, labels = blobs(120)
+    model = models.build("seed", seed=0)
+    history = xpcnn.fit(model, (images, labels), epochs=1, batch_size=32, lr=0.01, backend=backend)
+    probabilities = xpcnn.predict(model, images, normalization=history.normalization, batch_size=50)
+    assert probabilities.shape == (120, 10) and isinstance(probabilities, np.ndarray)
+    np.testing.assert_allclose(probabilities.sum(axis=1), 1, rtol=1e-5)
+    result = xpcnn.evaluate(model, images, labels, normalization=history.normalization)
+    np.testing.assert_array_equal(probabilities.argmax(axis=1), result.predictions)
+    loss = -np.mean(np.log(probabilities[np.arange(120), labels]))
+    assert loss == pytest.approx(result.loss, rel=1e-4)
+    one = xpcnn.predict(model, images[7], normalization=history.normalization)  # one image (H, W)
+    np.testing.assert_allclose(one, probabilities[7:8], rtol=1e-5, atol=1e-7)
+    floats = xpcnn.predict(model, images[:3, None] / 255.0, normalization=history.normalization)
+    np.testing.assert_allclose(floats, probabilities[:3], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize(
+    "images, match",
+    [
+        (np.zeros((0, 28, 28), np.uint8), "N >= 1"),
+        (np.zeros((2, 3, 28, 28), np.uint8), "shape"),
+        (np.full((2, 28, 28), 2.0), r"\[0, 1\]"),
+        (np.zeros((2, 28, 28), np.int64), "dtype"),
+        (np.zeros((2, 5, 5), np.uint8), "does not take images"),
+    ],
+)
+def test_predict_refuses_images_it_cannot_use_in_one_line(images, match):
+    model = models.build("seed", seed=0)
+    with pytest.raises(XpcnnError, match=match) as error:
+        xpcnn.predict(model, images, normalization=Normalization(0.1, 0.3))
+    assert "\n" not in str(error.value)
+    with pytest.raises(ConfigError, match="normalization"):
+        xpcnn.predict(model, np.zeros((1, 28, 28), np.uint8), normalization=(0.1, 0.3))
+
+
 class Recorder:
     def __init__(self, stop_at_step=None):
         self.steps, self.records, self.stop_at_step = [], [], stop_at_step

@@ -33,7 +33,7 @@ from .config import TrainConfig, make_model, make_optimizer, positive_int
 from .display import Progress
 from .runs import checkpoint_meta
 from .step import stateless_forward
-from .train import RunState, host_splits, start_training
+from .train import RunState, host_splits, predict_probabilities, start_training
 from .train import evaluate as evaluate_split
 
 ARRAYS = "arrays"  # the dataset name fit records for data given as arrays
@@ -155,6 +155,21 @@ def evaluate(model: Sequential, images, labels, *, normalization: Normalization,
         return evaluate_split(model, split, backend, batch_size)
 
 
+def predict(model: Sequential, images, *, normalization: Normalization, batch_size: int = 1000) -> np.ndarray:
+    """Class probabilities (N, K) float32 on the host for ``images`` as for :func:`fit`, or one image (H, W), in
+    evaluation mode: Keras' ``model.predict`` with the softmax.  ``normalization`` as for :func:`evaluate`."""
+    batch_size = positive_int("batch_size", batch_size)
+    if not isinstance(normalization, Normalization):
+        raise ConfigError(f"normalization must be an xpcnn Normalization, got {type(normalization).__name__}")
+    images = np.asarray(images)
+    images = _checked_images(images[None] if images.ndim == 2 else images, "predict's images")
+    _outputs(model, images, "predict's images")
+    backend = _backend(model)
+    with backend.activate():
+        split = DeviceSplit.from_host(backend, images, np.zeros(len(images), np.int64), normalization, _dtype(model))
+        return predict_probabilities(model, split.images, batch_size)
+
+
 def require_named_dataset(config: TrainConfig, run) -> None:
     """DataError for a run :func:`fit` trained on arrays (``run`` names it): the command line cannot load them."""
     if config.dataset == ARRAYS:
@@ -254,7 +269,18 @@ def _training_data(data, validation, model: Sequential, seed: int, data_dir) -> 
 
 def _checked_arrays(images, labels, what: str) -> tuple[np.ndarray, np.ndarray]:
     """Images as (N, H, W) uint8 or float32, labels as (N,) int64; XpcnnError naming ``what`` otherwise."""
-    images, labels = np.asarray(images), np.asarray(labels)
+    images, labels = _checked_images(images, what), np.asarray(labels)
+    if labels.shape != (images.shape[0],) or labels.dtype.kind not in "iu":
+        raise XpcnnError(
+            f"{what}: labels must be {images.shape[0]} integers, one per image, got shape {labels.shape} "
+            f"of dtype {labels.dtype}"
+        )
+    return images, labels.astype(np.int64, copy=False)
+
+
+def _checked_images(images, what: str) -> np.ndarray:
+    """Images as (N, H, W) uint8 or float32; XpcnnError naming ``what`` otherwise."""
+    images = np.asarray(images)
     if not (images.ndim == 3 or (images.ndim == 4 and images.shape[1] == 1)) or images.shape[0] == 0:
         raise XpcnnError(f"{what}: images must have shape (N, H, W) or (N, 1, H, W) with N >= 1, got {images.shape}")
     images = images.reshape(images.shape[0], *images.shape[-2:])
@@ -265,12 +291,7 @@ def _checked_arrays(images, labels, what: str) -> tuple[np.ndarray, np.ndarray]:
         if not 0.0 <= low <= high <= 1.0:  # also false for NaN
             raise XpcnnError(f"{what}: float images must lie in [0, 1], got values in [{low}, {high}]")
         images = images.astype(np.float32, copy=False)
-    if labels.shape != (images.shape[0],) or labels.dtype.kind not in "iu":
-        raise XpcnnError(
-            f"{what}: labels must be {images.shape[0]} integers, one per image, got shape {labels.shape} "
-            f"of dtype {labels.dtype}"
-        )
-    return images, labels.astype(np.int64, copy=False)
+    return images
 
 
 def _check_labels(labels: np.ndarray, classes: int, what: str) -> None:

@@ -106,6 +106,18 @@ def test_nproc_trains_writes_one_run_directory_and_resumes_on_another_count(tmp_
     assert [record["epoch"] for record in history] == [1, 2, 3]
 
 
+def test_jax_ranks_recalibrate_batch_norm_together(tmp_path, data_dir):
+    """Recalibration runs eagerly, outside the compiled step: its all-reduce gets JAX arrays, which cannot be
+    written in place (every rank failed there after its last epoch, and the epoch was lost)."""
+    out = tmp_path / "run"
+    common = ["--data-dir", data_dir, "--model", "lenet-bn", "--batch-size", 64, "--device", "cpu", "-q"]
+    result = run(
+        xpcnn("train", *common, "--backend", "jax", "--recalibrate-bn", "--epochs", 1, "--out", out, "--nproc", 2)
+    )
+    assert result.returncode == 0, result.stderr
+    assert load_checkpoint(out).meta["state"]["history"][0]["bn_recalibrated"] is True
+
+
 def test_a_batch_that_does_not_split_over_the_ranks_is_refused_before_any_rank_starts(tmp_path, data_dir):
     result = run(xpcnn("train", "--data-dir", data_dir, "--batch-size", 63, "--out", tmp_path / "r", "--nproc", 2))
     assert result.returncode == 1

@@ -49,7 +49,8 @@ def initialize(placement: Placement, timeout: float) -> None:
 
 
 class JaxCommunicator(Communicator):
-    """Host-side collectives of NumPy arrays among JAX processes (``multihost_utils``)."""
+    """Host-side collectives among JAX processes (``multihost_utils``): of NumPy arrays, filled in place, and of
+    JAX arrays (batch norm's statistics in an eager pass, e.g. recalibration), which cannot be: a new one."""
 
     def __init__(self, placement: Placement):
         import jax
@@ -60,12 +61,15 @@ class JaxCommunicator(Communicator):
                 f"rank {placement.rank}: JAX sees {jax.process_count()} process(es) of {placement.world_size}: "
                 "call xpcnn.backends.ranks.prepare('jax') before anything uses JAX"
             )
-        self._utils = multihost_utils
+        self._utils, self._jnp = multihost_utils, jax.numpy
         self.rank, self.world_size = placement.rank, placement.world_size
 
     def all_reduce_sum(self, array):
         with self.failures():
-            array[...] = np.asarray(self._utils.process_allgather(array)).sum(axis=0)
+            summed = np.asarray(self._utils.process_allgather(array)).sum(axis=0)
+        if not isinstance(array, np.ndarray):  # a JAX array is immutable: the caller uses the result
+            return self._jnp.asarray(summed, dtype=array.dtype)
+        array[...] = summed
         return array
 
     def broadcast(self, array):

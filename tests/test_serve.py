@@ -333,6 +333,42 @@ def test_a_stop_right_after_the_address_line_is_a_stop(run, attempt):
     assert process.returncode == 0 and stderr.strip() == "stopped", stderr
 
 
+def test_a_console_gone_loses_the_log_not_the_answers(run, tmp_path):
+    """stdout closed (>&-) and stderr a pipe whose reader is gone (serve 2>&1 | head -1): the server still
+    answers; the access log, written before each answer, is what is lost."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    command = f'exec "{sys.executable}" -m xpcnn serve "{run}" --port {port} --device cpu >&-'
+    process = subprocess.Popen(
+        ["bash", "-c", command],
+        cwd=REPOSITORY,
+        stderr=subprocess.PIPE,
+        env={**os.environ, "PYTHONPATH": str(REPOSITORY)},
+    )
+    process.stderr.close()  # the log's reader is gone before the first request
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+                connection.request("GET", "/")
+                break
+            except ConnectionRefusedError:
+                assert time.monotonic() < deadline and process.poll() is None, process.returncode
+                time.sleep(0.1)
+        for _ in range(2):  # the second after the first log line met the closed pipe
+            assert connection.getresponse().read().startswith(b"<!doctype html>")
+            connection.request("GET", "/")
+        connection.close()
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=10)
+    finally:
+        process.kill()
+        process.wait()
+    assert process.returncode == 0
+
+
 def whole_answer(server, data: bytes, then=None) -> bytes:
     """Send raw bytes, optionally call then(sock), and read until the server closes (hard 10 s timeout)."""
     with socket.create_connection(server.server_address[:2], timeout=10) as sock:

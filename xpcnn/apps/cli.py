@@ -58,7 +58,7 @@ from ..training.tta import evaluate_tta
 from ..training.tta import views as test_time_views
 from . import export as exporting
 from . import plots
-from .exits import escape_unencodable_output, friendly_errors, user_message
+from .exits import escape_unencodable_output, friendly_errors, tell, user_message
 from .options import allow_other_data_option, augmentation_options, device_options
 from .report import evaluation_lines
 
@@ -506,10 +506,11 @@ def serve(run, host, port, device, backend, quiet):
     server = make_server(checkpoint, get_backend(backend, device), host, port, quiet)
     try:  # a stop as soon as the address is out (a supervisor that waited for it) is a stop, exit 0
         click.echo(f"serving {checkpoint_path(run)} at {server.url} (Ctrl-C stops)")
-        sys.stdout.flush()  # the address is needed now, also where stdout is a pipe
+        if sys.stdout is not None:  # None: closed (>&-)
+            sys.stdout.flush()  # the address is needed now, also where stdout is a pipe
         server.serve_forever()
     except KeyboardInterrupt:
-        click.echo("stopped", err=True)
+        tell("stopped")  # where the console is still there to read it
     finally:
         server.server_close()
 

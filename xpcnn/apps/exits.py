@@ -44,15 +44,15 @@ def friendly_errors(command):
             raise
         except TrainingInterrupted as exc:  # stopped at a step boundary, checkpointed: 128 + the signal
             if _speaks():
-                _tell(f"\nxpcnn: {exc}")
+                tell(f"\nxpcnn: {exc}")
             sys.exit(128 + exc.signum)
         except Terminated:
             if _speaks():
-                _tell("\nxpcnn: stopped by SIGTERM")
+                tell("\nxpcnn: stopped by SIGTERM")
             sys.exit(EXIT_TERMINATED)
         except KeyboardInterrupt:
             if _speaks():
-                _tell("\ninterrupted")
+                tell("\ninterrupted")
             sys.exit(EXIT_INTERRUPTED)
         except BrokenPipeError:  # quietly, as a command killed by SIGPIPE would end
             point_at_devnull(sys.stdout)  # Python's flush at exit would fail on the closed pipe a second time
@@ -69,7 +69,7 @@ def friendly_errors(command):
     return wrapper
 
 
-def _tell(line: str) -> None:
+def tell(line: str) -> None:
     """How a stopped command stopped, on stderr, where there is one still: after a closed pipe or a terminal that
     hung up (the reasons a run may have stopped) it is gone, and the exit status says it."""
     try:

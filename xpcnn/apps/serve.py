@@ -10,6 +10,7 @@ server is enough for one person's browser and a few scripts.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import socket
@@ -260,7 +261,10 @@ class Handler(BaseHTTPRequestHandler):
 
     def log_message(self, format, *args):  # noqa: A002 (the base class's name)
         if not self.server.quiet:
-            super().log_message(format, *args)
+            # The log is written before the answer: a console gone (stderr closed, its pipe's reader gone, a
+            # full disk) loses the log, never the answer.
+            with contextlib.suppress(OSError, ValueError, AttributeError):
+                super().log_message(format, *args)
 
 
 class DigitServer(ThreadingHTTPServer):

@@ -1,6 +1,9 @@
 """Backend selection, host <-> device moves and the random generator adapters."""
 
 import importlib
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -263,3 +266,19 @@ def test_namespace_of_mixed_libraries_is_an_error():
 
     with pytest.raises(TypeError):
         namespace(np.zeros(2), torch.zeros(2))
+
+
+@pytest.mark.parametrize("platforms", ["cuda", "bogus"])
+def test_jax_platforms_that_leave_out_the_cpu_are_one_line(platforms, synthetic_dir, tmp_path):
+    """JAX_PLATFORMS naming a platform this jaxlib lacks (a bare AssertionError inside JAX) or an unknown one
+    (RuntimeError): one line and exit 1, not a bug report."""
+    pytest.importorskip("jax")
+    command = [sys.executable, "-m", "xpcnn", "train", "--backend", "jax", "--data-dir", str(synthetic_dir)]
+    environment = {**os.environ, "JAX_PLATFORMS": platforms}
+    result = subprocess.run(
+        [*command, "--out", str(tmp_path / "run")], capture_output=True, text=True, env=environment, timeout=120
+    )
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.strip().splitlines() == [
+        f"Error: cannot use the CPU with jax: JAX_PLATFORMS='{platforms}' leaves it out"
+    ]

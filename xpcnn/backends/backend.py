@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -43,7 +44,7 @@ from typing import Any
 import array_api_compat
 import numpy as np
 
-from ..base.errors import XpcnnError
+from ..base.errors import XpcnnError, one_line
 from ..base.rng import CupyGenerator, HostGenerator, JaxGenerator, TorchGenerator, host_dtype
 
 BACKEND_NAMES = ("numpy", "array-api-strict", "cupy", "torch", "jax")
@@ -363,11 +364,22 @@ def _get_torch_backend(device: str) -> Backend:
 
 
 def jax_gpus(jax) -> list:
-    """JAX's GPU devices (empty when its installed jaxlib has no GPU platform)."""
+    """JAX's GPU devices (empty when its installed jaxlib has no GPU platform, or JAX_PLATFORMS leaves it out:
+    then JAX raises RuntimeError, or a bare AssertionError where it names a platform this jaxlib lacks)."""
     try:
         return jax.devices("gpu")
-    except RuntimeError:
+    except (RuntimeError, AssertionError):
         return []
+
+
+def _jax_cpu(jax):
+    """This process's JAX CPU device (data parallel: one of several); BackendError where JAX cannot start on it."""
+    try:
+        return jax.local_devices(backend="cpu")[0]
+    except (RuntimeError, AssertionError) as exc:
+        platforms = os.environ.get("JAX_PLATFORMS")
+        why = f"JAX_PLATFORMS={platforms!r} leaves it out" if platforms else one_line(exc) or type(exc).__name__
+        raise BackendError(f"cannot use the CPU with jax: {why}") from None
 
 
 def _jax_backend(device) -> Backend:
@@ -385,7 +397,7 @@ def _get_jax_backend(device: str) -> Backend:
     if device == "auto":
         device = "cuda" if gpus else "cpu"
     if device == "cpu":
-        return _jax_backend(jax.local_devices(backend="cpu")[0])  # this process's (data parallel: one of several)
+        return _jax_backend(_jax_cpu(jax))
     index = _parse_cuda_index(device)
     if not gpus:
         raise BackendError(

@@ -1,6 +1,9 @@
 """The benchmark's pairs and ratios: xpcnn on each backend against torch eager on the same device, interleaved."""
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 from click.testing import CliRunner
@@ -139,6 +142,26 @@ def test_bench_pairs_numpy_with_torch_end_to_end(tmp_path):
         assert row["peak_rss_mib"] > 0 and row["train_images_per_second"] > 0
     assert len(mine["train_ratios"]) == len(mine["infer_ratios"]) == 2
     assert mine["train_ratio_min"] <= mine["train_ratio"] <= mine["train_ratio_max"]
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="a device that is always full")
+def test_the_output_file_is_written_before_stdout_can_fail(tmp_path):
+    """bench --output FILE > /dev/full: the figures measured are kept in FILE, then the failure is one line."""
+    args = ["bench", "--backend", "numpy", "--model", "seed", "--steps", "1", "--repeats", "1", "--threads", "1"]
+    args += ["--train-batch", "8", "--infer-batch", "16", "--no-torch", "--output", str(tmp_path / "bench.json")]
+    environment = {name: value for name, value in os.environ.items() if name != "PYTHONUNBUFFERED"}
+    with open("/dev/full", "w") as full:
+        result = subprocess.run(
+            [sys.executable, "-m", "xpcnn", *args],
+            stdout=full,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=environment,
+            timeout=300,
+        )
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == "Error: cannot write the output: No space left on device"
+    assert json.loads((tmp_path / "bench.json").read_text())["results"][0]["model"] == "seed"
 
 
 def test_a_failing_case_is_one_line_and_runs_no_twin():

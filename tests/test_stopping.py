@@ -306,6 +306,29 @@ def test_a_closed_progress_pipe_stops_xpcnn_train_with_a_checkpoint_and_status_1
     assert CliRunner().invoke(main, ["train", "--resume", str(run), "--quiet"]).exit_code == 0
 
 
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="a device that is always full")
+@pytest.mark.parametrize("command", [["info"], ["train", "--model", "seed", "--epochs", "1", "-q"]])
+def test_output_to_a_full_disk_is_one_line_and_exit_1(command, synthetic_dir, tmp_path):
+    """> FILE on a full disk: the failure is the command's, one line and 1, not Python's at exit (120, with an
+    'Exception ignored' traceback); a run is saved all the same."""
+    if command[0] == "train":
+        command += ["--data-dir", str(synthetic_dir), "--out", str(tmp_path / "run")]
+    environment = {name: value for name, value in os.environ.items() if name != "PYTHONUNBUFFERED"}
+    with open("/dev/full", "w") as full:
+        result = subprocess.run(
+            [sys.executable, "-m", "xpcnn", *command],
+            stdout=full,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=environment,
+            timeout=120,
+        )
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.strip().splitlines() == ["Error: cannot write the output: No space left on device"]
+    if command[0] == "train":
+        assert load_checkpoint(tmp_path / "run").meta["state"]["epoch"] == 1
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="a pseudo-terminal's hang-up as Linux gives it")
 def test_a_terminal_that_hangs_up_stops_xpcnn_train_with_a_checkpoint_and_status_129(synthetic_dir, tmp_path):
     """An ssh connection that drops: the kernel sends SIGHUP and writes to the terminal fail (EIO). Before, the

@@ -530,7 +530,7 @@ def serve(run, host, port, device, backend, quiet):
     type=click.Choice(BACKEND_NAMES),
     help="Repeatable [default: numpy, and cupy where a GPU works].",
 )
-@click.option("--threads", type=click.IntRange(min=1), default=2, show_default=True, help="CPU threads for every case.")
+@click.option("--threads", type=click.IntRange(1, 1024), default=2, show_default=True, help="CPU threads per case.")
 @click.option("--steps", type=click.IntRange(min=1), default=20, show_default=True, help="Steps per timed run.")
 @click.option(
     "--repeats",
@@ -594,11 +594,11 @@ def bench(
         for row in sessions.run_pair(case, settings, with_torch):
             results.append(row)
             click.echo(f"  {formatting.format_progress(row)}", err=True)
-    say = (lambda text: None) if as_json else click.echo  # with --json, stdout holds the JSON only
-    say(formatting.format_table(results))
+    lines = [formatting.format_table(results)]  # printed last: --output is written first, whatever stdout is
     report = {"machine": machine, "settings": dataclasses.asdict(settings), "results": results}
     if with_torch:
-        say(f"vs torch: xpcnn / PyTorch eager, median ({formatting.RATIO_SPREAD}) of {repeats} interleaved runs")
+        spread = formatting.RATIO_SPREAD
+        lines.append(f"vs torch: xpcnn / PyTorch eager, median ({spread}) of {repeats} interleaved runs")
         report["ratio_spread"] = formatting.RATIO_SPREAD
     if full_run_dir:
         device = "cuda" if "cupy" in backends else "cpu"
@@ -608,15 +608,14 @@ def bench(
         if "error" in run:
             click.echo(f"full MNIST epoch failed: {run['error']}", err=as_json)
         else:
-            say(
+            lines.append(
                 f"full MNIST epoch of convnet on {device}: {run['seconds']:.1f} s training "
                 f"({run['images_per_second']:,.0f} img/s), {run['wall_seconds']:.1f} s wall, "
                 f"test accuracy {run['test_accuracy']:.2%}, peak RSS {run['peak_rss_mib']:,.0f} MiB"
             )
     if output_path:
         write_json(output_path, report)
-    if as_json:
-        click.echo(json.dumps(report, indent=2))
+    click.echo(json.dumps(report, indent=2) if as_json else "\n".join(lines))  # with --json, stdout holds it only
     failed = [row for row in results if "error" in row] + ([run] if full_run_dir and "error" in run else [])
     if failed:
         sys.exit(1)  # each failure was reported on its line; the figures that could be measured are kept

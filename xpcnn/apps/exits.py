@@ -39,7 +39,10 @@ def friendly_errors(command):
         debug = os.environ.get("XPCNN_DEBUG", "") not in ("", "0")
         try:
             with sigterm_interrupts():
-                return command(*args, **kwargs)
+                result = command(*args, **kwargs)
+                if sys.stdout is not None:  # the output written, or its failure the command's (not exit's, 120)
+                    sys.stdout.flush()
+                return result
         except (click.ClickException, click.exceptions.Exit, click.exceptions.Abort):
             raise
         except TrainingInterrupted as exc:  # stopped at a step boundary, checkpointed: 128 + the signal
@@ -55,11 +58,14 @@ def friendly_errors(command):
                 tell("\ninterrupted")
             sys.exit(EXIT_INTERRUPTED)
         except BrokenPipeError:  # quietly, as a command killed by SIGPIPE would end
-            point_at_devnull(sys.stdout)  # Python's flush at exit would fail on the closed pipe a second time
+            for stream in (sys.stdout, sys.stderr):  # whichever pipe closed: Python's flush at exit would fail again
+                point_at_devnull(stream)
             sys.exit(EXIT_BROKEN_PIPE)
         except (XpcnnError, OSError, MemoryError) as exc:
             if debug:
                 traceback.print_exc()
+            if isinstance(exc, OSError) and _output_lost():  # a full disk under > FILE: not the command's files
+                raise click.ClickException(f"cannot write the output: {exc.strerror or exc}") from None
             raise click.ClickException(user_message(exc)) from None
         except Exception:
             traceback.print_exc()
@@ -67,6 +73,18 @@ def friendly_errors(command):
             sys.exit(EXIT_BUG)
 
     return wrapper
+
+
+def _output_lost() -> bool:
+    """Whether standard output cannot be written (a full disk, a device's error): it is then pointed at /dev/null,
+    so that Python's flush at exit does not fail on it a second time."""
+    try:
+        if sys.stdout is not None:
+            sys.stdout.flush()
+        return False
+    except OSError:
+        point_at_devnull(sys.stdout)
+        return True
 
 
 def tell(line: str) -> None:

@@ -232,6 +232,9 @@ def test_cache_dir(tmp_path, monkeypatch):
     assert data.cache_dir("mnist") == tmp_path / "home" / ".cache" / "xpcnn" / "mnist"
     monkeypatch.setenv("XDG_CACHE_HOME", "relative/ignored")
     assert data.cache_dir("mnist") == tmp_path / "home" / ".cache" / "xpcnn" / "mnist"
+    for home in ("", "relative"):  # not a folder to make .cache in: / or the working directory would be
+        monkeypatch.setenv("HOME", home)
+        assert data.cache_dir("mnist") is None
 
 
 def test_load_dataset(tmp_path):

@@ -151,10 +151,13 @@ _CHUNK = 1 << 16
 
 def cache_dir(name: str) -> Path | None:
     """Where dataset `name` is downloaded: ``$XDG_CACHE_HOME/xpcnn/<name>`` or ``~/.cache/xpcnn/<name>``; None
-    where there is no home (no HOME and no user entry: a container run as an arbitrary user id)."""
-    xdg = os.environ.get("XDG_CACHE_HOME", "")
+    where there is no home (no HOME and no user entry: a container run as an arbitrary user id; an empty or
+    relative HOME)."""
+    xdg, home = os.environ.get("XDG_CACHE_HOME", ""), os.environ.get("HOME")
     if os.path.isabs(xdg):
         return Path(xdg) / "xpcnn" / name
+    if home is not None and not os.path.isabs(home):  # empty or relative: as the cache's root, / or the cwd
+        return None
     try:
         return Path.home() / ".cache" / "xpcnn" / name
     except RuntimeError:

@@ -158,10 +158,24 @@ def test_a_reader_that_goes_away_ends_the_progress_and_asks_the_run_to_stop(stre
     show_an_epoch(progress)  # writes nothing more, raises nothing
 
 
-def test_another_error_of_the_stream_is_not_taken_for_a_reader_that_went_away():
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EFBIG, errno.EDQUOT])
+def test_a_log_that_cannot_grow_ends_the_progress_not_the_run(code):
     class FullDisk(io.StringIO):
         def write(self, text):
-            raise OSError(errno.ENOSPC, "No space left on device")
+            raise OSError(code, os.strerror(code))
 
-    with pytest.raises(OSError, match="No space left"):
-        show_an_epoch(Progress(FullDisk()))
+    progress = Progress(FullDisk())
+    with stop_on_signals() as stop:
+        show_an_epoch(progress)
+        assert stop.signum is None  # the run goes on
+    assert progress.stream is None
+    show_an_epoch(progress)
+
+
+def test_another_error_of_the_stream_is_not_taken_for_a_reader_that_went_away():
+    class Unwritable(io.StringIO):
+        def write(self, text):
+            raise OSError(errno.EBADF, "Bad file descriptor")
+
+    with pytest.raises(OSError, match="Bad file descriptor"):
+        show_an_epoch(Progress(Unwritable()))

@@ -11,7 +11,8 @@ interval (the only host reads inside an epoch), then ``end_epoch`` with the epoc
 
 A reader that goes away (``xpcnn train 2>&1 | head``, a ``tee`` killed by the same Ctrl-C, a terminal that hung
 up) ends the progress, not the run: the run stops at its next step boundary with a checkpoint, as SIGPIPE would stop
-it (:func:`xpcnn.base.stopping.request_stop`; after a hang-up, SIGHUP has asked first).
+it (:func:`xpcnn.base.stopping.request_stop`; after a hang-up, SIGHUP has asked first).  A log file that cannot
+grow (a full disk, a size limit, a quota) ends the progress and lets the run go on.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from ..base.files import point_at_devnull
 from ..base.stopping import BROKEN_PIPE, request_stop
 
 READER_GONE = (errno.EPIPE, errno.EIO)  # a closed pipe; a terminal that hung up (an ssh connection that dropped)
+LOG_FULL = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)  # the log file's disk, size limit or quota: it ends, not the run
 # The figures come first so that a narrow terminal trims the bar, not them.
 BAR_FORMAT = "{desc} {elapsed}<{remaining} |{bar}|"
 DEFAULT_WIDTH = 80
@@ -73,9 +75,12 @@ def _until_the_reader_goes(method):
         try:
             method(self, *args, **kwargs)
         except OSError as error:
-            if error.errno not in READER_GONE:
+            if error.errno in LOG_FULL:
+                self._log_full()
+            elif error.errno in READER_GONE:
+                self._reader_gone()
+            else:
                 raise
-            self._reader_gone()
 
     return guarded
 
@@ -153,6 +158,12 @@ class Progress:
         point_at_devnull(self.stream)
         self.stream, self._bar = None, None
         request_stop(BROKEN_PIPE)
+
+    def _log_full(self) -> None:
+        """Write no more where the log's disk is full: the run goes on (its files may lie on another disk; where
+        they do not, their own write fails and says so), as the command's summary on stdout will."""
+        point_at_devnull(self.stream)
+        self.stream, self._bar = None, None
 
     def _close_bar(self) -> None:
         if self._bar is not None:

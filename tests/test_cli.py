@@ -438,6 +438,34 @@ def test_plot_outputs_are_checked_before_the_work(trained_run, synthetic_dir, tm
     assert not (evaluated / "confusion.png").exists()
 
 
+def test_resuming_to_more_epochs_notes_a_schedule_that_stretches(synthetic_dir, tmp_path):
+    """--epochs on resume recomputes a schedule from its length: the learning rate jumps to where the longer
+    schedule stands. Only a constant schedule continues exactly, and only other schedules get the note."""
+    for schedule in ("onecycle", "constant"):
+        run = tmp_path / schedule
+        invoke("train", *FAST, "--schedule", schedule, "--data-dir", synthetic_dir, "--out", run)
+        result = invoke("train", "--resume", run, "--epochs", "2")
+        notes = [line for line in result.stderr.splitlines() if line.startswith("note:")]
+        if schedule == "constant":
+            assert notes == []
+        else:
+            assert notes == [
+                "note: the onecycle schedule was planned over 1 epoch(s) and now spans 2: the learning rate goes on "
+                "from where the longer schedule stands, so the run will not match one started with --epochs 2 (only "
+                "a constant schedule continues exactly)"
+            ]
+
+
+def test_a_run_trained_eagerly_on_jax_resumes_eagerly(synthetic_dir, tmp_path):
+    pytest.importorskip("jax")
+    run = tmp_path / "run"
+    invoke("train", *FAST, "--backend", "jax", "--eager", "--data-dir", synthetic_dir, "--out", run)
+    invoke("train", "--resume", run, "--epochs", "2", "--quiet")
+    assert json.loads((run / "config.json").read_text())["compiled"] is False
+    invoke("train", "--resume", run, "--epochs", "3", "--quiet", "--backend", "numpy")  # another backend: no --eager
+    assert json.loads((run / "config.json").read_text())["backend"] == "numpy on cpu"
+
+
 def test_a_failed_resume_leaves_the_run_as_it_was(trained_run, synthetic_dir, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(trained_run, run)

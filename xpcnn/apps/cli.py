@@ -27,7 +27,7 @@ from ..data.device_data import DeviceSplit, normalize_images
 from ..data.images import ImageError, load_image
 from ..models import MODELS
 from ..optim import OPTIMIZERS
-from ..training.config import RECIPES, TrainConfig, preferred_backend, recipe, recipe_dataset, recipes_for
+from ..training.config import RECIPES, TrainConfig, preferred_backend, recipe
 from ..training.display import Progress
 from ..training.ensemble import evaluate_ensemble
 from ..training.fitting import require_named_dataset
@@ -43,6 +43,7 @@ from ..training.runs import (
     default_run_dir,
     model_from_checkpoint,
     per_class_accuracy,
+    ran_eagerly,
     recorded_data_dir,
     remove_if_empty,
     resumed_config,
@@ -60,7 +61,7 @@ from . import export as exporting
 from . import plots
 from .exits import escape_unencodable_output, friendly_errors, tell, user_message
 from .options import allow_other_data_option, augmentation_options, device_options
-from .report import evaluation_lines
+from .report import evaluation_lines, train_notes
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -235,6 +236,8 @@ def train(
     if not (nproc and nproc > 1):
         prepare(backend)  # JAX's ranks meet before JAX does anything
     chosen = get_backend(backend, device)
+    if checkpoint and chosen.name == "jax" and not (nproc and nproc > 1):  # an --eager run continues exactly
+        eager = eager or ran_eagerly(out)
     if nproc and nproc > 1:
         from ..backends.distributed import check_batch_size
         from .launch import child_arguments, launch
@@ -259,21 +262,10 @@ def train(
             + (f", resuming {RunState(**checkpoint.meta['state']).position()}" if checkpoint else ""),
             err=True,
         )
-        own = recipes_for(config.dataset)
-        if recipe_name and recipe_name not in own:
-            click.echo(
-                f"note: the {recipe_name} recipe was chosen on {recipe_dataset(recipe_name)}, not {config.dataset}"
-                + (f" (for {config.dataset}: --recipe {'|'.join(own)})" if own else ""),
-                err=True,
-            )
-        if missing:  # a resumed run's backend, or a recipe's
-            click.echo(
-                f"note: the run trained on {trained_on}, which cannot run here: it continues on {chosen}"
-                if checkpoint
-                else f"note: the {recipe_name} recipe's seconds were measured on {missing}, which is not installed: "
-                f"this trains on {chosen.name}, about twice as long (pip install {missing})",
-                err=True,
-            )
+        resumed = checkpoint_config(checkpoint) if checkpoint else None
+        wanted = (trained_on if checkpoint else missing) if missing else None  # the backend that cannot run here
+        for note in train_notes(config, recipe_name, resumed, wanted, chosen):
+            click.echo(f"note: {note}", err=True)
     environment = {
         "data_dir": dataset.record()["directory"],
         "backend": chosen.describe(),

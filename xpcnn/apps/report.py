@@ -1,6 +1,9 @@
-"""The text ``xpcnn evaluate`` prints: its JSON report laid out for a terminal."""
+"""The text ``xpcnn evaluate`` prints (its JSON report laid out for a terminal), and the notes ``xpcnn train``
+gives before it trains."""
 
 from __future__ import annotations
+
+from ..training.config import TrainConfig, recipe_dataset, recipes_for
 
 
 def _figures(entry: dict) -> str:
@@ -29,3 +32,28 @@ def evaluation_lines(report: dict, position: str) -> list[str]:
     lines.append(" " * 5 + "".join(f"{j:>{width}}" for j in range(len(classes))))
     lines.extend(f"{i:>4} " + "".join(f"{v:>{width}}" for v in row) for i, row in enumerate(confusion))
     return lines
+
+
+def train_notes(config: TrainConfig, recipe: str | None, resumed: TrainConfig | None, missing: str | None, chosen):
+    """What ``xpcnn train`` notes on stderr before training ``config`` with backend ``chosen``: a recipe made for
+    another dataset; ``resumed`` (the run's recorded settings, when resuming) stretched to more epochs on a
+    schedule that depends on its length; ``missing``, the backend the run or the recipe wanted, not usable here."""
+    notes = []
+    own = recipes_for(config.dataset)
+    if recipe and recipe not in own:
+        others = f" (for {config.dataset}: --recipe {'|'.join(own)})" if own else ""
+        notes.append(f"the {recipe} recipe was chosen on {recipe_dataset(recipe)}, not {config.dataset}{others}")
+    if resumed is not None and resumed.epochs != config.epochs and config.schedule != "constant":
+        notes.append(
+            f"the {config.schedule} schedule was planned over {resumed.epochs} epoch(s) and now spans {config.epochs}: "
+            f"the learning rate goes on from where the longer schedule stands, so the run will not match one "
+            f"started with --epochs {config.epochs} (only a constant schedule continues exactly)"
+        )
+    if missing and resumed is not None:
+        notes.append(f"the run trained on {missing}, which cannot run here: it continues on {chosen}")
+    elif missing:
+        notes.append(
+            f"the {recipe} recipe's seconds were measured on {missing}, which is not installed: "
+            f"this trains on {chosen.name}, about twice as long (pip install {missing})"
+        )
+    return notes

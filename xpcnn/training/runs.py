@@ -273,17 +273,29 @@ def recorded_data_dir(checkpoint: Checkpoint, run: Path) -> str | None:
 
 
 def _stored_data_dir(run: Path) -> str | None:
-    """The --data-dir a run was started with, from its config.json (None where it has no usable one).
+    """The --data-dir a run was started with, from its config.json (None where it has no usable one)."""
+    data_dir = _stored(run).get("data_dir")
+    return data_dir if isinstance(data_dir, str) else None
 
-    The checkpoint holds everything else a run needs: a config.json that is missing, damaged or not
-    xpcnn's only loses this hint, and the data is then looked for as for a new run.
+
+def ran_eagerly(run: Path) -> bool:
+    """Whether the run in ``run`` last trained on JAX without compiling (``--eager``), by its config.json: a
+    resume goes on so, to continue it exactly."""
+    stored = _stored(run)
+    return stored.get("compiled") is False and str(stored.get("backend", "")).startswith("jax ")
+
+
+def _stored(run: Path) -> dict:
+    """A run's config.json ({} where it is missing, damaged or not xpcnn's).
+
+    The checkpoint holds everything a run needs: config.json only holds hints (the --data-dir it was started
+    with, whether it compiled), and without them a resumed run goes on as a new one would.
     """
     try:
         stored = json.loads(read_regular(run / CONFIG_NAME, 2**20))
     except (OSError, ValueError, XpcnnError):
-        return None
-    data_dir = stored.get("data_dir") if isinstance(stored, dict) else None
-    return data_dir if isinstance(data_dir, str) else None
+        return {}
+    return stored if isinstance(stored, dict) else {}
 
 
 def confusion_matrix(labels: np.ndarray, predictions: np.ndarray, classes: int) -> np.ndarray:

@@ -191,6 +191,10 @@ def test_the_command_line_flags_reach_the_run_configuration(synthetic_dir, tmp_p
     assert result.exit_code == 2 and "--dropout cannot change when resuming" in result.output, result.output
     result = run_cli("train", "--resume", run, "--ema", "0")
     assert result.exit_code == 2 and "--ema cannot change when resuming" in result.output, result.output
+    plain = tmp_path / "plain"  # no --dropout: the model's own, recorded as None
+    assert run_cli("train", *fast, "--data-dir", synthetic_dir, "--out", plain).exit_code == 0
+    result = run_cli("train", "--resume", plain, "--dropout", "0.3")
+    assert result.exit_code == 2 and "was trained with no --dropout " in result.output, result.output
 
 
 @pytest.mark.parametrize(

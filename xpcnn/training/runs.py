@@ -128,7 +128,7 @@ def check_same_data(checkpoint: Checkpoint, dataset: Dataset, allow: bool, files
         names = ", ".join(name.removesuffix(".gz") for name in changed)  # the same file gzipped or not
         raise ConfigError(
             f"{dataset.directory}: {names} differ from the {which} the run recorded "
-            f"(in {checkpoint.meta['data']['directory']}); allow_other_data uses them anyway",
+            f"(in {checkpoint.meta['data']['directory']}); allowing other data uses them anyway",
             "allow_other_data",
         )
 
@@ -178,6 +178,8 @@ def _given(setting: str, value) -> str:
     """How the command line gives ``setting`` this value: ``--lr 0.01``, ``--augment`` / ``--no-augment``."""
     if isinstance(value, bool):
         return flag(setting) if value else flag(f"no_{setting}")
+    if value is None:  # left to the model (its own dropout): the flag was not given
+        return f"no {flag(setting)}"
     return f"{flag(setting)} {value}"
 
 

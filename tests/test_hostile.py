@@ -306,6 +306,12 @@ def test_export_refuses_to_replace_its_own_input(run):
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 2 and "is the checkpoint being exported" in result.output
     assert (run / "checkpoint.npz").read_bytes() == before
+    for name in ("config.json", "history.json"):  # the run's other files, even with --force
+        kept = (run / name).read_bytes()
+        args = ["export", str(run), "--format", "safetensors", "--output", str(run / name), "--force"]
+        result = CliRunner().invoke(main, args)
+        assert result.exit_code == 2 and "is a file of the run in" in result.output, result.output
+        assert (run / name).read_bytes() == kept
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only directories")

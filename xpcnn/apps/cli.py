@@ -32,6 +32,7 @@ from ..training.display import Progress
 from ..training.ensemble import evaluate_ensemble
 from ..training.fitting import require_named_dataset
 from ..training.runs import (
+    RUN_FILES,
     RUNS_ROOT,
     check_no_run,
     check_outputs,
@@ -459,6 +460,8 @@ def export(run, format_, output, softmax, force):
     output = Path(output)
     if output.exists() and os.path.samefile(output, checkpoint_path(run)):
         raise click.UsageError(f"{output} is the checkpoint being exported: pick another --output")
+    if output.name in RUN_FILES and run_dir_has_run(output.parent):  # even with --force: a run's own files
+        raise click.UsageError(f"{output} is a file of the run in {output.parent}: pick another --output")
     if output.exists() and not force:
         raise click.UsageError(f"{output} exists: pass --force to replace it")
     if not output.parent.is_dir():

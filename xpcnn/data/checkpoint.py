@@ -236,8 +236,10 @@ def _check_meta(meta, path: Path) -> None:
     require(norm["std"] > 0, "'normalization.std' must be > 0")
     classes = meta.get("classes")
     require(
-        isinstance(classes, list) and classes and all(isinstance(c, str) and c.isprintable() for c in classes),
-        "'classes' must be a non-empty list of names, each printable on one line",
+        isinstance(classes, list)
+        and classes
+        and all(isinstance(c, str) and c.splitlines() in ([], [c]) for c in classes),
+        "'classes' must be a non-empty list of names, each on one line",
     )
     if "data" in meta:  # absent from checkpoints written before runs recorded their data
         data = meta["data"]

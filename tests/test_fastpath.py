@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from xpcnn import functional as F
+from xpcnn import models, nn
 from xpcnn.ops import fastpath
 
 
@@ -134,13 +135,30 @@ def test_batchnorm_fast_paths_match(shape, dtype, rtol):
             np.testing.assert_allclose(got, expected, rtol=rtol, atol=rtol)
 
 
+# Shapes whose input-gradient convolution XLA:CPU (jaxlib 0.10.2) aborts the process on (SIGABRT): kernel 2,
+# stride 2, padding 1 along one axis, the other axis's output smaller than its kernel (fastpath_jax.aborts_xla).
+XLA_ABORT_CASES = [
+    (2, 16, 6, 3, 4, (2, 3), (2, 2), (1, 1)),  # the reproducer's second convolution
+    (2, 16, 8, 5, 4, (2, 3), (2, 4), (1, 0)),
+    (2, 16, 8, 8, 4, (2, 3), (2, 4), (1, 0)),
+    (1, 16, 4, 8, 2, (3, 2), (1, 2), (0, 1)),  # along W
+]
+
+
 @pytest.mark.parametrize(
-    "n, c, h, w, o, kernel, stride, padding", [*CONV_CASES, (2, 2, 5, 6, 3, (2, 2), (1, 1), (3, 2))]
+    "n, c, h, w, o, kernel, stride, padding",
+    [
+        *CONV_CASES,
+        (2, 2, 5, 6, 3, (2, 2), (1, 1), (3, 2)),
+        *XLA_ABORT_CASES,
+        (2, 16, 2, 3, 4, (2, 3), (2, 2), (1, 1)),  # XLA swaps the operands, keeping H (output 2, which fits) as it is
+    ],
 )
 @pytest.mark.parametrize("dtype, rtol", [(np.float64, 1e-12), (np.float32, 1e-5)])
 @pytest.mark.slow  # JAX's eager reference
 def test_jax_convolution_fast_path_matches(n, c, h, w, o, kernel, stride, padding, dtype, rtol):
-    """XLA's convolutions, forward and all three gradients, against the reference (padding >= kernel included)."""
+    """XLA's convolutions, forward and all three gradients, against the reference (padding >= kernel included;
+    the shapes XLA aborts on, whose input gradient is the reference's)."""
     pytest.importorskip("jax")
     from xpcnn.backends.backend import get_backend
 
@@ -161,6 +179,80 @@ def test_jax_convolution_fast_path_matches(n, c, h, w, o, kernel, stride, paddin
         np.testing.assert_allclose(a, b, rtol=rtol, atol=rtol * np.abs(b).max(), err_msg=name)
     assert fast.conv2d_backward(grad_y, cache, weight, x.shape, stride, padding, input_grad=False)[0] is None
     assert fast.conv2d_backward(grad_y, cache, weight, x.shape, stride, padding, bias_grad=False)[2] is None
+
+
+def conv_axes(h, w, kernel, stride, padding):
+    """aborts_xla's per-axis arguments for an (H, W) input: kernel, stride, padding, rows skipped, output size."""
+    out = [F.output_size(size, k, s, p) for size, k, s, p in zip((h, w), kernel, stride, padding, strict=True)]
+    skipped = [
+        size + 2 * p - k - (o - 1) * s for size, k, s, p, o in zip((h, w), kernel, stride, padding, out, strict=True)
+    ]
+    return tuple(kernel), tuple(stride), tuple(padding), tuple(skipped), tuple(out)
+
+
+def test_only_kernel_2_stride_2_padding_1_takes_the_reference_input_gradient():
+    """A sweep of both axes over kernels 1-5, strides 1-4, paddings 0-3 and every remainder: XLA's abort needs
+    kernel 2, stride 2, padding 1 along one axis; and the reproducer's shapes are among those it finds."""
+    pytest.importorskip("jax")
+    from xpcnn.ops.fastpath_jax import aborts_xla
+
+    axes = [
+        (k, s, p, size)
+        for k in range(1, 6)
+        for s in range(1, 5)
+        for p in range(4)
+        for size in range(max(1, k - 2 * p), max(1, k - 2 * p) + 2 * s + 2)
+    ]
+    found = set()
+    for kh, sh, ph, h in axes:
+        for kw, sw, pw, w in axes[::7]:
+            for args in (conv_axes(h, w, (kh, kw), (sh, sw), (ph, pw)), conv_axes(w, h, (kw, kh), (sw, sh), (pw, ph))):
+                if aborts_xla(*args):
+                    assert (2, 2, 1) in [axis[:3] for axis in zip(*args[:3], strict=True)], args
+                    found.add(args)
+    assert len(found) > 100
+    for _, _, h, w, _, kernel, stride, padding in XLA_ABORT_CASES:
+        assert aborts_xla(*conv_axes(h, w, kernel, stride, padding))
+
+
+@pytest.mark.parametrize("name", sorted(models.MODELS))
+def test_the_named_models_keep_xla_input_gradients(name):
+    """Every convolution of every named model (ResNet's strided 3x3, its 1x1 projections) keeps XLA's input gradient."""
+    pytest.importorskip("jax")
+    from xpcnn.ops.fastpath_jax import aborts_xla
+
+    model = models.build(name, seed=0)
+    model.forward(np.zeros((2, 1, 28, 28), np.float32))
+    convolutions = [layer for layer in model.modules() if isinstance(layer, nn.Conv2d)]
+    assert convolutions
+    for layer in convolutions:
+        _, _, h, w = layer._cache[1]
+        assert not aborts_xla(*conv_axes(h, w, layer.kernel_size, layer.stride, layer.padding)), layer
+
+
+# The reproducer of XLA's abort: training through the compiled JAX steps (xpcnn.fit) with a convolution whose
+# input gradient XLA:CPU (jaxlib 0.10.2) killed the process on (SIGABRT, exit status 134).
+XLA_ABORT_REPRODUCER = """
+import numpy as np
+import xpcnn
+from xpcnn import nn
+
+model = nn.Sequential(
+    nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 4, (2, 3), stride=2, padding=1), nn.Flatten(),
+    nn.Linear(32, 10),
+)
+images = np.random.default_rng(0).integers(0, 256, (64, 6, 3), dtype=np.uint8)
+history = xpcnn.fit(model, (images, np.arange(64) % 10), backend="jax", epochs=1)
+print(np.isfinite(history.records[-1]["train_loss"]))
+"""
+
+
+@pytest.mark.slow  # compiles, in a process of its own: the abort would take pytest with it
+def test_jax_training_on_shapes_xla_aborts_on_runs_to_the_end():
+    pytest.importorskip("jax")
+    result = subprocess.run([sys.executable, "-c", XLA_ABORT_REPRODUCER], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split() == ["True"]
 
 
 @pytest.mark.slow  # compiles

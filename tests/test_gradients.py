@@ -69,6 +69,28 @@ def test_conv2d_gradients(backend, n, c, h, w, o, kernel, stride, padding):
     check_layer(backend, layer, random_input(n, c, h, w))
 
 
+@pytest.mark.parametrize("dtype, tolerance", [("float64", 1e-10), ("float32", 1e-4)])
+def test_conv2d_gradients_where_xla_aborts_match_differences_and_torch(backend, dtype, tolerance):
+    """Kernel (2, 3), stride 2, padding 1 on a 4x3 input with 5 channels (the fast path on JAX): XLA:CPU aborted
+    compiling its input gradient, which the reference computes instead.  Central differences, then PyTorch."""
+    torch = pytest.importorskip("torch")
+    x = random_input(1, 5, 4, 3)
+    if dtype == "float64":
+        check_layer(backend, nn.Conv2d(5, 2, (2, 3), stride=2, padding=1, rng=0), x)
+    layer = nn.Conv2d(5, 2, (2, 3), stride=2, padding=1, rng=0).to(backend, getattr(backend.xp, dtype))
+    y = layer.forward(backend.asarray(x.astype(dtype)))
+    grad_y = np.random.default_rng(1).standard_normal(tuple(y.shape)).astype(dtype)
+    grad_x = layer.backward(backend.asarray(grad_y))
+    tx = torch.tensor(x.astype(dtype), requires_grad=True)
+    tparams = {k: torch.tensor(to_host(v), requires_grad=True) for k, v in layer.params.items()}
+    torch.nn.functional.conv2d(tx, tparams["weight"], tparams["bias"], stride=2, padding=1).backward(
+        torch.tensor(grad_y)
+    )
+    assert relative_error(to_host(grad_x), tx.grad.numpy()) <= tolerance
+    for name, value in tparams.items():
+        assert relative_error(to_host(layer.grads[name]), value.grad.numpy()) <= tolerance, name
+
+
 def test_conv2d_without_bias_gradients(backend):
     layer = nn.Conv2d(2, 3, 2, bias=False, rng=0)
     errors = check_layer(backend, layer, random_input(2, 2, 5, 4))

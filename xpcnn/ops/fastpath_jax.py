@@ -15,6 +15,8 @@ more convolutions, written out here (no autodiff):
 The cache the forward pass keeps for backward is the input itself.  Layers
 with narrow patch matrices (C*KH*KW <= 25: first layers on one-channel
 images) keep the reference, which is faster there (see :data:`NARROW_PATCHES`).
+The few shapes whose input-gradient convolution XLA:CPU aborts on take the
+reference's input gradient (see :func:`aborts_xla`).
 
 On the CPU the compiled steps also ask XLA to keep its operations on its own
 kernels rather than YNNPACK's (:func:`compiler_options`): XLA:CPU (jaxlib
@@ -81,6 +83,30 @@ def conv2d_forward(x, weight, bias, stride=(1, 1), padding=(0, 0)):
     return y, x
 
 
+def aborts_xla(kernel, stride, padding, skipped, out_hw) -> bool:
+    """Whether XLA:CPU (jaxlib 0.10.2) aborts the process compiling :func:`conv2d_backward`'s input gradient.
+
+    Per axis (H, W): the forward kernel, stride, padding, input rows past the last window, output size.
+    XLA's algebraic simplifier swaps a convolution's operands where the kernel outweighs the input (the
+    product of the window sizes beats that of the input sizes; an input of 1 padded by KH-1 on both sides
+    counts as KH), but leaves as it is an axis it takes for a group axis (window 2, stride 1, base dilation
+    2, no padding: here forward kernel 2, stride 2, padding 1, no row skipped), also where that window does
+    not fit the new kernel (an output size other than 2); its shape check then aborts ("Window dimensions
+    do not match RHS shape").  A sweep over kernels, strides, paddings and sizes found no other crash.
+    """
+    group = [
+        k == 2 and s == 2 and p == 1 and r == 0 for k, s, p, r in zip(kernel, stride, padding, skipped, strict=True)
+    ]
+    if not any(kept and o != 2 for kept, o in zip(group, out_hw, strict=True)):
+        return False
+    window = inputs = 1
+    for k, p, r, o, kept in zip(kernel, padding, skipped, out_hw, group, strict=True):
+        if not kept:
+            window *= k
+            inputs *= k if o == 1 and p == 0 and r == 0 else o
+    return window > inputs
+
+
 def conv2d_backward(grad_y, x, weight, x_shape, stride=(1, 1), padding=(0, 0), input_grad=True, bias_grad=True):
     """:func:`xpcnn.functional.conv2d_backward` from the forward input ``x``, as two XLA convolutions."""
     if _narrow(weight):
@@ -102,6 +128,9 @@ def conv2d_backward(grad_y, x, weight, x_shape, stride=(1, 1), padding=(0, 0), i
     grad_b = F._column_sum(F._channel_matrix(grad_y)) if bias_grad else None
     if not input_grad:
         return None, grad_w, grad_b
+    if aborts_xla((kh, kw), stride, padding, (skipped_h, skipped_w), (oh, ow)):
+        grad_x = F.input_gradient(F._channel_matrix(grad_y), weight, x_shape, stride, padding)
+        return grad_x, grad_w, grad_b
     grad_x = _channels_last_conv(
         jnp.transpose(grad_y, (0, 2, 3, 1)),  # (N, OH, OW, O)
         jnp.transpose(weight[:, :, ::-1, ::-1], (2, 3, 0, 1)),  # (KH, KW, O, C)

@@ -66,6 +66,47 @@ def test_loss_checks_labels(backend):
         loss.forward(as_backend(backend, np.zeros((0, 10), np.float32)), as_backend(backend, np.zeros(0, np.int64)))
 
 
+@pytest.mark.parametrize("dtype", ["uint8", "int8", "int16", "int32", "int64"])
+def test_loss_takes_labels_of_any_integer_dtype(backend, dtype):
+    """torch takes uint8 indices for a mask and refuses int8 and int16 ones: the loss and gradient are int64's."""
+    logits = as_backend(backend, np.random.default_rng(0).standard_normal((4, 10)).astype(np.float32))
+    labels = np.array([3, 0, 9, 3])
+    loss = nn.CrossEntropyLoss()
+    expected = float(loss.forward(logits, as_backend(backend, labels))), to_host(loss.backward())
+    assert float(loss.forward(logits, as_backend(backend, labels.astype(dtype)))) == expected[0]
+    assert np.array_equal(to_host(loss.backward()), expected[1])
+
+
+@pytest.mark.parametrize("name", ["numpy", "torch"])
+def test_unchecked_labels_out_of_range_behave_as_documented(name):
+    """check_labels=False on NumPy and torch: a label >= K is an IndexError, -1 counts from the end (class K-1)."""
+    pytest.importorskip(name)
+    backend = get_backend(name, "cpu")
+    loss = nn.CrossEntropyLoss(check_labels=False)
+    logits = as_backend(backend, np.random.default_rng(0).standard_normal((2, 10)))
+    wrapped = float(loss.forward(logits, as_backend(backend, np.array([-1, 2]))))
+    assert wrapped == float(loss.forward(logits, as_backend(backend, np.array([9, 2]))))
+    with pytest.raises(IndexError):
+        loss.forward(logits, as_backend(backend, np.array([10, 2])))
+
+
+@pytest.mark.parametrize("name", sorted(models.MODELS))
+def test_an_empty_batch_gives_an_empty_result(backend, name):
+    """Batch 0, as in PyTorch: evaluation gives (0, 10), training's backward the input's shape and zero gradients;
+    batch norm refuses to train on no values, with its own error."""
+    model = models.build(name, seed=0).to(backend)
+    x = as_backend(backend, np.zeros((0, 1, 28, 28), np.float32))
+    assert tuple(model.eval().forward(x).shape) == (0, 10)
+    model.train()
+    if any(isinstance(layer, nn.BatchNorm1d | nn.BatchNorm2d) for layer in model.modules()):
+        with pytest.raises(ValueError, match="training needs more than one value per channel, got input \\(0, "):
+            model.forward(x)
+        return
+    assert tuple(model.forward(x).shape) == (0, 10)
+    assert tuple(model.backward(as_backend(backend, np.zeros((0, 10), np.float32))).shape) == (0, 1, 28, 28)
+    assert all(not np.any(to_host(grad)) for _, grad in model.named_gradients())
+
+
 def test_mixed_backends_raise_a_clear_error():
     pytest.importorskip("array_api_strict")
     conv = nn.Conv2d(1, 2, 3).to(get_backend("array-api-strict"))
@@ -74,10 +115,34 @@ def test_mixed_backends_raise_a_clear_error():
 
 
 def test_bad_constructor_arguments():
-    with pytest.raises(ValueError, match="Conv2d: kernel_size and stride must be >= 1"):
+    with pytest.raises(ValueError, match="Conv2d: channels, kernel_size and stride must be >= 1"):
         nn.Conv2d(1, 2, 3, stride=0)
     with pytest.raises(ValueError, match="kernel_size must be an int or a pair"):
         nn.MaxPool2d((2, 2, 2))
+    with pytest.raises(ValueError, match=r"kernel_size must be an int or a pair of ints, got 3\.0"):
+        nn.Conv2d(1, 8, 3.0)
+    with pytest.raises(ValueError, match=r"stride must be an int or a pair of ints, got \(2, 1\.5\)"):
+        nn.MaxPool2d(2, (2, 1.5))
+    with pytest.raises(ValueError, match=r"Conv2d: channels, kernel_size and stride must be >= 1 .*got 0, 8, 3"):
+        nn.Conv2d(0, 8, 3)
+    with pytest.raises(ValueError, match="Linear: in_features and out_features must be >= 1, got 0, 5"):
+        nn.Linear(0, 5)
+    with pytest.raises(ValueError, match="BatchNorm2d: num_features must be >= 1"):
+        nn.BatchNorm2d(0)
+    with pytest.raises(ValueError, match="BatchNorm1d: num_features must be >= 1"):
+        nn.BatchNorm1d(-1)
+
+
+def test_sizes_may_be_numpy_integers_and_a_backend_may_be_named():
+    conv = nn.Conv2d(1, 8, np.int64(3), stride=(np.int32(2), 1), padding=np.int64(1))
+    assert conv.kernel_size == (3, 3) and conv.stride == (2, 1) and conv.padding == (1, 1)
+    assert all(type(size) is int for size in (*conv.kernel_size, *conv.stride, *conv.padding))
+    assert nn.MaxPool2d(np.int64(2)).stride == (2, 2)
+    model = models.build("seed", seed=0)
+    for name in ("numpy", "cpu"):
+        assert all(isinstance(p, np.ndarray) for p in model.to(name).parameters())
+    torch = pytest.importorskip("torch")
+    assert all(isinstance(p, torch.Tensor) for p in model.to("torch").parameters())
     with pytest.raises(ValueError, match=r"Dropout: p must be in \[0, 1\)"):
         nn.Dropout(1.0)
 

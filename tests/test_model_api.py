@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+from helpers import small_resnet
 
 from xpcnn import models, nn, optim
 from xpcnn.backends.backend import to_host
@@ -110,3 +111,54 @@ def test_summary_lists_output_shapes_and_parameter_counts(backend):
     assert "Output shape" not in model.summary()
     with pytest.raises(ValueError, match="expected input of shape"):
         model.summary(input_shape=(3, 28, 28))
+
+
+def test_a_summary_between_forward_and_backward_changes_nothing(backend):
+    """summary() traces in evaluation mode and puts the caches back: the backward after it gives the same gradients,
+    nested containers and batch norm included."""
+    rng = np.random.default_rng(6)
+    cases = [(small_model(backend), (1, 8, 8)), (small_resnet(seed=0).to(backend, backend.xp.float64), (1, 28, 28))]
+    for model, shape in cases:
+        x = backend.asarray(rng.standard_normal((4, *shape)))
+        results = []
+        for summarise in (False, True):
+            model.zero_grad()
+            y = model.forward(x)
+            if summarise:
+                assert "Output shape" in model.summary(input_shape=shape)
+            grad_x = to_host(model.backward(backend.asarray(np.ones(tuple(y.shape)))))
+            results.append((grad_x, host_gradients(model)))
+        (grad_x, grads), (grad_x_summarised, grads_summarised) = results
+        assert np.array_equal(grad_x, grad_x_summarised)
+        assert grads.keys() == grads_summarised.keys()
+        assert all(np.array_equal(grads[name], grads_summarised[name]) for name in grads)
+
+
+def test_set_parameters_refuses_unknown_names_and_other_shapes_and_assigns_nothing(backend):
+    model = small_model(backend)
+    before = {name: to_host(value) for name, value in model.named_parameters()}
+    weight = model[0].params["weight"]
+    for values, message in [
+        ({"0.wieght": weight}, r"unknown parameter '0\.wieght'"),
+        ({"9.weight": weight}, r"unknown parameter '9\.weight'"),
+        ({"weight": weight}, r"unknown parameter 'weight'"),
+        ({"0.bias": weight}, r"parameter 0\.bias has shape \(3, 1, 3, 3\), expected \(3,\)"),
+        ({"0.weight": weight * 2.0, "4.weight": weight}, r"parameter 4\.weight has shape \(3, 1, 3, 3\)"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            model.set_parameters(values)
+    after = {name: to_host(value) for name, value in model.named_parameters()}
+    assert after.keys() == before.keys() and all(np.array_equal(after[name], before[name]) for name in before)
+    with pytest.raises(ValueError, match=r"unknown buffer '0\.running_mean'"):
+        model.set_buffers({"0.running_mean": weight})
+    norm = nn.Sequential(nn.BatchNorm2d(3)).to(backend)
+    with pytest.raises(ValueError, match=r"buffer 0\.running_var has shape \(4,\), expected \(3,\)"):
+        norm.set_buffers({"0.running_var": backend.asarray(np.ones(4, np.float32))})
+
+
+def test_backward_refuses_a_gradient_of_another_shape_than_the_output(backend):
+    model, (x, _) = small_model(backend), batch(backend)
+    model.forward(x)
+    with pytest.raises(ValueError, match=r"Sequential\(5 layers\): gradient of shape \(4, 5\), expected \(8, 4\)"):
+        model.backward(backend.asarray(np.zeros((4, 5))))
+    assert tuple(model.backward(backend.asarray(np.zeros((8, 4)))).shape) == (8, 1, 8, 8)

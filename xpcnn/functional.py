@@ -438,12 +438,15 @@ def cross_entropy(logits, labels, label_smoothing: float = 0.0):
     The target is built already divided by N, so that the mean is one dot
     product of the target with -log_softmax, and the gradient is
     softmax / N - target.  Its rows are gathered from a cached (K, K) table
-    (one operation, where comparing the labels with the classes takes two);
-    labels outside [0, K) are an error on NumPy and torch, undefined elsewhere
-    (:class:`xpcnn.nn.CrossEntropyLoss` checks them unless told not to).
+    (one operation, where comparing the labels with the classes takes two).
+    Labels outside [0, K) are not checked here (:class:`xpcnn.nn.CrossEntropyLoss`
+    checks them unless told not to): on NumPy and torch a label >= K is an error
+    and a negative one counts from the end (-1 is class K-1), elsewhere undefined.
     """
     xp = namespace(logits, labels)
     n, k = logits.shape
+    if labels.dtype not in (xp.int32, xp.int64):  # torch takes uint8 indices as a mask and refuses int8, int16
+        labels = xp.astype(labels, xp.int32)  # not int64: JAX (without x64) would warn and truncate it anyway
     rows = _target_rows(logits, n, k, label_smoothing)
     target = rows[labels[:, None], _classes(labels, k)]  # (N, K), rows sum to 1 / N
     shifted = logits - xp.max(logits, axis=1, keepdims=True)

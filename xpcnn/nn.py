@@ -3,25 +3,24 @@
 All implement the one ``Layer`` contract (forward, backward, parameters, modes); each layer is a
 thin wrapper over its math in :mod:`xpcnn.functional`.
 
-Each layer has ``forward(x) -> y`` and ``backward(grad_y) -> grad_x``;
-``params`` and ``grads`` are dicts name -> array (``"weight"``, ``"bias"``)
-that a user may assign to; ``train()`` / ``eval()`` switch modes.  Layers
-keep what their backward pass needs only in training mode.
+Each layer has ``forward(x) -> y`` and ``backward(grad_y) -> grad_x``; ``params`` and ``grads`` are dicts
+name -> array (``"weight"``, ``"bias"``) that a user may assign to; ``train()`` / ``eval()`` switch modes.
+Layers keep what their backward pass needs only in training mode.
 
 Every layer and container (:class:`Sequential`, :class:`Residual`) offer PyTorch's parameter API with
-PyTorch's names (``named_parameters()`` -> ``("0.weight", array)``, ...,
-``parameters()``, ``named_buffers()``, ``state_dict()``) and its gradient
-semantics: backward *adds* to the gradients, ``zero_grad()`` clears them (to
-none, so the next backward assigns instead of adding: no extra operation in
-a training step), so gradients of several micro-batches accumulate.
+PyTorch's names (``named_parameters()`` -> ``("0.weight", array)``, ..., ``parameters()``,
+``named_buffers()``, ``state_dict()``) and its gradient semantics: backward *adds* to the gradients,
+``zero_grad()`` clears them (to none, so the next backward assigns instead of adding: no extra operation
+in a training step), so gradients of several micro-batches accumulate.
 
-Parameters are created on the host as NumPy float32 arrays;
-``layer.to(backend, dtype)`` moves them (see :mod:`xpcnn.backends.backend`).
+Parameters are created on the host as NumPy float32 arrays; ``layer.to(backend, dtype)`` moves them (see
+:mod:`xpcnn.backends.backend`).
 """
 
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Iterable, Iterator
 
 import numpy as np
@@ -36,10 +35,10 @@ OUTPUT_GAIN = 1.0
 
 
 def _pair(value, name: str) -> tuple[int, int]:
-    pair = (value, value) if isinstance(value, int) else tuple(value)
-    if len(pair) != 2 or not all(isinstance(v, int) for v in pair):
+    pair = tuple(value) if isinstance(value, tuple | list) else (value, value)
+    if len(pair) != 2 or not all(isinstance(v, numbers.Integral) for v in pair):
         raise ValueError(f"{name} must be an int or a pair of ints, got {value!r}")
-    return pair
+    return int(pair[0]), int(pair[1])
 
 
 def _host_rng(rng) -> np.random.Generator:
@@ -78,8 +77,10 @@ class Layer:
         """Switch to evaluation mode: no dropout, nothing kept for backward."""
         return self.train(False)
 
-    def to(self, backend: Backend, dtype=None):
-        """Move parameters, gradients and buffers to ``backend``, casting floats to ``dtype`` if given."""
+    def to(self, backend: Backend | str, dtype=None):
+        """Move parameters, gradients and buffers to ``backend`` (or a get_backend name), floats cast to ``dtype``."""
+        if isinstance(backend, str):
+            backend = get_backend(backend)
         for _, layer in self._holders():
             for store in (layer.params, layer.grads, layer.buffers):
                 for name, value in store.items():
@@ -138,18 +139,30 @@ class Layer:
             layer.grads.clear()
 
     def set_parameters(self, values: dict) -> None:
-        """Assign parameters from a dict named as :meth:`named_parameters` (the arrays are used as given)."""
-        holders = dict(self._holders())
-        for key, value in values.items():
-            prefix, _, name = key.rpartition(".")
-            holders[prefix + "." if prefix else ""].params[name] = value
+        """Assign parameters from a dict named as :meth:`named_parameters` (the arrays are used as given).
+
+        Raises ValueError, assigning nothing, on a name the model lacks or a shape other than the parameter's."""
+        self._assign("params", "parameter", values)
 
     def set_buffers(self, values: dict) -> None:
-        """Assign buffers from a dict named as :meth:`named_buffers` (the arrays are used as given)."""
-        holders = dict(self._holders())
+        """Assign buffers from a dict named as :meth:`named_buffers`, checked as :meth:`set_parameters` checks."""
+        self._assign("buffers", "buffer", values)
+
+    def _assign(self, store: str, kind: str, values: dict) -> None:
+        """Assign ``values`` into the holders' dicts ``store``, once every name and shape has been checked."""
+        targets = {
+            prefix + name: getattr(layer, store) for prefix, layer in self._holders() for name in getattr(layer, store)
+        }
         for key, value in values.items():
-            prefix, _, name = key.rpartition(".")
-            holders[prefix + "." if prefix else ""].buffers[name] = value
+            if key not in targets:
+                raise ValueError(f"unknown {kind} {key!r} (this model's names: named_{kind}s())")
+            held = targets[key][key.rpartition(".")[2]]
+            if tuple(value.shape) != tuple(held.shape):
+                raise ValueError(
+                    f"{kind} {key} has shape {_shape_text(value.shape)}, expected {_shape_text(held.shape)}"
+                )
+        for key, value in values.items():
+            targets[key][key.rpartition(".")[2]] = value
 
     def num_parameters(self) -> int:
         """The number of trainable scalars."""
@@ -262,9 +275,10 @@ class Conv2d(Layer):
         self.kernel_size = _pair(kernel_size, "kernel_size")
         self.stride = _pair(stride, "stride")
         self.padding = _pair(padding, "padding")
-        if min(self.kernel_size) < 1 or min(self.stride) < 1 or min(self.padding) < 0:
+        if min(in_channels, out_channels, *self.kernel_size, *self.stride) < 1 or min(self.padding) < 0:
             raise ValueError(
-                f"Conv2d: kernel_size and stride must be >= 1 and padding >= 0, got {kernel_size}, {stride}, {padding}"
+                f"Conv2d: channels, kernel_size and stride must be >= 1 and padding >= 0, got {in_channels}, "
+                f"{out_channels}, {kernel_size}, {stride}, {padding}"
             )
         fan_in = in_channels * self.kernel_size[0] * self.kernel_size[1]
         shape = (out_channels, in_channels, *self.kernel_size)
@@ -273,14 +287,10 @@ class Conv2d(Layer):
             self.params["bias"] = np.zeros(out_channels, np.float32)
 
     def forward(self, x):
-        kh, kw = self.kernel_size
-        ph, pw = self.padding
+        (kh, kw), (ph, pw) = self.kernel_size, self.padding
+        min_h, min_w = kh - 2 * ph, kw - 2 * pw
         self._check_input(
-            x,
-            f"(N, {self.in_channels}, H, W) with H >= {kh - 2 * ph}, W >= {kw - 2 * pw}",
-            4,
-            self.in_channels,
-            (kh - 2 * ph, kw - 2 * pw),
+            x, f"(N, {self.in_channels}, H, W) with H >= {min_h}, W >= {min_w}", 4, self.in_channels, (min_h, min_w)
         )
         y, cols = kernels(x).conv2d_forward(
             x, self.params["weight"], self.params.get("bias"), self.stride, self.padding
@@ -371,7 +381,7 @@ class Flatten(Layer):
                 f"{self!r}: expected input of shape (N, ...) with at least 2 axes, got {_shape_text(x.shape)}"
             )
         self._cache = tuple(x.shape)
-        return xp.reshape(x, (x.shape[0], -1))
+        return xp.reshape(x, (x.shape[0], math.prod(x.shape[1:])))  # not -1: ambiguous for an empty batch
 
     def backward(self, grad_y):
         xp = namespace(grad_y)
@@ -383,6 +393,8 @@ class Linear(Layer):
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, rng=None, gain: float = RELU_GAIN):
         super().__init__()
+        if min(in_features, out_features) < 1:
+            raise ValueError(f"Linear: in_features and out_features must be >= 1, got {in_features}, {out_features}")
         self.in_features, self.out_features = in_features, out_features
         self.params["weight"] = init_normal(_host_rng(rng), (out_features, in_features), in_features, gain)
         if bias:
@@ -408,17 +420,16 @@ class Linear(Layer):
 class _BatchNorm(Layer):
     """Batch normalisation over all axes but the channel axis 1, PyTorch's conventions.
 
-    Training normalises with the batch's mean and biased variance and updates
-    running estimates (unbiased variance) with ``momentum``; evaluation uses
-    the running estimates.  weight (gamma) starts at 1, bias (beta) at 0.
+    Training normalises with the batch's mean and biased variance and updates running estimates (unbiased
+    variance) with ``momentum``; evaluation uses the running estimates.  weight (gamma) starts at 1, bias (beta) at 0.
     """
 
     rank = 0
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float = 0.1):
         super().__init__()
-        if not 0.0 <= momentum <= 1.0 or eps <= 0:
-            raise ValueError(f"{type(self).__name__}: momentum must be in [0, 1] and eps > 0")
+        if num_features < 1 or not 0.0 <= momentum <= 1.0 or eps <= 0:
+            raise ValueError(f"{type(self).__name__}: num_features must be >= 1, momentum in [0, 1] and eps > 0")
         self.num_features, self.eps, self.momentum = num_features, eps, momentum
         self.params["weight"] = np.ones(num_features, np.float32)
         self.params["bias"] = np.zeros(num_features, np.float32)
@@ -488,9 +499,8 @@ class _BatchNorm(Layer):
 def update_running_statistics(batch_statistics: list) -> None:
     """Fold each (layer, (mean, variance, count)) from :meth:`_BatchNorm.normalize` into the layer's running estimates.
 
-    As PyTorch: running = (1 - momentum) * running + momentum * batch value, the variance made
-    unbiased (times count / (count - 1)); every layer's buffers in one update (see
-    :func:`xpcnn.functional.moving_averages`).
+    As PyTorch: running = (1 - momentum) * running + momentum * batch value, the variance made unbiased (times
+    count / (count - 1)); every layer's buffers in one update (see :func:`xpcnn.functional.moving_averages`).
     """
     averages, values, weights = [], [], []
     for layer, (mean, var, count) in batch_statistics:
@@ -577,6 +587,7 @@ class _Container(Layer):
             layer.set_communicator(communicator)
 
     def zero_cache(self):
+        self._cache = None
         for _, layer in self.named_children():
             layer.zero_cache()
 
@@ -593,8 +604,8 @@ class _Container(Layer):
         """A table of the children, their output shapes and parameter counts, and the totals (like Keras).
 
         ``input_shape`` is one sample's shape, e.g. ``(1, 28, 28)``: output shapes come from one
-        forward pass of a zero batch of one in evaluation mode (every layer's mode is restored
-        after).  Without it the table has no output shapes.
+        forward pass of a zero batch of one in evaluation mode (every layer's mode and cache are
+        restored after).  Without it the table has no output shapes.
         """
         rows = [("#", "Layer", *(("Output shape",) if input_shape else ()), "Params")]
         shapes = self.output_shapes(input_shape) if input_shape else None
@@ -618,26 +629,25 @@ class _Container(Layer):
         backend = backend_of(first) if first is not None else get_backend("numpy")
         dtype = first.dtype if first is not None else backend.xp.float32
         x = backend.asarray(np.zeros((1, *input_shape), np.float32), dtype)
-        modes = [(module, module.training) for module in self.modules()]
+        saved = [(module, module.training, vars(module).get("_cache")) for module in self.modules()]
         try:
             self.eval()
             return [tuple(int(s) for s in y.shape) for y in self._trace(x)]
         finally:
-            for module, mode in modes:
-                module.training = mode
+            for module, mode, cache in saved:  # modes and caches: a training forward's backward may still follow
+                module.training, module._cache = mode, cache
 
 
 class Sequential(_Container):
     """Layers applied in order; parameters named ``"<index>.<name>"`` as in PyTorch.
 
-    A container (see :class:`Residual` for the other): its layers hold the ``params`` /
-    ``grads`` / ``buffers`` dicts, and :meth:`named_parameters`, :meth:`named_gradients` and
-    :meth:`state_dict` gather theirs.
+    A container (see :class:`Residual` for the other): its layers hold the ``params`` / ``grads`` / ``buffers``
+    dicts, and :meth:`named_parameters`, :meth:`named_gradients` and :meth:`state_dict` gather theirs.
     """
 
     def __init__(self, *layers: Layer):
         self.layers = list(layers)
-        self.training = True
+        self.training, self._cache = True, None  # the last training forward's output shape, for backward's check
 
     def forward(self, x):
         """Each layer's forward pass in turn; the batch-norm layers' running statistics (training mode)
@@ -651,16 +661,19 @@ class Sequential(_Container):
                 x = layer.forward(x)
         if batch_statistics:
             update_running_statistics(batch_statistics)
+        self._cache = tuple(x.shape) if self.training else None
         return x
 
     def backward(self, grad_y, input_grad: bool = True):
         """Backpropagate ``grad_y`` through every layer, storing parameter gradients.
 
-        Returns the gradient with respect to the input, or None with
-        ``input_grad=False`` (training needs no input gradient: the layers
-        before the first one with parameters are then skipped, and that one
-        computes only its parameter gradients).
+        Returns the gradient with respect to the input, or None with ``input_grad=False`` (training needs no
+        input gradient: the layers before the first one with parameters are then skipped, and that one computes
+        only its parameter gradients).  ``grad_y`` must have the shape of the last training forward's output.
         """
+        if self._cache is not None and tuple(grad_y.shape) != self._cache:
+            shapes = f"{_shape_text(grad_y.shape)}, expected {_shape_text(self._cache)} (the last forward's output)"
+            raise ValueError(f"{self._brief()}: gradient of shape {shapes}")
         first = (
             0 if input_grad else next((i for i, layer in enumerate(self.layers) if _has_parameters(layer)), len(self))
         )
@@ -779,10 +792,9 @@ def recalibrate_batchnorm(model: Sequential, batches: Iterable) -> None:
         layer.train()
         layer.momentum = 1.0  # each batch's statistics replace the running ones; the average is taken here
         # finite starting values: with momentum 1 they are multiplied by 0, which a NaN would survive
-        layer.buffers["running_mean"] = namespace(layer.buffers["running_mean"]).zeros_like(
-            layer.buffers["running_mean"]
-        )
-        layer.buffers["running_var"] = namespace(layer.buffers["running_var"]).ones_like(layer.buffers["running_var"])
+        xp = namespace(layer.buffers["running_mean"])
+        layer.buffers["running_mean"] = xp.zeros_like(layer.buffers["running_mean"])
+        layer.buffers["running_var"] = xp.ones_like(layer.buffers["running_var"])
     sums, seen = None, 0
     try:
         for x in batches:
@@ -805,10 +817,9 @@ def recalibrate_batchnorm(model: Sequential, batches: Iterable) -> None:
 class CrossEntropyLoss:
     """Softmax + cross-entropy, mean over the batch; logits (N, K), integer labels (N,).
 
-    ``label_smoothing`` e trains against (1 - e) * one_hot + e / K (PyTorch's
-    definition).  ``check_labels=False`` skips the label-range check, which
-    reads a value back to the host (a device sync); the trainer validates
-    labels once instead.
+    ``label_smoothing`` e trains against (1 - e) * one_hot + e / K (PyTorch's definition).  ``check_labels=False``
+    skips the label-range check, which reads a value back to the host (a device sync); the trainer validates labels
+    once instead.
     """
 
     def __init__(self, check_labels: bool = True, label_smoothing: float = 0.0):

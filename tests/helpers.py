@@ -1,7 +1,10 @@
-"""Helpers for the tests: finite differences, error measures, the data they train on, a stop signal at a step."""
+"""Helpers for the tests: finite differences, error measures, the data they train on, a stop signal at a step,
+xpcnn as a process (a server started, an output on a full disk)."""
 
 import os
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +15,33 @@ from xpcnn.training.display import Progress
 
 # The offline MNIST copy beside the repository (tests that need it skip without it).
 MNIST_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
+REPOSITORY = Path(__file__).resolve().parents[1]
+
+
+def started_server(run, *options: str) -> subprocess.Popen:
+    """``xpcnn serve RUN --port 0 --device cpu [options]`` as a process, its stdout and stderr pipes of text."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "xpcnn", "serve", str(run), "--port", "0", "--device", "cpu", *options],
+        cwd=REPOSITORY,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPOSITORY)},
+    )
+
+
+def run_onto_a_full_disk(arguments: list[str], timeout: float) -> subprocess.CompletedProcess:
+    """``xpcnn ARGUMENTS > /dev/full``, buffered as by default (PYTHONUNBUFFERED left out): its stderr as text."""
+    environment = {name: value for name, value in os.environ.items() if name != "PYTHONUNBUFFERED"}
+    with open("/dev/full", "w") as full:
+        return subprocess.run(
+            [sys.executable, "-m", "xpcnn", *arguments],
+            stdout=full,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=environment,
+            timeout=timeout,
+        )
 
 
 def numerical_gradient(f, x: np.ndarray, eps: float = 1e-6) -> np.ndarray:

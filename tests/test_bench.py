@@ -7,6 +7,7 @@ import sys
 
 import pytest
 from click.testing import CliRunner
+from helpers import run_onto_a_full_disk
 
 from xpcnn.apps.bench import cases, formatting, sessions
 from xpcnn.apps.cli import main
@@ -27,8 +28,6 @@ def test_each_xpcnn_case_gets_a_torch_twin_on_the_device_it_ran_on():
 
 @pytest.mark.parametrize("reply", ['{"device": "cpu", "comp', "a library's own print"])
 def test_a_reply_that_is_not_json_is_a_failed_case_not_a_traceback(reply, monkeypatch):
-    import subprocess
-    import sys
 
     real_popen = subprocess.Popen
 
@@ -149,16 +148,7 @@ def test_the_output_file_is_written_before_stdout_can_fail(tmp_path):
     """bench --output FILE > /dev/full: the figures measured are kept in FILE, then the failure is one line."""
     args = ["bench", "--backend", "numpy", "--model", "seed", "--steps", "1", "--repeats", "1", "--threads", "1"]
     args += ["--train-batch", "8", "--infer-batch", "16", "--no-torch", "--output", str(tmp_path / "bench.json")]
-    environment = {name: value for name, value in os.environ.items() if name != "PYTHONUNBUFFERED"}
-    with open("/dev/full", "w") as full:
-        result = subprocess.run(
-            [sys.executable, "-m", "xpcnn", *args],
-            stdout=full,
-            stderr=subprocess.PIPE,
-            text=True,
-            env=environment,
-            timeout=300,
-        )
+    result = run_onto_a_full_disk(args, timeout=300)
     assert result.returncode == 1
     assert result.stderr.strip().splitlines()[-1] == "Error: cannot write the output: No space left on device"
     assert json.loads((tmp_path / "bench.json").read_text())["results"][0]["model"] == "seed"
@@ -172,8 +162,6 @@ def test_a_failing_case_is_one_line_and_runs_no_twin():
 
 @pytest.mark.slow
 def test_full_run_reports_its_own_peak_memory_not_its_parents_or_an_earlier_childs(synthetic_dir):
-    import subprocess
-    import sys
 
     big = 800  # MiB: RUSAGE_CHILDREN would report an earlier child this big for every later child
     touch_pages = f"b = bytearray({big} * 2**20); b[::4096] = b'x' * len(b[::4096])"

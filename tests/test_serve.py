@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from helpers import started_server
 from PIL import Image, ImageDraw
 
 from xpcnn.apps.cli import main
@@ -283,14 +284,7 @@ def test_a_host_that_names_no_address_is_one_line(run, host):
 
 
 def test_serve_prints_its_address_and_stops_on_ctrl_c(run):
-    process = subprocess.Popen(
-        [sys.executable, "-m", "xpcnn", "serve", str(run), "--port", "0", "--device", "cpu"],
-        cwd=REPOSITORY,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "PYTHONPATH": str(REPOSITORY)},
-    )
+    process = started_server(run)
     try:
         line = process.stdout.readline()
         assert line.startswith("serving ") and "(Ctrl-C stops)" in line, line
@@ -315,14 +309,7 @@ def test_serve_prints_its_address_and_stops_on_ctrl_c(run):
 def test_a_stop_right_after_the_address_line_is_a_stop(run, attempt):
     """A supervisor that waits for the address and stops the server at once gets exit 0, as for any stop: the
     signal used to land while the line was written, before the server's stop was handled (exit 143)."""
-    process = subprocess.Popen(
-        [sys.executable, "-m", "xpcnn", "serve", str(run), "--port", "0", "--device", "cpu", "--quiet"],
-        cwd=REPOSITORY,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "PYTHONPATH": str(REPOSITORY)},
-    )
+    process = started_server(run, "--quiet")
     try:
         assert process.stdout.readline().startswith("serving ")
         process.send_signal(signal.SIGTERM)

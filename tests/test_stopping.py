@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from helpers import InterruptAt
+from helpers import InterruptAt, run_onto_a_full_disk, started_server
 
 import xpcnn
 from xpcnn.apps import cli
@@ -313,16 +313,7 @@ def test_output_to_a_full_disk_is_one_line_and_exit_1(command, synthetic_dir, tm
     'Exception ignored' traceback); a run is saved all the same."""
     if command[0] == "train":
         command += ["--data-dir", str(synthetic_dir), "--out", str(tmp_path / "run")]
-    environment = {name: value for name, value in os.environ.items() if name != "PYTHONUNBUFFERED"}
-    with open("/dev/full", "w") as full:
-        result = subprocess.run(
-            [sys.executable, "-m", "xpcnn", *command],
-            stdout=full,
-            stderr=subprocess.PIPE,
-            text=True,
-            env=environment,
-            timeout=120,
-        )
+    result = run_onto_a_full_disk(command, timeout=120)
     assert result.returncode == 1, result.stderr
     assert result.stderr.strip().splitlines() == ["Error: cannot write the output: No space left on device"]
     if command[0] == "train":
@@ -391,14 +382,7 @@ def test_a_sigterm_stops_xpcnn_serve_as_ctrl_c_does(synthetic_dir, tmp_path):
     run = tmp_path / "run"
     train = ["train", "--model", "seed", "--batch-size", "100", "--device", "cpu", "--quiet"]
     assert CliRunner().invoke(main, [*train, "--data-dir", str(synthetic_dir), "--out", str(run)]).exit_code == 0
-    process = subprocess.Popen(
-        [sys.executable, "-m", "xpcnn", "serve", str(run), "--port", "0", "--device", "cpu"],
-        cwd=REPOSITORY,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "PYTHONPATH": str(REPOSITORY)},
-    )
+    process = started_server(run)
     try:
         line = process.stdout.readline()
         assert line.startswith("serving "), line

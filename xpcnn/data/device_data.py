@@ -88,6 +88,12 @@ class DeviceSplit:
         return cls(scaled, xp.astype(backend.asarray(labels), xp.int64))
 
 
+def input_dtype(model):
+    """The dtype a model's inputs must have: its parameters' (float32, or float64 for a model moved to float64);
+    None for a model without any, whose inputs are then float32."""
+    return next((value.dtype for value in model.parameters()), None)
+
+
 def normalize_images(backend: Backend, images: np.ndarray, norm: Normalization, dtype=None):
     """Float images (N, 1, 28, 28) in [0, 1] on the host -> normalised device array."""
     xp = backend.xp

@@ -24,7 +24,7 @@ from ..backends.ranks import join, prepare
 from ..base.errors import ConfigError, XpcnnError
 from ..data.checkpoint import save_checkpoint
 from ..data.data import Dataset, load_dataset
-from ..data.device_data import DeviceSplit, EvalResult, Normalization
+from ..data.device_data import DeviceSplit, EvalResult, Normalization, input_dtype
 from ..data.idx import DataError
 from ..models import MODELS, build
 from ..nn import Sequential
@@ -144,29 +144,26 @@ def evaluate(model: Sequential, images, labels, *, normalization: Normalization,
     ``images`` and ``labels`` as for :func:`fit`; ``normalization`` is the one ``fit`` trained
     with (``history.normalization``), or a checkpoint's.  Runs on the backend of the model's parameters.
     """
-    batch_size = positive_int("batch_size", batch_size)
-    if not isinstance(normalization, Normalization):
-        raise ConfigError(f"normalization must be an xpcnn Normalization, got {type(normalization).__name__}")
+    batch_size = _inference_settings(normalization, batch_size)
     images, labels = _checked_arrays(images, labels, "evaluate's data")
     _check_labels(labels, _outputs(model, images, "evaluate's data"), "evaluate's data")
     backend = _backend(model)
     with backend.activate():
-        split = DeviceSplit.from_host(backend, images, labels, normalization, _dtype(model))
+        split = DeviceSplit.from_host(backend, images, labels, normalization, input_dtype(model))
         return evaluate_split(model, split, backend, batch_size)
 
 
 def predict(model: Sequential, images, *, normalization: Normalization, batch_size: int = 1000) -> np.ndarray:
     """Class probabilities (N, K) float32 on the host for ``images`` as for :func:`fit`, or one image (H, W), in
     evaluation mode: Keras' ``model.predict`` with the softmax.  ``normalization`` as for :func:`evaluate`."""
-    batch_size = positive_int("batch_size", batch_size)
-    if not isinstance(normalization, Normalization):
-        raise ConfigError(f"normalization must be an xpcnn Normalization, got {type(normalization).__name__}")
+    batch_size = _inference_settings(normalization, batch_size)
     images = np.asarray(images)
     images = _checked_images(images[None] if images.ndim == 2 else images, "predict's images")
     _outputs(model, images, "predict's images")
     backend = _backend(model)
     with backend.activate():
-        split = DeviceSplit.from_host(backend, images, np.zeros(len(images), np.int64), normalization, _dtype(model))
+        unlabelled = np.zeros(len(images), np.int64)  # from_host converts the images as evaluate's are; no labels
+        split = DeviceSplit.from_host(backend, images, unlabelled, normalization, input_dtype(model))
         return predict_probabilities(model, split.images, batch_size)
 
 
@@ -193,15 +190,19 @@ def save(path: str | os.PathLike, model: Sequential, history: History) -> None:
     save_checkpoint(path, meta, model.state_dict(), history.optimizer.state_dict())
 
 
+def _inference_settings(normalization: Normalization, batch_size: int) -> int:
+    """``batch_size`` checked, for :func:`evaluate` and :func:`predict`; ConfigError unless ``normalization`` is
+    an xpcnn Normalization."""
+    batch_size = positive_int("batch_size", batch_size)
+    if not isinstance(normalization, Normalization):
+        raise ConfigError(f"normalization must be an xpcnn Normalization, got {type(normalization).__name__}")
+    return batch_size
+
+
 def _backend(model: Sequential) -> Backend:
     """The backend of the model's parameters (NumPy for a model without any)."""
     first = next(model.parameters(), None)
     return backend_of(first) if first is not None else get_backend("numpy")
-
-
-def _dtype(model: Sequential):
-    """The dtype of the model's parameters, which its inputs must have (None for a model without any: float32)."""
-    return next((value.dtype for value in model.parameters()), None)
 
 
 # ---------------------------------------------------------------- the optimiser
@@ -322,7 +323,7 @@ def _check_batch_of_one(model: Sequential, backend: Backend, images: np.ndarray,
     n = len(images)
     if (n % batch_size or batch_size) != 1:
         return
-    x = backend.asarray(np.zeros((1, 1, *images.shape[1:]), np.float32), _dtype(model))
+    x = backend.asarray(np.zeros((1, 1, *images.shape[1:]), np.float32), input_dtype(model))
     parameters, buffers = dict(model.named_parameters()), dict(model.named_buffers())
     try:
         stateless_forward(model, parameters, buffers, x, training=True, generator=backend.generator(0))

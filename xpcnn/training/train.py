@@ -41,7 +41,7 @@ from ..backends.distributed import (
 from ..base.errors import ConfigError, NonFiniteOutputs, XpcnnError
 from ..base.stopping import stop_on_signals
 from ..data.data import split_validation
-from ..data.device_data import DeviceSplit, EvalResult, Normalization, evaluate_batches
+from ..data.device_data import DeviceSplit, EvalResult, Normalization, evaluate_batches, input_dtype
 from ..functional import softmax
 from ..nn import CrossEntropyLoss, Sequential, recalibrate_batchnorm
 from ..optim import Optimizer
@@ -401,7 +401,7 @@ def start_training(
     ranks = communicator or Local()
     check_images_per_rank(len(train[1]), config.batch_size, ranks.world_size)
     broadcast_state(model, ranks)
-    dtype = next((value.dtype for value in model.parameters()), None)  # float32, or float64 for such a model
+    dtype = input_dtype(model)
     train_split = DeviceSplit.from_host(backend, *train, norm, dtype)
     eval_splits = {name: DeviceSplit.from_host(backend, *split, norm, dtype) for name, split in evals.items()}
     background = -norm.mean / norm.std

@@ -68,19 +68,19 @@ def fit_to_width(parts: list[str], width: int) -> list[str]:
 
 
 def _until_the_reader_goes(method):
-    """``method`` of a Progress, after which a closed pipe or terminal ends the progress (the module's docstring)."""
+    """``method`` of a Progress, after which a closed pipe or terminal, or a full log, ends the progress (the module's
+    docstring)."""
 
     @functools.wraps(method)
     def guarded(self, *args, **kwargs):
         try:
             method(self, *args, **kwargs)
         except OSError as error:
-            if error.errno in LOG_FULL:
-                self._log_full()
-            elif error.errno in READER_GONE:
-                self._reader_gone()
-            else:
+            if error.errno not in READER_GONE + LOG_FULL:
                 raise
+            self._write_no_more()
+            if error.errno in READER_GONE:  # as SIGPIPE would, where a full log leaves the run going on
+                request_stop(BROKEN_PIPE)
 
     return guarded
 
@@ -152,16 +152,10 @@ class Progress:
         self.stream.write("\n".join(lines) + "\n")
         self.stream.flush()
 
-    def _reader_gone(self) -> None:
-        """Write no more; point the stream's file at /dev/null (where later messages and Python's flush at exit
-        go without failing again); and stop the run as SIGPIPE would."""
-        point_at_devnull(self.stream)
-        self.stream, self._bar = None, None
-        request_stop(BROKEN_PIPE)
-
-    def _log_full(self) -> None:
-        """Write no more where the log's disk is full: the run goes on (its files may lie on another disk; where
-        they do not, their own write fails and says so), as the command's summary on stdout will."""
+    def _write_no_more(self) -> None:
+        """Point the stream's file at /dev/null (where later messages and Python's flush at exit go without failing
+        again) and write no more progress: its reader went away, or its disk is full (the run's own files may lie
+        on another disk; where they do not, their write fails and says so)."""
         point_at_devnull(self.stream)
         self.stream, self._bar = None, None
 

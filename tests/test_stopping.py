@@ -307,16 +307,21 @@ def test_a_closed_progress_pipe_stops_xpcnn_train_with_a_checkpoint_and_status_1
 
 
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="a device that is always full")
-@pytest.mark.parametrize("command", [["info"], ["train", "--model", "seed", "--epochs", "1", "-q"]])
+@pytest.mark.parametrize(
+    "command",
+    [["info"], ["train", "--model", "seed", "--epochs", "1", "-q"], ["--help"], ["--version"], ["train", "--help"]],
+)
 def test_output_to_a_full_disk_is_one_line_and_exit_1(command, synthetic_dir, tmp_path):
     """> FILE on a full disk: the failure is the command's, one line and 1, not Python's at exit (120, with an
-    'Exception ignored' traceback); a run is saved all the same."""
-    if command[0] == "train":
+    'Exception ignored' traceback); a run is saved all the same.  Help and version text are written while the
+    arguments are parsed, before any command runs: the same."""
+    trains = command[0] == "train" and "--help" not in command
+    if trains:
         command += ["--data-dir", str(synthetic_dir), "--out", str(tmp_path / "run")]
     result = run_onto_a_full_disk(command, timeout=120)
     assert result.returncode == 1, result.stderr
     assert result.stderr.strip().splitlines() == ["Error: cannot write the output: No space left on device"]
-    if command[0] == "train":
+    if trains:
         assert load_checkpoint(tmp_path / "run").meta["state"]["epoch"] == 1
 
 

@@ -60,12 +60,12 @@ from ..training.tta import evaluate_tta
 from ..training.tta import views as test_time_views
 from . import export as exporting
 from . import plots
-from .exits import escape_unencodable_output, friendly_errors, tell, user_message
+from .exits import FriendlyGroup, escape_unencodable_output, friendly_errors, tell, user_message
 from .options import allow_other_data_option, augmentation_options, device_options
 from .report import evaluation_lines, train_notes
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=FriendlyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="xpcnn")
 def main():
     """xpcnn: train convolutional networks on handwritten digits, on NumPy, CuPy, PyTorch or JAX.

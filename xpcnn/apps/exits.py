@@ -75,6 +75,19 @@ def friendly_errors(command):
     return wrapper
 
 
+class FriendlyGroup(click.Group):
+    """A command group whose own output failing (``--help`` or ``--version`` onto a full disk, written while the
+    arguments are parsed, before any command's :func:`friendly_errors`) is one line and exit status 1."""
+
+    def main(self, *args, **kwargs):
+        try:
+            return super().main(*args, **kwargs)
+        except OSError as exc:  # a command's own are friendly_errors': this is click's output failing
+            point_at_devnull(sys.stdout)  # so that Python's flush at exit does not fail on it again
+            tell(f"Error: cannot write the output: {exc.strerror or exc}")
+            sys.exit(1)
+
+
 def _output_lost() -> bool:
     """Whether standard output cannot be written (a full disk, a device's error): it is then pointed at /dev/null,
     so that Python's flush at exit does not fail on it a second time."""

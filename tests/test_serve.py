@@ -163,7 +163,7 @@ def test_a_body_over_the_limit_is_refused_before_it_is_sent(server):
     ],
 )
 def test_missing_or_invalid_content_length(server, length_headers, expected_status, match):
-    head = "\r\n".join(["POST /predict HTTP/1.1", "Host: x", "Content-Type: image/png", *length_headers])
+    head = "\r\n".join(["POST /predict HTTP/1.1", "Host: localhost", "Content-Type: image/png", *length_headers])
     status, body = raw_exchange(server, (head + "\r\n\r\n").encode("latin-1") + b"abcd")
     assert_error(status, body, expected_status, match)
 
@@ -219,14 +219,14 @@ def test_wrong_methods_and_unknown_paths(server, method, path, expected_status, 
 
 
 def test_a_body_shorter_than_announced_is_refused(server):
-    head = b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\nContent-Length: 1000\r\n\r\n"
+    head = b"POST /predict HTTP/1.1\r\nHost: localhost\r\nContent-Type: image/png\r\nContent-Length: 1000\r\n\r\n"
     status, body = raw_exchange(server, head + b"\x89PNG", then=lambda sock: sock.shutdown(socket.SHUT_WR))
     assert_error(status, body, 400, "the body ended after 4 of 1,000 bytes")
 
 
 @pytest.mark.parametrize("trickle", [False, True], ids=["silent", "trickling"])
 def test_a_slow_client_is_cut_off_after_the_body_timeout(server, trickle):
-    head = b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\nContent-Length: 1000\r\n\r\n"
+    head = b"POST /predict HTTP/1.1\r\nHost: localhost\r\nContent-Type: image/png\r\nContent-Length: 1000\r\n\r\n"
 
     def send_slowly(sock):  # a byte every 0.2 s, so every read succeeds, until the server answers
         for _ in range(int(8 * BODY_TIMEOUT / 0.2) if trickle else 0):
@@ -382,7 +382,7 @@ def whole_answer(server, data: bytes, then=None) -> bytes:
     ],
 )
 def test_every_malformed_request_line_gets_a_4xx_with_a_status_line(server, line):
-    answer = whole_answer(server, line + b"\r\nHost: x\r\nContent-Length: 0\r\n\r\n")
+    answer = whole_answer(server, line + b"\r\nHost: localhost\r\nContent-Length: 0\r\n\r\n")
     head, _, body = answer.partition(b"\r\n\r\n")
     status_line = head.split(b"\r\n")[0]
     assert status_line.startswith(b"HTTP/1.1 4"), answer
@@ -397,7 +397,7 @@ def test_the_header_phase_has_a_deadline(server):
             sock.sendall(b"X-%d: y\r\n" % number)
 
     start = time.perf_counter()
-    answer = whole_answer(server, b"GET / HTTP/1.1\r\nHost: x\r\n", then=trickle_headers)
+    answer = whole_answer(server, b"GET / HTTP/1.1\r\nHost: localhost\r\n", then=trickle_headers)
     assert answer.startswith(b"HTTP/1.1 408"), answer
     assert time.perf_counter() - start < 3 * BODY_TIMEOUT
 
@@ -423,14 +423,14 @@ def test_a_trickled_request_line_is_cut_off_too(server):
     ],
 )
 def test_no_100_continue_before_a_body_that_is_refused(server, headers, status):
-    head = b"POST /predict HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n" + headers + b"\r\n"
+    head = b"POST /predict HTTP/1.1\r\nHost: localhost\r\nExpect: 100-continue\r\n" + headers + b"\r\n"
     answer = whole_answer(server, head)
     assert answer.startswith(b"HTTP/1.1 %d" % status) and b"100 Continue" not in answer, answer
 
 
 def test_100_continue_for_a_body_that_will_be_read(server):
     png = png_bytes(drawn_one())
-    head = b"POST /predict HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nConnection: close\r\n"
+    head = b"POST /predict HTTP/1.1\r\nHost: localhost\r\nExpect: 100-continue\r\nConnection: close\r\n"
     head += b"Content-Length: %d\r\n\r\n" % len(png)
 
     def continue_then_send(sock):
@@ -439,3 +439,31 @@ def test_100_continue_for_a_body_that_will_be_read(server):
 
     answer = whole_answer(server, head, then=continue_then_send)
     assert answer.startswith(b"HTTP/1.1 200"), answer
+
+
+@pytest.mark.parametrize(
+    "host, expected_status",
+    [
+        ("localhost", 200),
+        ("LOCALHOST:8000", 200),
+        ("127.0.0.1:8000", 200),
+        ("[::1]:8000", 200),
+        ("app.localhost", 200),
+        ("attacker.example:8000", 403),  # a page whose name now points at 127.0.0.1: DNS rebinding
+        ("127.0.0.1.attacker.example", 403),
+        ("[bad", 403),
+    ],
+)
+def test_a_server_on_loopback_answers_only_requests_for_a_local_name(server, host, expected_status):
+    status, _, answer = request(server, "GET", "/", headers={"Host": host})
+    assert status == expected_status, answer
+    if expected_status == 403:
+        assert set(answer) == {"error"} and "not this server" in answer["error"]
+    head = f"POST /predict HTTP/1.1\r\nHost: {host}\r\nExpect: 100-continue\r\nContent-Length: 10\r\n\r\n"
+    if expected_status == 403:  # refused before 100 Continue, so no body is sent
+        assert whole_answer(server, head.encode()).split(b"\r\n")[0] == b"HTTP/1.1 403 Forbidden"
+
+
+def test_more_than_one_host_header_is_a_bad_request(server):
+    status, body = raw_exchange(server, b"GET / HTTP/1.1\r\nHost: localhost\r\nHost: attacker.example\r\n\r\n")
+    assert_error(status, body, 400, "more than one Host")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import ipaddress
 import json
 import socket
 import sys
@@ -125,15 +126,42 @@ class Handler(BaseHTTPRequestHandler):
 
     def parse_request(self) -> bool:
         try:
-            return super().parse_request()
+            return super().parse_request() and self._host_allowed()
         except TimeoutError:
             self._send_json_error(
                 HTTPStatus.REQUEST_TIMEOUT, f"the request's headers did not arrive within {self.timeout:g} s"
             )
             return False
 
+    def _host_allowed(self) -> bool:
+        """Whether the request names this server in its Host header; else answer 400 (more than one) or 403.
+
+        A server on a loopback address answers only requests for an IP address, ``localhost`` or the name it
+        was given: a web page whose own name an attacker points at 127.0.0.1 (DNS rebinding) is refused.  A
+        server on another address (``--host 0.0.0.0``) was opened to the network, under any name.
+        """
+        hosts = self.headers.get_all("Host") or []
+        if len(hosts) > 1:
+            self._send_json_error(HTTPStatus.BAD_REQUEST, "more than one Host header")
+            return False
+        if not hosts or not self.server.loopback:
+            return True
+        try:
+            name = (urlsplit(f"//{hosts[0]}").hostname or "").rstrip(".")
+        except ValueError:
+            name = None
+        local = ("", "localhost", self.server.host_name)
+        if name is not None and (_ip_address(name) or name in local or name.endswith(".localhost")):
+            return True
+        self._send_json_error(
+            HTTPStatus.FORBIDDEN, f"Host {hosts[0][:200]!r} is not this server: ask for localhost or its address"
+        )
+        return False
+
     def handle_expect_100(self) -> bool:
         """Send ``100 Continue`` only for a body that will be read: a POST to /predict whose headers pass."""
+        if not self._host_allowed():
+            return False
         if self.command != "POST" or self._path() != "/predict":
             return True  # the final answer (404, 405) comes instead
         try:
@@ -280,7 +308,10 @@ class DigitServer(ThreadingHTTPServer):
         self.body_timeout = body_timeout
         self.page = resources.files("xpcnn.apps").joinpath("static/index.html").read_bytes()
         self.quiet = quiet
+        self.host_name = address[0].lower().rstrip(".")  # as given: a name, or an address
         super().__init__(address, Handler)
+        bound = _ip_address(self.server_address[0])
+        self.loopback = bound is not None and bound.is_loopback
 
     @property
     def url(self) -> str:
@@ -293,6 +324,14 @@ class DigitServer(ThreadingHTTPServer):
         if isinstance(sys.exc_info()[1], ConnectionError):
             return
         super().handle_error(request, client_address)
+
+
+def _ip_address(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """``text`` as an IP address (an IPv6 one with or without its zone), None where it is a name."""
+    try:
+        return ipaddress.ip_address(text.split("%")[0])
+    except ValueError:
+        return None
 
 
 def _host_name(host: str) -> bool:

@@ -159,6 +159,7 @@ CHECKPOINT_LIES = {
     "history-not-records": (lambda m, s, o: m["state"].update(history=[1]), "'state.history'"),
     "history-missing-keys": (lambda m, s, o: m["state"]["history"][0].pop("seconds"), "'state.history' record 1"),
     "class-name-on-two-lines": (lambda m, s, o: m["classes"].__setitem__(0, "zero\nError: fake"), "'classes'"),
+    "a-class-name-twice": (lambda m, s, o: m["classes"].__setitem__(1, m["classes"][0]), "'classes'"),
     "history-flag-for-number": (
         lambda m, s, o: m["state"]["history"][0].update(train_accuracy=True),
         "'state.history' record 1",
@@ -395,7 +396,11 @@ def test_a_closed_output_pipe_ends_the_command_quietly_with_141(run, tmp_path):
 def test_output_the_terminal_cannot_encode_is_escaped_not_a_traceback(run, tmp_path):
     target = tmp_path / "surrogate"
     target.mkdir()
-    rewrite(run, target / "checkpoint.npz", lambda m, s, o: m["classes"].__setitem__(slice(None), ["\ud800"] * 10))
+    rewrite(
+        run,
+        target / "checkpoint.npz",
+        lambda m, s, o: m["classes"].__setitem__(slice(None), [f"\ud800{k}" for k in range(10)]),
+    )
     picture = tmp_path / "digit.png"
     digit = np.zeros((28, 28), np.uint8)
     digit[6:22, 12:16] = 255

@@ -125,7 +125,7 @@ def test_confusion_perfect_long_names_and_bad_shape(tmp_path):
 
 def test_class_names_are_shown_literally_not_as_mathematics(tmp_path):
     needs_matplotlib()
-    names = ["$\\nope$", "$", "a$b$c", "plain"]  # malformed mathtext would fail the whole figure
+    names = ["$\\nope$", "$", "a$b$c", "\ud800"]  # malformed mathtext, or a lone surrogate, would fail the figure
     check_png(plot_confusion(np.diag([5, 4, 3, 2]) + 1, names, tmp_path / "confusion.png"))
     images = np.zeros((4, 28, 28), np.uint8)
     probabilities = np.full((4, 4), 0.25)

@@ -123,8 +123,10 @@ def _one_two_five(top: int) -> list[int]:
 
 def _literal(names: list[str]) -> list[str]:
     """Class names as matplotlib shows them literally: a checkpoint's "$x$" would be parsed as mathematics,
-    and malformed mathematics fails the whole figure."""
-    return [name.replace("$", r"\$") for name in names]
+    and malformed mathematics fails the whole figure; a lone surrogate, which no font renders and matplotlib
+    refuses, as its escape."""
+    escaped = (name.encode("utf-8", "backslashreplace").decode("utf-8") for name in names)
+    return [name.replace("$", r"\$") for name in escaped]
 
 
 def plot_confusion(

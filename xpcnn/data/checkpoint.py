@@ -238,8 +238,9 @@ def _check_meta(meta, path: Path) -> None:
     require(
         isinstance(classes, list)
         and classes
-        and all(isinstance(c, str) and c.splitlines() in ([], [c]) for c in classes),
-        "'classes' must be a non-empty list of names, each on one line",
+        and all(isinstance(c, str) and c.splitlines() in ([], [c]) for c in classes)
+        and len(set(classes)) == len(classes),
+        "'classes' must be a non-empty list of distinct names, each on one line",
     )
     if "data" in meta:  # absent from checkpoints written before runs recorded their data
         data = meta["data"]

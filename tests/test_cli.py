@@ -399,7 +399,7 @@ def test_recipe_sets_values_and_flags_override_it(synthetic_dir, tmp_path):
 def test_plots_from_train_and_evaluate(trained_run, synthetic_dir, tmp_path, restore_tf32):
     pytest.importorskip("matplotlib")
     run = tmp_path / "run"
-    options = ["--augment", "--elastic", "30", "--tf32", "--recalibrate-bn", "--plot"]
+    options = ["--model", "lenet-bn", "--augment", "--elastic", "30", "--tf32", "--recalibrate-bn", "--plot"]
     invoke("train", *FAST, *options, "--data-dir", synthetic_dir, "--out", run)
     config = json.loads((run / "config.json").read_text())
     chosen = [config[k] for k in ("augment", "elastic", "elastic_sigma", "tf32", "recalibrate_bn")]

@@ -16,7 +16,7 @@ from ..backends.backend import BACKEND_NAMES, cuda_problem
 from ..base.errors import ConfigError
 from ..data.augment import Augmentation
 from ..models import MODELS, build
-from ..nn import Dropout, Sequential
+from ..nn import BatchNorm1d, BatchNorm2d, Dropout, Sequential
 from ..optim import OPTIMIZERS, SGD, Adam, Optimizer
 from .schedules import SCHEDULES
 
@@ -118,11 +118,26 @@ class TrainConfig:
                 "dropout",
                 f"dropout {self.dropout} asked for, but model {self.model} has no dropout layer",
             ),
+            (
+                self.optimizer == "sgd" or self.momentum == TrainConfig.momentum,
+                "momentum",
+                f"momentum {self.momentum} is SGD's: {self.optimizer} has moment decays of its own",
+            ),
+            (
+                not self.recalibrate_bn or self.model not in MODELS or _has_batch_norm(self.model),
+                "recalibrate_bn",
+                f"batch-norm recalibration asked for, but model {self.model} has no batch-norm layer",
+            ),
             (0 <= self.ema < 1, "ema", f"ema must be a decay in [0, 1), got {self.ema}"),
             (
                 low <= self.elastic_sigma <= high,
                 "elastic_sigma",
                 f"elastic sigma must be in [{low:g}, {high:g}] pixels, got {self.elastic_sigma}",
+            ),
+            (
+                self.elastic > 0 or self.elastic_sigma == TrainConfig.elastic_sigma,
+                "elastic_sigma",
+                f"elastic sigma {self.elastic_sigma} given without an elastic distortion (--elastic ALPHA)",
             ),
         ]
         for ok, setting, message in checks:
@@ -165,6 +180,12 @@ def _dropout_layers(model: Sequential) -> list[Dropout]:
 def _has_dropout(name: str) -> bool:
     """Whether the named model has a dropout layer for a nonzero ``dropout`` setting to change."""
     return bool(_dropout_layers(build(name)))
+
+
+@functools.cache
+def _has_batch_norm(name: str) -> bool:
+    """Whether the named model has a batch-norm layer for ``recalibrate_bn`` to re-estimate."""
+    return any(isinstance(layer, BatchNorm1d | BatchNorm2d) for layer in build(name).modules())
 
 
 def make_optimizer(config: TrainConfig, model: Sequential) -> Optimizer:

@@ -132,7 +132,7 @@ def test_an_ensemble_of_one_model_with_itself_is_that_model(trained_run):
 def test_an_ensemble_needs_models_of_one_dataset(trained_run, synthetic_dir, tmp_path):
     other = tmp_path / "fashion"  # the same files under another dataset's name: other classes
     invoke("train", *FAST, "--dataset", "fashion-mnist", "--data-dir", synthetic_dir, "--out", other)
-    result = invoke("evaluate", trained_run, "--ensemble", other, expect=2)
+    result = invoke("evaluate", trained_run, "--ensemble", other, expect=1)
     assert_one_line_error(result, r"fashion.*checkpoint.npz: trained on fashion-mnist, not on mnist as .* was")
     (tmp_path / "junk.npz").write_bytes(b"not a zip")
     result = invoke("evaluate", trained_run, "--ensemble", tmp_path / "junk.npz", expect=1)  # as for RUN itself
@@ -515,3 +515,27 @@ def test_xpcnn_debug_shows_the_traceback_of_a_user_error(tmp_path):
     assert "Traceback" not in quiet.output
     loud = CliRunner().invoke(main, ["evaluate", str(tmp_path)], env={"XPCNN_DEBUG": "1"})
     assert loud.exit_code == 1 and "Traceback" in loud.output and "CheckpointError" in loud.output
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["train", "--out", ""],
+        ["train", "--data-dir", ""],
+        ["evaluate", ".", "--data-dir", ""],
+        ["export", ".", "--output", ""],
+        ["bench", "--output", ""],
+    ],
+)
+def test_an_empty_path_is_refused_not_taken_for_here_or_for_none(args, tmp_path, monkeypatch):
+    """``--out "$RUN"`` with RUN unset trained into the current directory; an empty --output or --data-dir was
+    taken for one not given."""
+    monkeypatch.chdir(tmp_path)
+    result = invoke(*args, expect=2)
+    assert "an empty path names nothing" in result.output and list(tmp_path.iterdir()) == []
+
+
+def test_a_run_that_fails_before_writing_leaves_no_folders_it_made(synthetic_dir, tmp_path):
+    out = tmp_path / "a" / "b" / "run"
+    result = invoke("train", *FAST, "--validation", 10**6, "--data-dir", synthetic_dir, "--out", out, expect=1)
+    assert "--validation" in result.output and list(tmp_path.iterdir()) == []

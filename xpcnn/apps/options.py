@@ -7,6 +7,17 @@ import click
 from ..backends.backend import BACKEND_NAMES
 from ..training.config import ELASTIC_SIGMA, MAX_CROP, MAX_ELASTIC, TrainConfig
 
+
+class NonEmptyPath(click.Path):
+    """A path option that refuses an empty value: ``--out "$UNSET"`` would name the current directory, and an
+    empty ``--data-dir`` or ``--output`` would be taken for one not given."""
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, str | bytes) and not value:
+            self.fail("an empty path names nothing", param, ctx)
+        return super().convert(value, param, ctx)
+
+
 allow_other_data_option = click.option(
     "--allow-other-data",
     is_flag=True,

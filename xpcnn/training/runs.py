@@ -366,7 +366,8 @@ def train_run(
 ) -> RunState:
     """Train ``config`` on ``dataset`` (an :class:`xpcnn.data.data.Dataset`) into the run directory ``out``.
 
-    The directory is created if need be and claimed for the whole run (:func:`files.locked_directory`,
+    The directory is created if need be (and removed again, with the parents it needed, where the run stops
+    before it writes anything) and claimed for the whole run (:func:`files.locked_directory`,
     :func:`claim_run_dir`): a second run into it is refused at once, and files xpcnn did not write are
     never overwritten.  ``resume`` continues the run of that checkpoint.  Of several ranks
     (``communicator``) only rank 0 claims and writes ``out``.  ``options``: see :func:`_train_in`.
@@ -374,11 +375,15 @@ def train_run(
     out = Path(out)
     if not (communicator or Local()).is_root:
         return _train_in(config, backend, dataset, out, resume=resume, communicator=communicator, **options)
+    made = [path for path in (out, *out.parents) if not path.exists()]  # removed again if the run writes nothing
     out.mkdir(parents=True, exist_ok=True)
-    with locked_directory(out):
-        claim_run_dir(out, resume)
-        remove_temporaries(out, RUN_FILES)
-        return _train_in(config, backend, dataset, out, resume=resume, communicator=communicator, **options)
+    try:
+        with locked_directory(out):
+            claim_run_dir(out, resume)
+            remove_temporaries(out, RUN_FILES)
+            return _train_in(config, backend, dataset, out, resume=resume, communicator=communicator, **options)
+    finally:
+        remove_if_empty(*made)
 
 
 def _train_in(

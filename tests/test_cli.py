@@ -291,6 +291,9 @@ def test_nan_loss_exits_with_a_clear_message(synthetic_dir, tmp_path):
         r"loss became (nan|inf) at epoch 1, step \d+; no checkpoint was written; "
         r"start a new run with a --lr below 1e\+30$",
     )
+    args = ["--weight-decay", "1e308", "--out", tmp_path / "decayed"]  # the decay alone blows the weights up
+    result = invoke("train", "--model", "seed", "--device", "cpu", *args, "--data-dir", synthetic_dir, expect=1)
+    assert_one_line_error(result, r"; start a new run with a --weight-decay below 20$")
 
 
 @pytest.mark.parametrize(

@@ -483,6 +483,10 @@ def _train_in(
                 if state.epoch
                 else "no checkpoint was written"
             )
-            # A resumed run keeps its learning rate: the way out is a new run with a lower one.
-            raise TrainingDiverged(f"{exc}; {kept}; start a new run with a --lr below {config.lr:g}") from None
+            # A resumed run keeps its learning rate: the way out is a new run with a lower one.  A weight decay
+            # with lr * decay >= 1 overshoots zero at every step by itself (an unusual decay of 1 or more).
+            remedy = f"a --lr below {config.lr:g}"
+            if config.weight_decay >= 1 and config.lr * config.weight_decay >= 1:
+                remedy = f"a --weight-decay below {1 / config.lr:g}"
+            raise TrainingDiverged(f"{exc}; {kept}; start a new run with {remedy}") from None
     return state

@@ -542,3 +542,15 @@ def test_a_run_that_fails_before_writing_leaves_no_folders_it_made(synthetic_dir
     out = tmp_path / "a" / "b" / "run"
     result = invoke("train", *FAST, "--validation", 10**6, "--data-dir", synthetic_dir, "--out", out, expect=1)
     assert "--validation" in result.output and list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "environ, expected",
+    [
+        ({"RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}, "leave it out under"),
+        ({"RANK": "0", "WORLD_SIZE": "2"}, "unset the launcher variables left here"),  # not torchrun's own advice
+    ],
+)
+def test_nproc_under_a_launchers_variables_is_refused_for_what_it_is(environ, expected, tmp_path):
+    result = invoke("train", "--nproc", 2, "--out", tmp_path / "run", env=environ, expect=2)
+    assert "--nproc starts its own ranks" in result.output and expected in result.output

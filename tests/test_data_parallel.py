@@ -20,9 +20,12 @@ import pytest
 pytest.importorskip("torch.distributed")
 
 from dp_worker import train  # noqa: E402 - after the skip
+from helpers import write_synthetic_mnist  # noqa: E402
 
 from xpcnn.backends.distributed import Local  # noqa: E402
+from xpcnn.base.files import locked_directory  # noqa: E402
 from xpcnn.data.checkpoint import load_checkpoint  # noqa: E402
+from xpcnn.training.schedules import scheduled_lr  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKER = Path(__file__).resolve().parent / "dp_worker.py"
@@ -125,6 +128,53 @@ def test_a_batch_that_does_not_split_over_the_ranks_is_refused_before_any_rank_s
         "Error: --batch-size: a global batch of 63 does not split evenly over 2 ranks"
     )
     assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize(
+    "fault, expected",
+    [
+        ("file-in-the-way", "afile/run: Not a directory"),
+        ("run-in-use", "run is in use by another xpcnn run"),
+        ("bad-timeout", "XPCNN_DIST_TIMEOUT must be a number of seconds"),
+    ],
+)
+def test_what_every_rank_would_refuse_is_refused_once_before_they_start(tmp_path, data_dir, fault, expected):
+    """Before, each rank said it, and the others that rank 0's failure stopped said a broadcast failed."""
+    (tmp_path / "afile").write_text("")
+    out = tmp_path / ("afile/run" if fault == "file-in-the-way" else "run")
+    if fault == "run-in-use":
+        out.mkdir()
+    environ = {"XPCNN_DIST_TIMEOUT": "0"} if fault == "bad-timeout" else None
+    with locked_directory(out) if fault == "run-in-use" else contextlib.nullcontext():
+        result = run(xpcnn("train", "--data-dir", data_dir, "--out", out, "--nproc", 2), environ=environ)
+    assert result.returncode == 1 and result.stdout == ""
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and expected in lines[0], result.stderr
+
+
+def test_a_run_resumed_on_another_number_of_ranks_keeps_its_place_in_the_schedule(tmp_path):
+    """65 images in batches of 64: one process takes 2 steps an epoch, two ranks 1 (the short batch has fewer
+    images than ranks). The schedule went by the steps taken, so the resumed epochs ran past its end at lr 0."""
+    data = write_synthetic_mnist(tmp_path / "data", n_train=65, n_test=20)
+    out = tmp_path / "run"
+    common = ["--data-dir", data, "--model", "lenet", "--device", "cpu", "--schedule", "cosine", "-q"]
+    assert run(xpcnn("train", *common, "--epochs", 2, "--out", out)).returncode == 0
+    resumed = run(xpcnn("train", "--resume", out, "--epochs", 4, "--nproc", 2, "-q"))
+    assert resumed.returncode == 0, resumed.stderr
+    lrs = [record["lr"] for record in load_checkpoint(out).meta["state"]["history"]]
+    assert lrs[2:] == pytest.approx([scheduled_lr("cosine", 0.05, epoch, 4) for epoch in (2, 3)], rel=1e-12)
+    assert min(lrs) > 0
+
+
+def test_an_eager_jax_run_resumes_compiled_on_two_ranks(tmp_path, data_dir):
+    """The ranks read the run's --eager from its checkpoint, as one process does, and refused to run eagerly."""
+    pytest.importorskip("jax")
+    out = tmp_path / "run"
+    common = ["--data-dir", data_dir, "--model", "lenet", "--backend", "jax", "--device", "cpu", "-q"]
+    assert run(xpcnn("train", *common, "--eager", "--out", out)).returncode == 0
+    resumed = run(xpcnn("train", "--resume", out, "--epochs", 2, "--nproc", 2, "-q"))
+    assert resumed.returncode == 0, resumed.stderr
+    assert load_checkpoint(out).meta["state"]["epoch"] == 2
 
 
 # ---------------------------------------------------------------- faults

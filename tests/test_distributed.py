@@ -159,6 +159,14 @@ def test_fewer_training_images_than_ranks_is_a_config_error():
         )
 
 
+def test_a_rendezvous_file_in_a_missing_folder_is_refused_at_once(tmp_path):
+    """torch's file store waited 300 s for the folder (an unmounted shared filesystem), deaf to SIGTERM."""
+    pytest.importorskip("torch.distributed")
+    placement = D.Placement(0, 2, (tmp_path / "unmounted" / "rendezvous").as_uri(), "mpiexec (Open MPI)")
+    with pytest.raises(D.DistributedError, match="unmounted is not a directory here"):
+        D.TorchCommunicator(placement, timeout=2)
+
+
 def test_several_ranks_on_a_backend_without_collectives_are_refused(monkeypatch):
     monkeypatch.setenv("XPCNN_RANK", "0")
     monkeypatch.setenv("XPCNN_WORLD_SIZE", "2")

@@ -185,7 +185,12 @@ def train(
     **options,
 ):
     """Train a model, saving config, history and checkpoints to a run directory."""
-    placement = rank_from_environment()
+    try:
+        placement = rank_from_environment()
+    except XpcnnError:
+        if nproc and nproc > 1:  # a launcher's variables left in the shell: their advice would not help --nproc
+            raise click.UsageError("--nproc starts its own ranks: unset the launcher variables left here") from None
+        raise
     if placement.launcher == "xpcnn":
         from .launch import end_with_launcher
 
@@ -237,12 +242,13 @@ def train(
     if not (nproc and nproc > 1):
         prepare(backend)  # JAX's ranks meet before JAX does anything
     chosen = get_backend(backend, device)
-    if checkpoint and chosen.name == "jax" and not (nproc and nproc > 1):  # an --eager run continues exactly
-        eager = eager or ran_eagerly(out)
+    if checkpoint and chosen.name == "jax" and not (nproc and nproc > 1) and placement.world_size == 1:
+        eager = eager or ran_eagerly(out)  # an --eager run continues exactly; several ranks run compiled
     if nproc and nproc > 1:
         from ..backends.distributed import check_batch_size
-        from .launch import child_arguments, launch
+        from .launch import check_before_ranks, child_arguments, launch
 
+        check_before_ranks(out)
         check_backend(chosen, nproc)
         check_batch_size(config.batch_size, nproc)
         if eager and chosen.name == "jax":  # here once, not by each rank after loading the data

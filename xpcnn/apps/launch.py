@@ -16,6 +16,7 @@ launcher is killed outright.
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
 import signal
 import socket
@@ -26,6 +27,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..backends.distributed import timeout_seconds
+from ..base.errors import XpcnnError
+from ..base.files import locked_directory
 from .exits import EXIT_BROKEN_PIPE, EXIT_INTERRUPTED, EXIT_TERMINATED
 
 GRACE = 5.0  # seconds the other ranks get to end by themselves after one failed
@@ -35,6 +39,18 @@ STOPPED = (EXIT_INTERRUPTED, EXIT_BROKEN_PIPE, EXIT_TERMINATED)
 PASSED_ON = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)  # to every rank, as they came
 LAUNCHER_PID = "XPCNN_LAUNCHER_PID"  # in each rank's environment: the launcher's process id
 PR_SET_PDEATHSIG = 1  # from linux/prctl.h
+
+
+def check_before_ranks(out: Path) -> None:
+    """What every rank would otherwise refuse a line apiece, once before they start: ``XPCNN_DIST_TIMEOUT``, and
+    ``out`` (XpcnnError where rank 0 could not make it, a file in its way, or claim it, another run holding it)."""
+    timeout_seconds()
+    existing = next(path for path in (out, *out.parents) if os.path.lexists(path))
+    if not existing.is_dir():
+        raise XpcnnError(f"{out}: {os.strerror(errno.ENOTDIR)}")
+    if existing == out:
+        with locked_directory(out):  # DirectoryBusyError now; rank 0 claims it again for the whole run
+            pass
 
 
 def free_port() -> int:

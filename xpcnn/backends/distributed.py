@@ -177,6 +177,12 @@ class TorchCommunicator(Communicator):
             raise DistributedError(f"this torch build has no torch.distributed: {INSTALL}")
         self._torch, self._dist = torch, dist
         self.rank, self.world_size, self.timeout = placement.rank, placement.world_size, timeout
+        stale = ""
+        if placement.init_method.startswith("file://"):
+            folder = os.path.dirname(placement.init_method.removeprefix("file://"))
+            if not os.path.isdir(folder):  # torch's file store would wait its own 300 s for it, deaf to signals
+                raise DistributedError(f"XPCNN_RENDEZVOUS: {folder} is not a directory here (not mounted?)")
+            stale = "; a file left by a killed run stops every later run that names it: remove it first"
         try:
             dist.init_process_group(
                 "gloo",
@@ -188,7 +194,7 @@ class TorchCommunicator(Communicator):
         except (RuntimeError, ValueError) as exc:
             raise RankLost(
                 f"rank {self.rank}: the {self.world_size} ranks did not all meet within {timeout:g} s "
-                f"at {placement.init_method}: {_first_line(exc)}"
+                f"at {placement.init_method}: {_first_line(exc)}{stale}"
             ) from None
 
     def _tensor(self, array):

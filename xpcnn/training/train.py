@@ -254,9 +254,9 @@ class Trainer:
         # last batch, or every batch where step callbacks want each loss, runs as one step.
         in_programs = self.epoch_programs and not self._step_callbacks
         full_steps = usable // cfg.batch_size if in_programs else 0
-        epoch_lrs = [
-            scheduled_lr(cfg.schedule, cfg.lr, state.global_step - state.step + s, total_steps) for s in range(steps)
-        ]
+        # The schedule's position from the epoch, not from the steps taken: a run resumed on another number of
+        # ranks may have another number of steps an epoch (a short last batch dropped), yet is as far along.
+        epoch_lrs = [scheduled_lr(cfg.schedule, cfg.lr, epoch * steps + s, total_steps) for s in range(steps)]
         lrs = self.step_runner.learning_rates(epoch_lrs) if state.step < full_steps else None
         step = state.step
         while step < steps:

@@ -25,6 +25,7 @@ from xpcnn.training.config import (
     MAX_CROP,
     RECIPES,
     TrainConfig,
+    flag,
     make_augmentation,
     make_model,
     recipe_backend,
@@ -114,21 +115,24 @@ def test_dropout_defaults_to_the_models_own_and_sets_every_dropout_layer_when_na
 
 
 @pytest.mark.parametrize(
-    "settings, setting, message",
+    "settings, flags, message",
     [
-        ({"model": "lenet", "recalibrate_bn": True}, "recalibrate_bn", "model lenet has no batch-norm layer"),
-        ({"optimizer": "adam", "momentum": 0.5}, "momentum", "momentum 0.5 is SGD's: adam has moment decays"),
-        ({"optimizer": "adamw", "momentum": 0.0}, "momentum", "momentum 0.0 is SGD's"),
-        ({"elastic_sigma": 8.0}, "elastic_sigma", "elastic sigma 8.0 given without an elastic distortion"),
+        ({"model": "lenet", "recalibrate_bn": True}, ["--model", "lenet", "--recalibrate-bn"], "model lenet has no"),
+        ({"optimizer": "adam", "momentum": 0.5}, ["--optimizer", "adam", "--momentum", "0.5"], "is SGD's: adam has"),
+        ({"optimizer": "adamw", "momentum": 0.0}, ["--optimizer", "adamw", "--momentum", "0"], "momentum 0.0 is SGD's"),
+        ({"elastic_sigma": 8.0}, ["--elastic-sigma", "8"], "elastic sigma 8.0 given without an elastic distortion"),
     ],
 )
-def test_settings_that_would_change_nothing_are_refused(settings, setting, message):
+def test_settings_that_would_change_nothing_are_refused_for_a_new_run(settings, flags, message):
     """A setting the run cannot use is a mistake to say, not to drop: the weights would be those without it (and
     the history claimed a recalibration that never ran)."""
+    config = TrainConfig(**settings)  # a checkpoint of a run that gave it before is still read
     with pytest.raises(ConfigError, match=message) as error:
-        TrainConfig(**settings)
-    assert error.value.setting == setting
-    TrainConfig(**{**settings, "model": "lenet-bn", "optimizer": "sgd", "elastic": 12.0})  # where they do work
+        config.check_every_setting_used()
+    TrainConfig(**{**settings, "model": "lenet-bn", "optimizer": "sgd", "elastic": 12.0}).check_every_setting_used()
+    result = run_cli("train", *flags, "--device", "cpu")
+    assert result.exit_code == 1, result.output
+    assert error_lines(result) == [f"Error: {flag(error.value.setting)}: {error.value}"], result.output
 
 
 def test_fit_trains_with_the_dropout_setting_as_with_the_layers_set_by_hand():
@@ -343,9 +347,7 @@ def test_every_recipe_candidate_builds_a_ten_class_model_and_unknown_names_are_r
     for recipe, candidates in script.CANDIDATES.items():
         for name, (builder, settings) in candidates.items():
             assert builder(0).forward(images).shape == (2, 10), (recipe, name)
-            settings = {**script.FASHION, **settings} if recipe == "fashion" else dict(settings)
-            settings.pop("recalibrate_bn", None)  # the script recalibrates its own models, not a named one
-            TrainConfig.from_dict(settings)
+            TrainConfig.from_dict({**script.FASHION, **settings} if recipe == "fashion" else settings)
     result = subprocess.run(
         [sys.executable, str(path), str(tmp_path), "quick", "lenet-bn", "resnet-9000"], capture_output=True, text=True
     )

@@ -224,6 +224,7 @@ def train(
         if recipe_name:
             options.update({k: v for k, v in recipe(recipe_name).items() if k not in given})
         config = TrainConfig.from_dict(options)
+        config.check_every_setting_used()
         if out is None:
             made = () if RUNS_ROOT.exists() else (RUNS_ROOT,)  # removed with the run's own if the run fails first
             out = default_run_dir(config)

@@ -118,6 +118,23 @@ class TrainConfig:
                 "dropout",
                 f"dropout {self.dropout} asked for, but model {self.model} has no dropout layer",
             ),
+            (0 <= self.ema < 1, "ema", f"ema must be a decay in [0, 1), got {self.ema}"),
+            (
+                low <= self.elastic_sigma <= high,
+                "elastic_sigma",
+                f"elastic sigma must be in [{low:g}, {high:g}] pixels, got {self.elastic_sigma}",
+            ),
+        ]
+        for ok, setting, message in checks:
+            if not ok:
+                raise ConfigError(message, setting)
+
+    def check_every_setting_used(self) -> None:
+        """ConfigError for a setting a new run would drop: its weights would come out as without it.
+
+        Not made part of every config's check: checkpoints of runs that gave such settings before are still read.
+        """
+        unused = [
             (
                 self.optimizer == "sgd" or self.momentum == TrainConfig.momentum,
                 "momentum",
@@ -128,19 +145,13 @@ class TrainConfig:
                 "recalibrate_bn",
                 f"batch-norm recalibration asked for, but model {self.model} has no batch-norm layer",
             ),
-            (0 <= self.ema < 1, "ema", f"ema must be a decay in [0, 1), got {self.ema}"),
-            (
-                low <= self.elastic_sigma <= high,
-                "elastic_sigma",
-                f"elastic sigma must be in [{low:g}, {high:g}] pixels, got {self.elastic_sigma}",
-            ),
             (
                 self.elastic > 0 or self.elastic_sigma == TrainConfig.elastic_sigma,
                 "elastic_sigma",
                 f"elastic sigma {self.elastic_sigma} given without an elastic distortion (--elastic ALPHA)",
             ),
         ]
-        for ok, setting, message in checks:
+        for ok, setting, message in unused:
             if not ok:
                 raise ConfigError(message, setting)
 

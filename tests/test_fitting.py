@@ -183,6 +183,18 @@ def test_bad_settings_are_config_errors():
         xpcnn.fit("seed", (IMAGES, LABELS), optimizer=xpcnn.optim.SGD(models.build("seed")))
 
 
+def test_settings_fit_would_drop_are_refused_for_the_model_it_is_given():
+    with pytest.raises(ConfigError, match="momentum 0.5 is SGD's") as error:
+        xpcnn.fit("seed", (IMAGES, LABELS), optimizer="adam", momentum=0.5)
+    assert error.value.setting == "momentum"
+    plain = nn.Sequential(nn.Flatten(), nn.Linear(784, 10))
+    with pytest.raises(ConfigError, match="has no batch-norm layer"):
+        xpcnn.fit(plain, (IMAGES, LABELS), recalibrate_bn=True)
+    normed = nn.Sequential(nn.Flatten(), nn.Linear(784, 10), nn.BatchNorm1d(10))  # its own, under no model's name
+    history = xpcnn.fit(normed, (IMAGES, LABELS), recalibrate_bn=True, backend="numpy")
+    assert history.records[-1]["bn_recalibrated"]
+
+
 def test_an_optimiser_given_to_fit_trains_at_its_own_lr_and_the_history_records_it(tmp_path):
     images, labels = blobs()
     model = models.build("seed", seed=0)

@@ -129,11 +129,16 @@ class TrainConfig:
             if not ok:
                 raise ConfigError(message, setting)
 
-    def check_every_setting_used(self) -> None:
-        """ConfigError for a setting a new run would drop: its weights would come out as without it.
+    def check_every_setting_used(self, model: Sequential | None = None) -> None:
+        """ConfigError for a setting a new run of ``model`` (default: the named one) would drop: its weights would
+        come out as without it.
 
         Not made part of every config's check: checkpoints of runs that gave such settings before are still read.
         """
+        if model is None:
+            batch_norm = self.model not in MODELS or _has_batch_norm(self.model)
+        else:
+            batch_norm = _batch_norm_in(model)
         unused = [
             (
                 self.optimizer == "sgd" or self.momentum == TrainConfig.momentum,
@@ -141,7 +146,7 @@ class TrainConfig:
                 f"momentum {self.momentum} is SGD's: {self.optimizer} has moment decays of its own",
             ),
             (
-                not self.recalibrate_bn or self.model not in MODELS or _has_batch_norm(self.model),
+                not self.recalibrate_bn or batch_norm,
                 "recalibrate_bn",
                 f"batch-norm recalibration asked for, but model {self.model} has no batch-norm layer",
             ),
@@ -196,7 +201,11 @@ def _has_dropout(name: str) -> bool:
 @functools.cache
 def _has_batch_norm(name: str) -> bool:
     """Whether the named model has a batch-norm layer for ``recalibrate_bn`` to re-estimate."""
-    return any(isinstance(layer, BatchNorm1d | BatchNorm2d) for layer in build(name).modules())
+    return _batch_norm_in(build(name))
+
+
+def _batch_norm_in(model: Sequential) -> bool:
+    return any(isinstance(layer, BatchNorm1d | BatchNorm2d) for layer in model.modules())
 
 
 def make_optimizer(config: TrainConfig, model: Sequential) -> Optimizer:

@@ -349,3 +349,18 @@ def test_a_signal_after_an_all_reduce_waits_for_the_next_so_that_no_rank_stops_a
     with pytest.raises(train.TrainingInterrupted, match="stopped by Ctrl-C"):
         trainer.fit(split, {})
     assert communicator.wishes == [False, False, False, True], communicator.wishes
+
+
+def test_augmentation_fills_in_the_background_of_light_images_too():
+    """Dark ink on white (a mean above 1/2): shifts, crops and erasing fill in white, not MNIST's black."""
+    assert device_data.Normalization(0.13, 0.31).background == pytest.approx(-0.13 / 0.31)
+    assert device_data.Normalization(0.87, 0.31).background == pytest.approx(0.13 / 0.31)
+    numpy = get_backend("numpy")
+    config = TrainConfig(model="seed", batch_size=4, crop=3, erase=1.0)
+    model = models.build("seed")
+    white = (np.full((4, 28, 28), 255, np.uint8), np.zeros(4, np.uint8))
+    norm = device_data.Normalization(0.9, 0.2)
+    trainer, split, _ = train.start_training(model, make_optimizer(config, model), numpy, config, norm, white, {})
+    images, _ = next(iter(split.batches(4)))
+    augmented = make_augmentation(config)(images, numpy.generator(0, 0, 0), fill=trainer.background)
+    assert np.allclose(numpy.to_host(augmented), (1 - 0.9) / 0.2)  # white everywhere, crops and rectangles too

@@ -354,7 +354,7 @@ def evaluate(run, data_dir, device, backend, as_json, plot, tta, members, allow_
             raise NonFiniteOutputs(str(checkpoint.path))
         probabilities = predict_probabilities(model, split.images) if plot or others else None
         views = test_time_views(flip=config.flip)
-        augmented = evaluate_tta(model, split, chosen, views, fill=-norm.mean / norm.std) if tta else None
+        augmented = evaluate_tta(model, split, chosen, views, fill=norm.background) if tta else None
         if others:  # this model's probabilities are in hand: the others' join them
             trained = [model_from_checkpoint(other, chosen) for other in others]
             ensembled = evaluate_ensemble(trained, dataset.test_images, dataset.test_labels, chosen, [probabilities])

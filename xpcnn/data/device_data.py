@@ -31,6 +31,18 @@ class Normalization:
                 f"got mean {mean!r}, std {std!r}"
             )
 
+    @property
+    def light_background(self) -> bool:
+        """Whether the images are dark ink on a light background (mostly light: a mean above 1/2), not MNIST's
+        light ink on black."""
+        return self.mean > 0.5
+
+    @property
+    def background(self) -> float:
+        """A blank pixel after normalisation (black, or white on a light background): what augmentation's
+        shifts, crops and erasing fill in."""
+        return ((1.0 if self.light_background else 0.0) - self.mean) / self.std
+
     @classmethod
     def of(cls, images: np.ndarray) -> Normalization:
         """Mean and standard deviation of training images, uint8 (0..255) or floats in [0, 1], in [0, 1] units.

@@ -404,9 +404,8 @@ def start_training(
     dtype = input_dtype(model)
     train_split = DeviceSplit.from_host(backend, *train, norm, dtype)
     eval_splits = {name: DeviceSplit.from_host(backend, *split, norm, dtype) for name, split in evals.items()}
-    background = -norm.mean / norm.std
     trainer = Trainer(
-        model, optimizer, backend, config, progress, background, callbacks, eager, communicator, epoch_program
+        model, optimizer, backend, config, progress, norm.background, callbacks, eager, communicator, epoch_program
     )
     return trainer, train_split, eval_splits
 

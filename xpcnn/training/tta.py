@@ -58,7 +58,7 @@ def evaluate_tta(
 ) -> EvalResult:
     """Mean loss and accuracy of ``model`` (evaluation mode) on ``split`` with the softmax averaged over ``views``.
 
-    ``fill`` is a blank pixel's value after normalisation (``-mean / std``).  The loss is
+    ``fill`` is a blank pixel's value after normalisation (``Normalization.background``).  The loss is
     ``mean(-log(mean over views of p(true class)))``; the views' probabilities are summed in float64 on the host.
     """
     if not views:

@@ -554,3 +554,33 @@ def test_a_run_that_fails_before_writing_leaves_no_folders_it_made(synthetic_dir
 def test_nproc_under_a_launchers_variables_is_refused_for_what_it_is(environ, expected, tmp_path):
     result = invoke("train", "--nproc", 2, "--out", tmp_path / "run", env=environ, expect=2)
     assert "--nproc starts its own ranks" in result.output and expected in result.output
+
+
+def test_predict_frames_a_picture_as_the_runs_own_images(trained_run, synthetic_dir, tmp_path):
+    """A Fashion-MNIST run's pictures are framed as clothing (filling the 28 px), a digit run's as MNIST's digits,
+    and a run on dark ink on light gets them so; predict's answer is the model's on the picture so prepared."""
+    from xpcnn.apps.serve import DigitReader
+    from xpcnn.backends.backend import get_backend
+    from xpcnn.data.checkpoint import load_checkpoint
+    from xpcnn.data.device_data import normalize_images
+    from xpcnn.data.images import CLOTHING, DIGITS, load_image
+    from xpcnn.training.runs import model_from_checkpoint, picture_framing
+    from xpcnn.training.train import predict_probabilities
+
+    clothing = tmp_path / "fashion"
+    invoke("train", *FAST, "--dataset", "fashion-mnist", "--data-dir", synthetic_dir, "--out", clothing)
+    assert picture_framing(load_checkpoint(clothing)) == CLOTHING
+    digits = load_checkpoint(trained_run)
+    assert picture_framing(digits) == DIGITS
+    digits.meta["normalization"]["mean"] = 0.8
+    assert picture_framing(digits).light_background
+    picture = np.zeros((28, 28), np.uint8)
+    picture[2:26, 8:20] = 200
+    Image.fromarray(picture).save(tmp_path / "item.png")
+    answer = json.loads(invoke("predict", clothing, tmp_path / "item.png", "--json", "--top-k", 10).output)[0]
+    numpy = get_backend("numpy")
+    model, norm = model_from_checkpoint(load_checkpoint(clothing), numpy)
+    prepared = load_image(tmp_path / "item.png", CLOTHING)[None, None]
+    expected = predict_probabilities(model, normalize_images(numpy, prepared, norm))[0]
+    assert [row["probability"] for row in answer["top"]] == pytest.approx(sorted(expected, reverse=True), abs=1e-6)
+    assert DigitReader(load_checkpoint(clothing), numpy).framing == CLOTHING  # serve's pictures alike

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from xpcnn.data.images import ImageError, decode_picture, load_image, load_images
+from xpcnn.data.images import CLOTHING, DIGITS, ImageError, decode_picture, framing_for, load_image, load_images
 
 # ---------------------------------------------------------------- drawing helpers
 
@@ -257,6 +257,44 @@ def test_light_background_28x28_npy_is_inverted_and_centred(tmp_path):
     np.save(path, 255 - mnist_like_array())
     a = load_image(path)
     assert_mnist_like(a)
+
+
+def garment():
+    """A 28x28 uint8 shirt-like shape on black that fills the frame's height, as Fashion-MNIST's items do."""
+    a = np.zeros((28, 28), dtype=np.uint8)
+    a[0:28, 6:22] = np.linspace(60, 220, 16).astype(np.uint8)  # the body, shaded
+    a[2:12, 2:6] = a[2:12, 22:26] = 140  # the sleeves
+    return a
+
+
+def test_clothing_is_trimmed_to_fill_the_frame_and_centred_by_its_box_as_fashion_mnist_was(tmp_path):
+    """A dataset's own image, saved as a PNG, comes back as it was (up to the brightest being 1); the digits'
+    framing would shrink it to 20 px and move it by its centre of mass."""
+    item = garment()
+    Image.fromarray(item).save(tmp_path / "shirt.png")
+    as_clothing = load_image(tmp_path / "shirt.png", CLOTHING)
+    np.testing.assert_allclose(as_clothing, item / item.max(), atol=1e-6)
+    as_digit = load_image(tmp_path / "shirt.png", DIGITS)
+    assert max(ink_box(as_digit)) in (19, 20)
+    photo = Image.new("L", (300, 200), 255)  # the same item, dark on white, smaller and off-centre
+    photo.paste(Image.fromarray(255 - item).resize((84, 84), Image.Resampling.NEAREST), (20, 30))
+    taken = load_image(save(photo, tmp_path, "photo.png"), CLOTHING)
+    rows, cols = np.nonzero(taken > 0.05)
+    assert (rows.min(), rows.max()) == (0, 27) and abs((cols.min() + cols.max()) / 2 - 13.5) <= 0.5
+    assert np.abs(taken - item / item.max()).mean() < 0.03
+
+
+def test_a_model_of_dark_ink_on_light_gets_pictures_so(tmp_path, reference):
+    """A model trained on white-background images: pictures come out inverted, and its own 28x28 .npy images
+    (light background) are taken as they are."""
+    light = framing_for("mnist", light_background=True)
+    assert light == DIGITS.__class__(light_background=True) and framing_for("fashion-mnist") == CLOTHING
+    picture = load_image(save(draw_zero(), tmp_path, "zero.png"), light)
+    np.testing.assert_allclose(picture, 1 - reference, atol=1e-6)
+    np.save(tmp_path / "own.npy", 255 - mnist_like_array())
+    np.testing.assert_allclose(load_image(tmp_path / "own.npy", light), 1 - mnist_like_array() / 255, atol=1e-6)
+    np.save(tmp_path / "dark.npy", mnist_like_array())  # MNIST's polarity: prepared, then inverted
+    assert load_image(tmp_path / "dark.npy", light).mean() > 0.5
 
 
 def test_rgb_and_rgba_npy(tmp_path, reference):

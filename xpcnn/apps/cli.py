@@ -44,6 +44,7 @@ from ..training.runs import (
     default_run_dir,
     model_from_checkpoint,
     per_class_accuracy,
+    picture_framing,
     ran_eagerly,
     recorded_data_dir,
     remove_if_empty,
@@ -412,10 +413,11 @@ def predict(run, images, device, backend, top_k, as_json):
     still predicted; the exit status is 1 if any failed.
     """
     checkpoint = load_checkpoint(run)
+    framing = picture_framing(checkpoint)
     rows, loaded = [], []  # loaded: (row index, image (28, 28)) of every file that could be read
     for path in images:
         try:
-            loaded.append((len(rows), load_image(path)))
+            loaded.append((len(rows), load_image(path, framing)))
             rows.append({"image": path})
         except ImageError as exc:
             rows.append({"image": path, "error": str(exc)})

@@ -31,7 +31,7 @@ from ..base.errors import NonFiniteOutputs, XpcnnError
 from ..data.checkpoint import Checkpoint
 from ..data.device_data import normalize_images
 from ..data.images import MAX_PIXELS, ImageError, decode_picture
-from ..training.runs import check_outputs, model_from_checkpoint
+from ..training.runs import check_outputs, model_from_checkpoint, picture_framing
 from ..training.train import predict_probabilities
 
 MAX_BODY_BYTES = 1024 * 1024  # a 280x280 canvas is a few kB; anything over 1 MiB is refused before it is read
@@ -54,6 +54,7 @@ class DigitReader:
     def __init__(self, checkpoint: Checkpoint, backend: Backend):
         self.backend = backend
         self.model, self.norm = model_from_checkpoint(checkpoint, backend)
+        self.framing = picture_framing(checkpoint)
         check_outputs(self.model, self.norm, backend, str(checkpoint.path))
         # One picture at a time: the layers keep per-call state (their mode, what forward saves), CuPy's current
         # device is per thread (hence activate() inside), and it bounds memory to one decoded picture however
@@ -66,7 +67,7 @@ class DigitReader:
             raise RequestError(HTTPStatus.UNSUPPORTED_MEDIA_TYPE, "the body is not a PNG image")
         with self._lock, self.backend.activate():
             try:
-                image = decode_picture(png, "the PNG", formats=("PNG",), max_pixels=MAX_PIXELS)
+                image = decode_picture(png, "the PNG", ("PNG",), MAX_PIXELS, self.framing)
             except ImageError as exc:
                 raise RequestError(HTTPStatus.BAD_REQUEST, str(exc)) from None
             batch = normalize_images(self.backend, image[None, None], self.norm)

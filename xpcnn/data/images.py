@@ -1,9 +1,9 @@
-"""Turn a user's image file into an MNIST-style input.
+"""Turn a user's image file into an input like a model's training images.
 
 :func:`load_image` reads a picture (anything Pillow opens) or a ``.npy`` array
 and returns a float32 array of shape (28, 28) with values in [0, 1]: bright
 ink on a dark background, prepared the way the MNIST creators prepared their
-digits:
+digits (:data:`DIGITS`):
 
 1. reduce to lightness in [0, 1]; transparent pixels are composited onto a
    backdrop that contrasts with the opaque ink (white behind dark ink, black
@@ -16,12 +16,17 @@ digits:
 5. paste into a 28x28 canvas with the ink's centre of mass at (14, 14);
 6. stretch the intensities so the strongest ink is 1.
 
-A 28x28 ``.npy`` array that already has a dark background is taken as is.
+A :class:`Framing` changes steps 3-5 for other training images: Fashion-MNIST's
+clothing (:data:`CLOTHING`) is trimmed to everything that is not background,
+scaled to fill the 28 px and centred by its box, as Zalando prepared it; and a
+model trained on dark ink on a light background gets the result inverted.
+A 28x28 ``.npy`` array whose background is already the model's is taken as is.
 :func:`decode_picture` does the same for a picture's bytes (``xpcnn serve``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import math
 import os
@@ -53,11 +58,36 @@ class ImageError(XpcnnError, ValueError):
     """An input file that cannot be turned into a digit image."""
 
 
-def load_image(path: str | os.PathLike) -> np.ndarray:
-    """Read one image file (picture or ``.npy``) as an MNIST-style digit.
+@dataclasses.dataclass(frozen=True)
+class Framing:
+    """How a model's training images frame their subject, so that a picture is prepared as they were.
+
+    ``size``: the longer side of the subject's box in pixels; ``centre_of_mass``: centred by the ink's centre of
+    mass (else by its box); ``ink_fraction``: pixels above this fraction of the strongest ink make the box;
+    ``light_background``: the images are dark on light (the prepared picture is inverted at the end).
+    """
+
+    size: int = DIGIT_SIZE
+    centre_of_mass: bool = True
+    ink_fraction: float = INK_FRACTION
+    light_background: bool = False
+
+
+DIGITS = Framing()  # MNIST: a 20 px box, centred by its centre of mass
+CLOTHING = Framing(size=SIZE, centre_of_mass=False, ink_fraction=0.05)  # Fashion-MNIST: trimmed, filling 28 px
+FRAMINGS = {"fashion-mnist": CLOTHING}  # a dataset's pictures not named here are framed as MNIST's digits
+
+
+def framing_for(dataset: str, light_background: bool = False) -> Framing:
+    """The framing of a model trained on ``dataset`` (a name), of dark ink on light where ``light_background``."""
+    return dataclasses.replace(FRAMINGS.get(dataset, DIGITS), light_background=light_background)
+
+
+def load_image(path: str | os.PathLike, framing: Framing = DIGITS) -> np.ndarray:
+    """Read one image file (picture or ``.npy``) as an input framed as ``framing`` says (default: MNIST's digits).
 
     Returns float32 of shape (28, 28), values in [0, 1], background 0 and ink
-    up to 1.  Raises :class:`ImageError` (one line, naming the file) for files
+    up to 1 (the reverse for a light background).  Raises :class:`ImageError` (one line, naming the file) for files
     that cannot be read, unsupported arrays and blank images.
     """
     name = os.fspath(path)
@@ -70,33 +100,37 @@ def load_image(path: str | os.PathLike) -> np.ndarray:
     with file:
         if name.lower().endswith(".npy"):
             lightness = _read_npy(file, name)
-            if lightness.shape == (SIZE, SIZE) and not _light_background(lightness):  # a dataset's image
+            if lightness.shape == (SIZE, SIZE) and _light_background(lightness) == framing.light_background:
                 if lightness.max() - lightness.min() < MIN_CONTRAST:  # uniform: no level of it is ink
                     raise ImageError(f"{name}: the image is blank (no ink found)")
-                return lightness
+                return lightness  # a dataset's image
         else:
             lightness = _read_picture(file, name, max_pixels=MAX_PIXELS)
-    return _to_mnist(lightness, name)
+    return _to_mnist(lightness, name, framing)
 
 
 def decode_picture(
-    data: bytes, name: str, formats: tuple[str, ...] | None = None, max_pixels: int | None = None
+    data: bytes,
+    name: str,
+    formats: tuple[str, ...] | None = None,
+    max_pixels: int | None = None,
+    framing: Framing = DIGITS,
 ) -> np.ndarray:
-    """A picture file's content as an MNIST-style digit, prepared exactly as :func:`load_image` prepares a file.
+    """A picture file's content as an input, prepared exactly as :func:`load_image` prepares a file.
 
     ``formats`` limits the Pillow formats tried (e.g. ``("PNG",)``); ``max_pixels``
     refuses larger pictures before their pixels are decoded.  ``name`` stands
     for the picture in messages.  Returns float32 (28, 28) in [0, 1].
     """
-    return _to_mnist(_read_picture(io.BytesIO(data), name, formats, max_pixels), name)
+    return _to_mnist(_read_picture(io.BytesIO(data), name, formats, max_pixels), name, framing)
 
 
-def load_images(paths: Iterable[str | os.PathLike]) -> np.ndarray:
+def load_images(paths: Iterable[str | os.PathLike], framing: Framing = DIGITS) -> np.ndarray:
     """Read several image files with :func:`load_image`.
 
     Returns float32 of shape (N, 1, 28, 28), values in [0, 1].
     """
-    images = [load_image(path)[None] for path in paths]
+    images = [load_image(path, framing)[None] for path in paths]
     if not images:
         return np.zeros((0, 1, SIZE, SIZE), dtype=np.float32)
     return np.stack(images)
@@ -227,8 +261,8 @@ def _composite(rgb: np.ndarray, alpha: np.ndarray) -> np.ndarray:
     return (alpha * luma + (1 - alpha) * backdrop).astype(np.float32)
 
 
-def _to_mnist(lightness: np.ndarray, name: str) -> np.ndarray:
-    """Lightness (H, W) in [0, 1] -> MNIST-style float32 (28, 28) in [0, 1]."""
+def _to_mnist(lightness: np.ndarray, name: str, framing: Framing) -> np.ndarray:
+    """Lightness (H, W) in [0, 1] -> float32 (28, 28) in [0, 1], framed as ``framing`` says."""
     ink = 1 - lightness if _light_background(lightness) else lightness
     border = _border(ink)
     background = np.median(border)
@@ -238,24 +272,28 @@ def _to_mnist(lightness: np.ndarray, name: str) -> np.ndarray:
     if peak <= max(MIN_CONTRAST, 2 * noise):
         raise ImageError(f"{name}: the image is blank (no ink found)")
 
-    rows, cols = np.nonzero(contrast > max(INK_FRACTION * peak, 2 * noise))
+    rows, cols = np.nonzero(contrast > max(framing.ink_fraction * peak, 2 * noise))
     crop = contrast[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1]
     crop = np.clip(crop - noise, 0, None)
 
     height, width = crop.shape
-    scale = DIGIT_SIZE / max(height, width)
+    scale = framing.size / max(height, width)
     new_size = (max(1, round(width * scale)), max(1, round(height * scale)))
     # BILINEAR in Pillow widens its filter when shrinking, so it antialiases; it never overshoots.
     digit = np.asarray(Image.fromarray(crop.astype(np.float32)).resize(new_size, Image.Resampling.BILINEAR))
 
-    total = digit.sum()
-    centre_row = digit.sum(axis=1) @ np.arange(digit.shape[0]) / total
-    centre_col = digit.sum(axis=0) @ np.arange(digit.shape[1]) / total
-    top = min(max(math.floor(CENTRE - centre_row + 0.5), 0), SIZE - digit.shape[0])
-    left = min(max(math.floor(CENTRE - centre_col + 0.5), 0), SIZE - digit.shape[1])
+    if framing.centre_of_mass:
+        total = digit.sum()
+        centre_row = digit.sum(axis=1) @ np.arange(digit.shape[0]) / total
+        centre_col = digit.sum(axis=0) @ np.arange(digit.shape[1]) / total
+        top = min(max(math.floor(CENTRE - centre_row + 0.5), 0), SIZE - digit.shape[0])
+        left = min(max(math.floor(CENTRE - centre_col + 0.5), 0), SIZE - digit.shape[1])
+    else:  # the box in the middle
+        top, left = (SIZE - digit.shape[0]) // 2, (SIZE - digit.shape[1]) // 2
     canvas = np.zeros((SIZE, SIZE), dtype=np.float32)
     canvas[top : top + digit.shape[0], left : left + digit.shape[1]] = digit
-    return canvas / canvas.max()
+    canvas /= canvas.max()
+    return 1 - canvas if framing.light_background else canvas
 
 
 def _light_background(lightness: np.ndarray) -> bool:

@@ -20,6 +20,7 @@ from ..base.stopping import stop_on_signals
 from ..data.checkpoint import CHECKPOINT_NAME, Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
 from ..data.data import Dataset, holds_dataset, other_files
 from ..data.device_data import Normalization, normalize_images
+from ..data.images import Framing, framing_for
 from ..models import build
 from ..nn import Sequential
 from ..optim import Optimizer
@@ -42,6 +43,12 @@ def checkpoint_normalization(checkpoint: Checkpoint) -> Normalization:
         return Normalization(**checkpoint.meta["normalization"])
     except XpcnnError as exc:
         raise CheckpointError(f"{checkpoint.path}: {exc}") from None
+
+
+def picture_framing(checkpoint: Checkpoint) -> Framing:
+    """How a picture is prepared for a checkpoint's model: framed as its dataset's images, in their polarity."""
+    light = checkpoint_normalization(checkpoint).light_background
+    return framing_for(checkpoint_config(checkpoint).dataset, light)
 
 
 def model_from_checkpoint(checkpoint: Checkpoint, backend: Backend) -> tuple[Sequential, Normalization]:

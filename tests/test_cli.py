@@ -1,5 +1,6 @@
 """The command line through click's test runner: happy paths and every user error as one line."""
 
+import importlib.util
 import json
 import os
 import re
@@ -584,3 +585,22 @@ def test_predict_frames_a_picture_as_the_runs_own_images(trained_run, synthetic_
     expected = predict_probabilities(model, normalize_images(numpy, prepared, norm))[0]
     assert [row["probability"] for row in answer["top"]] == pytest.approx(sorted(expected, reverse=True), abs=1e-6)
     assert DigitReader(load_checkpoint(clothing), numpy).framing == CLOTHING  # serve's pictures alike
+
+
+def test_a_class_without_test_images_has_no_accuracy_rather_than_zero(tmp_path):
+    """It was reported at 0.00% in the JSON and a blue 0.0% cell of the plot, as if every image of it were wrong."""
+    from helpers import write_synthetic_mnist
+
+    from xpcnn.data.idx import write_idx
+
+    data = write_synthetic_mnist(tmp_path / "data", n_train=300, n_test=60)
+    labels = read_idx(data / "t10k-labels-idx1-ubyte.gz")
+    write_idx(data / "t10k-labels-idx1-ubyte.gz", np.where(labels == 9, 0, labels).astype(np.uint8))
+    run = tmp_path / "run"
+    invoke("train", *FAST, "--data-dir", data, "--out", run)
+    report = json.loads(invoke("evaluate", run, "--json").output)
+    assert report["per_class_accuracy"]["9"] is None and report["per_class_accuracy"]["0"] is not None
+    text = invoke("evaluate", run).output
+    assert re.search(r"^\s+9\s+n/a\s+\(0 images\)$", text, re.MULTILINE), text
+    if importlib.util.find_spec("matplotlib"):
+        assert invoke("evaluate", run, "--plot").exit_code == 0

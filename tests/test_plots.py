@@ -229,3 +229,27 @@ def test_failed_write_leaves_no_partial_file(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         plot_worst(*classifier_output(), DIGITS, tmp_path / "worst.png")
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("wrong", [1, 2, 5, 40])
+def test_the_worst_images_title_fits_its_figure_however_few_there_are(tmp_path, monkeypatch, wrong):
+    """With one or two mistakes the figure was a column or two wide and its title cut off on both sides."""
+    needs_matplotlib()
+    from xpcnn.apps import plots
+
+    figures = []
+    monkeypatch.setattr(plots, "_save", lambda figure, path: figures.append(figure))
+    n = 60
+    labels, predictions = np.zeros(n, int), np.zeros(n, int)
+    predictions[:wrong] = 1
+    plot_worst(np.zeros((n, 28, 28), np.uint8), labels, predictions, np.full((n, 10), 0.1), list("abcdefghij"), "x")
+    (figure,) = figures
+    renderer = figure.canvas.get_renderer()
+    figure.draw(renderer)
+    from matplotlib.text import Text
+
+    title, frame = figure.get_suptitle(), figure.bbox
+    (shown,) = [text for text in figure.findobj(Text) if text.get_text() == title]
+    extent = shown.get_window_extent(renderer)
+    assert "misclassified images" in title
+    assert frame.x0 <= extent.x0 and extent.x1 <= frame.x1 and frame.y0 <= extent.y0 and extent.y1 <= frame.y1

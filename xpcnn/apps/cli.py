@@ -372,7 +372,7 @@ def evaluate(run, data_dir, device, backend, as_json, plot, tta, members, allow_
         "images": int(len(labels)),
         "loss": result.loss,
         "accuracy": result.accuracy,
-        "per_class_accuracy": {name: float(a) for name, a in zip(classes, per_class, strict=False)},
+        "per_class_accuracy": dict(zip(classes, per_class, strict=False)),  # None where a class has no images
         "confusion_matrix": confusion.tolist(),
         "classes": classes,
     }

@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import math
 import os
+import textwrap
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -25,6 +26,8 @@ if TYPE_CHECKING:
 DPI = 100
 PLOT_HINT = 'plotting needs matplotlib: pip install "xpcnn[plot]"'
 SPLIT_COLOURS = {"train": "tab:blue", "val": "tab:orange", "test": "tab:green"}
+MIN_WORST_WIDTH = 4.0  # inches of the worst-images figure however few there are: its title stays whole
+TITLE_CHAR_WIDTH = 0.1  # inches a character of a figure title takes, at most: where a long title wraps
 MARKER_MAX_EPOCHS = 40  # draw a marker at every epoch up to this many epochs
 
 
@@ -164,6 +167,8 @@ def plot_confusion(
     wrong = errors > 0
     colours[wrong] = error_map(error_norm(errors[wrong]))
     colours[np.arange(k), np.arange(k)] = correct_map(recall)
+    empty = np.flatnonzero(rows == 0)
+    colours[empty, empty] = (0.9, 0.9, 0.9, 1.0)  # a class with no images: no accuracy to colour
 
     axes = figure.subplots()
     axes.imshow(colours, interpolation="nearest")
@@ -173,7 +178,7 @@ def plot_confusion(
         for j in range(k):
             text = str(int(matrix[i, j]))
             if i == j and k <= 15:
-                text += f"\n{recall[i]:.1%}"
+                text += f"\n{recall[i]:.1%}" if rows[i] else "\nno images"
             colour = "white" if luminance[i, j] < 0.5 else ("0.75" if matrix[i, j] == 0 else "black")
             axes.text(j, i, text, ha="center", va="center", color=colour, fontsize=font_size)
     long_names = max(len(name) for name in classes) > 2
@@ -246,9 +251,15 @@ def plot_worst(
         figure.text(0.5, 0.5, f"no misclassified images\n(of {n:,})", ha="center", va="center", fontsize=12)
         return _save(figure, path)
 
+    shown = f"all {wrong_total:,}"
+    if chosen.size < wrong_total:
+        shown = f"the {chosen.size} most confident of {wrong_total:,}"
+    title = f"{shown} misclassified images ({wrong_total / n:.2%} of {n:,}), most confident first"
     columns = min(chosen.size, max(6, math.ceil(math.sqrt(chosen.size))))
     rows = math.ceil(chosen.size / columns)
-    figure = _figure(1.4 * columns, 1.55 * rows + 0.5)
+    width = max(1.4 * columns, MIN_WORST_WIDTH)
+    lines = textwrap.wrap(title, max(1, int(width / TITLE_CHAR_WIDTH)))  # a few mistakes: a narrow figure
+    figure = _figure(width, 1.55 * rows + 0.25 + 0.25 * len(lines))
     if images.dtype == np.uint8:
         low, high = 0, 255
     else:
@@ -264,8 +275,5 @@ def plot_worst(
         if len(caption) > 24:
             caption = caption.replace(" / ", "\n", 1)
         axes.set_title(caption, fontsize=7.5)
-    shown = f"all {wrong_total:,}"
-    if chosen.size < wrong_total:
-        shown = f"the {chosen.size} most confident of {wrong_total:,}"
-    figure.suptitle(f"{shown} misclassified images ({wrong_total / n:.2%} of {n:,}), most confident first")
+    figure.suptitle("\n".join(lines))
     return _save(figure, path)

@@ -26,7 +26,8 @@ def evaluation_lines(report: dict, position: str) -> list[str]:
     confusion, classes = report["confusion_matrix"], report["classes"]
     lines.append("\nper-class accuracy:")
     for name, row in zip(classes, confusion, strict=True):
-        lines.append(f"  {name:>12}  {report['per_class_accuracy'][name]:7.2%}  ({sum(row)} images)")
+        accuracy = report["per_class_accuracy"][name]
+        lines.append(f"  {name:>12}  {'n/a' if accuracy is None else format(accuracy, '.2%'):>7}  ({sum(row)} images)")
     lines.append("\nconfusion matrix (rows: true class, columns: predicted):")
     width = max(5, len(str(max(max(row) for row in confusion))) + 1)
     lines.append(" " * 5 + "".join(f"{j:>{width}}" for j in range(len(classes))))

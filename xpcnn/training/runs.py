@@ -313,9 +313,9 @@ def confusion_matrix(labels: np.ndarray, predictions: np.ndarray, classes: int) 
     return np.bincount(flat, minlength=classes * classes).reshape(classes, classes)
 
 
-def per_class_accuracy(confusion: np.ndarray) -> np.ndarray:
-    """(classes,) share of each true class predicted right (0 for a class with no images)."""
-    return confusion.diagonal() / np.maximum(confusion.sum(axis=1), 1)
+def per_class_accuracy(confusion: np.ndarray) -> list[float | None]:
+    """Each true class's share predicted right; None for a class with no images (not 0: none was wrong)."""
+    return [float(row[k] / row.sum()) if row.sum() else None for k, row in enumerate(np.asarray(confusion))]
 
 
 def checkpoint_meta(

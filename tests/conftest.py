@@ -25,14 +25,15 @@ BACKEND_PARAMS = [
 
 @pytest.fixture(scope="session", autouse=True)
 def signals_as_in_a_terminal():
-    """Ctrl-C and SIGTERM delivered as in a terminal, however pytest was started.
+    """Ctrl-C, SIGTERM and SIGHUP delivered as in a terminal, however pytest was started.
 
     A shell starts a background job (`cmd &` in a script, `nohup`) with SIGINT ignored, and xpcnn keeps an
     ignored signal ignored, as it should; the stop tests, and the ranks they launch, need them delivered.
     """
-    previous = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    previous = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)  # nohup ignores it
     yield
     for signum, handler in previous.items():
         signal.signal(signum, handler)

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from xpcnn import functional as F
+from xpcnn.apps import launch as launch_module
 from xpcnn.apps.launch import GRACE, child_arguments, end_with_launcher, launch, rank_environment
 from xpcnn.backends import distributed as D
 from xpcnn.backends.backend import get_backend
@@ -467,3 +468,16 @@ def test_eager_jax_over_several_ranks_is_refused_once_up_front(tmp_path):
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 2, result.output
     assert "runs compiled: leave out --eager" in result.output and "rank" not in result.output
+
+
+def test_ranks_still_running_after_another_stopped_on_a_passed_on_signal_are_killed(monkeypatch):
+    """A SIGTERM while the ranks meet: one ends, the other waits in torch's rendezvous, deaf to signals, for all of
+    XPCNN_DIST_TIMEOUT (120 s). The launcher now kills it STOP_GRACE after the first stopped."""
+    monkeypatch.setattr(launch_module, "STOP_GRACE", 1.0)
+    deaf = "import signal; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(60)"
+    stop = "import signal; time.sleep(2); os.kill(os.getppid(), signal.SIGTERM); time.sleep(60)"  # once 1 is deaf
+    lines = []
+    started = time.monotonic()
+    assert launch(2, _ranks_exit(deaf, stop), lines.append) == 143
+    assert time.monotonic() - started < 2 + 1 + GRACE + 5
+    assert lines == ["xpcnn: ranks still running 1 s after another rank stopped were killed"]

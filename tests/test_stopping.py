@@ -23,7 +23,7 @@ from xpcnn.apps import cli
 from xpcnn.apps.cli import main
 from xpcnn.backends.backend import get_backend
 from xpcnn.base.files import atomic_output
-from xpcnn.base.stopping import Terminated, request_stop, sigterm_interrupts, stop_on_signals
+from xpcnn.base.stopping import Terminated, request_stop, stop_on_signals, termination_interrupts
 from xpcnn.data.checkpoint import CheckpointError, load_checkpoint
 from xpcnn.training import runs
 from xpcnn.training.config import TrainConfig
@@ -244,10 +244,29 @@ def without_timings(record: dict) -> dict:
     return {k: v for k, v in record.items() if k not in {"seconds", "eval_seconds", "images_per_second"}}
 
 
-def test_outside_training_a_sigterm_interrupts_as_ctrl_c_does(sigterm_raises):
-    with pytest.raises(Terminated), sigterm_interrupts():
+def test_outside_training_a_termination_interrupts_as_ctrl_c_does(sigterm_raises):
+    with pytest.raises(Terminated), termination_interrupts():
         os.kill(os.getpid(), signal.SIGTERM)
     assert signal.getsignal(signal.SIGTERM) is sigterm_raises
+
+
+def test_outside_training_a_sighup_interrupts_too_and_ends_the_command_with_129(tmp_path, monkeypatch):
+    """A terminal closed while the data loaded killed train by SIGHUP's default action, leaving the runs/ folder
+    it had made; it now ends as SIGTERM does, with the folder removed."""
+    previous = signal.getsignal(signal.SIGHUP)
+    with pytest.raises(Terminated) as stopped, termination_interrupts():
+        os.kill(os.getpid(), signal.SIGHUP)
+    assert stopped.value.signum == signal.SIGHUP and signal.getsignal(signal.SIGHUP) is previous
+
+    def hang_up(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGHUP)
+        time.sleep(5)  # the signal's exception comes first
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(cli, "load_dataset", hang_up)
+    result = CliRunner().invoke(main, ["train", "--model", "seed", "--device", "cpu"])
+    assert result.exit_code == 129 and "stopped by SIGHUP" in result.output, result.output
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_an_interrupt_python_drops_inside_a_gc_callback_is_raised_again(sigterm_raises):
@@ -263,7 +282,7 @@ def test_an_interrupt_python_drops_inside_a_gc_callback_is_raised_again(sigterm_
 
     gc.callbacks.append(callback)
     try:
-        with pytest.raises(Terminated), sigterm_interrupts():
+        with pytest.raises(Terminated), termination_interrupts():
             gc.collect()
             assert fired
             deadline = time.monotonic() + 10
@@ -304,6 +323,18 @@ def test_a_closed_progress_pipe_stops_xpcnn_train_with_a_checkpoint_and_status_1
     state = load_checkpoint(run).meta["state"]
     assert 2 <= state["global_step"] < 2 * 60 and not list(run.glob(".*.part"))
     assert CliRunner().invoke(main, ["train", "--resume", str(run), "--quiet"]).exit_code == 0
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="a device that is always full")
+def test_a_log_on_a_full_disk_loses_its_lines_not_the_run(synthetic_dir, tmp_path):
+    """train's first lines (what it trains, its notes) were written without the progress's care: stderr on a full
+    disk ended the command with status 1 before the run began."""
+    run = tmp_path / "run"
+    command = [sys.executable, "-m", "xpcnn", *TRAIN, "--data-dir", str(synthetic_dir), "--out", str(run)]
+    with open("/dev/full", "w") as full:
+        result = subprocess.run(command, stdout=subprocess.DEVNULL, stderr=full, timeout=120)
+    assert result.returncode == 0
+    assert load_checkpoint(run).meta["state"]["epoch"] == 2
 
 
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="a device that is always full")
@@ -402,7 +433,7 @@ def test_a_sigterm_stops_xpcnn_serve_as_ctrl_c_does(synthetic_dir, tmp_path):
     assert stderr.strip().splitlines()[-1] == "stopped"
 
 
-@pytest.mark.parametrize("scope", [stop_on_signals, sigterm_interrupts])
+@pytest.mark.parametrize("scope", [stop_on_signals, termination_interrupts])
 def test_an_ignored_sigterm_stays_ignored(scope):
     previous = signal.signal(signal.SIGTERM, signal.SIG_IGN)
     try:

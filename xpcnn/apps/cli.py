@@ -265,16 +265,15 @@ def train(
     quiet = quiet or not communicator.is_root  # one rank speaks for all
     dataset = load_dataset(config.dataset, data_dir, progress=not quiet)
     if not quiet:
-        click.echo(
+        tell(  # a log on a full disk loses its lines, not the run, as the progress does
             f"training {config.model} on {config.dataset} ({len(dataset.train_labels):,} train / "
             f"{len(dataset.test_labels):,} test images) with {chosen}, {config.epochs} epoch(s)"
-            + (f", resuming {RunState(**checkpoint.meta['state']).position()}" if checkpoint else ""),
-            err=True,
+            + (f", resuming {RunState(**checkpoint.meta['state']).position()}" if checkpoint else "")
         )
         resumed = checkpoint_config(checkpoint) if checkpoint else None
         wanted = (trained_on if checkpoint else missing) if missing else None  # the backend that cannot run here
         for note in train_notes(config, recipe_name, resumed, wanted, chosen):
-            click.echo(f"note: {note}", err=True)
+            tell(f"note: {note}")
     environment = {
         "data_dir": dataset.record()["directory"],
         "backend": chosen.describe(),
@@ -298,7 +297,7 @@ def train(
     if not communicator.is_root:
         return
     if plot:
-        click.echo(f"training curves: {plots.plot_history(state.history, out / 'history.png')}", err=True)
+        tell(f"training curves: {plots.plot_history(state.history, out / 'history.png')}")
     result = summary(state)
     click.echo(
         f"best test accuracy {result['best_test_accuracy']:.2%} (epoch {result['best_epoch']}), "

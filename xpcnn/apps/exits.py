@@ -14,12 +14,13 @@ import click
 from ..backends.distributed import rank_from_environment
 from ..base.errors import ConfigError, XpcnnError
 from ..base.files import point_at_devnull
-from ..base.stopping import Terminated, sigterm_interrupts
+from ..base.stopping import SIGNAL_NAMES, Terminated, termination_interrupts
 from ..training.config import flag
 from ..training.train import TrainingInterrupted
 
 EXIT_INTERRUPTED = 130  # 128 + SIGINT
 EXIT_TERMINATED = 143  # 128 + SIGTERM
+EXIT_HANGUP = 129  # 128 + SIGHUP: the terminal closed
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE: the reader of the output went away (``xpcnn predict ... | head -1``)
 EXIT_BUG = 70  # sysexits' EX_SOFTWARE: an internal error
 BUG_REPORT = "This is a bug in xpcnn: please report it, with the traceback above and the command that gave it."
@@ -38,7 +39,7 @@ def friendly_errors(command):
     def wrapper(*args, **kwargs):
         debug = os.environ.get("XPCNN_DEBUG", "") not in ("", "0")
         try:
-            with sigterm_interrupts():
+            with termination_interrupts():
                 result = command(*args, **kwargs)
                 if sys.stdout is not None:  # the output written, or its failure the command's (not exit's, 120)
                     sys.stdout.flush()
@@ -49,10 +50,10 @@ def friendly_errors(command):
             if _speaks():
                 tell(f"\nxpcnn: {exc}")
             sys.exit(128 + exc.signum)
-        except Terminated:
+        except Terminated as exc:
             if _speaks():
-                tell("\nxpcnn: stopped by SIGTERM")
-            sys.exit(EXIT_TERMINATED)
+                tell(f"\nxpcnn: stopped by {SIGNAL_NAMES[exc.signum]}")
+            sys.exit(128 + exc.signum)
         except KeyboardInterrupt:
             if _speaks():
                 tell("\ninterrupted")
@@ -101,8 +102,8 @@ def _output_lost() -> bool:
 
 
 def tell(line: str) -> None:
-    """How a stopped command stopped, on stderr, where there is one still: after a closed pipe or a terminal that
-    hung up (the reasons a run may have stopped) it is gone, and the exit status says it."""
+    """A line on stderr, where there is one still: after a closed pipe, a terminal that hung up or a log on a full
+    disk, it is lost, and the command goes on (how a stopped command stopped: the exit status says it too)."""
     try:
         click.echo(line, err=True)
     except OSError:

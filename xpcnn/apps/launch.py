@@ -30,12 +30,14 @@ from pathlib import Path
 from ..backends.distributed import timeout_seconds
 from ..base.errors import XpcnnError
 from ..base.files import locked_directory
-from .exits import EXIT_BROKEN_PIPE, EXIT_INTERRUPTED, EXIT_TERMINATED
+from .exits import EXIT_BROKEN_PIPE, EXIT_HANGUP, EXIT_INTERRUPTED, EXIT_TERMINATED
 
 GRACE = 5.0  # seconds the other ranks get to end by themselves after one failed
+STOP_GRACE = 10.0  # seconds the other ranks get to end after one stopped by a passed-on signal (rank 0 may be saving)
 POLL = 0.1  # seconds between looks at the ranks
-# A rank stopped by Ctrl-C, by rank 0's output reader going away, by SIGTERM; the first present is the launcher's.
-STOPPED = (EXIT_INTERRUPTED, EXIT_BROKEN_PIPE, EXIT_TERMINATED)
+# A rank stopped by Ctrl-C, by rank 0's output reader going away, by SIGTERM or SIGHUP; the first present is the
+# launcher's.
+STOPPED = (EXIT_INTERRUPTED, EXIT_BROKEN_PIPE, EXIT_TERMINATED, EXIT_HANGUP)
 PASSED_ON = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)  # to every rank, as they came
 LAUNCHER_PID = "XPCNN_LAUNCHER_PID"  # in each rank's environment: the launcher's process id
 PR_SET_PDEATHSIG = 1  # from linux/prctl.h
@@ -107,11 +109,17 @@ def describe_status(status: int) -> str:
 @dataclass
 class Stopping:
     """The signals the launcher received and passed on to the ranks, in order, and when it kills ranks that are
-    still running (set by a second Ctrl-C: a person who does not want to wait)."""
+    still running, and why: a second Ctrl-C (a person who does not want to wait), or a rank that has stopped
+    while another goes on (one waiting for its partners in torch's rendezvous hears no signal)."""
 
     passed_on: list[int] = field(default_factory=list)
     kill_at: float | None = None
+    kill_reason: str = ""  # "ranks still running {grace} s after {reason} were killed"
     killed: bool = False
+
+    def kill_later(self, grace: float, reason: str) -> None:
+        if self.kill_at is None:
+            self.kill_at, self.kill_reason = time.monotonic() + grace, f"{grace:g} s after {reason}"
 
 
 def launch(world_size: int, command: list[str], say=None) -> int:
@@ -158,8 +166,8 @@ def _pass_signals_on(ranks: list[subprocess.Popen], stopping: Stopping) -> dict:
         return [process for process in ranks if process.poll() is None]
 
     def pass_on(signum, frame):
-        if signum == signal.SIGINT and stopping.passed_on and stopping.kill_at is None:
-            stopping.kill_at = time.monotonic() + GRACE
+        if signum == signal.SIGINT and stopping.passed_on:
+            stopping.kill_later(GRACE, "the second Ctrl-C")
         stopping.passed_on.append(signum)
         for process in live():
             process.send_signal(signum)
@@ -195,6 +203,8 @@ def _watch(ranks: list[subprocess.Popen], say, stopping: Stopping) -> int:
             failed_at = time.monotonic()
         elif time.monotonic() - failed_at > GRACE:
             _kill(ranks)
+        if stopping.passed_on and any(process.returncode is not None for process in ranks):
+            stopping.kill_later(STOP_GRACE, "another rank stopped")
         if stopping.kill_at is not None and time.monotonic() > stopping.kill_at:
             stopping.killed = True
             _kill(ranks)
@@ -204,7 +214,7 @@ def _watch(ranks: list[subprocess.Popen], say, stopping: Stopping) -> int:
     first = failed[0] if first is None and failed else first  # a failure after the last look, or none
     if first is None:
         if stopping.killed:
-            say(f"xpcnn: ranks still running {GRACE:g} s after the second Ctrl-C were killed")
+            say(f"xpcnn: ranks still running {stopping.kill_reason} were killed")
         if not any(statuses):
             return 0
         if stopping.passed_on:

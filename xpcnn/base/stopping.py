@@ -7,7 +7,7 @@ later.  Inside :func:`stop_on_signals` the first SIGINT, SIGTERM or SIGHUP only 
 checkpoints its exact position.  Each process of a run (each rank of a multi-process run)
 opens the same scope; a scheduler signals every rank, not necessarily at the same step, so ranks
 that step together must agree on ``requested`` (any rank's) at a step boundary before they stop.
-Outside the scope, :func:`sigterm_interrupts` makes SIGTERM end a command the way Ctrl-C does,
+Outside the scope, :func:`termination_interrupts` makes SIGTERM and SIGHUP end a command the way Ctrl-C does,
 with an exception (:class:`Terminated`), so that atomic writes clean up after themselves.  A reader of the
 progress that goes away (a closed pipe) stops a run as a signal does (:func:`request_stop` with SIGPIPE).
 """
@@ -50,7 +50,12 @@ class StopRequest:
 
 
 class Terminated(KeyboardInterrupt):
-    """SIGTERM outside a stop scope: an interrupt from outside, handled wherever Ctrl-C's KeyboardInterrupt is."""
+    """SIGTERM or SIGHUP (``signum``) outside a stop scope: an interrupt from outside, handled wherever Ctrl-C's
+    KeyboardInterrupt is."""
+
+    def __init__(self, signum: int = signal.SIGTERM):
+        super().__init__(signum)
+        self.signum = signum
 
 
 _active: StopRequest | None = None  # the open scope's request: a nested scope shares it
@@ -109,38 +114,42 @@ def request_stop(signum: int) -> bool:
 
 
 @contextlib.contextmanager
-def sigterm_interrupts() -> Iterator[None]:
-    """While open, SIGTERM raises :class:`Terminated` (as SIGINT raises KeyboardInterrupt); restored after.
+def termination_interrupts() -> Iterator[None]:
+    """While open, SIGTERM and SIGHUP raise :class:`Terminated` (as SIGINT raises KeyboardInterrupt); restored after.
 
-    Python runs a signal's handler between any two bytecodes, also inside a garbage-collector callback or a
-    ``__del__`` (JAX has both), where it cannot propagate the exception: it prints it as "Exception ignored"
-    and goes on, and the command would finish as if no signal had come.  While open, such a dropped
-    interrupt is raised again :data:`REDELIVERY_DELAY` seconds later, by when that code has returned.
-    Outside the main thread, where Python delivers no signals, or where it is ignored, SIGTERM is left alone.
+    So a scheduler's stop or a closed terminal ends a command as Ctrl-C does, its atomic writes and the folder it
+    made cleaned up, where the default action would kill it on the spot.  Python runs a signal's handler between
+    any two bytecodes, also inside a garbage-collector callback or a ``__del__`` (JAX has both), where it cannot
+    propagate the exception: it prints it as "Exception ignored" and goes on, and the command would finish as if
+    no signal had come.  While open, such a dropped interrupt is raised again :data:`REDELIVERY_DELAY` seconds
+    later, by when that code has returned.  Outside the main thread, where Python delivers no signals, or where
+    a signal is ignored (SIGHUP under nohup), it is left alone.
     """
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
     def handler(signum, frame):
-        raise Terminated
+        raise Terminated(signum)
 
     def redeliver(unraisable):
         if not isinstance(unraisable.exc_value, KeyboardInterrupt):  # Terminated is one
             previous_hook(unraisable)
             return
-        signum = signal.SIGTERM if isinstance(unraisable.exc_value, Terminated) else signal.SIGINT
+        signum = unraisable.exc_value.signum if isinstance(unraisable.exc_value, Terminated) else signal.SIGINT
         # From a thread, later: raised here, the signal's handler would run inside this hook, and be dropped too.
         threading.Timer(REDELIVERY_DELAY, signal.raise_signal, (signum,)).start()
 
     previous_hook = sys.unraisablehook
-    previous = signal.getsignal(signal.SIGTERM)
-    if previous is not signal.SIG_IGN:  # as stop_on_signals: an ignored signal stays ignored
-        signal.signal(signal.SIGTERM, handler)
+    signals = tuple(signum for signum in (signal.SIGTERM, SIGHUP) if signum is not None)
+    previous = {signum: signal.getsignal(signum) for signum in signals}
+    previous = {signum: old for signum, old in previous.items() if old is not signal.SIG_IGN}  # stays ignored
+    for signum in previous:
+        signal.signal(signum, handler)
     sys.unraisablehook = redeliver
     try:
         yield
     finally:
         sys.unraisablehook = previous_hook
-        if previous is not signal.SIG_IGN:
-            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+        for signum, old in previous.items():
+            signal.signal(signum, signal.SIG_DFL if old is None else old)

@@ -214,6 +214,7 @@ def test_a_rank_that_dies_or_hangs_stops_the_others_with_one_line(tmp_path, data
     assert lines[-1].startswith("Error: rank ") and "every rank has stopped" in lines[-1]
     if backend != "jax":  # JAX's coordination service may end a rank first, with a fatal log of its own
         assert any("another rank died or did not answer" in line for line in lines), err
+        assert lines[-1].startswith("Error: rank 1 of 2 failed") and "rank 0: exit status 75" in lines[-1], err
         assert not any("Traceback" in line for line in lines), err
     assert load_checkpoint(out).meta["state"]["epoch"] >= 1  # the last checkpoint is whole
     resumed = run(xpcnn("train", "--resume", out, "--epochs", load_checkpoint(out).meta["state"]["epoch"] + 1, "-q"))

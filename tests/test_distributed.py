@@ -481,3 +481,11 @@ def test_ranks_still_running_after_another_stopped_on_a_passed_on_signal_are_kil
     assert launch(2, _ranks_exit(deaf, stop), lines.append) == 143
     assert time.monotonic() - started < 2 + 1 + GRACE + 5
     assert lines == ["xpcnn: ranks still running 1 s after another rank stopped were killed"]
+
+
+def test_the_launcher_names_the_rank_that_failed_not_the_one_that_lost_it():
+    """Rank 0 ends first with the status of a rank whose partner died (75); rank 1, the cause, a moment later."""
+    lines = []
+    assert launch(2, _ranks_exit("time.sleep(0.5); sys.exit(1)", "sys.exit(75)"), lines.append) == 1
+    statuses = "rank 0: exit status 75, rank 1: exit status 1"
+    assert lines == [f"Error: rank 1 of 2 failed; every rank has stopped ({statuses})"]

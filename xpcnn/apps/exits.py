@@ -11,7 +11,7 @@ import traceback
 
 import click
 
-from ..backends.distributed import rank_from_environment
+from ..backends.distributed import RankLost, rank_from_environment
 from ..base.errors import ConfigError, XpcnnError
 from ..base.files import point_at_devnull
 from ..base.stopping import SIGNAL_NAMES, Terminated, termination_interrupts
@@ -23,6 +23,7 @@ EXIT_TERMINATED = 143  # 128 + SIGTERM
 EXIT_HANGUP = 129  # 128 + SIGHUP: the terminal closed
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE: the reader of the output went away (``xpcnn predict ... | head -1``)
 EXIT_BUG = 70  # sysexits' EX_SOFTWARE: an internal error
+EXIT_RANK_LOST = 75  # sysexits' EX_TEMPFAIL: a rank that stopped because another died or hung (not the cause)
 BUG_REPORT = "This is a bug in xpcnn: please report it, with the traceback above and the command that gave it."
 
 
@@ -62,6 +63,10 @@ def friendly_errors(command):
             for stream in (sys.stdout, sys.stderr):  # whichever pipe closed: Python's flush at exit would fail again
                 point_at_devnull(stream)
             sys.exit(EXIT_BROKEN_PIPE)
+        except RankLost as exc:  # its own status, so that a launcher names the rank that failed first
+            error = click.ClickException(user_message(exc))
+            error.exit_code = EXIT_RANK_LOST
+            raise error from None
         except (XpcnnError, OSError, MemoryError) as exc:
             if debug:
                 traceback.print_exc()

@@ -30,7 +30,7 @@ from pathlib import Path
 from ..backends.distributed import timeout_seconds
 from ..base.errors import XpcnnError
 from ..base.files import locked_directory
-from .exits import EXIT_BROKEN_PIPE, EXIT_HANGUP, EXIT_INTERRUPTED, EXIT_TERMINATED
+from .exits import EXIT_BROKEN_PIPE, EXIT_HANGUP, EXIT_INTERRUPTED, EXIT_RANK_LOST, EXIT_TERMINATED
 
 GRACE = 5.0  # seconds the other ranks get to end by themselves after one failed
 STOP_GRACE = 10.0  # seconds the other ranks get to end after one stopped by a passed-on signal (rank 0 may be saving)
@@ -212,6 +212,8 @@ def _watch(ranks: list[subprocess.Popen], say, stopping: Stopping) -> int:
     statuses = [process.returncode for process in ranks]
     failed = [rank for rank, status in enumerate(statuses) if not _stopped_well(status, stopping)]
     first = failed[0] if first is None and failed else first  # a failure after the last look, or none
+    if first is not None and statuses[first] == EXIT_RANK_LOST:  # it lost its partner: name the partner
+        first = next((rank for rank in failed if statuses[rank] != EXIT_RANK_LOST), first)
     if first is None:
         if stopping.killed:
             say(f"xpcnn: ranks still running {stopping.kill_reason} were killed")

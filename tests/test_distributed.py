@@ -489,3 +489,15 @@ def test_the_launcher_names_the_rank_that_failed_not_the_one_that_lost_it():
     assert launch(2, _ranks_exit("time.sleep(0.5); sys.exit(1)", "sys.exit(75)"), lines.append) == 1
     statuses = "rank 0: exit status 75, rank 1: exit status 1"
     assert lines == [f"Error: rank 1 of 2 failed; every rank has stopped ({statuses})"]
+
+
+def test_a_second_ctrl_c_kills_sooner_than_the_grace_after_another_rank_stopped():
+    """Rank 0 ends on the first Ctrl-C, rank 1 does not: the second Ctrl-C's 5 s replace the 10 s kept for a
+    rank that may be saving."""
+    deaf = "import signal; signal.signal(signal.SIGINT, signal.SIG_IGN)"
+    twice = f"{deaf}; time.sleep(1); [os.kill(os.getppid(), signal.SIGINT) or time.sleep(0.5) for _ in range(2)]"
+    lines = []
+    started = time.monotonic()
+    assert launch(2, _ranks_exit(f"{twice}; time.sleep(60)", "time.sleep(60)"), lines.append) == 130
+    assert time.monotonic() - started < 1 + 1 + GRACE + 3
+    assert lines == [f"xpcnn: ranks still running {GRACE:g} s after the second Ctrl-C were killed"]

@@ -118,8 +118,10 @@ class Stopping:
     killed: bool = False
 
     def kill_later(self, grace: float, reason: str) -> None:
-        if self.kill_at is None:
-            self.kill_at, self.kill_reason = time.monotonic() + grace, f"{grace:g} s after {reason}"
+        """Kill the ranks still running ``grace`` seconds from now, unless an earlier kill is due."""
+        deadline = time.monotonic() + grace
+        if self.kill_at is None or deadline < self.kill_at:
+            self.kill_at, self.kill_reason = deadline, f"{grace:g} s after {reason}"
 
 
 def launch(world_size: int, command: list[str], say=None) -> int:

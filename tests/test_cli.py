@@ -604,3 +604,12 @@ def test_a_class_without_test_images_has_no_accuracy_rather_than_zero(tmp_path):
     assert re.search(r"^\s+9\s+n/a\s+\(0 images\)$", text, re.MULTILINE), text
     if importlib.util.find_spec("matplotlib"):
         assert invoke("evaluate", run, "--plot").exit_code == 0
+
+
+def test_xpcnn_debug_shows_the_traceback_of_a_picture_predict_cannot_read(trained_run, tmp_path):
+    """README: XPCNN_DEBUG=1 shows the traceback of user errors; predict reports each file's own, and showed none."""
+    missing = tmp_path / "missing.png"
+    plain = invoke("predict", trained_run, missing, expect=1)
+    assert "Traceback" not in plain.output and "missing.png" in plain.output
+    debugged = CliRunner().invoke(main, ["predict", str(trained_run), str(missing)], env={"XPCNN_DEBUG": "1"})
+    assert debugged.exit_code == 1 and "Traceback" in debugged.output and "ImageError" in debugged.output

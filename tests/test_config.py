@@ -135,6 +135,13 @@ def test_settings_that_would_change_nothing_are_refused_for_a_new_run(settings, 
     assert error_lines(result) == [f"Error: {flag(error.value.setting)}: {error.value}"], result.output
 
 
+@pytest.mark.parametrize("flags", [["--optimizer", "adam", "--momentum", "0.9"], ["--elastic-sigma", "4"]])
+def test_such_a_flag_is_refused_even_at_its_default_value(flags):
+    result = run_cli("train", *flags, "--device", "cpu")
+    assert result.exit_code == 1 and error_lines(result)[0].startswith(f"Error: {flags[-2]}: "), result.output
+    TrainConfig(optimizer="adam").check_every_setting_used()  # the default itself, not given, is no setting
+
+
 def test_fit_trains_with_the_dropout_setting_as_with_the_layers_set_by_hand():
     rng = np.random.default_rng(0)
     images, labels = rng.integers(0, 256, (64, 28, 28), dtype=np.uint8), np.arange(64) % 10

@@ -393,6 +393,23 @@ def test_a_closed_output_pipe_ends_the_command_quietly_with_141(run, tmp_path):
     assert process.returncode == 141 and stderr == b"", (process.returncode, stderr.decode())
 
 
+@pytest.mark.parametrize("unbuffered", ["", "1"], ids=["buffered", "PYTHONUNBUFFERED"])
+def test_a_reader_gone_after_part_of_a_large_output_is_141_too(run, tmp_path, unbuffered):
+    """With PYTHONUNBUFFERED the JSON of many pictures went out in one raw write, which the pipe cut short when its
+    reader left: the rest was lost without an error, and predict exited 0."""
+    digit = np.zeros((28, 28), np.float32)
+    digit[6:22, 12:16] = 1.0
+    np.save(tmp_path / "one.npy", digit)
+    env = {**os.environ, "PYTHONPATH": str(REPOSITORY), "PYTHONUNBUFFERED": unbuffered}
+    pictures = [str(tmp_path / "one.npy")] * 300
+    command = [sys.executable, "-m", "xpcnn", "predict", str(run), *pictures, "--top-k", "10", "--json"]
+    process = subprocess.Popen([*command, "--device", "cpu"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    assert process.stdout.read(10) == b"[\n  {\n    "  # 10 bytes of about 200 kB, as `| head -c 10` reads
+    process.stdout.close()
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 141 and stderr == b"", (process.returncode, stderr.decode())
+
+
 def test_output_the_terminal_cannot_encode_is_escaped_not_a_traceback(run, tmp_path):
     target = tmp_path / "surrogate"
     target.mkdir()

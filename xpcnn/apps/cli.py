@@ -61,7 +61,7 @@ from ..training.tta import evaluate_tta
 from ..training.tta import views as test_time_views
 from . import export as exporting
 from . import plots
-from .exits import FriendlyGroup, escape_unencodable_output, friendly_errors, tell
+from .exits import FriendlyGroup, debug_traceback, friendly_errors, prepare_stdout, tell
 from .options import NonEmptyPath, allow_other_data_option, augmentation_options, device_options
 from .report import evaluation_lines, train_notes
 
@@ -79,7 +79,7 @@ def main():
       xpcnn export runs/<run> --format onnx --output model.onnx
       xpcnn serve runs/<run>           # draw digits in the browser
     """
-    escape_unencodable_output()
+    prepare_stdout()
 
 
 BENCH_MODELS = ("seed", "lenet", "convnet")
@@ -225,7 +225,7 @@ def train(
         if recipe_name:
             options.update({k: v for k, v in recipe(recipe_name).items() if k not in given})
         config = TrainConfig.from_dict(options)
-        config.check_every_setting_used()
+        config.check_every_setting_used(given=given)
         if out is None:
             made = () if RUNS_ROOT.exists() else (RUNS_ROOT,)  # removed with the run's own if the run fails first
             out = default_run_dir(config)
@@ -419,6 +419,7 @@ def predict(run, images, device, backend, top_k, as_json):
             loaded.append((len(rows), load_image(path, framing)))
             rows.append({"image": path})
         except ImageError as exc:
+            debug_traceback()  # the file's own error, reported with the others below
             rows.append({"image": path, "error": str(exc)})
     probabilities = []
     if loaded:

@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import functools
+import io
 import os
 import sys
 import traceback
@@ -38,7 +39,6 @@ def friendly_errors(command):
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
-        debug = os.environ.get("XPCNN_DEBUG", "") not in ("", "0")
         try:
             with termination_interrupts():
                 result = command(*args, **kwargs)
@@ -68,8 +68,7 @@ def friendly_errors(command):
             error.exit_code = EXIT_RANK_LOST
             raise error from None
         except (XpcnnError, OSError, MemoryError) as exc:
-            if debug:
-                traceback.print_exc()
+            debug_traceback()
             if isinstance(exc, OSError) and _output_lost():  # a full disk under > FILE: not the command's files
                 raise click.ClickException(f"cannot write the output: {exc.strerror or exc}") from None
             raise click.ClickException(user_message(exc)) from None
@@ -79,6 +78,12 @@ def friendly_errors(command):
             sys.exit(EXIT_BUG)
 
     return wrapper
+
+
+def debug_traceback() -> None:
+    """The traceback of the user error being handled, on stderr, where ``XPCNN_DEBUG=1`` asks for them."""
+    if os.environ.get("XPCNN_DEBUG", "") not in ("", "0"):
+        traceback.print_exc()
 
 
 class FriendlyGroup(click.Group):
@@ -122,6 +127,25 @@ def _speaks() -> bool:
         return rank_from_environment().rank == 0
     except XpcnnError:  # launcher variables that make no sense: this process is not one of several
         return True
+
+
+def prepare_stdout() -> None:
+    """stdout as every command wants it: buffered (:func:`buffer_unbuffered_output`), and escaping what its encoding
+    cannot write (:func:`escape_unencodable_output`)."""
+    buffer_unbuffered_output()
+    escape_unencodable_output()
+
+
+def buffer_unbuffered_output() -> None:
+    """Give an unbuffered stdout (PYTHONUNBUFFERED, ``python -u``) a line buffer: its raw writes may be short, and a
+    short write to a pipe whose reader went away ends the write without the error, so that a command that lost
+    most of its output (``xpcnn predict ... --json | head -1``) would exit 0.  The buffer writes all or raises."""
+    stream = sys.stdout
+    if stream is None or not isinstance(getattr(stream, "buffer", None), io.RawIOBase):
+        return
+    encoding, errors = stream.encoding, stream.errors
+    raw = stream.detach()  # the old wrapper must not close the descriptor when it is collected
+    sys.stdout = io.TextIOWrapper(io.BufferedWriter(raw), encoding=encoding, errors=errors, line_buffering=True)
 
 
 def escape_unencodable_output() -> None:

@@ -8,6 +8,7 @@ import importlib.util
 import math
 import numbers
 import sys
+from collections.abc import Collection
 from dataclasses import dataclass
 
 import numpy as np
@@ -129,9 +130,10 @@ class TrainConfig:
             if not ok:
                 raise ConfigError(message, setting)
 
-    def check_every_setting_used(self, model: Sequential | None = None) -> None:
+    def check_every_setting_used(self, model: Sequential | None = None, given: Collection[str] = ()) -> None:
         """ConfigError for a setting a new run of ``model`` (default: the named one) would drop: its weights would
-        come out as without it.
+        come out as without it.  A setting differs from its default, or is named in ``given`` (the command line's
+        flags: ``--momentum 0.9`` beside Adam is refused too).
 
         Not made part of every config's check: checkpoints of runs that gave such settings before are still read.
         """
@@ -139,9 +141,11 @@ class TrainConfig:
             batch_norm = self.model not in MODELS or _has_batch_norm(self.model)
         else:
             batch_norm = _batch_norm_in(model)
+        default = {name for name in ("momentum", "elastic_sigma") if name not in given}
+        default = {name for name in default if getattr(self, name) == getattr(TrainConfig, name)}
         unused = [
             (
-                self.optimizer == "sgd" or self.momentum == TrainConfig.momentum,
+                self.optimizer == "sgd" or "momentum" in default,
                 "momentum",
                 f"momentum {self.momentum} is SGD's: {self.optimizer} has moment decays of its own",
             ),
@@ -151,7 +155,7 @@ class TrainConfig:
                 f"batch-norm recalibration asked for, but model {self.model} has no batch-norm layer",
             ),
             (
-                self.elastic > 0 or self.elastic_sigma == TrainConfig.elastic_sigma,
+                self.elastic > 0 or "elastic_sigma" in default,
                 "elastic_sigma",
                 f"elastic sigma {self.elastic_sigma} given without an elastic distortion (--elastic ALPHA)",
             ),

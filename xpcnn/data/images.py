@@ -106,7 +106,7 @@ def load_image(path: str | os.PathLike, framing: Framing = DIGITS) -> np.ndarray
                 return lightness  # a dataset's image
         else:
             lightness = _read_picture(file, name, max_pixels=MAX_PIXELS)
-    return _to_mnist(lightness, name, framing)
+    return _frame(lightness, name, framing)
 
 
 def decode_picture(
@@ -122,7 +122,7 @@ def decode_picture(
     refuses larger pictures before their pixels are decoded.  ``name`` stands
     for the picture in messages.  Returns float32 (28, 28) in [0, 1].
     """
-    return _to_mnist(_read_picture(io.BytesIO(data), name, formats, max_pixels), name, framing)
+    return _frame(_read_picture(io.BytesIO(data), name, formats, max_pixels), name, framing)
 
 
 def load_images(paths: Iterable[str | os.PathLike], framing: Framing = DIGITS) -> np.ndarray:
@@ -261,7 +261,7 @@ def _composite(rgb: np.ndarray, alpha: np.ndarray) -> np.ndarray:
     return (alpha * luma + (1 - alpha) * backdrop).astype(np.float32)
 
 
-def _to_mnist(lightness: np.ndarray, name: str, framing: Framing) -> np.ndarray:
+def _frame(lightness: np.ndarray, name: str, framing: Framing) -> np.ndarray:
     """Lightness (H, W) in [0, 1] -> float32 (28, 28) in [0, 1], framed as ``framing`` says."""
     ink = 1 - lightness if _light_background(lightness) else lightness
     border = _border(ink)

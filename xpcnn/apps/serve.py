@@ -67,7 +67,7 @@ class DigitReader:
             raise RequestError(HTTPStatus.UNSUPPORTED_MEDIA_TYPE, "the body is not a PNG image")
         with self._lock, self.backend.activate():
             try:
-                image = decode_picture(png, "the PNG", ("PNG",), MAX_PIXELS, self.framing)
+                image = decode_picture(png, "the PNG", formats=("PNG",), max_pixels=MAX_PIXELS, framing=self.framing)
             except ImageError as exc:
                 raise RequestError(HTTPStatus.BAD_REQUEST, str(exc)) from None
             batch = normalize_images(self.backend, image[None, None], self.norm)

@@ -613,3 +613,32 @@ def test_xpcnn_debug_shows_the_traceback_of_a_picture_predict_cannot_read(traine
     assert "Traceback" not in plain.output and "missing.png" in plain.output
     debugged = CliRunner().invoke(main, ["predict", str(trained_run), str(missing)], env={"XPCNN_DEBUG": "1"})
     assert debugged.exit_code == 1 and "Traceback" in debugged.output and "ImageError" in debugged.output
+
+
+def test_a_recipes_setting_the_chosen_model_cannot_use_is_left_out_not_refused(synthetic_dir, tmp_path):
+    """--recipe best recalibrates batch norm; with --model seed (none) it trains, records no recalibration, and
+    --recalibrate-bn typed beside the same model is refused."""
+    from xpcnn.data.checkpoint import load_checkpoint
+
+    common = ["--recipe", "best", "--model", "seed", "--epochs", "1", "--backend", "numpy", "--device", "cpu"]
+    run = tmp_path / "run"
+    invoke("train", *common, "--data-dir", synthetic_dir, "--out", run)
+    assert json.loads((run / "config.json").read_text())["recalibrate_bn"] is True
+    assert load_checkpoint(run).meta["state"]["history"][-1]["bn_recalibrated"] is False
+    again = ["--recalibrate-bn", "--data-dir", synthetic_dir, "--out", tmp_path / "again"]
+    refused = invoke("train", *common, *again, expect=1)
+    assert "--recalibrate-bn: batch-norm recalibration asked for, but model seed" in refused.output
+
+
+def test_a_run_refused_a_busy_directory_removes_nothing_of_it(synthetic_dir, tmp_path, monkeypatch):
+    """Two runs into one new --out: the one refused the lock must not remove the folder the other holds."""
+    from xpcnn.base.files import DirectoryBusyError
+    from xpcnn.training import runs
+
+    def busy(directory, wait=False):
+        raise DirectoryBusyError(f"{directory} is in use by another xpcnn run")
+
+    monkeypatch.setattr(runs, "locked_directory", busy)
+    out = tmp_path / "new" / "run"
+    result = invoke("train", *FAST, "--data-dir", synthetic_dir, "--out", out, expect=1)
+    assert "is in use by another xpcnn run" in result.output and out.is_dir()

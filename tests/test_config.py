@@ -127,9 +127,11 @@ def test_settings_that_would_change_nothing_are_refused_for_a_new_run(settings, 
     """A setting the run cannot use is a mistake to say, not to drop: the weights would be those without it (and
     the history claimed a recalibration that never ran)."""
     config = TrainConfig(**settings)  # a checkpoint of a run that gave it before is still read
+    config.check_every_setting_used()  # named by none (a recipe's): left to the run
     with pytest.raises(ConfigError, match=message) as error:
-        config.check_every_setting_used()
-    TrainConfig(**{**settings, "model": "lenet-bn", "optimizer": "sgd", "elastic": 12.0}).check_every_setting_used()
+        config.check_every_setting_used(given=settings)
+    where_used = TrainConfig(**{**settings, "model": "lenet-bn", "optimizer": "sgd", "elastic": 12.0})
+    where_used.check_every_setting_used(given=settings)
     result = run_cli("train", *flags, "--device", "cpu")
     assert result.exit_code == 1, result.output
     assert error_lines(result) == [f"Error: {flag(error.value.setting)}: {error.value}"], result.output
@@ -139,7 +141,7 @@ def test_settings_that_would_change_nothing_are_refused_for_a_new_run(settings, 
 def test_such_a_flag_is_refused_even_at_its_default_value(flags):
     result = run_cli("train", *flags, "--device", "cpu")
     assert result.exit_code == 1 and error_lines(result)[0].startswith(f"Error: {flags[-2]}: "), result.output
-    TrainConfig(optimizer="adam").check_every_setting_used()  # the default itself, not given, is no setting
+    TrainConfig(optimizer="adam").check_every_setting_used(given={"optimizer"})  # momentum's default, not given
 
 
 def test_fit_trains_with_the_dropout_setting_as_with_the_layers_set_by_hand():

@@ -168,6 +168,16 @@ def test_a_rendezvous_file_in_a_missing_folder_is_refused_at_once(tmp_path):
         D.TorchCommunicator(placement, timeout=2)
 
 
+def test_the_rendezvous_folder_is_read_as_torch_reads_the_url(tmp_path):
+    """file://localhost/... names a folder on this host; a launcher's folder with a space in it (TMPDIR) reaches
+    torch as a path, which it does not decode, not as a URI with %20."""
+    assert D.rendezvous_folder("file://localhost/shared/run.rdzv") == "/shared"
+    assert D.rendezvous_folder("file:///shared/run.rdzv") == "/shared"
+    spaced = tmp_path / "with space" / "rendezvous"
+    placement = D.rank_from_environment(rank_environment(1, 2, spaced, environ={}))
+    assert D.rendezvous_folder(placement.init_method) == str(spaced.parent)
+
+
 def test_several_ranks_on_a_backend_without_collectives_are_refused(monkeypatch):
     monkeypatch.setenv("XPCNN_RANK", "0")
     monkeypatch.setenv("XPCNN_WORLD_SIZE", "2")
@@ -338,7 +348,7 @@ def test_each_rank_reruns_the_command_without_nproc_and_with_one_out():
 def test_each_rank_gets_its_variables_and_a_share_of_the_threads(tmp_path):
     environ = rank_environment(1, 2, tmp_path / "rendezvous", {})
     assert environ["XPCNN_RANK"] == "1" and environ["XPCNN_WORLD_SIZE"] == "2"
-    assert environ["XPCNN_RENDEZVOUS"] == (tmp_path / "rendezvous").as_uri()
+    assert environ["XPCNN_RENDEZVOUS"] == str(tmp_path / "rendezvous")
     assert int(environ["OMP_NUM_THREADS"]) >= 1
     assert rank_environment(0, 2, tmp_path, {"OMP_NUM_THREADS": "7"})["OMP_NUM_THREADS"] == "7"
 
@@ -501,3 +511,20 @@ def test_a_second_ctrl_c_kills_sooner_than_the_grace_after_another_rank_stopped(
     assert launch(2, _ranks_exit(f"{twice}; time.sleep(60)", "time.sleep(60)"), lines.append) == 130
     assert time.monotonic() - started < 1 + 1 + GRACE + 3
     assert lines == [f"xpcnn: ranks still running {GRACE:g} s after the second Ctrl-C were killed"]
+
+
+def test_a_rank_that_lost_its_partner_ends_with_75_and_its_traceback_under_xpcnn_debug():
+    import click
+    from click.testing import CliRunner
+
+    from xpcnn.apps.exits import friendly_errors
+
+    @click.command()
+    @friendly_errors
+    def lost():
+        raise D.RankLost("rank 1: another rank died or did not answer")
+
+    quiet = CliRunner().invoke(lost)
+    assert quiet.exit_code == 75 and quiet.output == "Error: rank 1: another rank died or did not answer\n"
+    loud = CliRunner().invoke(lost, env={"XPCNN_DEBUG": "1"})
+    assert loud.exit_code == 75 and "Traceback" in loud.output

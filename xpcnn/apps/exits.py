@@ -64,6 +64,7 @@ def friendly_errors(command):
                 point_at_devnull(stream)
             sys.exit(EXIT_BROKEN_PIPE)
         except RankLost as exc:  # its own status, so that a launcher names the rank that failed first
+            debug_traceback()
             error = click.ClickException(user_message(exc))
             error.exit_code = EXIT_RANK_LOST
             raise error from None

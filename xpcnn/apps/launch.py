@@ -4,13 +4,16 @@ The ranks meet through a file in a private temporary directory (no port is fixed
 take free ones on 127.0.0.1), each with ``XPCNN_RANK``, ``XPCNN_WORLD_SIZE`` and ``XPCNN_RENDEZVOUS`` set
 (read by :func:`xpcnn.backends.distributed.rank_from_environment`) and an even share of the CPU threads.  When a
 rank ends with a failure, the others get :data:`GRACE` seconds to stop by themselves (they notice a dead
-peer at their next collective, a hung one after ``XPCNN_DIST_TIMEOUT``), then are killed; the launcher
-says which rank failed in one line and exits with status 1.
+peer at their next collective, a hung one after ``XPCNN_DIST_TIMEOUT``, and end with status 75), then are
+killed; the launcher says which rank failed in one line (one that did not end with 75, where there is one) and
+exits with status 1.
 
 Each rank runs in a session of its own and gets signals from the launcher alone: Ctrl-C, SIGTERM, SIGHUP and
 SIGQUIT are passed on to every rank once, so a ``kill -INT`` of the launcher stops the ranks as a terminal's
 Ctrl-C does; Ctrl-Z suspends them with it; and a rank ends with SIGTERM (stopping at a step boundary) when its
-launcher is killed outright.
+launcher is killed outright.  After a passed-on signal, ranks still running :data:`STOP_GRACE` seconds after one
+ended are killed (one waiting in torch's rendezvous hears no signal), and a second Ctrl-C kills them after
+:data:`GRACE` seconds.
 """
 
 from __future__ import annotations
@@ -73,7 +76,7 @@ def rank_environment(rank: int, world_size: int, rendezvous: Path, environ=None,
     environ.update(
         XPCNN_RANK=str(rank),
         XPCNN_WORLD_SIZE=str(world_size),
-        XPCNN_RENDEZVOUS=rendezvous.as_uri(),
+        XPCNN_RENDEZVOUS=str(rendezvous),  # a path, not a URI: torch does not decode one (a space in TMPDIR)
         GLOO_SOCKET_IFNAME="lo",  # every rank is on this machine
     )
     return environ
@@ -230,8 +233,8 @@ def _watch(ranks: list[subprocess.Popen], say, stopping: Stopping) -> int:
 
 
 def _stopped_well(status: int | None, stopping: Stopping) -> bool:
-    """Whether a rank's exit status (None: running) is no failure: a success, 130 or 143 (a rank stopped by
-    Ctrl-C or SIGTERM), 141 (rank 0 lost the reader of its progress), or any end after a signal was passed on,
+    """Whether a rank's exit status (None: running) is no failure: a success, 130, 143 or 129 (a rank stopped by
+    Ctrl-C, SIGTERM or SIGHUP), 141 (rank 0 lost the reader of its progress), or any end after a signal was passed on,
     which is the stop's doing (a rank that got Ctrl-C while it started ends with a traceback, and its partners
     with a lost peer)."""
     return status is None or status in (0, *STOPPED) or bool(stopping.passed_on)

@@ -22,6 +22,7 @@ import contextlib
 import datetime
 import math
 import os
+import urllib.parse
 from dataclasses import dataclass
 
 from ..base.errors import ConfigError, XpcnnError
@@ -164,6 +165,12 @@ class Local(Communicator):
     """One process: every collective leaves its array as it is."""
 
 
+def rendezvous_folder(url: str) -> str:
+    """The folder of a ``file://`` rendezvous, read as torch reads it: the URL's path, neither its host
+    (``file://localhost/...``) nor decoded."""
+    return os.path.dirname(urllib.parse.urlparse(url).path)
+
+
 class TorchCommunicator(Communicator):
     """The collectives through ``torch.distributed`` with gloo (CPU), for NumPy arrays and CPU torch tensors."""
 
@@ -179,10 +186,11 @@ class TorchCommunicator(Communicator):
         self.rank, self.world_size, self.timeout = placement.rank, placement.world_size, timeout
         stale = ""
         if placement.init_method.startswith("file://"):
-            folder = os.path.dirname(placement.init_method.removeprefix("file://"))
+            folder = rendezvous_folder(placement.init_method)
             if not os.path.isdir(folder):  # torch's file store would wait its own 300 s for it, deaf to signals
                 raise DistributedError(f"XPCNN_RENDEZVOUS: {folder} is not a directory here (not mounted?)")
-            stale = "; a file left by a killed run stops every later run that names it: remove it first"
+            if placement.launcher != "xpcnn":  # --nproc's file is new in a folder of its own: never stale
+                stale = "; a file left by a killed run stops every later run that names it: remove it first"
         try:
             dist.init_process_group(
                 "gloo",

@@ -104,7 +104,7 @@ def fit(
         model = make_model(config)
     elif config.dropout is not None:
         raise ConfigError("dropout applies to a model given by name: set your model's Dropout layers' p", "dropout")
-    config.check_every_setting_used(model)
+    config.check_every_setting_used(model, given=settings)
     dataset, train, evals = _training_data(data, validation, model, config.seed, data_dir)
     if not isinstance(backend, Backend):
         prepare(backend)  # several JAX ranks meet before JAX does anything

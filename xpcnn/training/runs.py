@@ -384,13 +384,13 @@ def train_run(
         return _train_in(config, backend, dataset, out, resume=resume, communicator=communicator, **options)
     made = [path for path in (out, *out.parents) if not path.exists()]  # removed again if the run writes nothing
     out.mkdir(parents=True, exist_ok=True)
-    try:
-        with locked_directory(out):
+    with locked_directory(out):  # held, so that a run refused it (busy) removes nothing of the one holding it
+        try:
             claim_run_dir(out, resume)
             remove_temporaries(out, RUN_FILES)
             return _train_in(config, backend, dataset, out, resume=resume, communicator=communicator, **options)
-    finally:
-        remove_if_empty(*made)
+        finally:
+            remove_if_empty(*made)
 
 
 def _train_in(

@@ -43,7 +43,7 @@ from ..base.stopping import stop_on_signals
 from ..data.data import split_validation
 from ..data.device_data import DeviceSplit, EvalResult, Normalization, evaluate_batches, input_dtype
 from ..functional import softmax
-from ..nn import CrossEntropyLoss, Sequential, recalibrate_batchnorm
+from ..nn import BatchNorm1d, BatchNorm2d, CrossEntropyLoss, Sequential, recalibrate_batchnorm
 from ..optim import Optimizer
 from .config import TrainConfig, make_augmentation
 from .display import Progress
@@ -320,9 +320,8 @@ class Trainer:
             raise TrainingDiverged(f"weights became non-finite ({', '.join(bad)}) in epoch {epoch}")
         compiled_before = self.step_runner.compile_seconds
         with self._averaged_weights():
-            if self.config.recalibrate_bn and epoch == self.config.epochs:
-                recalibrate_on(self.model, train)
-                record["bn_recalibrated"] = True
+            if self.config.recalibrate_bn and epoch == self.config.epochs:  # a recipe's, on a model without: no
+                record["bn_recalibrated"] = recalibrate_on(self.model, train)
             for name, split in evals.items():
                 result = self.evaluate(split)
                 if not math.isfinite(result.loss):
@@ -469,10 +468,12 @@ class LayerSteps:
         return evaluate(self.model, split, self.backend)
 
 
-def recalibrate_on(model: Sequential, split: DeviceSplit) -> None:
+def recalibrate_on(model: Sequential, split: DeviceSplit) -> bool:
     """``recalibrate_bn``'s pass: ``model``'s batch-norm statistics re-estimated on ``split``'s images, 1,000 at a
-    time in their order (the order fixes the float sums, so a pass repeated elsewhere gives the same numbers)."""
+    time in their order (the order fixes the float sums, so a pass repeated elsewhere gives the same numbers).
+    Whether the model has any (without, nothing is read)."""
     recalibrate_batchnorm(model, (images for images, _ in split.batches(1000)))
+    return any(isinstance(layer, BatchNorm1d | BatchNorm2d) for layer in model.modules())
 
 
 def evaluate(model: Sequential, split: DeviceSplit, backend: Backend, batch_size: int = 1000) -> EvalResult:

@@ -138,7 +138,7 @@ class TrainConfig:
         Not made part of every config's check: checkpoints of runs that gave such settings before are still read.
         """
         batch_norm = (
-            _batch_norm_in(model) if model is not None else self.model not in MODELS or _has_batch_norm(self.model)
+            has_batch_norm(model) if model is not None else self.model not in MODELS or _batch_norm_by_name(self.model)
         )
         unused = [
             (
@@ -200,12 +200,13 @@ def _has_dropout(name: str) -> bool:
 
 
 @functools.cache
-def _has_batch_norm(name: str) -> bool:
+def _batch_norm_by_name(name: str) -> bool:
     """Whether the named model has a batch-norm layer for ``recalibrate_bn`` to re-estimate."""
-    return _batch_norm_in(build(name))
+    return has_batch_norm(build(name))
 
 
-def _batch_norm_in(model: Sequential) -> bool:
+def has_batch_norm(model: Sequential) -> bool:
+    """Whether ``model`` has a batch-norm layer (for ``recalibrate_bn`` to re-estimate)."""
     return any(isinstance(layer, BatchNorm1d | BatchNorm2d) for layer in model.modules())
 
 

@@ -43,9 +43,9 @@ from ..base.stopping import stop_on_signals
 from ..data.data import split_validation
 from ..data.device_data import DeviceSplit, EvalResult, Normalization, evaluate_batches, input_dtype
 from ..functional import softmax
-from ..nn import BatchNorm1d, BatchNorm2d, CrossEntropyLoss, Sequential, recalibrate_batchnorm
+from ..nn import CrossEntropyLoss, Sequential, recalibrate_batchnorm
 from ..optim import Optimizer
-from .config import TrainConfig, make_augmentation
+from .config import TrainConfig, has_batch_norm, make_augmentation
 from .display import Progress
 from .schedules import scheduled_lr
 from .step import Step, compiles, stateless_forward
@@ -473,7 +473,7 @@ def recalibrate_on(model: Sequential, split: DeviceSplit) -> bool:
     time in their order (the order fixes the float sums, so a pass repeated elsewhere gives the same numbers).
     Whether the model has any (without, nothing is read)."""
     recalibrate_batchnorm(model, (images for images, _ in split.batches(1000)))
-    return any(isinstance(layer, BatchNorm1d | BatchNorm2d) for layer in model.modules())
+    return has_batch_norm(model)
 
 
 def evaluate(model: Sequential, split: DeviceSplit, backend: Backend, batch_size: int = 1000) -> EvalResult:

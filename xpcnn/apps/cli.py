@@ -186,17 +186,18 @@ def train(
     **options,
 ):
     """Train a model, saving config, history and checkpoints to a run directory."""
+    launching = bool(nproc and nproc > 1)  # this process starts the ranks, and does not train itself
     try:
         placement = rank_from_environment()
     except XpcnnError:
-        if nproc and nproc > 1:  # a launcher's variables left in the shell: their advice would not help --nproc
+        if launching:  # a launcher's variables left in the shell: their advice would not help --nproc
             raise click.UsageError("--nproc starts its own ranks: unset the launcher variables left here") from None
         raise
     if placement.launcher == "xpcnn":
         from .launch import end_with_launcher
 
         end_with_launcher()
-    if nproc and nproc > 1 and placement.world_size > 1:
+    if launching and placement.world_size > 1:
         raise click.UsageError(
             f"--nproc starts its own ranks: leave it out under {placement.launcher}, which started "
             f"{placement.world_size} already"
@@ -241,12 +242,12 @@ def train(
     trained_on = str(checkpoint.meta.get("trained_on", "")) if checkpoint else ""
     taken, missing = (None, None) if backend else preferred_backend(recipe_name, trained_on, device)
     backend = backend or taken
-    if not (nproc and nproc > 1):
+    if not launching:
         prepare(backend)  # JAX's ranks meet before JAX does anything
     chosen = get_backend(backend, device)
-    if checkpoint and chosen.name == "jax" and not (nproc and nproc > 1) and placement.world_size == 1:
+    if checkpoint and chosen.name == "jax" and not launching and placement.world_size == 1:
         eager = eager or ran_eagerly(out)  # an --eager run continues exactly; several ranks run compiled
-    if nproc and nproc > 1:
+    if launching:
         from ..backends.distributed import check_batch_size
         from .launch import check_before_ranks, child_arguments, launch
 

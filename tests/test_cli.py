@@ -616,13 +616,14 @@ def test_xpcnn_debug_shows_the_traceback_of_a_picture_predict_cannot_read(traine
 
 
 def test_a_recipes_setting_the_chosen_model_cannot_use_is_left_out_not_refused(synthetic_dir, tmp_path):
-    """--recipe best recalibrates batch norm; with --model seed (none) it trains, records no recalibration, and
-    --recalibrate-bn typed beside the same model is refused."""
+    """--recipe best recalibrates batch norm; with --model seed (none) it trains, says so, records no
+    recalibration, and --recalibrate-bn typed beside the same model is refused."""
     from xpcnn.data.checkpoint import load_checkpoint
 
     common = ["--recipe", "best", "--model", "seed", "--epochs", "1", "--backend", "numpy", "--device", "cpu"]
     run = tmp_path / "run"
-    invoke("train", *common, "--data-dir", synthetic_dir, "--out", run)
+    trained = invoke("train", *common, "--data-dir", synthetic_dir, "--out", run)
+    assert "note: the best recipe's batch-norm recalibration is left out: seed has no batch norm" in trained.output
     assert json.loads((run / "config.json").read_text())["recalibrate_bn"] is True
     assert load_checkpoint(run).meta["state"]["history"][-1]["bn_recalibrated"] is False
     again = ["--recalibrate-bn", "--data-dir", synthetic_dir, "--out", tmp_path / "again"]

@@ -3,7 +3,7 @@ gives before it trains."""
 
 from __future__ import annotations
 
-from ..training.config import TrainConfig, recipe_dataset, recipes_for
+from ..training.config import TrainConfig, model_has_batch_norm, recipe_dataset, recipes_for
 
 
 def _figures(entry: dict) -> str:
@@ -37,13 +37,16 @@ def evaluation_lines(report: dict, position: str) -> list[str]:
 
 def train_notes(config: TrainConfig, recipe: str | None, resumed: TrainConfig | None, missing: str | None, chosen):
     """What ``xpcnn train`` notes on stderr before training ``config`` with backend ``chosen``: a recipe made for
-    another dataset; ``resumed`` (the run's recorded settings, when resuming) stretched to more epochs on a
-    schedule that depends on its length; ``missing``, the backend the run or the recipe wanted, not usable here."""
+    another dataset, or a recipe's setting the model has no layer for; ``resumed`` (the run's recorded settings,
+    when resuming) stretched to more epochs on a schedule that depends on its length; ``missing``, the backend the
+    run or the recipe wanted, not usable here."""
     notes = []
     own = recipes_for(config.dataset)
     if recipe and recipe not in own:
         others = f" (for {config.dataset}: --recipe {'|'.join(own)})" if own else ""
         notes.append(f"the {recipe} recipe was chosen on {recipe_dataset(recipe)}, not {config.dataset}{others}")
+    if recipe and config.recalibrate_bn and not model_has_batch_norm(config.model):  # left out, not refused
+        notes.append(f"the {recipe} recipe's batch-norm recalibration is left out: {config.model} has no batch norm")
     if resumed is not None and resumed.epochs != config.epochs and config.schedule != "constant":
         notes.append(
             f"the {config.schedule} schedule was planned over {resumed.epochs} epoch(s) and now spans {config.epochs}: "

@@ -138,7 +138,7 @@ class TrainConfig:
         Not made part of every config's check: checkpoints of runs that gave such settings before are still read.
         """
         batch_norm = (
-            has_batch_norm(model) if model is not None else self.model not in MODELS or _batch_norm_by_name(self.model)
+            has_batch_norm(model) if model is not None else self.model not in MODELS or model_has_batch_norm(self.model)
         )
         unused = [
             (
@@ -200,8 +200,9 @@ def _has_dropout(name: str) -> bool:
 
 
 @functools.cache
-def _batch_norm_by_name(name: str) -> bool:
-    """Whether the named model has a batch-norm layer for ``recalibrate_bn`` to re-estimate."""
+def model_has_batch_norm(name: str) -> bool:
+    """Whether the model named ``name`` (one of ``MODELS``) has a batch-norm layer for ``recalibrate_bn`` to
+    re-estimate."""
     return has_batch_norm(build(name))
 
 

@@ -40,10 +40,8 @@ from ..training.runs import (
     check_same_data,
     check_same_task,
     checkpoint_config,
-    confusion_matrix,
     default_run_dir,
     model_from_checkpoint,
-    per_class_accuracy,
     picture_framing,
     ran_eagerly,
     recorded_data_dir,
@@ -63,7 +61,7 @@ from . import export as exporting
 from . import plots
 from .exits import FriendlyGroup, debug_traceback, friendly_errors, prepare_stdout, tell
 from .options import NonEmptyPath, allow_other_data_option, augmentation_options, device_options
-from .report import evaluation_lines, train_notes
+from .report import evaluation_lines, evaluation_report, train_notes
 
 
 @click.group(cls=FriendlyGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -360,22 +358,7 @@ def evaluate(run, data_dir, device, backend, as_json, plot, tta, members, allow_
             trained = [model_from_checkpoint(other, chosen) for other in others]
             ensembled = evaluate_ensemble(trained, dataset.test_images, dataset.test_labels, chosen, [probabilities])
     labels = dataset.test_labels.astype(np.int64)
-    classes = checkpoint.meta["classes"]
-    k = len(classes)
-    confusion = confusion_matrix(labels, result.predictions, k)
-    per_class = per_class_accuracy(confusion)
-    report = {
-        "checkpoint": str(checkpoint_path(run)),
-        "dataset": config.dataset,
-        "epoch": checkpoint.meta["state"]["epoch"],  # completed; a checkpoint written by a stop is "step" further
-        "step": checkpoint.meta["state"]["step"],
-        "images": int(len(labels)),
-        "loss": result.loss,
-        "accuracy": result.accuracy,
-        "per_class_accuracy": dict(zip(classes, per_class, strict=False)),  # None where a class has no images
-        "confusion_matrix": confusion.tolist(),
-        "classes": classes,
-    }
+    report = evaluation_report(checkpoint, config.dataset, labels, result)
     if augmented is not None:
         loss = augmented.loss if math.isfinite(augmented.loss) else None
         report["tta"] = {"views": len(views), "loss": loss, "accuracy": augmented.accuracy}
@@ -385,6 +368,7 @@ def evaluate(run, data_dir, device, backend, as_json, plot, tta, members, allow_
         report["ensemble"] = {"checkpoints": runs, "loss": loss, "accuracy": ensembled.accuracy}
     if plot:
         title = f"{config.model} on the {config.dataset} test set"
+        confusion, classes = np.asarray(report["confusion_matrix"]), report["classes"]
         report["plots"] = [
             str(plots.plot_confusion(confusion, classes, run_dir / "confusion.png", title=title)),
             str(

@@ -1,9 +1,33 @@
-"""The text ``xpcnn evaluate`` prints (its JSON report laid out for a terminal), and the notes ``xpcnn train``
-gives before it trains."""
+"""What ``xpcnn evaluate`` reports (its JSON report, and the same laid out for a terminal), and the notes
+``xpcnn train`` gives before it trains."""
 
 from __future__ import annotations
 
+import numpy as np
+
+from ..data.checkpoint import Checkpoint
+from ..data.device_data import EvalResult
 from ..training.config import TrainConfig, model_has_batch_norm, recipe_dataset, recipes_for
+from ..training.runs import confusion_matrix, per_class_accuracy
+
+
+def evaluation_report(checkpoint: Checkpoint, dataset: str, labels: np.ndarray, result: EvalResult) -> dict:
+    """``evaluate --json``'s report of ``result``, the checkpoint's model on ``dataset``'s test ``labels`` (N,)."""
+    classes = checkpoint.meta["classes"]
+    confusion = confusion_matrix(labels, result.predictions, len(classes))
+    per_class = per_class_accuracy(confusion)
+    return {
+        "checkpoint": str(checkpoint.path),
+        "dataset": dataset,
+        "epoch": checkpoint.meta["state"]["epoch"],  # completed; a checkpoint written by a stop is "step" further
+        "step": checkpoint.meta["state"]["step"],
+        "images": int(len(labels)),
+        "loss": result.loss,
+        "accuracy": result.accuracy,
+        "per_class_accuracy": dict(zip(classes, per_class, strict=False)),  # None where a class has no images
+        "confusion_matrix": confusion.tolist(),
+        "classes": classes,
+    }
 
 
 def _figures(entry: dict) -> str:

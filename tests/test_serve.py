@@ -464,6 +464,44 @@ def test_a_server_on_loopback_answers_only_requests_for_a_local_name(server, hos
         assert whole_answer(server, head.encode()).split(b"\r\n")[0] == b"HTTP/1.1 403 Forbidden"
 
 
+@pytest.mark.parametrize(
+    "host, expected_status",
+    [
+        ("ide.example:443", 200),
+        ("IDE.Example.", 200),
+        ("proxy.example", 200),
+        ("8000-a1.proxy.example", 200),  # a leading dot: the domain and its subdomains
+        ("localhost", 200),
+        ("evilproxy.example", 403),
+        ("ide.example.attacker.example", 403),
+        ("other.example", 403),
+    ],
+)
+def test_allow_host_adds_names_a_server_on_loopback_answers(run, host, expected_status):
+    """Behind a proxy that forwards under its own name (a cloud IDE's port forwarding), --allow-host names it."""
+    allowed = ("ide.example", ".proxy.example")
+    server = make_server(load_checkpoint(run), get_backend("numpy"), port=0, quiet=True, allowed_hosts=allowed)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        status, _, answer = request(server, "GET", "/", headers={"Host": host})
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+    assert status == expected_status, answer
+
+
+@pytest.mark.parametrize("name", ["*", "", ".", "example.com:8000", "http://example.com", "a b"])
+def test_allow_host_refuses_what_is_not_a_host_name_in_one_line(run, name):
+    result = CliRunner().invoke(main, ["serve", str(run), "--allow-host", name, "--port", "0", "--device", "cpu"])
+    assert result.exit_code == 1, (result.output, result.exception)
+    assert result.output.strip().splitlines() == [
+        f"Error: cannot allow host {name!r}: not a host name (such as example.com, or .example.com for it and "
+        "its subdomains)"
+    ]
+
+
 def test_more_than_one_host_header_is_a_bad_request(server):
     status, body = raw_exchange(server, b"GET / HTTP/1.1\r\nHost: localhost\r\nHost: attacker.example\r\n\r\n")
     assert_error(status, body, 400, "more than one Host")

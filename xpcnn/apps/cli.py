@@ -480,8 +480,16 @@ def export(run, format_, output, softmax, force):
 )
 @device_options
 @click.option("--quiet", is_flag=True, help="No access log (one line per request on stderr).")
+@click.option(
+    "--allow-host",
+    "allowed_hosts",
+    multiple=True,
+    metavar="NAME",
+    help="Also answer requests for this host name (repeatable; .example.com: it and its subdomains), e.g. behind "
+    "a proxy that forwards under its own name. On loopback, only IP addresses and localhost are answered.",
+)
 @friendly_errors
-def serve(run, host, port, device, backend, quiet):
+def serve(run, host, port, device, backend, quiet, allowed_hosts):
     """A local web page to draw digits on and see the model's probabilities, with POST /predict (a PNG in, JSON out).
 
     Stop it with Ctrl-C.
@@ -489,7 +497,7 @@ def serve(run, host, port, device, backend, quiet):
     from .serve import make_server
 
     checkpoint = load_checkpoint(run)
-    server = make_server(checkpoint, get_backend(backend, device), host, port, quiet)
+    server = make_server(checkpoint, get_backend(backend, device), host, port, quiet, allowed_hosts=allowed_hosts)
     try:  # a stop as soon as the address is out (a supervisor that waited for it) is a stop, exit 0
         click.echo(f"serving {checkpoint_path(run)} at {server.url} (Ctrl-C stops)")
         if sys.stdout is not None:  # None: closed (>&-)

@@ -14,11 +14,13 @@ import contextlib
 import io
 import ipaddress
 import json
+import re
 import socket
 import sys
 import threading
 import time
 import traceback
+from collections.abc import Sequence
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
@@ -37,6 +39,7 @@ from ..training.train import predict_probabilities
 MAX_BODY_BYTES = 1024 * 1024  # a 280x280 canvas is a few kB; anything over 1 MiB is refused before it is read
 BODY_TIMEOUT_S = 10.0  # default limit for a whole body to arrive, and for a connection to idle
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+ALLOWED_HOST = re.compile(r"\.?[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*\.?")  # a name; a leading dot: its subdomains too
 ROUTES = {"/": "GET", "/index.html": "GET", "/predict": "POST"}  # path -> its one method (and HEAD for GET)
 
 
@@ -137,9 +140,10 @@ class Handler(BaseHTTPRequestHandler):
     def _host_allowed(self) -> bool:
         """Whether the request names this server in its Host header; else answer 400 (more than one) or 403.
 
-        A server on a loopback address answers only requests for an IP address, ``localhost`` or the name it
-        was given: a web page whose own name an attacker points at 127.0.0.1 (DNS rebinding) is refused.  A
-        server on another address (``--host 0.0.0.0``) was opened to the network, under any name.
+        A server on a loopback address answers only requests for an IP address, ``localhost``, the name it
+        was given and the ``allowed_hosts`` (a leading dot: that domain and its subdomains): a web page whose own
+        name an attacker points at 127.0.0.1 (DNS rebinding) is refused.  A server on another address
+        (``--host 0.0.0.0``) was opened to the network, under any name.
         """
         hosts = self.headers.get_all("Host") or []
         if len(hosts) > 1:
@@ -151,11 +155,12 @@ class Handler(BaseHTTPRequestHandler):
             name = (urlsplit(f"//{hosts[0]}").hostname or "").rstrip(".")
         except ValueError:
             name = None
-        local = ("", "localhost", self.server.host_name)
-        if name is not None and (_ip_address(name) or name in local or name.endswith(".localhost")):
+        if name is not None and (_ip_address(name) or self.server.answers_to(name.lower())):
             return True
         self._send_json_error(
-            HTTPStatus.FORBIDDEN, f"Host {hosts[0][:200]!r} is not this server: ask for localhost or its address"
+            HTTPStatus.FORBIDDEN,
+            f"Host {hosts[0][:200]!r} is not this server: ask for localhost or its address (or start it with "
+            "--allow-host NAME)",
         )
         return False
 
@@ -302,17 +307,32 @@ class DigitServer(ThreadingHTTPServer):
     daemon_threads = True
     request_queue_size = 128  # the listen backlog; socketserver's 5 makes a burst of clients see resets
 
-    def __init__(self, address: tuple[str, int], reader: DigitReader, quiet: bool, body_timeout: float):
+    def __init__(
+        self,
+        address: tuple[str, int],
+        reader: DigitReader,
+        quiet: bool,
+        body_timeout: float,
+        allowed_hosts: Sequence[str] = (),
+    ):
         if ":" in address[0]:  # an IPv6 address such as ::1
             self.address_family = socket.AF_INET6
         self.reader = reader
         self.body_timeout = body_timeout
         self.page = resources.files("xpcnn.apps").joinpath("static/index.html").read_bytes()
         self.quiet = quiet
-        self.host_name = address[0].lower().rstrip(".")  # as given: a name, or an address
+        names = [address[0], "localhost", ".localhost", *allowed_hosts]  # the first as given: a name, or an address
+        self.host_names = {name.lower().rstrip(".") for name in names}
         super().__init__(address, Handler)
         bound = _ip_address(self.server_address[0])
         self.loopback = bound is not None and bound.is_loopback
+
+    def answers_to(self, name: str) -> bool:
+        """Whether ``name`` (lower case, no trailing dot; "" where a request named none) is one of this server's
+        names, or lies under a domain given with a leading dot (``.localhost``: every ``*.localhost``)."""
+        return name in ("", *self.host_names) or any(
+            allowed.startswith(".") and (name.endswith(allowed) or name == allowed[1:]) for allowed in self.host_names
+        )
 
     @property
     def url(self) -> str:
@@ -354,18 +374,27 @@ def make_server(
     port: int = 8000,
     quiet: bool = False,
     body_timeout: float = BODY_TIMEOUT_S,
+    allowed_hosts: Sequence[str] = (),
 ) -> DigitServer:
     """A server bound to host:port (port 0: a free one, see ``server.url``), not yet serving.
 
     ``quiet`` turns off the access log; ``body_timeout`` (seconds) is how long a request's body may take to
-    arrive, and how long a connection may idle between requests.
+    arrive, and how long a connection may idle between requests.  On a loopback address the server answers
+    requests for IP addresses, localhost, ``host`` and the ``allowed_hosts`` only (a name with a leading dot
+    allows that domain and its subdomains), as a guard against DNS rebinding.
 
     XpcnnError (one line) where the address cannot be bound, e.g. a port already in use.
     """
     if not _host_name(host):  # the socket would raise TypeError, not the OSError of an address it cannot bind
         raise XpcnnError(f"cannot listen on {host!r}: not a host name or address")
+    for name in allowed_hosts:
+        if not ALLOWED_HOST.fullmatch(name):
+            raise XpcnnError(
+                f"cannot allow host {name!r}: not a host name (such as example.com, or .example.com for it and "
+                "its subdomains)"
+            )
     reader = DigitReader(checkpoint, backend)
     try:
-        return DigitServer((host, port), reader, quiet, body_timeout)
+        return DigitServer((host, port), reader, quiet, body_timeout, allowed_hosts)
     except OSError as exc:
         raise XpcnnError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None

@@ -5,6 +5,7 @@ Everything runs on files written into tmp_path and on a local HTTP server on
 """
 
 import contextlib
+import dataclasses
 import gzip
 import hashlib
 import http.server
@@ -565,7 +566,7 @@ def test_download_all_mirrors_bad(tmp_path, mirrors):
     message = assert_one_line_naming(error, FILES[0], "--data-dir", "XPCNN_DATA_DIR", str(tmp_path / "cache"))
     assert "404" in message and "SHA-256 mismatch" in message and data.BOTH_FORMS in message
     assert isinstance(error.value, DataError)
-    assert cache_files(tmp_path) == []
+    assert not (tmp_path / "cache").exists()  # nor the folders the download made: nothing is left
 
 
 def test_download_unreachable_mirror(tmp_path, mirrors):
@@ -585,7 +586,17 @@ def test_a_mirror_that_sends_too_much_or_too_slowly_is_left_for_the_next(tmp_pat
     message = assert_one_line_naming(error, FILES[0])
     assert "sent over 1,048,576 bytes" in message and "declares 1,000,000,000,000 bytes" in message
     assert "took longer than 0.2 s" in message
-    assert cache_files(tmp_path) == []
+    assert not (tmp_path / "cache").exists()
+
+
+def test_a_failed_download_keeps_the_files_it_got_and_folders_that_were_there(tmp_path, mirrors):
+    (tmp_path / "cache").mkdir()
+    spec = spec_for(mirrors.files, (mirrors.url("good"),))
+    spec = dataclasses.replace(spec, sha256=dict(spec.sha256, **{FILES[-1]: "0" * 64}))  # the last one mismatches
+    with pytest.raises(DownloadError):
+        load_dataset(spec, progress=False)
+    cache = tmp_path / "cache" / "xpcnn" / "tiny"
+    assert cache_files(tmp_path) == sorted(cache / file for file in FILES[:-1])  # not fetched again next time
 
 
 def test_a_content_length_that_is_not_a_number_does_not_stop_a_download(tmp_path, mirrors):

@@ -274,13 +274,21 @@ def download_files(
     Each file is checked against ``spec.sha256`` and renamed into place only
     when it matches.  Raises `DownloadError` when every mirror fails for a
     file.  Returns `directory` as a Path.  Another process downloading into
-    `directory` is waited for; a killed one's partial files are removed.
+    `directory` is waited for; a killed one's partial files are removed.  A
+    download that fails removes the folders it made, where they are still empty.
     """
     directory = Path(directory)
+    made = [folder for folder in (directory, *directory.parents) if not folder.exists()]  # deepest first
     directory.mkdir(parents=True, exist_ok=True)
-    with locked_directory(directory, wait=True):  # one download at a time: a second finds the files there
-        remove_temporaries(directory, FILES)  # what a killed download left
-        return _download_missing(spec, directory, progress, timeout)
+    try:
+        with locked_directory(directory, wait=True):  # one download at a time: a second finds the files there
+            remove_temporaries(directory, FILES)  # what a killed download left
+            return _download_missing(spec, directory, progress, timeout)
+    except BaseException:  # Ctrl-C included: no empty cache folder is left to puzzle over
+        for folder in made:
+            with contextlib.suppress(OSError):  # not empty: another download's files, or one of the user's
+                folder.rmdir()
+        raise
 
 
 def _download_missing(spec: DatasetSpec, directory: Path, progress: bool, timeout: float) -> Path:

@@ -132,6 +132,35 @@ def test_save_writes_a_checkpoint_the_loaders_read(tmp_path):
 IMAGES, LABELS = blobs(20)
 
 
+def test_a_model_of_your_own_layers_is_recorded_as_custom_and_not_rebuilt_as_a_named_one(tmp_path):
+    """convnet's parameter names and shapes with a Dropout(0) where convnet has a ReLU: it was recorded as convnet,
+    and the command line rebuilt convnet and predicted with it, silently giving other classes."""
+    from click.testing import CliRunner
+
+    from xpcnn.apps.cli import main
+
+    convnet = models.build("convnet", seed=0)
+    layers = convnet.layers
+    relu = next(i for i, layer in enumerate(layers) if isinstance(layer, nn.ReLU))
+    own = nn.Sequential(*layers[:relu], nn.Dropout(0.0), *layers[relu + 1 :])
+    assert [(k, v.shape) for k, v in own.state_dict().items()] == [
+        (k, v.shape) for k, v in convnet.state_dict().items()
+    ]
+    history = xpcnn.fit(own, (IMAGES, LABELS), batch_size=10, backend="numpy")
+    assert history.config.model == "custom"
+    xpcnn.save(tmp_path / "own.npz", own, history)
+    checkpoint = load_checkpoint(tmp_path / "own.npz")
+    with pytest.raises(ConfigError, match="own.npz holds a model of your own layers .*load the checkpoint's model_st"):
+        model_from_checkpoint(checkpoint, xpcnn.get_backend("numpy"))
+    np.save(tmp_path / "one.npy", IMAGES[0])
+    for command in (["predict", "own.npz", "one.npy"], ["export", "own.npz", "--format", "onnx", "--output", "o"]):
+        result = CliRunner().invoke(main, [*command[:1], *(str(tmp_path / a) if "." in a else a for a in command[1:])])
+        assert result.exit_code == 1 and "own.npz holds a model of your own layers" in result.output, result.output
+        assert len(result.output.strip().splitlines()) == 1
+    with pytest.raises(ConfigError, match="holds a model of your own layers"):
+        xpcnn.fit("custom", (IMAGES, LABELS))
+
+
 @pytest.mark.parametrize(
     "data, message",
     [

@@ -30,7 +30,7 @@ from ..optim import OPTIMIZERS
 from ..training.config import RECIPES, TrainConfig, preferred_backend, recipe
 from ..training.display import Progress
 from ..training.ensemble import evaluate_ensemble
-from ..training.fitting import require_named_dataset
+from ..training.fitting import require_rebuildable_run
 from ..training.runs import (
     RUN_FILES,
     RUNS_ROOT,
@@ -217,7 +217,7 @@ def train(
         except ConfigError as exc:
             raise click.UsageError(str(exc)) from None  # names its flags, and the run's own values
         out = Path(resume)
-        require_named_dataset(config, resume)
+        require_rebuildable_run(config, resume)
         data_dir = data_dir or recorded_data_dir(checkpoint, out)
     else:
         checkpoint = None
@@ -340,7 +340,7 @@ def evaluate(run, data_dir, device, backend, as_json, plot, tta, members, allow_
     others = [load_checkpoint(member) for member in members]
     chosen = get_backend(backend, device)
     config = checkpoint_config(checkpoint)
-    require_named_dataset(config, run)
+    require_rebuildable_run(config, run)
     dataset = load_dataset(config.dataset, data_dir or recorded_data_dir(checkpoint, run_dir))
     for each in (checkpoint, *others):  # one line and exit status 1, as train --resume refuses other data
         check_same_task(each, checkpoint)

@@ -24,6 +24,7 @@ from .schedules import SCHEDULES
 ELASTIC_SIGMA = (0.1, 100.0)  # pixels; outside, the Gaussian underflows, overflows or is meaningless on 28 pixels
 MAX_ELASTIC = 1000.0  # pixels: a larger displacement moves every pixel off the image
 MAX_CROP = 14  # pixels of padding: a larger shift leaves less than half of a 28-pixel image
+CUSTOM_MODEL = "custom"  # the model name fit records for a model of the user's own layers, which no name rebuilds
 
 
 @dataclass
@@ -62,7 +63,11 @@ class TrainConfig:
             setattr(self, field.name, _typed(field.name, field.type, getattr(self, field.name)))
         low, high = ELASTIC_SIGMA
         checks = [  # (holds, the setting, what it must be)
-            (self.model in MODELS, "model", f"unknown model {self.model!r}: expected one of {', '.join(MODELS)}"),
+            (
+                self.model in MODELS or self.model == CUSTOM_MODEL,
+                "model",
+                f"unknown model {self.model!r}: expected one of {', '.join(MODELS)}",
+            ),
             (
                 self.optimizer in OPTIMIZERS,
                 "optimizer",
@@ -179,9 +184,21 @@ def flag(setting: str) -> str:
     return "--" + setting.replace("_", "-")
 
 
+def require_named_model(config: TrainConfig, where) -> None:
+    """ConfigError where ``config`` (of the run or checkpoint ``where``) records a model of the user's own layers:
+    only the user's code can build it again."""
+    if config.model == CUSTOM_MODEL:
+        raise ConfigError(
+            f"{where} holds a model of your own layers (trained by xpcnn.fit), which only your code can build again: "
+            "build it and load the checkpoint's model_state into it",
+            "model",
+        )
+
+
 def make_model(config: TrainConfig) -> Sequential:
     """The config's named model with weights drawn from its seed, every dropout layer at the config's ``dropout``
-    where it names one."""
+    where it names one; ConfigError for a model of the user's own layers."""
+    require_named_model(config, "the configuration")
     model = build(config.model, seed=config.seed)
     if config.dropout is not None:
         for layer in _dropout_layers(model):

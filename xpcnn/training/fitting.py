@@ -29,7 +29,7 @@ from ..data.idx import DataError
 from ..models import MODELS, build
 from ..nn import Sequential
 from ..optim import OPTIMIZERS, SGD, Optimizer
-from .config import TrainConfig, make_model, make_optimizer, positive_int
+from .config import CUSTOM_MODEL, TrainConfig, make_model, make_optimizer, positive_int, require_named_model
 from .display import Progress
 from .runs import checkpoint_meta
 from .step import stateless_forward
@@ -94,7 +94,7 @@ def fit(
     config = TrainConfig.from_dict(
         {
             **settings,
-            "model": name or TrainConfig.model,
+            "model": name or CUSTOM_MODEL,
             **own,
             "dataset": data if isinstance(data, str) else ARRAYS,
             "validation": 0 if isinstance(validation, tuple | list) else validation,
@@ -168,8 +168,10 @@ def predict(model: Sequential, images, *, normalization: Normalization, batch_si
         return predict_probabilities(model, split.images, batch_size)
 
 
-def require_named_dataset(config: TrainConfig, run) -> None:
-    """DataError for a run :func:`fit` trained on arrays (``run`` names it): the command line cannot load them."""
+def require_rebuildable_run(config: TrainConfig, run) -> None:
+    """ConfigError for a run of a model of the user's own layers, DataError for one :func:`fit` trained on arrays
+    (``run`` names it): the command line can build neither again."""
+    require_named_model(config, run)
     if config.dataset == ARRAYS:
         raise DataError(f"{run} was trained by xpcnn.fit on arrays, not on a dataset's files: use it from Python")
 
@@ -179,7 +181,8 @@ def save(path: str | os.PathLike, model: Sequential, history: History) -> None:
 
     For a named architecture (trained from a model name, or built by :func:`xpcnn.models.build`)
     the command line's ``xpcnn predict``, ``export`` and ``serve`` read it too, and ``xpcnn evaluate`` where it
-    was trained on a named dataset.  ``model`` must be the one ``fit`` trained for ``history`` (or one of the same
+    was trained on a named dataset; a model of your own layers is recorded as ``"custom"``, which only your code
+    builds again.  ``model`` must be the one ``fit`` trained for ``history`` (or one of the same
     layers); ConfigError, before anything is written, otherwise.
     """
     if not isinstance(history, History):

@@ -24,7 +24,7 @@ from ..data.images import Framing, framing_for
 from ..models import build
 from ..nn import Sequential
 from ..optim import Optimizer
-from .config import TrainConfig, flag, make_model, make_optimizer
+from .config import TrainConfig, flag, make_model, make_optimizer, require_named_model
 from .display import Progress
 from .train import RunState, TrainingDiverged, TrainingInterrupted, host_splits, predict_probabilities, start_training
 
@@ -55,6 +55,7 @@ def model_from_checkpoint(checkpoint: Checkpoint, backend: Backend) -> tuple[Seq
     """The trained model of a checkpoint on ``backend``, and the input normalisation it expects: with ``ema``, the
     moving average of the weights (which the run evaluated), which its optimiser state keeps; else the weights."""
     config = checkpoint_config(checkpoint)
+    require_named_model(config, checkpoint.path)
     model = build(config.model).to(backend)
     if not config.ema:
         restore(checkpoint, model)
@@ -485,11 +486,8 @@ def _train_in(
             message = f"{exc}; checkpoint written to {out}; continue with: xpcnn train --resume {out}"
             raise TrainingInterrupted(message, exc.signum) from None
         except TrainingDiverged as exc:
-            kept = (
-                f"the last good checkpoint (epoch {state.epoch}) is kept in {out}"
-                if state.epoch
-                else "no checkpoint was written"
-            )
+            kept = f"the last good checkpoint (epoch {state.epoch}) is kept in {out}"
+            kept = kept if state.epoch else "no checkpoint was written"
             # A resumed run keeps its learning rate: the way out is a new run with a lower one.  A weight decay
             # with lr * decay >= 1 overshoots zero at every step by itself (an unusual decay of 1 or more).
             remedy = f"a --lr below {config.lr:g}"

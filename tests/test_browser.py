@@ -24,12 +24,12 @@ pytestmark = [
 REAL_TRAIN_IMAGES = 20_000  # enough for the seed model to read a clear 7 and 1 (at 99%+), in a few seconds
 
 
-def train(data_dir, out):
+def train(data_dir, out, dataset="mnist"):
     """A seed model, one epoch: the checkpoint's run directory."""
     result = CliRunner().invoke(
         main,
         ["train", "--model", "seed", "--epochs", "1", "--batch-size", "50", "--optimizer", "adam", "--lr", "0.005"]
-        + ["--device", "cpu", "--data-dir", str(data_dir), "--out", str(out)],
+        + ["--device", "cpu", "--data-dir", str(data_dir), "--out", str(out), "--dataset", dataset],
     )
     assert result.exit_code == 0, result.output
     return out
@@ -119,11 +119,31 @@ def test_the_page_shows_what_predict_answers_for_its_drawing(synthetic_server, d
         shown = wait_for_prediction(driver)
         assert prediction.get_attribute("data-state") == "done", driver.find_element(By.ID, "status").text
         answer = post_png(synthetic_server, canvas_png(driver))
-        assert shown == str(answer["class"])
+        assert shown == answer["label"] == str(answer["class"])
         assert shown_probabilities(driver) == pytest.approx(answer["probabilities"], abs=1e-12)
 
     driver.save_screenshot(str(tmp_path / "serve.png"))
     assert (tmp_path / "serve.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_the_page_of_a_fashion_run_names_its_classes(synthetic_dir, driver, tmp_path):
+    """It showed the bars 0-9 and the class's number for every dataset."""
+    from selenium.webdriver.common.by import By
+
+    from xpcnn.data.data import get_spec
+
+    server, thread = serving(train(synthetic_dir, tmp_path / "run", dataset="fashion-mnist"))
+    try:
+        driver.get(server.url)
+        names = [row.text for row in driver.find_elements(By.CSS_SELECTOR, ".bar .name")]
+        assert names == list(get_spec("fashion-mnist").classes)
+        assert (
+            driver.title == driver.find_element(By.ID, "heading").text == "xpcnn: draw one of fashion-mnist's classes"
+        )
+        draw(driver, SEVEN, "mouse")
+        assert wait_for_prediction(driver) == post_png(server, canvas_png(driver))["label"]
+    finally:
+        stop(server, thread)
 
 
 @pytest.mark.slow

@@ -121,12 +121,47 @@ def test_the_page_is_served_and_fetches_nothing_from_outside(server):
         assert "://" not in page  # no CDN, no external fetch: the page works offline
 
 
+def page_data(page: str) -> dict:
+    """The JSON the page is given: its heading and the class names."""
+    start = page.index('<script type="application/json" id="model">') + len(
+        '<script type="application/json" id="model">'
+    )
+    return json.loads(page[start : page.index("</script>", start)])
+
+
+def test_the_page_names_the_checkpoints_classes_as_data_never_markup(server, run, tmp_path):
+    """A Fashion-MNIST run's page showed the bars 0-9 and "prediction: 2"; a class name is text, whatever it holds."""
+    from xpcnn.data.checkpoint import save_checkpoint
+
+    assert page_data(request(server, "GET", "/")[2]) == {
+        "heading": "xpcnn: draw a digit",
+        "classes": list("0123456789"),
+    }
+    checkpoint = load_checkpoint(run)
+    names = ["</script><script>alert(1)</script>", "a & b", "<!--", *(f"class {i}" for i in range(3, 10))]
+    meta = {**checkpoint.meta, "classes": names, "config": {**checkpoint.meta["config"], "dataset": "fashion-mnist"}}
+    save_checkpoint(tmp_path / "named.npz", meta, checkpoint.model_state, checkpoint.optimizer_state)
+    named = make_server(load_checkpoint(tmp_path / "named.npz"), get_backend("numpy"), port=0, quiet=True)
+    thread = threading.Thread(target=named.serve_forever, daemon=True)
+    thread.start()
+    try:
+        page = request(named, "GET", "/")[2]
+        status, _, answer = request(named, "POST", "/predict", png_bytes(drawn_one()), {"Content-Type": "image/png"})
+    finally:
+        named.shutdown()
+        named.server_close()
+        thread.join()
+    assert page.count("</script>") == 2 and "<!--" not in page and "alert(1)" in page  # escaped, still there
+    assert page_data(page) == {"heading": "xpcnn: draw one of fashion-mnist's classes", "classes": names}
+    assert status == 200 and answer["label"] == names[answer["class"]]
+
+
 def test_predict_agrees_with_the_predict_command(server, run, tmp_path):
     path = tmp_path / "one.png"
     drawn_one().save(path)
     status, response, answer = request(server, "POST", "/predict", path.read_bytes(), {"Content-Type": "image/png"})
     assert status == 200 and response.getheader("Content-Type") == "application/json"
-    assert set(answer) == {"class", "probabilities"}
+    assert set(answer) == {"class", "label", "probabilities"}
     probabilities = answer["probabilities"]
     assert isinstance(answer["class"], int) and len(probabilities) == 10
     assert sum(probabilities) == pytest.approx(1, abs=1e-5) and answer["class"] == int(np.argmax(probabilities))
@@ -134,7 +169,7 @@ def test_predict_agrees_with_the_predict_command(server, run, tmp_path):
     result = CliRunner().invoke(main, ["predict", str(run), str(path), "--top-k", "10", "--json", "--device", "cpu"])
     assert result.exit_code == 0, result.output
     [row] = json.loads(result.output)
-    assert answer["class"] == row["class"]
+    assert answer["class"] == row["class"] and answer["label"] == row["label"]
     assert probabilities == [p for _, p in sorted((t["class"], t["probability"]) for t in row["top"])]
 
 

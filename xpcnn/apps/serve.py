@@ -1,11 +1,12 @@
 """``xpcnn serve``: a local web page to draw digits on, and ``POST /predict`` behind it.
 
-The page (``static/index.html``) sends the canvas as a PNG; ``/predict``
-prepares it exactly as ``xpcnn predict`` prepares a picture file
-(:func:`images.decode_picture`) and answers ``{"class": int, "probabilities":
-[K floats]}``.  Every error is a JSON ``{"error": "..."}`` with a 4xx status
-(a 500 only for a bug in xpcnn).  The standard library's threading HTTP
-server is enough for one person's browser and a few scripts.
+The page (``static/index.html``, given the checkpoint's class names) sends the
+canvas as a PNG; ``/predict`` prepares it exactly as ``xpcnn predict`` prepares
+a picture file (:func:`images.decode_picture`) and answers ``{"class": int,
+"label": str, "probabilities": [K floats]}``.  Every error is a JSON
+``{"error": "..."}`` with a 4xx status (a 500 only for a bug in xpcnn).  The
+standard library's threading HTTP server is enough for one person's browser
+and a few scripts.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from ..base.errors import NonFiniteOutputs, XpcnnError
 from ..data.checkpoint import Checkpoint
 from ..data.device_data import normalize_images
 from ..data.images import MAX_PIXELS, ImageError, decode_picture
-from ..training.runs import check_outputs, model_from_checkpoint, picture_framing
+from ..training.runs import check_outputs, checkpoint_config, model_from_checkpoint, picture_framing
 from ..training.train import predict_probabilities
 
 MAX_BODY_BYTES = 1024 * 1024  # a 280x280 canvas is a few kB; anything over 1 MiB is refused before it is read
@@ -58,6 +59,8 @@ class DigitReader:
         self.backend = backend
         self.model, self.norm = model_from_checkpoint(checkpoint, backend)
         self.framing = picture_framing(checkpoint)
+        self.classes = [str(name) for name in checkpoint.meta["classes"]]
+        self.dataset = checkpoint_config(checkpoint).dataset
         check_outputs(self.model, self.norm, backend, str(checkpoint.path))
         # One picture at a time: the layers keep per-call state (their mode, what forward saves), CuPy's current
         # device is per thread (hence activate() inside), and it bounds memory to one decoded picture however
@@ -65,7 +68,8 @@ class DigitReader:
         self._lock = threading.Lock()
 
     def read(self, png: bytes) -> dict:
-        """PNG bytes -> {"class": int, "probabilities": [K floats]}; RequestError for pictures it cannot use."""
+        """PNG bytes -> {"class": int, "label": its name, "probabilities": [K floats]}; RequestError for pictures
+        it cannot use."""
         if not png.startswith(PNG_SIGNATURE):
             raise RequestError(HTTPStatus.UNSUPPORTED_MEDIA_TYPE, "the body is not a PNG image")
         with self._lock, self.backend.activate():
@@ -78,7 +82,18 @@ class DigitReader:
                 probabilities = predict_probabilities(self.model, batch)[0]
             except NonFiniteOutputs as exc:  # the model's fault, not the picture's
                 raise RequestError(HTTPStatus.INTERNAL_SERVER_ERROR, str(exc)) from None
-        return {"class": int(np.argmax(probabilities)), "probabilities": [float(p) for p in probabilities]}
+        top = int(np.argmax(probabilities))
+        return {"class": top, "label": self.classes[top], "probabilities": [float(p) for p in probabilities]}
+
+    def page(self) -> bytes:
+        """The drawing page, given the checkpoint's class names and a heading as JSON in a data block."""
+        digits = self.classes == [str(digit) for digit in range(10)]
+        heading = "xpcnn: draw a digit" if digits else f"xpcnn: draw one of {self.dataset}'s classes"
+        data = json.dumps({"heading": heading, "classes": self.classes})
+        for character in "<>&":  # JSON escapes, so no class name can end the script block: it stays data
+            data = data.replace(character, f"\\u{ord(character):04x}")
+        template = resources.files("xpcnn.apps").joinpath("static/index.html").read_text(encoding="utf-8")
+        return template.replace("__MODEL__", data).encode()
 
 
 class DeadlineReader(io.RawIOBase):
@@ -319,7 +334,7 @@ class DigitServer(ThreadingHTTPServer):
             self.address_family = socket.AF_INET6
         self.reader = reader
         self.body_timeout = body_timeout
-        self.page = resources.files("xpcnn.apps").joinpath("static/index.html").read_bytes()
+        self.page = reader.page()
         self.quiet = quiet
         names = [address[0], "localhost", ".localhost", *allowed_hosts]  # the first as given: a name, or an address
         self.host_names = {name.lower().rstrip(".") for name in names}

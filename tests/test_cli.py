@@ -643,3 +643,21 @@ def test_a_run_refused_a_busy_directory_removes_nothing_of_it(synthetic_dir, tmp
     out = tmp_path / "new" / "run"
     result = invoke("train", *FAST, "--data-dir", synthetic_dir, "--out", out, expect=1)
     assert "is in use by another xpcnn run" in result.output and out.is_dir()
+
+
+def test_evaluates_text_counts_one_image_in_the_singular():
+    from xpcnn.apps.report import evaluation_lines
+
+    report = {
+        "checkpoint": "run/checkpoint.npz",
+        "dataset": "mnist",
+        "images": 1,
+        "loss": 0.5,
+        "accuracy": 1.0,
+        "per_class_accuracy": {"a": 1.0, "b": None, "c": None},
+        "confusion_matrix": [[1, 0, 0], [0, 0, 0], [0, 0, 0]],
+        "classes": ["a", "b", "c"],
+    }
+    lines = evaluation_lines(report, "after epoch 1")
+    assert lines[0] == "run/checkpoint.npz (after epoch 1) on the mnist test set, 1 image"
+    assert [line.split("(")[-1] for line in lines[3:6]] == ["1 image)", "0 images)", "0 images)"]

@@ -35,11 +35,15 @@ def _figures(entry: dict) -> str:
     return f"accuracy {entry['accuracy']:.2%}  loss {loss:.4f}"
 
 
+def _images(count: int) -> str:
+    return f"{count:,} image" + ("" if count == 1 else "s")
+
+
 def evaluation_lines(report: dict, position: str) -> list[str]:
     """The lines of ``report`` (as ``evaluate --json`` prints it) for a checkpoint at ``position`` ("after epoch 3")."""
     lines = [f"plots: {', '.join(report['plots'])}"] if "plots" in report else []
     lines.append(
-        f"{report['checkpoint']} ({position}) on the {report['dataset']} test set, {report['images']:,} images"
+        f"{report['checkpoint']} ({position}) on the {report['dataset']} test set, {_images(report['images'])}"
     )
     lines.append(_figures(report))
     if "tta" in report:
@@ -51,7 +55,9 @@ def evaluation_lines(report: dict, position: str) -> list[str]:
     lines.append("\nper-class accuracy:")
     for name, row in zip(classes, confusion, strict=True):
         accuracy = report["per_class_accuracy"][name]
-        lines.append(f"  {name:>12}  {'n/a' if accuracy is None else format(accuracy, '.2%'):>7}  ({sum(row)} images)")
+        lines.append(
+            f"  {name:>12}  {'n/a' if accuracy is None else format(accuracy, '.2%'):>7}  ({_images(sum(row))})"
+        )
     lines.append("\nconfusion matrix (rows: true class, columns: predicted):")
     width = max(5, len(str(max(max(row) for row in confusion))) + 1)
     lines.append(" " * 5 + "".join(f"{j:>{width}}" for j in range(len(classes))))

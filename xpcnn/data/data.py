@@ -273,9 +273,8 @@ def download_files(
 
     Each file is checked against ``spec.sha256`` and renamed into place only
     when it matches.  Raises `DownloadError` when every mirror fails for a
-    file.  Returns `directory` as a Path.  Another process downloading into
-    `directory` is waited for; a killed one's partial files are removed.  A
-    download that fails removes the folders it made, where they are still empty.
+    file.  Returns `directory` as a Path.  Another process downloading into `directory` is waited for; a
+    killed one's partial files are removed.  A download that fails removes the folders it made, still empty.
     """
     directory = Path(directory)
     made = [folder for folder in (directory, *directory.parents) if not folder.exists()]  # deepest first

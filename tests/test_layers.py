@@ -562,3 +562,73 @@ def test_a_lent_resnet_runs_on_given_state_and_comes_back_untouched(backend):
     assert grads.keys() == dict(model.named_gradients()).keys()
     for name, grad in model.named_gradients():
         np.testing.assert_allclose(to_host(grads[name]), to_host(grad), rtol=1e-13, atol=1e-15, err_msg=name)
+
+
+def test_a_layer_used_twice_is_refused_not_given_wrong_gradients():
+    """The second use overwrote the layer's cache, so the first use's backward read the wrong input."""
+    linear = nn.Linear(3, 3, rng=0)
+    with pytest.raises(ValueError, match=r"^Linear\(3, 3\) is used twice in the model: give each place a layer"):
+        nn.Sequential(linear, nn.ReLU(), linear)
+    relu = nn.ReLU()
+    with pytest.raises(ValueError, match=r"^ReLU\(\) is used twice"):
+        nn.Sequential(nn.Residual(nn.Sequential(nn.Linear(3, 3, rng=1), relu)), relu)
+    block = nn.Sequential(nn.Linear(3, 3, rng=2))
+    with pytest.raises(ValueError, match="is used twice"):
+        nn.Residual(block, block)
+
+
+def test_recalibrate_batchnorm_without_batches_or_with_a_failing_one_leaves_the_statistics(backend):
+    model = nn.Sequential(nn.Linear(4, 3, rng=0), nn.BatchNorm1d(3), nn.ReLU(), nn.Linear(3, 2, rng=1))
+    model.to(backend)
+    x = as_backend(backend, np.random.default_rng(0).normal(2.0, 3.0, (33, 4)).astype(np.float32))
+    model(x)  # running statistics that are not the initial zeros and ones
+    before = {name: to_host(value) for name, value in model.named_buffers()}
+    with pytest.raises(ValueError, match="recalibrate_batchnorm: no batches"):
+        nn.recalibrate_batchnorm(model, [])
+    with pytest.raises(ValueError, match="more than one value per channel"):
+        nn.recalibrate_batchnorm(
+            model, (x[i : min(i + 16, 33), :] for i in range(0, 33, 16))
+        )  # the last batch holds one image
+    for name, value in model.named_buffers():
+        np.testing.assert_array_equal(to_host(value), before[name])
+    assert model[1].momentum == 0.1 and not model.training
+
+
+def test_dropout_backward_uses_its_forwards_mask_after_a_mode_change(backend):
+    dropout = nn.Dropout(0.5).to(backend)
+    dropout.set_generator(backend.generator(0))
+    x = as_backend(backend, np.ones((4, 6), np.float32))
+    mask = to_host(dropout(x))  # the scaled mask, since x is ones
+    dropout.eval()
+    np.testing.assert_array_equal(to_host(dropout.backward(x)), mask)
+    assert set(np.unique(mask)) == {0.0, 2.0}
+    dropout(x)  # an evaluation forward is the identity, and so is its backward
+    np.testing.assert_array_equal(to_host(dropout.backward(x)), np.ones((4, 6)))
+
+
+def test_a_model_moved_after_a_training_forward_trains_on_its_new_backend():
+    """Dropout's generator stayed on the old backend: the next training forward mixed two libraries."""
+    strict = get_backend("array-api-strict")
+    model = models.build("convnet")
+    model(np.zeros((2, 1, 28, 28), np.float32))
+    model.to(strict)
+    y = model(strict.asarray(np.zeros((2, 1, 28, 28), np.float32)))
+    assert type(y).__module__.startswith("array_api_strict")
+
+
+def test_a_failed_forward_leaves_no_stale_cache_for_backward():
+    model = nn.Sequential(nn.Conv2d(1, 2, 3, rng=0), nn.ReLU(), nn.Flatten(), nn.Linear(32, 3, rng=1))
+    model(np.zeros((2, 1, 6, 6), np.float32))
+    with pytest.raises(ValueError, match="expected input of shape"):
+        model(np.zeros((2, 1, 7, 7), np.float32))
+    with pytest.raises(RuntimeError, match=r"Linear\(32, 3\): backward\(\) needs a forward\(\) in training mode first"):
+        model.backward(np.ones((2, 3), np.float32))
+
+
+def test_mixed_libraries_and_pytorchs_cumulative_momentum_are_clear_errors():
+    strict = get_backend("array-api-strict")
+    logits = np.zeros((2, 3), np.float32)
+    with pytest.raises(ValueError, match="CrossEntropyLoss: logits are a numpy array but labels a array_api_strict"):
+        nn.CrossEntropyLoss()(logits, strict.asarray(np.array([0, 1])))
+    with pytest.raises(ValueError, match="momentum a number in"):
+        nn.BatchNorm2d(3, momentum=None)

@@ -162,3 +162,18 @@ def test_backward_refuses_a_gradient_of_another_shape_than_the_output(backend):
     with pytest.raises(ValueError, match=r"Sequential\(5 layers\): gradient of shape \(4, 5\), expected \(8, 4\)"):
         model.backward(backend.asarray(np.zeros((4, 5))))
     assert tuple(model.backward(backend.asarray(np.zeros((8, 4)))).shape) == (8, 1, 8, 8)
+
+
+def test_load_state_dict_keeps_copies_and_reads_pytorchs_batch_norm_counts():
+    """On NumPy the model shared the caller's arrays; PyTorch's num_batches_tracked keys were refused."""
+    model = models.build("lenet-bn", seed=0)
+    state = models.build("lenet-bn", seed=1).state_dict()
+    counts = {f"{name.rpartition('.')[0]}.num_batches_tracked": np.array(7) for name in state if "running_mean" in name}
+    model.load_state_dict({**state, **counts})
+    loaded = {name: value.copy() for name, value in model.state_dict().items()}
+    for value in state.values():
+        value[...] = 0
+    for name, value in model.state_dict().items():
+        np.testing.assert_array_equal(value, loaded[name])
+    with pytest.raises(ValueError, match="unexpected"):
+        model.load_state_dict({**state, "9.other": np.array(1)})

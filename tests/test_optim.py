@@ -404,6 +404,14 @@ def test_load_state_dict_rejects_state_that_does_not_fit(state, message):
         opt.load_state_dict({"steps": 1, "lr": 0.1, "state": state})
 
 
+@pytest.mark.parametrize("state", [{"state": {}, "param_groups": [{"lr": 0.1}]}, None, {"steps": 1}])
+def test_load_state_dict_refuses_what_is_not_an_xpcnn_optimisers_state(state):
+    """PyTorch's optimiser state_dict (no 'steps') gave a bare KeyError."""
+    opt = optim.SGD(fresh_model(get_backend("numpy")), lr=0.1, momentum=0.9)
+    with pytest.raises(ValueError, match="not an xpcnn optimiser's state_dict"):
+        opt.load_state_dict(state)
+
+
 def test_step_without_gradients_is_an_error():
     model = nn.Sequential(nn.Linear(2, 2))
     with pytest.raises(RuntimeError, match="no gradients for"):

@@ -87,6 +87,7 @@ class Layer:
                     host = to_host(value)
                     cast = dtype if dtype is not None and host.dtype.kind == "f" else None
                     store[name] = backend.asarray(host, cast)
+        self.set_generator(None)  # a generator draws on its own backend: dropout makes one here at its next use
         return self
 
     def set_generator(self, generator) -> None:
@@ -180,8 +181,9 @@ class Layer:
         """Load host arrays from :meth:`state_dict`, keeping this model's backend and dtypes.
 
         Raises ValueError on missing or unexpected keys, shape mismatches, values too large for the dtype and
-        negative running variances.
+        negative running variances.  The model keeps copies; PyTorch's ``num_batches_tracked`` counts are ignored.
         """
+        state = {key: value for key, value in state.items() if key.rpartition(".")[2] != "num_batches_tracked"}
         expected = {}
         for prefix, layer in self._holders():
             for store in (layer.params, layer.buffers):
@@ -201,7 +203,7 @@ class Layer:
                 raise ValueError(f"{key} holds negative variances")
         for key, (store, name) in expected.items():
             current = store[name]
-            store[name] = backend_of(current).asarray(np.asarray(state[key]), current.dtype)
+            store[name] = backend_of(current).asarray(np.array(state[key]), current.dtype)  # a copy: not the caller's
 
     def _check_input(self, x, expected: str, rank: int, channels: int | None = None, min_hw=(1, 1)):
         """Raise ValueError naming this layer unless ``x`` is a float array of the expected shape."""
@@ -428,8 +430,10 @@ class _BatchNorm(Layer):
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float = 0.1):
         super().__init__()
-        if num_features < 1 or not 0.0 <= momentum <= 1.0 or eps <= 0:
-            raise ValueError(f"{type(self).__name__}: num_features must be >= 1, momentum in [0, 1] and eps > 0")
+        if num_features < 1 or not isinstance(momentum, numbers.Real) or not 0.0 <= momentum <= 1.0 or eps <= 0:
+            raise ValueError(  # momentum None, PyTorch's cumulative average, is not offered
+                f"{type(self).__name__}: num_features must be >= 1, momentum a number in [0, 1] and eps > 0"
+            )
         self.num_features, self.eps, self.momentum = num_features, eps, momentum
         self.params["weight"] = np.ones(num_features, np.float32)
         self.params["bias"] = np.zeros(num_features, np.float32)
@@ -551,9 +555,9 @@ class Dropout(Layer):
         return y
 
     def backward(self, grad_y):
-        if not self.training or self.p == 0.0:
+        if self._cache is None and (not self.training or self.p == 0.0):  # the forward was the identity
             return grad_y
-        return grad_y * self._need_cache(self._cache)
+        return grad_y * self._need_cache(self._cache)  # the forward's mask, even if the mode changed since
 
     def extra_repr(self):
         return f"p={self.p}"
@@ -567,6 +571,15 @@ class _Container(Layer):
     def named_children(self) -> list[tuple[str, Layer]]:
         """(name, layer) of each child, in the order of the parameter names."""
         raise NotImplementedError
+
+    def _refuse_shared_layers(self) -> None:
+        """ValueError where one layer object sits at two places: it keeps one forward's input for its backward,
+        so a second use would give the first wrong gradients (PyTorch's weight tying is not offered)."""
+        seen = set()
+        for module in self.modules():
+            if id(module) in seen:
+                raise ValueError(f"{module!r} is used twice in the model: give each place a layer of its own")
+            seen.add(id(module))
 
     def _trace(self, x) -> Iterator:
         """Each child's output for input ``x`` (:meth:`output_shapes`: one per row of :meth:`summary`)."""
@@ -648,17 +661,22 @@ class Sequential(_Container):
     def __init__(self, *layers: Layer):
         self.layers = list(layers)
         self.training, self._cache = True, None  # the last training forward's output shape, for backward's check
+        self._refuse_shared_layers()
 
     def forward(self, x):
         """Each layer's forward pass in turn; the batch-norm layers' running statistics (training mode)
         are updated together at the end, in one update (:func:`update_running_statistics`)."""
         batch_statistics = []
-        for layer in self.layers:
-            if isinstance(layer, _BatchNorm) and layer.training:
-                x, statistics = layer.normalize(x)
-                batch_statistics.append((layer, statistics))
-            else:
-                x = layer.forward(x)
+        try:
+            for layer in self.layers:
+                if isinstance(layer, _BatchNorm) and layer.training:
+                    x, statistics = layer.normalize(x)
+                    batch_statistics.append((layer, statistics))
+                else:
+                    x = layer.forward(x)
+        except Exception:
+            self.zero_cache()  # a backward now is refused, instead of mixing this forward's caches with the last's
+            raise
         if batch_statistics:
             update_running_statistics(batch_statistics)
         self._cache = tuple(x.shape) if self.training else None
@@ -723,6 +741,7 @@ class Residual(_Container):
     def __init__(self, branch: Layer, projection: Layer | None = None):
         self.branch, self.projection = branch, projection
         self.training = True
+        self._refuse_shared_layers()
 
     def forward(self, x):
         y = self.branch.forward(x)
@@ -781,12 +800,13 @@ def recalibrate_batchnorm(model: Sequential, batches: Iterable) -> None:
     ``batches`` yields model inputs, e.g. the training images without augmentation: after training on
     augmented images the running statistics describe those, while evaluation sees plain ones.  Runs
     forward passes only, with the batch-norm layers in training mode and every other layer (dropout)
-    in evaluation mode; leaves the model in evaluation mode.
+    in evaluation mode; leaves the model in evaluation mode.  ValueError where ``batches`` yields none; then,
+    or where a batch fails, the running statistics are left as they were.
     """
     norms = [layer for layer in model.modules() if isinstance(layer, _BatchNorm)]
     if not norms:
         return
-    momenta = [layer.momentum for layer in norms]
+    momenta, before = [layer.momentum for layer in norms], [dict(layer.buffers) for layer in norms]
     model.eval()
     for layer in norms:
         layer.train()
@@ -803,10 +823,15 @@ def recalibrate_batchnorm(model: Sequential, batches: Iterable) -> None:
             batch = [layer.buffers[name] * count for layer in norms for name in ("running_mean", "running_var")]
             sums = batch if sums is None else [total + value for total, value in zip(sums, batch, strict=True)]
             seen += count
-        if sums is not None:
-            averages = iter(total / seen for total in sums)
-            for layer in norms:
-                layer.buffers["running_mean"], layer.buffers["running_var"] = next(averages), next(averages)
+        if sums is None:
+            raise ValueError("recalibrate_batchnorm: no batches to estimate the statistics on")
+        averages = iter(total / seen for total in sums)
+        for layer in norms:
+            layer.buffers["running_mean"], layer.buffers["running_var"] = next(averages), next(averages)
+    except BaseException:
+        for layer, buffers in zip(norms, before, strict=True):
+            layer.buffers.update(buffers)
+        raise
     finally:
         for layer, momentum in zip(norms, momenta, strict=True):
             layer.momentum = momentum
@@ -830,7 +855,13 @@ class CrossEntropyLoss:
         self._grad = None
 
     def forward(self, logits, labels):
-        xp = namespace(logits, labels)
+        try:
+            xp = namespace(logits, labels)
+        except TypeError:
+            raise ValueError(
+                f"CrossEntropyLoss: logits are a {type(logits).__module__} array but labels a "
+                f"{type(labels).__module__} one: give the labels on the model's backend"
+            ) from None
         if logits.ndim != 2:
             raise ValueError(f"CrossEntropyLoss: expected logits of shape (N, K), got {_shape_text(logits.shape)}")
         if labels.ndim != 1 or labels.shape[0] != logits.shape[0]:

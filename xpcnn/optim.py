@@ -280,6 +280,8 @@ class Optimizer:
 
         Every slot must be given for every parameter, in its shape; with ``ema``, after a step, the average too.
         """
+        if not isinstance(state_dict, dict) or not {"state", "steps"} <= set(state_dict):
+            raise ValueError("not an xpcnn optimiser's state_dict: no 'state' and 'steps' (PyTorch's are not read)")
         params = dict(self.model.named_parameters())
         state = state_dict["state"]
         unknown = sorted(set(state) - set(params))

@@ -356,6 +356,31 @@ def test_output_to_a_full_disk_is_one_line_and_exit_1(command, synthetic_dir, tm
         assert load_checkpoint(tmp_path / "run").meta["state"]["epoch"] == 1
 
 
+@pytest.mark.parametrize(
+    "command",
+    [["info"], ["train", "--model", "seed", "--epochs", "1", "-q"], ["--version"], ["train", "--help"]],
+)
+def test_output_to_a_closed_stdout_is_one_line_and_exit_1(command, synthetic_dir, tmp_path):
+    """>&-: Python's sys.stdout is None, and click dropped every line, so a command whose output is its result
+    exited 0 having said nothing; a run is saved all the same."""
+    trains = command[0] == "train" and "--help" not in command
+    if trains:
+        command += ["--data-dir", str(synthetic_dir), "--out", str(tmp_path / "run")]
+    result = subprocess.run(
+        [sys.executable, "-m", "xpcnn", *command],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        timeout=120,
+        pass_fds=(),
+        preexec_fn=lambda: os.close(1),
+    )
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.strip().splitlines() == ["Error: cannot write the output: standard output is closed"]
+    if trains:
+        assert load_checkpoint(tmp_path / "run").meta["state"]["epoch"] == 1
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="a pseudo-terminal's hang-up as Linux gives it")
 def test_a_terminal_that_hangs_up_stops_xpcnn_train_with_a_checkpoint_and_status_129(synthetic_dir, tmp_path):
     """An ssh connection that drops: the kernel sends SIGHUP and writes to the terminal fail (EIO). Before, the

@@ -59,7 +59,7 @@ from ..training.tta import evaluate_tta
 from ..training.tta import views as test_time_views
 from . import export as exporting
 from . import plots
-from .exits import FriendlyGroup, debug_traceback, friendly_errors, prepare_stdout, tell
+from .exits import FriendlyGroup, announce, debug_traceback, friendly_errors, tell
 from .options import NonEmptyPath, allow_other_data_option, augmentation_options, device_options
 from .report import evaluation_lines, evaluation_report, train_notes
 
@@ -77,7 +77,6 @@ def main():
       xpcnn export runs/<run> --format onnx --output model.onnx
       xpcnn serve runs/<run>           # draw digits in the browser
     """
-    prepare_stdout()
 
 
 BENCH_MODELS = ("seed", "lenet", "convnet")
@@ -499,9 +498,7 @@ def serve(run, host, port, device, backend, quiet, allowed_hosts):
     checkpoint = load_checkpoint(run)
     server = make_server(checkpoint, get_backend(backend, device), host, port, quiet, allowed_hosts=allowed_hosts)
     try:  # a stop as soon as the address is out (a supervisor that waited for it) is a stop, exit 0
-        click.echo(f"serving {checkpoint_path(run)} at {server.url} (Ctrl-C stops)")
-        if sys.stdout is not None:  # None: closed (>&-)
-            sys.stdout.flush()  # the address is needed now, also where stdout is a pipe
+        announce(f"serving {checkpoint_path(run)} at {server.url} (Ctrl-C stops)")  # now, also into a pipe
         server.serve_forever()
     except KeyboardInterrupt:
         tell("stopped")  # where the console is still there to read it

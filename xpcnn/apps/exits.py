@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import errno
 import functools
 import io
 import os
@@ -88,14 +89,16 @@ def debug_traceback() -> None:
 
 
 class FriendlyGroup(click.Group):
-    """A command group whose own output failing (``--help`` or ``--version`` onto a full disk, written while the
-    arguments are parsed, before any command's :func:`friendly_errors`) is one line and exit status 1."""
+    """A command group whose stdout is prepared before anything is written (:func:`prepare_stdout`), and whose own
+    output failing (``--help`` or ``--version`` onto a full disk, written while the arguments are parsed, before
+    any command's :func:`friendly_errors`) is one line and exit status 1."""
 
     def main(self, *args, **kwargs):
+        prepare_stdout()
         try:
             return super().main(*args, **kwargs)
         except OSError as exc:  # a command's own are friendly_errors': this is click's output failing
-            point_at_devnull(sys.stdout)  # so that Python's flush at exit does not fail on it again
+            _output_lost()  # the output's error taken, so that Python's flush at exit does not fail on it again
             tell(f"Error: cannot write the output: {exc.strerror or exc}")
             sys.exit(1)
 
@@ -131,10 +134,41 @@ def _speaks() -> bool:
 
 
 def prepare_stdout() -> None:
-    """stdout as every command wants it: buffered (:func:`buffer_unbuffered_output`), and escaping what its encoding
-    cannot write (:func:`escape_unencodable_output`)."""
+    """stdout as every command wants it: there (:class:`ClosedOutput` where it was closed), buffered
+    (:func:`buffer_unbuffered_output`), and escaping what its encoding cannot write
+    (:func:`escape_unencodable_output`)."""
+    if sys.stdout is None:  # started with stdout closed (>&-): Python's None would drop every write silently
+        sys.stdout = ClosedOutput()
     buffer_unbuffered_output()
     escape_unencodable_output()
+
+
+class ClosedOutput(io.TextIOBase):
+    """stdout for a process started without one (``>&-``): a write fails as one to a closed descriptor does
+    (EBADF), and so does the next flush, so that a command whose output is its result ends with one line and
+    exit status 1 instead of 0; a command with nothing to say is not troubled."""
+
+    lost = False  # whether a write failed since the last flush
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        self.lost = True
+        raise OSError(errno.EBADF, "standard output is closed")
+
+    def flush(self) -> None:
+        if self.lost:
+            self.lost = False  # once: Python's own flush at exit must not fail again
+            raise OSError(errno.EBADF, "standard output is closed")
+
+
+def announce(line: str) -> None:
+    """A line on stdout, flushed now (an address a script waits for), lost without an error where stdout was
+    closed (``serve >&-`` serves all the same)."""
+    if not isinstance(sys.stdout, ClosedOutput):
+        click.echo(line)
+        sys.stdout.flush()
 
 
 def buffer_unbuffered_output() -> None:

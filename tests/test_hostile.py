@@ -287,11 +287,13 @@ def test_a_checkpoint_whose_outputs_overflow_is_refused_by_every_reader(run, syn
         ["predict", str(target), str(tmp_path / "one.npy")],
         ["predict", str(target), str(tmp_path / "one.npy"), "--json"],
         ["export", str(target), "--format", "safetensors", "--output", str(tmp_path / "out.safetensors")],
+        ["evaluate", str(run), "--ensemble", str(target), "--data-dir", str(synthetic_dir)],  # which member
     ]
     for args in readers:
         result = CliRunner().invoke(main, args)
         assert result.exit_code == 1 and isinstance(result.exception, SystemExit), (args, result.output)
-        assert "outputs are NaN or infinite" in result.output, (args, result.output)
+        named = f"{target / 'checkpoint.npz'}: the model's outputs are NaN or infinite"
+        assert named in result.output, (args, result.output)
         assert len(result.output.strip().splitlines()) == 1 and "Warning" not in result.output, (args, result.output)
     assert not (tmp_path / "out.safetensors").exists()
     with pytest.raises(NonFiniteOutputs, match="overflows"):

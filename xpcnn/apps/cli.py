@@ -35,7 +35,6 @@ from ..training.runs import (
     RUN_FILES,
     RUNS_ROOT,
     check_no_run,
-    check_outputs,
     check_ranks_get_images,
     check_same_data,
     check_same_task,
@@ -460,7 +459,6 @@ def export(run, format_, output, softmax, force):
     exporting.require(format_)
     checkpoint = load_checkpoint(run)
     model, norm = model_from_checkpoint(checkpoint, get_backend("numpy", "cpu"))
-    check_outputs(model, norm, get_backend("numpy", "cpu"), str(checkpoint.path))
     metadata = {"model": checkpoint_config(checkpoint).model, "classes": json.dumps(checkpoint.meta["classes"])}
     exporting.export(model, norm, format_, output, softmax=softmax, metadata=metadata)
     if format_ == "onnx":

@@ -34,7 +34,7 @@ from ..base.errors import NonFiniteOutputs, XpcnnError
 from ..data.checkpoint import Checkpoint
 from ..data.device_data import normalize_images
 from ..data.images import MAX_PIXELS, ImageError, decode_picture
-from ..training.runs import check_outputs, checkpoint_config, model_from_checkpoint, picture_framing
+from ..training.runs import checkpoint_config, model_from_checkpoint, picture_framing
 from ..training.train import predict_probabilities
 
 MAX_BODY_BYTES = 1024 * 1024  # a 280x280 canvas is a few kB; anything over 1 MiB is refused before it is read
@@ -61,7 +61,6 @@ class DigitReader:
         self.framing = picture_framing(checkpoint)
         self.classes = [str(name) for name in checkpoint.meta["classes"]]
         self.dataset = checkpoint_config(checkpoint).dataset
-        check_outputs(self.model, self.norm, backend, str(checkpoint.path))
         # One picture at a time: the layers keep per-call state (their mode, what forward saves), CuPy's current
         # device is per thread (hence activate() inside), and it bounds memory to one decoded picture however
         # many clients post at once.  A 280x280 drawing takes a few milliseconds.

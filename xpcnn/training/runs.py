@@ -53,22 +53,25 @@ def picture_framing(checkpoint: Checkpoint) -> Framing:
 
 def model_from_checkpoint(checkpoint: Checkpoint, backend: Backend) -> tuple[Sequential, Normalization]:
     """The trained model of a checkpoint on ``backend``, and the input normalisation it expects: with ``ema``, the
-    moving average of the weights (which the run evaluated), which its optimiser state keeps; else the weights."""
+    moving average of the weights (which the run evaluated), which its optimiser state keeps; else the weights.
+    NonFiniteOutputs naming the file where its outputs are not finite (:func:`check_outputs`)."""
     config = checkpoint_config(checkpoint)
     require_named_model(config, checkpoint.path)
     model = build(config.model).to(backend)
     if not config.ema:
         restore(checkpoint, model)
-        return model, checkpoint_normalization(checkpoint)
-    if checkpoint.optimizer_state is None:
+    elif checkpoint.optimizer_state is None:
         raise CheckpointError(
             f"{checkpoint.path}: holds no optimiser state, which keeps the moving average of the weights "
             "its run was trained with (ema)"
         )
-    optimizer = make_optimizer(config, model)
-    restore(checkpoint, model, optimizer)
-    model.set_parameters(optimizer.averaged_parameters())
-    return model, checkpoint_normalization(checkpoint)
+    else:
+        optimizer = make_optimizer(config, model)
+        restore(checkpoint, model, optimizer)
+        model.set_parameters(optimizer.averaged_parameters())
+    norm = checkpoint_normalization(checkpoint)
+    check_outputs(model, norm, backend, str(checkpoint.path))  # which file is damaged, wherever it is used
+    return model, norm
 
 
 def check_outputs(model: Sequential, norm: Normalization, backend: Backend, where: str) -> None:

@@ -252,9 +252,9 @@ def test_resuming_a_directory_without_a_checkpoint_says_why_only_when_it_knows(t
     if started:
         (tmp_path / "config.json").write_text("{}")
     result = invoke("train", "--resume", tmp_path, expect=2)
-    killed = " (its run was killed before it wrote one)" if started else ""
+    stopped = " (its run stopped before its first one)" if started else ""  # killed, diverged, a full disk
     assert_one_line_error(
-        result, re.escape(f"{tmp_path} holds no checkpoint.npz to continue{killed}: start it afresh with --out ")
+        result, re.escape(f"{tmp_path} holds no checkpoint.npz to continue{stopped}: start it afresh with --out ")
     )
 
 
@@ -661,3 +661,13 @@ def test_evaluates_text_counts_one_image_in_the_singular():
     lines = evaluation_lines(report, "after epoch 1")
     assert lines[0] == "run/checkpoint.npz (after epoch 1) on the mnist test set, 1 image"
     assert [line.split("(")[-1] for line in lines[3:6]] == ["1 image)", "0 images)", "0 images)"]
+
+
+@pytest.mark.parametrize("option", ["--out", "--data-dir"])
+def test_a_directory_option_naming_a_device_or_a_fifo_says_it_is_not_a_directory(option, tmp_path):
+    """--out /dev/null failed after the data loaded, with "/dev/null: File exists"."""
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    for path in ("/dev/null", fifo):
+        result = invoke("train", option, path, expect=2)
+        assert f"Invalid value for '{option}': '{path}' exists and is not a directory" in result.output

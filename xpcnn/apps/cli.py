@@ -203,9 +203,9 @@ def train(
         if recipe_name:
             raise click.UsageError("--recipe cannot change when resuming")
         if not run_dir_has_run(Path(resume)):
-            killed = " (its run was killed before it wrote one)" if (Path(resume) / "config.json").exists() else ""
+            stopped = " (its run stopped before its first one)" if (Path(resume) / "config.json").exists() else ""
             raise click.UsageError(
-                f"{resume} holds no {CHECKPOINT_NAME} to continue{killed}: start it afresh with --out {resume}"
+                f"{resume} holds no {CHECKPOINT_NAME} to continue{stopped}: start it afresh with --out {resume}"
             )
         checkpoint = load_checkpoint(resume)
         if out is not None and Path(out).resolve() != Path(resume).resolve():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import click
 
 from ..backends.backend import BACKEND_NAMES
@@ -10,12 +12,16 @@ from ..training.config import ELASTIC_SIGMA, MAX_CROP, MAX_ELASTIC, TrainConfig
 
 class NonEmptyPath(click.Path):
     """A path option that refuses an empty value: ``--out "$UNSET"`` would name the current directory, and an
-    empty ``--data-dir`` or ``--output`` would be taken for one not given."""
+    empty ``--data-dir`` or ``--output`` would be taken for one not given; for a directory, also what exists and
+    is not one (a device, a FIFO: ``--out /dev/null`` failed later with "File exists")."""
 
     def convert(self, value, param, ctx):
         if isinstance(value, str | bytes) and not value:
             self.fail("an empty path names nothing", param, ctx)
-        return super().convert(value, param, ctx)
+        path = super().convert(value, param, ctx)
+        if not self.file_okay and os.path.exists(path) and not os.path.isdir(path):  # click refuses regular files
+            self.fail(f"{click.format_filename(path)!r} exists and is not a directory", param, ctx)
+        return path
 
 
 allow_other_data_option = click.option(

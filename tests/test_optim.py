@@ -412,9 +412,14 @@ def test_load_state_dict_refuses_what_is_not_an_xpcnn_optimisers_state(state):
         opt.load_state_dict(state)
 
 
-def test_step_without_gradients_is_an_error():
+def test_step_without_gradients_is_an_error_that_says_no_parameter_can_be_left_out():
     model = nn.Sequential(nn.Linear(2, 2))
     with pytest.raises(RuntimeError, match="no gradients for"):
+        optim.SGD(model, lr=0.1).step()
+    model(np.ones((3, 2), np.float32))
+    model.backward(np.ones((3, 2), np.float32))
+    del model[0].grads["bias"]  # a PyTorch user's frozen parameter: torch skips it
+    with pytest.raises(RuntimeError, match=r"no gradients for \['0.bias'\].*none can be left out"):
         optim.SGD(model, lr=0.1).step()
 
 

@@ -105,7 +105,10 @@ class Optimizer:
         params, grads = dict(self.model.named_parameters()), dict(self.model.named_gradients())
         missing = sorted(set(params) - set(grads))
         if missing:
-            raise RuntimeError(f"{type(self).__name__}.step(): no gradients for {missing}; call backward() first")
+            raise RuntimeError(  # PyTorch skips such parameters (frozen ones); one flat update cannot
+                f"{type(self).__name__}.step(): no gradients for {missing}; call backward() first (every parameter "
+                "is updated: none can be left out)"
+            )
         flat, slots = self.flat_state()
         if flat is not None:
             flat, slots = self.update(flat, self.gradient_pieces(grads), slots, self.lr, self.steps + 1)

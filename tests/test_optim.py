@@ -432,7 +432,11 @@ def test_step_without_gradients_is_an_error_that_says_no_parameter_can_be_left_o
         (lambda m: optim.SGD(m, lr=0.1, momentum=1.0), "momentum must be in"),
         (lambda m: optim.SGD(m, lr=0.1, nesterov=True), "nesterov needs momentum"),
         (lambda m: optim.SGD(m, lr=0.1, weight_decay=float("inf")), "weight_decay must be a number >= 0"),
-        (lambda m: optim.Adam(m, betas=(0.9, 1.0)), "betas must be in"),
+        (lambda m: optim.Adam(m, betas=(0.9, 1.0)), "betas must be two numbers in"),
+        (
+            lambda m: optim.Adam(m, betas=(0.9, 0.9, 0.9)),
+            r"betas must be two numbers in \[0, 1\), got \(0.9, 0.9, 0.9\)",
+        ),
         (lambda m: optim.Adam(m, eps=0.0), "eps must be a number > 0"),
         (lambda m: optim.AdamW(m, weight_decay=-1), "weight_decay must be a number >= 0"),
         (lambda m: optim.AdamW(m, weight_decay=float("inf")), "weight_decay must be a number >= 0"),

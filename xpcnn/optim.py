@@ -419,8 +419,8 @@ class Adam(Optimizer):
         ema: float = 0.0,
     ):
         super().__init__(model, lr, ema)
-        if not all(0.0 <= b < 1.0 for b in betas):
-            raise ValueError(f"{type(self).__name__}: betas must be in [0, 1), got {betas}")
+        if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
+            raise ValueError(f"{type(self).__name__}: betas must be two numbers in [0, 1), got {betas}")
         if not 0 <= weight_decay < math.inf:
             raise ValueError(f"{type(self).__name__}: weight_decay must be a number >= 0, got {weight_decay}")
         if not 0 < eps < math.inf:

@@ -18,7 +18,7 @@ import pytest
 from helpers import write_synthetic_mnist
 
 from xpcnn.base import files
-from xpcnn.data import data
+from xpcnn.data import data, download
 from xpcnn.data.data import (
     FILES,
     DatasetSpec,
@@ -578,8 +578,8 @@ def test_download_unreachable_mirror(tmp_path, mirrors):
 def test_a_mirror_that_sends_too_much_or_too_slowly_is_left_for_the_next(tmp_path, mirrors, monkeypatch):
     """A broken mirror or a captive portal neither fills the disk nor hangs the run: each file has a byte
     limit and a deadline, and whatever it sent is gone."""
-    monkeypatch.setattr(data, "MAX_DOWNLOAD_BYTES", 1 << 20)
-    monkeypatch.setattr(data, "DOWNLOAD_DEADLINE", 0.2)
+    monkeypatch.setattr(download, "MAX_BYTES", 1 << 20)
+    monkeypatch.setattr(download, "DEADLINE", 0.2)
     spec = spec_for(mirrors.files, (mirrors.url("endless"), mirrors.url("huge"), mirrors.url("drip")))
     with pytest.raises(DownloadError) as error:
         load_dataset(spec, progress=False)

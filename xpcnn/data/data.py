@@ -24,17 +24,14 @@ import hashlib
 import http.client
 import math
 import os
-import sys
-import time
-import urllib.request
 from collections.abc import Mapping
 from pathlib import Path
 
-import click
 import numpy as np
 
 from ..base.errors import ConfigError, one_line
-from ..base.files import atomic_output, locked_directory, open_regular, remove_temporaries
+from ..base.files import locked_directory, open_regular, remove_temporaries
+from . import download
 from .idx import DataError, read_idx
 
 __all__ = [
@@ -143,11 +140,6 @@ def get_spec(name: str) -> DatasetSpec:
 # ---------------------------------------------------------------------------
 # Lookup and download.
 
-DOWNLOAD_TIMEOUT = 30.0  # seconds, per connection attempt and per read
-DOWNLOAD_DEADLINE = 900.0  # seconds for a whole file: a mirror that drips a byte at a time does not hang a run
-MAX_DOWNLOAD_BYTES = 64 << 20  # a file's most: over twice the largest of a known dataset (Fashion-MNIST's 26 MB)
-_CHUNK = 1 << 16
-
 
 def cache_dir(name: str) -> Path | None:
     """Where dataset `name` is downloaded: ``$XDG_CACHE_HOME/xpcnn/<name>`` or ``~/.cache/xpcnn/<name>``; None
@@ -226,48 +218,12 @@ def find_data_dir(spec: DatasetSpec, data_dir: str | os.PathLike | None = None) 
     return next((directory for directory in candidates if directory is not None and not _missing(directory)), None)
 
 
-def _fetch(url: str, dest: Path, sha256: str, *, progress: bool, timeout: float) -> None:
-    """Download `url` into `dest` atomically; raise DataError when the SHA-256 differs, or when the file is
-    over `MAX_DOWNLOAD_BYTES` or takes longer than `DOWNLOAD_DEADLINE` (a broken mirror or a captive portal)."""
-    digest = hashlib.sha256()
-    deadline, received = time.monotonic() + DOWNLOAD_DEADLINE, 0
-    with urllib.request.urlopen(url, timeout=timeout) as response, atomic_output(dest) as out:
-        length = _declared_length(response.headers.get("Content-Length"))
-        if length is not None and length > MAX_DOWNLOAD_BYTES:
-            raise DataError(f"declares {length:,} bytes, over the {MAX_DOWNLOAD_BYTES:,} of any dataset file")
-        bar = click.progressbar(
-            length=length or 1,
-            label=f"Downloading {url}",
-            hidden=not (progress and length),
-            file=sys.stderr,
-        )
-        with bar:
-            while chunk := response.read1(_CHUNK):  # one recv at a time, so the deadline is seen
-                received += len(chunk)
-                if received > MAX_DOWNLOAD_BYTES:
-                    raise DataError(f"sent over {MAX_DOWNLOAD_BYTES:,} bytes, more than any dataset file")
-                if time.monotonic() > deadline:
-                    raise DataError(f"took longer than {DOWNLOAD_DEADLINE:g} s ({received:,} bytes received)")
-                digest.update(chunk)
-                out.write(chunk)
-                bar.update(len(chunk))
-        if digest.hexdigest() != sha256:
-            raise DataError(f"SHA-256 mismatch (got {digest.hexdigest()[:16]}..., expected {sha256[:16]}...)")
-
-
-def _declared_length(header: str | None) -> int | None:
-    """A Content-Length header's byte count; None where there is none or it is not a count (http.client reads
-    such a body to its end, so the download goes on without a progress bar)."""
-    text = (header or "").strip()
-    return int(text) if text.isascii() and text.isdigit() else None
-
-
 def download_files(
     spec: DatasetSpec,
     directory: str | os.PathLike,
     *,
     progress: bool = True,
-    timeout: float = DOWNLOAD_TIMEOUT,
+    timeout: float = download.TIMEOUT,
 ) -> Path:
     """Download the files missing from `directory`, trying ``spec.mirrors`` in turn.
 
@@ -298,7 +254,7 @@ def _download_missing(spec: DatasetSpec, directory: Path, progress: bool, timeou
         for mirror in mirrors:
             url = mirror.rstrip("/") + "/" + file
             try:
-                _fetch(url, directory / file, spec.sha256[file], progress=progress, timeout=timeout)
+                download.fetch(url, directory / file, spec.sha256[file], progress=progress, timeout=timeout)
             except (OSError, http.client.HTTPException, ValueError) as error:
                 failures.append(f"{url}: {one_line(error) or type(error).__name__}")
                 continue
@@ -371,7 +327,7 @@ def array_sha256(array: np.ndarray) -> str:
 def file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open_regular(path) as file:
-        while chunk := file.read(_CHUNK):
+        while chunk := file.read(1 << 16):
             digest.update(chunk)
     return digest.hexdigest()
 

@@ -697,3 +697,16 @@ def test_real_mnist(mnist_dir):
     assert np.bincount(dataset.train_labels, minlength=10).tolist() == MNIST_TRAIN_COUNTS
     assert np.bincount(dataset.test_labels, minlength=10).tolist() == MNIST_TEST_COUNTS
     assert dataset.train_images.max() == 255 and dataset.train_images.min() == 0
+
+
+def test_a_file_in_both_forms_must_hold_the_same_data(tmp_path):
+    """The .gz is read where both are there: an unpacked file edited since was passed over without a word."""
+    arrays = make_dataset_dir(tmp_path)
+    labels = arrays[data.TEST_LABELS]
+    unpacked = tmp_path / data.TEST_LABELS.removesuffix(".gz")
+    write_idx(unpacked, labels)  # gunzip -k: the same data twice
+    np.testing.assert_array_equal(load_dataset(spec_for({}), tmp_path).test_labels, labels)
+    write_idx(unpacked, (labels + 1) % 10)
+    with pytest.raises(DataError) as error:
+        load_dataset(spec_for({}), tmp_path)
+    assert_one_line_naming(error, str(tmp_path / data.TEST_LABELS), str(unpacked), "hold different data")

@@ -398,7 +398,9 @@ def load_dataset(
 
     `name` is a registered name (see `DATASETS`) or a `DatasetSpec`.  See
     `find_data_dir` for where files are looked for; when none is found and
-    `download` is true, the files are downloaded into `cache_dir`.
+    `download` is true, the files are downloaded into `cache_dir`.  A file
+    there both gzipped and unpacked is read from its ``.gz``; DataError where
+    the two hold different data (one edited or replaced, the other stale).
     """
     spec = get_spec(name) if isinstance(name, str) else name
     directory = find_data_dir(spec, data_dir)
@@ -421,6 +423,14 @@ def load_dataset(
     sha256 = {name: file_sha256(path) for name, path in paths.items()}
     arrays = zip(FILES, (train_images, train_labels, test_images, test_labels), strict=True)
     content_sha256 = {name: array_sha256(array) for name, array in arrays}
+    for name, path in paths.items():  # the .gz is read where both forms are there: the other must agree
+        unpacked = path.with_suffix("")
+        if (
+            path.suffix == ".gz"
+            and os.path.isfile(unpacked)
+            and array_sha256(read_idx(unpacked)) != content_sha256[name]
+        ):
+            raise DataError(f"{path} and {unpacked} hold different data: remove the one that is out of date")
     return Dataset(
         spec.name, spec.classes, train_images, train_labels, test_images, test_labels, directory, sha256, content_sha256
     )

@@ -91,6 +91,11 @@ def test_bad_shapes_and_ranges_raise_value_error():
         {"elastic_alpha": -1.0},
         {"elastic_alpha": float("inf")},
         {"elastic_sigma": 0.0},
+        {"max_shift": 1e39},  # past float32: NaN sampling points became index -2**63
+        {"max_rotation": 1e39},
+        {"elastic_alpha": 1e300},
+        {"elastic_sigma": 1e-20},
+        {"elastic_sigma": 1e300},
     )
     for kwargs in bad:
         with pytest.raises(ValueError, match="Augmentation"):
@@ -289,12 +294,14 @@ def test_runs_on_torch_tensors():
 
 
 def numpy_gaussian_smoothing(noise, sigma):
-    """Oracle: np.convolve with the sampled, untruncated Gaussian along each image axis, zeros outside."""
+    """Oracle: np.convolve with the sampled, untruncated Gaussian (its weights summing to 1) along each image axis,
+    zeros outside."""
 
     def along(axis, array):
         n = array.shape[axis]
         t = np.arange(-(n - 1), n)
-        kernel = np.exp(-(t**2) / (2 * sigma**2)) / (np.sqrt(2 * np.pi) * sigma)
+        kernel = np.exp(-(t**2) / (2 * sigma**2))
+        kernel /= kernel.sum()
         return np.apply_along_axis(lambda v: np.convolve(v, kernel)[n - 1 : 2 * n - 1], axis, array)
 
     return along(-1, along(-2, noise))
@@ -307,6 +314,18 @@ def test_elastic_displacement_is_a_scaled_gaussian_convolution(backend, dtype):
     assert dtype_name(out) == dtype and out.shape == noise.shape
     expected = 34.0 * numpy_gaussian_smoothing(noise, 2.5)
     np.testing.assert_allclose(out, expected, rtol=0, atol=1e-4 if dtype == "float32" else 1e-12)
+
+
+@pytest.mark.parametrize("sigma", [0.1, 0.3, 1.0, 4.0])
+def test_elastic_smoothing_is_scipys_gaussian_filter_and_never_amplifies(sigma):
+    """The kernel was scaled as the continuous Gaussian's density: at sigma 0.1 it multiplied the noise by 16."""
+    ndimage = pytest.importorskip("scipy.ndimage")
+    noise = np.random.default_rng(0).uniform(-1, 1, (1, 2, 28, 28))
+    out = elastic_displacement(noise, 1.0, sigma)
+    for k in range(2):
+        expected = ndimage.gaussian_filter(noise[0, k], sigma, mode="constant", cval=0.0, truncate=28 / sigma)
+        np.testing.assert_allclose(out[0, k], expected, atol=1e-12)
+    assert np.abs(out).max() <= 1.0
 
 
 def test_elastic_displacement_is_in_pixels():

@@ -47,6 +47,10 @@ from dataclasses import dataclass
 
 from array_api_compat import array_namespace, device
 
+ELASTIC_SIGMA = (0.1, 100.0)  # pixels; outside, the Gaussian underflows, overflows or is meaningless on 28 pixels
+MAX_ELASTIC = 1000.0  # pixels: a larger displacement moves every pixel off the image
+MAX_SHIFT = 1000.0  # pixels: likewise
+
 
 def affine_sample(images, matrices, fill: float = 0.0, displacement=None):
     """Warp each image of ``images`` (B, C, H, W) by its sampling matrix ``matrices[b]`` (2, 3).
@@ -208,8 +212,9 @@ def elastic_displacement(noise, alpha: float, sigma: float):
     of Simard et al., 2003) is convolved with a Gaussian of standard deviation
     ``sigma`` pixels along both axes, with zeros outside the image, and scaled
     by ``alpha``.  The convolution is two matrix products with the (symmetric)
-    Gaussian matrices ``G[i, j] = exp(-(i - j)^2 / (2 sigma^2)) / (sqrt(2 pi) sigma)``:
-    ``alpha * G_H @ noise @ G_W``.
+    Gaussian matrices ``G[i, j] = exp(-(i - j)^2 / (2 sigma^2)) / Z``:
+    ``alpha * G_H @ noise @ G_W``, where ``Z`` makes the kernel's weights over its offsets -(n-1)..n-1 sum to 1
+    (as ``scipy.ndimage.gaussian_filter``'s do): a narrow Gaussian averages the noise, never amplifies it.
     """
     xp = array_namespace(noise)
     if noise.ndim != 4 or noise.shape[1] != 2:
@@ -221,7 +226,9 @@ def elastic_displacement(noise, alpha: float, sigma: float):
     def gaussian_matrix(size):
         index = xp.arange(size, dtype=noise.dtype, device=device(noise))
         distance = index[:, None] - index[None, :]
-        return xp.exp(distance * distance * (-0.5 / sigma**2)) * (1.0 / (math.sqrt(2 * math.pi) * sigma))
+        offsets = xp.arange(-(size - 1), size, dtype=noise.dtype, device=device(noise))
+        total = xp.sum(xp.exp(offsets * offsets * (-0.5 / sigma**2)))  # sqrt(2 pi) sigma, for sigma over ~1 px
+        return xp.exp(distance * distance * (-0.5 / sigma**2)) / total
 
     return float(alpha) * xp.matmul(xp.matmul(gaussian_matrix(h), noise), gaussian_matrix(w))
 
@@ -263,6 +270,11 @@ class Augmentation:
     crop: int = 0
     erase: float = 0.0
 
+    LIMITS = {  # past these the draws overflow float32, or wipe the image: a setting's largest meaningful value
+        "max_shift": MAX_SHIFT,
+        "max_rotation": 360.0,
+        "elastic_alpha": MAX_ELASTIC,
+    }
     ERASE_AREA = (0.02, 0.33)  # of the image, as torchvision's RandomErasing's scale
     ERASE_RATIO = (0.3, 3.3)  # height / width, drawn uniformly in its logarithm
 
@@ -271,8 +283,12 @@ class Augmentation:
             value = getattr(self, name)
             if not (isinstance(value, int | float) and math.isfinite(value) and value >= 0):
                 raise ValueError(f"Augmentation: {name} must be a finite number >= 0, got {value!r}")
-        if self.elastic_sigma == 0:
-            raise ValueError("Augmentation: elastic_sigma must be > 0")
+        for name, limit in self.LIMITS.items():
+            if getattr(self, name) > limit:
+                raise ValueError(f"Augmentation: {name} must be at most {limit:g}, got {getattr(self, name)!r}")
+        low, high = ELASTIC_SIGMA
+        if not low <= self.elastic_sigma <= high:
+            raise ValueError(f"Augmentation: elastic_sigma must be in [{low:g}, {high:g}], got {self.elastic_sigma!r}")
         if self.max_scale >= 1:
             raise ValueError(f"Augmentation: max_scale must be < 1, got {self.max_scale!r}")
         if self.max_shear >= 90:

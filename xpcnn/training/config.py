@@ -15,14 +15,12 @@ import numpy as np
 
 from ..backends.backend import BACKEND_NAMES, cuda_problem
 from ..base.errors import ConfigError
-from ..data.augment import Augmentation
+from ..data.augment import ELASTIC_SIGMA, MAX_ELASTIC, Augmentation
 from ..models import MODELS, build
 from ..nn import BatchNorm1d, BatchNorm2d, Dropout, Sequential
 from ..optim import OPTIMIZERS, SGD, Adam, Optimizer
 from .schedules import SCHEDULES
 
-ELASTIC_SIGMA = (0.1, 100.0)  # pixels; outside, the Gaussian underflows, overflows or is meaningless on 28 pixels
-MAX_ELASTIC = 1000.0  # pixels: a larger displacement moves every pixel off the image
 MAX_CROP = 14  # pixels of padding: a larger shift leaves less than half of a 28-pixel image
 CUSTOM_MODEL = "custom"  # the model name fit records for a model of the user's own layers, which no name rebuilds
 

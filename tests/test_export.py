@@ -259,3 +259,52 @@ def test_user_errors_are_one_line(trained_run, tmp_path, args, pattern, code):
     result = invoke("export", *[a.format(**names) for a in args], expect=code)
     assert_one_line_error(result, pattern)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["corrupt.npz"]
+
+
+def test_an_export_finding_its_output_written_meanwhile_replaces_nothing(trained_run, tmp_path):
+    """Two exports to one new file both passed the check for an existing output, and the later replaced the
+    earlier's file, while both said they wrote it: without --force the file is put in place only if none is."""
+    pytest.importorskip("safetensors")
+    from xpcnn.apps.export import ExportError, export
+    from xpcnn.backends.backend import get_backend
+    from xpcnn.data.checkpoint import load_checkpoint
+    from xpcnn.training.runs import model_from_checkpoint
+
+    model, norm = model_from_checkpoint(load_checkpoint(trained_run), get_backend("numpy", "cpu"))
+    output = tmp_path / "model.safetensors"
+    output.write_bytes(b"the other export's file")
+    with pytest.raises(ExportError, match=r"model.safetensors was written meanwhile by another process: pass --force"):
+        export(model, norm, "safetensors", output, replace=False)
+    assert output.read_bytes() == b"the other export's file" and [p.name for p in tmp_path.iterdir()] == [output.name]
+    export(model, norm, "safetensors", output)  # replace=True, as --force asks
+    assert output.read_bytes() != b"the other export's file"
+
+
+def test_a_file_name_near_the_systems_limit_is_written(trained_run, tmp_path):
+    """The temporary file's name was the output's plus 15 bytes: a 241-255 byte name gave "File name too long"."""
+    pytest.importorskip("safetensors")
+    output = tmp_path / ("b" * 243 + ".safetensors")
+    invoke("export", trained_run, "--format", "safetensors", "--output", output)
+    assert [p.name for p in tmp_path.iterdir()] == [output.name]
+
+
+def test_a_run_being_trained_and_a_path_naming_a_directory_are_refused(trained_run, tmp_path):
+    started = tmp_path / "started"  # a run in its first epoch: config.json, no checkpoint yet
+    started.mkdir()
+    (started / "config.json").write_text("{}")
+    output = started / "config.json"
+    result = invoke("export", trained_run, "--format", "onnx", "--output", output, "--force", expect=2)
+    assert_one_line_error(result, r"config.json is a file of the run in .*started: pick another --output")
+    assert (started / "config.json").read_text() == "{}"
+    result = invoke("export", trained_run, "--format", "onnx", "--output", f"{tmp_path}/new/", expect=2)
+    assert_one_line_error(result, r"names a directory \(it ends with /\): name the file")
+    assert not (tmp_path / "new").exists()
+
+
+def test_a_run_without_a_checkpoint_says_so_whatever_the_output(tmp_path):
+    (tmp_path / "existing.onnx").write_bytes(b"x")
+    (tmp_path / "empty").mkdir()
+    result = invoke(
+        "export", tmp_path / "empty", "--format", "onnx", "--output", tmp_path / "existing.onnx", "--force", expect=1
+    )
+    assert_one_line_error(result, r"empty holds no checkpoint.npz")

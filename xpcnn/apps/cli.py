@@ -446,10 +446,10 @@ def export(run, format_, output, softmax, force):
     """
     if softmax and format_ != "onnx":
         raise click.UsageError("--softmax applies to --format onnx only (safetensors holds weights)")
-    output = Path(output)
-    if output.exists() and os.path.samefile(output, checkpoint_path(run)):
+    output, checkpoint = Path(output), load_checkpoint(run)
+    if output.exists() and os.path.samefile(output, checkpoint.path):
         raise click.UsageError(f"{output} is the checkpoint being exported: pick another --output")
-    if output.name in RUN_FILES and run_dir_has_run(output.parent):  # even with --force: a run's own files
+    if output.name in RUN_FILES and any((output.parent / name).exists() for name in RUN_FILES[:2]):  # even --force
         raise click.UsageError(f"{output} is a file of the run in {output.parent}: pick another --output")
     if output.exists() and not force:
         raise click.UsageError(f"{output} exists: pass --force to replace it")
@@ -457,10 +457,9 @@ def export(run, format_, output, softmax, force):
         raise click.UsageError(f"{output.parent} is not a directory: create it first")
     check_writable(output)
     exporting.require(format_)
-    checkpoint = load_checkpoint(run)
     model, norm = model_from_checkpoint(checkpoint, get_backend("numpy", "cpu"))
     metadata = {"model": checkpoint_config(checkpoint).model, "classes": json.dumps(checkpoint.meta["classes"])}
-    exporting.export(model, norm, format_, output, softmax=softmax, metadata=metadata)
+    exporting.export(model, norm, format_, output, softmax=softmax, metadata=metadata, replace=force)
     if format_ == "onnx":
         result = "probabilities" if softmax else "logits"
         shape = f"images (N, 1, 28, 28) in [0, 1] -> {result} (N, {len(checkpoint.meta['classes'])})"

@@ -250,11 +250,13 @@ def export(
     path: str | os.PathLike,
     softmax: bool = False,
     metadata: dict[str, str] | None = None,
+    replace: bool = True,
 ) -> None:
     """Write ``model`` (with ``norm``'s ``mean`` and ``std``) to ``path`` as ``format``, atomically.
 
     ``softmax`` (ONNX only) makes the output probabilities; ``metadata`` (str -> str) is stored in the
-    file beside the normalisation and the producer.
+    file beside the normalisation and the producer.  With ``replace`` False, ExportError where ``path`` exists
+    by the time the file is written (another export to it, meanwhile), and nothing is replaced.
     """
     module = _import(format)
     if format == "onnx":
@@ -269,5 +271,9 @@ def export(
             **(metadata or {}),
         }
         data = module.save(safetensors_tensors(model), metadata=info)
-    with atomic_output(path) as out:
-        out.write(data)
+    try:
+        with atomic_output(path, replace=replace) as out:
+            out.write(data)
+    except FileExistsError:
+        message = f"{os.fspath(path)} was written meanwhile by another process: pass --force to replace it"
+        raise ExportError(message) from None

@@ -18,6 +18,8 @@ class NonEmptyPath(click.Path):
     def convert(self, value, param, ctx):
         if isinstance(value, str | bytes) and not value:
             self.fail("an empty path names nothing", param, ctx)
+        if not self.dir_okay and isinstance(value, str) and value.endswith(os.sep):  # Path() would drop the slash
+            self.fail(f"{value!r} names a directory (it ends with {os.sep}): name the file", param, ctx)
         path = super().convert(value, param, ctx)
         if not self.file_okay and os.path.exists(path) and not os.path.isdir(path):  # click refuses regular files
             self.fail(f"{click.format_filename(path)!r} exists and is not a directory", param, ctx)

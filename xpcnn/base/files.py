@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import glob
 import json
 import os
 import stat
@@ -78,21 +79,28 @@ def _named(exc: OSError, path: Path) -> OSError:
     return type(exc)(exc.errno, exc.strerror, os.fspath(path))
 
 
+def _temporary_prefix(name: str) -> str:
+    """The start of a temporary file's name for ``name``: short enough that ``.<random>.part`` after it keeps the
+    whole within the 255 bytes a file name may have, however long (and however encoded) ``name`` is."""
+    return f".{name[:60]}."
+
+
 @contextlib.contextmanager
-def atomic_output(path: str | os.PathLike) -> Iterator[BinaryIO]:
+def atomic_output(path: str | os.PathLike, *, replace: bool = True) -> Iterator[BinaryIO]:
     """Yield a binary file in ``path``'s directory that replaces ``path`` on success.
 
     On any error (KeyboardInterrupt included) the temporary file is removed and
     ``path`` is left untouched; an OSError names ``path``, not the temporary file.
     The new file gets mode 0644.  An existing ``path`` that is not a regular file
     (a device, a FIFO, a directory) is refused: replacing it would put a file where
-    something else was.
+    something else was.  With ``replace`` False, FileExistsError where ``path`` exists
+    when the file is put in place (another process wrote it meanwhile): nothing is replaced.
     """
     path = Path(path)
     if path.exists() and not path.is_file():
         raise NotRegularFileError(f"{path} exists and is not a regular file: refusing to replace it")
     try:
-        fd, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMPORARY_SUFFIX)
+        fd, temp_name = tempfile.mkstemp(dir=path.parent, prefix=_temporary_prefix(path.name), suffix=TEMPORARY_SUFFIX)
     except OSError as exc:
         raise _named(exc, path) from None
     try:
@@ -101,13 +109,31 @@ def atomic_output(path: str | os.PathLike) -> Iterator[BinaryIO]:
             temp.flush()
             os.fsync(temp.fileno())
         os.chmod(temp_name, 0o644)
-        os.replace(temp_name, path)
+        if replace:
+            os.replace(temp_name, path)
+        else:
+            _put_new(temp_name, path)
     except BaseException as exc:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(temp_name)
         if isinstance(exc, OSError) and exc.filename in (temp_name, None):
             raise _named(exc, path) from None
         raise
+
+
+def _put_new(temp_name: str, path: Path) -> None:
+    """Move the file ``temp_name`` to ``path`` only if nothing is there: a hard link fails where a file exists,
+    with no window between a check and the move; a file system without hard links gets the check."""
+    try:
+        os.link(temp_name, path)
+    except OSError as exc:
+        if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP):  # FileExistsError among them
+            raise
+        if path.exists():
+            raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), temp_name) from None
+        os.replace(temp_name, path)
+        return
+    os.unlink(temp_name)
 
 
 def check_writable(path: str | os.PathLike) -> None:
@@ -122,7 +148,7 @@ def check_writable(path: str | os.PathLike) -> None:
     if not path.parent.is_dir():
         raise XpcnnError(f"{path}: cannot write it: {path.parent} is not a directory")
     try:
-        fd, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMPORARY_SUFFIX)
+        fd, temp_name = tempfile.mkstemp(dir=path.parent, prefix=_temporary_prefix(path.name), suffix=TEMPORARY_SUFFIX)
     except OSError as exc:
         raise _named(exc, path) from None
     os.close(fd)
@@ -138,7 +164,7 @@ def remove_temporaries(directory: str | os.PathLike, names: tuple[str, ...]) -> 
     """
     removed = []
     for name in names:
-        for temp in Path(directory).glob(f".{name}.*{TEMPORARY_SUFFIX}"):
+        for temp in Path(directory).glob(f"{glob.escape(_temporary_prefix(name))}*{TEMPORARY_SUFFIX}"):
             if temp.is_file() and not temp.is_symlink():
                 with contextlib.suppress(FileNotFoundError):
                     temp.unlink()

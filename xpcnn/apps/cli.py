@@ -116,7 +116,8 @@ EAGER_HELP = "JAX: run each operation as it comes instead of compiled programs (
     type=click.FloatRange(0.0, 1.0, max_open=True),
     default=TrainConfig.label_smoothing,
     show_default=True,
-    help="Train against (1 - e) * one-hot + e / classes.",
+    help="Train against (1 - e) * one-hot + e / classes (the train loss shown is against those targets; "
+    "validation and test losses are plain cross-entropy).",
 )
 @click.option(
     "--dropout",

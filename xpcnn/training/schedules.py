@@ -14,8 +14,12 @@ def scheduled_lr(schedule: str, base_lr: float, step: int, total_steps: int) -> 
     step:     ``base_lr``, times 0.1 after 50% and again after 75% of the steps.
     cosine:   cosine decay from ``base_lr`` to 0.
     onecycle: cosine warm-up from ``base_lr / 25`` to ``base_lr`` over the first
-              30% of the steps, then cosine decay to ``base_lr / 25e4``
-              (PyTorch's OneCycleLR defaults).
+              30% of the steps, then cosine decay towards ``base_lr / 25e4``
+              (PyTorch's OneCycleLR's shape and defaults).  The position is
+              ``step / total_steps``, so the peak comes one step later than
+              OneCycleLR's and the last step's rate lies one step short of the
+              floor (for 80 steps: 4e-5 of a peak of 0.05, where OneCycleLR
+              reaches 2e-7); kept so, as every recipe was chosen with it.
     """
     if schedule not in SCHEDULES:
         raise ValueError(f"unknown schedule {schedule!r}: expected one of {', '.join(SCHEDULES)}")

@@ -186,3 +186,18 @@ def test_the_eager_flag_reaches_the_trainer(synthetic_dir, tmp_path, monkeypatch
     result = CliRunner().invoke(cli.main, [*args, "--out", str(tmp_path / "run"), *flags])
     assert result.exit_code == 0, result.output
     assert seen["eager"] is not compiled and seen["environment"]["compiled"] is compiled
+
+
+def test_a_new_program_waits_for_the_work_before_it_before_compiling(jax_backend, monkeypatch):
+    """Compiling a short last batch's step overlapped the steps still running before it, and the epoch's seconds,
+    which leave the compiling out, left out that running too: epoch 1 showed 60,000+ images/s."""
+    import jax
+
+    from xpcnn.training.compiled import _AheadOfTime
+
+    program = _AheadOfTime(lambda x: x * 2, {})
+    waits = []
+    monkeypatch.setattr(jax, "block_until_ready", lambda leaves: waits.append(program.compilations) or leaves)
+    for size in (3, 3, 4, 3):
+        program(jax_backend.asarray(np.ones(size, np.float32)))
+    assert waits == [0, 1] and program.compilations == 2  # before each compilation, and only then

@@ -103,6 +103,9 @@ class _AheadOfTime:
         signature = (tree, *((getattr(a, "shape", None), getattr(a, "dtype", type(a))) for a in leaves))
         executable = self._executables.get(signature)
         if executable is None:
+            # Work still running (the steps before a short last batch) is training time, which the clock would
+            # take out of the epoch's seconds with the compiling that overlapped it: let it end first.
+            self._jax.block_until_ready(leaves)
             executable = self._jitted.lower(*args).compile(compiler_options=self._options)
             self._executables[signature] = executable
             self.compilations += 1

@@ -366,15 +366,8 @@ def test_output_to_a_closed_stdout_is_one_line_and_exit_1(command, synthetic_dir
     trains = command[0] == "train" and "--help" not in command
     if trains:
         command += ["--data-dir", str(synthetic_dir), "--out", str(tmp_path / "run")]
-    result = subprocess.run(
-        [sys.executable, "-m", "xpcnn", *command],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-        timeout=120,
-        pass_fds=(),
-        preexec_fn=lambda: os.close(1),
-    )
+    closed = ["bash", "-c", 'exec "$0" -m xpcnn "$@" >&-', sys.executable, *command]  # no preexec_fn: no fork
+    result = subprocess.run(closed, stderr=subprocess.PIPE, text=True, timeout=120)
     assert result.returncode == 1, result.stderr
     assert result.stderr.strip().splitlines() == ["Error: cannot write the output: standard output is closed"]
     if trains:

@@ -451,3 +451,35 @@ def test_load_images_names_the_bad_file(tmp_path):
     good = save(draw_zero(), tmp_path, "good.png")
     with pytest.raises(ImageError, match="missing.png"):
         load_images([good, tmp_path / "missing.png"])
+
+
+def photographed_one(paper, ink: int = 0) -> Image.Image:
+    """A vertical stroke (a "1"), 30 px wide, drawn with grey ``ink`` on ``paper`` (a 400x400 uint8 array)."""
+    img = Image.fromarray(np.asarray(paper, np.uint8))
+    ImageDraw.Draw(img).line((200, 80, 200, 320), fill=ink, width=30)
+    return img
+
+
+def assert_reads_as_a_centred_bar(image):
+    """The framed "1": a bright bar 20 px tall in the middle columns, dark everywhere else."""
+    columns = image.sum(axis=0)
+    assert image.mean() < 0.2 and columns[12:16].max() > 15, columns
+    assert columns[:10].max() < 0.5 and columns[18:].max() < 0.5, columns
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["speck", "glint", "uneven light"],
+)
+def test_a_photographed_digit_keeps_its_polarity_and_background(tmp_path, case):
+    """A 2x2 white speck on dim paper turned the page over (its one pixel beat the pencil); light fading across
+    the page made a clear stroke "blank"."""
+    paper = np.full((400, 400), 180, np.uint8)
+    if case == "speck":
+        paper[50:52, 350:352] = 255
+    if case == "glint":
+        paper[40:60, 300:340] = 250
+    if case == "uneven light":
+        paper = np.repeat(230 - 50 * np.linspace(0, 1, 400)[None], 400, 0)
+    image = photographed_one(paper, ink=120 if case in ("speck", "glint") else 0)
+    assert_reads_as_a_centred_bar(load_image(save(image, tmp_path, "one.png")))

@@ -483,3 +483,40 @@ def test_a_photographed_digit_keeps_its_polarity_and_background(tmp_path, case):
         paper = np.repeat(230 - 50 * np.linspace(0, 1, 400)[None], 400, 0)
     image = photographed_one(paper, ink=120 if case in ("speck", "glint") else 0)
     assert_reads_as_a_centred_bar(load_image(save(image, tmp_path, "one.png")))
+
+
+def huge_png(side: int) -> bytes:
+    """A grey PNG of side x side black pixels, a few kilobytes compressed."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    rows = zlib.compress(bytes(side + 1) * side, 9)  # each row: filter byte 0, then the pixels
+    header = struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", rows) + chunk(b"IEND", b"")
+
+
+def test_an_icon_holding_a_huge_picture_is_refused_before_it_is_decoded(tmp_path):
+    """Pillow decodes an icon's largest image while opening it, before the header check: a 600 kB .ico of a
+    13000x13000 PNG took 700 MB. Pillow's own limit is now ours while it reads."""
+    import struct
+
+    png = huge_png(5000)
+    icon = struct.pack("<HHH", 0, 1, 1) + struct.pack("<BBBBHHII", 0, 0, 0, 0, 1, 32, len(png), 22) + png
+    path = tmp_path / "bomb.ico"
+    path.write_bytes(icon)
+    assert_one_line_error(path, match=r"holds an image over the limit of 4,194,304 pixels")
+
+
+def test_32_bit_grey_of_0_to_255_and_pillows_warnings(tmp_path):
+    """Mode I holding 0..255 (Pillow's own convert("I")) was divided by 65535 and called blank; Pillow's warnings
+    (corrupt EXIF) reached stderr beside the answer."""
+    zero = draw_zero()
+    reference = load_image(save(zero, tmp_path, "zero.png"))
+    np.testing.assert_allclose(load_image(save(zero.convert("I"), tmp_path, "zero.tif")), reference, atol=1e-6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # any warning Pillow gives would fail here
+        truncated = b"Exif\x00\x00MM\x00*\x00\x00\x00\x08\x00\x02\x01\x0f\x00\x02"  # 2 entries, cut inside one
+        load_image(save(zero.convert("RGB"), tmp_path, "zero.jpg", exif=truncated))

@@ -144,27 +144,43 @@ def _read_picture(
 
     Float pictures (mode F, e.g. a TIFF) are taken as [0, 1] lightness, or 0..255 if any value is above 1.
     """
+    limit = Image.MAX_IMAGE_PIXELS
+    allowed = max_pixels if max_pixels is not None else limit
     try:
-        with warnings.catch_warnings():  # over Pillow's own limit: refused below, from the header, in one line
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            opened = Image.open(source, formats=formats)
-        with opened as img:
-            if max_pixels is not None and img.width * img.height > max_pixels:
-                # Opening reads only the header: refuse before a small file inflates to gigabytes.
-                raise ImageError(f"{name}: {img.width}x{img.height} pixels is over the limit of {max_pixels:,}")
-            img = ImageOps.exif_transpose(img)
-            if img.mode.startswith("I"):  # 16- or 32-bit integer grey
-                return np.clip(np.asarray(img, dtype=np.float32) / 65535, 0, 1)
-            if img.mode == "F":  # 32-bit float grey: converting to "L" would clip [0, 1] to black
-                return _float_lightness(np.asarray(img, dtype=np.float32), name)
-            if img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info:
-                rgba = np.asarray(img.convert("RGBA"), dtype=np.float32) / 255
-                return _composite(rgba[..., :3], rgba[..., 3])
-            return np.asarray(img.convert("L"), dtype=np.float32) / 255
+        with warnings.catch_warnings():  # Pillow's warnings (corrupt EXIF...) are not the user's to read
+            warnings.simplefilter("ignore")
+            # Pillow's own check, at our limit, also guards what it decodes while opening (an icon's largest
+            # image, refused over twice the limit) and after (an ICNS whose header understates it).
+            Image.MAX_IMAGE_PIXELS = allowed
+            with Image.open(source, formats=formats) as img:
+                if max_pixels is not None and img.width * img.height > max_pixels:
+                    # Opening reads only the header: refuse before a small file inflates to gigabytes.
+                    raise ImageError(f"{name}: {img.width}x{img.height} pixels is over the limit of {max_pixels:,}")
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                return _lightness(ImageOps.exif_transpose(img), name)
     except ImageError:
         raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise ImageError(f"{name}: holds an image over the limit of {allowed:,} pixels") from None
     except Exception as error:  # Pillow raises many kinds (OSError, SyntaxError, struct.error...)
         raise ImageError(f"{name}: cannot read as an image ({_one_line(error)})") from None
+    finally:
+        Image.MAX_IMAGE_PIXELS = limit
+
+
+def _lightness(img: Image.Image, name: str) -> np.ndarray:
+    """An opened picture's lightness, float32 (H, W) in [0, 1]."""
+    if img.mode == "I":  # 32-bit integer grey: 0..255 as Pillow converts it, or 16 bits' range
+        values = np.asarray(img, dtype=np.float32)
+        return np.clip(values / (255 if values.max() <= 255 else 65535), 0, 1)
+    if img.mode.startswith("I"):  # 16-bit integer grey
+        return np.clip(np.asarray(img, dtype=np.float32) / 65535, 0, 1)
+    if img.mode == "F":  # 32-bit float grey: converting to "L" would clip [0, 1] to black
+        return _float_lightness(np.asarray(img, dtype=np.float32), name)
+    if img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info:
+        rgba = np.asarray(img.convert("RGBA"), dtype=np.float32) / 255
+        return _composite(rgba[..., :3], rgba[..., 3])
+    return np.asarray(img.convert("L"), dtype=np.float32) / 255
 
 
 def _float_lightness(values: np.ndarray, name: str) -> np.ndarray:

@@ -671,3 +671,18 @@ def test_a_directory_option_naming_a_device_or_a_fifo_says_it_is_not_a_directory
     for path in ("/dev/null", fifo):
         result = invoke("train", option, path, expect=2)
         assert f"Invalid value for '{option}': '{path}' exists and is not a directory" in result.output
+
+
+def test_predict_writes_a_file_names_control_characters_as_escapes(trained_run, tmp_path):
+    """A name holding newlines forged output lines ("x.png: 3 (100.0%)") and broke an error's one line."""
+    forged = tmp_path / "a\nfake.png: 3 (100.0%)\nb.npy"
+    image = np.zeros((28, 28), np.uint8)
+    image[6:22, 12:16] = 255
+    np.save(forged, image)
+    missing = tmp_path / "missing\nError: nothing wrong.png"
+    np.savez(tmp_path / "x.npz", image=image)
+    result = invoke("predict", trained_run, forged, missing, tmp_path / "x.npz", expect=1)
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 3, lines
+    assert lines[0].startswith(str(tmp_path / "a\\nfake.png: 3 (100.0%)\\nb.npy") + ": ")
+    assert "missing\\nError: nothing wrong.png" in lines[1] and "x.npz: a .npz archive holds several arrays" in lines[2]

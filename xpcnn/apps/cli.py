@@ -19,7 +19,7 @@ from ..backends.backend import BACKEND_NAMES, cuda_problem, get_backend, set_tf3
 from ..backends.diagnostics import available_backends, gpu_names
 from ..backends.distributed import check_backend, rank_from_environment
 from ..backends.ranks import join, prepare
-from ..base.errors import ConfigError, NonFiniteOutputs, XpcnnError
+from ..base.errors import ConfigError, NonFiniteOutputs, XpcnnError, printable
 from ..base.files import check_writable
 from ..data.checkpoint import CHECKPOINT_NAME, checkpoint_path, load_checkpoint
 from ..data.data import DATASETS, TEST_FILES, find_data_dir, get_spec, load_dataset
@@ -422,10 +422,10 @@ def predict(run, images, device, backend, top_k, as_json):
     else:
         for row in rows:
             if "error" in row:
-                click.echo(f"Error: {row['error']}", err=True)
+                click.echo(f"Error: {printable(row['error'])}", err=True)  # a name's newline forges no line
             else:
-                shown = ", ".join(f"{t['label']} ({t['probability']:.1%})" for t in row["top"])
-                click.echo(f"{row['image']}: {shown}")
+                shown = ", ".join(f"{printable(t['label'])} ({t['probability']:.1%})" for t in row["top"])
+                click.echo(f"{printable(row['image'])}: {shown}")
     if len(loaded) < len(rows):
         sys.exit(1)
 

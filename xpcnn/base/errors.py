@@ -40,3 +40,9 @@ class NonFiniteOutputs(XpcnnError, ValueError):
 def one_line(text: object) -> str:
     """``text`` with its whitespace (newlines included) collapsed, so that a message stays on one line."""
     return " ".join(str(text).split())
+
+
+def printable(text: object) -> str:
+    """``text`` with its control characters (a newline, a terminal's escape) written as escapes (``\\n``), so that
+    a file name cannot forge lines of output or drive the terminal."""
+    return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in str(text))

@@ -99,6 +99,8 @@ def load_image(path: str | os.PathLike, framing: Framing = DIGITS) -> np.ndarray
     except OSError as error:
         raise ImageError(f"{name}: cannot open: {error.strerror or _one_line(error)}") from None
     with file:
+        if name.lower().endswith(".npz"):
+            raise ImageError(f"{name}: a .npz archive holds several arrays: save one image with np.save, as .npy")
         if name.lower().endswith(".npy"):
             lightness = _read_npy(file, name)
             if lightness.shape == (SIZE, SIZE) and _light_background(lightness) == framing.light_background:

@@ -517,3 +517,15 @@ def test_32_bit_grey_of_0_to_255_and_pillows_warnings(tmp_path):
         warnings.simplefilter("error")  # any warning Pillow gives would fail here
         truncated = b"Exif\x00\x00MM\x00*\x00\x00\x00\x08\x00\x02\x01\x0f\x00\x02"  # 2 entries, cut inside one
         load_image(save(zero.convert("RGB"), tmp_path, "zero.jpg", exif=truncated))
+
+
+def test_reading_pictures_on_several_threads_leaves_pillows_settings_as_they_were(tmp_path):
+    """Each read sets Pillow's process-wide pixel limit and warning filters and restores them: interleaved
+    reads restored each other's values, leaving the limit at ours and every warning silenced."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    path = save(draw_zero(), tmp_path, "zero.png")
+    limit, filters = Image.MAX_IMAGE_PIXELS, list(warnings.filters)
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(load_image, [path] * 64))
+    assert Image.MAX_IMAGE_PIXELS == limit and warnings.filters == filters

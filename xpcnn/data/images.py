@@ -31,6 +31,7 @@ import io
 import math
 import os
 import re
+import threading
 import warnings
 from collections.abc import Iterable
 from typing import BinaryIO
@@ -51,6 +52,9 @@ INK_FRACTION = 0.25  # pixels above this fraction of the strongest ink count for
 
 UNIT_SLACK = 1e-3  # floats this far outside [0, 1] are its rounding (1.0000001), not 0..255 or an error
 MAX_PIXELS = 2048 * 2048  # bigger pictures are refused from their header, before decoding (predict and serve)
+_PILLOW_SETTINGS = (
+    threading.Lock()
+)  # Pillow's pixel limit and the warning filters are process-wide: one reader at a time
 LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)  # ITU-R 601, as Pillow's "L"
 
 
@@ -145,6 +149,14 @@ def _read_picture(
 
     Float pictures (mode F, e.g. a TIFF) are taken as [0, 1] lightness, or 0..255 if any value is above 1.
     """
+    with _PILLOW_SETTINGS:
+        return _read_picture_alone(source, name, formats, max_pixels)
+
+
+def _read_picture_alone(
+    source: BinaryIO, name: str, formats: tuple[str, ...] | None, max_pixels: int | None
+) -> np.ndarray:
+    """:func:`_read_picture`'s work, holding the lock on Pillow's process-wide settings it changes."""
     limit = Image.MAX_IMAGE_PIXELS
     allowed = max_pixels if max_pixels is not None else limit
     try:

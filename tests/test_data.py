@@ -712,3 +712,41 @@ def test_a_file_in_both_forms_must_hold_the_same_data(tmp_path):
     with pytest.raises(DataError) as error:
         load_dataset(spec_for({}), tmp_path)
     assert_one_line_naming(error, str(tmp_path / data.TEST_LABELS), str(unpacked), "hold different data")
+
+
+def test_a_download_waiting_while_another_fails_starts_again_in_a_folder_that_is_there(tmp_path, monkeypatch):
+    """The failing download removed the folder it made after letting go of its lock, so the one waiting for
+    the lock found no folder and every mirror failed with 'No such file or directory'."""
+    import threading
+
+    first_started = threading.Event()
+
+    def fetch(url, dest, sha256, *, progress, timeout):
+        if threading.current_thread().name == "first":
+            first_started.set()
+            time.sleep(0.5)  # the second is waiting for the lock meanwhile
+            raise OSError("mirror down")
+        with files.atomic_output(dest) as out:
+            out.write(b"x")
+
+    monkeypatch.setattr(download, "fetch", fetch)
+    spec = DatasetSpec("tiny", CLASSES, ("http://mirror/",), {file: "0" * 64 for file in FILES})
+    target = tmp_path / "cache" / "xpcnn" / "tiny"
+    outcomes = {}
+
+    def run():
+        try:
+            data.download_files(spec, target, progress=False)
+            outcomes[threading.current_thread().name] = "downloaded"
+        except DownloadError as error:
+            outcomes[threading.current_thread().name] = str(error)
+
+    first = threading.Thread(target=run, name="first")
+    second = threading.Thread(target=run, name="second")
+    first.start()
+    first_started.wait(10)
+    second.start()
+    first.join(30)
+    second.join(30)
+    assert "mirror down" in outcomes["first"] and outcomes["second"] == "downloaded"
+    assert sorted(path.name for path in target.iterdir()) == sorted(FILES)

@@ -233,17 +233,20 @@ def download_files(
     killed one's partial files are removed.  A download that fails removes the folders it made, still empty.
     """
     directory = Path(directory)
-    made = [folder for folder in (directory, *directory.parents) if not folder.exists()]  # deepest first
-    directory.mkdir(parents=True, exist_ok=True)
-    try:
+    while True:
+        made = [folder for folder in (directory, *directory.parents) if not folder.exists()]  # deepest first
+        directory.mkdir(parents=True, exist_ok=True)
         with locked_directory(directory, wait=True):  # one download at a time: a second finds the files there
-            remove_temporaries(directory, FILES)  # what a killed download left
-            return _download_missing(spec, directory, progress, timeout)
-    except BaseException:  # Ctrl-C included: no empty cache folder is left to puzzle over
-        for folder in made:
-            with contextlib.suppress(OSError):  # not empty: another download's files, or one of the user's
-                folder.rmdir()
-        raise
+            if not directory.is_dir():  # removed by a download that failed while this one waited: again
+                continue
+            try:
+                remove_temporaries(directory, FILES)  # what a killed download left
+                return _download_missing(spec, directory, progress, timeout)
+            except BaseException:  # Ctrl-C included: no empty cache folder is left to puzzle over
+                for folder in made:  # while holding the lock, so that a download waiting for it sees
+                    with contextlib.suppress(OSError):  # not empty: another download's files, or the user's
+                        folder.rmdir()
+                raise
 
 
 def _download_missing(spec: DatasetSpec, directory: Path, progress: bool, timeout: float) -> Path:

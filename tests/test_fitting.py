@@ -155,9 +155,13 @@ def test_a_model_of_your_own_layers_is_recorded_as_custom_and_not_rebuilt_as_a_n
     np.save(tmp_path / "one.npy", IMAGES[0])
     for command in (["predict", "own.npz", "one.npy"], ["export", "own.npz", "--format", "onnx", "--output", "o"]):
         result = CliRunner().invoke(main, [*command[:1], *(str(tmp_path / a) if "." in a else a for a in command[1:])])
-        assert result.exit_code == 1 and "own.npz holds a model of your own layers" in result.output, result.output
+        assert result.exit_code == 1 and result.output.startswith(f"Error: {tmp_path / 'own.npz'} holds a model of")
         assert len(result.output.strip().splitlines()) == 1
-    with pytest.raises(ConfigError, match="holds a model of your own layers"):
+    (tmp_path / "run").mkdir()
+    xpcnn.save(tmp_path / "run" / "checkpoint.npz", own, history)
+    resumed = CliRunner().invoke(main, ["train", "--resume", str(tmp_path / "run"), "--epochs", "1"])
+    assert resumed.output.startswith(f"Error: {tmp_path / 'run'} holds a model of your own layers"), resumed.output
+    with pytest.raises(ConfigError, match="^unknown model 'custom'"):
         xpcnn.fit("custom", (IMAGES, LABELS))
 
 

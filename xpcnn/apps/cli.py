@@ -209,6 +209,7 @@ def train(
                 f"{resume} holds no {CHECKPOINT_NAME} to continue{stopped}: start it afresh with --out {resume}"
             )
         checkpoint = load_checkpoint(resume)
+        require_rebuildable_run(checkpoint_config(checkpoint), resume)  # before its settings are judged
         if out is not None and Path(out).resolve() != Path(resume).resolve():
             raise click.UsageError("--out and --resume name different directories")
         try:
@@ -216,7 +217,6 @@ def train(
         except ConfigError as exc:
             raise click.UsageError(str(exc)) from None  # names its flags, and the run's own values
         out = Path(resume)
-        require_rebuildable_run(config, resume)
         data_dir = data_dir or recorded_data_dir(checkpoint, out)
     else:
         checkpoint = None

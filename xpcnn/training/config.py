@@ -185,11 +185,10 @@ def flag(setting: str) -> str:
 def require_named_model(config: TrainConfig, where) -> None:
     """ConfigError where ``config`` (of the run or checkpoint ``where``) records a model of the user's own layers:
     only the user's code can build it again."""
-    if config.model == CUSTOM_MODEL:
+    if config.model == CUSTOM_MODEL:  # no setting named: the commands that read checkpoints have no --model
         raise ConfigError(
             f"{where} holds a model of your own layers (trained by xpcnn.fit), which only your code can build again: "
-            "build it and load the checkpoint's model_state into it",
-            "model",
+            "build it and load the checkpoint's model_state into it"
         )
 
 

@@ -89,6 +89,8 @@ def fit(
         raise ConfigError("give the model and the data as fit's first two arguments, not as settings")
     if not isinstance(optimizer, str | Optimizer):
         raise ConfigError(f"optimizer must be a name or an xpcnn optimiser, got {type(optimizer).__name__}")
+    if isinstance(model, str) and model not in MODELS:  # "custom" included: a checkpoint's record, not a model
+        raise ConfigError(f"unknown model {model!r}: expected one of {', '.join(MODELS)}", "model")
     name = model if isinstance(model, str) else _model_name(model)
     own = _optimizer_settings(optimizer, settings) if isinstance(optimizer, Optimizer) else {"optimizer": optimizer}
     config = TrainConfig.from_dict(

@@ -23,7 +23,7 @@ from helpers import started_server
 from PIL import Image, ImageDraw
 
 from xpcnn.apps.cli import main
-from xpcnn.apps.serve import MAX_BODY_BYTES, MAX_PIXELS, make_server
+from xpcnn.apps.serve import MAX_BODY_BYTES, MAX_PIXELS, DigitReader, make_server
 from xpcnn.backends.backend import get_backend
 from xpcnn.data.checkpoint import load_checkpoint
 
@@ -154,6 +154,10 @@ def test_the_page_names_the_checkpoints_classes_as_data_never_markup(server, run
     assert page.count("</script>") == 2 and "<!--" not in page and "alert(1)" in page  # escaped, still there
     assert page_data(page) == {"heading": "xpcnn: draw one of fashion-mnist's classes", "classes": names}
     assert status == 200 and answer["label"] == names[answer["class"]]
+    arrays = {**meta, "config": {**meta["config"], "dataset": "arrays"}}  # xpcnn.fit on arrays: no dataset name
+    save_checkpoint(tmp_path / "arrays.npz", arrays, checkpoint.model_state, checkpoint.optimizer_state)
+    reader = DigitReader(load_checkpoint(tmp_path / "arrays.npz"), get_backend("numpy"))
+    assert page_data(reader.page().decode())["heading"] == "xpcnn: draw one of the model's classes"
 
 
 def test_predict_agrees_with_the_predict_command(server, run, tmp_path):

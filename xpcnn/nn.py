@@ -78,7 +78,9 @@ class Layer:
         return self.train(False)
 
     def to(self, backend: Backend | str, dtype=None):
-        """Move parameters, gradients and buffers to ``backend`` (or a get_backend name), floats cast to ``dtype``."""
+        """Move parameters, gradients and buffers to ``backend`` (or a get_backend name), floats cast to ``dtype``.
+
+        A dropout layer's generator is dropped (it draws on its own backend): set one again for seeded noise."""
         if isinstance(backend, str):
             backend = get_backend(backend)
         for _, layer in self._holders():
@@ -674,7 +676,7 @@ class Sequential(_Container):
                     batch_statistics.append((layer, statistics))
                 else:
                     x = layer.forward(x)
-        except Exception:
+        except BaseException:
             self.zero_cache()  # a backward now is refused, instead of mixing this forward's caches with the last's
             raise
         if batch_statistics:
@@ -859,8 +861,8 @@ class CrossEntropyLoss:
             xp = namespace(logits, labels)
         except TypeError:
             raise ValueError(
-                f"CrossEntropyLoss: logits are a {type(logits).__module__} array but labels a "
-                f"{type(labels).__module__} one: give the labels on the model's backend"
+                f"CrossEntropyLoss: logits ({type(logits).__module__}.{type(logits).__name__}) and labels "
+                f"({type(labels).__module__}.{type(labels).__name__}) must be arrays of one library, the model's"
             ) from None
         if logits.ndim != 2:
             raise ValueError(f"CrossEntropyLoss: expected logits of shape (N, K), got {_shape_text(logits.shape)}")

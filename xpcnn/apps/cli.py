@@ -32,6 +32,7 @@ from ..training.display import Progress
 from ..training.ensemble import evaluate_ensemble
 from ..training.fitting import require_rebuildable_run
 from ..training.runs import (
+    CONFIG_NAME,
     RUN_FILES,
     RUNS_ROOT,
     check_no_run,
@@ -450,7 +451,7 @@ def export(run, format_, output, softmax, force):
     output, checkpoint = Path(output), load_checkpoint(run)
     if output.exists() and os.path.samefile(output, checkpoint.path):
         raise click.UsageError(f"{output} is the checkpoint being exported: pick another --output")
-    if output.name in RUN_FILES and any((output.parent / name).exists() for name in RUN_FILES[:2]):  # even --force
+    if output.name in RUN_FILES and any((output.parent / name).exists() for name in (CONFIG_NAME, CHECKPOINT_NAME)):
         raise click.UsageError(f"{output} is a file of the run in {output.parent}: pick another --output")
     if output.exists() and not force:
         raise click.UsageError(f"{output} exists: pass --force to replace it")
@@ -483,7 +484,7 @@ def export(run, format_, output, softmax, force):
     multiple=True,
     metavar="NAME",
     help="Also answer requests for this host name (repeatable; .example.com: it and its subdomains), e.g. behind "
-    "a proxy that forwards under its own name. On loopback, only IP addresses and localhost are answered.",
+    "a proxy that forwards under its own name. On loopback, only IP addresses, localhost and --host are answered.",
 )
 @friendly_errors
 def serve(run, host, port, device, backend, quiet, allowed_hosts):

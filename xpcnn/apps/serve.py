@@ -34,6 +34,7 @@ from ..base.errors import NonFiniteOutputs, XpcnnError
 from ..data.checkpoint import Checkpoint
 from ..data.device_data import normalize_images
 from ..data.images import MAX_PIXELS, ImageError, decode_picture
+from ..training.fitting import ARRAYS
 from ..training.runs import checkpoint_config, model_from_checkpoint, picture_framing
 from ..training.train import predict_probabilities
 
@@ -87,7 +88,8 @@ class DigitReader:
     def page(self) -> bytes:
         """The drawing page, given the checkpoint's class names and a heading as JSON in a data block."""
         digits = self.classes == [str(digit) for digit in range(10)]
-        heading = "xpcnn: draw a digit" if digits else f"xpcnn: draw one of {self.dataset}'s classes"
+        owner = "the model's" if self.dataset == ARRAYS else f"{self.dataset}'s"  # fit on arrays: no dataset name
+        heading = "xpcnn: draw a digit" if digits else f"xpcnn: draw one of {owner} classes"
         data = json.dumps({"heading": heading, "classes": self.classes})
         for character in "<>&":  # JSON escapes, so no class name can end the script block: it stays data
             data = data.replace(character, f"\\u{ord(character):04x}")

@@ -232,3 +232,23 @@ def test_an_output_that_is_not_a_regular_file_is_refused_and_left_alone(tmp_path
     with pytest.raises(XpcnnError, match="not a regular file"):
         files.write_json(tmp_path, {"a": 1})
     assert stat.S_ISFIFO(os.stat(fifo).st_mode) and sorted(p.name for p in tmp_path.iterdir()) == ["pipe"]
+
+
+@pytest.mark.parametrize("links", [True, False])
+def test_atomic_output_without_replacing_puts_a_file_only_where_none_is(tmp_path, monkeypatch, links):
+    """replace=False: a hard link that fails where a file is; a file system without hard links gets a check."""
+    from xpcnn.base import files
+
+    if not links:
+
+        def no_links(source, target):
+            raise OSError(errno.EPERM, "Operation not permitted")
+
+        monkeypatch.setattr(files.os, "link", no_links)
+    target = tmp_path / "model.onnx"
+    with files.atomic_output(target, replace=False) as out:
+        out.write(b"first")
+    with pytest.raises(FileExistsError) as error, files.atomic_output(target, replace=False) as out:
+        out.write(b"second")
+    assert error.value.filename == str(target)  # the user's file named, not the temporary one
+    assert target.read_bytes() == b"first" and [p.name for p in tmp_path.iterdir()] == ["model.onnx"]

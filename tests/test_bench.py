@@ -154,6 +154,19 @@ def test_the_output_file_is_written_before_stdout_can_fail(tmp_path):
     assert json.loads((tmp_path / "bench.json").read_text())["results"][0]["model"] == "seed"
 
 
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="a device that is always full")
+def test_progress_onto_a_full_disk_is_lost_not_the_figures(tmp_path):
+    """bench 2>/dev/full: its first progress line ended the run, with no figures and no --output."""
+    args = ["bench", "--backend", "numpy", "--model", "seed", "--steps", "1", "--repeats", "1", "--threads", "1"]
+    args += ["--train-batch", "8", "--infer-batch", "16", "--no-torch", "--output", str(tmp_path / "bench.json")]
+    with open("/dev/full", "w") as full:
+        result = subprocess.run(
+            [sys.executable, "-m", "xpcnn", *args], stdout=subprocess.PIPE, stderr=full, timeout=300
+        )
+    assert result.returncode == 0 and b"seed" in result.stdout
+    assert json.loads((tmp_path / "bench.json").read_text())["results"][0]["model"] == "seed"
+
+
 def test_a_failing_case_is_one_line_and_runs_no_twin():
     settings = cases.Settings(train_batch=8, infer_batch=16, steps=1, repeats=1, warmup=1, threads=1)
     (row,) = sessions.run_pair(cases.Case("xpcnn", "numpy", "no-such-model"), settings, with_torch=True)
@@ -217,3 +230,31 @@ def test_json_flag_prints_the_report_alone_on_stdout(monkeypatch, tmp_path):
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout) == json.loads((tmp_path / "bench.json").read_text())
     assert json.loads(result.stdout)["results"] == [row]
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="CPU affinity is Linux's")
+def test_a_case_keeps_to_its_thread_count_of_cpus(tmp_path):
+    """XLA ignores OMP_NUM_THREADS: a JAX case at --threads 1 used both cores while its torch twin had one."""
+    code = "import os; from xpcnn.apps.bench.cases import use_cpus; use_cpus(1); print(len(os.sched_getaffinity(0)))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert done.stdout.strip() == "1"
+
+
+def test_a_case_stopped_while_it_starts_leaves_no_process(monkeypatch):
+    """A signal while a case process was warming up left it running, orphaned, until its warm-up ended."""
+    started = []
+    popen = subprocess.Popen
+
+    def remember(*args, **kwargs):
+        started.append(popen(*args, **kwargs))
+        return started[-1]
+
+    def interrupted(self):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sessions.subprocess, "Popen", remember)
+    monkeypatch.setattr(sessions.Worker, "_answer", interrupted)
+    settings = cases.Settings(8, 8, 1, 1, 1, 1, False, False)
+    with pytest.raises(KeyboardInterrupt):
+        sessions.Worker(cases.Case("xpcnn", "numpy", "seed"), settings)
+    assert started and started[0].poll() is not None

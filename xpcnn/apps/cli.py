@@ -575,15 +575,12 @@ def bench(
     with_torch = not no_torch and sessions.torch_available()
     settings = cases.Settings(train_batch, infer_batch, steps, repeats, 3, threads, tf32, eager)
     machine = sessions.machine_description(threads)
-    click.echo(
-        f"{machine['processor']}, {machine['cpu_count']} CPUs ({threads} threads), GPUs: {machine['gpus'] or 'none'}",
-        err=True,
-    )
+    tell(f"{machine['processor']}, {machine['cpu_count']} CPUs ({threads} threads), GPUs: {machine['gpus'] or 'none'}")
     results = []
     for case in sessions.xpcnn_cases(backends, models):
         for row in sessions.run_pair(case, settings, with_torch):
             results.append(row)
-            click.echo(f"  {formatting.format_progress(row)}", err=True)
+            tell(f"  {formatting.format_progress(row)}")  # progress: lost on a full disk, not the figures
     lines = [formatting.format_table(results)]  # printed last: --output is written first, whatever stdout is
     report = {"machine": machine, "settings": dataclasses.asdict(settings), "results": results}
     if with_torch:
@@ -592,7 +589,7 @@ def bench(
         report["ratio_spread"] = formatting.RATIO_SPREAD
     if full_run_dir:
         device = "cuda" if "cupy" in backends else "cpu"
-        click.echo(f"  running one epoch of convnet on {device} ...", err=True)
+        tell(f"  running one epoch of convnet on {device} ...")
         run = sessions.full_run(full_run_dir, "convnet", device, threads, tf32)
         report["full_run"] = run
         if "error" in run:

@@ -321,7 +321,17 @@ def main_worker(argv: list[str]) -> None:
         answers.write(json.dumps(message) + "\n")
         answers.flush()
 
-    serve(Case.parse(argv[0]), Settings(**json.loads(argv[1])), sys.stdin, reply)
+    settings = Settings(**json.loads(argv[1]))
+    use_cpus(settings.threads)
+    serve(Case.parse(argv[0]), settings, sys.stdin, reply)
+
+
+def use_cpus(threads: int) -> None:
+    """Keep this process on ``threads`` of the CPUs it may use, before JAX or torch loads: XLA sizes its thread
+    pool by those CPUs and ignores OMP_NUM_THREADS, so a JAX case would otherwise take every core its torch
+    twin is denied.  (Linux; elsewhere the thread variables alone.)"""
+    if hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:threads])
 
 
 if __name__ == "__main__":

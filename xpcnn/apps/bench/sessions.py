@@ -51,7 +51,7 @@ class Worker:
         )
         try:
             hello = self._answer()
-        except CaseFailed:
+        except BaseException:  # a failed case, or a signal while it starts: no process is left running
             self.close()
             raise
         self.device, self.compiled = hello["device"], hello["compiled"]

@@ -29,8 +29,10 @@
 # profile of a CuPy step (scripts/profile_step.py).  Installs nothing but the wheels in .whl/ (array-api-compat,
 # -extra, -strict) into /tmp/site, and imports xpcnn from this checkout; MNIST_DIR defaults to .data/mnist where
 # it exists.  --dry-run-cpu runs the same flow on the CPU with tiny settings (jax and numpy beside torch on
-# cpu, a synthetic data set unless MNIST_DIR is given, a few tests).
+# cpu, a synthetic data set unless MNIST_DIR is given, a few tests).  With --quick the exit status is 1 when a
+# step that ran failed (one skipped for want of time is not a failure); relative paths are the caller's.
 set -uo pipefail
+caller=$PWD
 cd "$(dirname "$0")/.."
 quick=0
 dry=0
@@ -43,9 +45,13 @@ for arg in "$@"; do
     esac
 done
 set -- "${args[@]}"
+from_caller() { case $1 in /*) echo "$1" ;; *) echo "$caller/$1" ;; esac; }  # a path given is the caller's
 out=${1:-gpu_check}
+[ $# -ge 1 ] && out=$(from_caller "$1")
 mnist=${2:-../shared/data/mnist}
+[ $# -ge 2 ] && mnist=$(from_caller "$2")
 fashion=${3:-/usr/share/datasets/fashion-mnist}
+[ $# -ge 3 ] && fashion=$(from_caller "$3")
 python=${PYTHON:-python3}
 mkdir -p "$out"
 # JAX takes 75% of the GPU at start-up by default; several test workers and runs share this GPU.
@@ -55,6 +61,7 @@ log() { echo "# $(date -u +%H:%M:%S) $*" | tee -a "$out/steps.txt"; }
 
 if [ "$quick" = 1 ]; then
     budget=${GPU_CHECK_QUICK_SECONDS:-300}
+    failed=0
     # step NAME CAP_SECONDS COMMAND...: run under timeout (CAP, or what is left of the budget), output to NAME.log.
     step() {
         local name=$1 cap=$2 left=$((budget - SECONDS))
@@ -68,6 +75,7 @@ if [ "$quick" = 1 ]; then
         timeout "$cap" "$@" > "$out/$name.log" 2>&1
         local status=$?
         log "$name: exit $status ($((SECONDS - start)) s, limit $cap s)$([ $status = 124 ] && echo ', timed out')"
+        [ "$status" = 0 ] || failed=1
         return $status
     }
     device=cuda backends=(${GPU_CHECK_BACKENDS:-jax cupy}) batches=(128 512) bench_size=(--steps 50 --repeats 7)
@@ -188,8 +196,8 @@ EOF
     bench_runs ${GPU_CHECK_LATER_RUNS:-tf32 reference}
     [ "$dry" = 1 ] || step profile 30 "$python" scripts/profile_step.py --model convnet --model seed
     [ -f "$out/profile.log" ] && grep "batch" "$out/profile.log" | sed 's/^/  /' | tee -a "$out/steps.txt"
-    log "done ($SECONDS s)"
-    exit 0
+    log "done ($SECONDS s)$([ $failed = 1 ] && echo ', a step failed')"
+    exit $failed
 fi
 
 log "xpcnn GPU check"

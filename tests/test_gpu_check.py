@@ -52,3 +52,15 @@ def test_the_quick_gpu_check_runs_every_step_in_order_on_the_cpu(tmp_path):
     assert re.search(r"chosen on validation: (widenet-30-epochs|resnet)\n", steps), steps
     assert re.search(r"mean test accuracy [\d.]+% over 3 finished seed\(s\)", steps), steps
     assert "done" in steps.splitlines()[-1]
+
+
+def test_the_quick_gpu_check_fails_when_a_step_fails_and_writes_where_it_is_called(tmp_path):
+    """It exited 0 whatever its steps did, and a relative OUT_DIR landed in the checkout."""
+    env = dict(os.environ, PYTHON="false", GPU_CHECK_BENCH_MODELS="--model seed", GPU_CHECK_BATCHES="16")
+    done = subprocess.run(
+        ["bash", str(ROOT / "scripts" / "gpu_check.sh"), "--dry-run-cpu", "relative"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert done.returncode == 1, done.stdout[-2000:]
+    steps = (tmp_path / "relative" / "steps.txt").read_text()
+    assert "a step failed" in steps and not (ROOT / "relative").exists()

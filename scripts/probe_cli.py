@@ -35,7 +35,7 @@ TRAIN_IMAGES, TRAIN_LABELS, TEST_LABELS = (
 
 
 def xpcnn(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(["xpcnn", *args], capture_output=True, text=True, timeout=300)
+    return subprocess.run([sys.executable, "-m", "xpcnn", *args], capture_output=True, text=True, timeout=300)
 
 
 def damaged_data(root: Path, good: Path) -> dict[str, Path]:
@@ -91,6 +91,14 @@ def damaged_images(root: Path) -> list[Path]:
 
 def main() -> None:
     root = Path(tempfile.mkdtemp(prefix="xpcnn-probe-"))
+    try:
+        probe(root)
+    finally:
+        shutil.rmtree(root)
+
+
+def probe(root: Path) -> None:
+    """Make the data, runs and pictures under ``root``, run the commands on them, print the table."""
     good = write_synthetic_mnist(root / "good")
     other = write_synthetic_mnist(root / "other", seed=7)
     run = root / "run"
@@ -145,7 +153,6 @@ def main() -> None:
         resumed = xpcnn("train", "--resume", str(directory), "--epochs", "3", "--device", "cpu", "--data-dir", g)
         restarted = xpcnn("train", "--out", str(directory), "--model", "seed", "--device", "cpu", "--data-dir", g)
         print(f"{directory.name}: --resume exit {resumed.returncode}, --out exit {restarted.returncode}")
-    shutil.rmtree(root)
 
 
 if __name__ == "__main__":

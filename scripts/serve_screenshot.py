@@ -42,7 +42,8 @@ def main():
             draw(driver, SEVEN)
             shown = wait_for_prediction(driver)
             time.sleep(0.5)  # the bars grow in 0.15 s
-            driver.save_screenshot(args.out)
+            if not driver.save_screenshot(args.out):  # selenium returns False, not an error, where it cannot write
+                sys.exit(f"error: could not write {args.out}")
         finally:
             driver.quit()
     server.shutdown()

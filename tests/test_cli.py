@@ -209,6 +209,21 @@ def test_info_lists_backends():
     assert "numpy" in output and "array-api-strict" in output and "cupy" in output and "GPUs" in output
 
 
+def test_info_says_where_data_is_and_why_it_could_not_be_downloaded(synthetic_dir, tmp_path):
+    """Without a home folder info said MNIST would be downloaded on first use, which train then refused; a path
+    with a newline split its line."""
+    import shutil
+
+    root = tmp_path / "data\nroot"
+    shutil.copytree(synthetic_dir, root / "mnist")
+    environment = {"HOME": "", "XDG_CACHE_HOME": "", "XPCNN_DATA_DIR": str(root)}
+    lines = CliRunner().invoke(main, ["info"], env=environment).output.splitlines()
+    assert any(line.split() == ["mnist", str(root / "mnist").replace("\n", "\\n")] for line in lines), lines
+    environment["XPCNN_DATA_DIR"] = str(tmp_path / "nothing")
+    lines = CliRunner().invoke(main, ["info"], env=environment).output.splitlines()
+    assert "  mnist          not found locally (and no home folder to download into)" in lines, lines
+
+
 def test_resume_continues_and_refuses_changes(trained_run, synthetic_dir, tmp_path):
     import shutil
 

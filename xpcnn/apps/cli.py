@@ -22,7 +22,7 @@ from ..backends.ranks import join, prepare
 from ..base.errors import ConfigError, NonFiniteOutputs, XpcnnError, printable
 from ..base.files import check_writable
 from ..data.checkpoint import CHECKPOINT_NAME, checkpoint_path, load_checkpoint
-from ..data.data import DATASETS, TEST_FILES, find_data_dir, get_spec, load_dataset
+from ..data.data import DATASETS, TEST_FILES, cache_dir, find_data_dir, get_spec, load_dataset
 from ..data.device_data import DeviceSplit, normalize_images
 from ..data.images import ImageError, load_image
 from ..models import MODELS
@@ -621,5 +621,8 @@ def info():
     click.echo(f"auto device picks: {get_backend('auto')}")
     click.echo("\ndatasets:")
     for name in sorted(DATASETS):
-        found = find_data_dir(get_spec(name))
-        click.echo(f"  {name:<14} {found if found else 'not found locally (downloaded on first use)'}")
+        found, cache = find_data_dir(get_spec(name)), cache_dir(name)
+        missing = "not found locally " + (
+            "(downloaded on first use)" if cache else "(and no home folder to download into)"
+        )
+        click.echo(f"  {name:<14} {printable(found) if found else missing}")

@@ -82,6 +82,28 @@ def test_table_and_progress_show_the_median_ratio_and_its_spread():
     assert formatting.format_progress(results[0]).endswith("vs torch: train 0.50 (0.25-0.75), infer 2.00 (1.50-2.50)")
     assert formatting.format_progress(results[1]).startswith("torch:cuda:seed (beside xpcnn:jax:seed) on cuda:")
     assert formatting.format_progress(results[2]) == "xpcnn:cupy:seed: failed: out of memory"
+    long = formatting.format_table([{**results[0], "model": "resnet-small"}, results[1]]).splitlines()
+    assert len({line.index(" xpcnn " if " xpcnn " in line else " torch ") for line in long[2:]}) == 1  # columns kept
+    assert long[0].index("framework") == long[2].index("xpcnn")
+
+
+def test_why_a_case_ended_reads_as_a_users_line():
+    """A failed case showed xpcnn's exception class path, a failed full run "Error" twice, a killed case
+    "no output"."""
+    from xpcnn.apps.bench.sessions import _last_words
+
+    assert _last_words(["...", "xpcnn.backends.backend.BackendError: cannot use cuda:0"], 1) == "cannot use cuda:0"
+    assert _last_words(["Error: mnist not found"], 1) == "mnist not found"
+    assert _last_words(["ZeroDivisionError: division by zero"], 1) == "ZeroDivisionError: division by zero"  # a bug
+    assert _last_words([], -9) == "killed by signal 9" and _last_words([], 3) == "exit status 3, no output"
+
+
+def test_a_case_named_twice_runs_once():
+    args = ["bench", "--backend", "numpy", "--backend", "numpy", "--model", "seed", "--model", "seed", "--steps", "1"]
+    args += ["--repeats", "1", "--threads", "1", "--train-batch", "8", "--infer-batch", "16", "--no-torch", "--json"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert len(json.loads(result.output[result.output.index("{") :])["results"]) == 1
 
 
 @pytest.mark.parametrize(

@@ -570,8 +570,8 @@ def bench(
 
     if output_path:
         check_writable(output_path)  # before the benchmark, not after it
-    models = list(models) or list(BENCH_MODELS)
-    backends = list(backends) or (["numpy", "cupy"] if cuda_problem() is None else ["numpy"])
+    models = list(dict.fromkeys(models)) or list(BENCH_MODELS)  # each case once, however often it is named
+    backends = list(dict.fromkeys(backends)) or (["numpy", "cupy"] if cuda_problem() is None else ["numpy"])
     with_torch = not no_torch and sessions.torch_available()
     settings = cases.Settings(train_batch, infer_batch, steps, repeats, 3, threads, tf32, eager)
     machine = sessions.machine_description(threads)

@@ -68,18 +68,19 @@ def format_progress(result: dict) -> str:
 
 def format_table(results: list[dict]) -> str:
     """A plain-text table of the results: medians, and xpcnn / torch as the median (min-max) of per-pair ratios."""
-    header = f"{'model':<10} {'framework':<9} {'backend':<17} {'device':<7} {'compiled':<8} "
+    width = max([10, *(len(r["model"]) for r in results)])  # resnet-small and the like keep the columns
+    header = f"{'model':<{width}} {'framework':<9} {'backend':<17} {'device':<7} {'compiled':<8} "
     header += f"{'train img/s':>12} {'vs torch':>16} "
     header += f"{'infer img/s':>12} {'vs torch':>16} {'peak RSS MiB':>13} {'device MiB':>11}"
     lines = [header, "-" * len(header)]
     for r in results:
         if "error" in r:
-            lines.append(f"{r['model']:<10} {r['framework']:<9} {r['backend']:<17} failed: {r['error']}")
+            lines.append(f"{r['model']:<{width}} {r['framework']:<9} {r['backend']:<17} failed: {r['error']}")
             continue
         device = f"{r['device_peak_mib']:.0f}" if r.get("device_peak_mib") is not None else "-"
         compiled = "yes" if r.get("compiled") else "no"
         lines.append(
-            f"{r['model']:<10} {r['framework']:<9} {r['backend']:<17} {r['device']:<7} "
+            f"{r['model']:<{width}} {r['framework']:<9} {r['backend']:<17} {r['device']:<7} "
             f"{compiled:<8} {r['train_images_per_second']:>12,.0f} {_ratio(r, 'train'):>16} "
             f"{r['infer_images_per_second']:>12,.0f} {_ratio(r, 'infer'):>16} "
             f"{r['peak_rss_mib']:>13,.0f} {device:>11}"

@@ -21,6 +21,7 @@ import importlib.metadata
 import json
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
@@ -68,9 +69,10 @@ class Worker:
     def _answer(self) -> dict:
         line = self._process.stdout.readline()
         if not line:
-            self._process.wait()
+            status = self._process.wait()
             self._stderr.seek(0)
-            raise CaseFailed((self._stderr.read().strip().splitlines() or ["no output"])[-1])
+            said = self._stderr.read().strip().splitlines()
+            raise CaseFailed(_last_words(said, status))
         try:
             return json.loads(line)
         except json.JSONDecodeError:  # cut short (a killed process) or a library's own print: the case is lost
@@ -84,6 +86,15 @@ class Worker:
         self._process.wait()
         self._process.stdout.close()
         self._stderr.close()
+
+
+def _last_words(lines: list[str], status: int) -> str:
+    """Why a process ended, from its stderr ``lines`` and exit ``status``: the last line, without the "Error: " of
+    a command or the module path of xpcnn's own exception; or the signal that killed it."""
+    if not lines:
+        return f"killed by signal {-status}" if status < 0 else f"exit status {status}, no output"
+    last = lines[-1].removeprefix("Error: ")
+    return re.sub(r"^xpcnn\.[\w.]*\.(\w+): ", "", last)
 
 
 def xpcnn_cases(backends: list[str], models: list[str]) -> list[Case]:
@@ -218,7 +229,7 @@ def full_run(data_dir: str, model: str, device: str, threads: int, tf32: bool = 
         done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
         seconds = time.perf_counter() - start
         if done.returncode != 0:
-            return {"model": model, "error": (done.stderr.strip().splitlines() or ["no output"])[-1]}
+            return {"model": model, "error": _last_words(done.stderr.strip().splitlines(), done.returncode)}
         record = json.loads(open(f"{out}/run/history.json").read())[-1]
         peak = float(open(f"{out}/peak").read())
     return {"model": model, "device": device, "peak_rss_mib": peak, "wall_seconds": seconds, **record}

@@ -167,6 +167,14 @@ def measure(args) -> None:
     print(json.dumps({"model": args.model, "global_batch": args.batch, "cpus": os.cpu_count(), "results": results}))
 
 
+def positive(text: str) -> int:
+    """An argparse type: an int of at least 2 (a batch split over 2 ranks; 2 steps or more to time)."""
+    value = int(text)
+    if value < 2:
+        raise argparse.ArgumentTypeError(f"must be at least 2, got {value}")
+    return value
+
+
 def main() -> None:
     if sys.argv[1:2] == ["rank"]:
         model, batch, steps, backend_name, *output = sys.argv[2:]
@@ -181,8 +189,8 @@ def main() -> None:
     sub = parser.add_subparsers(dest="what", required=True)
     timing = sub.add_parser("measure")
     timing.add_argument("--model", choices=list(MODELS), default="convnet")
-    timing.add_argument("--batch", type=int, default=128)
-    timing.add_argument("--steps", type=int, default=30)
+    timing.add_argument("--batch", type=positive, default=128, help="global batch, split over the ranks")
+    timing.add_argument("--steps", type=positive, default=30)
     timing.add_argument("--backend", choices=["numpy", "torch"], default="numpy")
     sub.add_parser("model")
     args = parser.parse_args()
@@ -193,4 +201,8 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except BrokenPipeError:  # the table's reader went away (| head): quietly, as SIGPIPE would end it
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(141)

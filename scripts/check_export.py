@@ -20,6 +20,7 @@ import onnxruntime
 
 from xpcnn.apps.export import export
 from xpcnn.backends.backend import get_backend
+from xpcnn.base.errors import XpcnnError
 from xpcnn.data.checkpoint import load_checkpoint
 from xpcnn.data.data import load_dataset
 from xpcnn.data.device_data import normalize_images
@@ -61,4 +62,7 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except XpcnnError as exc:  # a missing run or data: one line, as xpcnn's commands say it
+        sys.exit(f"error: {exc}")

@@ -20,7 +20,11 @@ import pstats
 import statistics
 
 import numpy as np
-from cupyx.profiler import benchmark
+
+try:
+    from cupyx.profiler import benchmark
+except ImportError:
+    raise SystemExit("error: profiling a CuPy step needs CuPy and a GPU (pip install '.[cuda12]')") from None
 
 from xpcnn.backends.backend import get_backend
 from xpcnn.models import MODELS, build

@@ -43,8 +43,7 @@ def friendly_errors(command):
         try:
             with termination_interrupts():
                 result = command(*args, **kwargs)
-                if sys.stdout is not None:  # the output written, or its failure the command's (not exit's, 120)
-                    sys.stdout.flush()
+                sys.stdout.flush()  # the output written, or its failure the command's (not exit's, 120)
                 return result
         except (click.ClickException, click.exceptions.Exit, click.exceptions.Abort):
             raise
@@ -107,8 +106,7 @@ def _output_lost() -> bool:
     """Whether standard output cannot be written (a full disk, a device's error): it is then pointed at /dev/null,
     so that Python's flush at exit does not fail on it a second time."""
     try:
-        if sys.stdout is not None:
-            sys.stdout.flush()
+        sys.stdout.flush()
         return False
     except OSError:
         point_at_devnull(sys.stdout)
@@ -176,7 +174,7 @@ def buffer_unbuffered_output() -> None:
     short write to a pipe whose reader went away ends the write without the error, so that a command that lost
     most of its output (``xpcnn predict ... --json | head -1``) would exit 0.  The buffer writes all or raises."""
     stream = sys.stdout
-    if stream is None or not isinstance(getattr(stream, "buffer", None), io.RawIOBase):
+    if not isinstance(getattr(stream, "buffer", None), io.RawIOBase):  # ClosedOutput has none
         return
     encoding, errors = stream.encoding, stream.errors
     raw = stream.detach()  # the old wrapper must not close the descriptor when it is collected

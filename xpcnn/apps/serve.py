@@ -337,7 +337,8 @@ class DigitServer(ThreadingHTTPServer):
         self.body_timeout = body_timeout
         self.page = reader.page()
         self.quiet = quiet
-        names = [address[0], "localhost", ".localhost", *allowed_hosts]  # the first as given: a name, or an address
+        # "": a request that names no host; then the address as given (a name, or an address).
+        names = ["", address[0], "localhost", ".localhost", *allowed_hosts]
         self.host_names = {name.lower().rstrip(".") for name in names}
         super().__init__(address, Handler)
         bound = _ip_address(self.server_address[0])
@@ -346,7 +347,7 @@ class DigitServer(ThreadingHTTPServer):
     def answers_to(self, name: str) -> bool:
         """Whether ``name`` (lower case, no trailing dot; "" where a request named none) is one of this server's
         names, or lies under a domain given with a leading dot (``.localhost``: every ``*.localhost``)."""
-        return name in ("", *self.host_names) or any(
+        return name in self.host_names or any(
             allowed.startswith(".") and (name.endswith(allowed) or name == allowed[1:]) for allowed in self.host_names
         )
 

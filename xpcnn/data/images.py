@@ -52,9 +52,8 @@ INK_FRACTION = 0.25  # pixels above this fraction of the strongest ink count for
 
 UNIT_SLACK = 1e-3  # floats this far outside [0, 1] are its rounding (1.0000001), not 0..255 or an error
 MAX_PIXELS = 2048 * 2048  # bigger pictures are refused from their header, before decoding (predict and serve)
-_PILLOW_SETTINGS = (
-    threading.Lock()
-)  # Pillow's pixel limit and the warning filters are process-wide: one reader at a time
+# Pillow's pixel limit and the warning filters are process-wide: one reader at a time changes them.
+_PILLOW_SETTINGS = threading.Lock()
 LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)  # ITU-R 601, as Pillow's "L"
 
 

@@ -466,7 +466,7 @@ class Mirrors:
     good: the file; missing: 404; corrupt: the file with one byte flipped;
     short: the full Content-Length but only half the body; endless: zeros without end and no Content-Length;
     huge: a Content-Length of a terabyte; drip: the file a few bytes at a time; odd-length: the file with a
-    Content-Length that is not a number.
+    Content-Length that is not a number; slow-headers: a status line, then a header a byte every 50 ms.
     """
 
     def __init__(self):
@@ -484,6 +484,14 @@ class Mirrors:
                     return
                 if kind == "corrupt":
                     body = body[:-1] + bytes([body[-1] ^ 1])
+                if kind == "slow-headers":
+                    self.wfile.write(b"HTTP/1.1 200 OK\r\n")
+                    with contextlib.suppress(OSError):  # the client hangs up
+                        for byte in b"X-Slow: " + b"a" * 200:
+                            self.wfile.write(bytes([byte]))
+                            time.sleep(0.05)
+                    self.close_connection = True
+                    return
                 if kind in STREAMED:
                     self.send_response(200)
                     if kind != "endless":
@@ -567,6 +575,7 @@ def test_download_all_mirrors_bad(tmp_path, mirrors):
         load_dataset(spec, progress=False)
     message = assert_one_line_naming(error, FILES[0], "--data-dir", "XPCNN_DATA_DIR", str(tmp_path / "cache"))
     assert "404" in message and "SHA-256 mismatch" in message and data.BOTH_FORMS in message
+    assert f"ended after {len(mirrors.files[FILES[0]]) // 2:,} of the" in message  # the short one
     assert isinstance(error.value, DataError)
     assert not (tmp_path / "cache").exists()  # nor the folders the download made: nothing is left
 
@@ -589,6 +598,19 @@ def test_a_mirror_that_sends_too_much_or_too_slowly_is_left_for_the_next(tmp_pat
     assert "sent over 1,048,576 bytes" in message and "declares 1,000,000,000,000 bytes" in message
     assert "took longer than 0.2 s" in message
     assert not (tmp_path / "cache").exists()
+
+
+def test_a_mirror_that_drips_its_headers_is_cut_at_the_deadline(tmp_path, mirrors, monkeypatch):
+    """Each header byte comes well within the per-read timeout; the deadline still holds."""
+    monkeypatch.setattr(download, "DEADLINE", 0.3)
+    spec = spec_for(mirrors.files, (mirrors.url("slow-headers"), mirrors.url("good")))
+    started = time.monotonic()
+    load_dataset(spec, progress=False)
+    assert time.monotonic() - started < 5  # the slow mirror alone would take 10 s a file
+    assert len(cache_files(tmp_path)) == 4
+    with pytest.raises(DataError, match=r"^took longer than 0.3 s \(0 bytes received\)$"):
+        download.fetch(mirrors.url("slow-headers") + FILES[0], tmp_path / "one", "0" * 64, progress=False, timeout=5)
+    assert not (tmp_path / "one").exists()
 
 
 def test_a_failed_download_keeps_the_files_it_got_and_folders_that_were_there(tmp_path, mirrors):

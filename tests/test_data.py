@@ -11,6 +11,7 @@ import hashlib
 import http.server
 import threading
 import time
+import tracemalloc
 from pathlib import Path
 
 import numpy as np
@@ -87,6 +88,21 @@ def test_idx_header_bytes(tmp_path):
     assert (tmp_path / "a").read_bytes() == bytes([0, 0, 8, 2, 0, 0, 0, 2, 0, 0, 0, 3, 1, 2, 3, 4, 5, 6])
     write_idx(tmp_path / "b", np.array([1, -2], dtype="<i2"))
     assert (tmp_path / "b").read_bytes() == bytes([0, 0, 0x0B, 1, 0, 0, 0, 2, 0, 1, 0xFF, 0xFE])
+
+
+@pytest.mark.parametrize("suffix", ["", ".gz"])
+def test_read_idx_holds_the_data_once(tmp_path, suffix):
+    """Reading allocates the data's size and little more, gzipped or not: a large file is not held twice."""
+    path = tmp_path / f"big.idx{suffix}"
+    write_idx(path, np.ones((20_000, 28, 28), np.uint8))  # 15.7 MB
+    tracemalloc.start()
+    try:
+        array = read_idx(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert array.shape == (20_000, 28, 28) and array.min() == 1
+    assert peak < 1.5 * array.nbytes  # it was 3.4 times from a .gz
 
 
 def test_idx_big_endian_input(tmp_path):

@@ -108,10 +108,13 @@ def _read_idx_stream(stream, path: Path, check) -> np.ndarray:
     return array.astype(dtype.newbyteorder("="), copy=False)
 
 
+_READ_CHUNK = 1 << 20  # bytes a readinto asks for: GzipFile's makes a bytes object of the whole request first
+
+
 def _read_into(stream, buffer: memoryview) -> int:
     """Fill ``buffer`` from ``stream`` (which may give less than asked for at a time); the bytes read."""
     filled = 0
-    while filled < len(buffer) and (got := stream.readinto(buffer[filled:])):
+    while filled < len(buffer) and (got := stream.readinto(buffer[filled : filled + _READ_CHUNK])):
         filled += got
     return filled
 

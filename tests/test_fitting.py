@@ -187,6 +187,16 @@ def test_bad_data_is_one_clear_error(data, message):
     assert "\n" not in str(info.value)
 
 
+def test_a_named_model_trains_on_28x28_images_only():
+    """lenet takes 30x30 images too, but predict, export and serve would give its checkpoint 28x28 ones."""
+    padded = np.pad(IMAGES, ((0, 0), (1, 1), (1, 1)))
+    for model in ("lenet", models.build("lenet")):
+        with pytest.raises(ConfigError, match="^lenet is made for 28x28 images, not 30x30: build a model of your own"):
+            xpcnn.fit(model, (padded, LABELS))
+    own = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 28 * 28, 10))
+    xpcnn.fit(own, (padded, LABELS), epochs=1)
+
+
 def test_images_the_model_does_not_take_are_refused_before_training_wherever_they_are_given():
     padded = np.pad(IMAGES[:5], ((0, 0), (2, 2), (2, 2)))  # 32x32
     steps = []

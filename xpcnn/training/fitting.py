@@ -23,7 +23,7 @@ from ..backends.distributed import Communicator
 from ..backends.ranks import join, prepare
 from ..base.errors import ConfigError, XpcnnError
 from ..data.checkpoint import save_checkpoint
-from ..data.data import Dataset, load_dataset
+from ..data.data import IMAGE_SIZE, Dataset, load_dataset
 from ..data.device_data import DeviceSplit, EvalResult, Normalization, input_dtype
 from ..data.idx import DataError
 from ..models import MODELS, build
@@ -108,6 +108,10 @@ def fit(
         raise ConfigError("dropout applies to a model given by name: set your model's Dropout layers' p", "dropout")
     config.check_every_setting_used(model, given=settings)
     dataset, train, evals = _training_data(data, validation, model, config.seed, data_dir)
+    if name is not None and train[0].shape[1:] != IMAGE_SIZE:  # the commands give a named model 28x28 pictures
+        height, width = train[0].shape[1:]
+        message = f"{name} is made for 28x28 images, not {height}x{width}: build a model of your own layers for those"
+        raise ConfigError(message, "model")
     if not isinstance(backend, Backend):
         prepare(backend)  # several JAX ranks meet before JAX does anything
         backend = get_backend(backend)

@@ -13,6 +13,7 @@ from PIL import Image, ImageDraw
 
 from xpcnn import __version__
 from xpcnn.apps.cli import main
+from xpcnn.data.data import BOTH_FORMS, TEST_FILES
 from xpcnn.data.idx import read_idx
 
 FAST = [
@@ -86,6 +87,22 @@ def test_evaluate_agrees_with_history(trained_run, synthetic_dir):
     assert np.trace(confusion) / confusion.sum() == report["accuracy"]
     text = invoke("evaluate", trained_run).output
     assert f"accuracy {report['accuracy']:.2%}" in text and "confusion matrix" in text and "per-class" in text
+
+
+def test_evaluate_needs_and_reads_only_the_test_files(trained_run, synthetic_dir, tmp_path):
+    """As torchvision's train=False: a folder of the two t10k files is enough, and a damaged training file there
+    is not read."""
+    expected = json.loads(invoke("evaluate", trained_run, "--json").output)
+    test_only = tmp_path / "test-only"
+    test_only.mkdir()
+    for name in TEST_FILES:
+        shutil.copy(synthetic_dir / name, test_only / name)
+    assert json.loads(invoke("evaluate", trained_run, "--data-dir", test_only, "--json").output) == expected
+    (test_only / "train-images-idx3-ubyte.gz").write_bytes(b"\x1f\x8b damaged")
+    assert json.loads(invoke("evaluate", trained_run, "--data-dir", test_only, "--json").output) == expected
+    (test_only / TEST_FILES[1]).unlink()
+    result = invoke("evaluate", trained_run, "--data-dir", test_only, expect=1)
+    assert result.output == f"Error: {test_only}: missing mnist files: {TEST_FILES[1]} ({BOTH_FORMS})\n"
 
 
 def test_evaluate_with_test_time_augmentation(trained_run):

@@ -306,7 +306,7 @@ def train(
 
 @main.command()
 @click.argument("run", metavar="RUN_OR_CHECKPOINT", type=click.Path(exists=True))
-@click.option("--data-dir", type=NonEmptyPath(file_okay=False), help="Directory of the four IDX files (.gz or not).")
+@click.option("--data-dir", type=NonEmptyPath(file_okay=False), help="Directory of the two t10k IDX files (.gz or not).")
 @device_options
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
 @click.option(
@@ -341,7 +341,8 @@ def evaluate(run, data_dir, device, backend, as_json, plot, tta, members, allow_
     chosen = get_backend(backend, device)
     config = checkpoint_config(checkpoint)
     require_rebuildable_run(config, run)
-    dataset = load_dataset(config.dataset, data_dir or recorded_data_dir(checkpoint, run_dir))
+    data_dir = data_dir or recorded_data_dir(checkpoint, run_dir, TEST_FILES)
+    dataset = load_dataset(config.dataset, data_dir, test_only=True)
     for each in (checkpoint, *others):  # one line and exit status 1, as train --resume refuses other data
         check_same_task(each, checkpoint)
         check_same_data(each, dataset, allow_other_data, TEST_FILES)

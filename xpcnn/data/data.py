@@ -185,17 +185,19 @@ def _where_to_put(spec: DatasetSpec, cache: Path, files: str = "") -> str:
     )
 
 
-def _missing(directory: Path) -> list[str]:
-    return [file for file in FILES if not _exists(_locate(directory, file))]
+def _missing(directory: Path, files: tuple[str, ...] = FILES) -> list[str]:
+    return [file for file in files if not _exists(_locate(directory, file))]
 
 
-def holds_dataset(directory: str | os.PathLike) -> bool:
-    """Whether ``directory`` holds the four files of a dataset."""
-    return not _missing(Path(directory))
+def holds_dataset(directory: str | os.PathLike, files: tuple[str, ...] = FILES) -> bool:
+    """Whether ``directory`` holds the four files of a dataset (or the ``files`` named, e.g. `TEST_FILES`)."""
+    return not _missing(Path(directory), files)
 
 
-def find_data_dir(spec: DatasetSpec, data_dir: str | os.PathLike | None = None) -> Path | None:
-    """The first directory that holds all four files, or None.
+def find_data_dir(
+    spec: DatasetSpec, data_dir: str | os.PathLike | None = None, files: tuple[str, ...] = FILES
+) -> Path | None:
+    """The first directory that holds all four files (or the ``files`` named, e.g. `TEST_FILES`), or None.
 
     With an explicit `data_dir`, only that directory counts, and missing files
     raise `DataError`.  Otherwise: ``$XPCNN_DATA_DIR/<name>`` (a root with one
@@ -206,7 +208,7 @@ def find_data_dir(spec: DatasetSpec, data_dir: str | os.PathLike | None = None) 
         directory = Path(data_dir)
         if not os.path.isdir(directory):
             raise DataError(f"{directory}: no such directory (it should hold the {spec.name} files)")
-        missing = _missing(directory)
+        missing = _missing(directory, files)
         if missing:
             raise DataError(f"{directory}: missing {spec.name} files: {', '.join(missing)} ({BOTH_FORMS})")
         return directory
@@ -215,7 +217,10 @@ def find_data_dir(spec: DatasetSpec, data_dir: str | os.PathLike | None = None) 
     if env_dir:
         candidates.append(Path(env_dir) / spec.name)
     candidates += [cache_dir(spec.name), *spec.system_dirs]
-    return next((directory for directory in candidates if directory is not None and not _missing(directory)), None)
+    return next(
+        (directory for directory in candidates if directory is not None and not _missing(directory, files)),
+        None,
+    )
 
 
 def download_files(
@@ -396,6 +401,7 @@ def load_dataset(
     *,
     download: bool = True,
     progress: bool = True,
+    test_only: bool = False,
 ) -> Dataset:
     """Find (or download into the cache) and load a dataset.
 
@@ -404,9 +410,12 @@ def load_dataset(
     `download` is true, the files are downloaded into `cache_dir`.  A file
     there both gzipped and unpacked is read from its ``.gz``; DataError where
     the two hold different data (one edited or replaced, the other stale).
+    With `test_only`, only the test split's files are needed and read (as
+    torchvision's ``train=False``): the training arrays are then empty.
     """
     spec = get_spec(name) if isinstance(name, str) else name
-    directory = find_data_dir(spec, data_dir)
+    files = TEST_FILES if test_only else FILES
+    directory = find_data_dir(spec, data_dir, files)
     if directory is None:
         cache = cache_dir(spec.name)
         if cache is None:
@@ -418,14 +427,22 @@ def load_dataset(
             raise DataError(f"{spec.name} not found (downloads disabled); {_where_to_put(spec, cache)}")
         directory = download_files(spec, cache, progress=progress)
 
-    paths = {file: _locate(directory, file) for file in FILES}
-    train_images, train_labels = _read_split(paths[TRAIN_IMAGES], paths[TRAIN_LABELS], len(spec.classes))
+    paths = {file: _locate(directory, file) for file in files}
     test_images, test_labels = _read_split(paths[TEST_IMAGES], paths[TEST_LABELS], len(spec.classes))
-    if train_images.min() == train_images.max():
-        raise DataError(f"{paths[TRAIN_IMAGES]}: every pixel is {train_images.min()}: nothing to learn from")
+    if test_only:
+        train_images, train_labels = test_images[:0], test_labels[:0]
+    else:
+        train_images, train_labels = _read_split(paths[TRAIN_IMAGES], paths[TRAIN_LABELS], len(spec.classes))
+        if train_images.min() == train_images.max():
+            raise DataError(f"{paths[TRAIN_IMAGES]}: every pixel is {train_images.min()}: nothing to learn from")
     sha256 = {name: file_sha256(path) for name, path in paths.items()}
-    arrays = zip(FILES, (train_images, train_labels, test_images, test_labels), strict=True)
-    content_sha256 = {name: array_sha256(array) for name, array in arrays}
+    arrays = {
+        TRAIN_IMAGES: train_images,
+        TRAIN_LABELS: train_labels,
+        TEST_IMAGES: test_images,
+        TEST_LABELS: test_labels,
+    }
+    content_sha256 = {name: array_sha256(arrays[name]) for name in files}
     for name, path in paths.items():  # the .gz is read where both forms are there: the other must agree
         unpacked = path.with_suffix("")
         if (

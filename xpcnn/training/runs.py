@@ -18,7 +18,7 @@ from ..base.errors import ConfigError, NonFiniteOutputs, XpcnnError
 from ..base.files import check_writable, locked_directory, read_regular, remove_temporaries, write_json
 from ..base.stopping import stop_on_signals
 from ..data.checkpoint import CHECKPOINT_NAME, Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
-from ..data.data import Dataset, holds_dataset, other_files
+from ..data.data import FILES, Dataset, holds_dataset, other_files
 from ..data.device_data import Normalization, normalize_images
 from ..data.images import Framing, framing_for
 from ..models import build
@@ -276,11 +276,11 @@ def _xpcnn_config(path: Path) -> bool:
     return isinstance(stored, dict) and "xpcnn_version" in stored and "model" in stored
 
 
-def recorded_data_dir(checkpoint: Checkpoint, run: Path) -> str | None:
-    """Where a run's data was: the directory its checkpoint records, while it still holds the files, else
+def recorded_data_dir(checkpoint: Checkpoint, run: Path, files: tuple[str, ...] = FILES) -> str | None:
+    """Where a run's data was: the directory its checkpoint records, while it still holds the ``files``, else
     the one its config.json names, else None (the data is then looked for as for a new run)."""
     recorded = (checkpoint.meta.get("data") or {}).get("directory")
-    if recorded and holds_dataset(recorded):
+    if recorded and holds_dataset(recorded, files):
         return recorded
     return _stored_data_dir(run)
 

@@ -306,7 +306,7 @@ def train(
 
 @main.command()
 @click.argument("run", metavar="RUN_OR_CHECKPOINT", type=click.Path(exists=True))
-@click.option("--data-dir", type=NonEmptyPath(file_okay=False), help="Directory of the two t10k IDX files (.gz or not).")
+@click.option("--data-dir", type=NonEmptyPath(file_okay=False), help="Directory of the two t10k IDX files (.gz or not)")
 @device_options
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
 @click.option(

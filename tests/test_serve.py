@@ -25,6 +25,7 @@ from PIL import Image, ImageDraw
 from xpcnn.apps.cli import main
 from xpcnn.apps.serve import MAX_BODY_BYTES, MAX_PIXELS, DigitReader, make_server
 from xpcnn.backends.backend import get_backend
+from xpcnn.base.errors import XpcnnError
 from xpcnn.data.checkpoint import load_checkpoint
 
 BODY_TIMEOUT = 1.0  # seconds: short, so the slow-client tests are quick
@@ -539,6 +540,38 @@ def test_allow_host_refuses_what_is_not_a_host_name_in_one_line(run, name):
         f"Error: cannot allow host {name!r}: not a host name (such as example.com, or .example.com for it and "
         "its subdomains)"
     ]
+
+
+def test_a_server_on_an_ipv4_mapped_loopback_address_is_on_loopback(run):
+    try:
+        server = make_server(load_checkpoint(run), get_backend("numpy"), host="::ffff:127.0.0.1", port=0, quiet=True)
+    except XpcnnError as error:
+        pytest.skip(f"no IPv6 here: {error}")
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        status, _, answer = request(server, "GET", "/", headers={"Host": "attacker.example"})
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+    assert server.loopback and status == 403, answer
+
+
+@pytest.mark.parametrize(
+    "framing",
+    ["Content-Length: {length}", "Transfer-Encoding: chunked"],
+)
+@pytest.mark.parametrize("method", ["GET", "HEAD"])
+def test_a_body_sent_with_a_get_is_never_taken_for_the_next_request(server, method, framing):
+    """The page is answered and the connection closed: the body, which is not read, would otherwise be parsed as
+    a request of its own, one a proxy in front saw as data (request smuggling)."""
+    hidden = b"GET /no-such-page HTTP/1.1\r\nHost: localhost\r\n\r\n"
+    body = hidden if "Length" in framing else b"%x\r\n%s\r\n0\r\n\r\n" % (len(hidden), hidden)
+    head = f"{method} / HTTP/1.1\r\nHost: localhost\r\n{framing.format(length=len(hidden))}\r\n\r\n"
+    answer = whole_answer(server, head.encode() + body)
+    assert answer.startswith(b"HTTP/1.1 200") and answer.count(b"HTTP/1.1 ") == 1, answer
+    assert b"\r\nConnection: close\r\n" in answer
 
 
 def test_more_than_one_host_header_is_a_bad_request(server):

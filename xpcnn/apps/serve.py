@@ -195,7 +195,14 @@ class Handler(BaseHTTPRequestHandler):
 
     def do_GET(self):
         if self._route_allows("GET"):
-            self._send(HTTPStatus.OK, self.server.page, "text/html; charset=utf-8")
+            # A body a GET or HEAD came with is not read: left on the connection, it would be taken for the next
+            # request (one a proxy in front never saw).
+            framed = "Transfer-Encoding" in self.headers or any(
+                length.strip() != "0" for length in self.headers.get_all("Content-Length", [])
+            )
+            self.close_connection = self.close_connection or framed
+            headers = {"Connection": "close"} if framed else {}
+            self._send(HTTPStatus.OK, self.server.page, "text/html; charset=utf-8", headers)
 
     def do_POST(self):
         if not self._route_allows("POST"):
@@ -342,6 +349,7 @@ class DigitServer(ThreadingHTTPServer):
         self.host_names = {name.lower().rstrip(".") for name in names}
         super().__init__(address, Handler)
         bound = _ip_address(self.server_address[0])
+        bound = getattr(bound, "ipv4_mapped", None) or bound  # ::ffff:127.0.0.1 is loopback too
         self.loopback = bound is not None and bound.is_loopback
 
     def answers_to(self, name: str) -> bool:

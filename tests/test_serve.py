@@ -22,6 +22,7 @@ from click.testing import CliRunner
 from helpers import started_server
 from PIL import Image, ImageDraw
 
+from xpcnn.apps import serve as serve_module
 from xpcnn.apps.cli import main
 from xpcnn.apps.serve import MAX_BODY_BYTES, MAX_PIXELS, DigitReader, make_server
 from xpcnn.backends.backend import get_backend
@@ -572,6 +573,44 @@ def test_a_body_sent_with_a_get_is_never_taken_for_the_next_request(server, meth
     answer = whole_answer(server, head.encode() + body)
     assert answer.startswith(b"HTTP/1.1 200") and answer.count(b"HTTP/1.1 ") == 1, answer
     assert b"\r\nConnection: close\r\n" in answer
+
+
+def test_closing_the_server_waits_for_the_pictures_being_read(run, monkeypatch):
+    """Otherwise the interpreter could end while a thread holds a backend's per-thread state, which aborts the
+    process (seen on JAX and torch); a request that comes after on an open connection gets a 503."""
+    server = make_server(load_checkpoint(run), get_backend("numpy"), port=0, quiet=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    reading, read, answers = threading.Event(), threading.Event(), []
+    predict = serve_module.predict_probabilities
+
+    def slow_predict(*args):
+        reading.set()
+        time.sleep(0.5)
+        read.set()
+        return predict(*args)
+
+    monkeypatch.setattr(serve_module, "predict_probabilities", slow_predict)
+    picture = png_bytes(drawn_one())
+    connection = http.client.HTTPConnection(*server.server_address[:2], timeout=10)
+
+    def post():
+        connection.request("POST", "/predict", body=picture, headers={"Content-Type": "image/png"})
+        response = connection.getresponse()
+        answers.append((response.status, json.loads(response.read())))
+
+    client = threading.Thread(target=post)
+    client.start()
+    assert reading.wait(10)
+    server.shutdown()
+    server.server_close()
+    assert read.is_set()  # the close waited for it
+    client.join()
+    post()  # the same connection, after the close
+    connection.close()
+    thread.join()
+    assert [status for status, _ in answers] == [200, 503], answers
+    assert answers[1][1] == {"error": "the server is stopping"}
 
 
 def test_more_than_one_host_header_is_a_bad_request(server):

@@ -18,10 +18,10 @@ import json
 import re
 import socket
 import sys
-import threading
 import time
 import traceback
 from collections.abc import Sequence
+from concurrent.futures import CancelledError, ThreadPoolExecutor
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
@@ -54,7 +54,7 @@ class RequestError(Exception):
 
 
 class DigitReader:
-    """A checkpoint's model behind a lock: PNG bytes in, class probabilities out."""
+    """A checkpoint's model on a thread of its own: PNG bytes in, class probabilities out."""
 
     def __init__(self, checkpoint: Checkpoint, backend: Backend):
         self.backend = backend
@@ -62,17 +62,34 @@ class DigitReader:
         self.framing = picture_framing(checkpoint)
         self.classes = [str(name) for name in checkpoint.meta["classes"]]
         self.dataset = checkpoint_config(checkpoint).dataset
-        # One picture at a time: the layers keep per-call state (their mode, what forward saves), CuPy's current
-        # device is per thread (hence activate() inside), and it bounds memory to one decoded picture however
-        # many clients post at once.  A 280x280 drawing takes a few milliseconds.
-        self._lock = threading.Lock()
+        # One picture at a time, on one thread of its own: the layers keep per-call state (their mode, what
+        # forward saves); it bounds memory to one decoded picture however many clients post at once; and the
+        # backends' per-thread state (CuPy's current device, JAX's and torch's) lives on that thread alone, which
+        # close() joins: a request's thread ending with such state while the interpreter ends aborts the process.
+        # A 280x280 drawing takes a few milliseconds.
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="xpcnn-serve-model")
 
     def read(self, png: bytes) -> dict:
         """PNG bytes -> {"class": int, "label": its name, "probabilities": [K floats]}; RequestError for pictures
-        it cannot use."""
+        it cannot use, and once :meth:`close` has begun."""
         if not png.startswith(PNG_SIGNATURE):
             raise RequestError(HTTPStatus.UNSUPPORTED_MEDIA_TYPE, "the body is not a PNG image")
-        with self._lock, self.backend.activate():
+        try:
+            reading = self._worker.submit(self._read, png)
+        except RuntimeError:  # after close()
+            raise RequestError(HTTPStatus.SERVICE_UNAVAILABLE, "the server is stopping") from None
+        try:
+            return reading.result()
+        except CancelledError:  # waiting when close() came
+            raise RequestError(HTTPStatus.SERVICE_UNAVAILABLE, "the server is stopping") from None
+
+    def close(self) -> None:
+        """Finish the picture being read, refuse the others, and end the model's thread."""
+        self._worker.shutdown(wait=True, cancel_futures=True)
+
+    def _read(self, png: bytes) -> dict:
+        """:meth:`read`'s work, on the model's thread."""
+        with self.backend.activate():
             try:
                 image = decode_picture(png, "the PNG", formats=("PNG",), max_pixels=MAX_PIXELS, framing=self.framing)
             except ImageError as exc:
@@ -364,6 +381,10 @@ class DigitServer(ThreadingHTTPServer):
         """The page's address, e.g. http://127.0.0.1:8000/ (IPv6 hosts in brackets)."""
         host, port = self.server_address[:2]
         return f"http://[{host}]:{port}/" if ":" in host else f"http://{host}:{port}/"
+
+    def server_close(self):
+        super().server_close()
+        self.reader.close()
 
     def handle_error(self, request, client_address):
         """A client that hangs up mid-answer is normal; anything else is a bug worth its traceback."""

@@ -110,8 +110,8 @@ def test_nproc_trains_writes_one_run_directory_and_resumes_on_another_count(tmp_
 
 
 def test_jax_ranks_recalibrate_batch_norm_together(tmp_path, data_dir):
-    """Recalibration runs eagerly, outside the compiled step: its all-reduce gets JAX arrays, which cannot be
-    written in place (every rank failed there after its last epoch, and the epoch was lost)."""
+    """Recalibration runs eagerly, outside the compiled step, each rank on every training image (every rank once
+    failed there after its last epoch, its all-reduce given JAX arrays, and the epoch was lost)."""
     out = tmp_path / "run"
     common = ["--data-dir", data_dir, "--model", "lenet-bn", "--batch-size", 64, "--device", "cpu", "-q"]
     result = run(

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from xpcnn import functional as F
+from xpcnn import nn
 from xpcnn.apps import launch as launch_module
 from xpcnn.apps.launch import GRACE, child_arguments, end_with_launcher, launch, rank_environment
 from xpcnn.backends import distributed as D
@@ -241,6 +242,26 @@ def test_sync_batchnorm_over_ranks_equals_batchnorm_over_the_whole_batch(shape):
     np.testing.assert_allclose(np.concatenate([r[4][0] for r in results]), grad_x, rtol=1e-10, atol=1e-12)
     np.testing.assert_allclose(sum(r[4][1] for r in results), grad_w, rtol=1e-12)
     np.testing.assert_allclose(sum(r[4][2] for r in results), grad_b, rtol=1e-12)
+
+
+def test_ranks_recalibrate_batchnorm_on_their_own_batches_as_one_process_does():
+    """The trainer gives every rank every training image: summed over the ranks, the statistics would count
+    each image N times (the unbiased variance's count / (count - 1) with it)."""
+    rng = np.random.default_rng(4)
+    batches = [rng.normal(1.0, 2.0, (5, 6)), rng.normal(1.0, 2.0, (3, 6))]
+
+    def recalibrated(communicator):
+        model = Sequential(Linear(6, 4, rng=np.random.default_rng(0)), nn.BatchNorm1d(4))
+        model.to(get_backend("numpy"), np.float64)
+        model.set_communicator(communicator)
+        nn.recalibrate_batchnorm(model, batches)
+        assert model[1].communicator is communicator  # as it was
+        return {name: np.array(value) for name, value in model[1].buffers.items()}
+
+    alone = recalibrated(None)
+    for each in ThreadRanks(2).run(lambda rank, communicator: recalibrated(communicator)):
+        for name, value in alone.items():
+            np.testing.assert_allclose(each[name], value, rtol=1e-12)
 
 
 def test_sync_batchnorm_alone_is_batchnorm():

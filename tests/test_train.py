@@ -75,6 +75,18 @@ def test_one_epoch_then_resume_equals_two_epochs_straight(synthetic, tmp_path):
     assert_bit_identical(tmp_path / "straight", tmp_path / "resumed")
 
 
+def test_recalibration_takes_no_batch_of_one_that_1d_batch_norm_refuses():
+    numpy = get_backend("numpy")
+    model = nn.Sequential(nn.Flatten(), nn.Linear(784, 8, rng=np.random.default_rng(0)), nn.BatchNorm1d(8))
+    images = np.random.default_rng(1).integers(0, 256, (1001, 28, 28), dtype=np.uint8)
+    split = device_data.DeviceSplit.from_host(
+        numpy, images, np.zeros(1001, np.int64), device_data.Normalization(0.1, 0.3)
+    )
+    assert train.recalibrate_on(model, split)
+    features = model[1](model[0](split.images))
+    np.testing.assert_allclose(model[2].buffers["running_mean"], features.mean(axis=0), rtol=1e-4, atol=1e-6)
+
+
 @pytest.mark.slow
 def test_batchnorm_recalibration_after_the_last_epoch(synthetic, tmp_path):
     """The last epoch's record and checkpoint hold the recalibrated model; resuming to more epochs ends the same."""

@@ -50,7 +50,7 @@ def initialize(placement: Placement, timeout: float) -> None:
 
 class JaxCommunicator(Communicator):
     """Host-side collectives among JAX processes (``multihost_utils``): of NumPy arrays, filled in place, and of
-    JAX arrays (batch norm's statistics in an eager pass, e.g. recalibration), which cannot be: a new one."""
+    JAX arrays (batch norm's statistics in an eager pass), which cannot be: a new one."""
 
     def __init__(self, placement: Placement):
         import jax

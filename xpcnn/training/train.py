@@ -470,9 +470,10 @@ class LayerSteps:
 
 def recalibrate_on(model: Sequential, split: DeviceSplit) -> bool:
     """``recalibrate_bn``'s pass: ``model``'s batch-norm statistics re-estimated on ``split``'s images, 1,000 at a
-    time in their order (the order fixes the float sums, so a pass repeated elsewhere gives the same numbers).
-    Whether the model has any (without, nothing is read)."""
-    recalibrate_batchnorm(model, (images for images, _ in split.batches(1000)))
+    time in order (fixed float sums; 999 where 1,000 leaves a last batch of one, which 1-d batch norm cannot
+    take).  Whether the model has any (without, nothing is read)."""
+    size = 999 if len(split) % 1000 == 1 else 1000
+    recalibrate_batchnorm(model, (images for images, _ in split.batches(size)))
     return has_batch_norm(model)
 
 

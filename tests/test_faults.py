@@ -52,10 +52,10 @@ _replace = files.os.replace
     "name, count",
     [
         ("config.json", 1),
-        ("checkpoint.npz", 1),  # the first epoch's commit point
-        ("history.json", 1),  # after the first checkpoint: as if killed between the two writes
-        ("checkpoint.npz", 2),
+        ("history.json", 1),  # before the first checkpoint
+        ("checkpoint.npz", 1),  # the first epoch's commit point: as if killed between the two writes
         ("history.json", 2),
+        ("checkpoint.npz", 2),
     ],
 )
 def test_a_failed_write_leaves_a_run_to_resume_or_restart(synthetic, tmp_path, monkeypatch, name, count):
@@ -67,7 +67,9 @@ def test_a_failed_write_leaves_a_run_to_resume_or_restart(synthetic, tmp_path, m
         run(synthetic, out)
     monkeypatch.setattr(files.os, "replace", _replace)
     assert failure.left == 0 and not list(out.glob(".*.part"))
-    if runs.run_dir_has_run(out):
+    if runs.run_dir_has_run(out):  # history.json is never behind: a finished run's is not written again
+        checkpointed = load_checkpoint(out).meta["state"]["history"]
+        assert len(json.loads((out / "history.json").read_text())) >= len(checkpointed)
         state = run(synthetic, out, resume=load_checkpoint(out))
     else:
         state = run(synthetic, out)  # nothing to continue: trained afresh in the same directory

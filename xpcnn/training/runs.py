@@ -474,8 +474,8 @@ def _train_in(
             if not writes:
                 return
             meta = checkpoint_meta(config, state, norm, dataset, backend)
+            write_json(out / HISTORY_NAME, state.history)  # first: never behind the checkpoint of a finished run
             save_checkpoint(out / CHECKPOINT_NAME, meta, model.state_dict(), optimizer.state_dict())
-            write_json(out / HISTORY_NAME, state.history)
 
         try:
             trainer.fit(train, evals, state, on_epoch_end=save)

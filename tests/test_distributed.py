@@ -111,11 +111,22 @@ def test_a_sbatch_script_outside_srun_is_one_rank():
         ({"RANK": "1", "WORLD_SIZE": "2"}, "no rendezvous"),
         ({"RANK": "x", "WORLD_SIZE": "2"}, "must be integers"),
         ({"RANK": "2", "WORLD_SIZE": "2", "MASTER_ADDR": "h", "MASTER_PORT": "1"}, "is not a rank"),
+        ({"RANK": "0", "WORLD_SIZE": str(2**32), "MASTER_ADDR": "h", "MASTER_PORT": "1"}, "more ranks than the"),
+        ({"RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "h", "MASTER_PORT": "70000"}, "MASTER_PORT must be"),
+        ({"RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "h", "MASTER_PORT": "http"}, "MASTER_PORT must be"),
     ],
 )
 def test_bad_launcher_variables_are_one_clear_error(environ, words):
     with pytest.raises(D.DistributedError, match=words):
         D.rank_from_environment(environ)
+
+
+def test_jax_ranks_need_no_torch_rendezvous_which_torch_ranks_do():
+    placement = D.rank_from_environment({"RANK": "1", "WORLD_SIZE": "2", "XPCNN_COORDINATOR": "h:1234"})
+    assert (placement.rank, placement.init_method) == (1, None)
+    pytest.importorskip("torch.distributed")
+    with pytest.raises(D.DistributedError, match="named no rendezvous"):
+        D.TorchCommunicator(placement, timeout=2)
 
 
 def test_the_timeout_comes_from_the_environment():

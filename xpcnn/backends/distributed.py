@@ -60,6 +60,9 @@ LAUNCHERS = (
 )
 
 
+MAX_RANKS = 2**31 - 1
+
+
 def rank_from_environment(environ=None) -> Placement:
     """Where this process stands: the first launcher whose two variables are set, else rank 0 of 1.
 
@@ -79,17 +82,31 @@ def rank_from_environment(environ=None) -> Placement:
                 ) from None
             if not 0 <= rank < size:
                 raise DistributedError(f"{launcher}: {rank_name}={rank} is not a rank of {size_name}={size}")
+            if size > MAX_RANKS:  # torch's and JAX's counts are 32-bit
+                raise DistributedError(
+                    f"{launcher}: {size_name}={size} is more ranks than the {MAX_RANKS:,} there can be"
+                )
             return Placement(rank, size, _init_method(environ, launcher) if size > 1 else None, launcher)
     return Placement(0, 1, None, "none")
 
 
-def _init_method(environ, launcher: str) -> str:
+def _init_method(environ, launcher: str) -> str | None:
+    """torch's rendezvous URL; None for JAX's ranks, which meet at ``XPCNN_COORDINATOR`` and need none."""
     rendezvous = environ.get("XPCNN_RENDEZVOUS")
     if rendezvous:
         return rendezvous if "://" in rendezvous else "file://" + os.path.abspath(rendezvous)
     if environ.get("MASTER_ADDR") and environ.get("MASTER_PORT"):
+        port = environ["MASTER_PORT"].strip()
+        if not (port.isascii() and port.isdigit() and 0 < int(port) < 65536):
+            raise DistributedError(f"MASTER_PORT must be rank 0's port, 1 to 65535, got {environ['MASTER_PORT']!r}")
         return "env://"
-    raise DistributedError(
+    if environ.get("XPCNN_COORDINATOR"):
+        return None
+    raise DistributedError(_no_rendezvous(launcher))
+
+
+def _no_rendezvous(launcher: str) -> str:
+    return (
         f"{launcher} started several ranks but named no rendezvous: set MASTER_ADDR and MASTER_PORT "
         "(rank 0's host and a free port) or XPCNN_RENDEZVOUS (a file on a filesystem every rank shares)"
     )
@@ -184,6 +201,8 @@ class TorchCommunicator(Communicator):
             raise DistributedError(f"this torch build has no torch.distributed: {INSTALL}")
         self._torch, self._dist = torch, dist
         self.rank, self.world_size, self.timeout = placement.rank, placement.world_size, timeout
+        if placement.init_method is None:
+            raise DistributedError(_no_rendezvous(placement.launcher))
         stale = ""
         if placement.init_method.startswith("file://"):
             folder = rendezvous_folder(placement.init_method)

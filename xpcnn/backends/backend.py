@@ -430,7 +430,9 @@ def get_backend(backend: str | None = None, device: str | None = None) -> Backen
         if device not in (None, "auto", backend):
             raise BackendError(f"conflicting devices {backend!r} and {device!r}")
         backend, device = None, backend
-    device = device or "auto"
+    device = "auto" if device is None else device
+    if device not in ("auto", "cpu") and not device.startswith("cuda"):
+        raise BackendError(f"unknown device {device!r}: expected one of {', '.join(DEVICE_NAMES)}")
     if backend is None:
         if device == "auto":
             backend = "cupy" if cuda_problem() is None else "numpy"

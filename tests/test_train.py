@@ -257,6 +257,7 @@ def test_predict_leaves_the_models_mode_as_it_was():
         (dict(schedule="linear"), "unknown schedule 'linear'"),
         (dict(epochs=0), "epochs must be >= 1"),
         (dict(lr=float("nan")), "learning rate must be a positive number"),
+        (dict(lr=1e-46), r"learning rate must be a positive number of at least 1.18e-38 \(float32's least\)"),
         (dict(weight_decay=float("inf")), "weight decay must be a number >= 0"),
         (dict(weight_decay=float("nan")), "weight decay must be a number >= 0"),
         (dict(ema=1.0), r"ema must be a decay in \[0, 1\), got 1.0"),

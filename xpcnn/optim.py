@@ -37,6 +37,8 @@ from . import functional as F
 from .backends.backend import backend_of, beyond_range, namespace, to_host
 from .ops.fastpath import optimizer_kernels
 
+MIN_LR = float(np.finfo(np.float32).tiny)  # a smaller rate is 0 in float32 weights' arithmetic: no training at all
+
 
 def updates_in_place(array) -> bool:
     """Whether ``array``'s library makes basic slices and reshapes writeable views of the same memory.
@@ -78,8 +80,8 @@ class Optimizer:
     slots: tuple[str, ...] = ()
 
     def __init__(self, model, lr: float, ema: float = 0.0):
-        if not 0 < lr < math.inf:
-            raise ValueError(f"{type(self).__name__}: lr must be a number > 0, got {lr}")
+        if not MIN_LR <= lr < math.inf:
+            raise ValueError(f"{type(self).__name__}: lr must be a number >= {MIN_LR:.3g}, got {lr}")
         if not 0 <= ema < 1:
             raise ValueError(f"{type(self).__name__}: ema must be a decay in [0, 1), got {ema}")
         self.model = model

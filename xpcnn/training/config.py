@@ -18,7 +18,7 @@ from ..base.errors import ConfigError
 from ..data.augment import ELASTIC_SIGMA, MAX_ELASTIC, Augmentation
 from ..models import MODELS, build
 from ..nn import BatchNorm1d, BatchNorm2d, Dropout, Sequential
-from ..optim import OPTIMIZERS, SGD, Adam, Optimizer
+from ..optim import MIN_LR, OPTIMIZERS, SGD, Adam, Optimizer
 from .schedules import SCHEDULES
 
 MAX_CROP = 14  # pixels of padding: a larger shift leaves less than half of a 28-pixel image
@@ -79,9 +79,9 @@ class TrainConfig:
             (self.epochs >= 1, "epochs", f"epochs must be >= 1, got {self.epochs}"),
             (self.batch_size >= 1, "batch_size", f"batch size must be >= 1, got {self.batch_size}"),
             (
-                self.lr > 0 and math.isfinite(self.lr),
+                MIN_LR <= self.lr < math.inf,
                 "lr",
-                f"learning rate must be a positive number, got {self.lr}",
+                f"learning rate must be a positive number of at least {MIN_LR:.3g} (float32's least), got {self.lr}",
             ),
             (0 <= self.momentum < 1, "momentum", f"momentum must be in [0, 1), got {self.momentum}"),
             (

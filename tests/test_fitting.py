@@ -101,6 +101,7 @@ def test_a_callback_stops_training_after_its_step():
     history = xpcnn.fit("seed", (images / 255.0, labels), epochs=3, batch_size=32, callbacks=[recorder])
     assert [step for step, _ in recorder.steps] == [1, 2, 3]
     assert len(history.records) == 1 and history.state.global_step == 3
+    assert xpcnn.fit("seed", (images, labels), epochs=1, callbacks=None).state.epoch == 1  # Keras' default
 
 
 def test_fit_on_a_dataset_name_matches_xpcnn_train(synthetic_dir, tmp_path):

@@ -57,7 +57,7 @@ def fit(
     data: str | tuple,
     *,
     validation: int | float | tuple = 0,
-    callbacks: Sequence = (),
+    callbacks: Sequence | None = (),
     optimizer: str | Optimizer = "sgd",
     backend: str | Backend = "auto",
     data_dir: str | os.PathLike | None = None,
@@ -73,7 +73,7 @@ def fit(
     and evaluated on its test split after each epoch) or a pair ``(images, labels)`` of arrays.
     ``validation``: a count or fraction of the training data to hold out, or a pair
     ``(images, labels)``; evaluated after each epoch.  ``callbacks``: objects with
-    ``on_step(step, loss)`` and/or ``on_epoch_end(record)``; returning True stops training.
+    ``on_step(step, loss)`` and/or ``on_epoch_end(record)``; returning True stops training (None: none).
     ``optimizer``: a name (``"sgd"``, ``"adam"``, ``"adamw"``) or an optimiser over ``model``; a given one's
     own lr is the peak the schedule scales, and ``lr``, ``momentum``, ``weight_decay`` and ``ema`` beside
     it are refused.  Either way the optimiser's lr is its peak again when ``fit`` returns.
@@ -138,7 +138,7 @@ def fit(
             train,
             evals,
             progress=progress,
-            callbacks=callbacks,
+            callbacks=callbacks or (),
             communicator=communicator,
         )
         state = trainer.fit(train_split, eval_splits)

@@ -695,6 +695,32 @@ def test_evaluates_text_counts_one_image_in_the_singular():
     assert [line.split("(")[-1] for line in lines[3:6]] == ["1 image)", "0 images)", "0 images)"]
 
 
+def test_names_with_control_characters_forge_no_line_and_drive_no_terminal(synthetic_dir, tmp_path):
+    from xpcnn.apps.exits import user_message
+    from xpcnn.apps.report import evaluation_lines
+    from xpcnn.base.errors import XpcnnError
+
+    report = {
+        "checkpoint": "a\nforged/checkpoint.npz",
+        "dataset": "mnist",
+        "images": 1,
+        "loss": 0.5,
+        "accuracy": 1.0,
+        "per_class_accuracy": {"\x1b[31mred": 1.0},
+        "confusion_matrix": [[1]],
+        "classes": ["\x1b[31mred"],
+    }
+    lines = evaluation_lines(report, "after epoch 1")
+    assert lines[0].startswith("a\\nforged/checkpoint.npz (after epoch 1)") and "\\x1b[31mred" in lines[3]
+    assert not any("\x1b" in line for line in lines)
+    assert user_message(XpcnnError("a\nb: no such run")) == "a\\nb: no such run"
+    assert user_message(FileNotFoundError(2, "No such file or directory", "x\ny")) == "x\\ny: No such file or directory"
+    assert user_message(RuntimeError("a library's first line\nand its second")) == "a library's first line"
+    out = tmp_path / "new\nline"
+    result = invoke("train", *FAST, "--data-dir", synthetic_dir, "--out", out)
+    assert result.output.splitlines()[-1].endswith(f"run saved to {tmp_path}/new\\nline")
+
+
 @pytest.mark.parametrize("option", ["--out", "--data-dir"])
 def test_a_directory_option_naming_a_device_or_a_fifo_says_it_is_not_a_directory(option, tmp_path):
     """--out /dev/null failed after the data loaded, with "/dev/null: File exists"."""

@@ -300,7 +300,7 @@ def train(
     result = summary(state)
     click.echo(
         f"best test accuracy {result['best_test_accuracy']:.2%} (epoch {result['best_epoch']}), "
-        f"{result['train_seconds']:.1f} s of training; run saved to {out}"
+        f"{result['train_seconds']:.1f} s of training; run saved to {printable(out)}"
     )
 
 
@@ -468,7 +468,7 @@ def export(run, format_, output, softmax, force):
         shape = f"images (N, 1, 28, 28) in [0, 1] -> {result} (N, {len(checkpoint.meta['classes'])})"
     else:
         shape = f"PyTorch key names; normalise inputs with mean {norm.mean:.6g}, std {norm.std:.6g}"
-    click.echo(f"wrote {output} ({format_}: {shape})")
+    click.echo(f"wrote {printable(output)} ({format_}: {shape})")
 
 
 @main.command()
@@ -498,7 +498,7 @@ def serve(run, host, port, device, backend, quiet, allowed_hosts):
     checkpoint = load_checkpoint(run)
     server = make_server(checkpoint, get_backend(backend, device), host, port, quiet, allowed_hosts=allowed_hosts)
     try:  # a stop as soon as the address is out (a supervisor that waited for it) is a stop, exit 0
-        announce(f"serving {checkpoint_path(run)} at {server.url} (Ctrl-C stops)")  # now, also into a pipe
+        announce(f"serving {printable(checkpoint_path(run))} at {server.url} (Ctrl-C stops)")  # now, also into a pipe
         server.serve_forever()
     except KeyboardInterrupt:
         tell("stopped")  # where the console is still there to read it

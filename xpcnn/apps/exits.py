@@ -14,7 +14,7 @@ import traceback
 import click
 
 from ..backends.distributed import RankLost, rank_from_environment
-from ..base.errors import ConfigError, XpcnnError
+from ..base.errors import ConfigError, XpcnnError, printable
 from ..base.files import point_at_devnull
 from ..base.stopping import SIGNAL_NAMES, Terminated, termination_interrupts
 from ..training.config import flag
@@ -199,11 +199,15 @@ def user_message(exc: Exception) -> str:
     if isinstance(exc, MemoryError):  # the machine's limit, not xpcnn's bug: a smaller batch or dataset may fit
         return f"out of memory: {_first_line(exc)}"
     if isinstance(exc, OSError) and exc.strerror:
-        target = f"{exc.filename}: " if exc.filename else ""
+        target = f"{printable(exc.filename)}: " if exc.filename else ""
         return f"{target}{exc.strerror}"
     return _first_line(exc)
 
 
 def _first_line(exc: Exception) -> str:
+    """The message's first line; all of an xpcnn error's, whose lines break only where a name it quotes has a
+    newline (written as an escape, as are other control characters, so that a name forges no line)."""
     text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
+    if not text:
+        return type(exc).__name__
+    return printable(text if isinstance(exc, XpcnnError) else text.splitlines()[0])

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..base.errors import printable
 from ..data.checkpoint import Checkpoint
 from ..data.device_data import EvalResult
 from ..training.config import TrainConfig, model_has_batch_norm, recipe_dataset, recipes_for
@@ -41,9 +42,12 @@ def _images(count: int) -> str:
 
 def evaluation_lines(report: dict, position: str) -> list[str]:
     """The lines of ``report`` (as ``evaluate --json`` prints it) for a checkpoint at ``position`` ("after epoch 3")."""
-    lines = [f"plots: {', '.join(report['plots'])}"] if "plots" in report else []
+    # Names, of files and of a checkpoint's classes, are printed with their control characters escaped: they
+    # forge no line, and drive no terminal.
+    lines = [f"plots: {printable(', '.join(report['plots']))}"] if "plots" in report else []
     lines.append(
-        f"{report['checkpoint']} ({position}) on the {report['dataset']} test set, {_images(report['images'])}"
+        f"{printable(report['checkpoint'])} ({position}) on the {report['dataset']} test set, "
+        f"{_images(report['images'])}"
     )
     lines.append(_figures(report))
     if "tta" in report:
@@ -55,9 +59,8 @@ def evaluation_lines(report: dict, position: str) -> list[str]:
     lines.append("\nper-class accuracy:")
     for name, row in zip(classes, confusion, strict=True):
         accuracy = report["per_class_accuracy"][name]
-        lines.append(
-            f"  {name:>12}  {'n/a' if accuracy is None else format(accuracy, '.2%'):>7}  ({_images(sum(row))})"
-        )
+        shown = "n/a" if accuracy is None else format(accuracy, ".2%")
+        lines.append(f"  {printable(name):>12}  {shown:>7}  ({_images(sum(row))})")
     lines.append("\nconfusion matrix (rows: true class, columns: predicted):")
     width = max(5, len(str(max(max(row) for row in confusion))) + 1)
     lines.append(" " * 5 + "".join(f"{j:>{width}}" for j in range(len(classes))))

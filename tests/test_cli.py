@@ -429,7 +429,10 @@ def test_recipe_sets_values_and_flags_override_it(synthetic_dir, tmp_path):
         k: v for k, v in RECIPES["fast"].items() if k != "epochs"
     }
     result = invoke("train", "--resume", run, "--recipe", "best", expect=2)
-    assert "--recipe cannot change when resuming" in result.output
+    assert "--recipe cannot change when resuming (the run's is fast)" in result.output
+    invoke("train", "--resume", run, "--recipe", "fast", "--epochs", "2")  # the same recipe is no change
+    invoke("train", "--resume", run, "--epochs", "3")
+    assert json.loads((run / "config.json").read_text())["recipe"] == "fast"  # still, after resuming without it
 
 
 def test_plots_from_train_and_evaluate(trained_run, synthetic_dir, tmp_path, restore_tf32):

@@ -48,6 +48,7 @@ from ..training.runs import (
     remove_if_empty,
     resumed_config,
     run_dir_has_run,
+    stored_config,
     summary,
     train_run,
 )
@@ -201,9 +202,12 @@ def train(
             f"{placement.world_size} already"
         )
     given = {name for name in options if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE}
+    recorded_recipe = None  # a resumed run's, which its config.json keeps
     if resume is not None:
-        if recipe_name:
-            raise click.UsageError("--recipe cannot change when resuming")
+        recorded_recipe = stored_config(Path(resume)).get("recipe")
+        recorded_recipe = recorded_recipe if isinstance(recorded_recipe, str) and recorded_recipe in RECIPES else None
+        if recipe_name not in (None, recorded_recipe):
+            raise click.UsageError(f"--recipe cannot change when resuming (the run's is {recorded_recipe})")
         if not run_dir_has_run(Path(resume)):
             stopped = " (its run stopped before its first one)" if (Path(resume) / "config.json").exists() else ""
             raise click.UsageError(
@@ -277,7 +281,7 @@ def train(
         "data_dir": dataset.record()["directory"],
         "backend": chosen.describe(),
         "tf32": tf32,
-        "recipe": recipe_name,
+        "recipe": recipe_name or recorded_recipe,
         "compiled": compiles(chosen.name, eager),
     }
     state = train_run(

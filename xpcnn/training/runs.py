@@ -287,22 +287,22 @@ def recorded_data_dir(checkpoint: Checkpoint, run: Path, files: tuple[str, ...] 
 
 def _stored_data_dir(run: Path) -> str | None:
     """The --data-dir a run was started with, from its config.json (None where it has no usable one)."""
-    data_dir = _stored(run).get("data_dir")
+    data_dir = stored_config(run).get("data_dir")
     return data_dir if isinstance(data_dir, str) else None
 
 
 def ran_eagerly(run: Path) -> bool:
     """Whether the run in ``run`` last trained on JAX without compiling (``--eager``), by its config.json: a
     resume goes on so, to continue it exactly."""
-    stored = _stored(run)
+    stored = stored_config(run)
     return stored.get("compiled") is False and str(stored.get("backend", "")).startswith("jax ")
 
 
-def _stored(run: Path) -> dict:
+def stored_config(run: Path) -> dict:
     """A run's config.json ({} where it is missing, damaged or not xpcnn's).
 
     The checkpoint holds everything a run needs: config.json only holds hints (the --data-dir it was started
-    with, whether it compiled), and without them a resumed run goes on as a new one would.
+    with, whether it compiled, its recipe), and without them a resumed run goes on as a new one would.
     """
     try:
         stored = json.loads(read_regular(run / CONFIG_NAME, 2**20))

@@ -280,3 +280,18 @@ def test_a_case_stopped_while_it_starts_leaves_no_process(monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         sessions.Worker(cases.Case("xpcnn", "numpy", "seed"), settings)
     assert started and started[0].poll() is not None
+
+
+def test_output_never_replaces_a_file_of_a_run(monkeypatch, tmp_path):
+    """As export's --output: a run's checkpoint overwritten by figures was a run lost."""
+    from xpcnn.apps.cli import main
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "checkpoint.npz").write_bytes(b"the run's weights")
+    monkeypatch.setattr(sessions, "run_pair", lambda case, settings, with_torch: pytest.fail("benchmarked"))
+    for name in ("checkpoint.npz", "history.json"):
+        args = ["bench", "--backend", "numpy", "--model", "seed", "--no-torch", "--output", str(run / name)]
+        result = CliRunner().invoke(main, args)
+        assert result.exit_code == 2 and f"{run / name} is a file of the run in {run}" in result.output
+    assert (run / "checkpoint.npz").read_bytes() == b"the run's weights" and not (run / "history.json").exists()

@@ -32,8 +32,6 @@ from ..training.display import Progress
 from ..training.ensemble import evaluate_ensemble
 from ..training.fitting import require_rebuildable_run
 from ..training.runs import (
-    CONFIG_NAME,
-    RUN_FILES,
     RUNS_ROOT,
     check_no_run,
     check_ranks_get_images,
@@ -61,7 +59,13 @@ from ..training.tta import views as test_time_views
 from . import export as exporting
 from . import plots
 from .exits import FriendlyGroup, announce, debug_traceback, friendly_errors, tell
-from .options import NonEmptyPath, allow_other_data_option, augmentation_options, device_options
+from .options import (
+    NonEmptyPath,
+    allow_other_data_option,
+    augmentation_options,
+    check_not_a_run_file,
+    device_options,
+)
 from .report import evaluation_lines, evaluation_report, train_notes
 
 
@@ -456,8 +460,7 @@ def export(run, format_, output, softmax, force):
     output, checkpoint = Path(output), load_checkpoint(run)
     if output.exists() and os.path.samefile(output, checkpoint.path):
         raise click.UsageError(f"{output} is the checkpoint being exported: pick another --output")
-    if output.name in RUN_FILES and any((output.parent / name).exists() for name in (CONFIG_NAME, CHECKPOINT_NAME)):
-        raise click.UsageError(f"{output} is a file of the run in {output.parent}: pick another --output")
+    check_not_a_run_file(output)
     if output.exists() and not force:
         raise click.UsageError(f"{output} exists: pass --force to replace it")
     if not output.parent.is_dir():
@@ -574,6 +577,7 @@ def bench(
     from .bench import cases, formatting, sessions
 
     if output_path:
+        check_not_a_run_file(Path(output_path))
         check_writable(output_path)  # before the benchmark, not after it
     models = list(dict.fromkeys(models)) or list(BENCH_MODELS)  # each case once, however often it is named
     backends = list(dict.fromkeys(backends)) or (["numpy", "cupy"] if cuda_problem() is None else ["numpy"])

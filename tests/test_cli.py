@@ -698,6 +698,25 @@ def test_evaluates_text_counts_one_image_in_the_singular():
     assert [line.split("(")[-1] for line in lines[3:6]] == ["1 image)", "0 images)", "0 images)"]
 
 
+def test_a_stop_signal_after_the_last_checkpoint_lets_the_run_end_as_finished(synthetic_dir, tmp_path, monkeypatch):
+    """A scheduler's SIGTERM as the run ends: it exited 143, its summary lost, and a requeued --resume of the
+    finished run then failed (exit 2)."""
+    import signal
+
+    from xpcnn.apps import cli
+
+    summary = cli.summary
+
+    def signalled_summary(state):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return summary(state)
+
+    monkeypatch.setattr(cli, "summary", signalled_summary)
+    result = invoke("train", *FAST, "--data-dir", synthetic_dir, "--out", tmp_path / "run")
+    assert result.output.splitlines()[-1].startswith("best test accuracy")
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handlers are given back
+
+
 def test_names_with_control_characters_forge_no_line_and_drive_no_terminal(synthetic_dir, tmp_path):
     from xpcnn.apps.exits import user_message
     from xpcnn.apps.report import evaluation_lines

@@ -21,6 +21,7 @@ from ..backends.distributed import check_backend, rank_from_environment
 from ..backends.ranks import join, prepare
 from ..base.errors import ConfigError, NonFiniteOutputs, XpcnnError, printable
 from ..base.files import check_writable
+from ..base.stopping import stop_on_signals
 from ..data.checkpoint import CHECKPOINT_NAME, checkpoint_path, load_checkpoint
 from ..data.data import DATASETS, TEST_FILES, cache_dir, find_data_dir, get_spec, load_dataset
 from ..data.device_data import DeviceSplit, normalize_images
@@ -288,28 +289,29 @@ def train(
         "recipe": recipe_name or recorded_recipe,
         "compiled": compiles(chosen.name, eager),
     }
-    state = train_run(
-        config,
-        chosen,
-        dataset,
-        out,
-        resume=checkpoint,
-        progress=Progress(sys.stderr, quiet=quiet),
-        environment=environment,
-        allow_other_data=allow_other_data,
-        eager=eager,
-        communicator=communicator,
-    )
-    communicator.close()
-    if not communicator.is_root:
-        return
-    if plot:
-        tell(f"training curves: {plots.plot_history(state.history, out / 'history.png')}")
-    result = summary(state)
-    click.echo(
-        f"best test accuracy {result['best_test_accuracy']:.2%} (epoch {result['best_epoch']}), "
-        f"{result['train_seconds']:.1f} s of training; run saved to {printable(out)}"
-    )
+    with stop_on_signals():  # train_run's scope, kept open: a stop once the run has ended lets it end as finished
+        state = train_run(
+            config,
+            chosen,
+            dataset,
+            out,
+            resume=checkpoint,
+            progress=Progress(sys.stderr, quiet=quiet),
+            environment=environment,
+            allow_other_data=allow_other_data,
+            eager=eager,
+            communicator=communicator,
+        )
+        communicator.close()
+        if not communicator.is_root:
+            return
+        if plot:
+            tell(f"training curves: {plots.plot_history(state.history, out / 'history.png')}")
+        result = summary(state)
+        click.echo(
+            f"best test accuracy {result['best_test_accuracy']:.2%} (epoch {result['best_epoch']}), "
+            f"{result['train_seconds']:.1f} s of training; run saved to {printable(out)}"
+        )
 
 
 @main.command()

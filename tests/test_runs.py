@@ -3,13 +3,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from xpcnn.apps.report import confusion_matrix, per_class_accuracy
 from xpcnn.backends.backend import get_backend
 from xpcnn.backends.distributed import Communicator
 from xpcnn.base.errors import ConfigError, XpcnnError
 from xpcnn.data.checkpoint import Checkpoint, CheckpointError
 from xpcnn.data.data import Dataset
 from xpcnn.training.config import TrainConfig
-from xpcnn.training.runs import confusion_matrix, per_class_accuracy, resumed_config, train_run
+from xpcnn.training.runs import resumed_config, train_run
 
 
 def checkpoint_after(epochs_done, **config):

@@ -9,7 +9,17 @@ from ..base.errors import printable
 from ..data.checkpoint import Checkpoint
 from ..data.device_data import EvalResult
 from ..training.config import TrainConfig, model_has_batch_norm, recipe_dataset, recipes_for
-from ..training.runs import confusion_matrix, per_class_accuracy
+
+
+def confusion_matrix(labels: np.ndarray, predictions: np.ndarray, classes: int) -> np.ndarray:
+    """(classes, classes) int64 counts: rows the true class, columns the predicted one."""
+    flat = labels.astype(np.int64) * classes + predictions
+    return np.bincount(flat, minlength=classes * classes).reshape(classes, classes)
+
+
+def per_class_accuracy(confusion: np.ndarray) -> list[float | None]:
+    """Each true class's share predicted right; None for a class with no images (not 0: none was wrong)."""
+    return [float(row[k] / row.sum()) if row.sum() else None for k, row in enumerate(np.asarray(confusion))]
 
 
 def evaluation_report(checkpoint: Checkpoint, dataset: str, labels: np.ndarray, result: EvalResult) -> dict:

@@ -311,17 +311,6 @@ def stored_config(run: Path) -> dict:
     return stored if isinstance(stored, dict) else {}
 
 
-def confusion_matrix(labels: np.ndarray, predictions: np.ndarray, classes: int) -> np.ndarray:
-    """(classes, classes) int64 counts: rows the true class, columns the predicted one."""
-    flat = labels.astype(np.int64) * classes + predictions
-    return np.bincount(flat, minlength=classes * classes).reshape(classes, classes)
-
-
-def per_class_accuracy(confusion: np.ndarray) -> list[float | None]:
-    """Each true class's share predicted right; None for a class with no images (not 0: none was wrong)."""
-    return [float(row[k] / row.sum()) if row.sum() else None for k, row in enumerate(np.asarray(confusion))]
-
-
 def checkpoint_meta(
     config: TrainConfig, state: RunState, norm: Normalization, dataset: Dataset, backend: Backend
 ) -> dict:

@@ -166,6 +166,37 @@ def test_a_run_resumed_on_another_number_of_ranks_keeps_its_place_in_the_schedul
     assert min(lrs) > 0
 
 
+def test_one_process_stopped_before_a_batch_two_ranks_leave_out_resumes_on_them(tmp_path):
+    """65 images in batches of 64, stopped after step 1: one process would take the short last batch as step 2;
+    two ranks leave it out (one image, two ranks), and were refused (a line apiece) as at a step past the epoch's
+    end. They end the epoch there. What every rank would refuse, other data here, is said once."""
+    from helpers import InterruptAt
+
+    from xpcnn.backends.backend import get_backend
+    from xpcnn.data.data import load_dataset
+    from xpcnn.training.config import TrainConfig
+    from xpcnn.training.runs import train_run
+    from xpcnn.training.train import TrainingInterrupted
+
+    data = write_synthetic_mnist(tmp_path / "data", n_train=65, n_test=20)
+    out = tmp_path / "run"
+    config = TrainConfig(model="lenet", epochs=2, log_every=1)
+    with pytest.raises(TrainingInterrupted):
+        train_run(config, get_backend("numpy"), load_dataset("mnist", data), out, progress=InterruptAt(1, 1))
+    stopped = load_checkpoint(out).meta["state"]
+    assert (stopped["epoch"], stopped["step"], stopped["partial"]["seen"]) == (0, 1, 64)
+    other = write_synthetic_mnist(tmp_path / "other", n_train=65, n_test=20, seed=9)
+    refused = run(xpcnn("train", "--resume", out, "--data-dir", other, "--nproc", 2, "-q"))
+    assert refused.returncode == 1 and len(refused.stderr.strip().splitlines()) == 1, refused.stderr
+    assert "differ from the files the run recorded" in refused.stderr
+    resumed = run(xpcnn("train", "--resume", out, "--data-dir", data, "--nproc", 2, "-q"))
+    assert resumed.returncode == 0, resumed.stderr
+    history = load_checkpoint(out).meta["state"]["history"]
+    assert [record["epoch"] for record in history] == [1, 2]
+    assert history[0]["train_loss"] == pytest.approx(stopped["partial"]["loss_sum"] / 64, rel=1e-12)
+    assert history[0]["lr"] == pytest.approx(scheduled_lr("onecycle", 0.05, 0, 2), rel=1e-12)  # its one step's
+
+
 def test_an_eager_jax_run_resumes_compiled_on_two_ranks(tmp_path, data_dir):
     """The ranks read the run's --eager from its checkpoint, as one process does, and refused to run eagerly."""
     pytest.importorskip("jax")

@@ -71,18 +71,19 @@ def test_confusion_matrix_rows_are_true_classes():
 
 def test_a_resume_past_the_end_of_an_epoch_over_several_ranks_is_refused(tmp_path):
     """129 images in global batches of 128 over 2 ranks: the last image does not split over them, so an epoch
-    is one step, and a checkpoint at step 1 (128 images seen) points past its end."""
+    is one step. A checkpoint at step 1 (one process's, before its short batch) is at its end, where the ranks
+    end the epoch (test_data_parallel); one at step 2 (256 images seen) points past it."""
     rng = np.random.default_rng(0)
     images, labels = rng.integers(0, 256, (129, 28, 28), dtype=np.uint8), rng.integers(0, 10, 129)
     dataset = Dataset("mnist", tuple("0123456789"), images, labels, images[:2], labels[:2])
     config = TrainConfig(model="seed", batch_size=128)
-    partial = {"loss_sum": 256.0, "correct": 13, "seen": 128, "seconds": 1.0}
-    state = {"epoch": 0, "step": 1, "global_step": 1, "partial": partial, "history": []}
+    partial = {"loss_sum": 512.0, "correct": 26, "seen": 256, "seconds": 1.0}
+    state = {"epoch": 0, "step": 2, "global_step": 2, "partial": partial, "history": []}
     meta = {"config": config.to_dict(), "state": state, "normalization": {"mean": 0.5, "std": 0.3}}
     checkpoint = Checkpoint(meta, model_state={}, optimizer_state=None, path=tmp_path / "checkpoint.npz")
     second_rank = Communicator()  # rank 1 of 2: claims no directory; refused before its first collective
     second_rank.rank, second_rank.world_size = 1, 2
-    with pytest.raises(CheckpointError, match="step 1 is past the end of an epoch of 1 steps"):
+    with pytest.raises(CheckpointError, match="step 2 is past the end of an epoch of 1 steps"):
         train_run(config, get_backend("numpy"), dataset, tmp_path, resume=checkpoint, communicator=second_rank)
 
 

@@ -264,7 +264,8 @@ def train(
         if eager and chosen.name == "jax":  # here once, not by each rank after loading the data
             raise click.UsageError("data-parallel training on the jax backend runs compiled: leave out --eager")
         # Once, here: a bad data directory is one line, not one per rank, and a download happens once.
-        check_ranks_get_images(config, load_dataset(config.dataset, data_dir, progress=not quiet), nproc)
+        dataset = load_dataset(config.dataset, data_dir, progress=not quiet)
+        check_ranks_get_images(config, dataset, nproc, checkpoint, allow_other_data)
         if sys.argv[1:2] != ["train"]:  # the ranks rerun this command line
             raise click.UsageError("--nproc works from the command line (xpcnn train ... --nproc N)")
         command = [sys.executable, "-m", "xpcnn", "train", *child_arguments(sys.argv[2:], str(out))]

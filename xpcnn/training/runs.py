@@ -107,10 +107,13 @@ def restore(checkpoint: Checkpoint, model: Sequential, optimizer: Optimizer | No
 
 
 def check_position(checkpoint: Checkpoint, config: TrainConfig, steps_per_epoch: int) -> None:
-    """CheckpointError unless the checkpoint's position in its epoch (step, images seen) is one this run reaches."""
+    """CheckpointError unless the checkpoint's position in its epoch (step, images seen) is one this run reaches.
+
+    A step at the end of the epoch is: one process stopped before a short last batch that several ranks leave
+    out (fewer images than ranks), and they end the epoch there."""
     state = checkpoint.meta["state"]
     step, seen = state["step"], state["partial"]["seen"]
-    if step >= steps_per_epoch:
+    if step > steps_per_epoch:
         raise CheckpointError(
             f"{checkpoint.path}: step {step} is past the end of an epoch of {steps_per_epoch} steps of these "
             "training images (a damaged checkpoint, or fewer images than the run trained on)"
@@ -123,11 +126,17 @@ def check_position(checkpoint: Checkpoint, config: TrainConfig, steps_per_epoch:
 RESUMABLE = frozenset({"epochs", "log_every"})
 
 
-def check_ranks_get_images(config: TrainConfig, dataset: Dataset, world_size: int) -> None:
-    """Before the ranks start: ConfigError unless ``config``'s training split of ``dataset`` gives each of
-    ``world_size`` ranks an image (else every rank would refuse it, a line apiece)."""
+def check_ranks_get_images(
+    config: TrainConfig, dataset: Dataset, world_size: int, resume: Checkpoint | None = None, allow_other_data=False
+) -> None:
+    """Before the ranks start, what every rank would refuse a line apiece: ConfigError unless ``config``'s training
+    split of ``dataset`` gives each of ``world_size`` ranks an image; for a ``resume``, other data
+    (:func:`check_same_data`) and a position the ranks do not reach (:func:`check_position`)."""
     (_, labels), _ = host_splits(dataset.train_images, dataset.train_labels, config.validation, config.seed, None)
     check_images_per_rank(len(labels), config.batch_size, world_size)
+    if resume is not None:
+        check_same_data(resume, dataset, allow_other_data)
+        check_position(resume, config, steps_per_epoch(len(labels), config.batch_size, world_size))
 
 
 def check_same_data(checkpoint: Checkpoint, dataset: Dataset, allow: bool, files=None) -> None:

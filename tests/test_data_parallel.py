@@ -197,6 +197,21 @@ def test_one_process_stopped_before_a_batch_two_ranks_leave_out_resumes_on_them(
     assert history[0]["lr"] == pytest.approx(scheduled_lr("onecycle", 0.05, 0, 2), rel=1e-12)  # its one step's
 
 
+def test_ranks_that_do_not_meet_say_so_in_one_line(tmp_path, data_dir):
+    """torch's C++ log printed each retry of the rendezvous with some 15 C++ stack frames before it."""
+    from xpcnn.apps.launch import free_port
+
+    env = {name: value for name, value in os.environ.items() if name != "TORCH_CPP_LOG_LEVEL"}
+    env |= {"PYTHONPATH": str(ROOT), "XPCNN_DIST_TIMEOUT": "1", "RANK": "1", "WORLD_SIZE": "2"}
+    env |= {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}  # no rank 0 there
+    command = xpcnn("train", "--data-dir", data_dir, "--device", "cpu", "-q", "--out", tmp_path / "run")
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=TIMEOUT, start_new_session=True)
+    assert result.returncode == 75
+    assert result.stderr.splitlines() == [
+        next(line for line in result.stderr.splitlines() if "the 2 ranks did not all meet within 1 s" in line)
+    ], result.stderr
+
+
 def test_an_eager_jax_run_resumes_compiled_on_two_ranks(tmp_path, data_dir):
     """The ranks read the run's --eager from its checkpoint, as one process does, and refused to run eagerly."""
     pytest.importorskip("jax")

@@ -94,6 +94,9 @@ class FriendlyGroup(click.Group):
 
     def main(self, *args, **kwargs):
         prepare_stdout()
+        # torch's C++ log, read when torch loads, would print a rendezvous's every retry with its C++ stack frames
+        # before xpcnn's one line says what failed; TORCH_CPP_LOG_LEVEL=INFO shows it again.
+        os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "FATAL")
         try:
             return super().main(*args, **kwargs)
         except OSError as exc:  # a command's own are friendly_errors': this is click's output failing

@@ -137,6 +137,24 @@ def test_the_timeout_comes_from_the_environment():
             D.timeout_seconds({"XPCNN_DIST_TIMEOUT": bad})
 
 
+def test_a_coordinator_port_in_use_is_one_clear_error_before_jax_starts(monkeypatch):
+    """JAX's coordinator listens on every address, and died of a port in use with a segmentation fault."""
+    import socket
+
+    from xpcnn.backends import distributed_jax
+
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+        assert not distributed_jax.port_is_free(port)
+        monkeypatch.setenv("XPCNN_COORDINATOR", f"127.0.0.1:{port}")
+        with pytest.raises(D.DistributedError, match=f"^rank 0: XPCNN_COORDINATOR's port {port} is in use"):
+            distributed_jax.initialize(D.Placement(0, 2, None, "torchrun"), 5.0)
+        assert launch_module.free_port(everywhere=True) != port
+    assert distributed_jax.port_is_free(port)
+
+
 @pytest.mark.parametrize("address", ["host0", ":1234", "host0:", "host0:http", "host0:0", "host0:70000", "h:\u00b2"])
 def test_a_coordinator_address_without_a_usable_port_is_one_clear_error(monkeypatch, address):
     from xpcnn.backends import distributed_jax

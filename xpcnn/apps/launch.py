@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..backends.distributed import timeout_seconds
+from ..backends.distributed_jax import port_is_free
 from ..base.errors import XpcnnError
 from ..base.files import locked_directory
 from .exits import EXIT_BROKEN_PIPE, EXIT_HANGUP, EXIT_INTERRUPTED, EXIT_RANK_LOST, EXIT_TERMINATED
@@ -58,11 +59,15 @@ def check_before_ranks(out: Path) -> None:
             pass
 
 
-def free_port() -> int:
-    """A port on 127.0.0.1 that nothing listens on now (the operating system's choice for port 0)."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+def free_port(everywhere: bool = False) -> int:
+    """A port on 127.0.0.1 that nothing listens on now (the operating system's choice for port 0); ``everywhere``:
+    on every address too (JAX's coordinator listens on all of them)."""
+    while True:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        if not everywhere or port_is_free(port):
+            return port
 
 
 def rank_environment(rank: int, world_size: int, rendezvous: Path, environ=None, coordinator: str = "") -> dict:
@@ -145,7 +150,7 @@ def launch(world_size: int, command: list[str], say=None) -> int:
         stopping = Stopping()
         previous = _pass_signals_on(ranks, stopping)
         try:
-            coordinator = f"127.0.0.1:{free_port()}"
+            coordinator = f"127.0.0.1:{free_port(everywhere=True)}"
             for rank in range(world_size):
                 environ = rank_environment(rank, world_size, rendezvous, coordinator=coordinator)
                 environ[LAUNCHER_PID] = str(os.getpid())

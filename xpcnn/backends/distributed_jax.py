@@ -32,6 +32,8 @@ def initialize(placement: Placement, timeout: float) -> None:
     host, colon, port = address.rpartition(":")
     if not (colon and host and port.isascii() and port.isdigit() and 0 < int(port) < 65536):
         raise DistributedError(f"XPCNN_COORDINATOR must be rank 0's host:port (a port 1 to 65535), got {address!r}")
+    if placement.rank == 0 and not port_is_free(int(port)):  # JAX's coordinator would die of it, a segfault
+        raise DistributedError(f"rank 0: XPCNN_COORDINATOR's port {port} is in use: name a free one")
     seconds = max(1, round(timeout))
     import jax
 
@@ -46,6 +48,19 @@ def initialize(placement: Placement, timeout: float) -> None:
         )
     except RuntimeError as exc:
         raise DistributedError(f"rank {placement.rank}: jax.distributed.initialize at {address}: {exc}") from None
+
+
+def port_is_free(port: int) -> bool:
+    """Whether nothing holds TCP ``port`` on any address: JAX's coordinator listens on all of them (``[::]``)."""
+    import socket
+
+    family, everywhere = (socket.AF_INET6, "::") if socket.has_ipv6 else (socket.AF_INET, "")
+    with socket.socket(family) as probe:
+        try:
+            probe.bind((everywhere, port))
+        except OSError:
+            return False
+    return True
 
 
 class JaxCommunicator(Communicator):

@@ -156,11 +156,18 @@ def test_set_parameters_refuses_unknown_names_and_other_shapes_and_assigns_nothi
         norm.set_buffers({"0.running_var": backend.asarray(np.ones(4, np.float32))})
 
 
-def test_backward_refuses_a_gradient_of_another_shape_than_the_output(backend):
+def test_backward_refuses_a_gradient_of_another_shape_dtype_or_library_than_the_output(backend):
+    """Not an error from deep inside a layer's product, nor (on NumPy) float64 gradients made of float32 ones."""
     model, (x, _) = small_model(backend), batch(backend)
     model.forward(x)
-    with pytest.raises(ValueError, match=r"Sequential\(5 layers\): gradient of shape \(4, 5\), expected \(8, 4\)"):
+    prefix = r"^Sequential\(5 layers\): gradient of shape, dtype and type "
+    with pytest.raises(ValueError, match=prefix + r"\(4, 5\) .*, expected \(8, 4\) .*\(the last forward's output\)$"):
         model.backward(backend.asarray(np.zeros((4, 5))))
+    with pytest.raises(ValueError, match=prefix + r"\(8, 4\) .*float32.*, expected \(8, 4\) .*float64"):
+        model.backward(backend.asarray(np.zeros((8, 4), np.float32), backend.xp.float32))
+    if backend.name != "numpy":
+        with pytest.raises(ValueError, match=prefix + r"\(8, 4\) float64 ndarray, expected"):
+            model.backward(np.zeros((8, 4)))
     assert tuple(model.backward(backend.asarray(np.zeros((8, 4)))).shape) == (8, 1, 8, 8)
 
 

@@ -664,7 +664,7 @@ class Sequential(_Container):
 
     def __init__(self, *layers: Layer):
         self.layers = list(layers)
-        self.training, self._cache = True, None  # the last training forward's output shape, for backward's check
+        self.training, self._cache = True, None  # the last training forward's output's type, shape and dtype
         self._refuse_shared_layers()
 
     def forward(self, x):
@@ -683,7 +683,7 @@ class Sequential(_Container):
             raise
         if batch_statistics:
             update_running_statistics(batch_statistics)
-        self._cache = tuple(x.shape) if self.training else None
+        self._cache = (type(x), tuple(x.shape), x.dtype) if self.training else None
         return x
 
     def backward(self, grad_y, input_grad: bool = True):
@@ -691,11 +691,13 @@ class Sequential(_Container):
 
         Returns the gradient with respect to the input, or None with ``input_grad=False`` (training needs no
         input gradient: the layers before the first one with parameters are then skipped, and that one computes
-        only its parameter gradients).  ``grad_y`` must have the shape of the last training forward's output.
-        """
-        if self._cache is not None and tuple(grad_y.shape) != self._cache:
-            shapes = f"{_shape_text(grad_y.shape)}, expected {_shape_text(self._cache)} (the last forward's output)"
-            raise ValueError(f"{self._brief()}: gradient of shape {shapes}")
+        only its parameter gradients).  ``grad_y`` must have the last training forward's output's shape, dtype
+        and array type."""
+        if self._cache is not None and (type(grad_y), tuple(grad_y.shape), grad_y.dtype) != self._cache:
+            kind, shape, dtype = self._cache  # the type first: another library's dtypes compare with a warning
+            got = f"{_shape_text(grad_y.shape)} {grad_y.dtype} {type(grad_y).__name__}"
+            expected = f"{_shape_text(shape)} {dtype} {kind.__name__} (the last forward's output)"
+            raise ValueError(f"{self._brief()}: gradient of shape, dtype and type {got}, expected {expected}")
         first = (
             0 if input_grad else next((i for i, layer in enumerate(self.layers) if _has_parameters(layer)), len(self))
         )

@@ -155,6 +155,39 @@ def test_a_coordinator_port_in_use_is_one_clear_error_before_jax_starts(monkeypa
     assert distributed_jax.port_is_free(port)
 
 
+def test_a_port_in_time_wait_is_free_and_a_kernel_without_ipv6_is_probed_on_ipv4(monkeypatch):
+    """The coordinator binds a port in TIME_WAIT (a requeued job's fixed port); where the kernel has no IPv6
+    (ipv6.disable=1), an IPv6 socket cannot even be made, and --nproc failed on every backend."""
+    import socket
+
+    from xpcnn.backends import distributed_jax
+
+    with socket.socket() as listener:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC's, a last run's coordinator
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+        client = socket.create_connection(("127.0.0.1", port))
+        accepted, _ = listener.accept()
+        accepted.close()  # the server's side closes first: its port waits in TIME_WAIT
+        client.close()
+    assert distributed_jax.port_is_free(port)
+
+    real_socket = socket.socket
+
+    def ipv4_only(family=socket.AF_INET, *args, **kwargs):
+        if family == socket.AF_INET6:
+            raise OSError(97, "Address family not supported by protocol")
+        return real_socket(family, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "socket", ipv4_only)
+    with real_socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        assert not distributed_jax.port_is_free(listener.getsockname()[1])
+    assert distributed_jax.port_is_free(launch_module.free_port(everywhere=True))
+
+
 @pytest.mark.parametrize("address", ["host0", ":1234", "host0:", "host0:http", "host0:0", "host0:70000", "h:\u00b2"])
 def test_a_coordinator_address_without_a_usable_port_is_one_clear_error(monkeypatch, address):
     from xpcnn.backends import distributed_jax

@@ -62,12 +62,13 @@ def check_before_ranks(out: Path) -> None:
 def free_port(everywhere: bool = False) -> int:
     """A port on 127.0.0.1 that nothing listens on now (the operating system's choice for port 0); ``everywhere``:
     on every address too (JAX's coordinator listens on all of them)."""
-    while True:
+    for _ in range(100):  # the system's choices are free on 127.0.0.1; seldom held on another address
         with socket.socket() as probe:
             probe.bind(("127.0.0.1", 0))
             port = probe.getsockname()[1]
         if not everywhere or port_is_free(port):
-            return port
+            break
+    return port
 
 
 def rank_environment(rank: int, world_size: int, rendezvous: Path, environ=None, coordinator: str = "") -> dict:

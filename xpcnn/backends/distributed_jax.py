@@ -51,15 +51,22 @@ def initialize(placement: Placement, timeout: float) -> None:
 
 
 def port_is_free(port: int) -> bool:
-    """Whether nothing holds TCP ``port`` on any address: JAX's coordinator listens on all of them (``[::]``)."""
+    """Whether no socket listens on TCP ``port`` on any address, as JAX's coordinator does (``[::]``); one in
+    TIME_WAIT, which the coordinator takes, is free."""
     import socket
 
-    family, everywhere = (socket.AF_INET6, "::") if socket.has_ipv6 else (socket.AF_INET, "")
-    with socket.socket(family) as probe:
+    for family, everywhere in ((socket.AF_INET6, "::"), (socket.AF_INET, "")):
         try:
-            probe.bind((everywhere, port))
-        except OSError:
-            return False
+            probe = socket.socket(family)
+        except OSError:  # no IPv6 in this kernel: IPv4's every address
+            continue
+        with probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind((everywhere, port))
+            except OSError:
+                return False
+        return True
     return True
 
 

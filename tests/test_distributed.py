@@ -306,22 +306,33 @@ def test_sync_batchnorm_over_ranks_equals_batchnorm_over_the_whole_batch(shape):
     np.testing.assert_allclose(sum(r[4][2] for r in results), grad_b, rtol=1e-12)
 
 
-def test_ranks_recalibrate_batchnorm_on_their_own_batches_as_one_process_does():
-    """The trainer gives every rank every training image: summed over the ranks, the statistics would count
-    each image N times (the unbiased variance's count / (count - 1) with it)."""
-    rng = np.random.default_rng(4)
-    batches = [rng.normal(1.0, 2.0, (5, 6)), rng.normal(1.0, 2.0, (3, 6))]
+def test_the_trainers_recalibration_on_ranks_is_one_processs_and_the_librarys_syncs_their_shards():
+    """The trainer gives every rank every training image: summed over the ranks, the statistics counted each
+    image N times (the unbiased variance's count / (count - 1) with it). nn.recalibrate_batchnorm given each
+    rank its shard keeps the ranks' layers in step, as their training does."""
+    from xpcnn.data.device_data import DeviceSplit, Normalization
+    from xpcnn.training.train import recalibrate_on
 
-    def recalibrated(communicator):
-        model = Sequential(Linear(6, 4, rng=np.random.default_rng(0)), nn.BatchNorm1d(4))
+    rng = np.random.default_rng(4)
+    images = rng.integers(0, 256, (8, 28, 28), dtype=np.uint8)
+
+    def recalibrated(communicator, shard=None):
+        model = Sequential(Flatten(), Linear(784, 4, rng=np.random.default_rng(0)), nn.BatchNorm1d(4))
         model.to(get_backend("numpy"), np.float64)
         model.set_communicator(communicator)
-        nn.recalibrate_batchnorm(model, batches)
-        assert model[1].communicator is communicator  # as it was
-        return {name: np.array(value) for name, value in model[1].buffers.items()}
+        labels, norm = np.zeros(8, np.int64), Normalization(0.5, 0.3)
+        split = DeviceSplit.from_host(get_backend("numpy"), images, labels, norm, np.float64)
+        if shard is None:
+            recalibrate_on(model, split, communicator)
+        else:
+            nn.recalibrate_batchnorm(model, [split.images[shard]])
+        assert model[2].communicator is (communicator if communicator and communicator.world_size > 1 else None)
+        return {name: np.array(value) for name, value in model[2].buffers.items()}
 
     alone = recalibrated(None)
-    for each in ThreadRanks(2).run(lambda rank, communicator: recalibrated(communicator)):
+    ranks = ThreadRanks(2).run(lambda rank, communicator: recalibrated(communicator))
+    shards = ThreadRanks(2).run(lambda rank, communicator: recalibrated(communicator, slice(4 * rank, 4 * rank + 4)))
+    for each in ranks + shards:
         for name, value in alone.items():
             np.testing.assert_allclose(each[name], value, rtol=1e-12)
 

@@ -375,5 +375,5 @@ def test_augmentation_fills_in_the_background_of_light_images_too():
     norm = device_data.Normalization(0.9, 0.2)
     trainer, split, _ = train.start_training(model, make_optimizer(config, model), numpy, config, norm, white, {})
     images, _ = next(iter(split.batches(4)))
-    augmented = make_augmentation(config)(images, numpy.generator(0, 0, 0), fill=trainer.background)
+    augmented = make_augmentation(config)(images, numpy.generator(0, 0, 0), fill=trainer.step_runner.step.background)
     assert np.allclose(numpy.to_host(augmented), (1 - 0.9) / 0.2)  # white everywhere, crops and rectangles too

@@ -806,18 +806,16 @@ def recalibrate_batchnorm(model: Sequential, batches: Iterable) -> None:
     ``batches`` yields model inputs, e.g. the training images without augmentation: after training on
     augmented images the running statistics describe those, while evaluation sees plain ones.  Runs
     forward passes only, with the batch-norm layers in training mode and every other layer (dropout)
-    in evaluation mode; leaves the model in evaluation mode.  The statistics are of this process's batches
-    alone, on several ranks too.  ValueError where ``batches`` yields none; then, or where a batch fails, the
-    running statistics are left as they were."""
+    in evaluation mode; leaves the model in evaluation mode.  ValueError where ``batches`` yields none; then,
+    or where a batch fails, the running statistics are left as they were.
+    """
     norms = [layer for layer in model.modules() if isinstance(layer, _BatchNorm)]
     if not norms:
         return
-    momenta, communicators = [layer.momentum for layer in norms], [layer.communicator for layer in norms]
-    before = [dict(layer.buffers) for layer in norms]
+    momenta, before = [layer.momentum for layer in norms], [dict(layer.buffers) for layer in norms]
     model.eval()
     for layer in norms:
         layer.train()
-        layer.communicator = None  # every rank is given every batch (the trainer's pass): not N copies of them
         layer.momentum = 1.0  # each batch's statistics replace the running ones; the average is taken here
         # finite starting values: with momentum 1 they are multiplied by 0, which a NaN would survive
         xp = namespace(layer.buffers["running_mean"])
@@ -841,8 +839,8 @@ def recalibrate_batchnorm(model: Sequential, batches: Iterable) -> None:
             layer.buffers.update(buffers)
         raise
     finally:
-        for layer, momentum, communicator in zip(norms, momenta, communicators, strict=True):
-            layer.momentum, layer.communicator = momentum, communicator
+        for layer, momentum in zip(norms, momenta, strict=True):
+            layer.momentum = momentum
         model.eval()
         model.zero_cache()
 

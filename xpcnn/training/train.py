@@ -1,17 +1,14 @@
 """The training loop over epochs and steps on device-resident data, on one rank or as one of several: its
 set-up, its step runners, evaluation and prediction (run directories: runs.py).
 
-Splits are copied to the device once (device_data.py); batches are gathered there
-with ``take`` from a per-epoch permutation.  The host reads values back only at
-the log interval and at the end of an epoch, so a GPU is never synchronised
-after every step.
+Splits are copied to the device once (device_data.py); batches are gathered there with ``take`` from a
+per-epoch permutation.  The host reads values back only at the log interval and at the end of an epoch, so a
+GPU is never synchronised after every step.
 
-Randomness is a pure function of (seed, epoch, step): epoch ``e`` shuffles
-with NumPy's generator seeded ``[seed, e]`` and draws dropout noise from
-``backend.generator(seed, e, s)`` where ``s`` is the step the epoch (re)started
-at (on JAX, each step ``s`` from its own key, see :mod:`xpcnn.training.compiled`).  A
-checkpoint therefore only needs the seed and the position, and resuming at an
-epoch boundary continues bit for bit.
+Randomness is a pure function of (seed, epoch, step): epoch ``e`` shuffles with NumPy's generator seeded
+``[seed, e]`` and draws dropout noise from ``backend.generator(seed, e, s)`` where ``s`` is the step the epoch
+(re)started at (on JAX, each step ``s`` from its own key, see :mod:`xpcnn.training.compiled`).  A checkpoint
+therefore only needs the seed and the position, and resuming at an epoch boundary continues bit for bit.
 """
 
 from __future__ import annotations
@@ -132,7 +129,6 @@ class Trainer:
         self.loss_fn = CrossEntropyLoss(check_labels=False, label_smoothing=config.label_smoothing)
         self.progress = progress if progress is not None and self.communicator.is_root else Progress(None)
         self.augmentation = make_augmentation(config)
-        self.background = background
         self._compiled_before_epoch = 0.0
         self.step_runner = step_runner(
             model,
@@ -321,7 +317,7 @@ class Trainer:
         compiled_before = self.step_runner.compile_seconds
         with self._averaged_weights():
             if self.config.recalibrate_bn and epoch == self.config.epochs:  # a recipe's, on a model without: no
-                record["bn_recalibrated"] = recalibrate_on(self.model, train)
+                record["bn_recalibrated"] = recalibrate_on(self.model, train, self.communicator)
             for name, split in evals.items():
                 result = self.evaluate(split)
                 if not math.isfinite(result.loss):
@@ -468,12 +464,16 @@ class LayerSteps:
         return evaluate(self.model, split, self.backend)
 
 
-def recalibrate_on(model: Sequential, split: DeviceSplit) -> bool:
-    """``recalibrate_bn``'s pass: ``model``'s batch-norm statistics re-estimated on ``split``'s images, 1,000 at a
-    time in order (fixed float sums; 999 where 1,000 leaves a last batch of one, which 1-d batch norm cannot
-    take).  Whether the model has any (without, nothing is read)."""
-    size = 999 if len(split) % 1000 == 1 else 1000
-    recalibrate_batchnorm(model, (images for images, _ in split.batches(size)))
+def recalibrate_on(model: Sequential, split: DeviceSplit, communicator: Communicator | None = None) -> bool:
+    """``recalibrate_bn``'s pass: ``model``'s batch-norm statistics re-estimated on ``split``'s images, up to 1,000
+    at a time in order (fixed float sums; no last batch of one, which 1-d batch norm refuses), each rank on every
+    image (the layers' ``communicator`` set aside: not N copies).  Whether the model has any (else nothing is read)."""
+    size = next(size for size in range(1000, 0, -1) if len(split) % size != 1)
+    model.set_communicator(None)
+    try:
+        recalibrate_batchnorm(model, (images for images, _ in split.batches(size)))
+    finally:
+        model.set_communicator(communicator)
     return has_batch_norm(model)
 
 

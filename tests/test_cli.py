@@ -286,7 +286,7 @@ def test_resuming_a_directory_without_a_checkpoint_says_why_only_when_it_knows(t
     result = invoke("train", "--resume", tmp_path, expect=2)
     stopped = " (its run stopped before its first one)" if started else ""  # killed, diverged, a full disk
     assert_one_line_error(
-        result, re.escape(f"{tmp_path} holds no checkpoint.npz to continue{stopped}: start it afresh with --out ")
+        result, re.escape(f"{tmp_path} holds no checkpoint.npz to continue{stopped}: start it afresh with --out") + "$"
     )
 
 
@@ -741,6 +741,10 @@ def test_names_with_control_characters_forge_no_line_and_drive_no_terminal(synth
     out = tmp_path / "new\nline"
     result = invoke("train", *FAST, "--data-dir", synthetic_dir, "--out", out)
     assert result.output.splitlines()[-1].endswith(f"run saved to {tmp_path}/new\\nline")
+    result = invoke("export", out, "--format", "onnx", "--output", tmp_path / "no\nsuch" / "m.onnx", expect=2)
+    assert result.output.splitlines()[-1] == f"Error: {tmp_path}/no\\nsuch is not a directory: create it first"
+    result = invoke("train", "--resume", tmp_path / "new\nline", "--recipe", "fast", expect=2)
+    assert result.output.splitlines()[-1] == "Error: --recipe cannot change when resuming (the run's is none)"
 
 
 @pytest.mark.parametrize("option", ["--out", "--data-dir"])

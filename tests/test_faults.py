@@ -118,7 +118,8 @@ def test_the_command_line_restarts_a_directory_without_a_checkpoint(synthetic_di
     runner = CliRunner()
     resumed = runner.invoke(main, ["train", "--resume", str(out), "--data-dir", str(synthetic_dir)])
     assert resumed.exit_code == 2 and resumed.exception is not None
-    assert f"start it afresh with --out {out}" in resumed.output
+    assert f"{out} holds no checkpoint.npz to continue (its run stopped before its first one)" in resumed.output
+    assert resumed.output.rstrip().endswith("start it afresh with --out")
     started = runner.invoke(
         main,
         ["train", "--model", "seed", "--epochs", "1", "--device", "cpu", "--data-dir", str(synthetic_dir)]

@@ -37,7 +37,7 @@ from . import functional as F
 from .backends.backend import backend_of, beyond_range, namespace, to_host
 from .ops.fastpath import optimizer_kernels
 
-MIN_LR = float(np.finfo(np.float32).tiny)  # a smaller rate is 0 in float32 weights' arithmetic: no training at all
+MIN_LR = float(np.finfo(np.float32).tiny)  # a floor: under float32's least normal number a rate's steps vanish
 
 
 def updates_in_place(array) -> bool:

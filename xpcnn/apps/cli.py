@@ -212,11 +212,11 @@ def train(
         recorded_recipe = stored_config(Path(resume)).get("recipe")
         recorded_recipe = recorded_recipe if isinstance(recorded_recipe, str) and recorded_recipe in RECIPES else None
         if recipe_name not in (None, recorded_recipe):
-            raise click.UsageError(f"--recipe cannot change when resuming (the run's is {recorded_recipe})")
+            raise click.UsageError(f"--recipe cannot change when resuming (the run's is {recorded_recipe or 'none'})")
         if not run_dir_has_run(Path(resume)):
             stopped = " (its run stopped before its first one)" if (Path(resume) / "config.json").exists() else ""
             raise click.UsageError(
-                f"{resume} holds no {CHECKPOINT_NAME} to continue{stopped}: start it afresh with --out {resume}"
+                f"{printable(resume)} holds no {CHECKPOINT_NAME} to continue{stopped}: start it afresh with --out"
             )
         checkpoint = load_checkpoint(resume)
         require_rebuildable_run(checkpoint_config(checkpoint), resume)  # before its settings are judged
@@ -225,7 +225,7 @@ def train(
         try:
             config = resumed_config(checkpoint, Path(resume), {k: options[k] for k in given})
         except ConfigError as exc:
-            raise click.UsageError(str(exc)) from None  # names its flags, and the run's own values
+            raise click.UsageError(printable(exc)) from None  # names its flags, and the run's own values
         out = Path(resume)
         data_dir = data_dir or recorded_data_dir(checkpoint, out)
     else:
@@ -242,7 +242,7 @@ def train(
         try:
             check_no_run(out)  # before the data is loaded or any rank starts; train_run checks again, holding the lock
         except XpcnnError as exc:
-            raise click.UsageError(str(exc)) from None
+            raise click.UsageError(printable(exc)) from None
     if plot:
         plots.require_matplotlib(out / "history.png")
     set_tf32(tf32)
@@ -307,7 +307,7 @@ def train(
         if not communicator.is_root:
             return
         if plot:
-            tell(f"training curves: {plots.plot_history(state.history, out / 'history.png')}")
+            tell(f"training curves: {printable(plots.plot_history(state.history, out / 'history.png'))}")
         result = summary(state)
         click.echo(
             f"best test accuracy {result['best_test_accuracy']:.2%} (epoch {result['best_epoch']}), "
@@ -462,12 +462,12 @@ def export(run, format_, output, softmax, force):
         raise click.UsageError("--softmax applies to --format onnx only (safetensors holds weights)")
     output, checkpoint = Path(output), load_checkpoint(run)
     if output.exists() and os.path.samefile(output, checkpoint.path):
-        raise click.UsageError(f"{output} is the checkpoint being exported: pick another --output")
+        raise click.UsageError(f"{printable(output)} is the checkpoint being exported: pick another --output")
     check_not_a_run_file(output)
     if output.exists() and not force:
-        raise click.UsageError(f"{output} exists: pass --force to replace it")
+        raise click.UsageError(f"{printable(output)} exists: pass --force to replace it")
     if not output.parent.is_dir():
-        raise click.UsageError(f"{output.parent} is not a directory: create it first")
+        raise click.UsageError(f"{printable(output.parent)} is not a directory: create it first")
     check_writable(output)
     exporting.require(format_)
     model, norm = model_from_checkpoint(checkpoint, get_backend("numpy", "cpu"))

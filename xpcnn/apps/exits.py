@@ -49,7 +49,7 @@ def friendly_errors(command):
             raise
         except TrainingInterrupted as exc:  # stopped at a step boundary, checkpointed: 128 + the signal
             if _speaks():
-                tell(f"\nxpcnn: {exc}")
+                tell(f"\nxpcnn: {printable(exc)}")
             sys.exit(128 + exc.signum)
         except Terminated as exc:
             if _speaks():

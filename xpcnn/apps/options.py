@@ -7,6 +7,7 @@ import os
 import click
 
 from ..backends.backend import BACKEND_NAMES
+from ..base.errors import printable
 from ..data.checkpoint import CHECKPOINT_NAME
 from ..training.config import ELASTIC_SIGMA, MAX_CROP, MAX_ELASTIC, TrainConfig
 from ..training.runs import CONFIG_NAME, RUN_FILES
@@ -15,7 +16,9 @@ from ..training.runs import CONFIG_NAME, RUN_FILES
 def check_not_a_run_file(output) -> None:
     """UsageError where ``output`` (a Path) would replace a file of a run directory (its checkpoint, config...)."""
     if output.name in RUN_FILES and any((output.parent / name).exists() for name in (CONFIG_NAME, CHECKPOINT_NAME)):
-        raise click.UsageError(f"{output} is a file of the run in {output.parent}: pick another --output")
+        raise click.UsageError(
+            f"{printable(output)} is a file of the run in {printable(output.parent)}: pick another --output"
+        )
 
 
 class NonEmptyPath(click.Path):

@@ -4,9 +4,9 @@ The page (``static/index.html``, given the checkpoint's class names) sends the
 canvas as a PNG; ``/predict`` prepares it exactly as ``xpcnn predict`` prepares
 a picture file (:func:`images.decode_picture`) and answers ``{"class": int,
 "label": str, "probabilities": [K floats]}``.  Every error is a JSON
-``{"error": "..."}`` with a 4xx status (a 500 only for a bug in xpcnn).  The
-standard library's threading HTTP server is enough for one person's browser
-and a few scripts.
+``{"error": "..."}`` with a 4xx status (a 500 only for a bug in xpcnn, a 503 once the
+server is stopping).  The standard library's threading HTTP server is enough for one
+person's browser and a few scripts.
 """
 
 from __future__ import annotations

@@ -416,9 +416,9 @@ def _train_in(
     its epoch programs (each step is then one program: :class:`xpcnn.training.train.Trainer`).
 
     Writes ``config.json`` once training is about to start, then after every epoch
-    ``checkpoint.npz`` and ``history.json``, all atomically.  The checkpoint is the commit
-    point of an epoch: it holds the history too, and ``history.json`` follows it (and is
-    written again from it on resume), so a crash or a full disk between or during any of
+    ``history.json`` and ``checkpoint.npz``, all atomically.  The checkpoint is the commit
+    point of an epoch: it holds the history too, and ``history.json`` goes just before it (and
+    is written again from it on resume), so a crash or a full disk between or during any of
     the writes leaves a directory that can be resumed (or, before the first checkpoint,
     started afresh).  On Ctrl-C or SIGTERM the current position is checkpointed before
     TrainingInterrupted propagates (a second SIGTERM does not stop that write; a second Ctrl-C

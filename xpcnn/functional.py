@@ -483,10 +483,8 @@ def batchnorm_forward(x, weight, bias, eps: float):
     """
     xp = namespace(x)
     matrix = _channel_matrix(x)
-    # Rows that are mostly one value (a blank background) add up some 1e-5 off in float32 where they are added
-    # one at a time (NumPy's and array-api-strict's sums down a column, XLA's CPU loops): a bias, which training
-    # compounds (compiled JAX drifted 4% from eager in 20 steps).  Each mean is corrected by the mean of the
-    # deviations from it, a far smaller sum as far off, which leaves float32's rounding.
+    # Rows mostly of one value (a blank background) added one at a time in float32 (NumPy's column sums, XLA's CPU
+    # loops) are ~3e-5 off, a bias training compounds: each mean is corrected by the mean of its deviations.
     rough = xp.mean(matrix, axis=0)
     mean = rough + xp.mean(matrix - rough, axis=0)
     centred = matrix - mean

@@ -613,6 +613,23 @@ def test_closing_the_server_waits_for_the_pictures_being_read(run, monkeypatch):
     assert answers[1][1] == {"error": "the server is stopping"}
 
 
+def test_a_connection_cut_by_the_close_is_no_bug(run, capsys):
+    """Requests in flight when serve stopped printed socketserver's traceback (Bad file descriptor)."""
+    server = make_server(load_checkpoint(run), get_backend("numpy"), port=0, quiet=True)
+
+    def fail_with(error):
+        try:
+            raise error
+        except OSError:
+            server.handle_error(None, ("127.0.0.1", 1))
+
+    fail_with(OSError(9, "Bad file descriptor"))
+    assert "Bad file descriptor" in capsys.readouterr().err  # before the close: a bug, with its traceback
+    server.server_close()
+    fail_with(OSError(9, "Bad file descriptor"))
+    assert capsys.readouterr().err == ""
+
+
 def test_more_than_one_host_header_is_a_bad_request(server):
     status, body = raw_exchange(server, b"GET / HTTP/1.1\r\nHost: localhost\r\nHost: attacker.example\r\n\r\n")
     assert_error(status, body, 400, "more than one Host")

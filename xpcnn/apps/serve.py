@@ -361,6 +361,7 @@ class DigitServer(ThreadingHTTPServer):
         self.body_timeout = body_timeout
         self.page = reader.page()
         self.quiet = quiet
+        self.closing = False  # once True, a connection's socket errors are the close's, not bugs
         # "": a request that names no host; then the address as given (a name, or an address).
         names = ["", address[0], "localhost", ".localhost", *allowed_hosts]
         self.host_names = {name.lower().rstrip(".") for name in names}
@@ -383,12 +384,15 @@ class DigitServer(ThreadingHTTPServer):
         return f"http://[{host}]:{port}/" if ":" in host else f"http://{host}:{port}/"
 
     def server_close(self):
+        self.closing = True
         super().server_close()
         self.reader.close()
 
     def handle_error(self, request, client_address):
-        """A client that hangs up mid-answer is normal; anything else is a bug worth its traceback."""
-        if isinstance(sys.exc_info()[1], ConnectionError):
+        """A client that hangs up mid-answer is normal, as is a connection's socket error once the server closes;
+        anything else is a bug worth its traceback."""
+        error = sys.exc_info()[1]
+        if isinstance(error, ConnectionError) or (self.closing and isinstance(error, OSError)):
             return
         super().handle_error(request, client_address)
 

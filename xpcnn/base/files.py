@@ -151,8 +151,10 @@ def check_writable(path: str | os.PathLike) -> None:
         fd, temp_name = tempfile.mkstemp(dir=path.parent, prefix=_temporary_prefix(path.name), suffix=TEMPORARY_SUFFIX)
     except OSError as exc:
         raise _named(exc, path) from None
-    os.close(fd)
-    os.unlink(temp_name)
+    try:
+        os.close(fd)
+    finally:  # a Ctrl-C here leaves no file behind
+        os.unlink(temp_name)
 
 
 def remove_temporaries(directory: str | os.PathLike, names: tuple[str, ...]) -> list[Path]:

@@ -96,13 +96,17 @@ def _init_method(environ, launcher: str) -> str | None:
     if rendezvous:
         return rendezvous if "://" in rendezvous else "file://" + os.path.abspath(rendezvous)
     if environ.get("MASTER_ADDR") and environ.get("MASTER_PORT"):
-        port = environ["MASTER_PORT"].strip()
-        if not (port.isascii() and port.isdigit() and 0 < int(port) < 65536):
+        if not is_port(environ["MASTER_PORT"].strip()):
             raise DistributedError(f"MASTER_PORT must be rank 0's port, 1 to 65535, got {environ['MASTER_PORT']!r}")
         return "env://"
     if environ.get("XPCNN_COORDINATOR"):
         return None
     raise DistributedError(_no_rendezvous(launcher))
+
+
+def is_port(text: str) -> bool:
+    """Whether ``text`` is a TCP port number, 1 to 65535 (ASCII digits: ``int`` also reads others)."""
+    return text.isascii() and text.isdigit() and 0 < int(text) < 65536
 
 
 def _no_rendezvous(launcher: str) -> str:

@@ -14,7 +14,7 @@ import contextlib
 
 import numpy as np
 
-from .distributed import Communicator, DistributedError, Placement, RankLost
+from .distributed import Communicator, DistributedError, Placement, RankLost, is_port
 
 AXIS = "data"
 
@@ -30,7 +30,7 @@ def initialize(placement: Placement, timeout: float) -> None:
             "coordinator: set XPCNN_COORDINATOR to rank 0's host:port (xpcnn train --nproc sets it)"
         )
     host, colon, port = address.rpartition(":")
-    if not (colon and host and port.isascii() and port.isdigit() and 0 < int(port) < 65536):
+    if not (colon and host and is_port(port)):
         raise DistributedError(f"XPCNN_COORDINATOR must be rank 0's host:port (a port 1 to 65535), got {address!r}")
     if placement.rank == 0 and not port_is_free(int(port)):  # JAX's coordinator would die of it, a segfault
         raise DistributedError(f"rank 0: XPCNN_COORDINATOR's port {port} is in use: name a free one")

@@ -151,7 +151,7 @@ def test_a_coordinator_port_in_use_is_one_clear_error_before_jax_starts(monkeypa
         monkeypatch.setenv("XPCNN_COORDINATOR", f"127.0.0.1:{port}")
         with pytest.raises(D.DistributedError, match=f"^rank 0: XPCNN_COORDINATOR's port {port} is in use"):
             distributed_jax.initialize(D.Placement(0, 2, None, "torchrun"), 5.0)
-        assert launch_module.free_port(everywhere=True) != port
+        assert launch_module.free_port() != port
     assert distributed_jax.port_is_free(port)
 
 
@@ -185,7 +185,7 @@ def test_a_port_in_time_wait_is_free_and_a_kernel_without_ipv6_is_probed_on_ipv4
         listener.bind(("127.0.0.1", 0))
         listener.listen()
         assert not distributed_jax.port_is_free(listener.getsockname()[1])
-    assert distributed_jax.port_is_free(launch_module.free_port(everywhere=True))
+    assert distributed_jax.port_is_free(launch_module.free_port())
 
 
 @pytest.mark.parametrize("address", ["host0", ":1234", "host0:", "host0:http", "host0:0", "host0:70000", "h:\u00b2"])

@@ -59,14 +59,14 @@ def check_before_ranks(out: Path) -> None:
             pass
 
 
-def free_port(everywhere: bool = False) -> int:
-    """A port on 127.0.0.1 that nothing listens on now (the operating system's choice for port 0); ``everywhere``:
-    on every address too (JAX's coordinator listens on all of them)."""
+def free_port() -> int:
+    """A port that nothing listens on now, on 127.0.0.1 (the operating system's choice for port 0) and on every
+    other address (JAX's coordinator listens on all of them)."""
     for _ in range(100):  # the system's choices are free on 127.0.0.1; seldom held on another address
         with socket.socket() as probe:
             probe.bind(("127.0.0.1", 0))
             port = probe.getsockname()[1]
-        if not everywhere or port_is_free(port):
+        if port_is_free(port):
             break
     return port
 
@@ -151,7 +151,7 @@ def launch(world_size: int, command: list[str], say=None) -> int:
         stopping = Stopping()
         previous = _pass_signals_on(ranks, stopping)
         try:
-            coordinator = f"127.0.0.1:{free_port(everywhere=True)}"
+            coordinator = f"127.0.0.1:{free_port()}"
             for rank in range(world_size):
                 environ = rank_environment(rank, world_size, rendezvous, coordinator=coordinator)
                 environ[LAUNCHER_PID] = str(os.getpid())
